@@ -1,0 +1,146 @@
+"""The workerpool wire protocol: message kinds and the frame layout.
+
+Every message, in every direction, is one ZeroMQ multipart message::
+
+    [routing id...]              added/stripped by ROUTER sockets, never seen by codecs
+    frame 0  header  12 bytes    b"WP" | version u8 | kind u8 | request id u64 (big-endian)
+    frame 1  meta    msgpack map (may be empty bytes = {})   small, read by the router
+    frame 2  body    msgpack value (may be empty bytes = nil) opaque to the router
+    frame 3+ buffers raw bytes referenced from the body by index (large arrays, later)
+
+The header is fixed-size so the router can route on it without decoding msgpack; the
+body is forwarded byte-for-byte. docs/protocol.md is the normative description.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+
+import msgpack
+
+MAGIC = b"WP"
+VERSION = 1
+HEADER = struct.Struct("!2sBBQ")
+HEADER_SIZE = HEADER.size  # 12
+MAX_REQUEST_ID = 2**64 - 1
+
+
+class Kind(enum.IntEnum):
+    """Message kinds, one byte in the header. Values are grouped by sender."""
+
+    # client -> router
+    REQUEST = 0x01  # meta: {"service", "method", "timeout", ...}; body: payload
+    CANCEL = 0x02  # forget a request; no reply is sent for it afterwards
+    STATUS = 0x03  # answered with RESULT whose body is the health table
+
+    # replies: router -> client, and worker -> router (same layout both ways)
+    RESULT = 0x10  # final reply; body: the value
+    ERROR = 0x11  # final reply; body: {"type", "message", "retryable", "worker", ...}
+    PARTIAL = 0x12  # one streamed item; body: the item
+    END = 0x13  # final reply of a stream; body: nil
+
+    # worker -> router
+    READY = 0x20  # registration; meta: slot, incarnation, pid, device, service, capacity, methods
+    GOODBYE = 0x21  # the worker is leaving on purpose (drain, shutdown)
+    HEARTBEAT = 0x22  # liveness; the router answers with HEARTBEAT
+
+    # router -> worker
+    SHUTDOWN = 0x30  # finish what you hold, send GOODBYE, exit
+
+    # supervisor <-> router
+    HELLO = 0x40  # supervisor -> router: the slots and services it runs
+    SLOT = 0x41  # supervisor -> router: a slot changed (started, died, failed)
+    DRAIN = 0x42  # supervisor -> router: stop admitting, finish in-flight, then SHUTDOWN workers
+    DRAINED = 0x43  # router -> supervisor: every admitted request has had its final reply
+
+
+FINAL_REPLY_KINDS = frozenset({Kind.RESULT, Kind.ERROR, Kind.END})
+REPLY_KINDS = FINAL_REPLY_KINDS | {Kind.PARTIAL}
+_KINDS = {k.value: k for k in Kind}
+
+
+class FrameError(ValueError):
+    """A message that does not decode. ``code`` names the rule it broke (see protocol.md)."""
+
+    def __init__(self, code: str, message: str, req_id: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.req_id = req_id
+
+
+@dataclass(slots=True)
+class Message:
+    """One decoded message. ``body`` stays encoded: only its final receiver decodes it."""
+
+    kind: Kind
+    req_id: int
+    meta: dict = field(default_factory=dict)
+    body: bytes = b""
+    buffers: list = field(default_factory=list)
+
+
+def pack_header(kind: Kind, req_id: int) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, kind, req_id)
+
+
+def unpack_header(frame: bytes) -> tuple[Kind, int]:
+    """Decode frame 0, raising FrameError for any deviation."""
+    if len(frame) != HEADER_SIZE:
+        raise FrameError("bad-header", f"header frame is {len(frame)} bytes, expected 12")
+    magic, version, kind, req_id = HEADER.unpack(frame)
+    if magic != MAGIC:
+        raise FrameError("bad-magic", f"header starts with {magic!r}, expected b'WP'")
+    if version != VERSION:
+        raise FrameError(
+            "bad-version",
+            f"protocol version {version} is not supported (this peer speaks {VERSION})",
+            req_id,
+        )
+    k = _KINDS.get(kind)
+    if k is None:
+        raise FrameError("bad-kind", f"unknown message kind 0x{kind:02x}", req_id)
+    return k, req_id
+
+
+def pack_meta(meta: dict | None) -> bytes:
+    return msgpack.packb(meta, use_bin_type=True) if meta else b""
+
+
+def unpack_meta(frame: bytes, req_id: int | None = None) -> dict:
+    if not frame:
+        return {}
+    try:
+        meta = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise FrameError("bad-meta", f"meta frame is not msgpack: {exc}", req_id) from None
+    if not isinstance(meta, dict):
+        raise FrameError("bad-meta", f"meta frame is a {type(meta).__name__}, not a map", req_id)
+    return meta
+
+
+def encode(
+    kind: Kind,
+    req_id: int,
+    meta: dict | bytes | None = None,
+    body: bytes = b"",
+    buffers: list | tuple = (),
+) -> list:
+    """Build the frames of one message. ``meta`` may be pre-packed bytes (hot paths)."""
+    meta_frame = meta if isinstance(meta, bytes) else pack_meta(meta)
+    return [pack_header(kind, req_id), meta_frame, body, *buffers]
+
+
+def decode(frames: list) -> Message:
+    """Decode a message (routing ids already stripped). Total: returns or raises FrameError."""
+    if len(frames) < 3:
+        req_id = None
+        if frames and len(frames[0]) == HEADER_SIZE:
+            req_id = HEADER.unpack(frames[0])[3]
+        raise FrameError(
+            "too-few-frames", f"message has {len(frames)} frames, expected at least 3", req_id
+        )
+    kind, req_id = unpack_header(frames[0])
+    meta = unpack_meta(frames[1], req_id)
+    return Message(kind, req_id, meta, frames[2], list(frames[3:]))

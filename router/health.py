@@ -1,0 +1,122 @@
+"""The health table: one row per worker slot, changed only through ``Slot.transition``.
+
+A *slot* (``default/2``) is stable across restarts and owns the counters operators read.
+An *incarnation* is one process in that slot; while it is connected it is a ``Conn``,
+which owns the requests in flight on it. Events from an older incarnation than the
+slot's current one are stale and are ignored by the caller, never applied here.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from router.requests import Record
+
+
+class WorkerState(enum.StrEnum):
+    STARTING = "starting"  # process spawned, not yet registered
+    READY = "ready"  # registered, nothing in flight
+    BUSY = "busy"  # registered, at least one request in flight
+    DEAD = "dead"  # process gone; its requests were answered; respawn pending
+    RESTARTING = "restarting"  # replacement spawned, not yet registered
+    FAILED = "failed"  # will not be respawned (setup failed); see last_error
+    STOPPED = "stopped"  # left on purpose (shutdown)
+
+
+S = WorkerState
+_LEGAL: dict[WorkerState, frozenset[WorkerState]] = {
+    S.STARTING: frozenset({S.READY, S.DEAD, S.FAILED, S.STOPPED, S.RESTARTING}),
+    S.RESTARTING: frozenset({S.READY, S.DEAD, S.FAILED, S.STOPPED}),
+    S.READY: frozenset({S.BUSY, S.DEAD, S.STOPPED, S.RESTARTING}),
+    S.BUSY: frozenset({S.READY, S.DEAD, S.STOPPED, S.RESTARTING}),
+    S.DEAD: frozenset({S.RESTARTING, S.FAILED, S.STOPPED, S.READY}),
+    S.FAILED: frozenset({S.RESTARTING, S.STOPPED, S.READY}),
+    S.STOPPED: frozenset({S.STARTING, S.RESTARTING, S.READY}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A state change the table forbids; the router logs it and keeps the old state."""
+
+
+class Conn:
+    """One live, registered worker incarnation on the backend socket."""
+
+    __slots__ = ("capacity", "identity", "in_flight", "incarnation", "methods", "pid", "slot")
+
+    def __init__(self, identity: bytes, slot: Slot, incarnation: int, pid: int,
+                 capacity: int, methods: frozenset[str]) -> None:
+        self.identity = identity
+        self.slot = slot
+        self.incarnation = incarnation
+        self.pid = pid
+        self.capacity = capacity
+        self.methods = methods
+        self.in_flight: dict[int, Record] = {}
+
+    @property
+    def has_room(self) -> bool:
+        return len(self.in_flight) < self.capacity
+
+
+class Slot:
+    """Health of one worker slot, as ``workerpool status`` shows it."""
+
+    def __init__(self, slot_id: str, service: str, device: str = "?") -> None:
+        self.id = slot_id
+        self.service = service
+        self.device = device
+        self.state = WorkerState.STARTING
+        self.incarnation = 0
+        self.pid: int | None = None
+        self.conn: Conn | None = None
+        self.completed = 0
+        self.errored = 0
+        self.restarts = 0
+        self.last_error: str | None = None
+        self.ready_at: float | None = None  # monotonic time the current incarnation registered
+        self.sort_key = _sort_key(slot_id)
+
+    def transition(self, new: WorkerState) -> None:
+        """Move to ``new``; raises IllegalTransition for a move the table forbids."""
+        if new is self.state:
+            return
+        if new not in _LEGAL[self.state]:
+            raise IllegalTransition(f"worker {self.id}: {self.state} -> {new} is not allowed")
+        self.state = new
+
+    def refresh_busy(self) -> None:
+        """READY <-> BUSY follows the in-flight count."""
+        if self.conn is None or self.state not in (S.READY, S.BUSY):
+            return
+        self.state = S.BUSY if self.conn.in_flight else S.READY
+
+    def row(self, now: float) -> dict:
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "service": self.service,
+            "device": self.device,
+            "state": str(self.state),
+            "in_flight": len(self.conn.in_flight) if self.conn else 0,
+            "capacity": self.conn.capacity if self.conn else None,
+            "completed": self.completed,
+            "errored": self.errored,
+            "restarts": self.restarts,
+            "incarnation": self.incarnation,
+            "last_error": self.last_error,
+            "uptime": round(now - self.ready_at, 3) if self.ready_at and self.conn else 0.0,
+        }
+
+
+def _sort_key(slot_id: str) -> tuple:
+    """``svc/10`` sorts after ``svc/9``: ties in least-loaded go to the lower worker id."""
+    name, _, index = slot_id.rpartition("/")
+    return (name, int(index)) if index.isdigit() else (slot_id, -1)
+
+
+def now() -> float:
+    return time.monotonic()

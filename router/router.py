@@ -1,0 +1,664 @@
+"""The router process: one poll loop between clients and workers.
+
+::
+
+    clients [DEALER] --> frontend ROUTER --+                     +-- backend ROUTER <-- [DEALER] workers
+                                           |   Router loop       |                  <-- [DEALER] supervisors
+                                           +-- records, queues,--+
+                                               health table, timers
+
+Each pass of the loop polls both sockets and a signal wake-up fd, drains each socket in
+bounded batches (so one busy side cannot starve the other), then runs due timers
+(deadlines) and the drain check. Nothing in it blocks: sends are NOBLOCK with
+``ROUTER_MANDATORY`` so an unroutable peer is an error we count, not a silent drop.
+
+Bytes from the network never raise out of the loop: every frame sequence decodes or
+becomes a typed ``ProtocolError`` reply (clients) or a counted, logged drop (backend).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import Iterable
+
+import msgpack
+import zmq
+
+from ipc import protocol
+from ipc.protocol import FINAL_REPLY_KINDS, REPLY_KINDS, FrameError, Kind
+from router.health import Conn, IllegalTransition, Slot, WorkerState
+from router.requests import Phase, Record
+from router.service import Service
+from workerpool.config import RouterConfig
+from workerpool.errors import (
+    BackpressureError,
+    ProtocolError,
+    RequestTimeoutError,
+    ServiceUnavailableError,
+    UnknownMethodError,
+    WorkerCrashedError,
+    WorkerPoolError,
+)
+
+log = logging.getLogger("workerpool.router")
+
+BATCH = 512  # messages taken from one socket before looking at the other
+_ALIVE = frozenset({WorkerState.STARTING, WorkerState.RESTARTING, WorkerState.DEAD,
+                    WorkerState.READY, WorkerState.BUSY})
+_EMPTY_META = b""
+
+
+def _err_body(err: WorkerPoolError) -> bytes:
+    return msgpack.packb(err.to_wire(), use_bin_type=True, default=str)
+
+
+class Router:
+    """Routes requests from clients to workers and keeps the health table.
+
+    ``run()`` serves until SIGTERM/SIGINT or a supervisor's DRAIN, then drains: it stops
+    admitting, lets admitted requests finish (up to ``drain_timeout``), tells every
+    worker to stop, and returns.
+    """
+
+    def __init__(self, config: RouterConfig, service_defaults: dict | None = None) -> None:
+        self.config = config
+        self._defaults = {"policy": "least-loaded", "queue_capacity": 10000,
+                          "max_inflight": None, **(service_defaults or {})}
+        self._ctx = zmq.Context()
+        self.frontend = self._bind(config.frontend, sndhwm=1_000_000)
+        self.backend = self._bind(config.backend or "ipc:///tmp/workerpool-backend", sndhwm=0)
+        self.frontend_address = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.backend_address = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
+
+        self.services: dict[str, Service] = {}
+        self.slots: dict[str, Slot] = {}
+        self.conns: dict[bytes, Conn] = {}  # backend identity -> registered worker
+        self.supervisors: dict[bytes, dict] = {}
+        self._slot_owner: dict[str, bytes] = {}  # slot id -> supervisor that runs it
+        self.records: dict[int, Record] = {}
+        self._by_client: dict[tuple[bytes, int], Record] = {}
+        self._timers: list[tuple[float, int]] = []  # (deadline, rid), stale entries skipped
+        self._next_rid = 1
+        self.stats: Counter[str] = Counter()
+        self._warned: Counter[str] = Counter()
+        self.started = time.monotonic()
+
+        self.draining = False
+        self._drain_deadline = 0.0
+        self._drained = False
+        self._exit_at: float | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    def _bind(self, address: str, sndhwm: int) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.LINGER, 500)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        sock.setsockopt(zmq.SNDHWM, sndhwm)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.bind(address)
+        return sock
+
+    # -- the loop ----------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT start a drain; the wake-up fd makes the poll return at once."""
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.begin_drain("signal"))
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        log.info("router listening: frontend %s, backend %s",
+                 self.frontend_address, self.backend_address)
+        busy = False
+        try:
+            while True:
+                events = dict(poller.poll(0 if busy else self._poll_timeout_ms()))
+                if self._wake_r.fileno() in events:
+                    self._drain_wakeups()
+                busy = False
+                if self.backend in events:
+                    busy |= self._drain_socket(self.backend, self._on_backend)
+                if self.frontend in events:
+                    busy |= self._drain_socket(self.frontend, self._on_frontend)
+                self._run_timers()
+                if self.draining:
+                    self._check_drained()
+                    if self._exit_at is not None and time.monotonic() >= self._exit_at:
+                        break
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.frontend.close()
+        self.backend.close()
+        self._ctx.term()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _poll_timeout_ms(self) -> int:
+        t = 1000.0
+        now = time.monotonic()
+        if self._timers:
+            t = min(t, (self._timers[0][0] - now) * 1000)
+        if self.draining:
+            t = min(t, 20.0)
+        return max(0, int(t) + 1)
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _drain_socket(self, sock: zmq.Socket, handler) -> bool:
+        """Handle up to BATCH waiting messages; True if more may be waiting."""
+        for _ in range(BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            try:
+                handler(frames)
+            except Exception:  # a bug must cost one message, never the router
+                self.stats["internal_errors"] += 1
+                log.exception("internal error handling a message; message dropped")
+        return True
+
+    # -- frontend: clients ---------------------------------------------------------------------
+    def _on_frontend(self, frames: list) -> None:
+        client = frames[0]
+        try:
+            msg = protocol.decode(frames[1:])
+        except FrameError as exc:
+            self.stats["bad_frames_frontend"] += 1
+            self._warn("bad-frame", "bad frame from client %r: %s", client, exc)
+            self._reply_error(client, exc.req_id or 0, ProtocolError(str(exc), code=exc.code))
+            return
+        if msg.kind is Kind.REQUEST:
+            self._on_request(client, msg, frames[2])
+        elif msg.kind is Kind.STATUS:
+            body = msgpack.packb(self.status(), use_bin_type=True)
+            self._to_client(client, Kind.RESULT, msg.req_id, _EMPTY_META, body)
+        elif msg.kind is Kind.CANCEL:
+            self._on_cancel(client, msg.req_id)
+        else:
+            self.stats["bad_frames_frontend"] += 1
+            self._reply_error(client, msg.req_id, ProtocolError(
+                f"message kind {msg.kind.name} is not sent by clients", code="bad-kind"))
+
+    def _on_request(self, client: bytes, msg: protocol.Message, meta_frame: bytes) -> None:
+        meta = msg.meta
+        method = meta.get("method")
+        if not isinstance(method, str) or not method:
+            self._reply_error(client, msg.req_id, ProtocolError(
+                "request meta needs 'method' (a non-empty string)", code="bad-meta"))
+            return
+        timeout = meta.get("timeout")
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout <= 86400 * 365):
+            self._reply_error(client, msg.req_id, ProtocolError(
+                f"'timeout' must be a number of seconds > 0, got {timeout!r}", code="bad-meta"))
+            return
+        if (client, msg.req_id) in self._by_client:
+            self._reply_error(client, msg.req_id, ProtocolError(
+                f"request id {msg.req_id} is already in flight on this connection",
+                code="duplicate-id"))
+            return
+        if self.draining:
+            self._reply_error(client, msg.req_id, ServiceUnavailableError(
+                "the pool is shutting down and admits no new requests"))
+            return
+        svc, why = self._resolve_service(meta.get("service"))
+        if svc is None:
+            self._reply_error(client, msg.req_id, ServiceUnavailableError(why))
+            return
+        if svc.methods and method not in svc.methods:
+            self._reply_error(client, msg.req_id, UnknownMethodError(
+                f"service {svc.name!r} has no method {method!r}; "
+                f"it has: {', '.join(sorted(svc.methods))}"))
+            return
+        now = time.monotonic()
+        conn = svc.pick()
+        if conn is None and svc.full:
+            svc.rejected += 1
+            self._reply_error(client, msg.req_id, BackpressureError(
+                f"service {svc.name!r} has {svc.queued} requests queued (capacity "
+                f"{svc.queue_capacity}); retry later", retry_after=svc.retry_after()))
+            return
+        rid = self._next_rid
+        self._next_rid += 1
+        deadline = now + timeout if timeout is not None else None
+        rec = Record(rid, client, msg.req_id, svc.name, method, meta_frame, msg.body,
+                     msg.buffers, deadline, now)
+        self.records[rid] = rec
+        self._by_client[(client, msg.req_id)] = rec
+        if deadline is not None:
+            heapq.heappush(self._timers, (deadline, rid))
+        if conn is not None:
+            self._dispatch(rec, conn)
+        else:
+            svc.enqueue(rec)
+
+    def _resolve_service(self, name: object) -> tuple[Service | None, str]:
+        if name is None:
+            if len(self.services) == 1:
+                return next(iter(self.services.values())), ""
+            svc = self.services.get("default")
+            if svc is not None:
+                return svc, ""
+            if not self.services:
+                return None, "no workers are registered with this router"
+            return None, ("request names no service and there is no 'default'; services: "
+                          + ", ".join(sorted(self.services)))
+        if not isinstance(name, str):
+            return None, f"'service' must be a string, got {type(name).__name__}"
+        svc = self.services.get(name)
+        if svc is None:
+            known = ", ".join(sorted(self.services)) or "none"
+            return None, f"unknown service {name!r}; services: {known}"
+        if not svc.conns and not any(
+            s.service == name and s.state in _ALIVE for s in self.slots.values()
+        ):
+            return None, f"service {name!r} has no live workers (all failed or stopped)"
+        return svc, ""
+
+    def _on_cancel(self, client: bytes, client_rid: int) -> None:
+        rec = self._by_client.get((client, client_rid))
+        if rec is None:
+            return  # already answered: cancel is idempotent and never replied to
+        self.stats["cancelled"] += 1
+        self._finish(rec, None)
+
+    # -- dispatch ------------------------------------------------------------------------------------
+    def _dispatch(self, rec: Record, conn: Conn) -> None:
+        try:
+            self.backend.send_multipart(
+                [conn.identity, protocol.pack_header(Kind.REQUEST, rec.rid), rec.meta_frame,
+                 rec.body, *rec.buffers], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            # Unreachable: the process is gone and its death notice is still on its way.
+            # The request never reached it, so it is safe to queue again, at the front.
+            self.stats["dispatch_unroutable"] += 1
+            self._lose_conn(conn, "worker connection is gone (unroutable)")
+            self.services[rec.service].enqueue(rec, front=True)
+            return
+        rec.phase = Phase.RUNNING
+        rec.conn = conn
+        rec.dispatched_at = time.monotonic()
+        conn.in_flight[rec.rid] = rec
+        conn.slot.refresh_busy()
+
+    def _pump(self, svc: Service) -> None:
+        """Move queued requests onto workers with room, in FIFO order."""
+        while svc.queued:
+            conn = svc.pick()
+            if conn is None:
+                return
+            rec = svc.dequeue()
+            if rec is None:
+                return
+            self._dispatch(rec, conn)
+
+    # -- the one place a request ends ------------------------------------------------------------
+    def _finish(self, rec: Record, reply: tuple | None) -> None:
+        """Send ``rec``'s final reply (``(kind, meta, body, buffers)``; None: send nothing).
+
+        A record still running on a worker stays attached to it as ORPHANED, holding its
+        capacity until the worker's own reply arrives (then dropped and counted).
+        """
+        if rec.phase in (Phase.DONE, Phase.ORPHANED):
+            return
+        self._by_client.pop((rec.client, rec.client_rid), None)
+        if rec.phase is Phase.QUEUED:
+            self.services[rec.service].forget_queued()
+            rec.phase = Phase.DONE
+            del self.records[rec.rid]
+        elif rec.phase is Phase.RUNNING:
+            rec.phase = Phase.ORPHANED
+        if reply is not None:
+            kind, meta, body, buffers = reply
+            self._to_client(rec.client, kind, rec.client_rid, meta, body, buffers)
+
+    def _release(self, rec: Record) -> None:
+        """The worker is done with ``rec`` (it replied or died): free its capacity."""
+        conn = rec.conn
+        if conn is not None:
+            conn.in_flight.pop(rec.rid, None)
+            conn.slot.refresh_busy()
+        rec.phase = Phase.DONE
+        self.records.pop(rec.rid, None)
+
+    def _to_client(self, client: bytes, kind: Kind, client_rid: int, meta: bytes, body: bytes,
+                   buffers: Iterable = ()) -> None:
+        try:
+            self.frontend.send_multipart(
+                [client, protocol.pack_header(kind, client_rid), meta, body, *buffers],
+                zmq.NOBLOCK)
+        except zmq.ZMQError:
+            # The client disconnected (EHOSTUNREACH) or stopped reading (EAGAIN).
+            self.stats["unroutable_replies"] += 1
+
+    def _reply_error(self, client: bytes, client_rid: int, err: WorkerPoolError) -> None:
+        self._to_client(client, Kind.ERROR, client_rid, _EMPTY_META, _err_body(err))
+
+    def _error_reply(self, err: WorkerPoolError) -> tuple:
+        return (Kind.ERROR, _EMPTY_META, _err_body(err), ())
+
+    # -- backend: workers and supervisors ------------------------------------------------------------
+    def _on_backend(self, frames: list) -> None:
+        ident = frames[0]
+        try:
+            if len(frames) < 4:
+                raise FrameError("too-few-frames", f"{len(frames) - 1} frames, expected >= 3")
+            kind, rid = protocol.unpack_header(frames[1])
+        except FrameError as exc:
+            self.stats["bad_frames_backend"] += 1
+            self._warn("bad-backend", "dropped bad frame from backend peer %r: %s", ident, exc)
+            return
+        if kind in REPLY_KINDS:
+            conn = self.conns.get(ident)
+            if conn is None:
+                self.stats["replies_from_unknown_worker"] += 1
+                return
+            self._on_worker_reply(conn, kind, rid, frames[2], frames[3], frames[4:])
+            return
+        try:
+            meta = protocol.unpack_meta(frames[2], rid)
+        except FrameError as exc:
+            self.stats["bad_frames_backend"] += 1
+            self._warn("bad-backend", "dropped bad meta from backend peer %r: %s", ident, exc)
+            return
+        handler = self._backend_handlers.get(kind)
+        if handler is None:
+            self.stats["bad_frames_backend"] += 1
+            self._warn("bad-backend", "backend peer %r sent %s, which it must not", ident, kind.name)
+            return
+        try:
+            handler(self, ident, meta)
+        except (KeyError, TypeError, ValueError) as exc:
+            self.stats["bad_frames_backend"] += 1
+            self._warn("bad-backend", "bad %s from %r: %r", kind.name, ident, exc)
+        except IllegalTransition as exc:
+            self.stats["illegal_transitions"] += 1
+            self._warn("transition", "%s", exc)
+
+    def _on_worker_reply(self, conn: Conn, kind: Kind, rid: int, meta: bytes, body: bytes,
+                         buffers: list) -> None:
+        rec = conn.in_flight.get(rid)
+        if rec is None:
+            self.stats["late_replies"] += 1
+            return
+        if rec.phase is Phase.ORPHANED:  # already answered (timeout/cancel): drop, free capacity
+            if kind in FINAL_REPLY_KINDS:
+                self.stats["late_replies"] += 1
+                self._release(rec)
+                self._pump(self.services[rec.service])
+            return
+        if kind is Kind.PARTIAL:
+            self._to_client(rec.client, kind, rec.client_rid, meta, body, buffers)
+            return
+        slot = conn.slot
+        svc = self.services[rec.service]
+        if kind is Kind.ERROR:
+            slot.errored += 1
+            svc.errored += 1
+        else:
+            slot.completed += 1
+            svc.completed += 1
+        svc.observe(time.monotonic() - rec.dispatched_at)
+        self._finish(rec, (kind, meta, body, buffers))
+        self._release(rec)
+        self._pump(svc)
+
+    def _on_ready(self, ident: bytes, meta: dict) -> None:
+        slot_id = str(meta["slot"])
+        incarnation = int(meta["incarnation"])
+        service = str(meta["service"])
+        capacity = int(meta["capacity"])
+        if capacity < 1:
+            raise ValueError(f"capacity {capacity} < 1")
+        slot = self._slot(slot_id, service, str(meta.get("device", "?")))
+        if incarnation < slot.incarnation:
+            self.stats["stale_ready"] += 1
+            self._send_backend(ident, Kind.SHUTDOWN)
+            return
+        if slot.conn is not None and slot.conn.identity != ident:
+            self._lose_conn(slot.conn, f"replaced by incarnation {incarnation}")
+        svc = self._service(service)
+        if svc.max_inflight:
+            capacity = min(capacity, svc.max_inflight)
+        conn = Conn(ident, slot, incarnation, int(meta["pid"]), capacity,
+                    frozenset(str(m) for m in meta.get("methods", ())))
+        slot.transition(WorkerState.READY)
+        slot.incarnation = incarnation
+        slot.pid = conn.pid
+        slot.device = str(meta.get("device", slot.device))
+        slot.restarts = max(slot.restarts, incarnation - 1)
+        slot.ready_at = time.monotonic()
+        slot.conn = conn
+        self.conns[ident] = conn
+        svc.add_conn(conn)
+        log.info("worker %s registered (pid %s, %s, incarnation %d)", slot_id, conn.pid,
+                 slot.device, incarnation)
+        owner = self._slot_owner.get(slot_id)
+        if owner is not None:  # tell its supervisor: it reports readiness and recovery time
+            self._send_backend(owner, Kind.READY, {"slot": slot_id, "incarnation": incarnation})
+        self._pump(svc)
+
+    def _on_goodbye(self, ident: bytes, meta: dict) -> None:
+        conn = self.conns.get(ident)
+        reason = str(meta.get("reason", "left"))
+        if conn is None:
+            # A worker whose setup failed leaves before it ever registered.
+            slot_id = ident.decode(errors="replace").partition("#")[0]
+            slot = self.slots.get(slot_id)
+            if slot is not None and reason == "setup-failed":
+                slot.last_error = str(meta.get("error", reason))[-2000:]
+            return
+        self._lose_conn(conn, reason, crashed=False)
+        conn.slot.transition(WorkerState.STOPPED)
+
+    def _on_hello(self, ident: bytes, meta: dict) -> None:
+        self.supervisors[ident] = {"pid": meta.get("pid"), "host": meta.get("host"),
+                                   "seen": time.monotonic()}
+        for s in meta.get("services", ()):
+            self._service(str(s["name"]), s)
+        for s in meta.get("slots", ()):
+            slot = self._slot(str(s["slot"]), str(s["service"]), str(s.get("device", "?")))
+            self._slot_owner[slot.id] = ident
+        if self.draining:
+            self._send_backend(ident, Kind.DRAINED)
+
+    def _on_slot(self, ident: bytes, meta: dict) -> None:
+        """A supervisor reports a slot's process event: started, died or failed."""
+        slot = self._slot(str(meta["slot"]), str(meta["service"]), str(meta.get("device", "?")))
+        incarnation = int(meta["incarnation"])
+        event = meta["event"]
+        if incarnation < slot.incarnation:
+            self.stats["stale_slot_events"] += 1
+            return
+        if event == "started":
+            if incarnation > slot.incarnation:
+                slot.incarnation = incarnation
+                slot.pid = meta.get("pid")
+                slot.transition(WorkerState.RESTARTING if incarnation > 1 else WorkerState.STARTING)
+        elif event == "died":
+            reason = str(meta.get("reason", "died"))
+            conn = slot.conn
+            if conn is not None and conn.incarnation == incarnation:
+                self._lose_conn(conn, reason)
+            slot.last_error = reason
+            if slot.state is not WorkerState.STOPPED:
+                slot.transition(WorkerState.DEAD)
+        elif event == "failed":
+            slot.last_error = str(meta.get("reason", "failed"))[-2000:]
+            if slot.conn is not None:
+                self._lose_conn(slot.conn, slot.last_error)
+            slot.transition(WorkerState.FAILED)
+            self._fail_if_unservable(self.services.get(slot.service))
+        elif event == "stopped":
+            if slot.conn is not None:
+                self._lose_conn(slot.conn, "stopped", crashed=False)
+            slot.transition(WorkerState.STOPPED)
+        else:
+            raise ValueError(f"unknown slot event {event!r}")
+
+    def _on_drain(self, ident: bytes, meta: dict) -> None:
+        self.begin_drain(f"requested by supervisor {ident!r}")
+
+    def _on_heartbeat(self, ident: bytes, meta: dict) -> None:
+        if ident in self.supervisors:
+            self.supervisors[ident]["seen"] = time.monotonic()
+        self._send_backend(ident, Kind.HEARTBEAT)
+
+    _backend_handlers = {
+        Kind.READY: _on_ready,
+        Kind.GOODBYE: _on_goodbye,
+        Kind.HELLO: _on_hello,
+        Kind.SLOT: _on_slot,
+        Kind.DRAIN: _on_drain,
+        Kind.HEARTBEAT: _on_heartbeat,
+    }
+
+    def _lose_conn(self, conn: Conn, reason: str, crashed: bool = True) -> None:
+        """An incarnation is gone: answer everything it held, then forget it."""
+        slot = conn.slot
+        self.conns.pop(conn.identity, None)
+        svc = self.services.get(slot.service)
+        if svc is not None:
+            svc.remove_conn(conn)
+        if slot.conn is conn:
+            slot.conn = None
+        for rec in list(conn.in_flight.values()):
+            if rec.phase is Phase.RUNNING:
+                slot.errored += 1
+                if svc is not None:
+                    svc.errored += 1
+                self.stats["crashed_requests"] += 1
+                self._finish(rec, self._error_reply(WorkerCrashedError(
+                    f"worker {slot.id} (pid {conn.pid}) {reason} while running this request"
+                    if crashed else f"worker {slot.id} left ({reason}) before replying",
+                    worker=slot.id)))
+            self._release(rec)
+        if svc is not None:
+            self._fail_if_unservable(svc)
+
+    def _fail_if_unservable(self, svc: Service | None) -> None:
+        """Queued requests of a service that has no live worker left would wait forever."""
+        if svc is None or not svc.queued or svc.conns:
+            return
+        if any(s.service == svc.name and s.state in _ALIVE for s in self.slots.values()):
+            return
+        for rec in svc.queued_records():
+            self._finish(rec, self._error_reply(ServiceUnavailableError(
+                f"service {svc.name!r} has no live workers (all failed or stopped)")))
+
+    def _slot(self, slot_id: str, service: str, device: str) -> Slot:
+        slot = self.slots.get(slot_id)
+        if slot is None:
+            slot = self.slots[slot_id] = Slot(slot_id, service, device)
+            self._service(service)
+        elif device != "?":
+            slot.device = device
+        return slot
+
+    def _service(self, name: str, config: dict | None = None) -> Service:
+        svc = self.services.get(name)
+        if svc is None:
+            cfg = {**self._defaults, **(config or {})}
+            svc = self.services[name] = Service(
+                name, policy=cfg["policy"], queue_capacity=int(cfg["queue_capacity"]),
+                max_inflight=cfg.get("max_inflight"))
+        return svc
+
+    def _send_backend(self, ident: bytes, kind: Kind, meta: dict | None = None) -> None:
+        try:
+            self.backend.send_multipart([ident, *protocol.encode(kind, 0, meta)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.stats["unroutable_backend"] += 1
+
+    # -- timers ------------------------------------------------------------------------------------
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            deadline, rid = heapq.heappop(timers)
+            rec = self.records.get(rid)
+            if rec is None or rec.deadline != deadline or rec.phase not in (
+                    Phase.QUEUED, Phase.RUNNING):
+                continue
+            svc = self.services[rec.service]
+            svc.expired += 1
+            where = "in the queue" if rec.phase is Phase.QUEUED else f"on worker {rec.conn.slot.id}"
+            self._finish(rec, self._error_reply(RequestTimeoutError(
+                f"deadline passed after {now - rec.admitted_at:.3f}s {where}",
+                worker=rec.conn.slot.id if rec.conn else None)))
+
+    # -- shutdown ------------------------------------------------------------------------------------
+    def begin_drain(self, why: str = "") -> None:
+        """Stop admitting; finish what was admitted; then stop workers and exit."""
+        if self.draining:
+            return
+        log.info("draining (%s): %d requests to finish", why, self._live_records())
+        self.draining = True
+        self._drain_deadline = time.monotonic() + self.config.drain_timeout
+
+    def _live_records(self) -> int:
+        return sum(1 for r in self.records.values() if r.phase in (Phase.QUEUED, Phase.RUNNING))
+
+    def _check_drained(self) -> None:
+        if self._drained:
+            return
+        if self._live_records() and time.monotonic() < self._drain_deadline:
+            return
+        for rec in list(self.records.values()):
+            self._finish(rec, self._error_reply(ServiceUnavailableError(
+                "the pool shut down before this request finished (drain_timeout)")))
+        for ident in list(self.conns):
+            self._send_backend(ident, Kind.SHUTDOWN)
+        for ident in self.supervisors:
+            self._send_backend(ident, Kind.DRAINED)
+        self._drained = True
+        self._exit_at = time.monotonic() + 0.2  # let the last replies leave the sockets
+        log.info("drained; workers told to stop")
+
+    # -- observability ------------------------------------------------------------------------------------
+    def status(self) -> dict:
+        now = time.monotonic()
+        return {
+            "router": {
+                "pid": os.getpid(),
+                "version": protocol.VERSION,
+                "frontend": self.frontend_address,
+                "backend": self.backend_address,
+                "uptime": round(now - self.started, 3),
+                "draining": self.draining,
+                "requests": len(self.records),
+                "supervisors": len(self.supervisors),
+                "counters": dict(self.stats),
+            },
+            "services": [s.row() for s in sorted(self.services.values(), key=lambda s: s.name)],
+            "workers": [s.row(now) for s in sorted(self.slots.values(),
+                                                  key=lambda s: s.sort_key)],
+        }
+
+    def _warn(self, key: str, fmt: str, *args: object) -> None:
+        """Log the first few of each kind of peer misbehaviour, then one in a thousand."""
+        self._warned[key] += 1
+        n = self._warned[key]
+        if n <= 10 or n % 1000 == 0:
+            log.warning(fmt + (f" [{n} so far]" if n > 10 else ""), *args)

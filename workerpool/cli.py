@@ -1,0 +1,267 @@
+"""``workerpool`` command line: one click group, a subcommand per role.
+
+Each command builds the pydantic config (TOML file first, flags over it) and calls the
+library; nothing here knows the wire protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from workerpool.config import DEFAULT_FRONTEND, POLICIES, PoolConfig
+
+_LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="Logging threshold for this process and the ones it starts.")
+def main(log_level: str) -> None:
+    """workerpool: serve GPU work from isolated, supervised worker processes."""
+    logging.basicConfig(level=log_level.upper(), format=_LOG_FORMAT, stream=sys.stderr)
+
+
+# -- shared options --------------------------------------------------------------------------
+def _service_options(f):
+    for opt in reversed([
+        click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+                     help="TOML file with [router], [supervisor] and [[services]]; flags override it."),
+        click.option("--service", default=None,
+                     help="Service the flags below apply to (default: the only one, 'default')."),
+        click.option("--handler", default=None,
+                     help="Handler class as module:Class, e.g. workerpool.handlers:Echo."),
+        click.option("--workers", type=int, default=None, help="Worker processes (default 1)."),
+        click.option("--devices", default=None,
+                     help="cpu | auto | GPU indices like 0,1 (workers are spread over them)."),
+        click.option("--policy", type=click.Choice(POLICIES), default=None,
+                     help="Dispatch policy (default least-loaded)."),
+        click.option("--max-inflight", type=int, default=None,
+                     help="Requests one worker may hold at once (default 1)."),
+        click.option("--queue-capacity", type=int, default=None,
+                     help="Requests queued per service before BackpressureError (default 10000)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _build_config(config_path: str | None, service: str | None, router: dict[str, Any],
+                  svc: dict[str, Any]) -> PoolConfig:
+    """TOML first, then flags; exits with a readable message on invalid values."""
+    try:
+        cfg = PoolConfig.load(config_path)
+        for key, value in router.items():
+            if value is not None:
+                setattr(cfg.router, key, value)
+        if any(v is not None for v in svc.values()) or service is not None:
+            target = cfg.service(service)
+            for key, value in svc.items():
+                if value is not None:
+                    setattr(target, key, value)
+        return PoolConfig.model_validate(cfg.model_dump())
+    except ValidationError as exc:
+        raise click.UsageError(_pydantic_message(exc)) from None
+    except (ValueError, OSError) as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _pydantic_message(exc: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+# -- up ----------------------------------------------------------------------------------------
+@main.command()
+@click.option("--frontend", default=None,
+              help=f"Address clients connect to [default: {DEFAULT_FRONTEND}].")
+@click.option("--backend", default=None,
+              help="Address workers connect to (default: a private ipc:// socket).")
+@click.option("--drain-timeout", type=float, default=None,
+              help="On Ctrl-C/SIGTERM, seconds in-flight requests may still run (default 30).")
+@_service_options
+def up(frontend, backend, drain_timeout, config_path, service, handler, workers, devices, policy,
+       max_inflight, queue_capacity) -> None:
+    """Run a whole pool: a router and a supervised set of workers, in the foreground.
+
+    Ctrl-C or SIGTERM drains: no new requests are admitted, in-flight ones finish, every
+    process stops, and the exit status is 0.
+    """
+    from workerpool.supervisor import Supervisor, router_argv
+
+    cfg = _build_config(
+        config_path, service,
+        {"frontend": frontend, "backend": backend, "drain_timeout": drain_timeout},
+        {"handler": handler, "workers": workers, "devices": devices, "policy": policy,
+         "max_inflight": max_inflight, "queue_capacity": queue_capacity})
+    tmpdir = None
+    if cfg.router.backend is None:
+        # A private ipc socket: pools side by side on one host never collide.
+        tmpdir = tempfile.mkdtemp(prefix="workerpool-")
+        cfg.router.backend = f"ipc://{tmpdir}/backend"
+    total = sum(s.workers for s in cfg.services)
+    sup = Supervisor(cfg.services, cfg.router.backend, cfg.supervisor,
+                     router_argv=router_argv(cfg.router.model_dump_json()),
+                     drain_timeout=cfg.router.drain_timeout)
+
+    def announce() -> None:
+        names = ", ".join(f"{s.name}={s.handler} x{s.workers}" for s in cfg.services)
+        click.echo(f"workerpool ready: {total} workers ({names}) at {cfg.router.frontend}")
+        sys.stdout.flush()
+
+    sup.on_ready = announce
+    sup.install_signal_handlers()
+    try:
+        code = sup.run()
+    finally:
+        if tmpdir:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    sys.exit(code)
+
+
+# -- router -------------------------------------------------------------------------------------
+@main.command("router")
+@click.option("--frontend", default=None,
+              help=f"Address clients connect to [default: {DEFAULT_FRONTEND}].")
+@click.option("--backend", default="tcp://127.0.0.1:5556", show_default=True,
+              help="Address workers and supervisors connect to.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="TOML file; its [router] table is used, flags override it.")
+@click.option("--policy", type=click.Choice(POLICIES), default=None,
+              help="Policy for services whose supervisor does not name one.")
+@click.option("--drain-timeout", type=float, default=None,
+              help="On SIGTERM, seconds in-flight requests may still run (default 30).")
+def router_cmd(frontend, backend, config_path, policy, drain_timeout) -> None:
+    """Run only the router; start workers elsewhere with `workerpool worker --router`."""
+    from router.router import Router
+
+    cfg = _build_config(config_path, None,
+                        {"frontend": frontend, "backend": backend,
+                         "drain_timeout": drain_timeout}, {})
+    defaults = {"policy": policy} if policy else {}
+    r = Router(cfg.router, defaults)
+    r.install_signal_handlers()
+    r.run()
+
+
+# -- worker -------------------------------------------------------------------------------------
+@main.command()
+@click.option("--router", "router_addr", required=True,
+              help="The router's backend address, e.g. tcp://10.0.0.5:5556.")
+@_service_options
+def worker(router_addr, config_path, service, handler, workers, devices, policy, max_inflight,
+           queue_capacity) -> None:
+    """Run a supervisor and its workers for a router elsewhere (same code as `up`)."""
+    from workerpool.supervisor import Supervisor
+
+    cfg = _build_config(
+        config_path, service, {},
+        {"handler": handler, "workers": workers, "devices": devices, "policy": policy,
+         "max_inflight": max_inflight, "queue_capacity": queue_capacity})
+    sup = Supervisor(cfg.services, router_addr, cfg.supervisor,
+                     drain_timeout=cfg.router.drain_timeout)
+    sup.on_ready = lambda: click.echo(
+        f"workerpool worker ready: {sum(s.workers for s in cfg.services)} workers -> {router_addr}")
+    sup.install_signal_handlers()
+    sys.exit(sup.run())
+
+
+# -- status -------------------------------------------------------------------------------------
+_COLUMNS = ("id", "pid", "device", "state", "in_flight", "completed", "errored", "restarts",
+            "uptime")
+
+
+@main.command()
+@click.option("--router", "router_addr", default=DEFAULT_FRONTEND, show_default=True,
+              help="The router's client (frontend) address.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status object as JSON.")
+@click.option("--timeout", type=float, default=5.0, show_default=True,
+              help="Seconds to wait for the router.")
+def status(router_addr, as_json, timeout) -> None:
+    """Show every worker's health and every service's load."""
+    from workerpool.client import Client
+    from workerpool.errors import WorkerPoolError
+
+    with Client(router_addr) as c:
+        try:
+            st = c.status(timeout=timeout)
+        except WorkerPoolError as exc:
+            raise click.ClickException(f"no status from {router_addr}: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(st, indent=2, sort_keys=True))
+        return
+    click.echo(format_status(st))
+
+
+def format_status(st: dict) -> str:
+    rows = [[_cell(w.get(c), c) for c in _COLUMNS] for w in st["workers"]]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
+              for i, c in enumerate(_COLUMNS)]
+    out = ["  ".join(c.upper().ljust(w) for c, w in zip(_COLUMNS, widths, strict=True))]
+    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    for s in st["services"]:
+        out.append(
+            f"service {s['name']}: policy={s['policy']} workers={s['workers']} "
+            f"queued={s['queued']} in_flight={s['in_flight']} completed={s['completed']} "
+            f"errored={s['errored']} rejected={s['rejected']} expired={s['expired']}")
+    r = st["router"]
+    out.append(f"router pid {r['pid']} up {r['uptime']:.0f}s at {r['frontend']}"
+               + (" (draining)" if r["draining"] else ""))
+    for w in st["workers"]:
+        if w.get("last_error") and w["state"] in ("dead", "failed", "restarting"):
+            out.append(f"{w['id']} last error: {w['last_error'].strip().splitlines()[-1]}")
+    return "\n".join(out)
+
+
+def _cell(value: Any, column: str) -> str:
+    if value is None:
+        return "-"
+    if column == "uptime":
+        return f"{value:.1f}s"
+    return str(value)
+
+
+# -- call -------------------------------------------------------------------------------------
+@main.command()
+@click.argument("method")
+@click.argument("payload", default="null")
+@click.option("--router", "router_addr", default=DEFAULT_FRONTEND, show_default=True,
+              help="The router's client (frontend) address.")
+@click.option("--service", default=None, help="Service to call (default: the only one).")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds before the request is abandoned.")
+def call(method, payload, router_addr, service, timeout) -> None:
+    """Call METHOD with PAYLOAD (JSON; '-' reads stdin) and print the reply as JSON.
+
+    A streaming method prints one JSON line per item as it arrives. Errors go to stderr
+    as 'Type: message' and the exit status is 1.
+    """
+    from workerpool.client import Client
+    from workerpool.errors import WorkerPoolError
+
+    text = sys.stdin.read() if payload == "-" else payload
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.UsageError(f"PAYLOAD is not JSON: {exc}") from None
+    with Client(router_addr) as c:
+        try:
+            for item in c.stream(method, value, service=service, timeout=timeout):
+                click.echo(json.dumps(item, default=repr))
+        except WorkerPoolError as exc:
+            click.echo(f"{exc.type}: {exc.message}", err=True)
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,564 @@
+"""Client library: ``Client`` (threads, ``concurrent.futures``) and ``AsyncClient`` (asyncio).
+
+::
+
+    user threads --submit--> outbox deque + wake fd --> [I/O thread] DEALER --> router
+    Future / stream queue <--------- replies by request id <---------------------+
+
+``_BaseClient`` holds everything that needs no I/O: request ids, encoding requests,
+turning replies into values or typed errors. ``Client`` owns one socket in one
+background thread (ZeroMQ sockets are not thread-safe, so user threads never touch it)
+and is safe to share between threads. ``AsyncClient`` owns one socket in one event loop.
+
+Every request carries a client-unique id, so one connection can have thousands in
+flight. A timeout travels with the request (the router answers at the deadline) and is
+also enforced locally, so a call returns even when the router is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import heapq
+import itertools
+import queue
+import socket
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from ipc import codec, protocol
+from ipc.protocol import FINAL_REPLY_KINDS, FrameError, Kind
+from workerpool.config import DEFAULT_FRONTEND
+from workerpool.errors import (
+    ClientClosedError,
+    PayloadError,
+    ProtocolError,
+    RequestTimeoutError,
+    WorkerPoolError,
+    from_wire,
+)
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
+_STATUS = object()  # marker for a STATUS request's pending entry
+
+# Local deadlines fire this long after the router's, so the router's own, more specific
+# RequestTimeoutError ("in the queue" / "on worker X") normally arrives first.
+_LOCAL_GRACE = 0.25
+
+
+class _BaseClient:
+    """I/O-free half of both clients: ids, request frames, reply interpretation."""
+
+    def __init__(self, address: str, *, timeout: float | None,
+                 max_message_bytes: int) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
+        self._ids = itertools.count(1)
+
+    def _request_frames(self, method: str, payload: Any, service: str | None,
+                        timeout: float | None) -> tuple[int, list]:
+        if not isinstance(method, str) or not method:
+            raise ValueError("method must be a non-empty string")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        try:
+            body, buffers = codec.dumps(payload)
+        except codec.PayloadError as exc:
+            raise PayloadError(f"payload cannot be sent: {exc}") from None
+        meta: dict[str, Any] = {"method": method}
+        if service is not None:
+            meta["service"] = service
+        if timeout is not None:
+            meta["timeout"] = float(timeout)
+        rid = next(self._ids)
+        frames = protocol.encode(Kind.REQUEST, rid, meta, body, buffers)
+        size = sum(len(f) for f in frames)
+        if size > self.max_message_bytes:
+            raise PayloadError(f"request is {size} bytes, over max_message_bytes="
+                               f"{self.max_message_bytes}")
+        return rid, frames
+
+    def _effective_timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    @staticmethod
+    def _parse_reply(frames: list) -> tuple[Kind, int, Any]:
+        """(kind, request id, value-or-error). Raises FrameError on a malformed reply."""
+        msg = protocol.decode(frames)
+        if msg.kind not in protocol.REPLY_KINDS:
+            raise FrameError("bad-kind", f"unexpected {msg.kind.name} from router", msg.req_id)
+        if msg.kind is Kind.ERROR:
+            try:
+                body = codec.loads(msg.body, msg.buffers)
+            except codec.PayloadError as exc:
+                return msg.kind, msg.req_id, ProtocolError(f"undecodable error reply: {exc}")
+            return msg.kind, msg.req_id, from_wire(body)
+        try:
+            return msg.kind, msg.req_id, codec.loads(msg.body, msg.buffers)
+        except codec.PayloadError as exc:
+            return Kind.ERROR, msg.req_id, PayloadError(f"undecodable reply: {exc}")
+
+
+class _Pending:
+    """One outstanding request in ``Client``: a Future, or a queue for a stream."""
+
+    __slots__ = ("deadline", "future", "items", "partials", "stream")
+
+    def __init__(self, future: concurrent.futures.Future | None,
+                 stream: queue.SimpleQueue | None, deadline: float | None) -> None:
+        self.future = future
+        self.stream = stream
+        self.deadline = deadline
+        self.partials: list | None = None  # call() on a streaming method collects here
+
+
+class Client(_BaseClient):
+    """Thread-safe synchronous client.
+
+    >>> with Client("tcp://127.0.0.1:5555") as c:
+    ...     c.call("echo", {"x": 1}, timeout=5)
+
+    ``timeout`` is the default per-request deadline in seconds (None: wait forever).
+    """
+
+    def __init__(self, address: str = DEFAULT_FRONTEND, *, timeout: float | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        super().__init__(address, timeout=timeout, max_message_bytes=max_message_bytes)
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.connect(address)
+        self._pending: dict[int, _Pending] = {}
+        self._outbox: collections.deque = collections.deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._woken = False
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=_io_loop, args=(weakref.ref(self), self._sock, self._wake_r),
+            name=f"workerpool-client-{address}", daemon=True)
+        self._thread.start()
+
+    # -- public API -------------------------------------------------------------------------
+    def submit(self, method: str, payload: Any = None, *, service: str | None = None,
+               timeout: float | None = None) -> concurrent.futures.Future:
+        """Send a request; return a Future for its result (a list for a streaming method).
+
+        The Future raises a ``WorkerPoolError`` subclass on failure. ``Future.cancel()``
+        tells the router to forget the request.
+        """
+        timeout = self._effective_timeout(timeout)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        rid = self._enqueue(method, payload, service, timeout, _Pending(fut, None, None))
+        fut.add_done_callback(lambda f, rid=rid: f.cancelled() and self._cancel(rid))
+        return fut
+
+    def call(self, method: str, payload: Any = None, *, service: str | None = None,
+             timeout: float | None = None) -> Any:
+        """Send a request and wait for its result."""
+        timeout = self._effective_timeout(timeout)
+        fut = self.submit(method, payload, service=service, timeout=timeout)
+        # The I/O thread enforces the deadline; the margin only guards against its death.
+        return fut.result(None if timeout is None else timeout + _LOCAL_GRACE + 5)
+
+    def stream(self, method: str, payload: Any = None, *, service: str | None = None,
+               timeout: float | None = None) -> Iterator[Any]:
+        """Yield a streaming method's items as they arrive; ``timeout`` bounds the whole
+        stream. Leaving the loop early cancels the request."""
+        timeout = self._effective_timeout(timeout)
+        items: queue.SimpleQueue = queue.SimpleQueue()
+        rid = self._enqueue(method, payload, service, timeout, _Pending(None, items, None))
+        return self._iterate(rid, items)
+
+    def _iterate(self, rid: int, items: queue.SimpleQueue) -> Iterator[Any]:
+        done = False
+        try:
+            while True:
+                kind, value = items.get()
+                if kind is Kind.PARTIAL:
+                    yield value
+                elif kind is Kind.RESULT:  # a plain method called as a stream: one item
+                    done = True
+                    yield value
+                    return
+                elif kind is Kind.END:
+                    done = True
+                    return
+                else:
+                    done = True
+                    raise value
+        finally:
+            if not done:
+                self._cancel(rid)
+
+    def status(self, timeout: float = 5.0) -> dict:
+        """The router's health table: what ``workerpool status --json`` prints."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        rid = next(self._ids)
+        pending = _Pending(fut, None, time.monotonic() + timeout)
+        self._push(rid, pending, protocol.encode(Kind.STATUS, rid))
+        return fut.result(timeout + 5)
+
+    def close(self) -> None:
+        """Stop the I/O thread; outstanding requests fail with ClientClosedError."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _enqueue(self, method: str, payload: Any, service: str | None, timeout: float | None,
+                 pending: _Pending) -> int:
+        rid, frames = self._request_frames(method, payload, service, timeout)
+        if timeout is not None:
+            pending.deadline = time.monotonic() + timeout + _LOCAL_GRACE
+        self._push(rid, pending, frames)
+        return rid
+
+    def _push(self, rid: int, pending: _Pending, frames: list) -> None:
+        if self._closed:
+            raise ClientClosedError("client is closed")
+        if self._error is not None:
+            raise ClientClosedError(f"client I/O thread failed: {self._error!r}")
+        self._outbox.append((rid, pending, frames))
+        self._wake()
+
+    def _cancel(self, rid: int) -> None:
+        if not self._closed:
+            self._outbox.append((rid, None, protocol.encode(Kind.CANCEL, rid)))
+            self._wake()
+
+    def _wake(self) -> None:
+        if not self._woken:
+            self._woken = True
+            try:
+                self._wake_w.send(b"\0")
+            except (BlockingIOError, OSError):
+                pass
+
+
+def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket) -> None:
+    """The I/O thread. Holds only a weak reference, so a dropped Client is collected."""
+    client = ref()
+    if client is None:
+        return
+    pending = client._pending
+    outbox = client._outbox
+    timers: list[tuple[float, int]] = []
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(wake_r, zmq.POLLIN)
+    del client
+    try:
+        while True:
+            timeout = 1000
+            if timers:
+                timeout = max(0, int((timers[0][0] - time.monotonic()) * 1000) + 1)
+            events = dict(poller.poll(timeout))
+            client = ref()
+            if client is None or client._closed:
+                break
+            if wake_r.fileno() in events:
+                client._woken = False
+                try:
+                    while wake_r.recv(65536):
+                        pass
+                except BlockingIOError:
+                    pass
+            while outbox:
+                rid, entry, frames = outbox.popleft()
+                if entry is None:  # a CANCEL
+                    if pending.pop(rid, None) is not None:
+                        sock.send_multipart(frames)
+                    continue
+                pending[rid] = entry
+                if entry.deadline is not None:
+                    heapq.heappush(timers, (entry.deadline, rid))
+                sock.send_multipart(frames, copy=len(frames[2]) < 65536)
+            if sock in events:
+                _read_replies(client, sock, pending)
+            if timers:
+                _expire(sock, pending, timers)
+            del client
+    except Exception as exc:  # surface to callers instead of dying silently
+        client = ref()
+        if client is not None:
+            client._error = exc
+        _fail_all(pending, ClientClosedError(f"client I/O thread failed: {exc!r}"))
+        raise
+    finally:
+        _fail_all(pending, ClientClosedError("client closed with this request outstanding"))
+        outbox.clear()
+        sock.close(linger=0)
+        sock.context.term()
+        wake_r.close()
+
+
+def _read_replies(client: Client, sock: zmq.Socket, pending: dict[int, _Pending]) -> None:
+    for _ in range(4096):
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            kind, rid, value = client._parse_reply(frames)
+        except FrameError:
+            continue  # a reply we cannot attribute to any request
+        entry = pending.get(rid)
+        if entry is None:
+            continue  # timed out or cancelled here already
+        if kind is Kind.PARTIAL:
+            if entry.stream is not None:
+                entry.stream.put((kind, value))
+            else:
+                if entry.partials is None:
+                    entry.partials = []
+                entry.partials.append(value)
+            continue
+        del pending[rid]
+        if entry.stream is not None:
+            entry.stream.put((kind, value))
+        elif kind is Kind.ERROR:
+            _settle(entry.future, exc=value)
+        elif kind is Kind.END:
+            _settle(entry.future, result=entry.partials or [])
+        else:
+            _settle(entry.future, result=value)
+
+
+def _expire(sock: zmq.Socket, pending: dict[int, _Pending], timers: list) -> None:
+    now = time.monotonic()
+    while timers and timers[0][0] <= now:
+        deadline, rid = heapq.heappop(timers)
+        entry = pending.get(rid)
+        if entry is None or entry.deadline != deadline:
+            continue
+        del pending[rid]
+        err = RequestTimeoutError("no reply before the deadline (router unreachable or slow)")
+        if entry.stream is not None:
+            entry.stream.put((Kind.ERROR, err))
+        else:
+            _settle(entry.future, exc=err)
+        sock.send_multipart(protocol.encode(Kind.CANCEL, rid))
+
+
+def _settle(fut: concurrent.futures.Future | None, result: Any = None,
+            exc: BaseException | None = None) -> None:
+    if fut is None or fut.done():
+        return
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass  # cancelled by the user between the check and the set
+
+
+def _fail_all(pending: dict[int, _Pending], err: WorkerPoolError) -> None:
+    for entry in pending.values():
+        if entry.stream is not None:
+            entry.stream.put((Kind.ERROR, err))
+        else:
+            _settle(entry.future, exc=err)
+    pending.clear()
+
+
+class AsyncClient(_BaseClient):
+    """asyncio client; use inside one event loop.
+
+    >>> async with AsyncClient("tcp://127.0.0.1:5555") as c:
+    ...     await c.call("echo", {"x": 1})
+    """
+
+    def __init__(self, address: str = DEFAULT_FRONTEND, *, timeout: float | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        super().__init__(address, timeout=timeout, max_message_bytes=max_message_bytes)
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.connect(address)
+        self._pending: dict[int, asyncio.Future | asyncio.Queue] = {}
+        self._partials: dict[int, list] = {}
+        self._reader: asyncio.Task | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _ensure_reader(self) -> None:
+        if self._closed:
+            raise ClientClosedError("client is closed")
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                frames = await self._sock.recv_multipart()
+                try:
+                    kind, rid, value = self._parse_reply(frames)
+                except FrameError:
+                    continue
+                waiter = self._pending.get(rid)
+                if waiter is None:
+                    continue
+                if isinstance(waiter, asyncio.Queue):
+                    if kind in FINAL_REPLY_KINDS:
+                        del self._pending[rid]
+                    waiter.put_nowait((kind, value))
+                    continue
+                if kind is Kind.PARTIAL:
+                    self._partials.setdefault(rid, []).append(value)
+                    continue
+                del self._pending[rid]
+                partials = self._partials.pop(rid, [])
+                if waiter.done():
+                    continue
+                if kind is Kind.ERROR:
+                    waiter.set_exception(value)
+                else:
+                    waiter.set_result(partials if kind is Kind.END else value)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fail_all(ClientClosedError(f"client reader failed: {exc!r}"))
+            raise
+
+    def _fail_all(self, err: WorkerPoolError) -> None:
+        for waiter in self._pending.values():
+            if isinstance(waiter, asyncio.Queue):
+                waiter.put_nowait((Kind.ERROR, err))
+            elif not waiter.done():
+                waiter.set_exception(err)
+        self._pending.clear()
+
+    async def _send_cancel(self, rid: int) -> None:
+        self._pending.pop(rid, None)
+        self._partials.pop(rid, None)
+        if not self._closed:
+            await self._sock.send_multipart(protocol.encode(Kind.CANCEL, rid))
+
+    async def submit(self, method: str, payload: Any = None, *, service: str | None = None,
+                     timeout: float | None = None) -> asyncio.Future:
+        """Send a request; return an asyncio Future for its result."""
+        self._ensure_reader()
+        timeout = self._effective_timeout(timeout)
+        rid, frames = self._request_frames(method, payload, service, timeout)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        await self._sock.send_multipart(frames)
+        return fut
+
+    async def call(self, method: str, payload: Any = None, *, service: str | None = None,
+                   timeout: float | None = None) -> Any:
+        """Send a request and await its result. Cancelling the task cancels the request."""
+        self._ensure_reader()
+        timeout = self._effective_timeout(timeout)
+        rid, frames = self._request_frames(method, payload, service, timeout)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        await self._sock.send_multipart(frames)
+        try:
+            if timeout is None:
+                return await fut
+            return await asyncio.wait_for(asyncio.shield(fut), timeout + _LOCAL_GRACE)
+        except TimeoutError:
+            await self._send_cancel(rid)
+            raise RequestTimeoutError(
+                "no reply before the deadline (router unreachable or slow)") from None
+        except asyncio.CancelledError:
+            await asyncio.shield(self._send_cancel(rid))
+            raise
+
+    async def stream(self, method: str, payload: Any = None, *, service: str | None = None,
+                     timeout: float | None = None) -> AsyncIterator[Any]:
+        """Async-iterate a streaming method's items; ``timeout`` bounds the whole stream."""
+        self._ensure_reader()
+        timeout = self._effective_timeout(timeout)
+        rid, frames = self._request_frames(method, payload, service, timeout)
+        items: asyncio.Queue = asyncio.Queue()
+        self._pending[rid] = items
+        await self._sock.send_multipart(frames)
+        deadline = None if timeout is None else time.monotonic() + timeout + _LOCAL_GRACE
+        done = False
+        try:
+            while True:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    kind, value = await asyncio.wait_for(items.get(), remaining)
+                except TimeoutError:
+                    raise RequestTimeoutError("stream did not finish before the deadline") from None
+                if kind is Kind.PARTIAL:
+                    yield value
+                    continue
+                done = True
+                if kind is Kind.ERROR:
+                    raise value
+                if kind is Kind.RESULT:
+                    yield value
+                return
+        finally:
+            if not done:
+                await self._send_cancel(rid)
+
+    async def status(self, timeout: float = 5.0) -> dict:
+        """The router's health table."""
+        self._ensure_reader()
+        rid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        await self._sock.send_multipart(protocol.encode(Kind.STATUS, rid))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            self._pending.pop(rid, None)
+            raise RequestTimeoutError("router did not answer STATUS") from None
+
+    async def close(self) -> None:
+        """Close the socket; outstanding requests fail with ClientClosedError."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._fail_all(ClientClosedError("client closed with this request outstanding"))
+        self._sock.close(linger=0)
+        self._ctx.term()

@@ -1,0 +1,178 @@
+"""Configuration models: the one place where every default lives.
+
+A pool is described by ``PoolConfig`` (router + supervisor + services), loadable from a
+TOML file; CLI flags override individual fields. Models are validated at the edge, so
+processes further in receive only values that already make sense.
+
+Example TOML::
+
+    [router]
+    frontend = "tcp://127.0.0.1:5555"
+
+    [[services]]
+    name = "default"
+    handler = "workerpool.handlers:Echo"
+    workers = 4
+    policy = "least-loaded"
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Policy = Literal["round-robin", "least-loaded"]
+POLICIES: tuple[str, ...] = ("round-robin", "least-loaded")
+DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
+
+_ENDPOINT = re.compile(r"^(tcp://[^\s:]+:(\d+|\*)|tcp://\[[0-9a-fA-F:.]+\]:(\d+|\*)|ipc://\S+|inproc://\S+)$")
+_HANDLER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _check_endpoint(value: str) -> str:
+    if not _ENDPOINT.match(value):
+        raise ValueError(
+            f"{value!r} is not a ZeroMQ endpoint (tcp://HOST:PORT, ipc://PATH or inproc://NAME)"
+        )
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServiceConfig(_Model):
+    """A named group of workers running one handler."""
+
+    name: str = Field("default", description="Service name that requests address.")
+    handler: str = Field(
+        "workerpool.handlers:Echo", description="Handler class as 'module:Class'."
+    )
+    workers: int = Field(1, ge=0, le=1024, description="Worker processes for this service.")
+    devices: str = Field(
+        "cpu", description="'cpu', 'auto' (all visible GPUs, else cpu) or indices like '0,1'."
+    )
+    policy: Policy = Field("least-loaded", description="How the router picks a worker.")
+    max_inflight: int = Field(
+        1, ge=1, le=65536, description="Requests the router sends one worker at once."
+    )
+    queue_capacity: int = Field(
+        10000, ge=0, le=10_000_000,
+        description="Requests the router holds for this service while every worker is full; "
+        "beyond it a request is refused with BackpressureError.",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Passed to the handler's setup() as context.options."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("service names are 1-64 of letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("handler")
+    @classmethod
+    def _handler(cls, v: str) -> str:
+        if not _HANDLER.match(v):
+            raise ValueError(f"handler {v!r} must look like 'package.module:ClassName'")
+        return v
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: str) -> str:
+        from workerpool.devices import parse_devices
+
+        parse_devices(v, discover=False)  # raises ValueError on bad syntax
+        return v
+
+
+class RouterConfig(_Model):
+    """The router process: where it listens and how it treats traffic."""
+
+    frontend: str = Field(DEFAULT_FRONTEND, description="Address clients connect to.")
+    backend: str | None = Field(
+        None, description="Address workers and supervisors connect to (up picks a free one)."
+    )
+    max_message_bytes: int = Field(
+        256 * 2**20, ge=1024, description="Largest message accepted; bigger peers are dropped."
+    )
+    drain_timeout: float = Field(
+        30.0, ge=0, le=86400,
+        description="On shutdown, how long in-flight requests may run before they are failed.",
+    )
+    heartbeat_interval: float = Field(
+        1.0, gt=0, le=60, description="Seconds between router<->supervisor heartbeats."
+    )
+    heartbeat_liveness: int = Field(
+        3, ge=1, le=100, description="Missed heartbeats before a supervisor counts as lost."
+    )
+
+    @field_validator("frontend", "backend")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        return None if v is None else _check_endpoint(v)
+
+
+class SupervisorConfig(_Model):
+    """How workers are started and restarted."""
+
+    restart_backoff: float = Field(
+        0.05, ge=0, le=60, description="Delay before the first respawn of a slot."
+    )
+    restart_backoff_max: float = Field(
+        5.0, ge=0, le=600, description="Cap of the doubling respawn delay."
+    )
+    stable_after: float = Field(
+        10.0, ge=0, description="Uptime after which a slot's respawn delay resets."
+    )
+    startup_timeout: float = Field(
+        120.0, gt=0, description="How long `up` waits for every worker's READY."
+    )
+    stop_timeout: float = Field(
+        5.0, gt=0, description="After SHUTDOWN, how long a worker may take before SIGKILL."
+    )
+
+
+class PoolConfig(_Model):
+    """Everything `workerpool up` runs: one router, one supervisor, its services."""
+
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
+    services: list[ServiceConfig] = Field(default_factory=lambda: [ServiceConfig()])
+
+    @model_validator(mode="after")
+    def _unique_services(self) -> PoolConfig:
+        names = [s.name for s in self.services]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"service names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> PoolConfig:
+        """Read a TOML file (or return defaults when ``path`` is None)."""
+        if path is None:
+            return cls()
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        return cls.model_validate(data)
+
+    def service(self, name: str | None) -> ServiceConfig:
+        """The service ``name`` (created if missing), or the only one when ``name`` is None."""
+        if name is None:
+            if len(self.services) != 1:
+                raise ValueError("several services are configured: name one with --service")
+            return self.services[0]
+        for s in self.services:
+            if s.name == name:
+                return s
+        svc = ServiceConfig(name=name)
+        self.services = [*self.services, svc]
+        return svc

@@ -1,0 +1,357 @@
+"""The supervisor: starts worker processes, notices each death at once, respawns.
+
+::
+
+    supervisor ──spawn (fresh exec, CUDA_VISIBLE_DEVICES set)──> worker processes
+        │  pidfd per child in the same poll as its socket: a death wakes the loop at once
+        └──[DEALER]── HELLO / SLOT(started|died|failed) / DRAIN ──> router backend
+                  <── READY(slot) / DRAINED ─────────────────────
+
+``workerpool up`` runs a supervisor that also owns the router process; ``workerpool
+worker --router ADDR`` runs the same supervisor against a router elsewhere. Death is an
+event, not a timeout: the kernel makes a child's pidfd readable when it exits, the loop
+reaps it and tells the router which incarnation died and how, and the router answers
+that incarnation's requests. Respawns wait an exponential backoff per slot, reset once
+a replacement has stayed up for ``stable_after`` seconds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from ipc import protocol
+from ipc.protocol import FrameError, Kind
+from workerpool.config import ServiceConfig, SupervisorConfig
+from workerpool.devices import device_label, parse_devices, worker_env
+from workerpool.worker import EXIT_SETUP_FAILED, SPEC_ENV, WorkerSpec
+
+log = logging.getLogger("workerpool.supervisor")
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with code {returncode}"
+
+
+@dataclass
+class WorkerProc:
+    """One slot as the supervisor sees it: its config and current process, if any."""
+
+    slot: str
+    service: ServiceConfig
+    device: str
+    incarnation: int = 0
+    proc: subprocess.Popen | None = None
+    pidfd: int | None = None
+    started_at: float = 0.0
+    died_at: float = 0.0
+    failures: int = 0  # consecutive short-lived incarnations, for the backoff
+    ready: bool = False
+    failed: bool = False
+
+
+class Supervisor:
+    """Runs the worker processes of ``services`` against the router at ``backend``."""
+
+    def __init__(
+        self,
+        services: list[ServiceConfig],
+        backend: str,
+        config: SupervisorConfig | None = None,
+        router_argv: list[str] | None = None,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        self.config = config or SupervisorConfig()
+        self.backend = backend
+        self.services = services
+        self.drain_timeout = drain_timeout
+        self._router_argv = router_argv
+        self.router_proc: subprocess.Popen | None = None
+        self._router_pidfd: int | None = None
+        self.workers: dict[str, WorkerProc] = {}
+        for svc in services:
+            devices = parse_devices(svc.devices)
+            for i in range(svc.workers):
+                slot = f"{svc.name}/{i}"
+                self.workers[slot] = WorkerProc(slot, svc, devices[i % len(devices)])
+        self._by_pidfd: dict[int, WorkerProc] = {}
+        self._timers: list[tuple[float, str]] = []  # (when, slot) respawns
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.IDENTITY, f"sup-{socket.gethostname()}-{os.getpid()}".encode())
+        self._sock.setsockopt(zmq.LINGER, 1000)
+        self._stopping = False
+        self._drained = False
+        self._all_ready_reported = False
+        self.exit_code = 0
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.on_ready = None  # callback(): every worker registered once (used by `up`)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop("signal"))
+
+    def run(self) -> int:
+        """Start everything, supervise until stopped, stop everything. Returns an exit code."""
+        try:
+            if self._router_argv is not None:
+                self._start_router()
+            self._sock.connect(self.backend)
+            self._send(Kind.HELLO, self._hello())
+            for w in self.workers.values():
+                self._spawn(w)
+            self._loop()
+        finally:
+            self._stop_children()
+            self._sock.close(linger=0)
+            self._ctx.term()
+            self._wake_r.close()
+            self._wake_w.close()
+        return self.exit_code
+
+    def stop(self, why: str = "") -> None:
+        """Begin a graceful stop: the router drains, then workers and router exit."""
+        if self._stopping:
+            return
+        log.info("stopping (%s): draining in-flight requests", why)
+        self._stopping = True
+        self._stop_deadline = time.monotonic() + self.drain_timeout + self.config.stop_timeout
+        self._send(Kind.DRAIN, {})
+
+    def _hello(self) -> dict:
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "services": [
+                {"name": s.name, "policy": s.policy, "queue_capacity": s.queue_capacity,
+                 "max_inflight": s.max_inflight} for s in self.services
+            ],
+            "slots": [
+                {"slot": w.slot, "service": w.service.name, "device": device_label(w.device)}
+                for w in self.workers.values()
+            ],
+        }
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        if self._router_pidfd is not None:
+            poller.register(self._router_pidfd, zmq.POLLIN)
+        registered: set[int] = set()
+        startup_deadline = time.monotonic() + self.config.startup_timeout
+        while True:
+            for fd in set(self._by_pidfd) - registered:
+                poller.register(fd, zmq.POLLIN)
+                registered.add(fd)
+            events = dict(poller.poll(self._poll_timeout_ms()))
+            for fd in events:
+                if fd in self._by_pidfd:
+                    poller.unregister(fd)
+                    registered.discard(fd)
+                    self._reap(self._by_pidfd.pop(fd))
+                elif fd == self._router_pidfd:
+                    poller.unregister(fd)
+                    self._on_router_exit()
+                elif fd == self._wake_r.fileno():
+                    self._drain_wakeups()
+            if self._sock in events:
+                self._drain_socket()
+            self._run_timers()
+            now = time.monotonic()
+            if not self._all_ready_reported and not self._stopping and now > startup_deadline:
+                missing = sorted(w.slot for w in self.workers.values() if not w.ready)
+                log.error("workers %s did not become ready within supervisor.startup_timeout="
+                          "%.0fs; stopping", ", ".join(missing), self.config.startup_timeout)
+                self.exit_code = 1
+                self.stop("startup timeout")
+            if self._stopping and (self._drained or now > self._stop_deadline
+                                   or self._router_gone()):
+                return
+
+    def _poll_timeout_ms(self) -> int:
+        t = 500.0
+        if self._timers:
+            t = min(t, (self._timers[0][0] - time.monotonic()) * 1000)
+        return max(0, int(t) + 1)
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _drain_socket(self) -> None:
+        while True:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = protocol.decode(frames)
+            except FrameError as exc:
+                log.warning("dropped bad frame from router: %s", exc)
+                continue
+            if msg.kind is Kind.READY:
+                self._on_worker_ready(str(msg.meta.get("slot")), msg.meta.get("incarnation"))
+            elif msg.kind is Kind.DRAINED:
+                self._drained = True
+                if not self._stopping:  # the router is shutting down: so is its pool
+                    self.stop("router drained")
+
+    def _on_worker_ready(self, slot: str, incarnation: object) -> None:
+        w = self.workers.get(slot)
+        if w is None or incarnation != w.incarnation:
+            return
+        w.ready = True
+        if w.incarnation > 1:
+            log.info("worker %s back: ready %.0f ms after its predecessor died", slot,
+                     (time.monotonic() - w.died_at) * 1000)
+        if not self._all_ready_reported and all(x.ready or x.failed for x in self.workers.values()):
+            self._all_ready_reported = True
+            if self.on_ready is not None:
+                self.on_ready()
+
+    # -- children ---------------------------------------------------------------------------------
+    def _start_router(self) -> None:
+        self.router_proc = subprocess.Popen(self._router_argv)
+        self._router_pidfd = os.pidfd_open(self.router_proc.pid)
+
+    def _on_router_exit(self) -> None:
+        rc = self.router_proc.wait()
+        if not self._stopping:
+            log.error("router process %s; stopping the pool", describe_exit(rc))
+            self.exit_code = 1
+            self.stop("router exited")
+
+    def _router_gone(self) -> bool:
+        return self.router_proc is not None and self.router_proc.poll() is not None
+
+    def _spawn(self, w: WorkerProc) -> None:
+        w.incarnation += 1
+        w.ready = False
+        spec = WorkerSpec(
+            slot=w.slot, service=w.service.name, incarnation=w.incarnation,
+            handler=w.service.handler, device=w.device, backend=self.backend,
+            capacity=w.service.max_inflight, options=w.service.options, parent_pid=os.getpid(),
+        )
+        env = worker_env(w.device)
+        env[SPEC_ENV] = spec.model_dump_json()
+        # A fresh interpreter, never a fork: nothing (least of all CUDA state) is inherited.
+        w.proc = subprocess.Popen([sys.executable, "-m", "workerpool.worker"], env=env)
+        w.pidfd = os.pidfd_open(w.proc.pid)
+        w.started_at = time.monotonic()
+        self._by_pidfd[w.pidfd] = w
+        self._send(Kind.SLOT, {"slot": w.slot, "service": w.service.name,
+                               "device": device_label(w.device), "incarnation": w.incarnation,
+                               "event": "started", "pid": w.proc.pid})
+
+    def _reap(self, w: WorkerProc) -> None:
+        rc = w.proc.wait()
+        os.close(w.pidfd)
+        w.pidfd = None
+        w.died_at = time.monotonic()
+        w.ready = False
+        how = describe_exit(rc)
+        base = {"slot": w.slot, "service": w.service.name, "incarnation": w.incarnation,
+                "pid": w.proc.pid, "exitcode": rc}
+        if self._stopping:
+            self._send(Kind.SLOT, {**base, "event": "stopped"})
+            return
+        if rc == EXIT_SETUP_FAILED:
+            w.failed = True
+            log.error("worker %s failed in setup(); not respawning it", w.slot)
+            self._send(Kind.SLOT, {**base, "event": "failed",
+                                   "reason": f"setup() failed; process {how}"})
+            if not self._all_ready_reported and all(x.failed for x in self.workers.values()):
+                self.exit_code = 1
+                self.stop("every worker failed in setup")
+            return
+        self._send(Kind.SLOT, {**base, "event": "died", "reason": how})
+        if w.died_at - w.started_at >= self.config.stable_after:
+            w.failures = 0
+        delay = min(self.config.restart_backoff * (2 ** w.failures), self.config.restart_backoff_max)
+        w.failures += 1
+        log.warning("worker %s (pid %d) %s; respawning in %.2fs", w.slot, w.proc.pid, how, delay)
+        heapq.heappush(self._timers, (w.died_at + delay, w.slot))
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, slot = heapq.heappop(self._timers)
+            w = self.workers[slot]
+            if not self._stopping and w.pidfd is None:
+                self._spawn(w)
+
+    def _stop_children(self) -> None:
+        """Workers got SHUTDOWN from a drained router; give them stop_timeout, then force."""
+        procs = [w.proc for w in self.workers.values() if w.proc is not None]
+        if not self._drained:
+            for p in procs:
+                _signal(p, signal.SIGTERM)
+        _wait_all(procs, self.config.stop_timeout)
+        for p in procs:
+            _signal(p, signal.SIGKILL)
+        _wait_all(procs, 5)
+        for w in self.workers.values():
+            if w.pidfd is not None:
+                os.close(w.pidfd)
+                w.pidfd = None
+        if self.router_proc is not None:
+            _wait_all([self.router_proc], 2.0)
+            _signal(self.router_proc, signal.SIGTERM)
+            _wait_all([self.router_proc], self.config.stop_timeout)
+            _signal(self.router_proc, signal.SIGKILL)
+            self.router_proc.wait()
+            if self._router_pidfd is not None:
+                os.close(self._router_pidfd)
+
+    def _send(self, kind: Kind, meta: dict) -> None:
+        try:
+            self._sock.send_multipart(protocol.encode(kind, 0, meta), zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("could not tell the router %s: %s", kind.name, exc)
+
+
+def _signal(p: subprocess.Popen, sig: int) -> None:
+    if p.poll() is None:
+        try:
+            p.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def router_argv(router_config_json: str, service_defaults: dict | None = None) -> list[str]:
+    """Command line that starts a router process by fresh exec."""
+    return [sys.executable, "-m", "router", router_config_json, json.dumps(service_defaults or {})]

@@ -1,0 +1,279 @@
+"""The worker process: one handler, one device, one DEALER socket to the router.
+
+Data flow::
+
+    router --REQUEST(id, meta, body)--> [DEALER] worker --method(payload)--> handler
+    router <--RESULT | ERROR | PARTIAL* END--            <--value / generator / raise--
+
+The worker is started by the supervisor as a fresh interpreter
+(``python -m workerpool.worker``) with its ``WorkerSpec`` in the environment and
+``CUDA_VISIBLE_DEVICES`` already set, so nothing CUDA-related is inherited. It handles
+one request at a time, in order; the router decides how many it may hold (``capacity``).
+A handler's exception is a domain error: it is answered as ``HandlerError`` and the
+worker keeps serving. If ``setup()`` fails the worker reports why and exits with
+``EXIT_SETUP_FAILED`` so the supervisor does not respawn it in a loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import inspect
+import os
+import signal
+import sys
+import traceback
+from typing import Any
+
+import msgpack
+import zmq
+from pydantic import BaseModel, ConfigDict
+
+from ipc import codec, protocol
+from ipc.protocol import FrameError, Kind
+from workerpool.context import WorkerContext
+from workerpool.devices import CPU, device_label
+from workerpool.errors import HandlerError, PayloadError, UnknownMethodError, WorkerPoolError
+
+SPEC_ENV = "WORKERPOOL_WORKER_SPEC"
+EXIT_SETUP_FAILED = 78  # EX_CONFIG: the supervisor marks the slot failed instead of respawning
+_RESERVED = frozenset({"setup", "teardown", "context"})
+
+
+class WorkerSpec(BaseModel):
+    """Everything one worker process needs, passed from the supervisor as JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slot: str
+    service: str
+    incarnation: int
+    handler: str
+    device: str
+    backend: str
+    capacity: int = 1
+    options: dict[str, Any] = {}
+    parent_pid: int | None = None
+
+    @property
+    def identity(self) -> bytes:
+        """Routing id on the backend: unique per incarnation, so a dead process's bytes
+        can never be mistaken for its replacement's."""
+        return f"{self.slot}#{self.incarnation}".encode()
+
+
+def load_handler(path: str) -> type:
+    """Import ``module:Class``; raises ImportError/AttributeError with a clear message."""
+    module_name, _, attr = path.partition(":")
+    module = importlib.import_module(module_name)
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, type):
+        raise TypeError(f"{path} is a {type(obj).__name__}, not a class")
+    return obj
+
+
+def public_methods(handler: object) -> dict[str, Any]:
+    """The handler's remotely callable methods: public, callable, not lifecycle hooks."""
+    out = {}
+    for name in dir(type(handler)):
+        if name.startswith("_") or name in _RESERVED:
+            continue
+        fn = getattr(handler, name, None)
+        if callable(fn):
+            out[name] = fn
+    return out
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Ask Linux to SIGKILL us if the supervisor dies, so no worker outlives its pool."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)  # the parent died before prctl took effect
+
+
+class Worker:
+    """Serves one handler over one backend connection until told to stop."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self._stopping = False
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.IDENTITY, spec.identity)
+        self._sock.setsockopt(zmq.LINGER, 2000)  # let the last replies/GOODBYE flush on exit
+        self._sock.connect(spec.backend)
+        # Every reply carries the worker's slot so errors and results name who produced them.
+        self._reply_meta = protocol.pack_meta({"worker": spec.slot})
+        self._methods: dict[str, Any] = {}
+        self._handler: Any = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def run(self) -> int:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            self._setup()
+        except Exception:
+            tb = traceback.format_exc()
+            sys.stderr.write(f"[{self.spec.slot}] setup failed:\n{tb}")
+            self._send(Kind.GOODBYE, 0, {"reason": "setup-failed", "error": tb[-4000:]})
+            self._close()
+            return EXIT_SETUP_FAILED
+        self._send(Kind.READY, 0, self._ready_meta())
+        try:
+            self._serve()
+        finally:
+            self._teardown()
+            self._send(Kind.GOODBYE, 0, {"reason": "stopped"})
+            self._close()
+        return 0
+
+    def _setup(self) -> None:
+        cls = load_handler(self.spec.handler)
+        self._handler = cls()
+        dev = self.spec.device
+        ctx = WorkerContext(
+            slot=self.spec.slot,
+            service=self.spec.service,
+            incarnation=self.spec.incarnation,
+            device=CPU if dev == CPU else "cuda:0",
+            physical_device=dev,
+            options=dict(self.spec.options),
+        )
+        self._handler.context = ctx
+        setup = getattr(self._handler, "setup", None)
+        if callable(setup):
+            setup(ctx)
+        self._methods = public_methods(self._handler)
+
+    def _teardown(self) -> None:
+        teardown = getattr(self._handler, "teardown", None)
+        if callable(teardown):
+            try:
+                teardown()
+            except Exception:
+                traceback.print_exc()
+
+    def _ready_meta(self) -> dict:
+        s = self.spec
+        return {
+            "slot": s.slot,
+            "incarnation": s.incarnation,
+            "pid": os.getpid(),
+            "device": device_label(s.device),
+            "service": s.service,
+            "capacity": s.capacity,
+            "methods": sorted(self._methods),
+        }
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self._stopping = True
+
+    def _close(self) -> None:
+        self._sock.close()
+        self._ctx.term()
+
+    # -- the loop --------------------------------------------------------------------------
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stopping:
+            if not poller.poll(200):
+                continue
+            while not self._stopping:
+                try:
+                    frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_message(frames)
+
+    def _on_message(self, frames: list) -> None:
+        try:
+            msg = protocol.decode(frames)
+        except FrameError as exc:
+            # Only the router talks to us; a bad frame means a bug, not an attack. Say so.
+            sys.stderr.write(f"[{self.spec.slot}] dropped malformed frame: {exc}\n")
+            if exc.req_id is not None:
+                self._send_error(exc.req_id, WorkerPoolError(str(exc)))
+            return
+        if msg.kind is Kind.REQUEST:
+            self._on_request(msg)
+        elif msg.kind is Kind.SHUTDOWN:
+            self._stopping = True
+        elif msg.kind is Kind.HEARTBEAT:
+            self._send(Kind.HEARTBEAT, msg.req_id)
+
+    def _on_request(self, msg: protocol.Message) -> None:
+        method = msg.meta.get("method")
+        fn = self._methods.get(method) if isinstance(method, str) else None
+        if fn is None:
+            self._send_error(msg.req_id, UnknownMethodError(
+                f"service {self.spec.service!r} has no method {method!r}; "
+                f"it has: {', '.join(sorted(self._methods))}"))
+            return
+        try:
+            payload = codec.loads(msg.body, msg.buffers)
+        except codec.PayloadError as exc:
+            self._send_error(msg.req_id, PayloadError(str(exc)))
+            return
+        try:
+            result = fn(payload)
+            if inspect.isgenerator(result):
+                for item in result:
+                    self._send_value(Kind.PARTIAL, msg.req_id, item)
+                self._send(Kind.END, msg.req_id, self._reply_meta)
+            else:
+                self._send_value(Kind.RESULT, msg.req_id, result)
+        except _UnencodableResult as exc:
+            self._send_error(msg.req_id, PayloadError(str(exc)))
+        except Exception as exc:
+            self._send_error(msg.req_id, HandlerError(
+                f"{type(exc).__name__}: {exc}",
+                remote_type=type(exc).__name__,
+                traceback=traceback.format_exc(),
+            ))
+
+    # -- sending -------------------------------------------------------------------------------
+    def _send(self, kind: Kind, req_id: int, meta: dict | bytes | None = None,
+              body: bytes = b"", buffers: list | tuple = ()) -> None:
+        self._sock.send_multipart(protocol.encode(kind, req_id, meta, body, buffers), copy=False)
+
+    def _send_value(self, kind: Kind, req_id: int, value: Any) -> None:
+        try:
+            body, buffers = codec.dumps(value)
+        except codec.PayloadError as exc:
+            raise _UnencodableResult(
+                f"handler returned a value that cannot be sent: {exc}") from None
+        self._send(kind, req_id, self._reply_meta, body, buffers)
+
+    def _send_error(self, req_id: int, err: WorkerPoolError) -> None:
+        err.worker = self.spec.slot
+        self._send(Kind.ERROR, req_id, self._reply_meta,
+                   msgpack.packb(err.to_wire(), use_bin_type=True, default=str))
+
+
+class _UnencodableResult(Exception):
+    pass
+
+
+def main() -> int:
+    raw = os.environ.get(SPEC_ENV)
+    if not raw:
+        sys.stderr.write(f"workerpool.worker: {SPEC_ENV} is not set; workers are started by "
+                         "the supervisor (workerpool up / workerpool worker)\n")
+        return 2
+    spec = WorkerSpec.model_validate_json(raw)
+    _die_with_parent(spec.parent_pid)
+    return Worker(spec).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
