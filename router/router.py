@@ -49,6 +49,7 @@ from workerpool.errors import (
 log = logging.getLogger("workerpool.router")
 
 BATCH = 512  # messages taken from one socket before looking at the other
+UNREACHABLE_GRACE = 1.0  # seconds to wait for a death notice once a worker is unroutable
 _ALIVE = frozenset({WorkerState.STARTING, WorkerState.RESTARTING, WorkerState.DEAD,
                     WorkerState.READY, WorkerState.BUSY})
 _EMPTY_META = b""
@@ -81,6 +82,7 @@ class Router:
         self.conns: dict[bytes, Conn] = {}  # backend identity -> registered worker
         self.supervisors: dict[bytes, dict] = {}
         self._slot_owner: dict[str, bytes] = {}  # slot id -> supervisor that runs it
+        self._unreachable: dict[bytes, float] = {}  # worker identity -> give-up time
         self.records: dict[int, Record] = {}
         self._by_client: dict[tuple[bytes, int], Record] = {}
         self._timers: list[tuple[float, int]] = []  # (deadline, rid), stale entries skipped
@@ -152,6 +154,8 @@ class Router:
         now = time.monotonic()
         if self._timers:
             t = min(t, (self._timers[0][0] - now) * 1000)
+        if self._unreachable:
+            t = min(t, 50.0)
         if self.draining:
             t = min(t, 20.0)
         return max(0, int(t) + 1)
@@ -293,7 +297,7 @@ class Router:
             # Unreachable: the process is gone and its death notice is still on its way.
             # The request never reached it, so it is safe to queue again, at the front.
             self.stats["dispatch_unroutable"] += 1
-            self._lose_conn(conn, "worker connection is gone (unroutable)")
+            self._quarantine(conn)
             self.services[rec.service].enqueue(rec, front=True)
             return
         rec.phase = Phase.RUNNING
@@ -480,6 +484,9 @@ class Router:
         for s in meta.get("slots", ()):
             slot = self._slot(str(s["slot"]), str(s["service"]), str(s.get("device", "?")))
             self._slot_owner[slot.id] = ident
+            if slot.conn is not None:  # its worker registered before our HELLO arrived
+                self._send_backend(ident, Kind.READY,
+                                   {"slot": slot.id, "incarnation": slot.conn.incarnation})
         if self.draining:
             self._send_backend(ident, Kind.DRAINED)
 
@@ -534,10 +541,24 @@ class Router:
         Kind.HEARTBEAT: _on_heartbeat,
     }
 
+    def _quarantine(self, conn: Conn) -> None:
+        """The worker's socket is gone but its death notice has not arrived yet.
+
+        Stop dispatching to it at once; give the supervisor UNREACHABLE_GRACE to say how it
+        died (so its requests are answered with the real cause, e.g. SIGSEGV), then answer
+        them anyway: a remote supervisor may be gone too.
+        """
+        svc = self.services.get(conn.slot.service)
+        if svc is not None:
+            svc.remove_conn(conn)
+        if conn.identity not in self._unreachable:
+            self._unreachable[conn.identity] = time.monotonic() + UNREACHABLE_GRACE
+
     def _lose_conn(self, conn: Conn, reason: str, crashed: bool = True) -> None:
         """An incarnation is gone: answer everything it held, then forget it."""
         slot = conn.slot
         self.conns.pop(conn.identity, None)
+        self._unreachable.pop(conn.identity, None)
         svc = self.services.get(slot.service)
         if svc is not None:
             svc.remove_conn(conn)
@@ -594,6 +615,12 @@ class Router:
     # -- timers ------------------------------------------------------------------------------------
     def _run_timers(self) -> None:
         now = time.monotonic()
+        for ident, deadline in list(self._unreachable.items()):
+            conn = self.conns.get(ident)
+            if conn is None:
+                del self._unreachable[ident]
+            elif deadline <= now:
+                self._lose_conn(conn, "disconnected (no death notice from its supervisor)")
         timers = self._timers
         while timers and timers[0][0] <= now:
             deadline, rid = heapq.heappop(timers)

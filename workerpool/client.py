@@ -287,12 +287,15 @@ def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket) -> None:
             if client is None or client._closed:
                 break
             if wake_r.fileno() in events:
-                client._woken = False
                 try:
                     while wake_r.recv(65536):
                         pass
                 except BlockingIOError:
                     pass
+                # Clear the flag only after emptying the pipe and before reading the outbox:
+                # a submit racing with us either lands in the outbox read below, or sees
+                # the flag clear and writes a fresh wake-up byte.
+                client._woken = False
             while outbox:
                 rid, entry, frames = outbox.popleft()
                 if entry is None:  # a CANCEL

@@ -1,0 +1,177 @@
+"""Fixtures that own every process they start.
+
+Each pool runs in its own process group (``start_new_session``); teardown sends SIGTERM,
+waits, then SIGKILLs the whole group and checks that nothing of it is left, even when
+the test failed.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from workerpool import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # Workers import test handlers (tests.handlers) from the repository root.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Proc:
+    """A process group started by a test: a pool (`up`), a router, or a remote supervisor."""
+
+    popen: subprocess.Popen
+    address: str
+    log: Path
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def pgid(self) -> int:
+        return self.popen.pid
+
+    def wait_line(self, prefix: str, timeout: float = 60.0) -> str:
+        """Read stdout until a line starts with ``prefix``."""
+        deadline = time.monotonic() + timeout
+        out = self.popen.stdout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None and not select.select([out], [], [], 0)[0]:
+                break
+            ready, _, _ = select.select([out], [], [], 0.1)
+            if ready:
+                line = out.readline()
+                if not line:
+                    continue
+                self.lines.append(line)
+                if line.startswith(prefix):
+                    return line
+        raise AssertionError(
+            f"no line starting {prefix!r} within {timeout}s; stdout={self.lines!r}\n"
+            f"log:\n{self.log.read_text()[-4000:]}")
+
+    def status(self, timeout: float = 5.0) -> dict:
+        with Client(self.address) as c:
+            return c.status(timeout=timeout)
+
+    def workers(self) -> dict[str, dict]:
+        return {w["id"]: w for w in self.status()["workers"]}
+
+    def wait_for(self, predicate, timeout: float = 20.0, what: str = "condition") -> dict:
+        """Poll status until ``predicate(status)`` holds; returns that status."""
+        deadline = time.monotonic() + timeout
+        st: dict = {}
+        while time.monotonic() < deadline:
+            st = self.status()
+            if predicate(st):
+                return st
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; last status: {st}")
+
+    def wait_ready(self, n: int, timeout: float = 30.0) -> dict:
+        return self.wait_for(
+            lambda st: sum(w["state"] == "ready" for w in st["workers"]) == n,
+            timeout, f"{n} ready workers")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the leader (or the group for SIGINT, as a terminal would) and wait."""
+        if sig == signal.SIGINT:
+            os.killpg(self.pgid, sig)
+        else:
+            self.popen.send_signal(sig)
+        return self.popen.wait(timeout)
+
+
+class Processes:
+    """Starts pools/routers/supervisors for one test and always cleans them up."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="wpt-"))  # short: ipc paths are <108 bytes
+        self.procs: list[Proc] = []
+
+    def ipc(self, name: str) -> str:
+        return f"ipc://{self.dir}/{name}"
+
+    def spawn(self, args: list[str], address: str, ready_prefix: str | None) -> Proc:
+        log = self.dir / f"proc{len(self.procs)}.log"
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "workerpool.cli", *args],
+            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,  # noqa: SIM115
+            start_new_session=True, env=_env(), cwd=ROOT)
+        proc = Proc(popen, address, log)
+        self.procs.append(proc)
+        if ready_prefix:
+            proc.wait_line(ready_prefix)
+        return proc
+
+    def pool(self, *args: str, workers: int = 4, handler: str = "workerpool.handlers:Faulty",
+             wait: bool = True) -> Proc:
+        address = self.ipc(f"front{len(self.procs)}")
+        return self.spawn(["up", "--frontend", address, "--handler", handler,
+                           "--workers", str(workers), *args],
+                          address, "workerpool ready" if wait else None)
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+            if group_alive(p.pgid):
+                os.killpg(p.pgid, signal.SIGKILL)
+            try:
+                p.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+            if p.popen.stdout:
+                p.popen.stdout.close()
+        deadline = time.monotonic() + 5
+        leftover = [p.pgid for p in self.procs if group_alive(p.pgid)]
+        while leftover and time.monotonic() < deadline:
+            time.sleep(0.05)
+            leftover = [p.pgid for p in self.procs if group_alive(p.pgid)]
+        shutil.rmtree(self.dir, ignore_errors=True)
+        assert not leftover, f"process groups left behind: {leftover}"
+
+
+@pytest.fixture
+def procs():
+    p = Processes()
+    try:
+        yield p
+    finally:
+        p.cleanup()
+
+
+@pytest.fixture
+def pool(procs):
+    """A running pool of 4 Faulty workers (Echo's methods plus fault injection)."""
+    return procs.pool()

@@ -1,0 +1,68 @@
+"""A raw DEALER peer for tests that must see exact frames (counts, duplicates, garbage)."""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import zmq
+
+from ipc import protocol
+from ipc.protocol import FINAL_REPLY_KINDS, Kind
+
+
+class RawPeer:
+    def __init__(self, address: str, identity: bytes | None = None) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if identity:
+            self.sock.setsockopt(zmq.IDENTITY, identity)
+        self.sock.connect(address)
+        self.finals: dict[int, list] = {}  # request id -> final replies (must be exactly one)
+        self.partials: dict[int, int] = {}
+
+    def send(self, frames: list) -> None:
+        self.sock.send_multipart(frames)
+
+    def request(self, rid: int, method: str, payload=None, **meta) -> None:
+        body = msgpack.packb(payload)
+        self.send(protocol.encode(Kind.REQUEST, rid, {"method": method, **meta}, body))
+
+    def recv(self, timeout: float = 5.0) -> list | None:
+        if self.sock.poll(int(timeout * 1000)):
+            return self.sock.recv_multipart()
+        return None
+
+    def reply(self, timeout: float = 5.0) -> tuple[Kind, int, object]:
+        """The next reply as (kind, id, decoded body); fails the test on silence."""
+        frames = self.recv(timeout)
+        assert frames is not None, f"no reply within {timeout}s"
+        msg = protocol.decode(frames)
+        body = msgpack.unpackb(msg.body) if msg.body else None
+        return msg.kind, msg.req_id, body
+
+    def collect(self, ids, timeout: float = 30.0, settle: float = 0.5) -> None:
+        """Read until every id has a final reply, then ``settle`` seconds more for duplicates."""
+        ids = set(ids)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not ids <= set(self.finals):
+            self._take(0.1)
+        end = time.monotonic() + settle
+        while time.monotonic() < end:
+            self._take(0.05)
+
+    def _take(self, timeout: float) -> None:
+        frames = self.recv(timeout)
+        if frames is None:
+            return
+        msg = protocol.decode(frames)
+        if msg.kind in FINAL_REPLY_KINDS:
+            body = msgpack.unpackb(msg.body) if msg.body else None
+            self.finals.setdefault(msg.req_id, []).append((msg.kind, body))
+        elif msg.kind is Kind.PARTIAL:
+            self.partials[msg.req_id] = self.partials.get(msg.req_id, 0) + 1
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()

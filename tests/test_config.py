@@ -1,0 +1,87 @@
+"""Configuration is validated at the edge, with messages that name the field."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from workerpool import devices
+from workerpool.config import PoolConfig, RouterConfig, ServiceConfig
+
+
+def test_defaults_are_loopback_and_sane():
+    cfg = PoolConfig()
+    assert cfg.router.frontend == "tcp://127.0.0.1:5555"
+    assert cfg.services[0].name == "default"
+    assert cfg.services[0].max_inflight == 1
+    assert cfg.services[0].policy == "least-loaded"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"handler": "no_colon"},
+        {"handler": "a:b c"},
+        {"workers": -1},
+        {"max_inflight": 0},
+        {"queue_capacity": -5},
+        {"policy": "random"},
+        {"devices": "gpu0"},
+        {"devices": "0,,1"},
+        {"name": "has space"},
+        {"unknown_field": 1},
+    ],
+)
+def test_bad_service_values_are_rejected(kwargs):
+    with pytest.raises(ValidationError):
+        ServiceConfig(**kwargs)
+
+
+@pytest.mark.parametrize("address", ["localhost:5555", "tcp://x", "http://127.0.0.1:1", ""])
+def test_bad_endpoints_are_rejected(address):
+    with pytest.raises(ValidationError, match="ZeroMQ endpoint"):
+        RouterConfig(frontend=address)
+
+
+def test_toml_load_and_duplicate_services(tmp_path):
+    good = tmp_path / "pool.toml"
+    good.write_text(
+        '[router]\nfrontend = "tcp://127.0.0.1:6000"\n'
+        '[[services]]\nname = "a"\nhandler = "workerpool.handlers:Echo"\nworkers = 2\n'
+        '[[services]]\nname = "b"\npolicy = "round-robin"\n')
+    cfg = PoolConfig.load(good)
+    assert [s.name for s in cfg.services] == ["a", "b"]
+    assert cfg.service("b").policy == "round-robin"
+    with pytest.raises(ValueError, match="several services"):
+        cfg.service(None)
+    dup = tmp_path / "dup.toml"
+    dup.write_text('[[services]]\nname = "a"\n[[services]]\nname = "a"\n')
+    with pytest.raises(ValidationError, match="repeated: a"):
+        PoolConfig.load(dup)
+
+
+def test_parse_devices_never_touches_cuda(monkeypatch):
+    assert devices.parse_devices("cpu") == ["cpu"]
+    assert devices.parse_devices("0, 1") == ["0", "1"]
+    assert devices.parse_devices("GPU-abc,1") == ["GPU-abc", "1"]
+    monkeypatch.setattr(devices, "discover_gpus", lambda: [])
+    assert devices.parse_devices("auto") == ["cpu"]
+    monkeypatch.setattr(devices, "discover_gpus", lambda: ["0", "1", "2"])
+    assert devices.parse_devices("auto") == ["0", "1", "2"]
+    with pytest.raises(ValueError):
+        devices.parse_devices("zero")
+
+
+def test_worker_env_pins_one_device():
+    assert devices.worker_env("cpu", {})["CUDA_VISIBLE_DEVICES"] == ""
+    assert devices.worker_env("3", {"X": "1"}) == {"X": "1", "CUDA_VISIBLE_DEVICES": "3"}
+
+
+def test_auto_discovery_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from workerpool.devices import parse_devices; parse_devices('auto'); "
+            "import workerpool.supervisor, router.router; "
+            "assert 'torch' not in sys.modules and 'cupy' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
