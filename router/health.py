@@ -45,7 +45,8 @@ class IllegalTransition(RuntimeError):
 class Conn:
     """One live, registered worker incarnation on the backend socket."""
 
-    __slots__ = ("capacity", "identity", "in_flight", "incarnation", "methods", "pid", "slot")
+    __slots__ = ("capacity", "declared", "identity", "in_flight", "incarnation", "methods", "pid",
+                 "slot")
 
     def __init__(self, identity: bytes, slot: Slot, incarnation: int, pid: int,
                  capacity: int, methods: frozenset[str]) -> None:
@@ -53,7 +54,8 @@ class Conn:
         self.slot = slot
         self.incarnation = incarnation
         self.pid = pid
-        self.capacity = capacity
+        self.declared = capacity  # what the worker said it can hold
+        self.capacity = capacity  # what the router will send it: min(declared, service cap)
         self.methods = methods
         self.in_flight: dict[int, Record] = {}
 

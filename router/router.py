@@ -35,7 +35,7 @@ from ipc.protocol import FINAL_REPLY_KINDS, REPLY_KINDS, FrameError, Kind
 from router.health import Conn, IllegalTransition, Slot, WorkerState
 from router.requests import Phase, Record
 from router.service import Service
-from workerpool.config import RouterConfig
+from workerpool.config import RouterConfig, routed_defaults
 from workerpool.errors import (
     BackpressureError,
     ProtocolError,
@@ -69,8 +69,7 @@ class Router:
 
     def __init__(self, config: RouterConfig, service_defaults: dict | None = None) -> None:
         self.config = config
-        self._defaults = {"policy": "least-loaded", "queue_capacity": 10000,
-                          "max_inflight": None, **(service_defaults or {})}
+        self._defaults = {**routed_defaults(), **(service_defaults or {})}
         self._ctx = zmq.Context()
         self.frontend = self._bind(config.frontend, sndhwm=1_000_000)
         self.backend = self._bind(config.backend or "ipc:///tmp/workerpool-backend", sndhwm=0)
@@ -443,10 +442,9 @@ class Router:
         if slot.conn is not None and slot.conn.identity != ident:
             self._lose_conn(slot.conn, f"replaced by incarnation {incarnation}")
         svc = self._service(service)
-        if svc.max_inflight:
-            capacity = min(capacity, svc.max_inflight)
         conn = Conn(ident, slot, incarnation, int(meta["pid"]), capacity,
                     frozenset(str(m) for m in meta.get("methods", ())))
+        conn.capacity = svc.capacity_for(capacity)
         slot.transition(WorkerState.READY)
         slot.incarnation = incarnation
         slot.pid = conn.pid
@@ -598,12 +596,20 @@ class Router:
         return slot
 
     def _service(self, name: str, config: dict | None = None) -> Service:
+        """The service ``name``, created with router defaults if new. ``config`` (from a
+        HELLO) applies once: to a new service, or to one a READY created before the
+        HELLO arrived; the first supervisor to describe a service wins."""
         svc = self.services.get(name)
+        if svc is not None and (config is None or svc.configured):
+            return svc
+        cfg = {**self._defaults, **(config or {})}
+        args = (str(cfg["policy"]), int(cfg["queue_capacity"]),
+                None if cfg.get("max_inflight") is None else int(cfg["max_inflight"]))
         if svc is None:
-            cfg = {**self._defaults, **(config or {})}
-            svc = self.services[name] = Service(
-                name, policy=cfg["policy"], queue_capacity=int(cfg["queue_capacity"]),
-                max_inflight=cfg.get("max_inflight"))
+            svc = self.services[name] = Service(name, *args)
+        else:
+            svc.configure(*args)
+        svc.configured = config is not None
         return svc
 
     def _send_backend(self, ident: bytes, kind: Kind, meta: dict | None = None) -> None:

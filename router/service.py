@@ -15,13 +15,12 @@ from router.requests import Phase, Record
 
 
 class Service:
-    def __init__(self, name: str, policy: str = "least-loaded", queue_capacity: int = 10000,
-                 max_inflight: int | None = None) -> None:
+    def __init__(self, name: str, policy: str, queue_capacity: int,
+                 max_inflight: int | None) -> None:
         self.name = name
-        self.policy = make_policy(policy)
-        self.queue_capacity = queue_capacity
-        self.max_inflight = max_inflight  # router-side cap on a worker's declared capacity
         self.conns: list[Conn] = []  # registered workers, sorted by slot id
+        self.configured = False  # True once a supervisor's HELLO has set the fields below
+        self.configure(policy, queue_capacity, max_inflight)
         self.methods: frozenset[str] = frozenset()
         self._queue: deque[Record] = deque()
         self.queued = 0  # live records in _queue (cancelled ones are skipped lazily)
@@ -31,6 +30,17 @@ class Service:
         self.expired = 0
         self._service_time = 0.0  # EWMA of seconds from dispatch to final reply
         self.slots = 0
+
+    def configure(self, policy: str, queue_capacity: int, max_inflight: int | None) -> None:
+        """(Re)apply settings; workers already registered get the new capacity cap."""
+        self.policy = make_policy(policy)
+        self.queue_capacity = queue_capacity
+        self.max_inflight = max_inflight  # router-side cap on a worker's declared capacity
+        for c in self.conns:
+            c.capacity = self.capacity_for(c.declared)
+
+    def capacity_for(self, declared: int) -> int:
+        return min(declared, self.max_inflight) if self.max_inflight else declared
 
     # -- workers ---------------------------------------------------------------------------
     def add_conn(self, conn: Conn) -> None:

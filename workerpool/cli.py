@@ -16,7 +16,7 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from workerpool.config import DEFAULT_FRONTEND, POLICIES, PoolConfig
+from workerpool.config import DEFAULT_FRONTEND, POLICIES, PoolConfig, ServiceConfig
 
 _LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
@@ -58,6 +58,9 @@ def _build_config(config_path: str | None, service: str | None, router: dict[str
     """TOML first, then flags; exits with a readable message on invalid values."""
     try:
         cfg = PoolConfig.load(config_path)
+        if config_path is None and service is not None:
+            # No file: --service names the pool's one service rather than adding a second.
+            cfg.services = [ServiceConfig(name=service)]
         for key, value in router.items():
             if value is not None:
                 setattr(cfg.router, key, value)
@@ -66,7 +69,7 @@ def _build_config(config_path: str | None, service: str | None, router: dict[str
             for key, value in svc.items():
                 if value is not None:
                     setattr(target, key, value)
-        return PoolConfig.model_validate(cfg.model_dump())
+        return cfg  # validate_assignment checked each flag as it was applied
     except ValidationError as exc:
         raise click.UsageError(_pydantic_message(exc)) from None
     except (ValueError, OSError) as exc:

@@ -93,6 +93,15 @@ class ServiceConfig(_Model):
         return v
 
 
+#: Service fields the router applies (the rest only matter to the supervisor).
+ROUTED_FIELDS = ("policy", "queue_capacity", "max_inflight")
+
+
+def routed_defaults() -> dict[str, Any]:
+    """ServiceConfig's defaults for the fields the router applies: one source of truth."""
+    return {k: ServiceConfig.model_fields[k].default for k in ROUTED_FIELDS}
+
+
 class RouterConfig(_Model):
     """The router process: where it listens and how it treats traffic."""
 

@@ -32,7 +32,7 @@ import zmq
 
 from ipc import protocol
 from ipc.protocol import FrameError, Kind
-from workerpool.config import ServiceConfig, SupervisorConfig
+from workerpool.config import ROUTED_FIELDS, ServiceConfig, SupervisorConfig
 from workerpool.devices import device_label, parse_devices, worker_env
 from workerpool.worker import EXIT_SETUP_FAILED, SPEC_ENV, WorkerSpec
 
@@ -142,9 +142,12 @@ class Supervisor:
         return {
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            # Only what was set explicitly (file or flag): the router's own defaults
+            # (`workerpool router --policy`) apply to the rest.
             "services": [
-                {"name": s.name, "policy": s.policy, "queue_capacity": s.queue_capacity,
-                 "max_inflight": s.max_inflight} for s in self.services
+                {"name": s.name, **{k: getattr(s, k) for k in ROUTED_FIELDS
+                                    if k in s.model_fields_set}}
+                for s in self.services
             ],
             "slots": [
                 {"slot": w.slot, "service": w.service.name, "device": device_label(w.device)}

@@ -1,0 +1,189 @@
+"""Bytes from the network never hurt the router: every bad input from a client gets a
+typed error reply, a bad backend peer is dropped, and everyone else keeps being served."""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from ipc import protocol
+from ipc.protocol import Kind
+from tests.raw import RawPeer
+from workerpool import Client, PayloadError, ServiceUnavailableError, UnknownMethodError
+
+HDR = protocol.pack_header
+
+
+def _error(peer: RawPeer, timeout: float = 5.0) -> tuple[int, dict]:
+    kind, rid, body = peer.reply(timeout)
+    assert kind is Kind.ERROR, (kind, body)
+    return rid, body
+
+
+@pytest.mark.parametrize(
+    ("frames", "code", "rid"),
+    [
+        ([b"garbage"], "too-few-frames", 0),
+        ([b"\x00" * 12, b"", b""], "bad-magic", 0),
+        ([b"WP\x02\x01" + (5).to_bytes(8, "big"), b"", b""], "bad-version", 5),
+        ([b"WP\x01\x7f" + (6).to_bytes(8, "big"), b"", b""], "bad-kind", 6),
+        ([HDR(Kind.REQUEST, 7), b"\xc1\xc1", b""], "bad-meta", 7),
+        ([HDR(Kind.REQUEST, 8), msgpack.packb("not a map"), b""], "bad-meta", 8),
+        ([HDR(Kind.REQUEST, 9), msgpack.packb({"method": 5}), b""], "bad-meta", 9),
+        ([HDR(Kind.REQUEST, 10), msgpack.packb({"method": "echo", "timeout": -1}), b""],
+         "bad-meta", 10),
+        ([HDR(Kind.REQUEST, 11), msgpack.packb({"method": "echo", "timeout": "soon"}), b""],
+         "bad-meta", 11),
+        ([HDR(Kind.READY, 12), b"", b""], "bad-kind", 12),  # a worker's kind on the frontend
+        ([HDR(Kind.REQUEST, 13)], "too-few-frames", 13),
+    ],
+)
+def test_malformed_client_frames_get_protocol_errors(pool, frames, code, rid):
+    peer = RawPeer(pool.address)
+    try:
+        peer.send(frames)
+        got_rid, body = _error(peer)
+        assert body["type"] == "ProtocolError"
+        assert body["code"] == code
+        assert got_rid == rid
+        peer.request(99, "echo", "still here")
+        kind, got, value = peer.reply()
+        assert (kind, got, value) == (Kind.RESULT, 99, "still here")
+    finally:
+        peer.close()
+
+
+def test_payload_that_is_not_msgpack(pool):
+    peer = RawPeer(pool.address)
+    try:
+        peer.send(protocol.encode(Kind.REQUEST, 1, {"method": "echo"}, b"\xc1not msgpack"))
+        _, body = _error(peer)
+        assert body["type"] == "PayloadError"
+        assert body["worker"].startswith("default/")
+    finally:
+        peer.close()
+    assert pool.status()["router"]["requests"] == 0
+    assert sum(w["restarts"] for w in pool.status()["workers"]) == 0
+
+
+def test_unknown_service_and_method(pool):
+    with Client(pool.address, timeout=5) as c:
+        with pytest.raises(ServiceUnavailableError, match="unknown service 'nope'"):
+            c.call("echo", 1, service="nope")
+        with pytest.raises(UnknownMethodError, match="no method 'frobnicate'"):
+            c.call("frobnicate", 1)
+        with pytest.raises(UnknownMethodError):
+            c.call("_private", 1)  # underscored names are never callable
+        with pytest.raises(UnknownMethodError):
+            c.call("setup", 1)  # lifecycle hooks are not methods
+        assert c.call("echo", 1, service="default") == 1
+
+
+def test_duplicate_request_id_in_flight(pool):
+    peer = RawPeer(pool.address)
+    try:
+        peer.request(1, "sleep", {"seconds": 0.3})
+        peer.request(1, "echo", "dup")
+        rid, body = _error(peer)
+        assert (rid, body["code"]) == (1, "duplicate-id")
+        kind, rid, value = peer.reply()
+        assert (kind, rid, value) == (Kind.RESULT, 1, {"seconds": 0.3})
+    finally:
+        peer.close()
+
+
+def test_oversize_payload(procs):
+    pool = procs.pool(workers=1)
+    with Client(pool.address, timeout=5, max_message_bytes=1024) as c:
+        with pytest.raises(PayloadError, match="over max_message_bytes"):
+            c.submit("echo", b"x" * 2048)
+        assert c.call("echo", b"x" * 100) == b"x" * 100
+
+
+def test_frame_over_router_limit_disconnects_only_that_peer(procs):
+    pool = procs.pool("--config", str(_limit_config(procs)), workers=1)
+    peer = RawPeer(pool.address)
+    try:
+        peer.send(protocol.encode(Kind.REQUEST, 1, {"method": "echo"}, b"\x00" * 200_000))
+        assert peer.recv(1.0) is None  # ZeroMQ dropped the connection (MAXMSGSIZE)
+    finally:
+        peer.close()
+    with Client(pool.address, timeout=5) as c:
+        assert c.call("echo", "others are fine") == "others are fine"
+
+
+def _limit_config(procs) -> str:
+    path = procs.dir / "limit.toml"
+    path.write_text("[router]\nmax_message_bytes = 100000\n")
+    return path
+
+
+def test_unpicklable_and_unsupported_payloads_are_refused_locally(pool):
+    with Client(pool.address, timeout=5) as c:
+        with pytest.raises(PayloadError, match="cannot encode"):
+            c.submit("echo", object())
+        with pytest.raises(ValueError):
+            c.submit("", 1)
+        with pytest.raises(ValueError):
+            c.submit("echo", 1, timeout=0)
+
+
+def test_backend_garbage_is_dropped(procs):
+    """A rogue peer on the backend cannot register, forge replies or crash the router."""
+    pool = procs.pool(workers=1)
+    backend = pool.status()["router"]["backend"]
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(backend)
+    try:
+        rogue.send_multipart([b"junk"])
+        rogue.send_multipart([b"\x00" * 12, b"", b""])
+        rogue.send_multipart(protocol.encode(Kind.RESULT, 1, None, msgpack.packb("forged")))
+        rogue.send_multipart(protocol.encode(Kind.READY, 0, {"slot": "x/0"}))  # missing fields
+        rogue.send_multipart([HDR(Kind.SLOT, 0), b"\xc1", b""])
+        rogue.send_multipart(protocol.encode(Kind.REQUEST, 1, {"method": "echo"}))
+        time.sleep(0.3)
+        with Client(pool.address, timeout=5) as c:
+            assert c.call("echo", "ok") == "ok"
+        counters = pool.status()["router"]["counters"]
+        assert counters["bad_frames_backend"] >= 4
+        assert counters["replies_from_unknown_worker"] == 1
+        assert len(pool.status()["workers"]) == 1
+    finally:
+        rogue.close()
+        ctx.term()
+
+
+def test_no_workers_registered(procs):
+    front = procs.ipc("front")
+    router = procs.spawn(["router", "--frontend", front, "--backend", procs.ipc("back")],
+                         front, None)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            router.status(timeout=1)
+            break
+        except Exception:
+            assert time.monotonic() < deadline, router.log.read_text()
+    with Client(front, timeout=5) as c:
+        t0 = time.monotonic()
+        with pytest.raises(ServiceUnavailableError, match="no workers are registered"):
+            c.call("echo", 1)
+        assert time.monotonic() - t0 < 2  # an answer, not a wait for the timeout
+
+
+def test_client_that_disconnects_with_requests_in_flight(pool):
+    peer = RawPeer(pool.address)
+    for i in range(1, 41):
+        peer.request(i, "sleep", {"seconds": 0.05})
+    pool.wait_for(lambda st: st["router"]["requests"] > 20, what="requests admitted")
+    peer.close()  # gone with most requests queued or running
+    st = pool.wait_for(lambda st: st["router"]["requests"] == 0, what="records drained")
+    assert st["router"]["counters"]["unroutable_replies"] >= 1
+    assert st["services"][0]["queued"] == 0
+    with Client(pool.address, timeout=5) as c:
+        assert c.call("echo", 1) == 1
