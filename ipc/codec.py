@@ -41,9 +41,6 @@ class Encoder:
 class Decoder:
     """Decode a body frame (and its buffer frames) back into a Python value."""
 
-    def __init__(self, max_depth: int = 512) -> None:
-        self._max_depth = max_depth
-
     def _ext_hook(self, code: int, data: bytes) -> Any:
         raise PayloadError(f"unknown msgpack extension type {code}")
 

@@ -120,6 +120,25 @@ def unpack_meta(frame: bytes, req_id: int | None = None) -> dict:
     return meta
 
 
+class MetaCache:
+    """Decoded meta frames by their bytes. Requests for the same method and service carry
+    byte-identical meta, so hot paths skip msgpack entirely. Returned maps are shared:
+    callers must not mutate them. Bounded: cleared when full."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._maps: dict[bytes, dict] = {}
+
+    def unpack(self, frame: bytes, req_id: int | None = None) -> dict:
+        meta = self._maps.get(frame)
+        if meta is None:
+            meta = unpack_meta(frame, req_id)
+            if len(self._maps) >= self._size:
+                self._maps.clear()
+            self._maps[bytes(frame)] = meta
+        return meta
+
+
 def encode(
     kind: Kind,
     req_id: int,
@@ -132,7 +151,7 @@ def encode(
     return [pack_header(kind, req_id), meta_frame, body, *buffers]
 
 
-def decode(frames: list) -> Message:
+def decode(frames: list, cache: MetaCache | None = None) -> Message:
     """Decode a message (routing ids already stripped). Total: returns or raises FrameError."""
     if len(frames) < 3:
         req_id = None
@@ -142,5 +161,5 @@ def decode(frames: list) -> Message:
             "too-few-frames", f"message has {len(frames)} frames, expected at least 3", req_id
         )
     kind, req_id = unpack_header(frames[0])
-    meta = unpack_meta(frames[1], req_id)
-    return Message(kind, req_id, meta, frames[2], list(frames[3:]))
+    meta = cache.unpack(frames[1], req_id) if cache is not None else unpack_meta(frames[1], req_id)
+    return Message(kind, req_id, meta, frames[2], frames[3:])

@@ -7,10 +7,11 @@ router by fresh exec with a validated config and nothing inherited but the envir
 from __future__ import annotations
 
 import json
-import logging
+import os
 import sys
 
 from router.router import Router
+from workerpool._proc import die_with_parent, setup_logging
 from workerpool.config import RouterConfig
 
 
@@ -18,7 +19,9 @@ def main(argv: list[str]) -> int:
     if len(argv) not in (1, 2):
         sys.stderr.write("usage: python -m router '<RouterConfig JSON>' ['<service defaults JSON>']\n")
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
+    parent = os.environ.get("WORKERPOOL_PARENT_PID")
+    die_with_parent(int(parent) if parent else None)  # `up` killed with -9: no orphan router
+    setup_logging()
     config = RouterConfig.model_validate_json(argv[0])
     defaults = json.loads(argv[1]) if len(argv) > 1 else {}
     router = Router(config, defaults)

@@ -30,8 +30,8 @@ S = WorkerState
 _LEGAL: dict[WorkerState, frozenset[WorkerState]] = {
     S.STARTING: frozenset({S.READY, S.DEAD, S.FAILED, S.STOPPED, S.RESTARTING}),
     S.RESTARTING: frozenset({S.READY, S.DEAD, S.FAILED, S.STOPPED}),
-    S.READY: frozenset({S.BUSY, S.DEAD, S.STOPPED, S.RESTARTING}),
-    S.BUSY: frozenset({S.READY, S.DEAD, S.STOPPED, S.RESTARTING}),
+    S.READY: frozenset({S.BUSY, S.DEAD, S.STOPPED, S.RESTARTING, S.FAILED}),
+    S.BUSY: frozenset({S.READY, S.DEAD, S.STOPPED, S.RESTARTING, S.FAILED}),
     S.DEAD: frozenset({S.RESTARTING, S.FAILED, S.STOPPED, S.READY}),
     S.FAILED: frozenset({S.RESTARTING, S.STOPPED, S.READY}),
     S.STOPPED: frozenset({S.STARTING, S.RESTARTING, S.READY}),
@@ -80,6 +80,7 @@ class Slot:
         self.restarts = 0
         self.last_error: str | None = None
         self.ready_at: float | None = None  # monotonic time the current incarnation registered
+        self.setup_error: str | None = None  # traceback from a worker whose setup() failed
         self.sort_key = _sort_key(slot_id)
 
     def transition(self, new: WorkerState) -> None:
@@ -94,7 +95,7 @@ class Slot:
         """READY <-> BUSY follows the in-flight count."""
         if self.conn is None or self.state not in (S.READY, S.BUSY):
             return
-        self.state = S.BUSY if self.conn.in_flight else S.READY
+        self.transition(S.BUSY if self.conn.in_flight else S.READY)
 
     def row(self, now: float) -> dict:
         return {

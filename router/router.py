@@ -30,12 +30,13 @@ from collections.abc import Iterable
 import msgpack
 import zmq
 
-from ipc import protocol
+from ipc import protocol, transport
 from ipc.protocol import FINAL_REPLY_KINDS, REPLY_KINDS, FrameError, Kind
+from ipc.transport import NOBLOCK
 from router.health import Conn, IllegalTransition, Slot, WorkerState
 from router.requests import Phase, Record
 from router.service import Service
-from workerpool.config import RouterConfig, routed_defaults
+from workerpool.config import DEFAULT_BACKEND, RouterConfig, routed_defaults
 from workerpool.errors import (
     BackpressureError,
     ProtocolError,
@@ -72,7 +73,7 @@ class Router:
         self._defaults = {**routed_defaults(), **(service_defaults or {})}
         self._ctx = zmq.Context()
         self.frontend = self._bind(config.frontend, sndhwm=1_000_000)
-        self.backend = self._bind(config.backend or "ipc:///tmp/workerpool-backend", sndhwm=0)
+        self.backend = self._bind(config.backend or DEFAULT_BACKEND, sndhwm=0)
         self.frontend_address = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_address = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -82,10 +83,12 @@ class Router:
         self.supervisors: dict[bytes, dict] = {}
         self._slot_owner: dict[str, bytes] = {}  # slot id -> supervisor that runs it
         self._unreachable: dict[bytes, float] = {}  # worker identity -> give-up time
+        self._draining_sups: dict[bytes, float] = {}  # leaving supervisor -> drain deadline
         self.records: dict[int, Record] = {}
         self._by_client: dict[tuple[bytes, int], Record] = {}
         self._timers: list[tuple[float, int]] = []  # (deadline, rid), stale entries skipped
         self._next_rid = 1
+        self._meta_cache = protocol.MetaCache()
         self.stats: Counter[str] = Counter()
         self._warned: Counter[str] = Counter()
         self.started = time.monotonic()
@@ -134,6 +137,8 @@ class Router:
                 if self.frontend in events:
                     busy |= self._drain_socket(self.frontend, self._on_frontend)
                 self._run_timers()
+                if self._draining_sups:
+                    self._check_supervisor_drains()
                 if self.draining:
                     self._check_drained()
                     if self._exit_at is not None and time.monotonic() >= self._exit_at:
@@ -155,7 +160,7 @@ class Router:
             t = min(t, (self._timers[0][0] - now) * 1000)
         if self._unreachable:
             t = min(t, 50.0)
-        if self.draining:
+        if self.draining or self._draining_sups:
             t = min(t, 20.0)
         return max(0, int(t) + 1)
 
@@ -170,7 +175,7 @@ class Router:
         """Handle up to BATCH waiting messages; True if more may be waiting."""
         for _ in range(BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = transport.recv(sock, NOBLOCK)
             except zmq.Again:
                 return False
             try:
@@ -184,7 +189,7 @@ class Router:
     def _on_frontend(self, frames: list) -> None:
         client = frames[0]
         try:
-            msg = protocol.decode(frames[1:])
+            msg = protocol.decode(frames[1:], self._meta_cache)
         except FrameError as exc:
             self.stats["bad_frames_frontend"] += 1
             self._warn("bad-frame", "bad frame from client %r: %s", client, exc)
@@ -259,25 +264,28 @@ class Router:
     def _resolve_service(self, name: object) -> tuple[Service | None, str]:
         if name is None:
             if len(self.services) == 1:
-                return next(iter(self.services.values())), ""
-            svc = self.services.get("default")
-            if svc is not None:
-                return svc, ""
-            if not self.services:
+                svc = next(iter(self.services.values()))
+            elif "default" in self.services:
+                svc = self.services["default"]
+            elif not self.services:
                 return None, "no workers are registered with this router"
-            return None, ("request names no service and there is no 'default'; services: "
-                          + ", ".join(sorted(self.services)))
-        if not isinstance(name, str):
+            else:
+                return None, ("request names no service and there is no 'default'; services: "
+                              + ", ".join(sorted(self.services)))
+        elif not isinstance(name, str):
             return None, f"'service' must be a string, got {type(name).__name__}"
-        svc = self.services.get(name)
-        if svc is None:
-            known = ", ".join(sorted(self.services)) or "none"
-            return None, f"unknown service {name!r}; services: {known}"
-        if not svc.conns and not any(
-            s.service == name and s.state in _ALIVE for s in self.slots.values()
-        ):
-            return None, f"service {name!r} has no live workers (all failed or stopped)"
+        else:
+            svc = self.services.get(name)
+            if svc is None:
+                known = ", ".join(sorted(self.services)) or "none"
+                return None, f"unknown service {name!r}; services: {known}"
+        if not svc.conns and not self._has_live_slots(svc.name):
+            return None, f"service {svc.name!r} has no live workers (all failed or stopped)"
         return svc, ""
+
+    def _has_live_slots(self, service: str) -> bool:
+        """Some worker of ``service`` is serving or expected back (starting, respawning)."""
+        return any(s.service == service and s.state in _ALIVE for s in self.slots.values())
 
     def _on_cancel(self, client: bytes, client_rid: int) -> None:
         rec = self._by_client.get((client, client_rid))
@@ -289,15 +297,16 @@ class Router:
     # -- dispatch ------------------------------------------------------------------------------------
     def _dispatch(self, rec: Record, conn: Conn) -> None:
         try:
-            self.backend.send_multipart(
-                [conn.identity, protocol.pack_header(Kind.REQUEST, rec.rid), rec.meta_frame,
-                 rec.body, *rec.buffers], zmq.NOBLOCK)
+            transport.send(self.backend, [conn.identity, protocol.pack_header(
+                Kind.REQUEST, rec.rid), rec.meta_frame, rec.body, *rec.buffers], NOBLOCK)
         except zmq.ZMQError:
             # Unreachable: the process is gone and its death notice is still on its way.
             # The request never reached it, so it is safe to queue again, at the front.
             self.stats["dispatch_unroutable"] += 1
             self._quarantine(conn)
-            self.services[rec.service].enqueue(rec, front=True)
+            svc = self.services[rec.service]
+            svc.enqueue(rec, front=True)
+            self._pump(svc)  # another worker may have room now
             return
         rec.phase = Phase.RUNNING
         rec.conn = conn
@@ -348,9 +357,8 @@ class Router:
     def _to_client(self, client: bytes, kind: Kind, client_rid: int, meta: bytes, body: bytes,
                    buffers: Iterable = ()) -> None:
         try:
-            self.frontend.send_multipart(
-                [client, protocol.pack_header(kind, client_rid), meta, body, *buffers],
-                zmq.NOBLOCK)
+            transport.send(self.frontend, [client, protocol.pack_header(kind, client_rid), meta,
+                                           body, *buffers], NOBLOCK)
         except zmq.ZMQError:
             # The client disconnected (EHOSTUNREACH) or stopped reading (EAGAIN).
             self.stats["unroutable_replies"] += 1
@@ -441,6 +449,9 @@ class Router:
             return
         if slot.conn is not None and slot.conn.identity != ident:
             self._lose_conn(slot.conn, f"replaced by incarnation {incarnation}")
+        if self._slot_owner.get(slot_id) in self._draining_sups:
+            self._send_backend(ident, Kind.SHUTDOWN)  # its supervisor is leaving
+            return
         svc = self._service(service)
         conn = Conn(ident, slot, incarnation, int(meta["pid"]), capacity,
                     frozenset(str(m) for m in meta.get("methods", ())))
@@ -469,7 +480,8 @@ class Router:
             slot_id = ident.decode(errors="replace").partition("#")[0]
             slot = self.slots.get(slot_id)
             if slot is not None and reason == "setup-failed":
-                slot.last_error = str(meta.get("error", reason))[-2000:]
+                slot.setup_error = str(meta.get("error", reason))[-4000:]
+                slot.last_error = slot.setup_error
             return
         self._lose_conn(conn, reason, crashed=False)
         conn.slot.transition(WorkerState.STOPPED)
@@ -510,9 +522,12 @@ class Router:
             if slot.state is not WorkerState.STOPPED:
                 slot.transition(WorkerState.DEAD)
         elif event == "failed":
-            slot.last_error = str(meta.get("reason", "failed"))[-2000:]
+            reason = str(meta.get("reason", "failed"))
             if slot.conn is not None:
-                self._lose_conn(slot.conn, slot.last_error)
+                self._lose_conn(slot.conn, reason)
+            # Keep the traceback its GOODBYE carried: it says *why* setup() failed.
+            detail = slot.setup_error if slot.setup_error else ""
+            slot.last_error = f"{reason}\n{detail}".strip()[-4000:]
             slot.transition(WorkerState.FAILED)
             self._fail_if_unservable(self.services.get(slot.service))
         elif event == "stopped":
@@ -523,12 +538,45 @@ class Router:
             raise ValueError(f"unknown slot event {event!r}")
 
     def _on_drain(self, ident: bytes, meta: dict) -> None:
-        self.begin_drain(f"requested by supervisor {ident!r}")
+        """scope "router": the whole pool stops (``up``). scope "supervisor": only that
+        supervisor's workers leave; the router and other supervisors keep serving."""
+        if meta.get("scope", "router") == "router":
+            self.begin_drain(f"requested by supervisor {ident!r}")
+            return
+        if ident in self._draining_sups:
+            return
+        self._draining_sups[ident] = time.monotonic() + self.config.drain_timeout
+        for conn in self._conns_of(ident):
+            svc = self.services.get(conn.slot.service)
+            if svc is not None:
+                svc.remove_conn(conn)  # no new work; what it holds finishes
+        log.info("supervisor %r is leaving: draining its workers", ident)
+
+    def _conns_of(self, ident: bytes) -> list[Conn]:
+        return [slot.conn for slot_id, owner in self._slot_owner.items()
+                if owner == ident and (slot := self.slots.get(slot_id)) and slot.conn]
+
+    def _check_supervisor_drains(self) -> None:
+        now = time.monotonic()
+        for ident, deadline in list(self._draining_sups.items()):
+            conns = self._conns_of(ident)
+            running = [r for c in conns for r in c.in_flight.values() if r.phase is Phase.RUNNING]
+            if running and now < deadline:
+                continue
+            for rec in running:
+                self._finish(rec, self._error_reply(ServiceUnavailableError(
+                    "the worker's supervisor left before this request finished (drain_timeout)")))
+            for conn in conns:
+                self._send_backend(conn.identity, Kind.SHUTDOWN)
+            self._send_backend(ident, Kind.DRAINED)
+            del self._draining_sups[ident]
 
     def _on_heartbeat(self, ident: bytes, meta: dict) -> None:
+        """Answer a ping with its token; never answer a pong (no ping-pong loops)."""
         if ident in self.supervisors:
             self.supervisors[ident]["seen"] = time.monotonic()
-        self._send_backend(ident, Kind.HEARTBEAT)
+        if "ping" in meta:
+            self._send_backend(ident, Kind.HEARTBEAT, {"pong": meta["ping"]})
 
     _backend_handlers = {
         Kind.READY: _on_ready,
@@ -578,9 +626,7 @@ class Router:
 
     def _fail_if_unservable(self, svc: Service | None) -> None:
         """Queued requests of a service that has no live worker left would wait forever."""
-        if svc is None or not svc.queued or svc.conns:
-            return
-        if any(s.service == svc.name and s.state in _ALIVE for s in self.slots.values()):
+        if svc is None or not svc.queued or svc.conns or self._has_live_slots(svc.name):
             return
         for rec in svc.queued_records():
             self._finish(rec, self._error_reply(ServiceUnavailableError(
@@ -614,7 +660,7 @@ class Router:
 
     def _send_backend(self, ident: bytes, kind: Kind, meta: dict | None = None) -> None:
         try:
-            self.backend.send_multipart([ident, *protocol.encode(kind, 0, meta)], zmq.NOBLOCK)
+            transport.send(self.backend, [ident, *protocol.encode(kind, 0, meta)], NOBLOCK)
         except zmq.ZMQError:
             self.stats["unroutable_backend"] += 1
 
@@ -627,6 +673,8 @@ class Router:
                 del self._unreachable[ident]
             elif deadline <= now:
                 self._lose_conn(conn, "disconnected (no death notice from its supervisor)")
+                conn.slot.last_error = "disconnected (no death notice from its supervisor)"
+                conn.slot.transition(WorkerState.DEAD)
         timers = self._timers
         while timers and timers[0][0] <= now:
             deadline, rid = heapq.heappop(timers)

@@ -27,3 +27,16 @@ class Streams(Echo):
 
     def unencodable(self, payload):
         return object()
+
+
+class FailFirstSlot(Echo):
+    """setup() fails in slot N/0 only: one failed worker among healthy ones."""
+
+    def setup(self, ctx):
+        if ctx.slot.endswith("/0"):
+            raise FileNotFoundError(f"weights not found for {ctx.slot}")
+
+
+class Big(Echo):
+    def big(self, payload):
+        return b"x" * int(payload["n"])

@@ -64,12 +64,18 @@ def test_parse_devices_never_touches_cuda(monkeypatch):
     assert devices.parse_devices("cpu") == ["cpu"]
     assert devices.parse_devices("0, 1") == ["0", "1"]
     assert devices.parse_devices("GPU-abc,1") == ["GPU-abc", "1"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(devices, "discover_gpus", lambda: [])
     assert devices.parse_devices("auto") == ["cpu"]
     monkeypatch.setattr(devices, "discover_gpus", lambda: ["0", "1", "2"])
     assert devices.parse_devices("auto") == ["0", "1", "2"]
     with pytest.raises(ValueError):
         devices.parse_devices("zero")
+    # A supervisor confined to some GPUs spreads its workers over those only.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert devices.parse_devices("auto") == ["2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert devices.parse_devices("auto") == ["cpu"]
 
 
 def test_worker_env_pins_one_device():

@@ -81,8 +81,9 @@ def test_kill_9_of_the_supervisor_leaves_no_workers(procs):
         alive = [p for p in pids if _alive(p)]
         time.sleep(0.05)
     assert not alive, "workers outlived their supervisor (PR_SET_PDEATHSIG)"
-    # The router is not a worker; the fixture's group kill reaps it.
-    assert router_pid
+    while _alive(router_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(router_pid), "the router outlived its supervisor"
 
 
 def _alive(pid: int) -> bool:

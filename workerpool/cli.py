@@ -7,8 +7,9 @@ library; nothing here knows the wire protocol.
 from __future__ import annotations
 
 import json
-import logging
+import os
 import shutil
+import socket
 import sys
 import tempfile
 from typing import Any
@@ -16,9 +17,8 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from workerpool.config import DEFAULT_FRONTEND, POLICIES, PoolConfig, ServiceConfig
-
-_LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+from workerpool._proc import LOG_LEVEL_ENV, setup_logging
+from workerpool.config import DEFAULT_BACKEND, DEFAULT_FRONTEND, POLICIES, PoolConfig, ServiceConfig
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,7 +27,8 @@ _LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
               help="Logging threshold for this process and the ones it starts.")
 def main(log_level: str) -> None:
     """workerpool: serve GPU work from isolated, supervised worker processes."""
-    logging.basicConfig(level=log_level.upper(), format=_LOG_FORMAT, stream=sys.stderr)
+    os.environ[LOG_LEVEL_ENV] = log_level.upper()  # inherited by the router and workers
+    setup_logging(log_level)
 
 
 # -- shared options --------------------------------------------------------------------------
@@ -115,7 +116,8 @@ def up(frontend, backend, drain_timeout, config_path, service, handler, workers,
     total = sum(s.workers for s in cfg.services)
     sup = Supervisor(cfg.services, cfg.router.backend, cfg.supervisor,
                      router_argv=router_argv(cfg.router.model_dump_json()),
-                     drain_timeout=cfg.router.drain_timeout)
+                     drain_timeout=cfg.router.drain_timeout,
+                     max_message_bytes=cfg.router.max_message_bytes)
 
     def announce() -> None:
         names = ", ".join(f"{s.name}={s.handler} x{s.workers}" for s in cfg.services)
@@ -136,8 +138,9 @@ def up(frontend, backend, drain_timeout, config_path, service, handler, workers,
 @main.command("router")
 @click.option("--frontend", default=None,
               help=f"Address clients connect to [default: {DEFAULT_FRONTEND}].")
-@click.option("--backend", default="tcp://127.0.0.1:5556", show_default=True,
-              help="Address workers and supervisors connect to.")
+@click.option("--backend", default=None,
+              help="Address workers and supervisors connect to "
+                   "[default: the config file's, else tcp://127.0.0.1:5556].")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="TOML file; its [router] table is used, flags override it.")
 @click.option("--policy", type=click.Choice(POLICIES), default=None,
@@ -151,6 +154,8 @@ def router_cmd(frontend, backend, config_path, policy, drain_timeout) -> None:
     cfg = _build_config(config_path, None,
                         {"frontend": frontend, "backend": backend,
                          "drain_timeout": drain_timeout}, {})
+    if cfg.router.backend is None:
+        cfg.router.backend = DEFAULT_BACKEND
     defaults = {"policy": policy} if policy else {}
     r = Router(cfg.router, defaults)
     r.install_signal_handlers()
@@ -161,9 +166,12 @@ def router_cmd(frontend, backend, config_path, policy, drain_timeout) -> None:
 @main.command()
 @click.option("--router", "router_addr", required=True,
               help="The router's backend address, e.g. tcp://10.0.0.5:5556.")
+@click.option("--node", default=None,
+              help="Name for this supervisor in worker ids (SERVICE/NODE/N) "
+                   "[default: HOSTNAME-PID]; must be unique per router.")
 @_service_options
-def worker(router_addr, config_path, service, handler, workers, devices, policy, max_inflight,
-           queue_capacity) -> None:
+def worker(router_addr, node, config_path, service, handler, workers, devices, policy,
+           max_inflight, queue_capacity) -> None:
     """Run a supervisor and its workers for a router elsewhere (same code as `up`)."""
     from workerpool.supervisor import Supervisor
 
@@ -171,8 +179,10 @@ def worker(router_addr, config_path, service, handler, workers, devices, policy,
         config_path, service, {},
         {"handler": handler, "workers": workers, "devices": devices, "policy": policy,
          "max_inflight": max_inflight, "queue_capacity": queue_capacity})
+    node = node or f"{socket.gethostname()}-{os.getpid()}"
     sup = Supervisor(cfg.services, router_addr, cfg.supervisor,
-                     drain_timeout=cfg.router.drain_timeout)
+                     drain_timeout=cfg.router.drain_timeout, node=node,
+                     max_message_bytes=cfg.router.max_message_bytes)
     sup.on_ready = lambda: click.echo(
         f"workerpool worker ready: {sum(s.workers for s in cfg.services)} workers -> {router_addr}")
     sup.install_signal_handlers()

@@ -33,7 +33,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from ipc import codec, protocol
+from ipc import codec, protocol, transport
 from ipc.protocol import FINAL_REPLY_KINDS, FrameError, Kind
 from workerpool.config import DEFAULT_FRONTEND
 from workerpool.errors import (
@@ -92,19 +92,22 @@ class _BaseClient:
     @staticmethod
     def _parse_reply(frames: list) -> tuple[Kind, int, Any]:
         """(kind, request id, value-or-error). Raises FrameError on a malformed reply."""
-        msg = protocol.decode(frames)
-        if msg.kind not in protocol.REPLY_KINDS:
-            raise FrameError("bad-kind", f"unexpected {msg.kind.name} from router", msg.req_id)
-        if msg.kind is Kind.ERROR:
+        if len(frames) < 3:
+            raise FrameError("too-few-frames", f"reply has {len(frames)} frames")
+        kind, rid = protocol.unpack_header(frames[0])  # replies' meta is not needed here
+        if kind not in protocol.REPLY_KINDS:
+            raise FrameError("bad-kind", f"unexpected {kind.name} from router", rid)
+        body, buffers = frames[2], frames[3:]
+        if kind is Kind.ERROR:
             try:
-                body = codec.loads(msg.body, msg.buffers)
+                err = codec.loads(body, buffers)
             except codec.PayloadError as exc:
-                return msg.kind, msg.req_id, ProtocolError(f"undecodable error reply: {exc}")
-            return msg.kind, msg.req_id, from_wire(body)
+                return kind, rid, ProtocolError(f"undecodable error reply: {exc}")
+            return kind, rid, from_wire(err)
         try:
-            return msg.kind, msg.req_id, codec.loads(msg.body, msg.buffers)
+            return kind, rid, codec.loads(body, buffers)
         except codec.PayloadError as exc:
-            return Kind.ERROR, msg.req_id, PayloadError(f"undecodable reply: {exc}")
+            return Kind.ERROR, rid, PayloadError(f"undecodable reply: {exc}")
 
 
 class _Pending:
@@ -288,8 +291,7 @@ def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket) -> None:
                 break
             if wake_r.fileno() in events:
                 try:
-                    while wake_r.recv(65536):
-                        pass
+                    wake_r.recv(65536)  # one read empties it: at most one byte per wake-up
                 except BlockingIOError:
                     pass
                 # Clear the flag only after emptying the pipe and before reading the outbox:
@@ -300,12 +302,12 @@ def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket) -> None:
                 rid, entry, frames = outbox.popleft()
                 if entry is None:  # a CANCEL
                     if pending.pop(rid, None) is not None:
-                        sock.send_multipart(frames)
+                        transport.send(sock, frames)
                     continue
                 pending[rid] = entry
                 if entry.deadline is not None:
                     heapq.heappush(timers, (entry.deadline, rid))
-                sock.send_multipart(frames, copy=len(frames[2]) < 65536)
+                transport.send(sock, frames)
             if sock in events:
                 _read_replies(client, sock, pending)
             if timers:
@@ -328,7 +330,7 @@ def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket) -> None:
 def _read_replies(client: Client, sock: zmq.Socket, pending: dict[int, _Pending]) -> None:
     for _ in range(4096):
         try:
-            frames = sock.recv_multipart(zmq.NOBLOCK)
+            frames = transport.recv(sock, transport.NOBLOCK)
         except zmq.Again:
             return
         try:
@@ -370,7 +372,7 @@ def _expire(sock: zmq.Socket, pending: dict[int, _Pending], timers: list) -> Non
             entry.stream.put((Kind.ERROR, err))
         else:
             _settle(entry.future, exc=err)
-        sock.send_multipart(protocol.encode(Kind.CANCEL, rid))
+        transport.send(sock, protocol.encode(Kind.CANCEL, rid))
 
 
 def _settle(fut: concurrent.futures.Future | None, result: Any = None,

@@ -46,6 +46,10 @@ def parse_devices(spec: str, *, discover: bool = True) -> list[str]:
     if spec == "auto":
         if not discover:
             return [CPU]
+        # A supervisor already confined to some GPUs spreads its workers over those only.
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            return [d.strip() for d in visible.split(",") if d.strip()] or [CPU]
         return discover_gpus() or [CPU]
     parts = [p.strip() for p in spec.split(",")]
     if not parts or any(not p for p in parts):

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import zmq
 
-from ipc import protocol
+from ipc import protocol, transport
 from ipc.protocol import FrameError, Kind
-from workerpool.config import ROUTED_FIELDS, ServiceConfig, SupervisorConfig
+from workerpool.config import ROUTED_FIELDS, RouterConfig, ServiceConfig, SupervisorConfig
 from workerpool.devices import device_label, parse_devices, worker_env
 from workerpool.worker import EXIT_SETUP_FAILED, SPEC_ENV, WorkerSpec
 
@@ -62,7 +62,8 @@ class WorkerProc:
     started_at: float = 0.0
     died_at: float = 0.0
     failures: int = 0  # consecutive short-lived incarnations, for the backoff
-    ready: bool = False
+    ready: bool = False  # the current incarnation registered with the router
+    ever_ready: bool = False
     failed: bool = False
 
 
@@ -76,6 +77,8 @@ class Supervisor:
         config: SupervisorConfig | None = None,
         router_argv: list[str] | None = None,
         drain_timeout: float = 30.0,
+        node: str | None = None,
+        max_message_bytes: int | None = None,
     ) -> None:
         self.config = config or SupervisorConfig()
         self.backend = backend
@@ -85,10 +88,13 @@ class Supervisor:
         self.router_proc: subprocess.Popen | None = None
         self._router_pidfd: int | None = None
         self.workers: dict[str, WorkerProc] = {}
+        self.max_message_bytes = max_message_bytes
+        # Slot ids must be unique on the router: a remote supervisor adds its node name.
+        prefix = "" if node is None else f"{node}/"
         for svc in services:
             devices = parse_devices(svc.devices)
             for i in range(svc.workers):
-                slot = f"{svc.name}/{i}"
+                slot = f"{svc.name}/{prefix}{i}"
                 self.workers[slot] = WorkerProc(slot, svc, devices[i % len(devices)])
         self._by_pidfd: dict[int, WorkerProc] = {}
         self._timers: list[tuple[float, str]] = []  # (when, slot) respawns
@@ -120,6 +126,7 @@ class Supervisor:
             self._send(Kind.HELLO, self._hello())
             for w in self.workers.values():
                 self._spawn(w)
+            self._check_all_ready()  # a pool of zero workers is ready at once
             self._loop()
         finally:
             self._stop_children()
@@ -136,7 +143,8 @@ class Supervisor:
         log.info("stopping (%s): draining in-flight requests", why)
         self._stopping = True
         self._stop_deadline = time.monotonic() + self.drain_timeout + self.config.stop_timeout
-        self._send(Kind.DRAIN, {})
+        # Owning the router (`up`), we stop the whole pool; otherwise only our workers leave.
+        self._send(Kind.DRAIN, {"scope": "router" if self._router_argv else "supervisor"})
 
     def _hello(self) -> dict:
         return {
@@ -184,7 +192,8 @@ class Supervisor:
             self._run_timers()
             now = time.monotonic()
             if not self._all_ready_reported and not self._stopping and now > startup_deadline:
-                missing = sorted(w.slot for w in self.workers.values() if not w.ready)
+                missing = sorted(w.slot for w in self.workers.values()
+                                 if not w.ready and not w.failed)
                 log.error("workers %s did not become ready within supervisor.startup_timeout="
                           "%.0fs; stopping", ", ".join(missing), self.config.startup_timeout)
                 self.exit_code = 1
@@ -209,7 +218,7 @@ class Supervisor:
     def _drain_socket(self) -> None:
         while True:
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                frames = transport.recv(self._sock, transport.NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -228,18 +237,30 @@ class Supervisor:
         w = self.workers.get(slot)
         if w is None or incarnation != w.incarnation:
             return
-        w.ready = True
+        w.ready = w.ever_ready = True
         if w.incarnation > 1:
             log.info("worker %s back: ready %.0f ms after its predecessor died", slot,
                      (time.monotonic() - w.died_at) * 1000)
-        if not self._all_ready_reported and all(x.ready or x.failed for x in self.workers.values()):
-            self._all_ready_reported = True
-            if self.on_ready is not None:
-                self.on_ready()
+        self._check_all_ready()
+
+    def _check_all_ready(self) -> None:
+        """Announce once, when every worker has registered or failed for good."""
+        if self._all_ready_reported or self._stopping:
+            return
+        workers = self.workers.values()
+        if not all(w.ready or w.failed for w in workers):
+            return
+        self._all_ready_reported = True
+        if workers and all(w.failed for w in workers):
+            self.exit_code = 1
+            self.stop("every worker failed in setup")
+        elif self.on_ready is not None:
+            self.on_ready()
 
     # -- children ---------------------------------------------------------------------------------
     def _start_router(self) -> None:
-        self.router_proc = subprocess.Popen(self._router_argv)
+        env = dict(os.environ, WORKERPOOL_PARENT_PID=str(os.getpid()))
+        self.router_proc = subprocess.Popen(self._router_argv, env=env)
         self._router_pidfd = os.pidfd_open(self.router_proc.pid)
 
     def _on_router_exit(self) -> None:
@@ -259,6 +280,7 @@ class Supervisor:
             slot=w.slot, service=w.service.name, incarnation=w.incarnation,
             handler=w.service.handler, device=w.device, backend=self.backend,
             capacity=w.service.max_inflight, options=w.service.options, parent_pid=os.getpid(),
+            max_message_bytes=self.max_message_bytes or RouterConfig().max_message_bytes,
         )
         env = worker_env(w.device)
         env[SPEC_ENV] = spec.model_dump_json()
@@ -276,22 +298,24 @@ class Supervisor:
         os.close(w.pidfd)
         w.pidfd = None
         w.died_at = time.monotonic()
-        w.ready = False
         how = describe_exit(rc)
         base = {"slot": w.slot, "service": w.service.name, "incarnation": w.incarnation,
                 "pid": w.proc.pid, "exitcode": rc}
         if self._stopping:
-            self._send(Kind.SLOT, {**base, "event": "stopped"})
+            # Exiting on request is "stopped"; a crash during the drain is still a crash.
+            event = "stopped" if rc == 0 else "died"
+            self._send(Kind.SLOT, {**base, "event": event, "reason": how})
             return
-        if rc == EXIT_SETUP_FAILED:
+        if rc == EXIT_SETUP_FAILED and not w.ready:
+            # Only before registering does 78 mean "setup() failed": respawning would fail
+            # the same way, so the slot is marked failed instead of looping.
             w.failed = True
             log.error("worker %s failed in setup(); not respawning it", w.slot)
             self._send(Kind.SLOT, {**base, "event": "failed",
                                    "reason": f"setup() failed; process {how}"})
-            if not self._all_ready_reported and all(x.failed for x in self.workers.values()):
-                self.exit_code = 1
-                self.stop("every worker failed in setup")
+            self._check_all_ready()
             return
+        w.ready = False
         self._send(Kind.SLOT, {**base, "event": "died", "reason": how})
         if w.died_at - w.started_at >= self.config.stable_after:
             w.failures = 0
@@ -333,7 +357,7 @@ class Supervisor:
 
     def _send(self, kind: Kind, meta: dict) -> None:
         try:
-            self._sock.send_multipart(protocol.encode(kind, 0, meta), zmq.NOBLOCK)
+            transport.send(self._sock, protocol.encode(kind, 0, meta), transport.NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("could not tell the router %s: %s", kind.name, exc)
 

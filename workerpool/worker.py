@@ -16,7 +16,6 @@ worker keeps serving. If ``setup()`` fails the worker reports why and exits with
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import inspect
 import os
@@ -29,11 +28,18 @@ import msgpack
 import zmq
 from pydantic import BaseModel, ConfigDict
 
-from ipc import codec, protocol
+from ipc import codec, protocol, transport
 from ipc.protocol import FrameError, Kind
+from workerpool._proc import die_with_parent, setup_logging
 from workerpool.context import WorkerContext
 from workerpool.devices import CPU, device_label
-from workerpool.errors import HandlerError, PayloadError, UnknownMethodError, WorkerPoolError
+from workerpool.errors import (
+    HandlerError,
+    PayloadError,
+    ProtocolError,
+    UnknownMethodError,
+    WorkerPoolError,
+)
 
 SPEC_ENV = "WORKERPOOL_WORKER_SPEC"
 EXIT_SETUP_FAILED = 78  # EX_CONFIG: the supervisor marks the slot failed instead of respawning
@@ -54,6 +60,7 @@ class WorkerSpec(BaseModel):
     capacity: int = 1
     options: dict[str, Any] = {}
     parent_pid: int | None = None
+    max_message_bytes: int = 256 * 2**20  # the router drops bigger messages: refuse them here
 
     @property
     def identity(self) -> bytes:
@@ -86,19 +93,6 @@ def public_methods(handler: object) -> dict[str, Any]:
     return out
 
 
-def _die_with_parent(parent_pid: int | None) -> None:
-    """Ask Linux to SIGKILL us if the supervisor dies, so no worker outlives its pool."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if parent_pid is not None and os.getppid() != parent_pid:
-        os._exit(1)  # the parent died before prctl took effect
-
-
 class Worker:
     """Serves one handler over one backend connection until told to stop."""
 
@@ -113,6 +107,7 @@ class Worker:
         # Every reply carries the worker's slot so errors and results name who produced them.
         self._reply_meta = protocol.pack_meta({"worker": spec.slot})
         self._methods: dict[str, Any] = {}
+        self._meta_cache = protocol.MetaCache()
         self._handler: Any = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -190,26 +185,26 @@ class Worker:
                 continue
             while not self._stopping:
                 try:
-                    frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                    frames = transport.recv(self._sock, transport.NOBLOCK)
                 except zmq.Again:
                     break
                 self._on_message(frames)
 
     def _on_message(self, frames: list) -> None:
         try:
-            msg = protocol.decode(frames)
+            msg = protocol.decode(frames, self._meta_cache)
         except FrameError as exc:
             # Only the router talks to us; a bad frame means a bug, not an attack. Say so.
             sys.stderr.write(f"[{self.spec.slot}] dropped malformed frame: {exc}\n")
             if exc.req_id is not None:
-                self._send_error(exc.req_id, WorkerPoolError(str(exc)))
+                self._send_error(exc.req_id, ProtocolError(str(exc), code=exc.code))
             return
         if msg.kind is Kind.REQUEST:
             self._on_request(msg)
         elif msg.kind is Kind.SHUTDOWN:
             self._stopping = True
-        elif msg.kind is Kind.HEARTBEAT:
-            self._send(Kind.HEARTBEAT, msg.req_id)
+        elif msg.kind is Kind.HEARTBEAT and "ping" in msg.meta:
+            self._send(Kind.HEARTBEAT, msg.req_id, {"pong": msg.meta["ping"]})
 
     def _on_request(self, msg: protocol.Message) -> None:
         method = msg.meta.get("method")
@@ -244,7 +239,7 @@ class Worker:
     # -- sending -------------------------------------------------------------------------------
     def _send(self, kind: Kind, req_id: int, meta: dict | bytes | None = None,
               body: bytes = b"", buffers: list | tuple = ()) -> None:
-        self._sock.send_multipart(protocol.encode(kind, req_id, meta, body, buffers), copy=False)
+        transport.send(self._sock, protocol.encode(kind, req_id, meta, body, buffers))
 
     def _send_value(self, kind: Kind, req_id: int, value: Any) -> None:
         try:
@@ -252,6 +247,10 @@ class Worker:
         except codec.PayloadError as exc:
             raise _UnencodableResult(
                 f"handler returned a value that cannot be sent: {exc}") from None
+        size = len(body) + sum(len(b) for b in buffers)
+        if size > self.spec.max_message_bytes:
+            raise _UnencodableResult(f"handler returned {size} bytes, over max_message_bytes="
+                                     f"{self.spec.max_message_bytes}")
         self._send(kind, req_id, self._reply_meta, body, buffers)
 
     def _send_error(self, req_id: int, err: WorkerPoolError) -> None:
@@ -271,7 +270,8 @@ def main() -> int:
                          "the supervisor (workerpool up / workerpool worker)\n")
         return 2
     spec = WorkerSpec.model_validate_json(raw)
-    _die_with_parent(spec.parent_pid)
+    die_with_parent(spec.parent_pid)
+    setup_logging()
     return Worker(spec).run()
 
 

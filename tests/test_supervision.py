@@ -1,0 +1,101 @@
+"""Supervision edge cases: setup failures, exit codes, zero workers, several remote
+supervisors, and leaving one supervisor without stopping the router."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+import pytest
+
+from workerpool import Client, PayloadError, ServiceUnavailableError, WorkerCrashedError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_one_failed_setup_among_healthy_workers(procs):
+    pool = procs.pool(handler="tests.handlers:FailFirstSlot", workers=2)
+    st = pool.wait_for(lambda s: {w["state"] for w in s["workers"]} == {"failed", "ready"},
+                       what="one failed, one ready")
+    failed = next(w for w in st["workers"] if w["state"] == "failed")
+    assert failed["id"] == "default/0"
+    assert "setup() failed" in failed["last_error"]
+    assert "weights not found for default/0" in failed["last_error"]  # the traceback survives
+    with Client(pool.address, timeout=5) as c:
+        assert [c.call("echo", i) for i in range(5)] == list(range(5))
+    assert pool.workers()["default/0"]["restarts"] == 0  # never respawned in a loop
+
+
+def test_failed_service_answers_at_once(procs):
+    cfg = procs.dir / "two.toml"
+    cfg.write_text('[[services]]\nname = "good"\nhandler = "workerpool.handlers:Echo"\n'
+                   '[[services]]\nname = "bad"\nhandler = "tests.handlers:BadSetup"\n')
+    front = procs.ipc("front")
+    pool = procs.spawn(["up", "--config", str(cfg), "--frontend", front], front,
+                       "workerpool ready")
+    pool.wait_for(lambda s: any(w["state"] == "failed" for w in s["workers"]), what="failed")
+    with Client(pool.address, timeout=5) as c:
+        with pytest.raises(ServiceUnavailableError, match="no live workers"):
+            c.call("echo", 1, service="bad")
+        assert c.call("echo", 1, service="good") == 1
+        with pytest.raises(ServiceUnavailableError, match="no 'default'"):
+            c.call("echo", 1)
+
+
+def test_exit_78_after_setup_is_a_crash_not_a_setup_failure(procs):
+    pool = procs.pool(workers=1)
+    with Client(pool.address, timeout=10) as c:
+        with pytest.raises(WorkerCrashedError, match="code 78"):
+            c.call("exit", {"code": 78})
+        st = pool.wait_ready(1)
+        assert st["workers"][0]["restarts"] == 1
+        assert c.call("echo", 1) == 1
+
+
+def test_zero_workers_is_ready_at_once(procs):
+    pool = procs.pool(workers=0)
+    with Client(pool.address, timeout=5) as c, pytest.raises(ServiceUnavailableError):
+        c.call("echo", 1)
+
+
+def test_reply_over_the_size_limit_is_a_typed_error(procs):
+    cfg = procs.dir / "small.toml"
+    cfg.write_text("[router]\nmax_message_bytes = 100000\n")
+    pool = procs.pool("--config", str(cfg), handler="tests.handlers:Big", workers=1)
+    with Client(pool.address, timeout=10) as c:
+        with pytest.raises(PayloadError, match="over max_message_bytes"):
+            c.call("big", {"n": 200_000})
+        assert len(c.call("big", {"n": 50_000})) == 50_000  # the worker is still there
+
+
+def test_two_remote_supervisors_and_one_leaves(procs):
+    front = f"tcp://127.0.0.1:{_free_port()}"
+    back = f"tcp://127.0.0.1:{_free_port()}"
+    router = procs.spawn(["router", "--frontend", front, "--backend", back], front, None)
+    args = ["worker", "--router", back, "--handler", "workerpool.handlers:Faulty",
+            "--workers", "2"]
+    a = procs.spawn([*args, "--node", "a"], front, "workerpool worker ready")
+    b = procs.spawn([*args, "--node", "b"], front, "workerpool worker ready")
+    st = router.wait_ready(4)
+    assert sorted(w["id"] for w in st["workers"]) == [
+        "default/a/0", "default/a/1", "default/b/0", "default/b/1"]
+    with Client(front, timeout=15) as c:
+        slow = [c.submit("sleep", {"seconds": 0.8}) for _ in range(4)]
+        router.wait_for(lambda s: s["services"][0]["in_flight"] == 4, what="4 running")
+        a.popen.send_signal(signal.SIGTERM)  # supervisor a leaves; the router stays
+        assert [f.result() for f in slow] == [{"seconds": 0.8}] * 4  # a's finish first
+        assert a.popen.wait(20) == 0
+        st = router.wait_for(lambda s: sum(w["state"] == "ready" for w in s["workers"]) == 2,
+                             what="b's workers only")
+        assert {w["id"] for w in st["workers"] if w["state"] == "ready"} == {
+            "default/b/0", "default/b/1"}
+        assert [c.call("echo", i) for i in range(10)] == list(range(10))
+    assert router.popen.poll() is None and b.popen.poll() is None
+    os.kill(router.popen.pid, signal.SIGTERM)
+    assert router.popen.wait(20) == 0
+    assert b.popen.wait(20) == 0

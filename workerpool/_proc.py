@@ -1,0 +1,32 @@
+"""Process plumbing shared by every process workerpool starts."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+LOG_LEVEL_ENV = "WORKERPOOL_LOG_LEVEL"
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def die_with_parent(parent_pid: int | None) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (PR_SET_PDEATHSIG), so
+    nothing outlives a pool whose supervisor was killed with -9."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)  # the parent died before prctl took effect
+
+
+def setup_logging(level: str | None = None) -> None:
+    """Log to stderr at ``level`` (default: $WORKERPOOL_LOG_LEVEL, else INFO)."""
+    level = (level or os.environ.get(LOG_LEVEL_ENV) or "INFO").upper()
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
