@@ -1,0 +1,108 @@
+"""The CUDA paths, on a real GPU: placement, CUDA only in workers, crash recovery.
+
+Skipped where there is no NVIDIA GPU (found without creating a CUDA context, like the
+supervisor does). `bin/gpu-check` runs these on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from workerpool import Client, WorkerCrashedError
+from workerpool.devices import discover_gpus
+
+GPUS = discover_gpus()
+needs_gpu = pytest.mark.skipif(
+    not GPUS, reason="no NVIDIA GPU here (/proc/driver/nvidia/gpus and nvidia-smi -L found "
+                     "none); bin/gpu-check runs these on a GPU machine")
+pytestmark = pytest.mark.gpu
+
+
+def test_torch_handler_on_cpu(procs):
+    """The same handler code, on the CPU path, runs everywhere (CI included)."""
+    pytest.importorskip("torch", reason="torch is not installed")
+    pool = procs.pool("--devices", "cpu", handler="tests.handlers:CudaProbe", workers=1)
+    with Client(pool.address, timeout=60) as c:
+        p = c.call("probe")
+        assert p["device"] == "cpu" and p["cuda_visible_devices"] == ""
+        assert c.call("matmul", {"n": 64}) == c.call("matmul", {"n": 64})
+        assert c.call("spin", {"seconds": 0.05}) is True
+
+
+def _maps_cuda(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return "libcuda" in f.read()
+
+
+@needs_gpu
+def test_placement_and_cuda_only_in_workers(procs):
+    pool = procs.pool("--devices", "auto", handler="tests.handlers:CudaProbe",
+                      workers=2 * len(GPUS))
+    st = pool.status()
+    assert {w["device"] for w in st["workers"]} == {f"cuda:{g}" for g in GPUS}
+    with Client(pool.address, timeout=60) as c:
+        seen = {}
+        for _ in range(8 * len(GPUS)):
+            p = c.call("probe")
+            seen[p["slot"]] = p
+    for slot, p in seen.items():
+        assert p["device"] == "cuda:0" and p["device_count"] == 1, p  # sees only its own GPU
+        assert p["cuda_visible_devices"] == pool.workers()[slot]["device"].split(":")[1]
+        assert _maps_cuda(p["pid"])
+    # The router and the supervisor never initialise CUDA (fork-safety, no wasted context).
+    assert not _maps_cuda(st["router"]["pid"])
+    assert not _maps_cuda(pool.popen.pid)
+
+
+@needs_gpu
+def test_gpu_compute_matches_cpu(procs):
+    import math
+
+    gpu = procs.pool("--devices", "auto", handler="tests.handlers:CudaProbe", workers=1)
+    cpu = procs.pool("--devices", "cpu", handler="tests.handlers:CudaProbe", workers=1)
+    with Client(gpu.address, timeout=60) as cg, Client(cpu.address, timeout=60) as cc:
+        assert cg.call("probe")["device"] == "cuda:0"
+        assert cc.call("probe")["device"] == "cpu"  # the same handler runs on either
+        assert math.isclose(cg.call("matmul", {"n": 256}), cc.call("matmul", {"n": 256}),
+                            rel_tol=1e-9)
+
+
+@needs_gpu
+def test_cupy_raw_kernel_in_a_worker(procs):
+    pytest.importorskip("cupy", reason="CuPy is not installed")
+    pool = procs.pool("--devices", "auto", handler="tests.handlers:CudaProbe", workers=1)
+    with Client(pool.address, timeout=60) as c:
+        n = 1000
+        assert c.call("cupy_add", {"n": n}) == float(sum(range(n)) + 2 * n)
+
+
+@needs_gpu
+def test_kill_9_of_a_busy_gpu_worker(procs):
+    pool = procs.pool("--devices", "auto", handler="tests.handlers:CudaProbe", workers=2)
+    with Client(pool.address, timeout=60) as c:
+        fut = c.submit("spin", {"seconds": 30})
+        pool.wait_for(lambda st: any(w["in_flight"] for w in st["workers"]), what="spinning")
+        victim = next(w for w in pool.status()["workers"] if w["in_flight"])
+        os.kill(victim["pid"], signal.SIGKILL)
+        with pytest.raises(WorkerCrashedError, match="SIGKILL"):
+            fut.result(10)
+        pool.wait_for(lambda st: all(w["state"] == "ready" for w in st["workers"])
+                      and victim["pid"] not in {w["pid"] for w in st["workers"]},
+                      timeout=60, what="GPU worker respawned")
+        # The replacement has a fresh CUDA context and computes.
+        results = {c.call("matmul", {"n": 128}) for _ in range(4)}
+        assert len(results) == 1
+
+
+@needs_gpu
+def test_segfault_in_a_gpu_worker(procs):
+    pool = procs.pool("--devices", "auto", handler="tests.handlers:CudaProbe", workers=1)
+    with Client(pool.address, timeout=60) as c:
+        c.call("probe")
+        with pytest.raises(WorkerCrashedError, match="SIGSEGV"):
+            c.call("segfault")
+        pool.wait_ready(1, timeout=60)
+        assert c.call("probe")["device"] == "cuda:0"
