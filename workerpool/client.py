@@ -146,7 +146,7 @@ class Client(_BaseClient):
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._woken = False
+        self._woken = True  # the I/O thread is not polling yet: no wake-up byte needed
         self._closed = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(
@@ -219,7 +219,10 @@ class Client(_BaseClient):
         if self._closed:
             return
         self._closed = True
-        self._wake()
+        try:
+            self._wake_w.send(b"\0")  # unconditionally: the I/O thread may be about to poll
+        except OSError:
+            pass
         if threading.current_thread() is not self._thread:
             self._thread.join(5)
 
@@ -279,25 +282,28 @@ def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket) -> None:
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(wake_r, zmq.POLLIN)
-    del client
     try:
         while True:
             timeout = 1000
             if timers:
                 timeout = max(0, int((timers[0][0] - time.monotonic()) * 1000) + 1)
+            # From here until the poll returns, a submit must write a wake-up byte. The
+            # outbox is checked after clearing the flag, so a submit that saw the flag
+            # still set is in the outbox now and the poll does not wait.
+            client._woken = False
+            if outbox:
+                timeout = 0
+            del client
             events = dict(poller.poll(timeout))
             client = ref()
             if client is None or client._closed:
                 break
+            client._woken = True  # awake: submits until the next poll need no syscall
             if wake_r.fileno() in events:
                 try:
                     wake_r.recv(65536)  # one read empties it: at most one byte per wake-up
                 except BlockingIOError:
                     pass
-                # Clear the flag only after emptying the pipe and before reading the outbox:
-                # a submit racing with us either lands in the outbox read below, or sees
-                # the flag clear and writes a fresh wake-up byte.
-                client._woken = False
             while outbox:
                 rid, entry, frames = outbox.popleft()
                 if entry is None:  # a CANCEL
@@ -312,7 +318,6 @@ def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket) -> None:
                 _read_replies(client, sock, pending)
             if timers:
                 _expire(sock, pending, timers)
-            del client
     except Exception as exc:  # surface to callers instead of dying silently
         client = ref()
         if client is not None:
