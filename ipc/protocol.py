@@ -32,7 +32,7 @@ class Kind(enum.IntEnum):
 
     # client -> router
     REQUEST = 0x01  # meta: {"service", "method", "timeout", ...}; body: payload
-    CANCEL = 0x02  # forget a request; no reply is sent for it afterwards
+    CANCEL = 0x02  # forget a request (client -> router, and router -> worker, best effort)
     STATUS = 0x03  # answered with RESULT whose body is the health table
 
     # replies: router -> client, and worker -> router (same layout both ways)

@@ -35,13 +35,14 @@ class Record:
         "meta_frame",
         "method",
         "phase",
+        "priority",
         "rid",
         "service",
     )
 
     def __init__(self, rid: int, client: bytes, client_rid: int, service: str, method: str,
                  meta_frame: bytes, body: bytes, buffers: list, deadline: float | None,
-                 admitted_at: float) -> None:
+                 admitted_at: float, priority: int = 0) -> None:
         self.rid = rid
         self.client = client
         self.client_rid = client_rid
@@ -52,6 +53,7 @@ class Record:
         self.buffers = buffers
         self.deadline = deadline
         self.admitted_at = admitted_at
+        self.priority = priority
         self.dispatched_at = 0.0
         self.phase = Phase.QUEUED
         self.conn: Conn | None = None

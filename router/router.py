@@ -35,8 +35,17 @@ from ipc.protocol import FINAL_REPLY_KINDS, REPLY_KINDS, FrameError, Kind
 from ipc.transport import NOBLOCK
 from router.health import Conn, IllegalTransition, Slot, WorkerState
 from router.requests import Phase, Record
-from router.service import Service
-from workerpool.config import DEFAULT_BACKEND, RouterConfig, routed_defaults
+from router.service import Service, ServiceSettings
+from workerpool.config import (
+    DEFAULT_BACKEND,
+    MAX_PRIORITY,
+    MAX_TIMEOUT,
+    MIN_PRIORITY,
+    ROUTED_FIELDS,
+    RouterConfig,
+    ServiceConfig,
+    routed_defaults,
+)
 from workerpool.errors import (
     BackpressureError,
     ProtocolError,
@@ -50,6 +59,7 @@ from workerpool.errors import (
 log = logging.getLogger("workerpool.router")
 
 BATCH = 512  # messages taken from one socket before looking at the other
+_DEADLINE, _MAX_WAIT = 0, 1  # timer kinds
 UNREACHABLE_GRACE = 1.0  # seconds to wait for a death notice once a worker is unroutable
 _ALIVE = frozenset({WorkerState.STARTING, WorkerState.RESTARTING, WorkerState.DEAD,
                     WorkerState.READY, WorkerState.BUSY})
@@ -86,7 +96,7 @@ class Router:
         self._draining_sups: dict[bytes, float] = {}  # leaving supervisor -> drain deadline
         self.records: dict[int, Record] = {}
         self._by_client: dict[tuple[bytes, int], Record] = {}
-        self._timers: list[tuple[float, int]] = []  # (deadline, rid), stale entries skipped
+        self._timers: list[tuple[float, int, int]] = []  # (when, rid, kind); stale ones skipped
         self._next_rid = 1
         self._meta_cache = protocol.MetaCache()
         self.stats: Counter[str] = Counter()
@@ -217,9 +227,17 @@ class Router:
         timeout = meta.get("timeout")
         if timeout is not None and (isinstance(timeout, bool)
                                     or not isinstance(timeout, (int, float))
-                                    or not 0 < timeout <= 86400 * 365):
+                                    or not 0 < timeout <= MAX_TIMEOUT):
             self._reply_error(client, msg.req_id, ProtocolError(
-                f"'timeout' must be a number of seconds > 0, got {timeout!r}", code="bad-meta"))
+                f"'timeout' must be a number of seconds in (0, {MAX_TIMEOUT}], got {timeout!r}",
+                code="bad-meta"))
+            return
+        priority = meta.get("priority", 0)
+        if (isinstance(priority, bool) or not isinstance(priority, int)
+                or not MIN_PRIORITY <= priority <= MAX_PRIORITY):
+            self._reply_error(client, msg.req_id, ProtocolError(
+                f"'priority' must be an integer in [{MIN_PRIORITY}, {MAX_PRIORITY}], "
+                f"got {priority!r}", code="bad-meta"))
             return
         if (client, msg.req_id) in self._by_client:
             self._reply_error(client, msg.req_id, ProtocolError(
@@ -241,25 +259,42 @@ class Router:
             return
         now = time.monotonic()
         conn = svc.pick()
-        if conn is None and svc.full:
-            svc.rejected += 1
-            self._reply_error(client, msg.req_id, BackpressureError(
-                f"service {svc.name!r} has {svc.queued} requests queued (capacity "
-                f"{svc.queue_capacity}); retry later", retry_after=svc.retry_after()))
-            return
+        if conn is None and not svc.may_queue:
+            victim = None
+            if svc.settings.capacity_policy == "queue":
+                victim = svc.eviction_candidate(priority)
+            if victim is None:
+                svc.rejected_backpressure += 1
+                self._reply_error(client, msg.req_id, self._backpressure(svc))
+                return
+            # The queue is full of lower-priority work: the newest of it makes room.
+            svc.rejected_backpressure += 1
+            self._finish(victim, self._error_reply(self._backpressure(
+                svc, "displaced from the full queue by higher-priority work")))
         rid = self._next_rid
         self._next_rid += 1
         deadline = now + timeout if timeout is not None else None
         rec = Record(rid, client, msg.req_id, svc.name, method, meta_frame, msg.body,
-                     msg.buffers, deadline, now)
+                     msg.buffers, deadline, now, priority)
         self.records[rid] = rec
         self._by_client[(client, msg.req_id)] = rec
         if deadline is not None:
-            heapq.heappush(self._timers, (deadline, rid))
+            heapq.heappush(self._timers, (deadline, rid, _DEADLINE))
         if conn is not None:
             self._dispatch(rec, conn)
         else:
             svc.enqueue(rec)
+            if svc.settings.max_wait is not None:
+                heapq.heappush(self._timers, (now + svc.settings.max_wait, rid, _MAX_WAIT))
+
+    def _backpressure(self, svc: Service, why: str = "") -> BackpressureError:
+        s = svc.settings
+        if not why:
+            why = (f"{svc.queued} requests queued (queue_capacity {s.queue_capacity})"
+                   if s.capacity_policy == "queue" else
+                   "every worker is at max_inflight (capacity_policy 'reject')")
+        return BackpressureError(f"service {svc.name!r} is overloaded: {why}",
+                                 retry_after=svc.retry_after())
 
     def _resolve_service(self, name: object) -> tuple[Service | None, str]:
         if name is None:
@@ -291,7 +326,7 @@ class Router:
         rec = self._by_client.get((client, client_rid))
         if rec is None:
             return  # already answered: cancel is idempotent and never replied to
-        self.stats["cancelled"] += 1
+        self.services[rec.service].cancelled += 1
         self._finish(rec, None)
 
     # -- dispatch ------------------------------------------------------------------------------------
@@ -341,6 +376,9 @@ class Router:
             del self.records[rec.rid]
         elif rec.phase is Phase.RUNNING:
             rec.phase = Phase.ORPHANED
+            # Best effort: a worker that has not started it yet skips it and answers at once.
+            if rec.conn is not None and rec.conn.identity in self.conns:
+                self._send_backend(rec.conn.identity, Kind.CANCEL, None, rec.rid)
         if reply is not None:
             kind, meta, body, buffers = reply
             self._to_client(rec.client, kind, rec.client_rid, meta, body, buffers)
@@ -416,8 +454,10 @@ class Router:
         if rec.phase is Phase.ORPHANED:  # already answered (timeout/cancel): drop, free capacity
             if kind in FINAL_REPLY_KINDS:
                 self.stats["late_replies"] += 1
+                svc = self.services[rec.service]
+                svc.late_results += 1
                 self._release(rec)
-                self._pump(self.services[rec.service])
+                self._pump(svc)
             return
         if kind is Kind.PARTIAL:
             self._to_client(rec.client, kind, rec.client_rid, meta, body, buffers)
@@ -430,7 +470,8 @@ class Router:
         else:
             slot.completed += 1
             svc.completed += 1
-        svc.observe(time.monotonic() - rec.dispatched_at)
+        now = time.monotonic()
+        svc.observe(now - rec.dispatched_at, rec.dispatched_at - rec.admitted_at)
         self._finish(rec, (kind, meta, body, buffers))
         self._release(rec)
         self._pump(svc)
@@ -649,18 +690,20 @@ class Router:
         if svc is not None and (config is None or svc.configured):
             return svc
         cfg = {**self._defaults, **(config or {})}
-        args = (str(cfg["policy"]), int(cfg["queue_capacity"]),
-                None if cfg.get("max_inflight") is None else int(cfg["max_inflight"]))
+        # Re-validated with the same model the supervisor used: a bad HELLO is refused.
+        checked = ServiceConfig.model_validate({k: cfg[k] for k in ROUTED_FIELDS if k in cfg})
+        settings = ServiceSettings(**{k: getattr(checked, k) for k in ROUTED_FIELDS})
         if svc is None:
-            svc = self.services[name] = Service(name, *args)
+            svc = self.services[name] = Service(name, settings)
         else:
-            svc.configure(*args)
+            svc.configure(settings)
         svc.configured = config is not None
         return svc
 
-    def _send_backend(self, ident: bytes, kind: Kind, meta: dict | None = None) -> None:
+    def _send_backend(self, ident: bytes, kind: Kind, meta: dict | None = None,
+                      req_id: int = 0) -> None:
         try:
-            transport.send(self.backend, [ident, *protocol.encode(kind, 0, meta)], NOBLOCK)
+            transport.send(self.backend, [ident, *protocol.encode(kind, req_id, meta)], NOBLOCK)
         except zmq.ZMQError:
             self.stats["unroutable_backend"] += 1
 
@@ -677,12 +720,19 @@ class Router:
                 conn.slot.transition(WorkerState.DEAD)
         timers = self._timers
         while timers and timers[0][0] <= now:
-            deadline, rid = heapq.heappop(timers)
+            when, rid, kind = heapq.heappop(timers)
             rec = self.records.get(rid)
-            if rec is None or rec.deadline != deadline or rec.phase not in (
-                    Phase.QUEUED, Phase.RUNNING):
+            if rec is None or rec.phase not in (Phase.QUEUED, Phase.RUNNING):
                 continue
             svc = self.services[rec.service]
+            if kind == _MAX_WAIT:
+                if rec.phase is Phase.QUEUED:  # waited max_wait without a worker: shed it
+                    svc.rejected_backpressure += 1
+                    self._finish(rec, self._error_reply(self._backpressure(
+                        svc, f"waited max_wait={svc.settings.max_wait}s in the queue")))
+                continue
+            if rec.deadline != when:
+                continue
             svc.expired += 1
             where = "in the queue" if rec.phase is Phase.QUEUED else f"on worker {rec.conn.slot.id}"
             self._finish(rec, self._error_reply(RequestTimeoutError(

@@ -1,46 +1,67 @@
-"""A service: its workers, its dispatch policy and its bounded FIFO queue.
+"""A service: its workers, its dispatch policy, its bounded priority queue, its load figures.
 
-Requests wait here only while every worker of the service is at capacity. The queue is
-bounded (``queue_capacity``); past it the router answers ``BackpressureError`` with a
-``retry_after`` estimated from the queue depth and the observed service time.
+Requests wait here only while every worker of the service is at ``max_inflight``. The
+queue is ordered by priority (higher first), FIFO within a priority, and bounded
+(``queue_capacity``); with ``capacity_policy="reject"`` nothing waits at all. A request
+refused for capacity gets ``BackpressureError`` with a ``retry_after`` estimated from the
+queue ahead of it and the observed service time, never a constant.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections import deque
+from dataclasses import dataclass
 
 from router.health import Conn
 from router.policy import make_policy
 from router.requests import Phase, Record
 
+WINDOW = 1024  # recent requests the percentiles are computed over
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """The ServiceConfig fields the router applies (validated by pydantic upstream)."""
+
+    policy: str
+    queue_capacity: int
+    max_inflight: int | None
+    capacity_policy: str
+    max_wait: float | None
+
 
 class Service:
-    def __init__(self, name: str, policy: str, queue_capacity: int,
-                 max_inflight: int | None) -> None:
+    def __init__(self, name: str, settings: ServiceSettings) -> None:
         self.name = name
         self.conns: list[Conn] = []  # registered workers, sorted by slot id
-        self.configured = False  # True once a supervisor's HELLO has set the fields below
-        self.configure(policy, queue_capacity, max_inflight)
+        self.configured = False  # True once a supervisor's HELLO has set the settings
+        self.configure(settings)
         self.methods: frozenset[str] = frozenset()
-        self._queue: deque[Record] = deque()
-        self.queued = 0  # live records in _queue (cancelled ones are skipped lazily)
+        self._heap: list[tuple[int, int, Record]] = []  # (-priority, seq, record): next out
+        self._low: list[tuple[int, int, Record]] = []  # (priority, -seq, record): next evicted
+        self.queued = 0  # live records in the heap (finished ones are skipped lazily)
         self.completed = 0
         self.errored = 0
-        self.rejected = 0
+        self.rejected_backpressure = 0
         self.expired = 0
-        self._service_time = 0.0  # EWMA of seconds from dispatch to final reply
-        self.slots = 0
+        self.cancelled = 0
+        self.late_results = 0
+        self._service_times: deque[float] = deque(maxlen=WINDOW)
+        self._queue_waits: deque[float] = deque(maxlen=WINDOW)
+        self._mean_service = 0.0  # EWMA, for retry_after
 
-    def configure(self, policy: str, queue_capacity: int, max_inflight: int | None) -> None:
+    def configure(self, settings: ServiceSettings) -> None:
         """(Re)apply settings; workers already registered get the new capacity cap."""
-        self.policy = make_policy(policy)
-        self.queue_capacity = queue_capacity
-        self.max_inflight = max_inflight  # router-side cap on a worker's declared capacity
+        self.settings = settings
+        self.policy = make_policy(settings.policy)
         for c in self.conns:
             c.capacity = self.capacity_for(c.declared)
 
     def capacity_for(self, declared: int) -> int:
-        return min(declared, self.max_inflight) if self.max_inflight else declared
+        cap = self.settings.max_inflight
+        return min(declared, cap) if cap else declared
 
     # -- workers ---------------------------------------------------------------------------
     def add_conn(self, conn: Conn) -> None:
@@ -57,21 +78,24 @@ class Service:
 
     # -- queue -----------------------------------------------------------------------------
     @property
-    def full(self) -> bool:
-        return self.queued >= self.queue_capacity
+    def may_queue(self) -> bool:
+        """Whether one more request may wait (capacity policy and queue bound)."""
+        return (self.settings.capacity_policy == "queue"
+                and self.queued < self.settings.queue_capacity)
 
-    def enqueue(self, rec: Record, front: bool = False) -> None:
+    def enqueue(self, rec: Record) -> None:
+        """Queue ``rec`` by (priority, admission order): a request put back after a failed
+        dispatch keeps its original place."""
         rec.phase = Phase.QUEUED
-        if front:
-            self._queue.appendleft(rec)
-        else:
-            self._queue.append(rec)
+        heapq.heappush(self._heap, (-rec.priority, rec.rid, rec))
+        heapq.heappush(self._low, (rec.priority, -rec.rid, rec))
         self.queued += 1
 
     def dequeue(self) -> Record | None:
-        """Next live queued record (skipping ones finished while queued), or None."""
-        while self._queue:
-            rec = self._queue.popleft()
+        """Highest-priority, oldest live record, or None."""
+        heap = self._heap
+        while heap:
+            rec = heapq.heappop(heap)[2]
             if rec.phase is Phase.QUEUED:
                 self.queued -= 1
                 return rec
@@ -81,34 +105,69 @@ class Service:
         """A queued record was finished in place (timeout, cancel): it no longer counts."""
         self.queued -= 1
         if not self.queued:
-            self._queue.clear()
+            self._heap.clear()
+            self._low.clear()
+
+    def eviction_candidate(self, priority: int) -> Record | None:
+        """When the queue is full: the newest request of the lowest priority, if that is
+        below ``priority`` (so a flood of low-priority work cannot lock out higher)."""
+        low = self._low
+        while low:
+            rec = low[0][2]
+            if rec.phase is Phase.QUEUED:
+                return rec if rec.priority < priority else None
+            heapq.heappop(low)
+        return None
 
     def queued_records(self) -> list[Record]:
-        return [r for r in self._queue if r.phase is Phase.QUEUED]
+        return [r for _, _, r in self._heap if r.phase is Phase.QUEUED]
 
-    # -- load estimate -----------------------------------------------------------------------
-    def observe(self, seconds: float) -> None:
-        self._service_time = seconds if not self._service_time else (
-            0.9 * self._service_time + 0.1 * seconds)
+    # -- load figures ------------------------------------------------------------------------
+    def observe(self, service_time: float, queue_wait: float) -> None:
+        self._service_times.append(service_time)
+        self._queue_waits.append(queue_wait)
+        m = self._mean_service
+        self._mean_service = service_time if not m else 0.9 * m + 0.1 * service_time
 
     def retry_after(self) -> float:
-        """Seconds until the queue has likely drained enough to admit one more request."""
+        """Seconds until a request refused now would likely be admitted: the work queued
+        ahead of it divided by how fast the workers get through it."""
         capacity = sum(c.capacity for c in self.conns) or 1
-        est = (self.queued + 1) * (self._service_time or 0.01) / capacity
-        return round(min(max(est, 0.01), 60.0), 3)
+        per_request = self._mean_service or 0.01
+        ahead = self.queued + 1 if self.settings.capacity_policy == "queue" else 1
+        return round(min(max(ahead * per_request / capacity, 0.001), 60.0), 3)
 
     def row(self) -> dict:
+        st = sorted(self._service_times)
+        qw = sorted(self._queue_waits)
+        s = self.settings
         return {
             "name": self.name,
             "policy": self.policy.name,
+            "capacity_policy": s.capacity_policy,
+            "max_inflight": s.max_inflight,
+            "max_wait": s.max_wait,
             "workers": len(self.conns),
             "queued": self.queued,
-            "queue_capacity": self.queue_capacity,
+            "queue_capacity": s.queue_capacity,
             "in_flight": sum(len(c.in_flight) for c in self.conns),
             "completed": self.completed,
             "errored": self.errored,
-            "rejected": self.rejected,
+            "rejected_backpressure": self.rejected_backpressure,
             "expired": self.expired,
-            "service_time_ms": round(self._service_time * 1000, 3),
+            "cancelled": self.cancelled,
+            "late_results": self.late_results,
+            "service_time_p50_ms": _pct_ms(st, 0.50),
+            "service_time_p99_ms": _pct_ms(st, 0.99),
+            "queue_wait_p50_ms": _pct_ms(qw, 0.50),
+            "queue_wait_p99_ms": _pct_ms(qw, 0.99),
             "methods": sorted(self.methods),
         }
+
+
+def _pct_ms(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile in milliseconds, over the last WINDOW requests."""
+    if not sorted_values:
+        return None
+    i = max(0, math.ceil(q * len(sorted_values)) - 1)
+    return round(sorted_values[i] * 1000, 3)

@@ -178,7 +178,7 @@ def test_cancel_a_queued_request(procs):
         queued = c.submit("echo", "never")
         pool.wait_for(lambda st: st["services"][0]["queued"] == 1, what="one queued")
         assert queued.cancel()
-        pool.wait_for(lambda st: st["router"]["counters"].get("cancelled") == 1, what="cancel")
+        pool.wait_for(lambda st: st["services"][0]["cancelled"] == 1, what="cancel")
         assert slow.result() == {"seconds": 0.5}
         assert c.call("echo", "after") == "after"
     st = pool.status()

@@ -49,6 +49,12 @@ def _service_options(f):
                      help="Requests one worker may hold at once (default 1)."),
         click.option("--queue-capacity", type=int, default=None,
                      help="Requests queued per service before BackpressureError (default 10000)."),
+        click.option("--capacity-policy", type=click.Choice(["queue", "reject"]), default=None,
+                     help="When every worker is full: queue (up to --max-wait) or reject at once "
+                          "(default queue)."),
+        click.option("--max-wait", type=float, default=None,
+                     help="Seconds a request may wait in the queue before BackpressureError "
+                          "(default 30)."),
     ]):
         f = opt(f)
     return f
@@ -95,7 +101,7 @@ def _pydantic_message(exc: ValidationError) -> str:
               help="On Ctrl-C/SIGTERM, seconds in-flight requests may still run (default 30).")
 @_service_options
 def up(frontend, backend, drain_timeout, config_path, service, handler, workers, devices, policy,
-       max_inflight, queue_capacity) -> None:
+       max_inflight, queue_capacity, capacity_policy, max_wait) -> None:
     """Run a whole pool: a router and a supervised set of workers, in the foreground.
 
     Ctrl-C or SIGTERM drains: no new requests are admitted, in-flight ones finish, every
@@ -107,7 +113,8 @@ def up(frontend, backend, drain_timeout, config_path, service, handler, workers,
         config_path, service,
         {"frontend": frontend, "backend": backend, "drain_timeout": drain_timeout},
         {"handler": handler, "workers": workers, "devices": devices, "policy": policy,
-         "max_inflight": max_inflight, "queue_capacity": queue_capacity})
+         "max_inflight": max_inflight, "queue_capacity": queue_capacity,
+         "capacity_policy": capacity_policy, "max_wait": max_wait})
     tmpdir = None
     if cfg.router.backend is None:
         # A private ipc socket: pools side by side on one host never collide.
@@ -171,14 +178,15 @@ def router_cmd(frontend, backend, config_path, policy, drain_timeout) -> None:
                    "[default: HOSTNAME-PID]; must be unique per router.")
 @_service_options
 def worker(router_addr, node, config_path, service, handler, workers, devices, policy,
-           max_inflight, queue_capacity) -> None:
+           max_inflight, queue_capacity, capacity_policy, max_wait) -> None:
     """Run a supervisor and its workers for a router elsewhere (same code as `up`)."""
     from workerpool.supervisor import Supervisor
 
     cfg = _build_config(
         config_path, service, {},
         {"handler": handler, "workers": workers, "devices": devices, "policy": policy,
-         "max_inflight": max_inflight, "queue_capacity": queue_capacity})
+         "max_inflight": max_inflight, "queue_capacity": queue_capacity,
+         "capacity_policy": capacity_policy, "max_wait": max_wait})
     node = node or f"{socket.gethostname()}-{os.getpid()}"
     sup = Supervisor(cfg.services, router_addr, cfg.supervisor,
                      drain_timeout=cfg.router.drain_timeout, node=node,
@@ -225,8 +233,11 @@ def format_status(st: dict) -> str:
     for s in st["services"]:
         out.append(
             f"service {s['name']}: policy={s['policy']} workers={s['workers']} "
-            f"queued={s['queued']} in_flight={s['in_flight']} completed={s['completed']} "
-            f"errored={s['errored']} rejected={s['rejected']} expired={s['expired']}")
+            f"queued={s['queued']}/{s['queue_capacity']} in_flight={s['in_flight']} "
+            f"completed={s['completed']} errored={s['errored']} "
+            f"rejected_backpressure={s['rejected_backpressure']} expired={s['expired']} "
+            f"cancelled={s['cancelled']} service_time_ms p50={_ms(s['service_time_p50_ms'])} "
+            f"p99={_ms(s['service_time_p99_ms'])}")
     r = st["router"]
     out.append(f"router pid {r['pid']} up {r['uptime']:.0f}s at {r['frontend']}"
                + (" (draining)" if r["draining"] else ""))
@@ -234,6 +245,10 @@ def format_status(st: dict) -> str:
         if w.get("last_error") and w["state"] in ("dead", "failed", "restarting"):
             out.append(f"{w['id']} last error: {w['last_error'].strip().splitlines()[-1]}")
     return "\n".join(out)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _cell(value: Any, column: str) -> str:

@@ -35,7 +35,7 @@ import zmq.asyncio
 
 from ipc import codec, protocol, transport
 from ipc.protocol import FINAL_REPLY_KINDS, FrameError, Kind
-from workerpool.config import DEFAULT_FRONTEND
+from workerpool.config import DEFAULT_FRONTEND, MAX_PRIORITY, MAX_TIMEOUT, MIN_PRIORITY
 from workerpool.errors import (
     ClientClosedError,
     PayloadError,
@@ -63,12 +63,16 @@ class _BaseClient:
         self.max_message_bytes = max_message_bytes
         self._ids = itertools.count(1)
 
-    def _request_frames(self, method: str, payload: Any, service: str | None,
+    def _request_frames(self, method: str, payload: Any, service: str | None, priority: int,
                         timeout: float | None) -> tuple[int, list]:
         if not isinstance(method, str) or not method:
             raise ValueError("method must be a non-empty string")
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
+            raise ValueError(f"timeout must be in (0, {MAX_TIMEOUT}] seconds, got {timeout!r}")
+        if (isinstance(priority, bool) or not isinstance(priority, int)
+                or not MIN_PRIORITY <= priority <= MAX_PRIORITY):
+            raise ValueError(f"priority must be an integer in [{MIN_PRIORITY}, {MAX_PRIORITY}], "
+                             f"got {priority!r}")
         try:
             body, buffers = codec.dumps(payload)
         except codec.PayloadError as exc:
@@ -78,6 +82,8 @@ class _BaseClient:
             meta["service"] = service
         if timeout is not None:
             meta["timeout"] = float(timeout)
+        if priority:
+            meta["priority"] = priority
         rid = next(self._ids)
         frames = protocol.encode(Kind.REQUEST, rid, meta, body, buffers)
         size = sum(len(f) for f in frames)
@@ -156,7 +162,7 @@ class Client(_BaseClient):
 
     # -- public API -------------------------------------------------------------------------
     def submit(self, method: str, payload: Any = None, *, service: str | None = None,
-               timeout: float | None = None) -> concurrent.futures.Future:
+               priority: int = 0, timeout: float | None = None) -> concurrent.futures.Future:
         """Send a request; return a Future for its result (a list for a streaming method).
 
         The Future raises a ``WorkerPoolError`` subclass on failure. ``Future.cancel()``
@@ -164,25 +170,27 @@ class Client(_BaseClient):
         """
         timeout = self._effective_timeout(timeout)
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        rid = self._enqueue(method, payload, service, timeout, _Pending(fut, None, None))
+        rid = self._enqueue(method, payload, service, priority, timeout,
+                            _Pending(fut, None, None))
         fut.add_done_callback(lambda f, rid=rid: f.cancelled() and self._cancel(rid))
         return fut
 
     def call(self, method: str, payload: Any = None, *, service: str | None = None,
-             timeout: float | None = None) -> Any:
+             priority: int = 0, timeout: float | None = None) -> Any:
         """Send a request and wait for its result."""
         timeout = self._effective_timeout(timeout)
-        fut = self.submit(method, payload, service=service, timeout=timeout)
+        fut = self.submit(method, payload, service=service, priority=priority, timeout=timeout)
         # The I/O thread enforces the deadline; the margin only guards against its death.
         return fut.result(None if timeout is None else timeout + _LOCAL_GRACE + 5)
 
     def stream(self, method: str, payload: Any = None, *, service: str | None = None,
-               timeout: float | None = None) -> Iterator[Any]:
+               priority: int = 0, timeout: float | None = None) -> Iterator[Any]:
         """Yield a streaming method's items as they arrive; ``timeout`` bounds the whole
         stream. Leaving the loop early cancels the request."""
         timeout = self._effective_timeout(timeout)
         items: queue.SimpleQueue = queue.SimpleQueue()
-        rid = self._enqueue(method, payload, service, timeout, _Pending(None, items, None))
+        rid = self._enqueue(method, payload, service, priority, timeout,
+                            _Pending(None, items, None))
         return self._iterate(rid, items)
 
     def _iterate(self, rid: int, items: queue.SimpleQueue) -> Iterator[Any]:
@@ -241,9 +249,9 @@ class Client(_BaseClient):
                 pass
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _enqueue(self, method: str, payload: Any, service: str | None, timeout: float | None,
-                 pending: _Pending) -> int:
-        rid, frames = self._request_frames(method, payload, service, timeout)
+    def _enqueue(self, method: str, payload: Any, service: str | None, priority: int,
+                 timeout: float | None, pending: _Pending) -> int:
+        rid, frames = self._request_frames(method, payload, service, priority, timeout)
         if timeout is not None:
             pending.deadline = time.monotonic() + timeout + _LOCAL_GRACE
         self._push(rid, pending, frames)
@@ -483,22 +491,26 @@ class AsyncClient(_BaseClient):
             await self._sock.send_multipart(protocol.encode(Kind.CANCEL, rid))
 
     async def submit(self, method: str, payload: Any = None, *, service: str | None = None,
-                     timeout: float | None = None) -> asyncio.Future:
-        """Send a request; return an asyncio Future for its result."""
+                     priority: int = 0, timeout: float | None = None) -> asyncio.Future:
+        """Send a request; return an asyncio Future for its result. Cancelling the Future
+        cancels the request."""
         self._ensure_reader()
         timeout = self._effective_timeout(timeout)
-        rid, frames = self._request_frames(method, payload, service, timeout)
+        rid, frames = self._request_frames(method, payload, service, priority, timeout)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         await self._sock.send_multipart(frames)
+        fut.add_done_callback(
+            lambda f: f.cancelled() and not self._closed
+            and asyncio.ensure_future(self._send_cancel(rid)))
         return fut
 
     async def call(self, method: str, payload: Any = None, *, service: str | None = None,
-                   timeout: float | None = None) -> Any:
+                   priority: int = 0, timeout: float | None = None) -> Any:
         """Send a request and await its result. Cancelling the task cancels the request."""
         self._ensure_reader()
         timeout = self._effective_timeout(timeout)
-        rid, frames = self._request_frames(method, payload, service, timeout)
+        rid, frames = self._request_frames(method, payload, service, priority, timeout)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         await self._sock.send_multipart(frames)
@@ -515,11 +527,11 @@ class AsyncClient(_BaseClient):
             raise
 
     async def stream(self, method: str, payload: Any = None, *, service: str | None = None,
-                     timeout: float | None = None) -> AsyncIterator[Any]:
+                     priority: int = 0, timeout: float | None = None) -> AsyncIterator[Any]:
         """Async-iterate a streaming method's items; ``timeout`` bounds the whole stream."""
         self._ensure_reader()
         timeout = self._effective_timeout(timeout)
-        rid, frames = self._request_frames(method, payload, service, timeout)
+        rid, frames = self._request_frames(method, payload, service, priority, timeout)
         items: asyncio.Queue = asyncio.Queue()
         self._pending[rid] = items
         await self._sock.send_multipart(frames)

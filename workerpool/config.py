@@ -25,10 +25,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Policy = Literal["round-robin", "least-loaded"]
-POLICIES: tuple[str, ...] = ("round-robin", "least-loaded")
+Policy = Literal["round-robin", "least-loaded", "power-of-two"]
+POLICIES: tuple[str, ...] = ("round-robin", "least-loaded", "power-of-two")
+CapacityPolicy = Literal["queue", "reject"]
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 DEFAULT_BACKEND = "tcp://127.0.0.1:5556"  # `workerpool router`; `up` uses a private ipc socket
+MIN_PRIORITY, MAX_PRIORITY = 0, 1000  # request priorities: higher is served first
+MAX_TIMEOUT = 86400.0  # seconds; a longer request deadline is almost surely a unit mistake
 
 _ENDPOINT = re.compile(r"^(tcp://[^\s:]+:(\d+|\*)|tcp://\[[0-9a-fA-F:.]+\]:(\d+|\*)|ipc://\S+|inproc://\S+)$")
 _HANDLER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -67,6 +70,12 @@ class ServiceConfig(_Model):
         description="Requests the router holds for this service while every worker is full; "
         "beyond it a request is refused with BackpressureError.",
     )
+    capacity_policy: CapacityPolicy = Field(
+        "queue", description="When every worker is at max_inflight: 'queue' (wait up to "
+        "max_wait) or 'reject' (BackpressureError at once).")
+    max_wait: float | None = Field(
+        30.0, gt=0, le=86400, description="Longest a request waits in the queue before it is "
+        "refused with BackpressureError (None: until its own timeout).")
     options: dict[str, Any] = Field(
         default_factory=dict, description="Passed to the handler's setup() as context.options."
     )
@@ -95,7 +104,7 @@ class ServiceConfig(_Model):
 
 
 #: Service fields the router applies (the rest only matter to the supervisor).
-ROUTED_FIELDS = ("policy", "queue_capacity", "max_inflight")
+ROUTED_FIELDS = ("policy", "queue_capacity", "max_inflight", "capacity_policy", "max_wait")
 
 
 def routed_defaults() -> dict[str, Any]:

@@ -6,6 +6,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+@dataclass
+class WorkerStats:
+    """The worker's own count of its work, updated by the runtime as it goes.
+
+    ``max_outstanding`` is the most requests this process ever held at once (received and
+    not yet answered): with ``max_inflight=N`` the router must keep it <= N.
+    """
+
+    received: int = 0
+    running: int = 0
+    cancelled: int = 0
+    max_outstanding: int = 0
+
+
 @dataclass(frozen=True)
 class WorkerContext:
     """Passed to ``Handler.setup``.
@@ -21,3 +35,4 @@ class WorkerContext:
     device: str
     physical_device: str
     options: dict[str, Any] = field(default_factory=dict)
+    stats: WorkerStats = field(default_factory=WorkerStats)

@@ -96,6 +96,10 @@ class RequestTimeoutError(WorkerPoolError, TimeoutError):
     retryable_default = True
 
 
+class RequestCancelledError(WorkerPoolError):
+    """The request was cancelled before it finished (by its caller or the router)."""
+
+
 # -- the bytes were wrong ---------------------------------------------------------------------
 class ProtocolError(WorkerPoolError):
     """A message broke the wire protocol (bad frames, version, kind, or meta)."""
@@ -120,6 +124,7 @@ _BY_NAME: dict[str, type[WorkerPoolError]] = {
         ServiceUnavailableError,
         BackpressureError,
         RequestTimeoutError,
+        RequestCancelledError,
         ProtocolError,
         PayloadError,
         ClientClosedError,

@@ -8,6 +8,7 @@ payload. A method that returns a generator streams: each item is one PARTIAL rep
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import time
 from collections.abc import Iterator
@@ -53,6 +54,7 @@ class Echo(Handler):
             "pid": os.getpid(),
             "device": ctx.device if ctx else None,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "stats": dataclasses.asdict(ctx.stats) if ctx else None,
         }
 
 

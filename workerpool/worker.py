@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import traceback
+from collections import OrderedDict
 from typing import Any
 
 import msgpack
@@ -31,12 +32,13 @@ from pydantic import BaseModel, ConfigDict
 from ipc import codec, protocol, transport
 from ipc.protocol import FrameError, Kind
 from workerpool._proc import die_with_parent, setup_logging
-from workerpool.context import WorkerContext
+from workerpool.context import WorkerContext, WorkerStats
 from workerpool.devices import CPU, device_label
 from workerpool.errors import (
     HandlerError,
     PayloadError,
     ProtocolError,
+    RequestCancelledError,
     UnknownMethodError,
     WorkerPoolError,
 )
@@ -108,6 +110,10 @@ class Worker:
         self._reply_meta = protocol.pack_meta({"worker": spec.slot})
         self._methods: dict[str, Any] = {}
         self._meta_cache = protocol.MetaCache()
+        self._backlog: OrderedDict[int, protocol.Message] = OrderedDict()  # received, not run
+        self._current: int | None = None  # request id running now
+        self._cancel_current = False
+        self.stats = WorkerStats()
         self._handler: Any = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -142,6 +148,7 @@ class Worker:
             device=CPU if dev == CPU else "cuda:0",
             physical_device=dev,
             options=dict(self.spec.options),
+            stats=self.stats,
         )
         self._handler.context = ctx
         setup = getattr(self._handler, "setup", None)
@@ -178,17 +185,34 @@ class Worker:
 
     # -- the loop --------------------------------------------------------------------------
     def _serve(self) -> None:
+        """Take every waiting message into the backlog, run the oldest request, repeat.
+
+        Reading the socket dry before each request is what lets a CANCEL overtake the
+        request it names. Whatever was received is answered before the worker stops.
+        """
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
-        while not self._stopping:
-            if not poller.poll(200):
+        backlog = self._backlog
+        while not self._stopping or backlog:
+            if not backlog and not poller.poll(200):
                 continue
-            while not self._stopping:
+            self._read_socket()
+            if backlog:
+                _, msg = backlog.popitem(last=False)
+                self._current = msg.req_id
                 try:
-                    frames = transport.recv(self._sock, transport.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._on_message(frames)
+                    self._on_request(msg)
+                finally:
+                    self._current = None
+                    self.stats.running = 0
+
+    def _read_socket(self) -> None:
+        while True:
+            try:
+                frames = transport.recv(self._sock, transport.NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_message(frames)
 
     def _on_message(self, frames: list) -> None:
         try:
@@ -200,13 +224,29 @@ class Worker:
                 self._send_error(exc.req_id, ProtocolError(str(exc), code=exc.code))
             return
         if msg.kind is Kind.REQUEST:
-            self._on_request(msg)
+            self._backlog[msg.req_id] = msg
+            self.stats.received += 1
+            outstanding = len(self._backlog) + (self._current is not None)
+            self.stats.max_outstanding = max(self.stats.max_outstanding, outstanding)
+        elif msg.kind is Kind.CANCEL:
+            self._on_cancel(msg.req_id)
         elif msg.kind is Kind.SHUTDOWN:
             self._stopping = True
         elif msg.kind is Kind.HEARTBEAT and "ping" in msg.meta:
             self._send(Kind.HEARTBEAT, msg.req_id, {"pong": msg.meta["ping"]})
 
+    def _on_cancel(self, req_id: int) -> None:
+        """The router gave up on a request (timeout, client cancel). Not started: skip it.
+        Streaming: stop after the current item. Running otherwise: it runs to the end."""
+        if self._backlog.pop(req_id, None) is not None:
+            self.stats.cancelled += 1
+            self._send_error(req_id, RequestCancelledError("cancelled before it started"))
+        elif req_id == self._current:
+            self._cancel_current = True
+
     def _on_request(self, msg: protocol.Message) -> None:
+        self.stats.running = 1
+        self._cancel_current = False
         method = msg.meta.get("method")
         fn = self._methods.get(method) if isinstance(method, str) else None
         if fn is None:
@@ -224,6 +264,13 @@ class Worker:
             if inspect.isgenerator(result):
                 for item in result:
                     self._send_value(Kind.PARTIAL, msg.req_id, item)
+                    self._read_socket()  # a CANCEL for this stream may be waiting
+                    if self._cancel_current:
+                        result.close()
+                        self.stats.cancelled += 1
+                        self._send_error(msg.req_id, RequestCancelledError(
+                            "stream cancelled by its caller"))
+                        return
                 self._send(Kind.END, msg.req_id, self._reply_meta)
             else:
                 self._send_value(Kind.RESULT, msg.req_id, result)
