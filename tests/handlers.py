@@ -97,3 +97,18 @@ class CudaProbe(Faulty):
         c = cp.empty_like(a)
         kernel(((n + 255) // 256,), (256,), (a, b, c, cp.int32(n)))
         return float(c.sum().get())
+
+
+class Recorder(Echo):
+    """Numbers the requests in the order this worker runs them."""
+
+    def setup(self, ctx):
+        self.n = 0
+
+    def record(self, payload):
+        self.n += 1
+        if isinstance(payload, dict) and payload.get("sleep"):
+            import time
+
+            time.sleep(float(payload["sleep"]))
+        return {"payload": payload, "n": self.n}
