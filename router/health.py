@@ -81,6 +81,7 @@ class Slot:
         self.last_error: str | None = None
         self.ready_at: float | None = None  # monotonic time the current incarnation registered
         self.setup_error: str | None = None  # traceback from a worker whose setup() failed
+        self.leave_reason: str | None = None  # what the current incarnation said as it left
         self.sort_key = _sort_key(slot_id)
 
     def transition(self, new: WorkerState) -> None:

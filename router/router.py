@@ -61,6 +61,7 @@ log = logging.getLogger("workerpool.router")
 BATCH = 512  # messages taken from one socket before looking at the other
 _DEADLINE, _MAX_WAIT = 0, 1  # timer kinds
 UNREACHABLE_GRACE = 1.0  # seconds to wait for a death notice once a worker is unroutable
+DEATH_GRACE = 0.003  # seconds a death notice waits for the dead worker's last messages
 _ALIVE = frozenset({WorkerState.STARTING, WorkerState.RESTARTING, WorkerState.DEAD,
                     WorkerState.READY, WorkerState.BUSY})
 _EMPTY_META = b""
@@ -94,6 +95,7 @@ class Router:
         self._slot_owner: dict[str, bytes] = {}  # slot id -> supervisor that runs it
         self._unreachable: dict[bytes, float] = {}  # worker identity -> give-up time
         self._draining_sups: dict[bytes, float] = {}  # leaving supervisor -> drain deadline
+        self._deaths: list[tuple[float, Slot, int, str]] = []  # (when due, slot, inc, how)
         self.records: dict[int, Record] = {}
         self._by_client: dict[tuple[bytes, int], Record] = {}
         self._timers: list[tuple[float, int, int]] = []  # (when, rid, kind); stale ones skipped
@@ -147,6 +149,8 @@ class Router:
                 if self.frontend in events:
                     busy |= self._drain_socket(self.frontend, self._on_frontend)
                 self._run_timers()
+                if self._deaths:
+                    self._apply_deaths()
                 if self._draining_sups:
                     self._check_supervisor_drains()
                 if self.draining:
@@ -170,6 +174,8 @@ class Router:
             t = min(t, (self._timers[0][0] - now) * 1000)
         if self._unreachable:
             t = min(t, 50.0)
+        if self._deaths:
+            t = min(t, DEATH_GRACE * 1000)
         if self.draining or self._draining_sups:
             t = min(t, 20.0)
         return max(0, int(t) + 1)
@@ -524,6 +530,14 @@ class Router:
                 slot.setup_error = str(meta.get("error", reason))[-4000:]
                 slot.last_error = slot.setup_error
             return
+        if reason == "context-poisoned":
+            # It is exiting on purpose to be replaced: what it still held is answered as a
+            # crash, and the slot waits for its respawn.
+            error = str(meta.get("error", reason))
+            conn.slot.leave_reason = f"CUDA context poisoned: {error}"[-4000:]
+            self._lose_conn(conn, "left with a poisoned CUDA context")
+            conn.slot.transition(WorkerState.DEAD)
+            return
         self._lose_conn(conn, reason, crashed=False)
         conn.slot.transition(WorkerState.STOPPED)
 
@@ -555,13 +569,10 @@ class Router:
                 slot.pid = meta.get("pid")
                 slot.transition(WorkerState.RESTARTING if incarnation > 1 else WorkerState.STARTING)
         elif event == "died":
-            reason = str(meta.get("reason", "died"))
-            conn = slot.conn
-            if conn is not None and conn.incarnation == incarnation:
-                self._lose_conn(conn, reason)
-            slot.last_error = reason
-            if slot.state is not WorkerState.STOPPED:
-                slot.transition(WorkerState.DEAD)
+            # The supervisor's socket can overtake the worker's: its last replies may still
+            # be queued behind. Act after DEATH_GRACE and another read of the backend.
+            self._deaths.append((time.monotonic() + DEATH_GRACE, slot, incarnation,
+                                 str(meta.get("reason", "died"))))
         elif event == "failed":
             reason = str(meta.get("reason", "failed"))
             if slot.conn is not None:
@@ -577,6 +588,25 @@ class Router:
             slot.transition(WorkerState.STOPPED)
         else:
             raise ValueError(f"unknown slot event {event!r}")
+
+    def _apply_deaths(self) -> None:
+        now = time.monotonic()
+        due = [d for d in self._deaths if d[0] <= now]
+        if not due:
+            return
+        self._drain_socket(self.backend, self._on_backend)  # the dead worker's last words
+        self._deaths = [d for d in self._deaths if d[0] > now]
+        for _, slot, incarnation, reason in due:
+            conn = slot.conn
+            if conn is not None and conn.incarnation == incarnation:
+                self._lose_conn(conn, reason)
+            if incarnation != slot.incarnation:
+                continue  # a newer incarnation already registered
+            # Why it left, if it said so before dying (a poisoned context), then how.
+            slot.last_error = f"{slot.leave_reason}; {reason}" if slot.leave_reason else reason
+            slot.leave_reason = None
+            if slot.state is not WorkerState.STOPPED:
+                slot.transition(WorkerState.DEAD)
 
     def _on_drain(self, ident: bytes, meta: dict) -> None:
         """scope "router": the whole pool stops (``up``). scope "supervisor": only that

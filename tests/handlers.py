@@ -112,3 +112,72 @@ class Recorder(Echo):
 
             time.sleep(float(payload["sleep"]))
         return {"payload": payload, "n": self.n}
+
+
+class CudaFaults(Echo):
+    """Raises the exceptions PyTorch and CuPy raise for CUDA faults (real classes where
+    installed), so the worker's classification is tested without a GPU."""
+
+    def _torch_error(self, message, code):
+        import torch
+
+        exc = torch.AcceleratorError(message)
+        exc.error_code = code
+        return exc
+
+    def illegal_access(self, payload=None):
+        raise self._torch_error(
+            "CUDA error: an illegal memory access was encountered\nSearch for "
+            "`cudaErrorIllegalAddress' in https://docs.nvidia.com/cuda/...", 700)
+
+    def device_assert_old_torch(self, payload=None):
+        # PyTorch before 2.8 raised a plain RuntimeError with this text.
+        raise RuntimeError("CUDA error: device-side assert triggered\nCUDA kernel errors "
+                           "might be asynchronously reported at some other API call")
+
+    def cupy_illegal_address(self, payload=None):
+        cls = type("CUDARuntimeError", (RuntimeError,), {"__module__": "cupy_backends.cuda.api.runtime"})
+        exc = cls("cudaErrorIllegalAddress: an illegal memory access was encountered")
+        exc.status = 700
+        raise exc
+
+    def oom(self, payload=None):
+        import torch
+
+        raise torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
+            "79.10 GiB of which 3.12 GiB is free.")
+
+    def not_cuda(self, payload=None):
+        raise ValueError("text that mentions a device-side assert is not a CUDA error")
+
+
+class CudaPoison(CudaProbe):
+    """Real CUDA faults on a real GPU (bin/gpu-check)."""
+
+    def poison(self, payload=None):
+        """A CuPy RawKernel writing through a bad pointer: cudaErrorIllegalAddress (700)."""
+        import cupy as cp
+
+        kernel = cp.RawKernel(r'''
+        extern "C" __global__ void write_bad(unsigned long long address) {
+            *(int*)address = 1;
+        }''', "write_bad")
+        kernel((1,), (1,), (cp.uint64(8),))
+        cp.cuda.Device().synchronize()
+        return "unreachable"
+
+    def torch_assert(self, payload=None):
+        """An out-of-bounds index on the GPU: a device-side assert (710)."""
+        torch = self.torch
+        x = torch.zeros(10, device=self.device)
+        x[torch.arange(20, device=self.device)] = 2
+        torch.cuda.synchronize()
+        return "unreachable"
+
+    def oom(self, payload=None):
+        """Ask for far more memory than the card has."""
+        torch = self.torch
+        _, total = torch.cuda.mem_get_info()
+        x = torch.empty(int(total * 4), dtype=torch.uint8, device=self.device)
+        return x.numel()

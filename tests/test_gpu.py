@@ -106,3 +106,35 @@ def test_segfault_in_a_gpu_worker(procs):
             c.call("segfault")
         pool.wait_ready(1, timeout=60)
         assert c.call("probe")["device"] == "cuda:0"
+
+
+@needs_gpu
+@pytest.mark.parametrize("method", ["poison", "torch_assert"])
+def test_real_poisoned_context_is_replaced(procs, method):
+    if method == "poison":
+        pytest.importorskip("cupy", reason="CuPy is not installed")
+    pool = procs.pool("--devices", "auto", handler="tests.handlers:CudaPoison", workers=1)
+    with Client(pool.address, timeout=120) as c:
+        pid = pool.status()["workers"][0]["pid"]
+        with pytest.raises(WorkerCrashedError) as info:
+            c.call(method)
+        assert info.value.extra.get("cause") == "context-poisoned", info.value
+        st = pool.wait_for(lambda s: s["workers"][0]["state"] == "ready"
+                           and s["workers"][0]["pid"] != pid, timeout=120, what="respawn")
+        assert "CUDA context poisoned" in st["workers"][0]["last_error"]
+        assert c.call("probe")["device"] == "cuda:0"  # a fresh context computes again
+        assert c.call("matmul", {"n": 64}) > 0
+
+
+@needs_gpu
+def test_real_oom_keeps_the_worker(procs):
+    from workerpool.errors import ResourceExhaustedError
+
+    pool = procs.pool("--devices", "auto", handler="tests.handlers:CudaPoison", workers=1)
+    with Client(pool.address, timeout=120) as c:
+        pid = pool.status()["workers"][0]["pid"]
+        with pytest.raises(ResourceExhaustedError) as info:
+            c.call("oom")
+        assert info.value.retryable
+        assert c.call("matmul", {"n": 64}) > 0
+    assert pool.status()["workers"][0]["pid"] == pid

@@ -74,6 +74,12 @@ class WorkerCrashedError(WorkerPoolError):
     retryable_default = True
 
 
+class ResourceExhaustedError(WorkerPoolError):
+    """The worker ran out of a resource (device memory) for this request; it stays up."""
+
+    retryable_default = True
+
+
 class ServiceUnavailableError(WorkerPoolError):
     """No worker can take the request: unknown service, none registered, or shutting down."""
 
@@ -121,6 +127,7 @@ _BY_NAME: dict[str, type[WorkerPoolError]] = {
         HandlerError,
         UnknownMethodError,
         WorkerCrashedError,
+        ResourceExhaustedError,
         ServiceUnavailableError,
         BackpressureError,
         RequestTimeoutError,

@@ -34,7 +34,7 @@ from ipc import protocol, transport
 from ipc.protocol import FrameError, Kind
 from workerpool.config import ROUTED_FIELDS, RouterConfig, ServiceConfig, SupervisorConfig
 from workerpool.devices import device_label, parse_devices, worker_env
-from workerpool.worker import EXIT_SETUP_FAILED, SPEC_ENV, WorkerSpec
+from workerpool.worker import EXIT_POISONED, EXIT_SETUP_FAILED, SPEC_ENV, WorkerSpec
 
 log = logging.getLogger("workerpool.supervisor")
 
@@ -46,6 +46,8 @@ def describe_exit(returncode: int) -> str:
         except ValueError:
             name = f"signal {-returncode}"
         return f"was killed by {name}"
+    if returncode == EXIT_POISONED:
+        return f"exited with code {returncode} (its CUDA context was poisoned)"
     return f"exited with code {returncode}"
 
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ipc import codec, protocol, transport
 from ipc.protocol import FrameError, Kind
+from workerpool import faults
 from workerpool._proc import die_with_parent, setup_logging
 from workerpool.context import WorkerContext, WorkerStats
 from workerpool.devices import CPU, device_label
@@ -39,12 +40,16 @@ from workerpool.errors import (
     PayloadError,
     ProtocolError,
     RequestCancelledError,
+    ResourceExhaustedError,
     UnknownMethodError,
+    WorkerCrashedError,
     WorkerPoolError,
 )
+from workerpool.faults import Fate
 
 SPEC_ENV = "WORKERPOOL_WORKER_SPEC"
 EXIT_SETUP_FAILED = 78  # EX_CONFIG: the supervisor marks the slot failed instead of respawning
+EXIT_POISONED = 75  # EX_TEMPFAIL: left on purpose after a sticky CUDA error; respawn me
 _RESERVED = frozenset({"setup", "teardown", "context"})
 
 
@@ -277,11 +282,37 @@ class Worker:
         except _UnencodableResult as exc:
             self._send_error(msg.req_id, PayloadError(str(exc)))
         except Exception as exc:
-            self._send_error(msg.req_id, HandlerError(
-                f"{type(exc).__name__}: {exc}",
-                remote_type=type(exc).__name__,
-                traceback=traceback.format_exc(),
-            ))
+            self._on_handler_exception(msg.req_id, exc)
+
+    def _on_handler_exception(self, req_id: int, exc: Exception) -> None:
+        """A domain error keeps the worker; a poisoned CUDA context ends it (faults.py)."""
+        fate = faults.classify(exc)
+        if fate is Fate.DOMAIN and faults.is_cuda_error(exc) and not faults.context_alive():
+            fate = Fate.POISONED  # an unlisted CUDA error that left the context unusable
+        text = f"{type(exc).__name__}: {exc}"
+        tb = traceback.format_exc()
+        if fate is Fate.POISONED:
+            self._leave_poisoned(req_id, text, tb)
+        if fate is Fate.EXHAUSTED:
+            faults.release_cached_memory()
+            self._send_error(req_id, ResourceExhaustedError(
+                f"out of device memory: {text}", remote_type=type(exc).__name__, traceback=tb))
+            return
+        self._send_error(req_id, HandlerError(text, remote_type=type(exc).__name__,
+                                              traceback=tb))
+
+    def _leave_poisoned(self, req_id: int, text: str, tb: str) -> None:
+        """Answer, say why, and exit without running any cleanup that could touch CUDA."""
+        sys.stderr.write(f"[{self.spec.slot}] CUDA context poisoned; exiting:\n{tb}")
+        self._send_error(req_id, WorkerCrashedError(
+            f"worker {self.spec.slot} hit a sticky CUDA error and is being replaced: {text}",
+            cause=Fate.POISONED.value, remote_type=text.partition(":")[0], traceback=tb))
+        self._send(Kind.GOODBYE, 0, {"reason": Fate.POISONED.value, "error": text[-2000:]})
+        # close() alone returns at once; term() waits (up to the linger) until the replies
+        # above are on the wire. Neither touches CUDA.
+        self._sock.close(linger=2000)
+        self._ctx.term()
+        os._exit(EXIT_POISONED)
 
     # -- sending -------------------------------------------------------------------------------
     def _send(self, kind: Kind, req_id: int, meta: dict | bytes | None = None,
