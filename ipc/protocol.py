@@ -34,6 +34,7 @@ class Kind(enum.IntEnum):
     REQUEST = 0x01  # meta: {"service", "method", "timeout", ...}; body: payload
     CANCEL = 0x02  # forget a request (client -> router, and router -> worker, best effort)
     STATUS = 0x03  # answered with RESULT whose body is the health table
+    ADMIN = 0x04  # operator command (meta: {"op", ...}); router -> supervisor too
 
     # replies: router -> client, and worker -> router (same layout both ways)
     RESULT = 0x10  # final reply; body: the value

@@ -47,6 +47,7 @@ from workerpool.config import (
     routed_defaults,
 )
 from workerpool.errors import (
+    AdminError,
     BackpressureError,
     ProtocolError,
     RequestTimeoutError,
@@ -62,6 +63,7 @@ BATCH = 512  # messages taken from one socket before looking at the other
 _DEADLINE, _MAX_WAIT = 0, 1  # timer kinds
 UNREACHABLE_GRACE = 1.0  # seconds to wait for a death notice once a worker is unroutable
 DEATH_GRACE = 0.003  # seconds a death notice waits for the dead worker's last messages
+ADMIN_OPS = ("restart",)  # operator commands the router forwards to supervisors
 _ALIVE = frozenset({WorkerState.STARTING, WorkerState.RESTARTING, WorkerState.DEAD,
                     WorkerState.READY, WorkerState.BUSY})
 _EMPTY_META = b""
@@ -148,13 +150,13 @@ class Router:
                     busy |= self._drain_socket(self.backend, self._on_backend)
                 if self.frontend in events:
                     busy |= self._drain_socket(self.frontend, self._on_frontend)
-                self._run_timers()
+                self._guarded(self._run_timers)
                 if self._deaths:
-                    self._apply_deaths()
+                    self._guarded(self._apply_deaths)
                 if self._draining_sups:
-                    self._check_supervisor_drains()
+                    self._guarded(self._check_supervisor_drains)
                 if self.draining:
-                    self._check_drained()
+                    self._guarded(self._check_drained)
                     if self._exit_at is not None and time.monotonic() >= self._exit_at:
                         break
         finally:
@@ -166,6 +168,14 @@ class Router:
         self._ctx.term()
         self._wake_r.close()
         self._wake_w.close()
+
+    def _guarded(self, step) -> None:
+        """Run a loop step; a bug in it is logged and counted, never fatal to the router."""
+        try:
+            step()
+        except Exception:
+            self.stats["internal_errors"] += 1
+            log.exception("internal error in %s", getattr(step, "__name__", step))
 
     def _poll_timeout_ms(self) -> int:
         t = 1000.0
@@ -218,6 +228,8 @@ class Router:
             self._to_client(client, Kind.RESULT, msg.req_id, _EMPTY_META, body)
         elif msg.kind is Kind.CANCEL:
             self._on_cancel(client, msg.req_id)
+        elif msg.kind is Kind.ADMIN:
+            self._on_admin(client, msg.req_id, msg.meta)
         else:
             self.stats["bad_frames_frontend"] += 1
             self._reply_error(client, msg.req_id, ProtocolError(
@@ -327,6 +339,29 @@ class Router:
     def _has_live_slots(self, service: str) -> bool:
         """Some worker of ``service`` is serving or expected back (starting, respawning)."""
         return any(s.service == service and s.state in _ALIVE for s in self.slots.values())
+
+    def _on_admin(self, client: bytes, client_rid: int, meta: dict) -> None:
+        """Operator commands on a worker slot, carried out by the supervisor that runs it."""
+        op = meta.get("op")
+        if op not in ADMIN_OPS:
+            self._reply_error(client, client_rid, ProtocolError(
+                f"unknown admin op {op!r}; ops: {', '.join(ADMIN_OPS)}", code="bad-meta"))
+            return
+        slot_id = meta.get("worker")
+        slot = self.slots.get(slot_id) if isinstance(slot_id, str) else None
+        if slot is None:
+            self._reply_error(client, client_rid, AdminError(
+                f"no worker {slot_id!r}; workers: {', '.join(sorted(self.slots)) or 'none'}"))
+            return
+        owner = self._slot_owner.get(slot.id)
+        if owner is None or owner not in self.supervisors:
+            self._reply_error(client, client_rid, AdminError(
+                f"worker {slot.id} has no supervisor connected to this router"))
+            return
+        self._send_backend(owner, Kind.ADMIN, {"op": op, "slot": slot.id})
+        body = msgpack.packb({"op": op, "worker": slot.id, "state": str(slot.state),
+                              "message": f"{op} of {slot.id} sent to its supervisor"})
+        self._to_client(client, Kind.RESULT, client_rid, _EMPTY_META, body)
 
     def _on_cancel(self, client: bytes, client_rid: int) -> None:
         rec = self._by_client.get((client, client_rid))
@@ -600,13 +635,13 @@ class Router:
             conn = slot.conn
             if conn is not None and conn.incarnation == incarnation:
                 self._lose_conn(conn, reason)
-            if incarnation != slot.incarnation:
-                continue  # a newer incarnation already registered
+            if incarnation != slot.incarnation or slot.state in (WorkerState.FAILED,
+                                                                 WorkerState.STOPPED):
+                continue  # a newer incarnation registered, or the slot's fate is settled
             # Why it left, if it said so before dying (a poisoned context), then how.
             slot.last_error = f"{slot.leave_reason}; {reason}" if slot.leave_reason else reason
             slot.leave_reason = None
-            if slot.state is not WorkerState.STOPPED:
-                slot.transition(WorkerState.DEAD)
+            slot.transition(WorkerState.DEAD)
 
     def _on_drain(self, ident: bytes, meta: dict) -> None:
         """scope "router": the whole pool stops (``up``). scope "supervisor": only that

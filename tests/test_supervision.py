@@ -10,6 +10,7 @@ import socket
 import pytest
 
 from workerpool import Client, PayloadError, ServiceUnavailableError, WorkerCrashedError
+from workerpool.errors import AdminError
 
 
 def _free_port() -> int:
@@ -99,3 +100,51 @@ def test_two_remote_supervisors_and_one_leaves(procs):
     os.kill(router.popen.pid, signal.SIGTERM)
     assert router.popen.wait(20) == 0
     assert b.popen.wait(20) == 0
+
+
+def test_restart_intensity_marks_failed_and_restart_resets(procs):
+    cfg = procs.dir / "intensity.toml"
+    cfg.write_text("[supervisor]\nmax_restarts = 2\nrestart_window = 60\n"
+                   "restart_backoff = 0.01\n")
+    pool = procs.pool("--config", str(cfg), workers=1)
+    with Client(pool.address, timeout=10) as c:
+        for n in range(3):  # two respawns are allowed; the third death fails the slot
+            with pytest.raises(WorkerCrashedError):
+                c.call("exit", {"code": 9})
+            if n < 2:
+                pool.wait_ready(1)
+        st = pool.wait_for(lambda s: s["workers"][0]["state"] == "failed", what="failed")
+        w = st["workers"][0]
+        assert "died 3 times within 60s (max_restarts=2)" in w["last_error"]
+        assert w["restarts"] == 2
+        # Every worker of the service failed: requests are refused at once, not queued.
+        with pytest.raises(ServiceUnavailableError, match="no live workers"):
+            c.call("echo", 1)
+        # The operator resets it.
+        out = c.restart_worker("default/0")
+        assert "restart of default/0" in out["message"]
+        pool.wait_ready(1)
+        assert c.call("echo", 2) == 2
+        with pytest.raises(AdminError, match="no worker 'default/9'"):
+            c.restart_worker("default/9")
+
+
+def test_restart_command_replaces_a_running_worker_after_its_work(procs):
+    from click.testing import CliRunner
+
+    from workerpool.cli import main
+
+    pool = procs.pool(workers=1)
+    with Client(pool.address, timeout=10) as c:
+        pid = pool.status()["workers"][0]["pid"]
+        running = c.submit("sleep", {"seconds": 0.5})
+        pool.wait_for(lambda s: s["workers"][0]["in_flight"] == 1, what="busy")
+        out = CliRunner().invoke(main, ["restart", "default/0", "--router", pool.address])
+        assert out.exit_code == 0, out.output
+        assert running.result() == {"seconds": 0.5}  # finished, not killed
+        st = pool.wait_for(lambda s: s["workers"][0]["pid"] != pid
+                           and s["workers"][0]["state"] == "ready", what="replaced")
+        assert st["workers"][0]["restarts"] == 1
+        assert c.call("echo", 3) == 3
+        out = CliRunner().invoke(main, ["restart", "nope/1", "--router", pool.address])
+        assert out.exit_code == 1 and "AdminError" in out.output

@@ -259,6 +259,29 @@ def _cell(value: Any, column: str) -> str:
     return str(value)
 
 
+# -- restart ----------------------------------------------------------------------------------
+@main.command()
+@click.argument("worker")
+@click.option("--router", "router_addr", default=DEFAULT_FRONTEND, show_default=True,
+              help="The router's client (frontend) address.")
+def restart(worker, router_addr) -> None:
+    """Restart WORKER (an id from `workerpool status`, e.g. default/2).
+
+    A failed worker (setup failure, or more than max_restarts deaths within
+    restart_window) is reset and started again. A running one finishes the requests it
+    holds, exits, and is replaced at once.
+    """
+    from workerpool.client import Client
+    from workerpool.errors import WorkerPoolError
+
+    with Client(router_addr) as c:
+        try:
+            out = c.restart_worker(worker)
+        except WorkerPoolError as exc:
+            raise click.ClickException(f"{exc.type}: {exc.message}") from None
+    click.echo(out["message"])
+
+
 # -- call -------------------------------------------------------------------------------------
 @main.command()
 @click.argument("method")

@@ -216,10 +216,19 @@ class Client(_BaseClient):
 
     def status(self, timeout: float = 5.0) -> dict:
         """The router's health table: what ``workerpool status --json`` prints."""
+        return self._control(Kind.STATUS, None, timeout)
+
+    def restart_worker(self, worker: str, timeout: float = 5.0) -> dict:
+        """Ask the worker's supervisor to restart it (a failed one is reset and started
+        again; a running one finishes what it holds first). Raises AdminError for an
+        unknown worker."""
+        return self._control(Kind.ADMIN, {"op": "restart", "worker": worker}, timeout)
+
+    def _control(self, kind: Kind, meta: dict | None, timeout: float) -> dict:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         rid = next(self._ids)
         pending = _Pending(fut, None, time.monotonic() + timeout)
-        self._push(rid, pending, protocol.encode(Kind.STATUS, rid))
+        self._push(rid, pending, protocol.encode(kind, rid, meta))
         return fut.result(timeout + 5)
 
     def close(self) -> None:

@@ -151,6 +151,11 @@ class SupervisorConfig(_Model):
     stable_after: float = Field(
         10.0, ge=0, description="Uptime after which a slot's respawn delay resets."
     )
+    max_restarts: int = Field(
+        3, ge=0, le=10000, description="Respawns allowed per slot within restart_window; "
+        "one more death marks the slot failed (reset with `workerpool restart`).")
+    restart_window: float = Field(
+        60.0, gt=0, le=86400, description="Seconds over which max_restarts is counted.")
     startup_timeout: float = Field(
         120.0, gt=0, description="How long `up` waits for every worker's READY."
     )

@@ -115,6 +115,10 @@ class PayloadError(ProtocolError, ValueError):
     """A payload could not be encoded or decoded (not msgpack, unsupported type)."""
 
 
+class AdminError(WorkerPoolError):
+    """An operator command could not be carried out (unknown worker, no supervisor)."""
+
+
 # -- local to the client ------------------------------------------------------------------------
 class ClientClosedError(WorkerPoolError):
     """The client was closed while the request was outstanding, or used after close."""
@@ -135,6 +139,7 @@ _BY_NAME: dict[str, type[WorkerPoolError]] = {
         ProtocolError,
         PayloadError,
         ClientClosedError,
+        AdminError,
     )
 }
 

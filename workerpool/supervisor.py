@@ -26,7 +26,8 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import zmq
 
@@ -64,6 +65,8 @@ class WorkerProc:
     started_at: float = 0.0
     died_at: float = 0.0
     failures: int = 0  # consecutive short-lived incarnations, for the backoff
+    deaths: deque = field(default_factory=deque)  # recent unrequested deaths (monotonic)
+    restart_requested: bool = False  # an operator asked: respawn at once, not counted
     ready: bool = False  # the current incarnation registered with the router
     ever_ready: bool = False
     failed: bool = False
@@ -230,10 +233,27 @@ class Supervisor:
                 continue
             if msg.kind is Kind.READY:
                 self._on_worker_ready(str(msg.meta.get("slot")), msg.meta.get("incarnation"))
+            elif msg.kind is Kind.ADMIN:
+                self._on_admin(msg.meta)
             elif msg.kind is Kind.DRAINED:
                 self._drained = True
                 if not self._stopping:  # the router is shutting down: so is its pool
                     self.stop("router drained")
+
+    def _on_admin(self, meta: dict) -> None:
+        w = self.workers.get(str(meta.get("slot")))
+        if w is None or self._stopping or meta.get("op") != "restart":
+            return
+        log.info("operator restart of %s", w.slot)
+        w.deaths.clear()
+        w.failures = 0
+        if w.failed or w.proc is None or w.pidfd is None:
+            w.failed = False
+            self._spawn(w)
+        else:
+            # Running: let it finish what it holds (SIGTERM), then respawn at once.
+            w.restart_requested = True
+            _signal(w.proc, signal.SIGTERM)
 
     def _on_worker_ready(self, slot: str, incarnation: object) -> None:
         w = self.workers.get(slot)
@@ -318,10 +338,28 @@ class Supervisor:
             self._check_all_ready()
             return
         w.ready = False
+        if w.restart_requested:  # an operator's restart: no backoff, not a failure
+            w.restart_requested = False
+            self._send(Kind.SLOT, {**base, "event": "died", "reason": f"restarted ({how})"})
+            self._spawn(w)
+            return
+        cfg = self.config
+        w.deaths.append(w.died_at)
+        while w.deaths and w.deaths[0] < w.died_at - cfg.restart_window:
+            w.deaths.popleft()
+        if len(w.deaths) > cfg.max_restarts:
+            w.failed = True
+            reason = (f"{how}; died {len(w.deaths)} times within {cfg.restart_window:g}s "
+                      f"(max_restarts={cfg.max_restarts}): not respawned; "
+                      f"reset with `workerpool restart {w.slot}`")
+            log.error("worker %s %s", w.slot, reason)
+            self._send(Kind.SLOT, {**base, "event": "died", "reason": how})
+            self._send(Kind.SLOT, {**base, "event": "failed", "reason": reason})
+            return
         self._send(Kind.SLOT, {**base, "event": "died", "reason": how})
-        if w.died_at - w.started_at >= self.config.stable_after:
+        if w.died_at - w.started_at >= cfg.stable_after:
             w.failures = 0
-        delay = min(self.config.restart_backoff * (2 ** w.failures), self.config.restart_backoff_max)
+        delay = min(cfg.restart_backoff * (2 ** w.failures), cfg.restart_backoff_max)
         w.failures += 1
         log.warning("worker %s (pid %d) %s; respawning in %.2fs", w.slot, w.proc.pid, how, delay)
         heapq.heappush(self._timers, (w.died_at + delay, w.slot))
