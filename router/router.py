@@ -381,7 +381,7 @@ class Router:
             self.stats["dispatch_unroutable"] += 1
             self._quarantine(conn)
             svc = self.services[rec.service]
-            svc.enqueue(rec, front=True)
+            svc.enqueue(rec)  # keeps its place: the queue orders by admission number
             self._pump(svc)  # another worker may have room now
             return
         rec.phase = Phase.RUNNING

@@ -98,8 +98,20 @@ class Service:
             rec = heapq.heappop(heap)[2]
             if rec.phase is Phase.QUEUED:
                 self.queued -= 1
+                self._compact()
                 return rec
         return None
+
+    def _compact(self) -> None:
+        """Both heaps delete lazily; rebuild one when stale entries outnumber live ones, so
+        finished requests are never kept alive by the queue (bounded memory)."""
+        limit = 2 * self.queued + 64
+        if len(self._low) > limit:
+            self._low = [e for e in self._low if e[2].phase is Phase.QUEUED]
+            heapq.heapify(self._low)
+        if len(self._heap) > limit:
+            self._heap = [e for e in self._heap if e[2].phase is Phase.QUEUED]
+            heapq.heapify(self._heap)
 
     def forget_queued(self) -> None:
         """A queued record was finished in place (timeout, cancel): it no longer counts."""
@@ -107,6 +119,8 @@ class Service:
         if not self.queued:
             self._heap.clear()
             self._low.clear()
+        else:
+            self._compact()
 
     def eviction_candidate(self, priority: int) -> Record | None:
         """When the queue is full: the newest request of the lowest priority, if that is
