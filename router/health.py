@@ -45,8 +45,8 @@ class IllegalTransition(RuntimeError):
 class Conn:
     """One live, registered worker incarnation on the backend socket."""
 
-    __slots__ = ("capacity", "declared", "identity", "in_flight", "incarnation", "methods", "pid",
-                 "slot")
+    __slots__ = ("busy_since", "capacity", "declared", "identity", "in_flight", "incarnation",
+                 "kill_sent", "last_beat", "methods", "pid", "slot")
 
     def __init__(self, identity: bytes, slot: Slot, incarnation: int, pid: int,
                  capacity: int, methods: frozenset[str]) -> None:
@@ -58,6 +58,10 @@ class Conn:
         self.capacity = capacity  # what the router will send it: min(declared, service cap)
         self.methods = methods
         self.in_flight: dict[int, Record] = {}
+        now = time.monotonic()
+        self.last_beat = now  # last heartbeat (or any message) from this process
+        self.busy_since = now  # when its current request started: last progress while busy
+        self.kill_sent: float | None = None  # when the router asked for it to be killed
 
     @property
     def has_room(self) -> bool:
@@ -82,6 +86,7 @@ class Slot:
         self.ready_at: float | None = None  # monotonic time the current incarnation registered
         self.setup_error: str | None = None  # traceback from a worker whose setup() failed
         self.leave_reason: str | None = None  # what the current incarnation said as it left
+        self.restart_pending = False  # an operator restart is under way
         self.sort_key = _sort_key(slot_id)
 
     def transition(self, new: WorkerState) -> None:

@@ -63,6 +63,8 @@ BATCH = 512  # messages taken from one socket before looking at the other
 _DEADLINE, _MAX_WAIT = 0, 1  # timer kinds
 UNREACHABLE_GRACE = 1.0  # seconds to wait for a death notice once a worker is unroutable
 DEATH_GRACE = 0.003  # seconds a death notice waits for the dead worker's last messages
+LIVENESS_TICK = 0.1  # seconds between checks for hung workers and silent supervisors
+KILL_GRACE = 5.0  # seconds a requested kill may take before the worker is declared dead
 ADMIN_OPS = ("restart",)  # operator commands the router forwards to supervisors
 _ALIVE = frozenset({WorkerState.STARTING, WorkerState.RESTARTING, WorkerState.DEAD,
                     WorkerState.READY, WorkerState.BUSY})
@@ -98,6 +100,8 @@ class Router:
         self._unreachable: dict[bytes, float] = {}  # worker identity -> give-up time
         self._draining_sups: dict[bytes, float] = {}  # leaving supervisor -> drain deadline
         self._deaths: list[tuple[float, Slot, int, str]] = []  # (when due, slot, inc, how)
+        self._next_liveness = 0.0
+        self._departed: set[bytes] = set()  # supervisors that drained and left
         self.records: dict[int, Record] = {}
         self._by_client: dict[tuple[bytes, int], Record] = {}
         self._timers: list[tuple[float, int, int]] = []  # (when, rid, kind); stale ones skipped
@@ -151,6 +155,7 @@ class Router:
                 if self.frontend in events:
                     busy |= self._drain_socket(self.frontend, self._on_frontend)
                 self._guarded(self._run_timers)
+                self._guarded(self._check_liveness)
                 if self._deaths:
                     self._guarded(self._apply_deaths)
                 if self._draining_sups:
@@ -178,7 +183,7 @@ class Router:
             log.exception("internal error in %s", getattr(step, "__name__", step))
 
     def _poll_timeout_ms(self) -> int:
-        t = 1000.0
+        t = LIVENESS_TICK * 1000
         now = time.monotonic()
         if self._timers:
             t = min(t, (self._timers[0][0] - now) * 1000)
@@ -358,6 +363,8 @@ class Router:
             self._reply_error(client, client_rid, AdminError(
                 f"worker {slot.id} has no supervisor connected to this router"))
             return
+        if op == "restart" and slot.conn is not None:
+            slot.restart_pending = True  # its GOODBYE means "coming back", not "gone"
         self._send_backend(owner, Kind.ADMIN, {"op": op, "slot": slot.id})
         body = msgpack.packb({"op": op, "worker": slot.id, "state": str(slot.state),
                               "message": f"{op} of {slot.id} sent to its supervisor"})
@@ -387,6 +394,8 @@ class Router:
         rec.phase = Phase.RUNNING
         rec.conn = conn
         rec.dispatched_at = time.monotonic()
+        if not conn.in_flight:
+            conn.busy_since = rec.dispatched_at
         conn.in_flight[rec.rid] = rec
         conn.slot.refresh_busy()
 
@@ -429,6 +438,7 @@ class Router:
         conn = rec.conn
         if conn is not None:
             conn.in_flight.pop(rec.rid, None)
+            conn.busy_since = time.monotonic()  # progress: the next one starts now
             conn.slot.refresh_busy()
         rec.phase = Phase.DONE
         self.records.pop(rec.rid, None)
@@ -531,8 +541,9 @@ class Router:
             return
         if slot.conn is not None and slot.conn.identity != ident:
             self._lose_conn(slot.conn, f"replaced by incarnation {incarnation}")
-        if self._slot_owner.get(slot_id) in self._draining_sups:
-            self._send_backend(ident, Kind.SHUTDOWN)  # its supervisor is leaving
+        owner = self._slot_owner.get(slot_id)
+        if owner in self._draining_sups or owner in self._departed:
+            self._send_backend(ident, Kind.SHUTDOWN)  # its supervisor is leaving or left
             return
         svc = self._service(service)
         conn = Conn(ident, slot, incarnation, int(meta["pid"]), capacity,
@@ -544,6 +555,7 @@ class Router:
         slot.device = str(meta.get("device", slot.device))
         slot.restarts = max(slot.restarts, incarnation - 1)
         slot.ready_at = time.monotonic()
+        slot.setup_error = None
         slot.conn = conn
         self.conns[ident] = conn
         svc.add_conn(conn)
@@ -558,10 +570,10 @@ class Router:
         conn = self.conns.get(ident)
         reason = str(meta.get("reason", "left"))
         if conn is None:
-            # A worker whose setup failed leaves before it ever registered.
-            slot_id = ident.decode(errors="replace").partition("#")[0]
-            slot = self.slots.get(slot_id)
-            if slot is not None and reason == "setup-failed":
+            # A worker whose setup failed leaves before it ever registered (perhaps even
+            # before its supervisor's HELLO arrived: the GOODBYE names its slot itself).
+            if reason == "setup-failed" and isinstance(meta.get("slot"), str):
+                slot = self._slot(meta["slot"], str(meta.get("service", "default")), "?")
                 slot.setup_error = str(meta.get("error", reason))[-4000:]
                 slot.last_error = slot.setup_error
             return
@@ -573,16 +585,29 @@ class Router:
             self._lose_conn(conn, "left with a poisoned CUDA context")
             conn.slot.transition(WorkerState.DEAD)
             return
+        slot = conn.slot
+        # Set the state first: losing the conn checks whether the service is still alive.
+        if slot.restart_pending:  # an operator's restart: a replacement is on its way
+            slot.restart_pending = False
+            slot.transition(WorkerState.RESTARTING)
+        else:
+            slot.transition(WorkerState.STOPPED)
         self._lose_conn(conn, reason, crashed=False)
-        conn.slot.transition(WorkerState.STOPPED)
 
     def _on_hello(self, ident: bytes, meta: dict) -> None:
+        services = list(meta.get("services", ()))
+        slots = [(str(s["slot"]), str(s["service"]), str(s.get("device", "?")))
+                 for s in meta.get("slots", ())]
+        for s in services:  # all or nothing: check every service before applying any
+            ServiceConfig.model_validate(
+                {k: v for k, v in s.items() if k in ROUTED_FIELDS} | {"name": str(s["name"])})
         self.supervisors[ident] = {"pid": meta.get("pid"), "host": meta.get("host"),
                                    "seen": time.monotonic()}
-        for s in meta.get("services", ()):
+        self._departed.discard(ident)
+        for s in services:
             self._service(str(s["name"]), s)
-        for s in meta.get("slots", ()):
-            slot = self._slot(str(s["slot"]), str(s["service"]), str(s.get("device", "?")))
+        for slot_id, service, device in slots:
+            slot = self._slot(slot_id, service, device)
             self._slot_owner[slot.id] = ident
             if slot.conn is not None:  # its worker registered before our HELLO arrived
                 self._send_backend(ident, Kind.READY,
@@ -618,9 +643,10 @@ class Router:
             slot.transition(WorkerState.FAILED)
             self._fail_if_unservable(self.services.get(slot.service))
         elif event == "stopped":
+            slot.transition(WorkerState.STOPPED)
             if slot.conn is not None:
                 self._lose_conn(slot.conn, "stopped", crashed=False)
-            slot.transition(WorkerState.STOPPED)
+            self._fail_if_unservable(self.services.get(slot.service))
         else:
             raise ValueError(f"unknown slot event {event!r}")
 
@@ -676,13 +702,112 @@ class Router:
                 self._send_backend(conn.identity, Kind.SHUTDOWN)
             self._send_backend(ident, Kind.DRAINED)
             del self._draining_sups[ident]
+            self._forget_supervisor(ident, "its supervisor left")
+
+    def _forget_supervisor(self, ident: bytes, reason: str) -> None:
+        """A supervisor left on purpose: its slots leave the table with it (a worker of
+        its that registers late is told to stop), and admin commands no longer go to it."""
+        self.supervisors.pop(ident, None)
+        self._departed.add(ident)
+        for slot_id, owner in list(self._slot_owner.items()):
+            if owner != ident:
+                continue
+            slot = self.slots.pop(slot_id, None)
+            del self._slot_owner[slot_id]
+            if slot is not None and slot.conn is not None:
+                self._lose_conn(slot.conn, reason, crashed=False)
+        for svc in self.services.values():
+            self._fail_if_unservable(svc)
 
     def _on_heartbeat(self, ident: bytes, meta: dict) -> None:
-        """Answer a ping with its token; never answer a pong (no ping-pong loops)."""
+        """A worker's heartbeat thread (``of`` names its main socket) or a supervisor.
+        Pings are answered with their token; pongs never are (no ping-pong loops)."""
+        now = time.monotonic()
+        of = meta.get("of")
+        if isinstance(of, bytes):
+            conn = self.conns.get(of)
+            if conn is not None:
+                conn.last_beat = now
+            return  # worker heartbeats are one-way
         if ident in self.supervisors:
-            self.supervisors[ident]["seen"] = time.monotonic()
+            self.supervisors[ident]["seen"] = now
         if "ping" in meta:
             self._send_backend(ident, Kind.HEARTBEAT, {"pong": meta["ping"]})
+
+    def _check_liveness(self) -> None:
+        """Hung workers and vanished supervisors: what no death notice can reveal."""
+        now = time.monotonic()
+        if now < self._next_liveness:
+            return
+        self._next_liveness = now + LIVENESS_TICK
+        limit = self.config.heartbeat_interval * self.config.heartbeat_liveness
+        for ident, sup in list(self.supervisors.items()):
+            if now - sup["seen"] > limit:
+                self._supervisor_lost(ident, now - sup["seen"])
+        for conn in list(self.conns.values()):
+            if conn.kill_sent is not None:
+                if now - conn.kill_sent > KILL_GRACE:  # no death notice came: answer anyway
+                    self._lose_conn(conn, f"was declared dead ({conn.slot.last_error})")
+                    conn.slot.transition(WorkerState.DEAD)
+                continue
+            silent = now - conn.last_beat
+            if silent > limit:
+                self._kill(conn, f"sent no heartbeat for {silent:.1f}s (stopped, or stuck "
+                                 "holding the GIL)")
+                continue
+            svc = self.services.get(conn.slot.service)
+            cap = svc.settings.exec_timeout if svc is not None else None
+            if cap and conn.in_flight and now - conn.busy_since > cap:
+                running = min(conn.in_flight.values(), key=lambda r: r.dispatched_at)
+                why = f"ran longer than exec_timeout={cap:g}s"
+                if running.phase is Phase.RUNNING:
+                    if svc is not None:
+                        svc.expired += 1
+                    self._finish(running, self._error_reply(RequestTimeoutError(
+                        f"the request {why} on worker {conn.slot.id}; the worker is being "
+                        "replaced", worker=conn.slot.id)))
+                self._kill(conn, f"a request {why}")
+
+    def _kill(self, conn: Conn, reason: str) -> None:
+        """Have a hung worker killed (SIGKILL by its supervisor); its death then answers
+        what it held. No supervisor to ask: it is declared dead here and now."""
+        slot = conn.slot
+        log.warning("worker %s (pid %s) %s: killing it", slot.id, conn.pid, reason)
+        self.stats["hung_workers_killed"] += 1
+        slot.leave_reason = f"hung: {reason}"
+        svc = self.services.get(slot.service)
+        if svc is not None:
+            svc.remove_conn(conn)  # no new work for it
+        owner = self._slot_owner.get(slot.id)
+        if owner in self.supervisors:
+            conn.kill_sent = time.monotonic()
+            self._send_backend(owner, Kind.ADMIN, {"op": "kill", "slot": slot.id,
+                                                   "incarnation": conn.incarnation,
+                                                   "reason": reason})
+        else:
+            slot.last_error = f"hung: {reason}"
+            self._lose_conn(conn, f"was declared dead: {reason}")
+            slot.transition(WorkerState.DEAD)
+
+    def _supervisor_lost(self, ident: bytes, silent: float) -> None:
+        """A supervisor stopped answering: its host is gone or cut off. Its workers cannot
+        be reached or respawned from here: answer what they held and mark them failed."""
+        log.error("supervisor %r silent for %.1fs: its workers are lost", ident, silent)
+        self.stats["supervisors_lost"] += 1
+        del self.supervisors[ident]
+        for slot_id, owner in list(self._slot_owner.items()):
+            if owner != ident:
+                continue
+            slot = self.slots.get(slot_id)
+            if slot is None:
+                continue
+            reason = f"its supervisor was silent for {silent:.1f}s (host lost?)"
+            if slot.conn is not None:
+                self._lose_conn(slot.conn, reason)
+            slot.last_error = reason
+            if slot.state is not WorkerState.STOPPED:
+                slot.transition(WorkerState.FAILED)
+            self._fail_if_unservable(self.services.get(slot.service))
 
     _backend_handlers = {
         Kind.READY: _on_ready,

@@ -30,6 +30,7 @@ class ServiceSettings:
     max_inflight: int | None
     capacity_policy: str
     max_wait: float | None
+    exec_timeout: float | None = None
 
 
 class Service:
@@ -161,6 +162,7 @@ class Service:
             "capacity_policy": s.capacity_policy,
             "max_inflight": s.max_inflight,
             "max_wait": s.max_wait,
+            "exec_timeout": s.exec_timeout,
             "workers": len(self.conns),
             "queued": self.queued,
             "queue_capacity": s.queue_capacity,

@@ -124,7 +124,8 @@ def up(frontend, backend, drain_timeout, config_path, service, handler, workers,
     sup = Supervisor(cfg.services, cfg.router.backend, cfg.supervisor,
                      router_argv=router_argv(cfg.router.model_dump_json()),
                      drain_timeout=cfg.router.drain_timeout,
-                     max_message_bytes=cfg.router.max_message_bytes)
+                     max_message_bytes=cfg.router.max_message_bytes,
+                     heartbeat_interval=cfg.router.heartbeat_interval)
 
     def announce() -> None:
         names = ", ".join(f"{s.name}={s.handler} x{s.workers}" for s in cfg.services)
@@ -190,7 +191,8 @@ def worker(router_addr, node, config_path, service, handler, workers, devices, p
     node = node or f"{socket.gethostname()}-{os.getpid()}"
     sup = Supervisor(cfg.services, router_addr, cfg.supervisor,
                      drain_timeout=cfg.router.drain_timeout, node=node,
-                     max_message_bytes=cfg.router.max_message_bytes)
+                     max_message_bytes=cfg.router.max_message_bytes,
+                     heartbeat_interval=cfg.router.heartbeat_interval)
     sup.on_ready = lambda: click.echo(
         f"workerpool worker ready: {sum(s.workers for s in cfg.services)} workers -> {router_addr}")
     sup.install_signal_handlers()
@@ -289,8 +291,8 @@ def restart(worker, router_addr) -> None:
 @click.option("--router", "router_addr", default=DEFAULT_FRONTEND, show_default=True,
               help="The router's client (frontend) address.")
 @click.option("--service", default=None, help="Service to call (default: the only one).")
-@click.option("--timeout", type=float, default=30.0, show_default=True,
-              help="Seconds before the request is abandoned.")
+@click.option("--timeout", type=click.FloatRange(0, 86400, min_open=True), default=30.0,
+              show_default=True, help="Seconds before the request is abandoned.")
 def call(method, payload, router_addr, service, timeout) -> None:
     """Call METHOD with PAYLOAD (JSON; '-' reads stdin) and print the reply as JSON.
 

@@ -76,6 +76,10 @@ class ServiceConfig(_Model):
     max_wait: float | None = Field(
         30.0, gt=0, le=86400, description="Longest a request waits in the queue before it is "
         "refused with BackpressureError (None: until its own timeout).")
+    exec_timeout: float | None = Field(
+        None, gt=0, le=86400, description="Longest one request may run on a worker; past it "
+        "the request gets RequestTimeoutError and the worker is killed and respawned "
+        "(None: no limit).")
     options: dict[str, Any] = Field(
         default_factory=dict, description="Passed to the handler's setup() as context.options."
     )
@@ -104,7 +108,8 @@ class ServiceConfig(_Model):
 
 
 #: Service fields the router applies (the rest only matter to the supervisor).
-ROUTED_FIELDS = ("policy", "queue_capacity", "max_inflight", "capacity_policy", "max_wait")
+ROUTED_FIELDS = ("policy", "queue_capacity", "max_inflight", "capacity_policy", "max_wait",
+                 "exec_timeout")
 
 
 def routed_defaults() -> dict[str, Any]:
@@ -127,10 +132,11 @@ class RouterConfig(_Model):
         description="On shutdown, how long in-flight requests may run before they are failed.",
     )
     heartbeat_interval: float = Field(
-        1.0, gt=0, le=60, description="Seconds between router<->supervisor heartbeats."
+        1.0, gt=0, le=60, description="Seconds between heartbeats from workers and supervisors."
     )
     heartbeat_liveness: int = Field(
-        3, ge=1, le=100, description="Missed heartbeats before a supervisor counts as lost."
+        3, ge=1, le=100, description="Heartbeats missed before a worker is killed as hung "
+        "(stopped, or stuck holding the GIL) or a supervisor's host counts as lost."
     )
 
     @field_validator("frontend", "backend")

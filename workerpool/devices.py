@@ -49,7 +49,13 @@ def parse_devices(spec: str, *, discover: bool = True) -> list[str]:
         # A supervisor already confined to some GPUs spreads its workers over those only.
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if visible is not None:
-            return [d.strip() for d in visible.split(",") if d.strip()] or [CPU]
+            # As CUDA reads it: entries up to the first invalid one (e.g. -1 hides all).
+            out = []
+            for d in (x.strip() for x in visible.split(",")):
+                if not (d.isdigit() or d.startswith(("GPU-", "MIG-"))):
+                    break
+                out.append(d)
+            return out or [CPU]
         return discover_gpus() or [CPU]
     parts = [p.strip() for p in spec.split(",")]
     if not parts or any(not p for p in parts):

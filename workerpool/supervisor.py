@@ -67,6 +67,7 @@ class WorkerProc:
     failures: int = 0  # consecutive short-lived incarnations, for the backoff
     deaths: deque = field(default_factory=deque)  # recent unrequested deaths (monotonic)
     restart_requested: bool = False  # an operator asked: respawn at once, not counted
+    kill_reason: str | None = None  # why the router had this incarnation killed
     ready: bool = False  # the current incarnation registered with the router
     ever_ready: bool = False
     failed: bool = False
@@ -84,6 +85,7 @@ class Supervisor:
         drain_timeout: float = 30.0,
         node: str | None = None,
         max_message_bytes: int | None = None,
+        heartbeat_interval: float = 1.0,
     ) -> None:
         self.config = config or SupervisorConfig()
         self.backend = backend
@@ -94,6 +96,8 @@ class Supervisor:
         self._router_pidfd: int | None = None
         self.workers: dict[str, WorkerProc] = {}
         self.max_message_bytes = max_message_bytes
+        self.heartbeat_interval = heartbeat_interval
+        self._next_beat = 0.0
         # Slot ids must be unique on the router: a remote supervisor adds its node name.
         prefix = "" if node is None else f"{node}/"
         for svc in services:
@@ -196,6 +200,9 @@ class Supervisor:
                 self._drain_socket()
             self._run_timers()
             now = time.monotonic()
+            if now >= self._next_beat:  # the router counts a silent supervisor as lost
+                self._next_beat = now + self.heartbeat_interval
+                self._send(Kind.HEARTBEAT, {"ping": int(now * 1000)})
             if not self._all_ready_reported and not self._stopping and now > startup_deadline:
                 missing = sorted(w.slot for w in self.workers.values()
                                  if not w.ready and not w.failed)
@@ -208,7 +215,7 @@ class Supervisor:
                 return
 
     def _poll_timeout_ms(self) -> int:
-        t = 500.0
+        t = min(500.0, self.heartbeat_interval * 1000)
         if self._timers:
             t = min(t, (self._timers[0][0] - time.monotonic()) * 1000)
         return max(0, int(t) + 1)
@@ -242,7 +249,17 @@ class Supervisor:
 
     def _on_admin(self, meta: dict) -> None:
         w = self.workers.get(str(meta.get("slot")))
-        if w is None or self._stopping or meta.get("op") != "restart":
+        if w is None:
+            return
+        if meta.get("op") == "kill":
+            # The router saw it hang (no heartbeat, or exec_timeout): SIGKILL works even
+            # on a stopped process. Only the incarnation the router meant.
+            if meta.get("incarnation") == w.incarnation and w.proc and w.proc.poll() is None:
+                w.kill_reason = str(meta.get("reason", "hung"))
+                log.warning("killing worker %s (pid %d): %s", w.slot, w.proc.pid, w.kill_reason)
+                _signal(w.proc, signal.SIGKILL)
+            return
+        if self._stopping or meta.get("op") != "restart":
             return
         log.info("operator restart of %s", w.slot)
         w.deaths.clear()
@@ -303,6 +320,7 @@ class Supervisor:
             handler=w.service.handler, device=w.device, backend=self.backend,
             capacity=w.service.max_inflight, options=w.service.options, parent_pid=os.getpid(),
             max_message_bytes=self.max_message_bytes or RouterConfig().max_message_bytes,
+            heartbeat_interval=self.heartbeat_interval,
         )
         env = worker_env(w.device)
         env[SPEC_ENV] = spec.model_dump_json()
@@ -321,6 +339,9 @@ class Supervisor:
         w.pidfd = None
         w.died_at = time.monotonic()
         how = describe_exit(rc)
+        if w.kill_reason:
+            how = f"was killed (SIGKILL) as hung: {w.kill_reason}"
+            w.kill_reason = None
         base = {"slot": w.slot, "service": w.service.name, "incarnation": w.incarnation,
                 "pid": w.proc.pid, "exitcode": rc}
         if self._stopping:
@@ -355,6 +376,7 @@ class Supervisor:
             log.error("worker %s %s", w.slot, reason)
             self._send(Kind.SLOT, {**base, "event": "died", "reason": how})
             self._send(Kind.SLOT, {**base, "event": "failed", "reason": reason})
+            self._check_all_ready()
             return
         self._send(Kind.SLOT, {**base, "event": "died", "reason": how})
         if w.died_at - w.started_at >= cfg.stable_after:

@@ -21,6 +21,7 @@ import inspect
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections import OrderedDict
 from typing import Any
@@ -68,6 +69,7 @@ class WorkerSpec(BaseModel):
     options: dict[str, Any] = {}
     parent_pid: int | None = None
     max_message_bytes: int = 256 * 2**20  # the router drops bigger messages: refuse them here
+    heartbeat_interval: float = 1.0  # seconds between heartbeats from the heartbeat thread
 
     @property
     def identity(self) -> bytes:
@@ -118,6 +120,7 @@ class Worker:
         self._backlog: OrderedDict[int, protocol.Message] = OrderedDict()  # received, not run
         self._current: int | None = None  # request id running now
         self._cancel_current = False
+        self._heart: _Heartbeat | None = None
         self.stats = WorkerStats()
         self._handler: Any = None
 
@@ -130,13 +133,17 @@ class Worker:
         except Exception:
             tb = traceback.format_exc()
             sys.stderr.write(f"[{self.spec.slot}] setup failed:\n{tb}")
-            self._send(Kind.GOODBYE, 0, {"reason": "setup-failed", "error": tb[-4000:]})
+            self._send(Kind.GOODBYE, 0, {"reason": "setup-failed", "error": tb[-4000:],
+                                         "slot": self.spec.slot, "service": self.spec.service})
             self._close()
             return EXIT_SETUP_FAILED
         self._send(Kind.READY, 0, self._ready_meta())
+        self._heart = _Heartbeat(self._ctx, self.spec)
+        self._heart.start()
         try:
             self._serve()
         finally:
+            self._heart.stop()
             self._teardown()
             self._send(Kind.GOODBYE, 0, {"reason": "stopped"})
             self._close()
@@ -309,7 +316,8 @@ class Worker:
             cause=Fate.POISONED.value, remote_type=text.partition(":")[0], traceback=tb))
         self._send(Kind.GOODBYE, 0, {"reason": Fate.POISONED.value, "error": text[-2000:]})
         # close() alone returns at once; term() waits (up to the linger) until the replies
-        # above are on the wire. Neither touches CUDA.
+        # above are on the wire (and for every socket: the heartbeat's first). No CUDA.
+        self._heart.stop()
         self._sock.close(linger=2000)
         self._ctx.term()
         os._exit(EXIT_POISONED)
@@ -339,6 +347,46 @@ class Worker:
 
 class _UnencodableResult(Exception):
     pass
+
+
+class _Heartbeat(threading.Thread):
+    """Tells the router this process is alive, from its own thread and socket.
+
+    A handler that merely runs long keeps beating (the GIL is released every few ms); a
+    process that is stopped (SIGSTOP), or stuck in native code holding the GIL, goes
+    silent, and the router has it killed. Hung-but-beating handlers are bounded by the
+    service's ``exec_timeout`` instead.
+    """
+
+    def __init__(self, ctx: zmq.Context, spec: WorkerSpec) -> None:
+        super().__init__(name="workerpool-heartbeat", daemon=True)
+        self._ctx = ctx
+        self._spec = spec
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self._spec.identity + b"#hb")
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self._spec.backend)
+        meta = {"of": self._spec.identity}
+        try:
+            n = 0
+            while not self._halt.is_set():
+                n += 1
+                try:
+                    transport.send(sock, protocol.encode(Kind.HEARTBEAT, n, meta),
+                                   transport.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # router unreachable right now: the next beat tries again
+                self._halt.wait(self._spec.heartbeat_interval)
+        finally:
+            sock.close(0)
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self.is_alive():
+            self.join(2)
 
 
 def main() -> int:
