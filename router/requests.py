@@ -32,17 +32,20 @@ class Record:
         "conn",
         "deadline",
         "dispatched_at",
+        "idempotent",
         "meta_frame",
         "method",
         "phase",
         "priority",
         "rid",
         "service",
+        "starts",
+        "streamed",
     )
 
     def __init__(self, rid: int, client: bytes, client_rid: int, service: str, method: str,
                  meta_frame: bytes, body: bytes, buffers: list, deadline: float | None,
-                 admitted_at: float, priority: int = 0) -> None:
+                 admitted_at: float, priority: int = 0, idempotent: bool = False) -> None:
         self.rid = rid
         self.client = client
         self.client_rid = client_rid
@@ -54,6 +57,9 @@ class Record:
         self.deadline = deadline
         self.admitted_at = admitted_at
         self.priority = priority
+        self.idempotent = idempotent
+        self.starts = 0  # times a worker died while running it (retries, poison detection)
+        self.streamed = False  # partial replies went out: it can no longer be retried
         self.dispatched_at = 0.0
         self.phase = Phase.QUEUED
         self.conn: Conn | None = None

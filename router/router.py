@@ -49,6 +49,7 @@ from workerpool.config import (
 from workerpool.errors import (
     AdminError,
     BackpressureError,
+    PoisonedRequestError,
     ProtocolError,
     RequestTimeoutError,
     ServiceUnavailableError,
@@ -255,6 +256,11 @@ class Router:
                 f"'timeout' must be a number of seconds in (0, {MAX_TIMEOUT}], got {timeout!r}",
                 code="bad-meta"))
             return
+        if not isinstance(meta.get("idempotent", False), bool):
+            self._reply_error(client, msg.req_id, ProtocolError(
+                f"'idempotent' must be true or false, got {meta['idempotent']!r}",
+                code="bad-meta"))
+            return
         priority = meta.get("priority", 0)
         if (isinstance(priority, bool) or not isinstance(priority, int)
                 or not MIN_PRIORITY <= priority <= MAX_PRIORITY):
@@ -297,8 +303,11 @@ class Router:
         rid = self._next_rid
         self._next_rid += 1
         deadline = now + timeout if timeout is not None else None
+        idempotent = meta.get("idempotent")
+        if idempotent is None:
+            idempotent = svc.settings.idempotent
         rec = Record(rid, client, msg.req_id, svc.name, method, meta_frame, msg.body,
-                     msg.buffers, deadline, now, priority)
+                     msg.buffers, deadline, now, priority, bool(idempotent))
         self.records[rid] = rec
         self._by_client[(client, msg.req_id)] = rec
         if deadline is not None:
@@ -511,6 +520,7 @@ class Router:
                 self._pump(svc)
             return
         if kind is Kind.PARTIAL:
+            rec.streamed = True
             self._to_client(rec.client, kind, rec.client_rid, meta, body, buffers)
             return
         slot = conn.slot
@@ -841,19 +851,60 @@ class Router:
             svc.remove_conn(conn)
         if slot.conn is conn:
             slot.conn = None
-        for rec in list(conn.in_flight.values()):
-            if rec.phase is Phase.RUNNING:
-                slot.errored += 1
-                if svc is not None:
-                    svc.errored += 1
-                self.stats["crashed_requests"] += 1
+        # A worker runs what it holds in dispatch order: only the oldest had started. The
+        # rest never ran, so they go back to the queue whatever their idempotency.
+        held = sorted(conn.in_flight.values(), key=lambda r: r.dispatched_at)
+        started = held[0] if crashed and held else None
+        requeued = False
+        for rec in held:
+            if rec.phase is not Phase.RUNNING:  # its client was already answered
+                self._release(rec)
+                continue
+            if rec is started:
+                rec.starts += 1
+                outcome = self._after_crash(rec, svc, slot, conn, reason)
+                if outcome is not None:
+                    slot.errored += 1
+                    if svc is not None:
+                        svc.errored += 1
+                    self.stats["crashed_requests"] += 1
+                    self._finish(rec, self._error_reply(outcome))
+                    self._release(rec)
+                    continue
+            conn.in_flight.pop(rec.rid, None)
+            rec.conn = None
+            if svc is None:
                 self._finish(rec, self._error_reply(WorkerCrashedError(
-                    f"worker {slot.id} (pid {conn.pid}) {reason} while running this request"
-                    if crashed else f"worker {slot.id} left ({reason}) before replying",
-                    worker=slot.id)))
-            self._release(rec)
+                    f"worker {slot.id} {reason}", worker=slot.id)))
+                self.records.pop(rec.rid, None)
+                continue
+            if rec is started and svc is not None:
+                svc.retried += 1
+            svc.enqueue(rec)
+            requeued = True
         if svc is not None:
+            if requeued:
+                self._pump(svc)
             self._fail_if_unservable(svc)
+
+    def _after_crash(self, rec: Record, svc: Service | None, slot: Slot, conn: Conn,
+                     reason: str) -> WorkerPoolError | None:
+        """The error for a request whose worker died running it, or None to run it again."""
+        s = svc.settings if svc is not None else None
+        where = f"worker {slot.id} (pid {conn.pid}) {reason} while running this request"
+        if s is not None and rec.starts >= s.poison_threshold:
+            svc.poisoned += 1
+            return PoisonedRequestError(
+                f"{where}; it has now killed {rec.starts} workers "
+                f"(poison_threshold={s.poison_threshold}) and will not be retried",
+                worker=slot.id, retryable=False)
+        if (s is not None and rec.idempotent and not rec.streamed
+                and rec.starts < s.max_attempts):
+            return None
+        why = ("" if not rec.idempotent else
+               "; partial replies were already sent" if rec.streamed else
+               f"; it was started {rec.starts} times (max_attempts)")
+        return WorkerCrashedError(where + why, worker=slot.id)
 
     def _fail_if_unservable(self, svc: Service | None) -> None:
         """Queued requests of a service that has no live worker left would wait forever."""

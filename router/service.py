@@ -31,6 +31,9 @@ class ServiceSettings:
     capacity_policy: str
     max_wait: float | None
     exec_timeout: float | None = None
+    idempotent: bool = False
+    max_attempts: int = 3
+    poison_threshold: int = 2
 
 
 class Service:
@@ -49,6 +52,8 @@ class Service:
         self.expired = 0
         self.cancelled = 0
         self.late_results = 0
+        self.retried = 0
+        self.poisoned = 0
         self._service_times: deque[float] = deque(maxlen=WINDOW)
         self._queue_waits: deque[float] = deque(maxlen=WINDOW)
         self._mean_service = 0.0  # EWMA, for retry_after
@@ -173,6 +178,8 @@ class Service:
             "expired": self.expired,
             "cancelled": self.cancelled,
             "late_results": self.late_results,
+            "retried": self.retried,
+            "poisoned": self.poisoned,
             "service_time_p50_ms": _pct_ms(st, 0.50),
             "service_time_p99_ms": _pct_ms(st, 0.99),
             "queue_wait_p50_ms": _pct_ms(qw, 0.50),

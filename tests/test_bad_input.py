@@ -37,6 +37,8 @@ def _error(peer: RawPeer, timeout: float = 5.0) -> tuple[int, dict]:
          "bad-meta", 10),
         ([HDR(Kind.REQUEST, 11), msgpack.packb({"method": "echo", "timeout": "soon"}), b""],
          "bad-meta", 11),
+        ([HDR(Kind.REQUEST, 14), msgpack.packb({"method": "echo", "idempotent": "yes"}), b""],
+         "bad-meta", 14),
         ([HDR(Kind.READY, 12), b"", b""], "bad-kind", 12),  # a worker's kind on the frontend
         ([HDR(Kind.REQUEST, 13)], "too-few-frames", 13),
     ],

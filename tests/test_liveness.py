@@ -34,8 +34,8 @@ def test_exec_timeout_kills_the_hung_worker_and_answers_everything(procs):
         with pytest.raises(RequestTimeoutError, match=r"exec_timeout=0\.5s"):
             hung.result(10)
         assert time.monotonic() - t0 < 3
-        with pytest.raises(WorkerCrashedError, match="hung"):
-            behind.result(10)
+        # It never started, so it runs again on the replacement: no error for it.
+        assert behind.result(10) == "behind it"
         st = pool.wait_for(lambda s: s["workers"][0]["state"] == "ready"
                            and s["workers"][0]["pid"] != pid, what="replaced")
         assert "exec_timeout" in st["workers"][0]["last_error"]

@@ -64,7 +64,8 @@ class _BaseClient:
         self._ids = itertools.count(1)
 
     def _request_frames(self, method: str, payload: Any, service: str | None, priority: int,
-                        timeout: float | None) -> tuple[int, list]:
+                        timeout: float | None, idempotent: bool | None = None
+                        ) -> tuple[int, list]:
         if not isinstance(method, str) or not method:
             raise ValueError("method must be a non-empty string")
         if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
@@ -84,6 +85,8 @@ class _BaseClient:
             meta["timeout"] = float(timeout)
         if priority:
             meta["priority"] = priority
+        if idempotent is not None:
+            meta["idempotent"] = bool(idempotent)
         rid = next(self._ids)
         frames = protocol.encode(Kind.REQUEST, rid, meta, body, buffers)
         size = sum(len(f) for f in frames)
@@ -162,7 +165,8 @@ class Client(_BaseClient):
 
     # -- public API -------------------------------------------------------------------------
     def submit(self, method: str, payload: Any = None, *, service: str | None = None,
-               priority: int = 0, timeout: float | None = None) -> concurrent.futures.Future:
+               priority: int = 0, timeout: float | None = None,
+               idempotent: bool | None = None) -> concurrent.futures.Future:
         """Send a request; return a Future for its result (a list for a streaming method).
 
         The Future raises a ``WorkerPoolError`` subclass on failure. ``Future.cancel()``
@@ -170,26 +174,29 @@ class Client(_BaseClient):
         """
         timeout = self._effective_timeout(timeout)
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        rid = self._enqueue(method, payload, service, priority, timeout,
+        rid = self._enqueue(method, payload, service, priority, timeout, idempotent,
                             _Pending(fut, None, None))
         fut.add_done_callback(lambda f, rid=rid: f.cancelled() and self._cancel(rid))
         return fut
 
     def call(self, method: str, payload: Any = None, *, service: str | None = None,
-             priority: int = 0, timeout: float | None = None) -> Any:
+             priority: int = 0, timeout: float | None = None,
+             idempotent: bool | None = None) -> Any:
         """Send a request and wait for its result."""
         timeout = self._effective_timeout(timeout)
-        fut = self.submit(method, payload, service=service, priority=priority, timeout=timeout)
+        fut = self.submit(method, payload, service=service, priority=priority, timeout=timeout,
+                          idempotent=idempotent)
         # The I/O thread enforces the deadline; the margin only guards against its death.
         return fut.result(None if timeout is None else timeout + _LOCAL_GRACE + 5)
 
     def stream(self, method: str, payload: Any = None, *, service: str | None = None,
-               priority: int = 0, timeout: float | None = None) -> Iterator[Any]:
+               priority: int = 0, timeout: float | None = None,
+               idempotent: bool | None = None) -> Iterator[Any]:
         """Yield a streaming method's items as they arrive; ``timeout`` bounds the whole
         stream. Leaving the loop early cancels the request."""
         timeout = self._effective_timeout(timeout)
         items: queue.SimpleQueue = queue.SimpleQueue()
-        rid = self._enqueue(method, payload, service, priority, timeout,
+        rid = self._enqueue(method, payload, service, priority, timeout, idempotent,
                             _Pending(None, items, None))
         return self._iterate(rid, items)
 
@@ -259,8 +266,9 @@ class Client(_BaseClient):
 
     # -- plumbing -------------------------------------------------------------------------------
     def _enqueue(self, method: str, payload: Any, service: str | None, priority: int,
-                 timeout: float | None, pending: _Pending) -> int:
-        rid, frames = self._request_frames(method, payload, service, priority, timeout)
+                 timeout: float | None, idempotent: bool | None, pending: _Pending) -> int:
+        rid, frames = self._request_frames(method, payload, service, priority, timeout,
+                                           idempotent)
         if timeout is not None:
             pending.deadline = time.monotonic() + timeout + _LOCAL_GRACE
         self._push(rid, pending, frames)
@@ -500,12 +508,14 @@ class AsyncClient(_BaseClient):
             await self._sock.send_multipart(protocol.encode(Kind.CANCEL, rid))
 
     async def submit(self, method: str, payload: Any = None, *, service: str | None = None,
-                     priority: int = 0, timeout: float | None = None) -> asyncio.Future:
+                     priority: int = 0, timeout: float | None = None,
+                     idempotent: bool | None = None) -> asyncio.Future:
         """Send a request; return an asyncio Future for its result. Cancelling the Future
         cancels the request."""
         self._ensure_reader()
         timeout = self._effective_timeout(timeout)
-        rid, frames = self._request_frames(method, payload, service, priority, timeout)
+        rid, frames = self._request_frames(method, payload, service, priority, timeout,
+                                           idempotent)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         await self._sock.send_multipart(frames)
@@ -515,11 +525,13 @@ class AsyncClient(_BaseClient):
         return fut
 
     async def call(self, method: str, payload: Any = None, *, service: str | None = None,
-                   priority: int = 0, timeout: float | None = None) -> Any:
+                   priority: int = 0, timeout: float | None = None,
+                   idempotent: bool | None = None) -> Any:
         """Send a request and await its result. Cancelling the task cancels the request."""
         self._ensure_reader()
         timeout = self._effective_timeout(timeout)
-        rid, frames = self._request_frames(method, payload, service, priority, timeout)
+        rid, frames = self._request_frames(method, payload, service, priority, timeout,
+                                           idempotent)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         await self._sock.send_multipart(frames)
@@ -536,11 +548,13 @@ class AsyncClient(_BaseClient):
             raise
 
     async def stream(self, method: str, payload: Any = None, *, service: str | None = None,
-                     priority: int = 0, timeout: float | None = None) -> AsyncIterator[Any]:
+                     priority: int = 0, timeout: float | None = None,
+                     idempotent: bool | None = None) -> AsyncIterator[Any]:
         """Async-iterate a streaming method's items; ``timeout`` bounds the whole stream."""
         self._ensure_reader()
         timeout = self._effective_timeout(timeout)
-        rid, frames = self._request_frames(method, payload, service, priority, timeout)
+        rid, frames = self._request_frames(method, payload, service, priority, timeout,
+                                           idempotent)
         items: asyncio.Queue = asyncio.Queue()
         self._pending[rid] = items
         await self._sock.send_multipart(frames)

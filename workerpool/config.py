@@ -80,6 +80,14 @@ class ServiceConfig(_Model):
         None, gt=0, le=86400, description="Longest one request may run on a worker; past it "
         "the request gets RequestTimeoutError and the worker is killed and respawned "
         "(None: no limit).")
+    idempotent: bool = Field(
+        False, description="Treat every request as idempotent unless it says otherwise: one "
+        "whose worker dies while running it is run again on another worker.")
+    max_attempts: int = Field(
+        3, ge=1, le=100, description="Most times an idempotent request is started.")
+    poison_threshold: int = Field(
+        2, ge=1, le=100, description="Workers a request may kill before it is failed with "
+        "PoisonedRequestError and never retried.")
     options: dict[str, Any] = Field(
         default_factory=dict, description="Passed to the handler's setup() as context.options."
     )
@@ -109,7 +117,7 @@ class ServiceConfig(_Model):
 
 #: Service fields the router applies (the rest only matter to the supervisor).
 ROUTED_FIELDS = ("policy", "queue_capacity", "max_inflight", "capacity_policy", "max_wait",
-                 "exec_timeout")
+                 "exec_timeout", "idempotent", "max_attempts", "poison_threshold")
 
 
 def routed_defaults() -> dict[str, Any]:

@@ -74,6 +74,10 @@ class WorkerCrashedError(WorkerPoolError):
     retryable_default = True
 
 
+class PoisonedRequestError(WorkerPoolError):
+    """The request killed ``poison_threshold`` workers; it is not retried again."""
+
+
 class ResourceExhaustedError(WorkerPoolError):
     """The worker ran out of a resource (device memory) for this request; it stays up."""
 
@@ -132,6 +136,7 @@ _BY_NAME: dict[str, type[WorkerPoolError]] = {
         UnknownMethodError,
         WorkerCrashedError,
         ResourceExhaustedError,
+        PoisonedRequestError,
         ServiceUnavailableError,
         BackpressureError,
         RequestTimeoutError,
