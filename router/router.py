@@ -103,10 +103,14 @@ class Router:
         self._deaths: list[tuple[float, Slot, int, str]] = []  # (when due, slot, inc, how)
         self._next_liveness = 0.0
         self._departed: set[bytes] = set()  # supervisors that drained and left
+        self._unknown_beats: dict[bytes, float] = {}  # heartbeats from unregistered workers
         self.records: dict[int, Record] = {}
         self._by_client: dict[tuple[bytes, int], Record] = {}
         self._timers: list[tuple[float, int, int]] = []  # (when, rid, kind); stale ones skipped
-        self._next_rid = 1
+        # Ids start from the clock, so a reply addressed by an earlier router process (same
+        # workers, restarted router) can never match a request of this one.
+        self._next_rid = (time.time_ns() // 1000) << 8
+        self.instance = f"{os.getpid()}-{time.time_ns()}"  # changes when the router restarts
         self._meta_cache = protocol.MetaCache()
         self.stats: Counter[str] = Counter()
         self._warned: Counter[str] = Counter()
@@ -236,6 +240,10 @@ class Router:
             self._on_cancel(client, msg.req_id)
         elif msg.kind is Kind.ADMIN:
             self._on_admin(client, msg.req_id, msg.meta)
+        elif msg.kind is Kind.HEARTBEAT:  # a client's ping: who am I, and since when
+            body = msgpack.packb({"router": self.instance,
+                                  "uptime": time.monotonic() - self.started})
+            self._to_client(client, Kind.HEARTBEAT, msg.req_id, _EMPTY_META, body)
         else:
             self.stats["bad_frames_frontend"] += 1
             self._reply_error(client, msg.req_id, ProtocolError(
@@ -549,6 +557,8 @@ class Router:
             self.stats["stale_ready"] += 1
             self._send_backend(ident, Kind.SHUTDOWN)
             return
+        if ident in self.conns:
+            return  # the same process registering twice (it was asked to): nothing changes
         if slot.conn is not None and slot.conn.identity != ident:
             self._lose_conn(slot.conn, f"replaced by incarnation {incarnation}")
         owner = self._slot_owner.get(slot_id)
@@ -568,6 +578,7 @@ class Router:
         slot.setup_error = None
         slot.conn = conn
         self.conns[ident] = conn
+        self._unknown_beats.pop(ident, None)
         svc.add_conn(conn)
         log.info("worker %s registered (pid %s, %s, incarnation %d)", slot_id, conn.pid,
                  slot.device, incarnation)
@@ -738,11 +749,21 @@ class Router:
             conn = self.conns.get(of)
             if conn is not None:
                 conn.last_beat = now
-            return  # worker heartbeats are one-way
+            elif of not in self._unknown_beats:
+                # Its heartbeat socket may simply have overtaken its READY: wait one beat.
+                self._unknown_beats[of] = now
+            else:
+                # Still unknown a beat later: this router restarted and never saw its READY.
+                # Ask it, on its heartbeat socket, to register again.
+                self._unknown_beats[of] = now
+                self._send_backend(ident, Kind.HEARTBEAT, {"register": True,
+                                                           "router": self.instance})
+            return  # otherwise worker heartbeats are one-way
         if ident in self.supervisors:
             self.supervisors[ident]["seen"] = now
         if "ping" in meta:
-            self._send_backend(ident, Kind.HEARTBEAT, {"pong": meta["ping"]})
+            self._send_backend(ident, Kind.HEARTBEAT, {"pong": meta["ping"],
+                                                       "router": self.instance})
 
     def _check_liveness(self) -> None:
         """Hung workers and vanished supervisors: what no death notice can reveal."""

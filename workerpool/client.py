@@ -41,12 +41,16 @@ from workerpool.errors import (
     PayloadError,
     ProtocolError,
     RequestTimeoutError,
+    RouterRestartedError,
     WorkerPoolError,
     from_wire,
 )
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
 _STATUS = object()  # marker for a STATUS request's pending entry
+
+PING_INTERVAL = 1.0  # seconds between router pings while requests are outstanding
+_PONG_PREFIX = protocol.MAGIC + bytes([protocol.VERSION, Kind.HEARTBEAT])
 
 # Local deadlines fire this long after the router's, so the router's own, more specific
 # RequestTimeoutError ("in the queue" / "on worker X") normally arrives first.
@@ -122,7 +126,7 @@ class _BaseClient:
 class _Pending:
     """One outstanding request in ``Client``: a Future, or a queue for a stream."""
 
-    __slots__ = ("deadline", "future", "items", "partials", "stream")
+    __slots__ = ("deadline", "future", "items", "partials", "sent_at", "stream")
 
     def __init__(self, future: concurrent.futures.Future | None,
                  stream: queue.SimpleQueue | None, deadline: float | None) -> None:
@@ -130,6 +134,37 @@ class _Pending:
         self.stream = stream
         self.deadline = deadline
         self.partials: list | None = None  # call() on a streaming method collects here
+        self.sent_at = 0.0
+
+
+class _RouterWatch:
+    """Notices a router restart: while requests are outstanding the I/O thread pings the
+    router, whose answer names its process and uptime. A new name means the old router
+    and every request it held are gone: those requests fail with RouterRestartedError
+    instead of waiting for their timeouts (or forever)."""
+
+    def __init__(self) -> None:
+        self.instance: str | None = None
+        self.next_ping = 0.0
+
+    def on_pong(self, body: bytes, pending: dict[int, _Pending]) -> None:
+        try:
+            info = codec.loads(body)
+            instance, uptime = str(info["router"]), float(info["uptime"])
+        except (codec.PayloadError, KeyError, TypeError, ValueError):
+            return
+        if self.instance is not None and instance != self.instance:
+            restarted_at = time.monotonic() - uptime
+            lost = [rid for rid, e in pending.items() if e.sent_at < restarted_at]
+            err = RouterRestartedError("the router restarted while it held this request; "
+                                       "it was lost with it and can be sent again")
+            for rid in lost:
+                entry = pending.pop(rid)
+                if entry.stream is not None:
+                    entry.stream.put((Kind.ERROR, err))
+                else:
+                    _settle(entry.future, exc=err)
+        self.instance = instance
 
 
 class Client(_BaseClient):
@@ -307,11 +342,14 @@ def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket) -> None:
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(wake_r, zmq.POLLIN)
+    watch = _RouterWatch()
     try:
         while True:
             timeout = 1000
             if timers:
                 timeout = max(0, int((timers[0][0] - time.monotonic()) * 1000) + 1)
+            if pending:
+                timeout = min(timeout, int(PING_INTERVAL * 1000))
             # From here until the poll returns, a submit must write a wake-up byte. The
             # outbox is checked after clearing the flag, so a submit that saw the flag
             # still set is in the outbox now and the poll does not wait.
@@ -336,11 +374,17 @@ def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket) -> None:
                         transport.send(sock, frames)
                     continue
                 pending[rid] = entry
+                entry.sent_at = time.monotonic()
                 if entry.deadline is not None:
                     heapq.heappush(timers, (entry.deadline, rid))
                 transport.send(sock, frames)
             if sock in events:
-                _read_replies(client, sock, pending)
+                _read_replies(client, sock, pending, watch)
+            if pending:
+                now = time.monotonic()
+                if now >= watch.next_ping:
+                    watch.next_ping = now + PING_INTERVAL
+                    transport.send(sock, protocol.encode(Kind.HEARTBEAT, 0))
             if timers:
                 _expire(sock, pending, timers)
     except Exception as exc:  # surface to callers instead of dying silently
@@ -357,12 +401,16 @@ def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket) -> None:
         wake_r.close()
 
 
-def _read_replies(client: Client, sock: zmq.Socket, pending: dict[int, _Pending]) -> None:
+def _read_replies(client: Client, sock: zmq.Socket, pending: dict[int, _Pending],
+                  watch: _RouterWatch) -> None:
     for _ in range(4096):
         try:
             frames = transport.recv(sock, transport.NOBLOCK)
         except zmq.Again:
             return
+        if len(frames) >= 3 and frames[0][:4] == _PONG_PREFIX:
+            watch.on_pong(frames[2], pending)
+            continue
         try:
             kind, rid, value = client._parse_reply(frames)
         except FrameError:

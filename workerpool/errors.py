@@ -84,6 +84,12 @@ class ResourceExhaustedError(WorkerPoolError):
     retryable_default = True
 
 
+class RouterRestartedError(WorkerPoolError):
+    """The router restarted while holding the request: it was lost with it. Retry it."""
+
+    retryable_default = True
+
+
 class ServiceUnavailableError(WorkerPoolError):
     """No worker can take the request: unknown service, none registered, or shutting down."""
 
@@ -137,6 +143,7 @@ _BY_NAME: dict[str, type[WorkerPoolError]] = {
         WorkerCrashedError,
         ResourceExhaustedError,
         PoisonedRequestError,
+        RouterRestartedError,
         ServiceUnavailableError,
         BackpressureError,
         RequestTimeoutError,

@@ -98,6 +98,9 @@ class Supervisor:
         self.max_message_bytes = max_message_bytes
         self.heartbeat_interval = heartbeat_interval
         self._next_beat = 0.0
+        self._router_instance: str | None = None
+        self.router_restarts = 0
+        self._poller_needs_router = False
         # Slot ids must be unique on the router: a remote supervisor adds its node name.
         prefix = "" if node is None else f"{node}/"
         for svc in services:
@@ -182,6 +185,9 @@ class Supervisor:
         registered: set[int] = set()
         startup_deadline = time.monotonic() + self.config.startup_timeout
         while True:
+            if self._poller_needs_router and self._router_pidfd is not None:
+                poller.register(self._router_pidfd, zmq.POLLIN)
+                self._poller_needs_router = False
             for fd in set(self._by_pidfd) - registered:
                 poller.register(fd, zmq.POLLIN)
                 registered.add(fd)
@@ -242,6 +248,13 @@ class Supervisor:
                 self._on_worker_ready(str(msg.meta.get("slot")), msg.meta.get("incarnation"))
             elif msg.kind is Kind.ADMIN:
                 self._on_admin(msg.meta)
+            elif msg.kind is Kind.HEARTBEAT and "router" in msg.meta:
+                instance = msg.meta["router"]
+                if self._router_instance is not None and instance != self._router_instance:
+                    log.warning("router restarted (%s -> %s): registering again",
+                                self._router_instance, instance)
+                    self._send(Kind.HELLO, self._hello())
+                self._router_instance = instance
             elif msg.kind is Kind.DRAINED:
                 self._drained = True
                 if not self._stopping:  # the router is shutting down: so is its pool
@@ -304,10 +317,16 @@ class Supervisor:
 
     def _on_router_exit(self) -> None:
         rc = self.router_proc.wait()
-        if not self._stopping:
-            log.error("router process %s; stopping the pool", describe_exit(rc))
-            self.exit_code = 1
-            self.stop("router exited")
+        os.close(self._router_pidfd)
+        self._router_pidfd = None
+        if self._stopping:
+            return
+        # The pool outlives its router: start another at the same addresses. Workers and
+        # this supervisor register with it again; clients see their old requests fail.
+        log.error("router process %s; starting a new one", describe_exit(rc))
+        self.router_restarts += 1
+        self._start_router()
+        self._poller_needs_router = True
 
     def _router_gone(self) -> bool:
         return self.router_proc is not None and self.router_proc.poll() is not None

@@ -192,7 +192,9 @@ class Worker:
         self._stopping = True
 
     def _close(self) -> None:
-        self._sock.close()
+        # A short linger: the GOODBYE is worth a moment, but a router that has already
+        # gone (it exits right after draining) must not hold this exit for long.
+        self._sock.close(linger=300)
         self._ctx.term()
 
     # -- the loop --------------------------------------------------------------------------
@@ -206,6 +208,8 @@ class Worker:
         poller.register(self._sock, zmq.POLLIN)
         backlog = self._backlog
         while not self._stopping or backlog:
+            if self._heart is not None and self._heart.register_again.is_set():
+                self._register_again()
             if not backlog and not poller.poll(200):
                 continue
             self._read_socket()
@@ -217,6 +221,15 @@ class Worker:
                 finally:
                     self._current = None
                     self.stats.running = 0
+
+    def _register_again(self) -> None:
+        """The router does not know us (it restarted). Register again. What the backlog
+        holds still runs: replies the new router does not know are dropped there, and
+        dropping here instead would strand requests if the router merely raced us."""
+        self._heart.register_again.clear()
+        sys.stderr.write(f"[{self.spec.slot}] the router does not know this worker: "
+                         "registering again\n")
+        self._send(Kind.READY, 0, self._ready_meta())
 
     def _read_socket(self) -> None:
         while True:
@@ -363,6 +376,7 @@ class _Heartbeat(threading.Thread):
         self._ctx = ctx
         self._spec = spec
         self._halt = threading.Event()
+        self.register_again = threading.Event()  # a restarted router does not know us
 
     def run(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
@@ -379,9 +393,24 @@ class _Heartbeat(threading.Thread):
                                    transport.NOBLOCK)
                 except zmq.ZMQError:
                     pass  # router unreachable right now: the next beat tries again
-                self._halt.wait(self._spec.heartbeat_interval)
+                if self._halt.wait(self._spec.heartbeat_interval):
+                    break  # stop() returns at once, not after a beat
+                self._read(sock)
         finally:
             sock.close(0)
+
+    def _read(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = transport.recv(sock, transport.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = protocol.decode(frames)
+            except FrameError:
+                continue
+            if msg.kind is Kind.HEARTBEAT and msg.meta.get("register"):
+                self.register_again.set()
 
     def stop(self) -> None:
         self._halt.set()

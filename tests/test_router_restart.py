@@ -1,0 +1,67 @@
+"""The router process dies: `up` starts a new one at the same addresses, the supervisor
+and workers register with it by themselves, clients get RouterRestartedError for what
+the old router held and keep working without being recreated."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from workerpool import AsyncClient, Client
+from workerpool.errors import RouterRestartedError
+
+
+def test_router_killed_and_restarted(procs):
+    pool = procs.pool(workers=2)
+    old = pool.status()
+    with Client(pool.address, timeout=30) as c:
+        held = c.submit("sleep", {"seconds": 2.0})
+        pool.wait_for(lambda s: s["services"][0]["in_flight"] == 1, what="held")
+        os.kill(old["router"]["pid"], signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(RouterRestartedError, match="restarted"):
+            held.result(15)
+        assert time.monotonic() - t0 < 5
+        # Everyone re-registers with the new router by themselves.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                st = c.status(timeout=1)
+                if st["router"]["pid"] != old["router"]["pid"] and sum(
+                        w["state"] == "ready" for w in st["workers"]) == 2:
+                    break
+            except Exception:
+                pass
+            time.sleep(0.1)
+        else:
+            pytest.fail("the pool did not come back at full strength")
+        assert {w["pid"] for w in st["workers"]} == {w["pid"] for w in old["workers"]}
+        assert st["router"]["supervisors"] == 1
+        # The same client object keeps working.
+        assert [c.call("echo", i) for i in range(20)] == list(range(20))
+    assert pool.popen.poll() is None  # `up` itself never stopped
+
+
+def test_async_client_keeps_working_after_a_router_restart(procs):
+    import asyncio
+
+    pool = procs.pool(workers=1)
+    router_pid = pool.status()["router"]["pid"]
+
+    async def main():
+        async with AsyncClient(pool.address, timeout=20) as ac:
+            assert await ac.call("echo", 1) == 1
+            os.kill(router_pid, signal.SIGKILL)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                try:
+                    if await ac.call("echo", 2, timeout=1) == 2:
+                        return
+                except Exception:
+                    await asyncio.sleep(0.1)
+            pytest.fail("async client did not recover")
+
+    asyncio.run(main())
