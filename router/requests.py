@@ -41,6 +41,7 @@ class Record:
         "service",
         "starts",
         "streamed",
+        "wait_until",
     )
 
     def __init__(self, rid: int, client: bytes, client_rid: int, service: str, method: str,
@@ -60,6 +61,7 @@ class Record:
         self.idempotent = idempotent
         self.starts = 0  # times a worker died while running it (retries, poison detection)
         self.streamed = False  # partial replies went out: it can no longer be retried
+        self.wait_until = 0.0  # max_wait deadline of its current stay in the queue
         self.dispatched_at = 0.0
         self.phase = Phase.QUEUED
         self.conn: Conn | None = None

@@ -323,9 +323,14 @@ class Router:
         if conn is not None:
             self._dispatch(rec, conn)
         else:
-            svc.enqueue(rec)
-            if svc.settings.max_wait is not None:
-                heapq.heappush(self._timers, (now + svc.settings.max_wait, rid, _MAX_WAIT))
+            self._enqueue(svc, rec)
+
+    def _enqueue(self, svc: Service, rec: Record) -> None:
+        """Queue ``rec`` (new, or back after its worker died) with a fresh max_wait."""
+        svc.enqueue(rec)
+        if svc.settings.max_wait is not None:
+            rec.wait_until = time.monotonic() + svc.settings.max_wait
+            heapq.heappush(self._timers, (rec.wait_until, rec.rid, _MAX_WAIT))
 
     def _backpressure(self, svc: Service, why: str = "") -> BackpressureError:
         s = svc.settings
@@ -405,7 +410,7 @@ class Router:
             self.stats["dispatch_unroutable"] += 1
             self._quarantine(conn)
             svc = self.services[rec.service]
-            svc.enqueue(rec)  # keeps its place: the queue orders by admission number
+            self._enqueue(svc, rec)  # keeps its place: the queue orders by admission number
             self._pump(svc)  # another worker may have room now
             return
         rec.phase = Phase.RUNNING
@@ -506,7 +511,7 @@ class Router:
             return
         try:
             handler(self, ident, meta)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             self.stats["bad_frames_backend"] += 1
             self._warn("bad-backend", "bad %s from %r: %r", kind.name, ident, exc)
         except IllegalTransition as exc:
@@ -552,6 +557,10 @@ class Router:
         capacity = int(meta["capacity"])
         if capacity < 1:
             raise ValueError(f"capacity {capacity} < 1")
+        owner = self._slot_owner.get(slot_id)
+        if owner in self._draining_sups or owner in self._departed:
+            self._send_backend(ident, Kind.SHUTDOWN)  # its supervisor is leaving or left
+            return
         slot = self._slot(slot_id, service, str(meta.get("device", "?")))
         if incarnation < slot.incarnation:
             self.stats["stale_ready"] += 1
@@ -561,10 +570,6 @@ class Router:
             return  # the same process registering twice (it was asked to): nothing changes
         if slot.conn is not None and slot.conn.identity != ident:
             self._lose_conn(slot.conn, f"replaced by incarnation {incarnation}")
-        owner = self._slot_owner.get(slot_id)
-        if owner in self._draining_sups or owner in self._departed:
-            self._send_backend(ident, Kind.SHUTDOWN)  # its supervisor is leaving or left
-            return
         svc = self._service(service)
         conn = Conn(ident, slot, incarnation, int(meta["pid"]), capacity,
                     frozenset(str(m) for m in meta.get("methods", ())))
@@ -576,6 +581,7 @@ class Router:
         slot.restarts = max(slot.restarts, incarnation - 1)
         slot.ready_at = time.monotonic()
         slot.setup_error = None
+        slot.leave_reason = None
         slot.conn = conn
         self.conns[ident] = conn
         self._unknown_beats.pop(ident, None)
@@ -603,7 +609,9 @@ class Router:
             # crash, and the slot waits for its respawn.
             error = str(meta.get("error", reason))
             conn.slot.leave_reason = f"CUDA context poisoned: {error}"[-4000:]
-            self._lose_conn(conn, "left with a poisoned CUDA context")
+            # The request that poisoned it was answered by the worker itself; whatever it
+            # still held never started.
+            self._lose_conn(conn, "left with a poisoned CUDA context", running=False)
             conn.slot.transition(WorkerState.DEAD)
             return
         slot = conn.slot
@@ -685,8 +693,9 @@ class Router:
             if incarnation != slot.incarnation or slot.state in (WorkerState.FAILED,
                                                                  WorkerState.STOPPED):
                 continue  # a newer incarnation registered, or the slot's fate is settled
-            # Why it left, if it said so before dying (a poisoned context), then how.
-            slot.last_error = f"{slot.leave_reason}; {reason}" if slot.leave_reason else reason
+            # Why it left, if it (or we) said so before it died, then how; once each.
+            why = slot.leave_reason
+            slot.last_error = f"{why}; {reason}" if why and why[-40:] not in reason else reason
             slot.leave_reason = None
             slot.transition(WorkerState.DEAD)
 
@@ -733,8 +742,7 @@ class Router:
         for slot_id, owner in list(self._slot_owner.items()):
             if owner != ident:
                 continue
-            slot = self.slots.pop(slot_id, None)
-            del self._slot_owner[slot_id]
+            slot = self.slots.pop(slot_id, None)  # the owner entry stays: see _on_ready
             if slot is not None and slot.conn is not None:
                 self._lose_conn(slot.conn, reason, crashed=False)
         for svc in self.services.values():
@@ -778,7 +786,10 @@ class Router:
         for conn in list(self.conns.values()):
             if conn.kill_sent is not None:
                 if now - conn.kill_sent > KILL_GRACE:  # no death notice came: answer anyway
-                    self._lose_conn(conn, f"was declared dead ({conn.slot.last_error})")
+                    why = conn.slot.leave_reason or "hung"
+                    conn.slot.last_error = f"{why}; no death notice came: declared dead"
+                    conn.slot.leave_reason = None
+                    self._lose_conn(conn, f"was declared dead ({why})")
                     conn.slot.transition(WorkerState.DEAD)
                 continue
             silent = now - conn.last_beat
@@ -862,7 +873,8 @@ class Router:
         if conn.identity not in self._unreachable:
             self._unreachable[conn.identity] = time.monotonic() + UNREACHABLE_GRACE
 
-    def _lose_conn(self, conn: Conn, reason: str, crashed: bool = True) -> None:
+    def _lose_conn(self, conn: Conn, reason: str, crashed: bool = True,
+                   running: bool = True) -> None:
         """An incarnation is gone: answer everything it held, then forget it."""
         slot = conn.slot
         self.conns.pop(conn.identity, None)
@@ -875,7 +887,7 @@ class Router:
         # A worker runs what it holds in dispatch order: only the oldest had started. The
         # rest never ran, so they go back to the queue whatever their idempotency.
         held = sorted(conn.in_flight.values(), key=lambda r: r.dispatched_at)
-        started = held[0] if crashed and held else None
+        started = held[0] if crashed and running and held else None
         requeued = False
         for rec in held:
             if rec.phase is not Phase.RUNNING:  # its client was already answered
@@ -901,7 +913,7 @@ class Router:
                 continue
             if rec is started and svc is not None:
                 svc.retried += 1
-            svc.enqueue(rec)
+            self._enqueue(svc, rec)
             requeued = True
         if svc is not None:
             if requeued:
@@ -988,7 +1000,8 @@ class Router:
                 continue
             svc = self.services[rec.service]
             if kind == _MAX_WAIT:
-                if rec.phase is Phase.QUEUED:  # waited max_wait without a worker: shed it
+                # Waited max_wait (this stay in the queue) without a worker: shed it.
+                if rec.phase is Phase.QUEUED and rec.wait_until == when:
                     svc.rejected_backpressure += 1
                     self._finish(rec, self._error_reply(self._backpressure(
                         svc, f"waited max_wait={svc.settings.max_wait}s in the queue")))

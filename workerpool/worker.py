@@ -143,8 +143,8 @@ class Worker:
         try:
             self._serve()
         finally:
+            self._teardown()  # still beating: a slow teardown is not a hang
             self._heart.stop()
-            self._teardown()
             self._send(Kind.GOODBYE, 0, {"reason": "stopped"})
             self._close()
         return 0
