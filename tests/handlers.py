@@ -181,3 +181,7 @@ class CudaPoison(CudaProbe):
         _, total = torch.cuda.mem_get_info()
         x = torch.empty(int(total * 4), dtype=torch.uint8, device=self.device)
         return x.numel()
+
+
+class Chaos(Faulty, CudaFaults):
+    """Everything the chaos test throws at a pool: sleeps, crashes, poisoned contexts."""

@@ -191,6 +191,9 @@ class Client(_BaseClient):
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._woken = True  # the I/O thread is not polling yet: no wake-up byte needed
+        #: Replies that matched no outstanding request: after a local timeout or cancel,
+        #: or a duplicate. With neither, it must stay 0 (the chaos test checks it).
+        self.unmatched_replies = 0
         self._closed = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(
@@ -417,7 +420,9 @@ def _read_replies(client: Client, sock: zmq.Socket, pending: dict[int, _Pending]
             continue  # a reply we cannot attribute to any request
         entry = pending.get(rid)
         if entry is None:
-            continue  # timed out or cancelled here already
+            # Timed out or cancelled here already; otherwise a second reply (a bug).
+            client.unmatched_replies += 1
+            continue
         if kind is Kind.PARTIAL:
             if entry.stream is not None:
                 entry.stream.put((kind, value))

@@ -68,6 +68,7 @@ class WorkerProc:
     deaths: deque = field(default_factory=deque)  # recent unrequested deaths (monotonic)
     restart_requested: bool = False  # an operator asked: respawn at once, not counted
     kill_reason: str | None = None  # why the router had this incarnation killed
+    stopped_since: float | None = None  # first seen in state T (SIGSTOP), monotonic
     ready: bool = False  # the current incarnation registered with the router
     ever_ready: bool = False
     failed: bool = False
@@ -99,6 +100,7 @@ class Supervisor:
         self.heartbeat_interval = heartbeat_interval
         self._next_beat = 0.0
         self._router_instance: str | None = None
+        self.stopped_liveness = 3  # beats a child may stay stopped before it is killed
         self.router_restarts = 0
         self._poller_needs_router = False
         # Slot ids must be unique on the router: a remote supervisor adds its node name.
@@ -209,6 +211,7 @@ class Supervisor:
             if now >= self._next_beat:  # the router counts a silent supervisor as lost
                 self._next_beat = now + self.heartbeat_interval
                 self._send(Kind.HEARTBEAT, {"ping": int(now * 1000)})
+                self._kill_stopped_children(now)
             if not self._all_ready_reported and not self._stopping and now > startup_deadline:
                 missing = sorted(w.slot for w in self.workers.values()
                                  if not w.ready and not w.failed)
@@ -285,6 +288,24 @@ class Supervisor:
             w.restart_requested = True
             _signal(w.proc, signal.SIGTERM)
 
+    def _kill_stopped_children(self, now: float) -> None:
+        """A stopped child (SIGSTOP) is hung whoever watches it; the router sees it only
+        through heartbeats, and a router that restarted never knew it. Check locally."""
+        limit = self.heartbeat_interval * self.stopped_liveness
+        for w in self.workers.values():
+            if w.proc is None or w.pidfd is None or w.kill_reason:
+                continue
+            if _is_stopped(w.proc.pid):
+                if w.stopped_since is None:
+                    w.stopped_since = now
+                elif now - w.stopped_since > limit:
+                    w.kill_reason = f"stopped (SIGSTOP) for {now - w.stopped_since:.1f}s"
+                    log.warning("killing worker %s (pid %d): %s", w.slot, w.proc.pid,
+                                w.kill_reason)
+                    _signal(w.proc, signal.SIGKILL)
+            else:
+                w.stopped_since = None
+
     def _on_worker_ready(self, slot: str, incarnation: object) -> None:
         w = self.workers.get(slot)
         if w is None or incarnation != w.incarnation:
@@ -334,6 +355,7 @@ class Supervisor:
     def _spawn(self, w: WorkerProc) -> None:
         w.incarnation += 1
         w.ready = False
+        w.stopped_since = None
         spec = WorkerSpec(
             slot=w.slot, service=w.service.name, incarnation=w.incarnation,
             handler=w.service.handler, device=w.device, backend=self.backend,
@@ -441,6 +463,14 @@ class Supervisor:
             transport.send(self._sock, protocol.encode(kind, 0, meta), transport.NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("could not tell the router %s: %s", kind.name, exc)
+
+
+def _is_stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 def _signal(p: subprocess.Popen, sig: int) -> None:
