@@ -240,8 +240,13 @@ class Router:
             self._on_cancel(client, msg.req_id)
         elif msg.kind is Kind.ADMIN:
             self._on_admin(client, msg.req_id, msg.meta)
-        elif msg.kind is Kind.HEARTBEAT:  # a client's ping: who am I, and since when
-            body = msgpack.packb({"router": self.instance,
+        elif msg.kind is Kind.HEARTBEAT:
+            # A client's ping: who am I, and which of the requests it waits for I do not
+            # hold. FIFO per connection: whatever it sent before the ping is already here.
+            held = msg.meta.get("held", ())
+            unknown = [r for r in held if isinstance(r, int)
+                       and (client, r) not in self._by_client] if isinstance(held, list) else []
+            body = msgpack.packb({"router": self.instance, "unknown": unknown,
                                   "uptime": time.monotonic() - self.started})
             self._to_client(client, Kind.HEARTBEAT, msg.req_id, _EMPTY_META, body)
         else:

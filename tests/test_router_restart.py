@@ -65,3 +65,16 @@ def test_async_client_keeps_working_after_a_router_restart(procs):
             pytest.fail("async client did not recover")
 
     asyncio.run(main())
+
+
+def test_a_router_that_cannot_start_stops_up_instead_of_looping(procs):
+    import socket
+
+    with socket.socket() as s:  # hold the frontend port so the router cannot bind it
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        front = f"tcp://127.0.0.1:{port}"
+        pool = procs.spawn(["up", "--frontend", front, "--workers", "1"], front, None)
+        assert pool.popen.wait(30) == 1
+    assert "could not start" in pool.log.read_text() or "within" in pool.log.read_text()

@@ -50,6 +50,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
 _STATUS = object()  # marker for a STATUS request's pending entry
 
 PING_INTERVAL = 1.0  # seconds between router pings while requests are outstanding
+MAX_PING_IDS = 65536  # request ids one ping asks the router about
 _PONG_PREFIX = protocol.MAGIC + bytes([protocol.VERSION, Kind.HEARTBEAT])
 
 # Local deadlines fire this long after the router's, so the router's own, more specific
@@ -150,12 +151,16 @@ class _RouterWatch:
     def on_pong(self, body: bytes, pending: dict[int, _Pending]) -> None:
         try:
             info = codec.loads(body)
-            instance, uptime = str(info["router"]), float(info["uptime"])
+            instance = str(info["router"])
+            unknown = [int(r) for r in info.get("unknown", ())]
         except (codec.PayloadError, KeyError, TypeError, ValueError):
             return
         if self.instance is not None and instance != self.instance:
-            restarted_at = time.monotonic() - uptime
-            lost = [rid for rid, e in pending.items() if e.sent_at < restarted_at]
+            # The router lists the requests of the ping that it does not hold. Replies
+            # travel ahead of the pong, so one still pending here was lost with the old
+            # router; one that reached the new router (queued in our socket while it was
+            # down) is held there and keeps waiting for its real reply.
+            lost = [rid for rid in unknown if rid in pending]
             err = RouterRestartedError("the router restarted while it held this request; "
                                        "it was lost with it and can be sent again")
             for rid in lost:
@@ -387,7 +392,8 @@ def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket) -> None:
                 now = time.monotonic()
                 if now >= watch.next_ping:
                     watch.next_ping = now + PING_INTERVAL
-                    transport.send(sock, protocol.encode(Kind.HEARTBEAT, 0))
+                    held = list(itertools.islice(pending, MAX_PING_IDS))
+                    transport.send(sock, protocol.encode(Kind.HEARTBEAT, 0, {"held": held}))
             if timers:
                 _expire(sock, pending, timers)
     except Exception as exc:  # surface to callers instead of dying silently

@@ -39,6 +39,8 @@ from workerpool.worker import EXIT_POISONED, EXIT_SETUP_FAILED, SPEC_ENV, Worker
 
 log = logging.getLogger("workerpool.supervisor")
 
+ROUTER_MIN_UPTIME = 2.0  # a router that dies sooner failed to start: stop, do not loop
+
 
 def describe_exit(returncode: int) -> str:
     if returncode < 0:
@@ -334,6 +336,7 @@ class Supervisor:
     def _start_router(self) -> None:
         env = dict(os.environ, WORKERPOOL_PARENT_PID=str(os.getpid()))
         self.router_proc = subprocess.Popen(self._router_argv, env=env)
+        self._router_started = time.monotonic()
         self._router_pidfd = os.pidfd_open(self.router_proc.pid)
 
     def _on_router_exit(self) -> None:
@@ -341,6 +344,14 @@ class Supervisor:
         os.close(self._router_pidfd)
         self._router_pidfd = None
         if self._stopping:
+            return
+        if rc > 0 and time.monotonic() - self._router_started < ROUTER_MIN_UPTIME:
+            # It exited with an error right away: it could not start (address in use, bad
+            # config), and starting it again would loop. (Killed by a signal: restart.)
+            log.error("router process %s within %.0fs of starting; stopping the pool",
+                      describe_exit(rc), ROUTER_MIN_UPTIME)
+            self.exit_code = 1
+            self.stop("router could not start")
             return
         # The pool outlives its router: start another at the same addresses. Workers and
         # this supervisor register with it again; clients see their old requests fail.
