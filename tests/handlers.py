@@ -23,6 +23,9 @@ class Streams(Echo):
 
     def count_then_crash(self, payload):
         yield from range(int(payload["n"]))
+        import time
+
+        time.sleep(0.2)  # os._exit ends ZeroMQ's I/O thread too: let the items leave first
         os._exit(3)
 
     def unencodable(self, payload):

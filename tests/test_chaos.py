@@ -1,7 +1,7 @@
 """Chaos: sustained load while workers are SIGKILLed, SIGSTOPped and poisoned (a real
 torch.AcceleratorError with a sticky CUDA code), and the router is killed once. Required:
 every request gets exactly one reply (a result or a typed error), none is left without
-one, no duplicates, and the pool ends at full strength. bench/chaos.py runs it longer."""
+one, no duplicates, and the pool ends at full strength. bench/chaos.py runs it longer (--seconds)."""
 
 from __future__ import annotations
 
