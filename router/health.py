@@ -23,15 +23,17 @@ class WorkerState(enum.StrEnum):
     DEAD = "dead"  # process gone; its requests were answered; respawn pending
     RESTARTING = "restarting"  # replacement spawned, not yet registered
     FAILED = "failed"  # will not be respawned (setup failed); see last_error
-    STOPPED = "stopped"  # left on purpose (shutdown)
+    STOPPED = "stopped"  # left on purpose (shutdown, drain)
+    DRAINING = "draining"  # takes no new work; finishes what it holds, then stops
 
 
 S = WorkerState
 _LEGAL: dict[WorkerState, frozenset[WorkerState]] = {
     S.STARTING: frozenset({S.READY, S.DEAD, S.FAILED, S.STOPPED, S.RESTARTING}),
     S.RESTARTING: frozenset({S.READY, S.DEAD, S.FAILED, S.STOPPED}),
-    S.READY: frozenset({S.BUSY, S.DEAD, S.STOPPED, S.RESTARTING, S.FAILED}),
-    S.BUSY: frozenset({S.READY, S.DEAD, S.STOPPED, S.RESTARTING, S.FAILED}),
+    S.READY: frozenset({S.BUSY, S.DEAD, S.STOPPED, S.RESTARTING, S.FAILED, S.DRAINING}),
+    S.BUSY: frozenset({S.READY, S.DEAD, S.STOPPED, S.RESTARTING, S.FAILED, S.DRAINING}),
+    S.DRAINING: frozenset({S.STOPPED, S.DEAD, S.FAILED, S.RESTARTING}),
     S.DEAD: frozenset({S.RESTARTING, S.FAILED, S.STOPPED, S.READY}),
     S.FAILED: frozenset({S.RESTARTING, S.STOPPED, S.READY}),
     S.STOPPED: frozenset({S.STARTING, S.RESTARTING, S.READY}),

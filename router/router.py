@@ -66,7 +66,7 @@ UNREACHABLE_GRACE = 1.0  # seconds to wait for a death notice once a worker is u
 DEATH_GRACE = 0.003  # seconds a death notice waits for the dead worker's last messages
 LIVENESS_TICK = 0.1  # seconds between checks for hung workers and silent supervisors
 KILL_GRACE = 5.0  # seconds a requested kill may take before the worker is declared dead
-ADMIN_OPS = ("restart",)  # operator commands the router forwards to supervisors
+ADMIN_OPS = ("restart", "drain")  # operator commands, carried out with the supervisors
 _ALIVE = frozenset({WorkerState.STARTING, WorkerState.RESTARTING, WorkerState.DEAD,
                     WorkerState.READY, WorkerState.BUSY})
 _EMPTY_META = b""
@@ -161,6 +161,7 @@ class Router:
                     busy |= self._drain_socket(self.frontend, self._on_frontend)
                 self._guarded(self._run_timers)
                 self._guarded(self._check_liveness)
+                self._guarded(self._check_worker_drains)
                 if self._deaths:
                     self._guarded(self._apply_deaths)
                 if self._draining_sups:
@@ -390,6 +391,17 @@ class Router:
             self._reply_error(client, client_rid, AdminError(
                 f"worker {slot.id} has no supervisor connected to this router"))
             return
+        if op == "drain":
+            if slot.conn is None or slot.state is WorkerState.DRAINING:
+                self._reply_error(client, client_rid, AdminError(
+                    f"worker {slot.id} is {slot.state}: only a registered worker drains"))
+                return
+            # No new work from now on; what it holds finishes, then it is told to stop
+            # (_check_worker_drains), and its supervisor will not respawn it.
+            slot.transition(WorkerState.DRAINING)
+            svc = self.services.get(slot.service)
+            if svc is not None:
+                svc.remove_conn(slot.conn)
         if op == "restart" and slot.conn is not None:
             slot.restart_pending = True  # its GOODBYE means "coming back", not "gone"
         self._send_backend(owner, Kind.ADMIN, {"op": op, "slot": slot.id})
@@ -814,6 +826,15 @@ class Router:
                         f"the request {why} on worker {conn.slot.id}; the worker is being "
                         "replaced", worker=conn.slot.id)))
                 self._kill(conn, f"a request {why}")
+
+    def _check_worker_drains(self) -> None:
+        """A draining worker that holds nothing any more is told to stop."""
+        for conn in list(self.conns.values()):
+            if conn.slot.state is WorkerState.DRAINING and not conn.in_flight \
+                    and conn.kill_sent is None:
+                conn.kill_sent = time.monotonic()  # asked once; KILL_GRACE bounds the wait
+                conn.slot.leave_reason = "drained"
+                self._send_backend(conn.identity, Kind.SHUTDOWN)
 
     def _kill(self, conn: Conn, reason: str) -> None:
         """Have a hung worker killed (SIGKILL by its supervisor); its death then answers

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 
 import pytest
 
@@ -148,3 +149,31 @@ def test_restart_command_replaces_a_running_worker_after_its_work(procs):
         assert c.call("echo", 3) == 3
         out = CliRunner().invoke(main, ["restart", "nope/1", "--router", pool.address])
         assert out.exit_code == 1 and "AdminError" in out.output
+
+
+def test_drain_a_worker_then_restart_it(procs):
+    from click.testing import CliRunner
+
+    from workerpool.cli import main
+
+    pool = procs.pool("--policy", "round-robin", workers=2)
+    with Client(pool.address, timeout=15) as c:
+        running = c.submit("sleep", {"seconds": 0.6})
+        st = pool.wait_for(lambda s: any(w["in_flight"] for w in s["workers"]), what="busy")
+        victim = next(w for w in st["workers"] if w["in_flight"])
+        out = CliRunner().invoke(main, ["drain", victim["id"], "--router", pool.address])
+        assert out.exit_code == 0, out.output
+        assert pool.workers()[victim["id"]]["state"] == "draining"
+        # New work goes elsewhere while the drained worker finishes what it holds.
+        assert {c.call("whoami")["slot"] for _ in range(6)} != {victim["id"]}
+        assert running.result() == {"seconds": 0.6}
+        pool.wait_for(lambda s: {w["id"]: w for w in s["workers"]}[victim["id"]]["state"]
+                      == "stopped", what="drained worker stopped")
+        time.sleep(0.5)
+        w = pool.workers()[victim["id"]]
+        assert w["state"] == "stopped" and w["restarts"] == 0  # not respawned
+        with pytest.raises(AdminError, match="only a registered worker drains"):
+            c.drain_worker(victim["id"])
+        c.restart_worker(victim["id"])
+        pool.wait_ready(2)
+        assert [c.call("echo", i) for i in range(4)] == list(range(4))

@@ -284,6 +284,25 @@ def restart(worker, router_addr) -> None:
     click.echo(out["message"])
 
 
+# -- drain ------------------------------------------------------------------------------------
+@main.command()
+@click.argument("worker")
+@click.option("--router", "router_addr", default=DEFAULT_FRONTEND, show_default=True,
+              help="The router's client (frontend) address.")
+def drain(worker, router_addr) -> None:
+    """Drain WORKER: it gets no new requests, finishes the ones it holds, then stops and
+    is not respawned. `workerpool restart WORKER` brings it back."""
+    from workerpool.client import Client
+    from workerpool.errors import WorkerPoolError
+
+    with Client(router_addr) as c:
+        try:
+            out = c.drain_worker(worker)
+        except WorkerPoolError as exc:
+            raise click.ClickException(f"{exc.type}: {exc.message}") from None
+    click.echo(out["message"])
+
+
 # -- call -------------------------------------------------------------------------------------
 @main.command()
 @click.argument("method")

@@ -274,6 +274,11 @@ class Client(_BaseClient):
         unknown worker."""
         return self._control(Kind.ADMIN, {"op": "restart", "worker": worker}, timeout)
 
+    def drain_worker(self, worker: str, timeout: float = 5.0) -> dict:
+        """Stop sending ``worker`` new requests; it finishes what it holds, then stops and
+        is not respawned (``restart_worker`` brings it back). Raises AdminError."""
+        return self._control(Kind.ADMIN, {"op": "drain", "worker": worker}, timeout)
+
     def _control(self, kind: Kind, meta: dict | None, timeout: float) -> dict:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         rid = next(self._ids)

@@ -71,6 +71,7 @@ class WorkerProc:
     restart_requested: bool = False  # an operator asked: respawn at once, not counted
     kill_reason: str | None = None  # why the router had this incarnation killed
     stopped_since: float | None = None  # first seen in state T (SIGSTOP), monotonic
+    drained: bool = False  # an operator drained it: do not respawn until `restart`
     ready: bool = False  # the current incarnation registered with the router
     ever_ready: bool = False
     failed: bool = False
@@ -277,9 +278,16 @@ class Supervisor:
                 log.warning("killing worker %s (pid %d): %s", w.slot, w.proc.pid, w.kill_reason)
                 _signal(w.proc, signal.SIGKILL)
             return
-        if self._stopping or meta.get("op") != "restart":
+        if self._stopping:
+            return
+        if meta.get("op") == "drain":
+            log.info("operator drain of %s: it will not be respawned", w.slot)
+            w.drained = True
+            return
+        if meta.get("op") != "restart":
             return
         log.info("operator restart of %s", w.slot)
+        w.drained = False
         w.deaths.clear()
         w.failures = 0
         if w.failed or w.proc is None or w.pidfd is None:
@@ -396,7 +404,7 @@ class Supervisor:
             w.kill_reason = None
         base = {"slot": w.slot, "service": w.service.name, "incarnation": w.incarnation,
                 "pid": w.proc.pid, "exitcode": rc}
-        if self._stopping:
+        if self._stopping or (w.drained and rc == 0):
             # Exiting on request is "stopped"; a crash during the drain is still a crash.
             event = "stopped" if rc == 0 else "died"
             self._send(Kind.SLOT, {**base, "event": event, "reason": how})
