@@ -65,10 +65,6 @@ class Conn:
         self.busy_since = now  # when its current request started: last progress while busy
         self.kill_sent: float | None = None  # when the router asked for it to be killed
 
-    @property
-    def has_room(self) -> bool:
-        return len(self.in_flight) < self.capacity
-
 
 class Slot:
     """Health of one worker slot, as ``workerpool status`` shows it."""

@@ -21,8 +21,6 @@ from __future__ import annotations
 import heapq
 import logging
 import os
-import signal
-import socket
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -36,6 +34,7 @@ from ipc.transport import NOBLOCK
 from router.health import Conn, IllegalTransition, Slot, WorkerState
 from router.requests import Phase, Record
 from router.service import Service, ServiceSettings
+from workerpool._proc import SignalWakeup
 from workerpool.config import (
     DEFAULT_BACKEND,
     MAX_PRIORITY,
@@ -120,9 +119,7 @@ class Router:
         self._drain_deadline = 0.0
         self._drained = False
         self._exit_at: float | None = None
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._wakeup = SignalWakeup()
 
     def _bind(self, address: str, sndhwm: int) -> zmq.Socket:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -137,23 +134,21 @@ class Router:
     # -- the loop ----------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT start a drain; the wake-up fd makes the poll return at once."""
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.begin_drain("signal"))
+        self._wakeup.install(lambda: self.begin_drain("signal"))
 
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wakeup, zmq.POLLIN)
         log.info("router listening: frontend %s, backend %s",
                  self.frontend_address, self.backend_address)
         busy = False
         try:
             while True:
                 events = dict(poller.poll(0 if busy else self._poll_timeout_ms()))
-                if self._wake_r.fileno() in events:
-                    self._drain_wakeups()
+                if self._wakeup.fileno() in events:
+                    self._wakeup.drain()
                 busy = False
                 if self.backend in events:
                     busy |= self._drain_socket(self.backend, self._on_backend)
@@ -177,8 +172,7 @@ class Router:
         self.frontend.close()
         self.backend.close()
         self._ctx.term()
-        self._wake_r.close()
-        self._wake_w.close()
+        self._wakeup.close()
 
     def _guarded(self, step) -> None:
         """Run a loop step; a bug in it is logged and counted, never fatal to the router."""
@@ -200,13 +194,6 @@ class Router:
         if self.draining or self._draining_sups:
             t = min(t, 20.0)
         return max(0, int(t) + 1)
-
-    def _drain_wakeups(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
 
     def _drain_socket(self, sock: zmq.Socket, handler) -> bool:
         """Handle up to BATCH waiting messages; True if more may be waiting."""

@@ -6,6 +6,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
 
 LOG_LEVEL_ENV = "WORKERPOOL_LOG_LEVEL"
@@ -24,6 +25,37 @@ def die_with_parent(parent_pid: int | None) -> None:
         return
     if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(1)  # the parent died before prctl took effect
+
+
+class SignalWakeup:
+    """A socket pair that signals write to (``signal.set_wakeup_fd``), so a process's one
+    poll loop wakes at once on SIGTERM/SIGINT instead of at its next timeout. Register
+    ``fileno()`` in the poller; call ``drain()`` when it is readable."""
+
+    def __init__(self) -> None:
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def install(self, on_signal) -> None:
+        """Run ``on_signal()`` on SIGTERM and SIGINT, waking the poll."""
+        signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: on_signal())
+
+    def drain(self) -> None:
+        try:
+            while self._r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()
 
 
 def setup_logging(level: str | None = None) -> None:

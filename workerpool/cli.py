@@ -273,15 +273,7 @@ def restart(worker, router_addr) -> None:
     restart_window) is reset and started again. A running one finishes the requests it
     holds, exits, and is replaced at once.
     """
-    from workerpool.client import Client
-    from workerpool.errors import WorkerPoolError
-
-    with Client(router_addr) as c:
-        try:
-            out = c.restart_worker(worker)
-        except WorkerPoolError as exc:
-            raise click.ClickException(f"{exc.type}: {exc.message}") from None
-    click.echo(out["message"])
+    _admin(router_addr, "restart_worker", worker)
 
 
 # -- drain ------------------------------------------------------------------------------------
@@ -292,12 +284,17 @@ def restart(worker, router_addr) -> None:
 def drain(worker, router_addr) -> None:
     """Drain WORKER: it gets no new requests, finishes the ones it holds, then stops and
     is not respawned. `workerpool restart WORKER` brings it back."""
+    _admin(router_addr, "drain_worker", worker)
+
+
+def _admin(router_addr: str, client_method: str, worker: str) -> None:
+    """Run one operator command through the Client; errors exit 1 as 'Type: message'."""
     from workerpool.client import Client
     from workerpool.errors import WorkerPoolError
 
     with Client(router_addr) as c:
         try:
-            out = c.drain_worker(worker)
+            out = getattr(c, client_method)(worker)
         except WorkerPoolError as exc:
             raise click.ClickException(f"{exc.type}: {exc.message}") from None
     click.echo(out["message"])

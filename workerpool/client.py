@@ -47,7 +47,6 @@ from workerpool.errors import (
 )
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
-_STATUS = object()  # marker for a STATUS request's pending entry
 
 PING_INTERVAL = 1.0  # seconds between router pings while requests are outstanding
 MAX_PING_IDS = 65536  # request ids one ping asks the router about

@@ -33,6 +33,7 @@ import zmq
 
 from ipc import protocol, transport
 from ipc.protocol import FrameError, Kind
+from workerpool._proc import SignalWakeup
 from workerpool.config import ROUTED_FIELDS, RouterConfig, ServiceConfig, SupervisorConfig
 from workerpool.devices import device_label, parse_devices, worker_env
 from workerpool.worker import EXIT_POISONED, EXIT_SETUP_FAILED, SPEC_ENV, WorkerSpec
@@ -123,16 +124,12 @@ class Supervisor:
         self._drained = False
         self._all_ready_reported = False
         self.exit_code = 0
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._wakeup = SignalWakeup()
         self.on_ready = None  # callback(): every worker registered once (used by `up`)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop("signal"))
+        self._wakeup.install(lambda: self.stop("signal"))
 
     def run(self) -> int:
         """Start everything, supervise until stopped, stop everything. Returns an exit code."""
@@ -149,8 +146,7 @@ class Supervisor:
             self._stop_children()
             self._sock.close(linger=0)
             self._ctx.term()
-            self._wake_r.close()
-            self._wake_w.close()
+            self._wakeup.close()
         return self.exit_code
 
     def stop(self, why: str = "") -> None:
@@ -184,7 +180,7 @@ class Supervisor:
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wakeup, zmq.POLLIN)
         if self._router_pidfd is not None:
             poller.register(self._router_pidfd, zmq.POLLIN)
         registered: set[int] = set()
@@ -205,8 +201,8 @@ class Supervisor:
                 elif fd == self._router_pidfd:
                     poller.unregister(fd)
                     self._on_router_exit()
-                elif fd == self._wake_r.fileno():
-                    self._drain_wakeups()
+                elif fd == self._wakeup.fileno():
+                    self._wakeup.drain()
             if self._sock in events:
                 self._drain_socket()
             self._run_timers()
@@ -231,13 +227,6 @@ class Supervisor:
         if self._timers:
             t = min(t, (self._timers[0][0] - time.monotonic()) * 1000)
         return max(0, int(t) + 1)
-
-    def _drain_wakeups(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
 
     def _drain_socket(self) -> None:
         while True:
