@@ -28,6 +28,11 @@ Figures:
   time is when that status reply arrived), while the main thread calls ``whoami`` in a
   loop (1 s timeout, retried at once on ``WorkerCrashedError``) until a reply comes from
   the new pid.
+- ``2 workers + 1 spare: SIGKILL -> full capacity``: a pool of 2 workers and a hot spare
+  (``--spares 1``); one serving worker gets SIGKILL and ``status`` is polled every 2 ms
+  until it shows 2 workers ready again, neither of them the killed one (the spare took
+  its place). Each repetition then checks that both take requests, and waits until the
+  killed slot's replacement has come back as the new spare.
 - Baseline: ``concurrent.futures.ProcessPoolExecutor(4)`` with 8 ``time.sleep`` tasks
   submitted (4 running, 4 pending); one of its worker processes gets SIGKILL; measured
   until every one of the 8 Futures has failed with ``BrokenProcessPool``. The executor
@@ -44,7 +49,8 @@ worker that has been up for ``stable_after`` (default 10 s) would, instead of a 
 doubles with every back-to-back repetition. Every other setting is the default.
 
 Goals (from the issue tracker), judged on the p90: crash -> every affected request
-answered <= 30 ms; crash -> replacement serving <= 500 ms.
+answered <= 30 ms; crash -> replacement serving <= 500 ms; with a spare, crash -> full
+capacity <= 50 ms.
 
 Usage::
 
@@ -85,6 +91,7 @@ from workerpool.errors import (  # noqa: E402
 
 GOAL_CRASH_REPLY_MS = 30.0  # crash -> every affected request answered
 GOAL_REPLACEMENT_MS = 500.0  # crash -> replacement serving
+GOAL_SPARE_MS = 50.0  # crash -> full capacity again, with a hot spare
 
 READY_TIMEOUT = 60.0  # seconds a pool may take to come up, or a slot to come back (2 busy cores)
 CRASH_TIMEOUT = 10.0  # seconds after a crash within which the affected requests must be answered
@@ -96,10 +103,12 @@ KILL = "workerpool: SIGKILL -> every affected request answered"
 SEGV = "workerpool: segfault sent -> every affected request answered"
 REG = "workerpool: SIGKILL -> replacement registered (status)"
 SERVE = "workerpool: SIGKILL -> replacement serving (whoami)"
+SPARE = "workerpool, 2 workers + 1 spare: SIGKILL -> full capacity (status)"
 PPE = "ProcessPoolExecutor(4): SIGKILL -> every pending future failed"
 PEBBLE = "pebble.ProcessPool(4): SIGKILL -> every affected future failed"
-GOALS = {KILL: GOAL_CRASH_REPLY_MS, SEGV: GOAL_CRASH_REPLY_MS, SERVE: GOAL_REPLACEMENT_MS}
-PARTS = ("kill", "segfault", "replace", "ppe")
+GOALS = {KILL: GOAL_CRASH_REPLY_MS, SEGV: GOAL_CRASH_REPLY_MS, SERVE: GOAL_REPLACEMENT_MS,
+         SPARE: GOAL_SPARE_MS}
+PARTS = ("kill", "segfault", "replace", "spare", "ppe")
 
 
 class BenchError(RuntimeError):
@@ -135,7 +144,8 @@ def _child_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def pool(workdir: str, name: str, workers: int) -> Iterator[tuple[subprocess.Popen, str]]:
+def pool(workdir: str, name: str, workers: int,
+         spares: int = 0) -> Iterator[tuple[subprocess.Popen, str]]:
     """Start ``workerpool up`` (Faulty handler) in its own session, wait for "workerpool
     ready", yield (process, frontend address), and always stop the whole process group."""
     sockdir = tempfile.mkdtemp(prefix=f"{name}-", dir=workdir)
@@ -147,7 +157,8 @@ def pool(workdir: str, name: str, workers: int) -> Iterator[tuple[subprocess.Pop
         f.write("[supervisor]\nstable_after = 0.0\nmax_restarts = 10000\n")
     argv = [sys.executable, "-m", "workerpool.cli", "up", "--config", config,
             "--frontend", frontend, "--handler", "workerpool.handlers:Faulty",
-            "--workers", str(workers), "--max-inflight", str(MAX_INFLIGHT),
+            "--workers", str(workers), "--spares", str(spares),
+            "--max-inflight", str(MAX_INFLIGHT),
             "--drain-timeout", "2"]
     out_path = os.path.join(workdir, f"{name}.stdout")
     err_path = os.path.join(workdir, f"{name}.stderr")
@@ -417,6 +428,43 @@ def run_replace(client: Client, reps: int) -> tuple[dict, dict]:
                         "0.05 s (default)"}))
 
 
+def run_spare(client: Client, reps: int) -> dict:
+    """2 serving + 1 spare; SIGKILL a serving worker; time until status shows 2 serving
+    again (the spare promoted), polled every STATUS_POLL. Then check for real that both
+    serving workers take requests, and wait for the replacement to become the new spare."""
+    samples: list[float] = []
+    for _ in range(reps):
+        def whole(st: dict) -> bool:
+            states = sorted(w["state"] for w in st["workers"])
+            return states == ["ready", "ready", "spare"] and st["router"]["requests"] == 0
+        st = wait_status(client, whole, READY_TIMEOUT, "2 ready workers and 1 spare", 0.02)
+        victim = next(w for w in st["workers"] if w["state"] == "ready")
+        t_kill = time.perf_counter()
+        os.kill(victim["pid"], signal.SIGKILL)
+        while True:
+            st = client.status(timeout=2.0)
+            t = time.perf_counter()
+            serving = [w for w in st["workers"] if w["state"] in ("ready", "busy")]
+            if len(serving) == 2 and victim["pid"] not in {w["pid"] for w in serving}:
+                samples.append(t - t_kill)
+                break
+            if t - t_kill > READY_TIMEOUT:
+                raise BenchError("the spare never took the dead worker's place")
+            time.sleep(STATUS_POLL)
+        pids = {w["pid"] for w in serving}
+        futs = [client.submit("sleep", {"seconds": 0.05}) for _ in range(2)]
+        for f in futs:
+            f.result(10)
+        who = {w["pid"] for w in client.status()["workers"] if w["completed"] > 0}
+        if not pids <= who:
+            raise BenchError(f"serving workers {pids} did not all take requests ({who})")
+    return summarize(SPARE, samples, {
+        "how": f"status polled every {STATUS_POLL * 1000:g} ms from just before os.kill; time "
+               "of the first reply showing 2 workers ready, neither the killed one",
+        "pool": f"2 Faulty workers + 1 spare (--spares 1), --max-inflight {MAX_INFLIGHT}; the "
+                "killed slot's replacement comes back as the new spare between repetitions"})
+
+
 # -- baselines -------------------------------------------------------------------------------------
 def _ppe_worker_init() -> None:
     """Leave Ctrl-C and SIGTERM to the parent, which stops the pool (no tracebacks)."""
@@ -576,6 +624,10 @@ def main(argv: list[str] | None = None) -> int:
                 if "replace" in parts:
                     say(f"SIGKILL -> replacement, {args.reps} reps...")
                     figures.extend(run_replace(client, args.reps))
+        if "spare" in parts:
+            say(f"SIGKILL with a hot spare, {args.reps} reps...")
+            with pool(workdir, "pool2s", 2, spares=1) as (_, addr), Client(addr) as client:
+                figures.append(run_spare(client, args.reps))
         if "ppe" in parts:
             say(f"ProcessPoolExecutor(4) baseline, {args.reps} reps...")
             figures.append(run_ppe(args.reps, args.sleep))

@@ -25,18 +25,21 @@ class WorkerState(enum.StrEnum):
     FAILED = "failed"  # will not be respawned (setup failed); see last_error
     STOPPED = "stopped"  # left on purpose (shutdown, drain)
     DRAINING = "draining"  # takes no new work; finishes what it holds, then stops
+    SPARE = "spare"  # registered and set up, held back idle until a worker is lost
 
 
 S = WorkerState
 _LEGAL: dict[WorkerState, frozenset[WorkerState]] = {
-    S.STARTING: frozenset({S.READY, S.DEAD, S.FAILED, S.STOPPED, S.RESTARTING}),
-    S.RESTARTING: frozenset({S.READY, S.DEAD, S.FAILED, S.STOPPED}),
-    S.READY: frozenset({S.BUSY, S.DEAD, S.STOPPED, S.RESTARTING, S.FAILED, S.DRAINING}),
+    S.STARTING: frozenset({S.READY, S.SPARE, S.DEAD, S.FAILED, S.STOPPED, S.RESTARTING}),
+    S.RESTARTING: frozenset({S.READY, S.SPARE, S.DEAD, S.FAILED, S.STOPPED}),
+    S.READY: frozenset({S.BUSY, S.SPARE, S.DEAD, S.STOPPED, S.RESTARTING, S.FAILED,
+                        S.DRAINING}),
     S.BUSY: frozenset({S.READY, S.DEAD, S.STOPPED, S.RESTARTING, S.FAILED, S.DRAINING}),
+    S.SPARE: frozenset({S.READY, S.DEAD, S.STOPPED, S.RESTARTING, S.FAILED, S.DRAINING}),
     S.DRAINING: frozenset({S.STOPPED, S.DEAD, S.FAILED, S.RESTARTING}),
-    S.DEAD: frozenset({S.RESTARTING, S.FAILED, S.STOPPED, S.READY}),
-    S.FAILED: frozenset({S.RESTARTING, S.STOPPED, S.READY}),
-    S.STOPPED: frozenset({S.STARTING, S.RESTARTING, S.READY}),
+    S.DEAD: frozenset({S.RESTARTING, S.FAILED, S.STOPPED, S.READY, S.SPARE}),
+    S.FAILED: frozenset({S.RESTARTING, S.STOPPED, S.READY, S.SPARE}),
+    S.STOPPED: frozenset({S.STARTING, S.RESTARTING, S.READY, S.SPARE}),
 }
 
 
@@ -85,6 +88,7 @@ class Slot:
         self.setup_error: str | None = None  # traceback from a worker whose setup() failed
         self.leave_reason: str | None = None  # what the current incarnation said as it left
         self.restart_pending = False  # an operator restart is under way
+        self.retiring = False  # scaled away: drains, then leaves the table for good
         self.sort_key = _sort_key(slot_id)
 
     def transition(self, new: WorkerState) -> None:

@@ -65,10 +65,18 @@ UNREACHABLE_GRACE = 1.0  # seconds to wait for a death notice once a worker is u
 DEATH_GRACE = 0.003  # seconds a death notice waits for the dead worker's last messages
 LIVENESS_TICK = 0.1  # seconds between checks for hung workers and silent supervisors
 KILL_GRACE = 5.0  # seconds a requested kill may take before the worker is declared dead
-ADMIN_OPS = ("restart", "drain")  # operator commands, carried out with the supervisors
+ADMIN_OPS = ("restart", "drain", "scale")  # operator commands, carried out with the supervisors
 _ALIVE = frozenset({WorkerState.STARTING, WorkerState.RESTARTING, WorkerState.DEAD,
-                    WorkerState.READY, WorkerState.BUSY})
+                    WorkerState.READY, WorkerState.BUSY, WorkerState.SPARE})
+MAX_WORKERS = 1024  # per service and supervisor, as ServiceConfig.workers allows
 _EMPTY_META = b""
+
+
+def _count(value: object) -> int:
+    """A worker count from a peer's HELLO; anything else is refused as a bad message."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_WORKERS:
+        raise ValueError(f"bad worker count {value!r}")
+    return value
 
 
 def _err_body(err: WorkerPoolError) -> bytes:
@@ -97,6 +105,9 @@ class Router:
         self.conns: dict[bytes, Conn] = {}  # backend identity -> registered worker
         self.supervisors: dict[bytes, dict] = {}
         self._slot_owner: dict[str, bytes] = {}  # slot id -> supervisor that runs it
+        # service -> supervisor -> (workers, spares) from its HELLO: how many of its
+        # registered workers serve; the rest are held back as spares.
+        self._targets: dict[str, dict[bytes, tuple[int, int]]] = {}
         self._unreachable: dict[bytes, float] = {}  # worker identity -> give-up time
         self._draining_sups: dict[bytes, float] = {}  # leaving supervisor -> drain deadline
         self._deaths: list[tuple[float, Slot, int, str]] = []  # (when due, slot, inc, how)
@@ -367,6 +378,9 @@ class Router:
             self._reply_error(client, client_rid, ProtocolError(
                 f"unknown admin op {op!r}; ops: {', '.join(ADMIN_OPS)}", code="bad-meta"))
             return
+        if op == "scale":
+            self._on_scale(client, client_rid, meta)
+            return
         slot_id = meta.get("worker")
         slot = self.slots.get(slot_id) if isinstance(slot_id, str) else None
         if slot is None:
@@ -386,9 +400,7 @@ class Router:
             # No new work from now on; what it holds finishes, then it is told to stop
             # (_check_worker_drains), and its supervisor will not respawn it.
             slot.transition(WorkerState.DRAINING)
-            svc = self.services.get(slot.service)
-            if svc is not None:
-                svc.remove_conn(slot.conn)
+            self._unroute(slot.conn)
         if op == "restart" and slot.conn is not None:
             slot.restart_pending = True  # its GOODBYE means "coming back", not "gone"
         self._send_backend(owner, Kind.ADMIN, {"op": op, "slot": slot.id})
@@ -574,11 +586,16 @@ class Router:
             return  # the same process registering twice (it was asked to): nothing changes
         if slot.conn is not None and slot.conn.identity != ident:
             self._lose_conn(slot.conn, f"replaced by incarnation {incarnation}")
+        if slot.retiring:
+            self._send_backend(ident, Kind.SHUTDOWN)  # scaled away while it was starting
+            return
         svc = self._service(service)
         conn = Conn(ident, slot, incarnation, int(meta["pid"]), capacity,
                     frozenset(str(m) for m in meta.get("methods", ())))
         conn.capacity = svc.capacity_for(capacity)
-        slot.transition(WorkerState.READY)
+        target = self._active_target(service)
+        spare = target is not None and len(svc.conns) >= target
+        slot.transition(WorkerState.SPARE if spare else WorkerState.READY)
         slot.incarnation = incarnation
         slot.pid = conn.pid
         slot.device = str(meta.get("device", slot.device))
@@ -589,9 +606,10 @@ class Router:
         slot.conn = conn
         self.conns[ident] = conn
         self._unknown_beats.pop(ident, None)
-        svc.add_conn(conn)
-        log.info("worker %s registered (pid %s, %s, incarnation %d)", slot_id, conn.pid,
-                 slot.device, incarnation)
+        if not spare:
+            svc.add_conn(conn)
+        log.info("worker %s registered (pid %s, %s, incarnation %d)%s", slot_id, conn.pid,
+                 slot.device, incarnation, " as a spare" if spare else "")
         owner = self._slot_owner.get(slot_id)
         if owner is not None:  # tell its supervisor: it reports readiness and recovery time
             self._send_backend(owner, Kind.READY, {"slot": slot_id, "incarnation": incarnation})
@@ -639,12 +657,17 @@ class Router:
         self._departed.discard(ident)
         for s in services:
             self._service(str(s["name"]), s)
+            if "workers" in s:
+                self._targets.setdefault(str(s["name"]), {})[ident] = (
+                    _count(s["workers"]), _count(s.get("spares", 0)))
         for slot_id, service, device in slots:
             slot = self._slot(slot_id, service, device)
             self._slot_owner[slot.id] = ident
             if slot.conn is not None:  # its worker registered before our HELLO arrived
                 self._send_backend(ident, Kind.READY,
                                    {"slot": slot.id, "incarnation": slot.conn.incarnation})
+        for s in services:
+            self._rebalance(self.services[str(s["name"])])
         if self.draining:
             self._send_backend(ident, Kind.DRAINED)
 
@@ -680,6 +703,15 @@ class Router:
             if slot.conn is not None:
                 self._lose_conn(slot.conn, "stopped", crashed=False)
             self._fail_if_unservable(self.services.get(slot.service))
+        elif event == "removed":
+            # Scaled away: its process is gone (normally after draining). Its row goes too.
+            if slot.conn is not None:
+                self._lose_conn(slot.conn, str(meta.get("reason", "was scaled away")),
+                                crashed=meta.get("exitcode") != 0)
+            self.slots.pop(slot.id, None)
+            if self._slot_owner.get(slot.id) == ident:
+                del self._slot_owner[slot.id]
+            self._fail_if_unservable(self.services.get(slot.service))
         else:
             raise ValueError(f"unknown slot event {event!r}")
 
@@ -713,9 +745,7 @@ class Router:
             return
         self._draining_sups[ident] = time.monotonic() + self.config.drain_timeout
         for conn in self._conns_of(ident):
-            svc = self.services.get(conn.slot.service)
-            if svc is not None:
-                svc.remove_conn(conn)  # no new work; what it holds finishes
+            self._unroute(conn)  # no new work; what it holds finishes
         log.info("supervisor %r is leaving: draining its workers", ident)
 
     def _conns_of(self, ident: bytes) -> list[Conn]:
@@ -749,6 +779,7 @@ class Router:
             slot = self.slots.pop(slot_id, None)  # the owner entry stays: see _on_ready
             if slot is not None and slot.conn is not None:
                 self._lose_conn(slot.conn, reason, crashed=False)
+        self._drop_targets(ident)
         for svc in self.services.values():
             self._fail_if_unservable(svc)
 
@@ -830,9 +861,7 @@ class Router:
         log.warning("worker %s (pid %s) %s: killing it", slot.id, conn.pid, reason)
         self.stats["hung_workers_killed"] += 1
         slot.leave_reason = f"hung: {reason}"
-        svc = self.services.get(slot.service)
-        if svc is not None:
-            svc.remove_conn(conn)  # no new work for it
+        self._unroute(conn)  # no new work for it; a spare, if any, takes its place
         owner = self._slot_owner.get(slot.id)
         if owner in self.supervisors:
             conn.kill_sent = time.monotonic()
@@ -863,6 +892,7 @@ class Router:
             if slot.state is not WorkerState.STOPPED:
                 slot.transition(WorkerState.FAILED)
             self._fail_if_unservable(self.services.get(slot.service))
+        self._drop_targets(ident)
 
     _backend_handlers = {
         Kind.READY: _on_ready,
@@ -880,9 +910,7 @@ class Router:
         died (so its requests are answered with the real cause, e.g. SIGSEGV), then answer
         them anyway: a remote supervisor may be gone too.
         """
-        svc = self.services.get(conn.slot.service)
-        if svc is not None:
-            svc.remove_conn(conn)
+        self._unroute(conn)
         if conn.identity not in self._unreachable:
             self._unreachable[conn.identity] = time.monotonic() + UNREACHABLE_GRACE
 
@@ -892,11 +920,11 @@ class Router:
         slot = conn.slot
         self.conns.pop(conn.identity, None)
         self._unreachable.pop(conn.identity, None)
-        svc = self.services.get(slot.service)
-        if svc is not None:
-            svc.remove_conn(conn)
         if slot.conn is conn:
             slot.conn = None
+        # Before its requests are requeued: a spare promoted now takes them at once.
+        self._unroute(conn)
+        svc = self.services.get(slot.service)
         # A worker runs what it holds in dispatch order: only the oldest had started. The
         # rest never ran, so they go back to the queue whatever their idempotency.
         held = sorted(conn.in_flight.values(), key=lambda r: r.dispatched_at)
@@ -951,6 +979,110 @@ class Router:
                "; partial replies were already sent" if rec.streamed else
                f"; it was started {rec.starts} times (max_attempts)")
         return WorkerCrashedError(where + why, worker=slot.id)
+
+    # -- spares and scaling --------------------------------------------------------------------
+    def _unroute(self, conn: Conn) -> None:
+        """Send ``conn`` no new work (it died, hangs, drains or leaves); a spare takes its
+        place if its service has one. The one way a worker leaves its service's rotation."""
+        svc = self.services.get(conn.slot.service)
+        if svc is not None and conn in svc.conns:
+            svc.remove_conn(conn)
+            self._rebalance(svc)
+
+    def _active_target(self, service: str) -> int | None:
+        """How many workers of ``service`` serve, or None (no spares: every one serves)."""
+        per = self._targets.get(service)
+        if not per or not any(spares for _, spares in per.values()):
+            return None
+        return sum(workers for workers, _ in per.values())
+
+    def _rebalance(self, svc: Service) -> None:
+        """Promote spares while ``svc`` serves from fewer workers than its target; hold
+        back idle ones while it has more (a router that restarted saw them all register)."""
+        target = self._active_target(svc.name)
+        spares = sorted((s for s in self.slots.values()
+                         if s.service == svc.name and s.state is WorkerState.SPARE
+                         and s.conn is not None
+                         and self._slot_owner.get(s.id) not in self._draining_sups),
+                        key=lambda s: s.sort_key)
+        promoted = False
+        for slot in spares:
+            if target is not None and len(svc.conns) >= target:
+                break
+            slot.transition(WorkerState.READY)
+            svc.add_conn(slot.conn)
+            self.stats["spares_promoted"] += 1
+            promoted = True
+            log.info("spare %s (pid %s) now serves %s", slot.id, slot.pid, svc.name)
+        if target is not None and len(svc.conns) > target:
+            for conn in sorted((c for c in svc.conns if not c.in_flight),
+                               key=lambda c: c.slot.sort_key, reverse=True):
+                if len(svc.conns) <= target:
+                    break
+                svc.remove_conn(conn)
+                conn.slot.transition(WorkerState.SPARE)
+        if promoted:
+            self._pump(svc)
+
+    def _drop_targets(self, ident: bytes) -> None:
+        for service, per in self._targets.items():
+            if per.pop(ident, None) is not None and service in self.services:
+                self._rebalance(self.services[service])
+
+    def _on_scale(self, client: bytes, client_rid: int, meta: dict) -> None:
+        """Change how many workers serve a service. Up: spares are promoted at once and the
+        supervisor starts the rest. Down: the idlest workers drain, then leave for good."""
+        name, workers = meta.get("service"), meta.get("workers")
+        svc = self.services.get(name) if isinstance(name, str) else None
+        if svc is None:
+            self._reply_error(client, client_rid, AdminError(
+                f"no service {name!r}; services: {', '.join(sorted(self.services)) or 'none'}"))
+            return
+        if isinstance(workers, bool) or not isinstance(workers, int) \
+                or not 0 <= workers <= MAX_WORKERS:
+            self._reply_error(client, client_rid, AdminError(
+                f"workers must be an integer in 0..{MAX_WORKERS}, got {workers!r}"))
+            return
+        owners = [i for i in self._targets.get(name, {})
+                  if i in self.supervisors and i not in self._draining_sups]
+        if len(owners) != 1:
+            self._reply_error(client, client_rid, AdminError(
+                f"service {name!r} has no supervisor connected to this router" if not owners
+                else f"service {name!r} runs under {len(owners)} supervisors; scale is per "
+                     "supervisor: restart a node's `workerpool worker` with --workers"))
+            return
+        owner = owners[0]
+        current, spares = self._targets[name][owner]
+        if workers == 0 and spares:
+            self._reply_error(client, client_rid, AdminError(
+                f"service {name!r} keeps {spares} spares: it needs at least one worker"))
+            return
+        retire: list[Slot] = []
+        if workers < current:
+            mine = [s for s in self.slots.values()
+                    if s.service == name and self._slot_owner.get(s.id) == owner
+                    and not s.retiring and s.state is not WorkerState.SPARE]
+            # The cheapest to lose first: not running, then idle, then the highest id.
+            mine.sort(key=lambda s: s.sort_key, reverse=True)
+            mine.sort(key=lambda s: (s.conn is not None, len(s.conn.in_flight) if s.conn else 0))
+            retire = mine[:current - workers]
+        self._targets[name][owner] = (workers, spares)
+        for slot in retire:
+            slot.retiring = True
+            if slot.conn is not None and slot.state is not WorkerState.DRAINING:
+                slot.transition(WorkerState.DRAINING)  # finishes what it holds, then stops
+                svc.remove_conn(slot.conn)
+        self._rebalance(svc)
+        ids = [s.id for s in retire]
+        self._send_backend(owner, Kind.ADMIN, {"op": "scale", "service": name,
+                                               "workers": workers, "retire": ids})
+        log.info("scaling %s from %d to %d workers%s", name, current, workers,
+                 f"; retiring {', '.join(ids)}" if ids else "")
+        message = (f"{name}: {current} -> {workers} workers"
+                   + (f"; retiring {', '.join(ids)} (they finish what they hold)" if ids else ""))
+        body = msgpack.packb({"op": "scale", "service": name, "workers": workers,
+                              "previous": current, "retire": ids, "message": message})
+        self._to_client(client, Kind.RESULT, client_rid, _EMPTY_META, body)
 
     def _fail_if_unservable(self, svc: Service | None) -> None:
         """Queued requests of a service that has no live worker left would wait forever."""
@@ -1070,10 +1202,18 @@ class Router:
                 "supervisors": len(self.supervisors),
                 "counters": dict(self.stats),
             },
-            "services": [s.row() for s in sorted(self.services.values(), key=lambda s: s.name)],
+            "services": [self._service_row(s) for s in sorted(self.services.values(),
+                                                               key=lambda s: s.name)],
             "workers": [s.row(now) for s in sorted(self.slots.values(),
                                                   key=lambda s: s.sort_key)],
         }
+
+    def _service_row(self, svc: Service) -> dict:
+        row = svc.row()
+        row["spares"] = sum(1 for s in self.slots.values()
+                            if s.service == svc.name and s.state is WorkerState.SPARE)
+        row["target_workers"] = self._active_target(svc.name)
+        return row
 
     def _warn(self, key: str, fmt: str, *args: object) -> None:
         """Log the first few of each kind of peer misbehaviour, then one in a thousand."""

@@ -188,3 +188,14 @@ class CudaPoison(CudaProbe):
 
 class Chaos(Faulty, CudaFaults):
     """Everything the chaos test throws at a pool: sleeps, crashes, poisoned contexts."""
+
+
+class SlowRespawn(Faulty):
+    """A model that takes ``options.respawn_setup_seconds`` to load, except in a slot's
+    first incarnation (so the pool starts fast but replacements are slow)."""
+
+    def setup(self, ctx):
+        import time
+
+        if ctx.incarnation > 1:
+            time.sleep(float(ctx.options.get("respawn_setup_seconds", 0)))

@@ -41,6 +41,9 @@ def _service_options(f):
         click.option("--handler", default=None,
                      help="Handler class as module:Class, e.g. workerpool.handlers:Echo."),
         click.option("--workers", type=int, default=None, help="Worker processes (default 1)."),
+        click.option("--spares", type=int, default=None,
+                     help="Extra workers kept set up and idle; one replaces a dead worker at "
+                          "once (default 0)."),
         click.option("--devices", default=None,
                      help="cpu | auto | GPU indices like 0,1 (workers are spread over them)."),
         click.option("--policy", type=click.Choice(POLICIES), default=None,
@@ -100,8 +103,8 @@ def _pydantic_message(exc: ValidationError) -> str:
 @click.option("--drain-timeout", type=float, default=None,
               help="On Ctrl-C/SIGTERM, seconds in-flight requests may still run (default 30).")
 @_service_options
-def up(frontend, backend, drain_timeout, config_path, service, handler, workers, devices, policy,
-       max_inflight, queue_capacity, capacity_policy, max_wait) -> None:
+def up(frontend, backend, drain_timeout, config_path, service, handler, workers, spares, devices,
+       policy, max_inflight, queue_capacity, capacity_policy, max_wait) -> None:
     """Run a whole pool: a router and a supervised set of workers, in the foreground.
 
     Ctrl-C or SIGTERM drains: no new requests are admitted, in-flight ones finish, every
@@ -112,8 +115,8 @@ def up(frontend, backend, drain_timeout, config_path, service, handler, workers,
     cfg = _build_config(
         config_path, service,
         {"frontend": frontend, "backend": backend, "drain_timeout": drain_timeout},
-        {"handler": handler, "workers": workers, "devices": devices, "policy": policy,
-         "max_inflight": max_inflight, "queue_capacity": queue_capacity,
+        {"handler": handler, "workers": workers, "spares": spares, "devices": devices,
+         "policy": policy, "max_inflight": max_inflight, "queue_capacity": queue_capacity,
          "capacity_policy": capacity_policy, "max_wait": max_wait})
     tmpdir = None
     if cfg.router.backend is None:
@@ -178,15 +181,15 @@ def router_cmd(frontend, backend, config_path, policy, drain_timeout) -> None:
               help="Name for this supervisor in worker ids (SERVICE/NODE/N) "
                    "[default: HOSTNAME-PID]; must be unique per router.")
 @_service_options
-def worker(router_addr, node, config_path, service, handler, workers, devices, policy,
+def worker(router_addr, node, config_path, service, handler, workers, spares, devices, policy,
            max_inflight, queue_capacity, capacity_policy, max_wait) -> None:
     """Run a supervisor and its workers for a router elsewhere (same code as `up`)."""
     from workerpool.supervisor import Supervisor
 
     cfg = _build_config(
         config_path, service, {},
-        {"handler": handler, "workers": workers, "devices": devices, "policy": policy,
-         "max_inflight": max_inflight, "queue_capacity": queue_capacity,
+        {"handler": handler, "workers": workers, "spares": spares, "devices": devices,
+         "policy": policy, "max_inflight": max_inflight, "queue_capacity": queue_capacity,
          "capacity_policy": capacity_policy, "max_wait": max_wait})
     node = node or f"{socket.gethostname()}-{os.getpid()}"
     sup = Supervisor(cfg.services, router_addr, cfg.supervisor,
@@ -235,6 +238,7 @@ def format_status(st: dict) -> str:
     for s in st["services"]:
         out.append(
             f"service {s['name']}: policy={s['policy']} workers={s['workers']} "
+            f"spares={s.get('spares', 0)} "
             f"queued={s['queued']}/{s['queue_capacity']} in_flight={s['in_flight']} "
             f"completed={s['completed']} errored={s['errored']} "
             f"rejected_backpressure={s['rejected_backpressure']} expired={s['expired']} "
@@ -276,6 +280,22 @@ def restart(worker, router_addr) -> None:
     _admin(router_addr, "restart_worker", worker)
 
 
+# -- scale ------------------------------------------------------------------------------------
+@main.command()
+@click.argument("service")
+@click.argument("workers", type=click.IntRange(0, 1024))
+@click.option("--router", "router_addr", default=DEFAULT_FRONTEND, show_default=True,
+              help="The router's client (frontend) address.")
+def scale(service, workers, router_addr) -> None:
+    """Set how many workers serve SERVICE, at runtime.
+
+    Up: spares (if any) start serving at once, and new workers are started. Down: the
+    idlest workers get no new requests, finish the ones they hold, then stop and leave
+    the table. Spares are kept on top of WORKERS.
+    """
+    _admin(router_addr, "scale", service, workers)
+
+
 # -- drain ------------------------------------------------------------------------------------
 @main.command()
 @click.argument("worker")
@@ -287,14 +307,14 @@ def drain(worker, router_addr) -> None:
     _admin(router_addr, "drain_worker", worker)
 
 
-def _admin(router_addr: str, client_method: str, worker: str) -> None:
+def _admin(router_addr: str, client_method: str, *args: Any) -> None:
     """Run one operator command through the Client; errors exit 1 as 'Type: message'."""
     from workerpool.client import Client
     from workerpool.errors import WorkerPoolError
 
     with Client(router_addr) as c:
         try:
-            out = getattr(c, client_method)(worker)
+            out = getattr(c, client_method)(*args)
         except WorkerPoolError as exc:
             raise click.ClickException(f"{exc.type}: {exc.message}") from None
     click.echo(out["message"])

@@ -278,6 +278,13 @@ class Client(_BaseClient):
         is not respawned (``restart_worker`` brings it back). Raises AdminError."""
         return self._control(Kind.ADMIN, {"op": "drain", "worker": worker}, timeout)
 
+    def scale(self, service: str, workers: int, timeout: float = 5.0) -> dict:
+        """Set how many workers serve ``service``. Up: spares are promoted at once and new
+        workers start; down: the idlest workers finish what they hold, then leave. Returns
+        ``{"previous", "workers", "retire": [ids], "message"}``; raises AdminError."""
+        return self._control(Kind.ADMIN, {"op": "scale", "service": service,
+                                          "workers": workers}, timeout)
+
     def _control(self, kind: Kind, meta: dict | None, timeout: float) -> dict:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         rid = next(self._ids)

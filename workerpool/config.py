@@ -58,6 +58,9 @@ class ServiceConfig(_Model):
         "workerpool.handlers:Echo", description="Handler class as 'module:Class'."
     )
     workers: int = Field(1, ge=0, le=1024, description="Worker processes for this service.")
+    spares: int = Field(
+        0, ge=0, le=1024, description="Extra workers kept started and set up but idle: when a "
+        "worker dies a spare takes its place at once, and a new spare starts behind it.")
     devices: str = Field(
         "cpu", description="'cpu', 'auto' (all visible GPUs, else cpu) or indices like '0,1'."
     )

@@ -73,6 +73,7 @@ class WorkerProc:
     kill_reason: str | None = None  # why the router had this incarnation killed
     stopped_since: float | None = None  # first seen in state T (SIGSTOP), monotonic
     drained: bool = False  # an operator drained it: do not respawn until `restart`
+    retiring: bool = False  # scaled away: when its process ends the slot is removed
     ready: bool = False  # the current incarnation registered with the router
     ever_ready: bool = False
     failed: bool = False
@@ -108,12 +109,11 @@ class Supervisor:
         self.router_restarts = 0
         self._poller_needs_router = False
         # Slot ids must be unique on the router: a remote supervisor adds its node name.
-        prefix = "" if node is None else f"{node}/"
+        self._prefix = "" if node is None else f"{node}/"
+        self._next_index: dict[str, int] = {}
         for svc in services:
-            devices = parse_devices(svc.devices)
-            for i in range(svc.workers):
-                slot = f"{svc.name}/{prefix}{i}"
-                self.workers[slot] = WorkerProc(slot, svc, devices[i % len(devices)])
+            # Spares are slots like the others; the router decides which ones serve.
+            self._add_slots(svc, svc.workers + svc.spares)
         self._by_pidfd: dict[int, WorkerProc] = {}
         self._timers: list[tuple[float, str]] = []  # (when, slot) respawns
         self._ctx = zmq.Context()
@@ -166,13 +166,13 @@ class Supervisor:
             # Only what was set explicitly (file or flag): the router's own defaults
             # (`workerpool router --policy`) apply to the rest.
             "services": [
-                {"name": s.name, **{k: getattr(s, k) for k in ROUTED_FIELDS
-                                    if k in s.model_fields_set}}
+                {"name": s.name, "workers": s.workers, "spares": s.spares,
+                 **{k: getattr(s, k) for k in ROUTED_FIELDS if k in s.model_fields_set}}
                 for s in self.services
             ],
             "slots": [
                 {"slot": w.slot, "service": w.service.name, "device": device_label(w.device)}
-                for w in self.workers.values()
+                for w in self.workers.values() if not w.retiring
             ],
         }
 
@@ -256,6 +256,11 @@ class Supervisor:
                     self.stop("router drained")
 
     def _on_admin(self, meta: dict) -> None:
+        if meta.get("op") == "scale":
+            if not self._stopping:
+                self._scale(str(meta.get("service")), int(meta["workers"]),
+                            [str(s) for s in meta.get("retire", ())])
+            return
         w = self.workers.get(str(meta.get("slot")))
         if w is None:
             return
@@ -286,6 +291,48 @@ class Supervisor:
             # Running: let it finish what it holds (SIGTERM), then respawn at once.
             w.restart_requested = True
             _signal(w.proc, signal.SIGTERM)
+
+    def _add_slots(self, svc: ServiceConfig, n: int) -> list[WorkerProc]:
+        devices = parse_devices(svc.devices)
+        added = []
+        for _ in range(n):
+            i = self._next_index.get(svc.name, 0)
+            self._next_index[svc.name] = i + 1
+            slot = f"{svc.name}/{self._prefix}{i}"
+            added.append(WorkerProc(slot, svc, devices[i % len(devices)]))
+            self.workers[slot] = added[-1]
+        return added
+
+    def _scale(self, service: str, workers: int, retire: list[str]) -> None:
+        """The router chose which slots retire (it knows what they hold); new slots take
+        fresh ids. The router hears the new counts and slots in a HELLO."""
+        svc = next((s for s in self.services if s.name == service), None)
+        if svc is None:
+            log.warning("scale of unknown service %r ignored", service)
+            return
+        log.info("scaling %s: %d -> %d workers", service, svc.workers, workers)
+        svc.workers = workers
+        for slot in retire:
+            w = self.workers.get(slot)
+            if w is None or w.service is not svc:
+                continue
+            w.retiring = w.drained = True
+            if w.proc is None or w.pidfd is None:
+                self._remove(w, "scaled away (not running)")
+            elif not w.ready:  # never registered, so there is nothing to drain: stop it
+                _signal(w.proc, signal.SIGTERM)
+            # A registered one drains at the router, which then tells it to stop.
+        live = sum(1 for w in self.workers.values() if w.service is svc and not w.retiring)
+        added = self._add_slots(svc, max(0, svc.workers + svc.spares - live))
+        self._send(Kind.HELLO, self._hello())
+        for w in added:
+            self._spawn(w)
+
+    def _remove(self, w: WorkerProc, reason: str, exitcode: int | None = None) -> None:
+        del self.workers[w.slot]
+        self._send(Kind.SLOT, {"slot": w.slot, "service": w.service.name,
+                               "incarnation": w.incarnation, "event": "removed",
+                               "reason": reason, "exitcode": exitcode})
 
     def _kill_stopped_children(self, now: float) -> None:
         """A stopped child (SIGSTOP) is hung whoever watches it; the router sees it only
@@ -393,6 +440,9 @@ class Supervisor:
             w.kill_reason = None
         base = {"slot": w.slot, "service": w.service.name, "incarnation": w.incarnation,
                 "pid": w.proc.pid, "exitcode": rc}
+        if w.retiring and not self._stopping:
+            self._remove(w, f"scaled away; process {how}", rc)
+            return
         if self._stopping or (w.drained and rc == 0):
             # Exiting on request is "stopped"; a crash during the drain is still a crash.
             event = "stopped" if rc == 0 else "died"
@@ -439,8 +489,8 @@ class Supervisor:
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, slot = heapq.heappop(self._timers)
-            w = self.workers[slot]
-            if not self._stopping and w.pidfd is None:
+            w = self.workers.get(slot)  # gone if it was scaled away meanwhile
+            if w is not None and not self._stopping and w.pidfd is None:
                 self._spawn(w)
 
     def _stop_children(self) -> None:

@@ -1,0 +1,160 @@
+"""Hot spares (a set-up idle worker replaces a dead one at once) and ``workerpool scale``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, _env
+from workerpool import Client
+from workerpool.errors import AdminError, WorkerCrashedError
+
+
+def _states(st: dict) -> dict[str, str]:
+    return {w["id"]: w["state"] for w in st["workers"]}
+
+
+def _busy_workers(pool, c) -> set[str]:
+    """The workers that take part when 4 requests run at once."""
+    before = {w["id"]: w["completed"] for w in pool.status()["workers"]}
+    for f in [c.submit("sleep", {"seconds": 0.3}) for _ in range(4)]:
+        f.result(10)
+    return {i for i, w in pool.workers().items() if w["completed"] > before.get(i, 0)}
+
+
+def _serving(st: dict) -> list[str]:
+    return sorted(w["id"] for w in st["workers"] if w["state"] in ("ready", "busy"))
+
+
+def _slow_respawn_pool(procs, workers: int, spares: int, *args: str):
+    cfg = procs.dir / "slow.toml"
+    cfg.write_text('[[services]]\nname = "default"\nhandler = "tests.handlers:SlowRespawn"\n'
+                   f"workers = {workers}\nspares = {spares}\n"
+                   "options = { respawn_setup_seconds = 30 }\n")
+    front = procs.ipc("front")
+    return procs.spawn(["up", "--config", str(cfg), "--frontend", front, *args], front,
+                       "workerpool ready")
+
+
+def test_spare_takes_a_dead_workers_place_before_its_replacement_is_set_up(procs):
+    pool = _slow_respawn_pool(procs, workers=2, spares=1)
+    st = pool.wait_for(lambda s: sorted(_states(s).values()) == ["ready", "ready", "spare"],
+                       what="2 serving, 1 spare")
+    svc = st["services"][0]
+    assert (svc["workers"], svc["spares"], svc["target_workers"]) == (2, 1, 2)
+    spare = next(w for w in st["workers"] if w["state"] == "spare")
+    victim = next(w for w in st["workers"] if w["state"] == "ready")
+    with Client(pool.address, timeout=10) as c:
+        # The spare is set up but gets no work while the pool is whole.
+        assert spare["id"] not in _busy_workers(pool, c)
+        os.kill(victim["pid"], signal.SIGKILL)
+        # Its replacement needs 30 s of setup(): capacity must come back from the spare.
+        st = pool.wait_for(lambda s: len(_serving(s)) == 2 and spare["id"] in _serving(s),
+                           timeout=10, what="the spare serving")
+        assert _states(st)[victim["id"]] in ("dead", "restarting")
+        assert st["router"]["counters"]["spares_promoted"] == 1
+        assert _busy_workers(pool, c) == set(_serving(st))
+
+
+def test_idempotent_request_of_a_dead_worker_reruns_on_the_spare(procs):
+    pool = _slow_respawn_pool(procs, workers=1, spares=1)
+    st = pool.wait_for(lambda s: sorted(_states(s).values()) == ["ready", "spare"],
+                       what="1 serving, 1 spare")
+    spare = next(w["id"] for w in st["workers"] if w["state"] == "spare")
+    with Client(pool.address, timeout=20) as c:
+        fut = c.submit("sleep", {"seconds": 1.0}, idempotent=True)
+        pool.wait_for(lambda s: s["services"][0]["in_flight"] == 1, what="request running")
+        busy = next(w for w in pool.status()["workers"] if w["state"] == "busy")
+        os.kill(busy["pid"], signal.SIGKILL)
+        assert fut.result(15) == {"seconds": 1.0}  # run again, on the spare
+        assert c.call("whoami")["slot"] == spare
+        # Not idempotent: the crash is the answer, and the spare keeps serving.
+        fut = c.submit("sleep", {"seconds": 1.0})
+        pool.wait_for(lambda s: s["services"][0]["in_flight"] == 1, what="request running")
+        os.kill(pool.workers()[spare]["pid"], signal.SIGKILL)
+        with pytest.raises(WorkerCrashedError):
+            fut.result(15)
+
+
+def test_scale_up_and_down_at_runtime(procs):
+    pool = procs.pool(workers=2)
+    with Client(pool.address, timeout=20) as c:
+        out = c.scale("default", 4)
+        assert (out["previous"], out["workers"], out["retire"]) == (2, 4, [])
+        st = pool.wait_ready(4)
+        assert sorted(_states(st)) == [f"default/{i}" for i in range(4)]
+        # Scale down while every worker holds a request: nothing held is lost.
+        futs = [c.submit("sleep", {"seconds": 1.0, "i": i}) for i in range(4)]
+        pool.wait_for(lambda s: s["services"][0]["in_flight"] == 4, what="4 running")
+        out = c.scale("default", 2)
+        assert len(out["retire"]) == 2 and out["previous"] == 4
+        assert [f.result(10)["i"] for f in futs] == [0, 1, 2, 3]
+        st = pool.wait_for(lambda s: len(s["workers"]) == 2, what="retired rows removed")
+        assert set(_states(st)).isdisjoint(out["retire"])
+        assert all(w["state"] == "ready" for w in st["workers"])
+        assert _busy_workers(pool, c) == set(_states(st))
+        # Scaling again reuses nothing: new slots get fresh ids.
+        out = c.scale("default", 3)
+        st = pool.wait_ready(3)
+        assert "default/4" in _states(st)
+
+
+def test_scale_up_promotes_spares_at_once(procs):
+    pool = _slow_respawn_pool(procs, workers=1, spares=2)
+    pool.wait_for(lambda s: sorted(_states(s).values()) == ["ready", "spare", "spare"],
+                  what="1 serving, 2 spares")
+    with Client(pool.address, timeout=10) as c:
+        c.scale("default", 3)
+        # Both spares serve as soon as the router has the command; new spares start.
+        st = pool.status()
+        assert len(_serving(st)) == 3, st
+        st = pool.wait_for(lambda s: s["services"][0]["spares"] == 2 and len(_serving(s)) == 3,
+                           what="two new spares set up")
+        assert len(st["workers"]) == 5
+
+
+def test_replacement_becomes_the_spare_and_router_restart_keeps_roles(procs):
+    pool = procs.pool("--spares", "1", workers=2)
+    st = pool.wait_for(lambda s: sorted(_states(s).values()) == ["ready", "ready", "spare"],
+                       what="2 serving, 1 spare")
+    victim = next(w for w in st["workers"] if w["state"] == "ready")
+    os.kill(victim["pid"], signal.SIGKILL)
+    st = pool.wait_for(lambda s: _states(s)[victim["id"]] == "spare"
+                       and sorted(_states(s).values()) == ["ready", "ready", "spare"],
+                       what="the replacement held back as the new spare")
+    os.kill(st["router"]["pid"], signal.SIGKILL)
+    pool.wait_for(lambda s: s["router"]["pid"] != st["router"]["pid"]
+                  and sorted(_states(s).values()) == ["ready", "ready", "spare"],
+                  what="roles after the router restart")
+
+
+def test_scale_bad_input(procs):
+    pool = procs.pool("--spares", "1", workers=1)
+    with Client(pool.address, timeout=5) as c:
+        with pytest.raises(AdminError, match="no service 'nope'"):
+            c.scale("nope", 2)
+        for bad in (-1, 5000, 1.5, "2", True):
+            with pytest.raises(AdminError, match="workers must be an integer"):
+                c.scale("default", bad)
+        with pytest.raises(AdminError, match="needs at least one worker"):
+            c.scale("default", 0)
+        assert c.call("echo", 1) == 1
+    cli = [sys.executable, "-m", "workerpool.cli"]
+    out = subprocess.run([*cli, "scale", "default", "-3", "--router", pool.address],
+                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=30)
+    assert out.returncode == 2 and "WORKERS" in out.stderr
+    out = subprocess.run([*cli, "scale", "nope", "2", "--router", pool.address],
+                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=30)
+    assert out.returncode == 1 and "AdminError: no service 'nope'" in out.stderr
+    out = subprocess.run([*cli, "scale", "default", "2", "--router", pool.address],
+                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=30)
+    assert out.returncode == 0 and "default: 1 -> 2 workers" in out.stdout
+    out = subprocess.run([*cli, "status", "--router", pool.address],
+                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=30)
+    assert "spares=1" in out.stdout
+    time.sleep(0)  # the pool is torn down (and checked for leftovers) by the fixture
