@@ -31,6 +31,12 @@ class Streams(Echo):
     def unencodable(self, payload):
         return object()
 
+    def count_then_sleep(self, payload):
+        import time
+
+        yield from range(int(payload["n"]))
+        time.sleep(float(payload["seconds"]))
+
 
 class FailFirstSlot(Echo):
     """setup() fails in slot N/0 only: one failed worker among healthy ones."""

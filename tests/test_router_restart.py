@@ -45,18 +45,32 @@ def test_router_killed_and_restarted(procs):
     assert pool.popen.poll() is None  # `up` itself never stopped
 
 
-def test_async_client_keeps_working_after_a_router_restart(procs):
+def test_async_client_learns_what_a_restarted_router_lost(procs):
     import asyncio
 
-    pool = procs.pool(workers=1)
+    pool = procs.pool(workers=2, handler="tests.handlers:Streams")
     router_pid = pool.status()["router"]["pid"]
 
     async def main():
-        async with AsyncClient(pool.address, timeout=20) as ac:
+        async with AsyncClient(pool.address, timeout=30) as ac:
             assert await ac.call("echo", 1) == 1
+            held = await ac.submit("sleep", {"seconds": 3.0})
+
+            async def consume():
+                return [i async for i in ac.stream("count_then_sleep", {"n": 2, "seconds": 3})]
+
+            stream = asyncio.ensure_future(consume())
+            while pool.status()["services"][0]["in_flight"] < 2:
+                await asyncio.sleep(0.05)
             os.kill(router_pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            with pytest.raises(RouterRestartedError, match="restarted"):
+                await asyncio.wait_for(held, 15)
+            with pytest.raises(RouterRestartedError):
+                await asyncio.wait_for(stream, 15)
+            assert time.monotonic() - t0 < 5  # not the 30 s timeout
             deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline:  # the same client works again
                 try:
                     if await ac.call("echo", 2, timeout=1) == 2:
                         return

@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import zmq
@@ -138,37 +138,45 @@ class _Pending:
 
 
 class _RouterWatch:
-    """Notices a router restart: while requests are outstanding the I/O thread pings the
-    router, whose answer names its process and uptime. A new name means the old router
-    and every request it held are gone: those requests fail with RouterRestartedError
-    instead of waiting for their timeouts (or forever)."""
+    """Notices a router restart: while requests are outstanding the client pings the
+    router, whose answer names its process instance. A new name means the old router and
+    every request it held are gone: those requests fail with RouterRestartedError instead
+    of waiting for their timeouts (or forever). Shared by both clients."""
 
     def __init__(self) -> None:
         self.instance: str | None = None
         self.next_ping = 0.0
 
-    def on_pong(self, body: bytes, pending: dict[int, _Pending]) -> None:
+    @staticmethod
+    def ping(held: Iterable[int]) -> list:
+        """The HEARTBEAT asking the router which of ``held`` it does not know."""
+        return protocol.encode(Kind.HEARTBEAT, 0, {"held": list(itertools.islice(held,
+                                                                                  MAX_PING_IDS))})
+
+    @staticmethod
+    def is_pong(frames: list) -> bool:
+        return len(frames) >= 3 and frames[0][:4] == _PONG_PREFIX
+
+    def lost(self, body: bytes) -> list[int]:
+        """From a pong: the request ids lost with an old router (none if it is the same)."""
         try:
             info = codec.loads(body)
             instance = str(info["router"])
             unknown = [int(r) for r in info.get("unknown", ())]
         except (codec.PayloadError, KeyError, TypeError, ValueError):
-            return
-        if self.instance is not None and instance != self.instance:
-            # The router lists the requests of the ping that it does not hold. Replies
-            # travel ahead of the pong, so one still pending here was lost with the old
-            # router; one that reached the new router (queued in our socket while it was
-            # down) is held there and keeps waiting for its real reply.
-            lost = [rid for rid in unknown if rid in pending]
-            err = RouterRestartedError("the router restarted while it held this request; "
-                                       "it was lost with it and can be sent again")
-            for rid in lost:
-                entry = pending.pop(rid)
-                if entry.stream is not None:
-                    entry.stream.put((Kind.ERROR, err))
-                else:
-                    _settle(entry.future, exc=err)
+            return []
+        changed = self.instance is not None and instance != self.instance
         self.instance = instance
+        # The router lists the requests of the ping that it does not hold. Replies travel
+        # ahead of the pong, so one still pending here was lost with the old router; one
+        # that reached the new router (queued in our socket while it was down) is held
+        # there and keeps waiting for its real reply.
+        return unknown if changed else []
+
+
+def _router_restarted() -> RouterRestartedError:
+    return RouterRestartedError("the router restarted while it held this request; it was "
+                                "lost with it and can be sent again")
 
 
 class Client(_BaseClient):
@@ -403,8 +411,7 @@ def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket) -> None:
                 now = time.monotonic()
                 if now >= watch.next_ping:
                     watch.next_ping = now + PING_INTERVAL
-                    held = list(itertools.islice(pending, MAX_PING_IDS))
-                    transport.send(sock, protocol.encode(Kind.HEARTBEAT, 0, {"held": held}))
+                    transport.send(sock, watch.ping(pending))
             if timers:
                 _expire(sock, pending, timers)
     except Exception as exc:  # surface to callers instead of dying silently
@@ -428,8 +435,15 @@ def _read_replies(client: Client, sock: zmq.Socket, pending: dict[int, _Pending]
             frames = transport.recv(sock, transport.NOBLOCK)
         except zmq.Again:
             return
-        if len(frames) >= 3 and frames[0][:4] == _PONG_PREFIX:
-            watch.on_pong(frames[2], pending)
+        if watch.is_pong(frames):
+            for rid in watch.lost(frames[2]):
+                entry = pending.pop(rid, None)
+                if entry is None:
+                    continue
+                if entry.stream is not None:
+                    entry.stream.put((Kind.ERROR, _router_restarted()))
+                else:
+                    _settle(entry.future, exc=_router_restarted())
             continue
         try:
             kind, rid, value = client._parse_reply(frames)
@@ -516,6 +530,8 @@ class AsyncClient(_BaseClient):
         self._pending: dict[int, asyncio.Future | asyncio.Queue] = {}
         self._partials: dict[int, list] = {}
         self._reader: asyncio.Task | None = None
+        self._pinger: asyncio.Task | None = None
+        self._watch = _RouterWatch()
         self._closed = False
 
     async def __aenter__(self) -> AsyncClient:
@@ -528,12 +544,28 @@ class AsyncClient(_BaseClient):
         if self._closed:
             raise ClientClosedError("client is closed")
         if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+            loop = asyncio.get_running_loop()
+            self._reader = loop.create_task(self._read_loop())
+            self._pinger = loop.create_task(self._ping_loop())
+
+    async def _ping_loop(self) -> None:
+        """While requests are outstanding, ask the router which of them it holds: a
+        restarted router has lost them (see ``_RouterWatch``)."""
+        while True:
+            if self._pending:
+                await self._sock.send_multipart(self._watch.ping(self._pending))
+            # Until a first pong names the router, a restart could not be told apart.
+            await asyncio.sleep(PING_INTERVAL if self._watch.instance else 0.05)
 
     async def _read_loop(self) -> None:
         try:
             while True:
                 frames = await self._sock.recv_multipart()
+                if self._watch.is_pong(frames):
+                    for rid in self._watch.lost(frames[2]):
+                        if rid in self._pending:
+                            self._fail(rid, _router_restarted())
+                    continue
                 try:
                     kind, rid, value = self._parse_reply(frames)
                 except FrameError:
@@ -563,13 +595,17 @@ class AsyncClient(_BaseClient):
             self._fail_all(ClientClosedError(f"client reader failed: {exc!r}"))
             raise
 
+    def _fail(self, rid: int, err: WorkerPoolError) -> None:
+        waiter = self._pending.pop(rid)
+        self._partials.pop(rid, None)
+        if isinstance(waiter, asyncio.Queue):
+            waiter.put_nowait((Kind.ERROR, err))
+        elif not waiter.done():
+            waiter.set_exception(err)
+
     def _fail_all(self, err: WorkerPoolError) -> None:
-        for waiter in self._pending.values():
-            if isinstance(waiter, asyncio.Queue):
-                waiter.put_nowait((Kind.ERROR, err))
-            elif not waiter.done():
-                waiter.set_exception(err)
-        self._pending.clear()
+        for rid in list(self._pending):
+            self._fail(rid, err)
 
     async def _send_cancel(self, rid: int) -> None:
         self._pending.pop(rid, None)
@@ -668,10 +704,12 @@ class AsyncClient(_BaseClient):
         if self._closed:
             return
         self._closed = True
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in (self._reader, self._pinger):
+            if task is None:
+                continue
+            task.cancel()
             try:
-                await self._reader
+                await task
             except (asyncio.CancelledError, Exception):
                 pass
         self._fail_all(ClientClosedError("client closed with this request outstanding"))
