@@ -51,7 +51,7 @@ class Conn:
     """One live, registered worker incarnation on the backend socket."""
 
     __slots__ = ("busy_since", "capacity", "declared", "identity", "in_flight", "incarnation",
-                 "kill_sent", "last_beat", "methods", "pid", "slot")
+                 "kill_sent", "last_beat", "memory", "methods", "pid", "slot")
 
     def __init__(self, identity: bytes, slot: Slot, incarnation: int, pid: int,
                  capacity: int, methods: frozenset[str]) -> None:
@@ -67,6 +67,7 @@ class Conn:
         self.last_beat = now  # last heartbeat (or any message) from this process
         self.busy_since = now  # when its current request started: last progress while busy
         self.kill_sent: float | None = None  # when the router asked for it to be killed
+        self.memory: dict[str, int] = {}  # from its last heartbeat (workerpool.memory)
 
 
 class Slot:
@@ -119,6 +120,7 @@ class Slot:
             "restarts": self.restarts,
             "incarnation": self.incarnation,
             "last_error": self.last_error,
+            "memory": self.conn.memory if self.conn else {},
             "uptime": round(now - self.ready_at, 3) if self.ready_at and self.conn else 0.0,
         }
 

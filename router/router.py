@@ -792,6 +792,10 @@ class Router:
             conn = self.conns.get(of)
             if conn is not None:
                 conn.last_beat = now
+                mem = meta.get("mem")
+                if isinstance(mem, dict):  # shown as is in status: keep only well-formed
+                    conn.memory = {k: v for k, v in list(mem.items())[:8]
+                                   if isinstance(k, str) and type(v) is int}
             elif of not in self._unknown_beats:
                 # Its heartbeat socket may simply have overtaken its READY: wait one beat.
                 self._unknown_beats[of] = now

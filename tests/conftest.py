@@ -129,11 +129,12 @@ class Processes:
             proc.wait_line(ready_prefix)
         return proc
 
-    def pool(self, *args: str, workers: int = 4, handler: str = "workerpool.handlers:Faulty",
-             wait: bool = True) -> Proc:
+    def pool(self, *args: str, workers: int | None = 4,
+             handler: str = "workerpool.handlers:Faulty", wait: bool = True) -> Proc:
+        """``workerpool up`` with ``args``; ``workers=None`` leaves --workers out."""
         address = self.ipc(f"front{len(self.procs)}")
-        return self.spawn(["up", "--frontend", address, "--handler", handler,
-                           "--workers", str(workers), *args],
+        count = [] if workers is None else ["--workers", str(workers)]
+        return self.spawn(["up", "--frontend", address, "--handler", handler, *count, *args],
                           address, "workerpool ready" if wait else None)
 
     def cleanup(self) -> None:

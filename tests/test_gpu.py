@@ -138,3 +138,17 @@ def test_real_oom_keeps_the_worker(procs):
         assert info.value.retryable
         assert c.call("matmul", {"n": 64}) > 0
     assert pool.status()["workers"][0]["pid"] == pid
+
+
+@needs_gpu
+def test_workers_per_device_and_gpu_memory_in_status(procs):
+    pool = procs.pool("--devices", "auto", "--workers-per-device", "2",
+                      handler="tests.handlers:CudaProbe", workers=None)
+    st = pool.wait_for(lambda s: all(w["memory"].get("gpu_reserved", 0) > 0
+                                     for w in s["workers"]),
+                       timeout=30, what="GPU memory in every worker's heartbeat")
+    assert len(st["workers"]) == 2 * len(GPUS)
+    for g in GPUS:
+        assert sum(w["device"] == f"cuda:{g}" for w in st["workers"]) == 2
+    for w in st["workers"]:
+        assert 0 < w["memory"]["gpu_reserved"] <= w["memory"]["gpu_total"]

@@ -46,6 +46,8 @@ def _service_options(f):
                           "once (default 0)."),
         click.option("--devices", default=None,
                      help="cpu | auto | GPU indices like 0,1 (workers are spread over them)."),
+        click.option("--workers-per-device", type=int, default=None,
+                     help="Workers on each device of --devices, instead of --workers."),
         click.option("--policy", type=click.Choice(POLICIES), default=None,
                      help="Dispatch policy (default least-loaded)."),
         click.option("--max-inflight", type=int, default=None,
@@ -79,6 +81,8 @@ def _build_config(config_path: str | None, service: str | None, router: dict[str
             for key, value in svc.items():
                 if value is not None:
                     setattr(target, key, value)
+        for s in cfg.services:
+            s.resolve_workers()
         return cfg  # validate_assignment checked each flag as it was applied
     except ValidationError as exc:
         raise click.UsageError(_pydantic_message(exc)) from None
@@ -104,7 +108,8 @@ def _pydantic_message(exc: ValidationError) -> str:
               help="On Ctrl-C/SIGTERM, seconds in-flight requests may still run (default 30).")
 @_service_options
 def up(frontend, backend, drain_timeout, config_path, service, handler, workers, spares, devices,
-       policy, max_inflight, queue_capacity, capacity_policy, max_wait) -> None:
+       workers_per_device, policy, max_inflight, queue_capacity, capacity_policy,
+       max_wait) -> None:
     """Run a whole pool: a router and a supervised set of workers, in the foreground.
 
     Ctrl-C or SIGTERM drains: no new requests are admitted, in-flight ones finish, every
@@ -116,7 +121,8 @@ def up(frontend, backend, drain_timeout, config_path, service, handler, workers,
         config_path, service,
         {"frontend": frontend, "backend": backend, "drain_timeout": drain_timeout},
         {"handler": handler, "workers": workers, "spares": spares, "devices": devices,
-         "policy": policy, "max_inflight": max_inflight, "queue_capacity": queue_capacity,
+         "workers_per_device": workers_per_device, "policy": policy,
+         "max_inflight": max_inflight, "queue_capacity": queue_capacity,
          "capacity_policy": capacity_policy, "max_wait": max_wait})
     tmpdir = None
     if cfg.router.backend is None:
@@ -181,15 +187,17 @@ def router_cmd(frontend, backend, config_path, policy, drain_timeout) -> None:
               help="Name for this supervisor in worker ids (SERVICE/NODE/N) "
                    "[default: HOSTNAME-PID]; must be unique per router.")
 @_service_options
-def worker(router_addr, node, config_path, service, handler, workers, spares, devices, policy,
-           max_inflight, queue_capacity, capacity_policy, max_wait) -> None:
+def worker(router_addr, node, config_path, service, handler, workers, spares, devices,
+           workers_per_device, policy, max_inflight, queue_capacity, capacity_policy,
+           max_wait) -> None:
     """Run a supervisor and its workers for a router elsewhere (same code as `up`)."""
     from workerpool.supervisor import Supervisor
 
     cfg = _build_config(
         config_path, service, {},
         {"handler": handler, "workers": workers, "spares": spares, "devices": devices,
-         "policy": policy, "max_inflight": max_inflight, "queue_capacity": queue_capacity,
+         "workers_per_device": workers_per_device, "policy": policy,
+         "max_inflight": max_inflight, "queue_capacity": queue_capacity,
          "capacity_policy": capacity_policy, "max_wait": max_wait})
     node = node or f"{socket.gethostname()}-{os.getpid()}"
     sup = Supervisor(cfg.services, router_addr, cfg.supervisor,
@@ -203,8 +211,8 @@ def worker(router_addr, node, config_path, service, handler, workers, spares, de
 
 
 # -- status -------------------------------------------------------------------------------------
-_COLUMNS = ("id", "pid", "device", "state", "in_flight", "completed", "errored", "restarts",
-            "uptime")
+_COLUMNS = ("id", "pid", "device", "memory", "state", "in_flight", "completed", "errored",
+            "restarts", "uptime")
 
 
 @main.command()
@@ -258,11 +266,28 @@ def _ms(value: float | None) -> str:
 
 
 def _cell(value: Any, column: str) -> str:
+    if column == "memory":
+        return _memory(value or {})
     if value is None:
         return "-"
     if column == "uptime":
         return f"{value:.1f}s"
     return str(value)
+
+
+def _memory(mem: dict) -> str:
+    """GPU memory held by the worker's allocator (and the device's size), else its RSS."""
+    if "gpu_reserved" in mem:
+        total = f"/{_bytes(mem['gpu_total'])}" if "gpu_total" in mem else ""
+        return f"{_bytes(mem['gpu_reserved'])}{total} gpu"
+    return f"{_bytes(mem['rss'])} rss" if "rss" in mem else "-"
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n}B"
 
 
 # -- restart ----------------------------------------------------------------------------------

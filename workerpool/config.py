@@ -64,6 +64,9 @@ class ServiceConfig(_Model):
     devices: str = Field(
         "cpu", description="'cpu', 'auto' (all visible GPUs, else cpu) or indices like '0,1'."
     )
+    workers_per_device: int | None = Field(
+        None, ge=1, le=1024, description="Workers on each device of `devices` (instead of "
+        "`workers`): 2 with devices '0,1' starts 4 workers, two on each GPU.")
     policy: Policy = Field("least-loaded", description="How the router picks a worker.")
     max_inflight: int = Field(
         1, ge=1, le=65536, description="Requests the router sends one worker at once."
@@ -94,6 +97,23 @@ class ServiceConfig(_Model):
     options: dict[str, Any] = Field(
         default_factory=dict, description="Passed to the handler's setup() as context.options."
     )
+
+    @model_validator(mode="after")
+    def _one_worker_count(self) -> ServiceConfig:
+        if self.workers_per_device is not None and "workers" in self.model_fields_set:
+            raise ValueError("set `workers` or `workers_per_device`, not both")
+        return self
+
+    def resolve_workers(self) -> None:
+        """Turn ``workers_per_device`` into ``workers`` for the devices found now (``auto``
+        is resolved here, without touching CUDA). Raises ValueError past 1024 workers."""
+        if self.workers_per_device is None:
+            return
+        from workerpool.devices import parse_devices
+
+        n = self.workers_per_device * len(parse_devices(self.devices))
+        self.workers_per_device = None
+        self.workers = n
 
     @field_validator("name")
     @classmethod

@@ -112,6 +112,7 @@ class Supervisor:
         self._prefix = "" if node is None else f"{node}/"
         self._next_index: dict[str, int] = {}
         for svc in services:
+            svc.resolve_workers()
             # Spares are slots like the others; the router decides which ones serve.
             self._add_slots(svc, svc.workers + svc.spares)
         self._by_pidfd: dict[int, WorkerProc] = {}

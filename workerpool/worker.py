@@ -47,6 +47,7 @@ from workerpool.errors import (
     WorkerPoolError,
 )
 from workerpool.faults import Fate
+from workerpool.memory import memory_use
 
 SPEC_ENV = "WORKERPOOL_WORKER_SPEC"
 EXIT_SETUP_FAILED = 78  # EX_CONFIG: the supervisor marks the slot failed instead of respawning
@@ -388,6 +389,7 @@ class _Heartbeat(threading.Thread):
             n = 0
             while not self._halt.is_set():
                 n += 1
+                meta["mem"] = memory_use()
                 try:
                     transport.send(sock, protocol.encode(Kind.HEARTBEAT, n, meta),
                                    transport.NOBLOCK)
