@@ -652,6 +652,9 @@ class Router:
         for s in services:  # all or nothing: check every service before applying any
             ServiceConfig.model_validate(
                 {k: v for k, v in s.items() if k in ROUTED_FIELDS} | {"name": str(s["name"])})
+            for key in ("workers", "spares"):
+                if key in s:
+                    _count(s[key])
         self.supervisors[ident] = {"pid": meta.get("pid"), "host": meta.get("host"),
                                    "seen": time.monotonic()}
         self._departed.discard(ident)

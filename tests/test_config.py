@@ -91,3 +91,17 @@ def test_auto_discovery_does_not_import_torch():
             "import workerpool.supervisor, router.router; "
             "assert 'torch' not in sys.modules and 'cupy' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_spares_and_workers_per_device_rules():
+    from pydantic import ValidationError
+
+    from workerpool.config import ServiceConfig
+
+    with pytest.raises(ValidationError, match="needs at least one worker"):
+        ServiceConfig(workers=0, spares=1)
+    with pytest.raises(ValidationError, match="not both"):
+        ServiceConfig(workers=2, workers_per_device=2)
+    svc = ServiceConfig(devices="0,1,2", workers_per_device=2, spares=1)
+    svc.resolve_workers()  # parse_devices with explicit indices never looks for GPUs
+    assert (svc.workers, svc.workers_per_device, svc.spares) == (6, None, 1)

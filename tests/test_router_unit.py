@@ -76,3 +76,33 @@ def test_unroutable_dispatch_requeues_the_request_in_place(router):
     assert svc.dequeue() is rec
     assert router.stats["dispatch_unroutable"] == 1
     assert router.stats["internal_errors"] == 0
+
+
+def _ready(router, slot: str, pid: int) -> None:
+    router._on_ready(f"{slot}#1".encode(), {"slot": slot, "incarnation": 1, "service": "default",
+                                             "capacity": 1, "pid": pid, "methods": ["echo"]})
+
+
+def test_spares_are_held_back_and_promoted_when_a_worker_is_lost(router):
+    slots = [{"slot": f"default/{i}", "service": "default"} for i in range(3)]
+    router._on_hello(b"sup", {"services": [{"name": "default", "workers": 2, "spares": 1}],
+                              "slots": slots})
+    for i in range(3):
+        _ready(router, f"default/{i}", 100 + i)
+    states = {s.id: s.state.value for s in router.slots.values()}
+    assert states == {"default/0": "ready", "default/1": "ready", "default/2": "spare"}
+    svc = router.services["default"]
+    assert [c.slot.id for c in svc.conns] == ["default/0", "default/1"]
+    router._lose_conn(router.slots["default/0"].conn, "was killed by SIGKILL")
+    assert [c.slot.id for c in svc.conns] == ["default/1", "default/2"]
+    assert router.slots["default/2"].state.value == "ready"
+    assert router.stats["spares_promoted"] == 1
+    assert router._service_row(svc)["spares"] == 0
+
+
+def test_a_hello_with_bad_counts_registers_nothing(router):
+    for bad in ({"workers": "2"}, {"workers": 2, "spares": -1}, {"workers": 10**6}):
+        with pytest.raises(ValueError, match="bad worker count"):
+            router._on_hello(b"sup", {"services": [{"name": "svc", **bad}],
+                                      "slots": [{"slot": "svc/0", "service": "svc"}]})
+    assert router.supervisors == {} and "svc" not in router.services and router.slots == {}

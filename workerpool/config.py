@@ -102,6 +102,9 @@ class ServiceConfig(_Model):
     def _one_worker_count(self) -> ServiceConfig:
         if self.workers_per_device is not None and "workers" in self.model_fields_set:
             raise ValueError("set `workers` or `workers_per_device`, not both")
+        if self.spares and self.workers == 0 and self.workers_per_device is None:
+            raise ValueError("spares stand in for workers: a service with spares needs "
+                             "at least one worker")
         return self
 
     def resolve_workers(self) -> None:

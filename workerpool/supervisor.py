@@ -250,6 +250,10 @@ class Supervisor:
                     log.warning("router restarted (%s -> %s): registering again",
                                 self._router_instance, instance)
                     self._send(Kind.HELLO, self._hello())
+                    # The new router never heard they were scaled away: stop them here.
+                    for w in self.workers.values():
+                        if w.retiring and w.proc is not None and w.pidfd is not None:
+                            _signal(w.proc, signal.SIGTERM)
                 self._router_instance = instance
             elif msg.kind is Kind.DRAINED:
                 self._drained = True
@@ -357,6 +361,8 @@ class Supervisor:
         w = self.workers.get(slot)
         if w is None or incarnation != w.incarnation:
             return
+        if w.ready:
+            return  # the router confirming again (after a HELLO): nothing new
         w.ready = w.ever_ready = True
         if w.incarnation > 1:
             log.info("worker %s back: ready %.0f ms after its predecessor died", slot,
