@@ -149,8 +149,8 @@ def test_status_and_call_commands(pool):
     out = runner.invoke(main, ["status", "--router", pool.address])
     assert out.exit_code == 0, out.output
     header = out.output.splitlines()[0].split()
-    assert header == ["ID", "PID", "DEVICE", "STATE", "IN_FLIGHT", "COMPLETED", "ERRORED",
-                      "RESTARTS", "UPTIME"]
+    assert header == ["ID", "PID", "DEVICE", "MEMORY", "STATE", "IN_FLIGHT", "COMPLETED",
+                      "ERRORED", "RESTARTS", "UPTIME"]
     out = runner.invoke(main, ["call", "echo", '{"x": 1}', "--router", pool.address])
     assert out.exit_code == 0, out.output
     assert json.loads(out.output) == {"x": 1}

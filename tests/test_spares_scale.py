@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -154,7 +153,9 @@ def test_scale_bad_input(procs):
     out = subprocess.run([*cli, "scale", "default", "2", "--router", pool.address],
                          capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=30)
     assert out.returncode == 0 and "default: 1 -> 2 workers" in out.stdout
+    # The spare was promoted at once; the new slot comes up as the next spare.
+    pool.wait_for(lambda s: s["services"][0]["spares"] == 1 and s["services"][0]["workers"] == 2,
+                  what="2 serving and a new spare")
     out = subprocess.run([*cli, "status", "--router", pool.address],
                          capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=30)
-    assert "spares=1" in out.stdout
-    time.sleep(0)  # the pool is torn down (and checked for leftovers) by the fixture
+    assert "workers=2 spares=1" in out.stdout
