@@ -257,3 +257,24 @@ class Batches(Faulty):
     def batch_log(self, payload=None):
         """Every batch run so far, as the list of its items' ``i``."""
         return self.batches
+
+
+class GpuBatches(CudaPoison):
+    """Real CUDA faults inside a @batched method, on a real GPU (bin/gpu-check)."""
+
+    @batched(max_batch_size=8, max_delay_ms=200)
+    def oom_batch(self, payloads):
+        """Asks for four times the card's memory for the whole batch."""
+        torch = self.torch
+        _, total = torch.cuda.mem_get_info()
+        x = torch.empty(int(total * 4), dtype=torch.uint8, device=self.device)
+        return [x.numel()] * len(payloads)
+
+    @batched(max_batch_size=8, max_delay_ms=200)
+    def assert_batch(self, payloads):
+        """An out-of-bounds index on the GPU for the whole batch: a device-side assert."""
+        torch = self.torch
+        x = torch.zeros(10, device=self.device)
+        x[torch.arange(20, device=self.device)] = 2
+        torch.cuda.synchronize()
+        return [0] * len(payloads)
