@@ -785,8 +785,8 @@ class Router:
         if conn is None:
             return
         ids = meta["ids"]
-        if not isinstance(ids, list):
-            raise TypeError(f"STARTED ids is a {type(ids).__name__}, not a list")
+        if not isinstance(ids, list) or not all(type(rid) is int for rid in ids):
+            raise TypeError(f"STARTED ids must be a list of request ids, not {ids!r:.80}")
         conn.started.update(rid for rid in ids if rid in conn.in_flight)
 
     def _check_liveness(self) -> None:

@@ -198,7 +198,8 @@ class Batches(Faulty):
 
     Each payload is a dict; keys act on the whole batch (``raise``, ``oom``, ``poison``,
     ``short``, ``not_list``, ``sleep``, ``started_file``) or on the item alone (``fail``,
-    ``item_oom``, ``typed``). Other payloads (ints, strings, lists) are echoed.
+    ``item_oom``, ``item_poison``, ``typed``, ``unencodable``). Other payloads (ints,
+    strings, lists) are echoed.
     """
 
     def setup(self, ctx):
@@ -226,6 +227,8 @@ class Batches(Faulty):
                 out.append({"echo": p, "batch": len(payloads)})
             elif p.get("fail"):
                 out.append(ValueError(f"item {p.get('i')} is bad"))
+            elif p.get("item_poison"):
+                out.append(RuntimeError("CUDA error: an illegal memory access was encountered"))
             elif p.get("item_oom"):
                 out.append(RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB"))
             elif p.get("typed"):

@@ -197,12 +197,13 @@ def test_a_batch_that_fails_as_a_whole_answers_each_caller(procs, flag, error, m
     assert w["pid"] == pid and w["errored"] == 3
 
 
-def test_a_poisoned_context_in_a_batch_answers_each_caller_and_replaces_the_worker(procs):
+@pytest.mark.parametrize("flag", ["poison", "item_poison"])  # raised, or one item's result
+def test_a_poisoned_context_in_a_batch_answers_each_caller_and_replaces_the_worker(procs, flag):
     pool = _pool(procs)
     with Client(pool.address, timeout=30) as c:
         pid = pool.status()["workers"][0]["pid"]
         gate = _Gate(procs, pool, c)
-        futs = [c.submit("work", {"i": 0}), c.submit("work", {"i": 1, "poison": True})]
+        futs = [c.submit("work", {"i": 0}), c.submit("work", {"i": 1, flag: True})]
         behind = c.submit("echo", "behind")  # held by the worker, not in the batch
         gate.open(4)
         for f in futs:
@@ -332,9 +333,9 @@ def test_started_marks_only_requests_the_worker_holds_and_garbage_is_counted(tmp
         started({"ids": [11, 12, 99]})  # 99: not held (already answered): ignored
         assert conn.started == {11, 12}
         started({"ids": [13]}, ident=b"stranger#1")  # not a registered worker: ignored
-        for bad in ({"ids": 11}, {"ids": [[1]]}, {}):
+        for bad in ({"ids": 11}, {"ids": [[1]]}, {"ids": [11, "12"]}, {"ids": [True]}, {}):
             started(bad)
-        assert router.stats["bad_frames_backend"] == 3
+        assert router.stats["bad_frames_backend"] == 5
         assert conn.started == {11, 12} and router.stats["internal_errors"] == 0
     finally:
         router.close()

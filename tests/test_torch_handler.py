@@ -159,3 +159,26 @@ def test_torch_mlp_on_a_gpu_device_without_cuda_says_so():
                         physical_device="0", options=SMALL)
     with pytest.raises(RuntimeError, match="sees no CUDA device"):
         TorchMLP().setup(ctx)
+
+
+def test_the_example_handler_of_docs_handlers_md(procs):
+    from examples.classifier import save_example_weights
+
+    weights = procs.dir / "classifier.pt"
+    save_example_weights(str(weights))
+    cfg = procs.dir / "classifier.toml"
+    cfg.write_text('[[services]]\nname = "default"\nhandler = "examples.classifier:Classifier"\n'
+                   f'max_inflight = 32\noptions = {{ weights = "{weights}" }}\n')
+    front = procs.ipc("front")
+    procs.spawn(["up", "--config", str(cfg), "--frontend", front], front, "workerpool ready")
+    rows = [[0.1, 0.2, 0.3, 0.4], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 5.0, -1.0]]
+    labels = {"setosa", "versicolor", "virginica"}
+    with Client(front, timeout=30) as c:
+        whole = c.call("predict", rows)
+        assert len(whole) == 3 and set(whole) <= labels
+        futs = [c.submit("predict_batch", r) for r in rows]
+        bad = c.submit("predict_batch", [1.0, 2.0])
+        assert [f.result() for f in futs] == [[label] for label in whole]
+        with pytest.raises(HandlerError, match=r"expected rows of 4 numbers, got shape \(1, 2\)"):
+            bad.result()
+        assert list(c.stream("scan", rows)) == whole

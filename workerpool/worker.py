@@ -377,7 +377,7 @@ class Worker:
         gathering.clear()
         self._running = len(msgs)
         self.stats.running = len(msgs)
-        self._execute_batch(method, msgs, arrived_at)
+        self._execute_batch(method, msgs, arrived_at, first.req_id)
 
     def _take_matching(self, method: str, limit: int, arrived_at: dict[int, float]) -> None:
         """Move requests for ``method`` from the backlog into the batch, oldest first."""
@@ -390,7 +390,7 @@ class Worker:
             arrived_at[rid] = self._arrived.pop(rid, time.monotonic())
 
     def _execute_batch(self, method: str, msgs: list[protocol.Message],
-                       arrived_at: dict[int, float]) -> None:
+                       arrived_at: dict[int, float], oldest: int) -> None:
         now = time.monotonic()
         ids: list[int] = []
         payloads: list[Any] = []
@@ -411,9 +411,10 @@ class Worker:
             ids.append(msg.req_id)
         if not ids:
             return
-        if len(ids) > 1:
-            # The router assumes a worker runs only the oldest request it holds; tell it that
-            # these all started, so a crash now is answered as a crash for each of them.
+        if ids != [oldest]:
+            # The router assumes a worker runs only the oldest request it holds; tell it which
+            # ones started (several, or a later one when the oldest was left out), so a
+            # crash now is answered as a crash for exactly these.
             self._send(Kind.STARTED, 0, {"ids": ids})
         self.stats.batches += 1
         self.stats.batched_requests += len(ids)
@@ -422,11 +423,10 @@ class Worker:
         except Exception as exc:
             self._on_handler_exception(ids, exc)
             return
-        failed = [(rid, r) for rid, r in zip(ids, results, strict=True)
-                  if isinstance(r, BaseException) and not isinstance(r, WorkerPoolError)]
-        for _, exc in failed:
-            if self._fate(exc) is Fate.POISONED:  # one item's fault poisoned the whole context
-                self._on_handler_exception(ids, exc)
+        for r in results:
+            if (isinstance(r, BaseException) and not isinstance(r, WorkerPoolError)
+                    and self._fate(r) is Fate.POISONED):
+                self._on_handler_exception(ids, r)  # one item's fault poisoned the context
                 return
         for rid, value in zip(ids, results, strict=True):
             if isinstance(value, WorkerPoolError):
