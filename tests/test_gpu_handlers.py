@@ -27,7 +27,7 @@ pytestmark = [
                                         "nvidia-smi -L found none); bin/gpu-check runs these "
                                         "on a GPU machine"),
 ]
-needs_cupy = pytest.mark.skipif(importlib.util.find_spec("cupy") is None,
+needs_cupy = pytest.mark.skipif(bool(GPUS) and importlib.util.find_spec("cupy") is None,
                                 reason="CuPy is not installed (pip install 'workerpool[cupy]')")
 
 
