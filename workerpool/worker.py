@@ -320,7 +320,7 @@ class Worker:
                 f"it has: {', '.join(sorted(self._methods))}"))
             return
         try:
-            payload = codec.loads(msg.body, msg.buffers)
+            payload = self._decode(msg)
         except codec.PayloadError as exc:
             self._send_error(msg.req_id, PayloadError(str(exc)))
             return
@@ -343,6 +343,11 @@ class Worker:
             self._send_error(msg.req_id, PayloadError(str(exc)))
         except Exception as exc:
             self._on_handler_exception([msg.req_id], exc)
+
+    def _decode(self, msg: protocol.Message) -> Any:
+        """A request's payload, for plain and batched methods alike; raises
+        ``codec.PayloadError`` when its body does not decode."""
+        return codec.loads(msg.body, msg.buffers)
 
     # -- batches -------------------------------------------------------------------------------
     def _run_batch(self, first: protocol.Message, arrived: float | None, spec: BatchSpec) -> None:
@@ -404,7 +409,7 @@ class Worker:
                     f"timeout={timeout:g}s passed before its batch ran"))
                 continue
             try:
-                payloads.append(codec.loads(msg.body, msg.buffers))
+                payloads.append(self._decode(msg))
             except codec.PayloadError as exc:
                 self._send_error(msg.req_id, PayloadError(str(exc)))
                 continue
