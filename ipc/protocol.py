@@ -46,6 +46,7 @@ class Kind(enum.IntEnum):
     READY = 0x20  # registration; meta: slot, incarnation, pid, device, service, capacity, methods
     GOODBYE = 0x21  # the worker is leaving on purpose (drain, shutdown)
     HEARTBEAT = 0x22  # liveness; the router answers with HEARTBEAT
+    STARTED = 0x23  # meta: {"ids": [...]}: a batch of these requests started together
 
     # router -> worker
     SHUTDOWN = 0x30  # finish what you hold, send GOODBYE, exit

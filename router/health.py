@@ -51,7 +51,7 @@ class Conn:
     """One live, registered worker incarnation on the backend socket."""
 
     __slots__ = ("busy_since", "capacity", "declared", "identity", "in_flight", "incarnation",
-                 "kill_sent", "last_beat", "memory", "methods", "pid", "slot")
+                 "kill_sent", "last_beat", "memory", "methods", "pid", "slot", "started")
 
     def __init__(self, identity: bytes, slot: Slot, incarnation: int, pid: int,
                  capacity: int, methods: frozenset[str]) -> None:
@@ -63,6 +63,7 @@ class Conn:
         self.capacity = capacity  # what the router will send it: min(declared, service cap)
         self.methods = methods
         self.in_flight: dict[int, Record] = {}
+        self.started: set[int] = set()  # ids of a batch it said it is running (STARTED)
         now = time.monotonic()
         self.last_beat = now  # last heartbeat (or any message) from this process
         self.busy_since = now  # when its current request started: last progress while busy

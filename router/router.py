@@ -476,6 +476,7 @@ class Router:
         conn = rec.conn
         if conn is not None:
             conn.in_flight.pop(rec.rid, None)
+            conn.started.discard(rec.rid)
             conn.busy_since = time.monotonic()  # progress: the next one starts now
             conn.slot.refresh_busy()
         rec.phase = Phase.DONE
@@ -815,6 +816,17 @@ class Router:
             self._send_backend(ident, Kind.HEARTBEAT, {"pong": meta["ping"],
                                                        "router": self.instance})
 
+    def _on_started(self, ident: bytes, meta: dict) -> None:
+        """A worker runs several of its requests at once (a batch): if it dies now, each of
+        them was running, not only the oldest."""
+        conn = self.conns.get(ident)
+        if conn is None:
+            return
+        ids = meta["ids"]
+        if not isinstance(ids, list) or not all(type(rid) is int for rid in ids):
+            raise TypeError(f"STARTED ids must be a list of request ids, not {ids!r:.80}")
+        conn.started.update(rid for rid in ids if rid in conn.in_flight)
+
     def _check_liveness(self) -> None:
         """Hung workers and vanished supervisors: what no death notice can reveal."""
         now = time.monotonic()
@@ -842,14 +854,17 @@ class Router:
             svc = self.services.get(conn.slot.service)
             cap = svc.settings.exec_timeout if svc is not None else None
             if cap and conn.in_flight and now - conn.busy_since > cap:
-                running = min(conn.in_flight.values(), key=lambda r: r.dispatched_at)
+                # The oldest is running, and so is every request of a batch (STARTED).
+                running = [min(conn.in_flight.values(), key=lambda r: r.dispatched_at),
+                           *(conn.in_flight[r] for r in conn.started if r in conn.in_flight)]
                 why = f"ran longer than exec_timeout={cap:g}s"
-                if running.phase is Phase.RUNNING:
-                    if svc is not None:
-                        svc.expired += 1
-                    self._finish(running, self._error_reply(RequestTimeoutError(
-                        f"the request {why} on worker {conn.slot.id}; the worker is being "
-                        "replaced", worker=conn.slot.id)))
+                for rec in dict.fromkeys(running):
+                    if rec.phase is Phase.RUNNING:
+                        if svc is not None:
+                            svc.expired += 1
+                        self._finish(rec, self._error_reply(RequestTimeoutError(
+                            f"the request {why} on worker {conn.slot.id}; the worker is being "
+                            "replaced", worker=conn.slot.id)))
                 self._kill(conn, f"a request {why}")
 
     def _check_worker_drains(self) -> None:
@@ -908,6 +923,7 @@ class Router:
         Kind.SLOT: _on_slot,
         Kind.DRAIN: _on_drain,
         Kind.HEARTBEAT: _on_heartbeat,
+        Kind.STARTED: _on_started,
     }
 
     def _quarantine(self, conn: Conn) -> None:
@@ -932,16 +948,17 @@ class Router:
         # Before its requests are requeued: a spare promoted now takes them at once.
         self._unroute(conn)
         svc = self.services.get(slot.service)
-        # A worker runs what it holds in dispatch order: only the oldest had started. The
-        # rest never ran, so they go back to the queue whatever their idempotency.
+        # A worker runs what it holds in dispatch order: only the oldest had started, and the
+        # batch it said it started (STARTED). The rest never ran, so they go back to the
+        # queue whatever their idempotency.
         held = sorted(conn.in_flight.values(), key=lambda r: r.dispatched_at)
-        started = held[0] if crashed and running and held else None
+        started = {held[0].rid} | conn.started if crashed and running and held else set()
         requeued = False
         for rec in held:
             if rec.phase is not Phase.RUNNING:  # its client was already answered
                 self._release(rec)
                 continue
-            if rec is started:
+            if rec.rid in started:
                 rec.starts += 1
                 outcome = self._after_crash(rec, svc, slot, conn, reason)
                 if outcome is not None:
@@ -959,7 +976,7 @@ class Router:
                     f"worker {slot.id} {reason}", worker=slot.id)))
                 self.records.pop(rec.rid, None)
                 continue
-            if rec is started and svc is not None:
+            if rec.rid in started and svc is not None:
                 svc.retried += 1
             self._enqueue(svc, rec)
             requeued = True

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
 
+from workerpool import batched
+from workerpool.errors import PayloadError
 from workerpool.handlers import Echo, Faulty
 
 
@@ -205,3 +208,93 @@ class SlowRespawn(Faulty):
 
         if ctx.incarnation > 1:
             time.sleep(float(ctx.options.get("respawn_setup_seconds", 0)))
+
+
+class Batches(Faulty):
+    """A ``@batched`` method that records every batch it runs, and fails on request.
+
+    Each payload is a dict; keys act on the whole batch (``raise``, ``oom``, ``poison``,
+    ``short``, ``not_list``, ``sleep``, ``started_file``) or on the item alone (``fail``,
+    ``item_oom``, ``item_poison``, ``typed``, ``unencodable``). Other payloads (ints,
+    strings, lists) are echoed.
+    """
+
+    def setup(self, ctx):
+        self.batches: list[list] = []
+
+    @batched(max_batch_size=8, max_delay_ms=300)
+    def work(self, payloads):
+        self.batches.append([p.get("i") if isinstance(p, dict) else p for p in payloads])
+        flags = {k for p in payloads if isinstance(p, dict) for k in p}
+        for p in payloads:
+            if isinstance(p, dict) and p.get("started_file"):
+                with open(p["started_file"], "w") as f:
+                    f.write(str(os.getpid()))
+        if "sleep" in flags:
+            time.sleep(max(float(p.get("sleep", 0)) for p in payloads if isinstance(p, dict)))
+        if "raise" in flags:
+            raise ValueError("the whole batch failed")
+        if "oom" in flags:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        if "poison" in flags:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        out = []
+        for p in payloads:
+            if not isinstance(p, dict):
+                out.append({"echo": p, "batch": len(payloads)})
+            elif p.get("fail"):
+                out.append(ValueError(f"item {p.get('i')} is bad"))
+            elif p.get("item_poison"):
+                out.append(RuntimeError("CUDA error: an illegal memory access was encountered"))
+            elif p.get("item_oom"):
+                out.append(RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB"))
+            elif p.get("typed"):
+                out.append(PayloadError(f"item {p.get('i')}: wrong shape"))
+            elif p.get("unencodable"):
+                out.append(object())
+            else:
+                out.append({"i": p.get("i"), "batch": len(payloads)})
+        if "short" in flags:
+            return out[:-1]
+        if "not_list" in flags:
+            return {"oops": True}
+        return out
+
+    @batched(max_batch_size=4, max_delay_ms=2000)
+    def patient(self, payloads):
+        """A long max_delay: with max_inflight 1 the batch must still run at once."""
+        self.batches.append(list(payloads))
+        return payloads
+
+    def gate(self, payload):
+        """Blocks until the file ``{"path": p}`` exists (at most 20 s): holds the worker while
+        a test lines requests up behind it."""
+        deadline = time.monotonic() + 20
+        while not os.path.exists(payload["path"]) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return "opened"
+
+    def batch_log(self, payload=None):
+        """Every batch run so far, as the list of its items' ``i``."""
+        return self.batches
+
+
+class GpuBatches(CudaPoison):
+    """Real CUDA faults inside a @batched method, on a real GPU (bin/gpu-check)."""
+
+    @batched(max_batch_size=8, max_delay_ms=200)
+    def oom_batch(self, payloads):
+        """Asks for four times the card's memory for the whole batch."""
+        torch = self.torch
+        _, total = torch.cuda.mem_get_info()
+        x = torch.empty(int(total * 4), dtype=torch.uint8, device=self.device)
+        return [x.numel()] * len(payloads)
+
+    @batched(max_batch_size=8, max_delay_ms=200)
+    def assert_batch(self, payloads):
+        """An out-of-bounds index on the GPU for the whole batch: a device-side assert."""
+        torch = self.torch
+        x = torch.zeros(10, device=self.device)
+        x[torch.arange(20, device=self.device)] = 2
+        torch.cuda.synchronize()
+        return [0] * len(payloads)

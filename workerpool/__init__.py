@@ -4,6 +4,7 @@ The user-facing package: the client library, the handler base class, configurati
 errors, and (as modules) the worker runtime, the supervisor and the CLI.
 """
 
+from workerpool.batching import batched
 from workerpool.client import AsyncClient, Client
 from workerpool.config import PoolConfig, RouterConfig, ServiceConfig, SupervisorConfig
 from workerpool.context import WorkerContext
@@ -42,4 +43,5 @@ __all__ = [
     "WorkerContext",
     "WorkerCrashedError",
     "WorkerPoolError",
+    "batched",
 ]

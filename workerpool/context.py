@@ -11,13 +11,17 @@ class WorkerStats:
     """The worker's own count of its work, updated by the runtime as it goes.
 
     ``max_outstanding`` is the most requests this process ever held at once (received and
-    not yet answered): with ``max_inflight=N`` the router must keep it <= N.
+    not yet answered): with ``max_inflight=N`` the router must keep it <= N. ``batches`` and
+    ``batched_requests`` count the calls of ``@batched`` methods and the requests they
+    carried (their ratio is the mean batch size).
     """
 
     received: int = 0
     running: int = 0
     cancelled: int = 0
     max_outstanding: int = 0
+    batches: int = 0
+    batched_requests: int = 0
 
 
 @dataclass(frozen=True)

@@ -9,19 +9,23 @@ The worker is started by the supervisor as a fresh interpreter
 (``python -m workerpool.worker``) with its ``WorkerSpec`` in the environment and
 ``CUDA_VISIBLE_DEVICES`` already set, so nothing CUDA-related is inherited. It handles
 one request at a time, in order; the router decides how many it may hold (``capacity``).
-A handler's exception is a domain error: it is answered as ``HandlerError`` and the
-worker keeps serving. If ``setup()`` fails the worker reports why and exits with
-``EXIT_SETUP_FAILED`` so the supervisor does not respawn it in a loop.
+A method declared ``@batched`` (workerpool/batching.py) instead runs once for the requests
+of that method the worker holds, up to its ``max_batch_size``. A handler's exception is a
+domain error: it is answered as ``HandlerError`` and the worker keeps serving. If
+``setup()`` fails the worker reports why and exits with ``EXIT_SETUP_FAILED`` so the
+supervisor does not respawn it in a loop.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections import OrderedDict
 from typing import Any
@@ -34,6 +38,7 @@ from ipc import codec, protocol, transport
 from ipc.protocol import FrameError, Kind
 from workerpool import faults
 from workerpool._proc import die_with_parent, setup_logging
+from workerpool.batching import BatchSpec, batch_spec, check_results
 from workerpool.context import WorkerContext, WorkerStats
 from workerpool.devices import CPU, device_label
 from workerpool.errors import (
@@ -41,6 +46,7 @@ from workerpool.errors import (
     PayloadError,
     ProtocolError,
     RequestCancelledError,
+    RequestTimeoutError,
     ResourceExhaustedError,
     UnknownMethodError,
     WorkerCrashedError,
@@ -117,9 +123,14 @@ class Worker:
         # Every reply carries the worker's slot so errors and results name who produced them.
         self._reply_meta = protocol.pack_meta({"worker": spec.slot})
         self._methods: dict[str, Any] = {}
+        self._batched: dict[str, BatchSpec] = {}  # the methods declared @batched
         self._meta_cache = protocol.MetaCache()
         self._backlog: OrderedDict[int, protocol.Message] = OrderedDict()  # received, not run
-        self._current: int | None = None  # request id running now
+        self._arrived: dict[int, float] = {}  # when each backlog request arrived (batching)
+        self._gathering: OrderedDict[int, protocol.Message] = OrderedDict()  # batch being formed
+        self._running = 0  # requests running now: 1, or a batch's size
+        self._poller = zmq.Poller()
+        self._current: int | None = None  # request id running now (not batched)
         self._cancel_current = False
         self._heart: _Heartbeat | None = None
         self.stats = WorkerStats()
@@ -168,6 +179,17 @@ class Worker:
         if callable(setup):
             setup(ctx)
         self._methods = public_methods(self._handler)
+        self._batched = {name: spec for name, fn in self._methods.items()
+                         if (spec := batch_spec(fn)) is not None}
+        for name, spec in self._batched.items():
+            if spec.max_batch_size > self.spec.capacity:
+                # Worker-side batching can only gather what the router has sent.
+                sys.stderr.write(
+                    f"[{self.spec.slot}] warning: @batched method {name!r} has max_batch_size="
+                    f"{spec.max_batch_size} but this worker holds at most max_inflight="
+                    f"{self.spec.capacity} request(s), so its batches hold at most "
+                    f"{self.spec.capacity}; set the service's max_inflight >= "
+                    f"{spec.max_batch_size}\n")
 
     def _teardown(self) -> None:
         teardown = getattr(self._handler, "teardown", None)
@@ -187,6 +209,10 @@ class Worker:
             "service": s.service,
             "capacity": s.capacity,
             "methods": sorted(self._methods),
+            "batched": {name: {"max_batch_size": spec.max_batch_size,
+                               "max_delay_ms": spec.max_delay_ms,
+                               "effective_max_batch_size": min(spec.max_batch_size, s.capacity)}
+                        for name, spec in sorted(self._batched.items())},
         }
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
@@ -205,7 +231,7 @@ class Worker:
         Reading the socket dry before each request is what lets a CANCEL overtake the
         request it names. Whatever was received is answered before the worker stops.
         """
-        poller = zmq.Poller()
+        poller = self._poller
         poller.register(self._sock, zmq.POLLIN)
         backlog = self._backlog
         while not self._stopping or backlog:
@@ -216,11 +242,19 @@ class Worker:
             self._read_socket()
             if backlog:
                 _, msg = backlog.popitem(last=False)
-                self._current = msg.req_id
+                arrived = self._arrived.pop(msg.req_id, None)
+                method = msg.meta.get("method")
+                spec = self._batched.get(method) if isinstance(method, str) else None
                 try:
-                    self._on_request(msg)
+                    if spec is not None:
+                        self._run_batch(msg, arrived, spec)
+                    else:
+                        self._current = msg.req_id
+                        self._running = 1
+                        self._on_request(msg)
                 finally:
                     self._current = None
+                    self._running = 0
                     self.stats.running = 0
 
     def _register_again(self) -> None:
@@ -251,9 +285,10 @@ class Worker:
             return
         if msg.kind is Kind.REQUEST:
             self._backlog[msg.req_id] = msg
+            if self._batched:
+                self._arrived[msg.req_id] = time.monotonic()
             self.stats.received += 1
-            outstanding = len(self._backlog) + (self._current is not None)
-            self.stats.max_outstanding = max(self.stats.max_outstanding, outstanding)
+            self.stats.max_outstanding = max(self.stats.max_outstanding, self._outstanding())
         elif msg.kind is Kind.CANCEL:
             self._on_cancel(msg.req_id)
         elif msg.kind is Kind.SHUTDOWN:
@@ -264,11 +299,16 @@ class Worker:
     def _on_cancel(self, req_id: int) -> None:
         """The router gave up on a request (timeout, client cancel). Not started: skip it.
         Streaming: stop after the current item. Running otherwise: it runs to the end."""
-        if self._backlog.pop(req_id, None) is not None:
+        if (self._backlog.pop(req_id, None) or self._gathering.pop(req_id, None)) is not None:
+            self._arrived.pop(req_id, None)
             self.stats.cancelled += 1
             self._send_error(req_id, RequestCancelledError("cancelled before it started"))
         elif req_id == self._current:
             self._cancel_current = True
+
+    def _outstanding(self) -> int:
+        """Requests received and not yet answered (the router keeps this <= capacity)."""
+        return len(self._backlog) + len(self._gathering) + self._running
 
     def _on_request(self, msg: protocol.Message) -> None:
         self.stats.running = 1
@@ -281,7 +321,7 @@ class Worker:
                 f"it has: {', '.join(sorted(self._methods))}"))
             return
         try:
-            payload = codec.loads(msg.body, msg.buffers)
+            payload = self._decode(msg)
         except codec.PayloadError as exc:
             self._send_error(msg.req_id, PayloadError(str(exc)))
             return
@@ -303,31 +343,142 @@ class Worker:
         except _UnencodableResult as exc:
             self._send_error(msg.req_id, PayloadError(str(exc)))
         except Exception as exc:
-            self._on_handler_exception(msg.req_id, exc)
+            self._on_handler_exception([msg.req_id], exc)
 
-    def _on_handler_exception(self, req_id: int, exc: Exception) -> None:
-        """A domain error keeps the worker; a poisoned CUDA context ends it (faults.py)."""
+    def _decode(self, msg: protocol.Message) -> Any:
+        """A request's payload, for plain and batched methods alike; raises
+        ``codec.PayloadError`` when its body does not decode."""
+        return codec.loads(msg.body, msg.buffers)
+
+    # -- batches -------------------------------------------------------------------------------
+    def _run_batch(self, first: protocol.Message, arrived: float | None, spec: BatchSpec) -> None:
+        """Gather the requests for ``first``'s method, run the method once, answer each.
+
+        The batch runs when it is full, when ``first`` (the oldest) has waited
+        ``max_delay_ms``, when the worker holds all the router will send it, or when the
+        worker is stopping. Requests cancelled meanwhile, or whose ``timeout`` has certainly
+        passed, are answered and left out.
+        """
+        method = first.meta["method"]
+        gathering = self._gathering
+        gathering[first.req_id] = first
+        now = time.monotonic()
+        arrived_at = {first.req_id: now if arrived is None else arrived}
+        flush_at = arrived_at[first.req_id] + spec.max_delay_ms / 1000
+        while True:
+            self._take_matching(method, spec.max_batch_size, arrived_at)
+            if (not gathering or len(gathering) >= spec.max_batch_size or self._stopping
+                    or self._outstanding() >= self.spec.capacity):
+                break
+            wait = flush_at - time.monotonic()
+            if wait <= 0:
+                break
+            if self._poller.poll(math.ceil(wait * 1000)):
+                self._read_socket()  # CANCELs drop from the batch here, pings are answered
+        self._read_socket()  # last chance for a CANCEL to overtake the batch
+        self._take_matching(method, spec.max_batch_size, arrived_at)
+        if not gathering:
+            return  # every request was cancelled while the batch formed
+        msgs = list(gathering.values())
+        gathering.clear()
+        self._running = len(msgs)
+        self.stats.running = len(msgs)
+        self._execute_batch(method, msgs, arrived_at, first.req_id)
+
+    def _take_matching(self, method: str, limit: int, arrived_at: dict[int, float]) -> None:
+        """Move requests for ``method`` from the backlog into the batch, oldest first."""
+        room = limit - len(self._gathering)
+        if room <= 0:
+            return
+        for rid in [rid for rid, m in self._backlog.items() if m.meta.get("method") == method
+                    ][:room]:
+            self._gathering[rid] = self._backlog.pop(rid)
+            arrived_at[rid] = self._arrived.pop(rid, time.monotonic())
+
+    def _execute_batch(self, method: str, msgs: list[protocol.Message],
+                       arrived_at: dict[int, float], oldest: int) -> None:
+        now = time.monotonic()
+        ids: list[int] = []
+        payloads: list[Any] = []
+        for msg in msgs:
+            timeout = msg.meta.get("timeout")
+            if (isinstance(timeout, int | float) and not isinstance(timeout, bool)
+                    and arrived_at[msg.req_id] + timeout <= now):
+                # Admitted before it arrived here: its deadline has passed for sure, and the
+                # router's CANCEL is on its way. Running it would be wasted work.
+                self._send_error(msg.req_id, RequestTimeoutError(
+                    f"timeout={timeout:g}s passed before its batch ran"))
+                continue
+            try:
+                payloads.append(self._decode(msg))
+            except codec.PayloadError as exc:
+                self._send_error(msg.req_id, PayloadError(str(exc)))
+                continue
+            ids.append(msg.req_id)
+        if not ids:
+            return
+        if ids != [oldest]:
+            # The router assumes a worker runs only the oldest request it holds; tell it which
+            # ones started (several, or a later one when the oldest was left out), so a
+            # crash now is answered as a crash for exactly these.
+            self._send(Kind.STARTED, 0, {"ids": ids})
+        self.stats.batches += 1
+        self.stats.batched_requests += len(ids)
+        try:
+            results = check_results(method, self._methods[method](payloads), len(ids))
+        except Exception as exc:
+            self._on_handler_exception(ids, exc)
+            return
+        for r in results:
+            if (isinstance(r, BaseException) and not isinstance(r, WorkerPoolError)
+                    and self._fate(r) is Fate.POISONED):
+                self._on_handler_exception(ids, r)  # one item's fault poisoned the context
+                return
+        for rid, value in zip(ids, results, strict=True):
+            if isinstance(value, WorkerPoolError):
+                self._send_error(rid, value)  # a typed error the handler chose for this caller
+            elif isinstance(value, BaseException):
+                self._on_handler_exception([rid], value)
+            else:
+                try:
+                    self._send_value(Kind.RESULT, rid, value)
+                except _UnencodableResult as exc:
+                    self._send_error(rid, PayloadError(str(exc)))
+
+    # -- errors --------------------------------------------------------------------------------
+    @staticmethod
+    def _fate(exc: BaseException) -> Fate:
         fate = faults.classify(exc)
         if fate is Fate.DOMAIN and faults.is_cuda_error(exc) and not faults.context_alive():
             fate = Fate.POISONED  # an unlisted CUDA error that left the context unusable
+        return fate
+
+    def _on_handler_exception(self, req_ids: list[int], exc: BaseException) -> None:
+        """Answer each request with the error ``exc`` means: a domain error keeps the
+        worker; a poisoned CUDA context ends it (faults.py)."""
+        fate = self._fate(exc)
         text = f"{type(exc).__name__}: {exc}"
-        tb = traceback.format_exc()
+        tb = "".join(traceback.format_exception(exc))
         if fate is Fate.POISONED:
-            self._leave_poisoned(req_id, text, tb)
+            self._leave_poisoned(req_ids, text, tb)
         if fate is Fate.EXHAUSTED:
             faults.release_cached_memory()
-            self._send_error(req_id, ResourceExhaustedError(
-                f"out of device memory: {text}", remote_type=type(exc).__name__, traceback=tb))
-            return
-        self._send_error(req_id, HandlerError(text, remote_type=type(exc).__name__,
-                                              traceback=tb))
+        for req_id in req_ids:
+            if fate is Fate.EXHAUSTED:
+                self._send_error(req_id, ResourceExhaustedError(
+                    f"out of device memory: {text}", remote_type=type(exc).__name__,
+                    traceback=tb))
+            else:
+                self._send_error(req_id, HandlerError(text, remote_type=type(exc).__name__,
+                                                      traceback=tb))
 
-    def _leave_poisoned(self, req_id: int, text: str, tb: str) -> None:
+    def _leave_poisoned(self, req_ids: list[int], text: str, tb: str) -> None:
         """Answer, say why, and exit without running any cleanup that could touch CUDA."""
         sys.stderr.write(f"[{self.spec.slot}] CUDA context poisoned; exiting:\n{tb}")
-        self._send_error(req_id, WorkerCrashedError(
-            f"worker {self.spec.slot} hit a sticky CUDA error and is being replaced: {text}",
-            cause=Fate.POISONED.value, remote_type=text.partition(":")[0], traceback=tb))
+        for req_id in req_ids:
+            self._send_error(req_id, WorkerCrashedError(
+                f"worker {self.spec.slot} hit a sticky CUDA error and is being replaced: {text}",
+                cause=Fate.POISONED.value, remote_type=text.partition(":")[0], traceback=tb))
         self._send(Kind.GOODBYE, 0, {"reason": Fate.POISONED.value, "error": text[-2000:]})
         # close() alone returns at once; term() waits (up to the linger) until the replies
         # above are on the wire (and for every socket: the heartbeat's first). No CUDA.

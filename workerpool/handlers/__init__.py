@@ -2,7 +2,12 @@
 
 A handler is a class; the worker instantiates it with no arguments, calls ``setup(ctx)``
 once (load weights there), then calls its public methods by name with the request's
-payload. A method that returns a generator streams: each item is one PARTIAL reply.
+payload. A method that returns a generator streams: each item is one PARTIAL reply; a
+method declared ``@batched`` gets a list of payloads (workerpool/batching.py).
+
+Handlers that do real work live in their own modules, which import their framework only
+in ``setup()``: ``workerpool.handlers.torch_mlp:TorchMLP`` (PyTorch) and
+``workerpool.handlers.cupy_ops:CupyOps`` (CuPy). docs/handlers.md shows how to write one.
 """
 
 from __future__ import annotations

@@ -1,0 +1,341 @@
+"""Dynamic batching (@batched) through a real pool: how batches form, and that every caller
+of a batch gets exactly its own reply or its own error, whatever happens to the batch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from pydantic import ValidationError
+
+from ipc import protocol
+from ipc.protocol import Kind
+from router.health import Conn
+from router.requests import Record
+from router.router import Router
+from tests.raw import RawPeer
+from workerpool import (
+    Client,
+    HandlerError,
+    PayloadError,
+    RequestTimeoutError,
+    WorkerCrashedError,
+    batched,
+)
+from workerpool.batching import batch_spec
+from workerpool.config import RouterConfig
+from workerpool.errors import ResourceExhaustedError
+
+H = "tests.handlers:Batches"
+
+
+def _pool(procs, max_inflight=32, workers=1, policy="least-loaded"):
+    return procs.pool("--max-inflight", str(max_inflight), "--policy", policy, handler=H,
+                      workers=workers)
+
+
+class _Gate:
+    """Holds the single worker in a plain call, so requests line up behind it; ``open()``
+    lets it go once they are all there."""
+
+    def __init__(self, procs, pool, c):
+        self.path = procs.dir / f"gate-{time.monotonic_ns()}"
+        self.pool = pool
+        self.fut = c.submit("gate", {"path": str(self.path)})
+        _wait_in_flight(pool, 1)
+
+    def open(self, in_flight):
+        _wait_in_flight(self.pool, in_flight)
+        self.path.touch()
+        assert self.fut.result() == "opened"
+
+
+def _wait_in_flight(pool, n):
+    pool.wait_for(lambda st: st["services"][0]["in_flight"] == n, what=f"{n} in flight")
+
+
+# -- the decorator -------------------------------------------------------------------------------
+def test_decorator_validates_its_limits_and_refuses_generators():
+    with pytest.raises(ValidationError):
+        batched(max_batch_size=0)
+    with pytest.raises(ValidationError):
+        batched(max_delay_ms=-1)
+    with pytest.raises(TypeError, match="cannot stream"):
+        @batched()
+        def gen(self, payloads):
+            yield payloads
+
+    class H:
+        @batched(max_batch_size=4, max_delay_ms=1.5)
+        def m(self, payloads):
+            return payloads
+
+        def plain(self, payload):
+            return payload
+
+    spec = batch_spec(H().m)
+    assert (spec.max_batch_size, spec.max_delay_ms) == (4, 1.5)
+    assert batch_spec(H().plain) is None
+    assert H().m([1, 2]) == [1, 2]  # still an ordinary method in-process
+
+
+# -- how batches form ----------------------------------------------------------------------------
+def test_full_batches_and_one_reply_each(procs):
+    pool = _pool(procs)
+    with Client(pool.address, timeout=30) as c:
+        gate = _Gate(procs, pool, c)
+        futs = [c.submit("work", {"i": i}) for i in range(16)]
+        gate.open(17)
+        assert [f.result() for f in futs] == [{"i": i, "batch": 8} for i in range(16)]
+        assert c.call("batch_log") == [list(range(8)), list(range(8, 16))]
+        stats = c.call("whoami")["stats"]
+        assert stats["batches"] == 2 and stats["batched_requests"] == 16
+
+
+def test_partial_batch_runs_when_the_oldest_has_waited_max_delay(procs):
+    pool = _pool(procs)
+    with Client(pool.address, timeout=30) as c:
+        t0 = time.monotonic()
+        futs = [c.submit("work", {"i": i}) for i in range(3)]
+        assert [f.result() for f in futs] == [{"i": i, "batch": 3} for i in range(3)]
+        assert time.monotonic() - t0 >= 0.3  # it waited max_delay_ms=300 for more
+        assert c.call("batch_log") == [[0, 1, 2]]
+
+
+def test_batches_never_wait_for_requests_the_router_cannot_send(procs):
+    # max_inflight 1: the worker never holds a second request, so `patient`'s 2 s
+    # max_delay must not apply (each call would then take over 2 s and time out).
+    pool = _pool(procs, max_inflight=1)
+    with Client(pool.address, timeout=1.5) as c:
+        assert [c.call("patient", i) for i in range(3)] == [0, 1, 2]
+        assert c.call("batch_log") == [[0], [1], [2]]
+    log = pool.log.read_text()
+    assert "@batched method 'work' has max_batch_size=8" in log
+    assert "set the service's max_inflight >= 8" in log
+
+
+def test_mixed_payloads_in_one_batch(procs):
+    pool = _pool(procs)
+    payloads = [1, "two", [3, [3.5]], {"i": 4}, None, b"\x00six", {"i": 7, "x": [1.0] * 1000}]
+    with Client(pool.address, timeout=30) as c:
+        gate = _Gate(procs, pool, c)
+        futs = [c.submit("work", p) for p in payloads]
+        gate.open(1 + len(payloads))
+        got = [f.result() for f in futs]
+        n = len(payloads)
+        assert got == [{"echo": 1, "batch": n}, {"echo": "two", "batch": n},
+                       {"echo": [3, [3.5]], "batch": n}, {"i": 4, "batch": n},
+                       {"echo": None, "batch": n}, {"echo": b"\x00six", "batch": n},
+                       {"i": 7, "batch": n}]
+        assert len(c.call("batch_log")) == 1
+
+
+def test_batched_and_plain_methods_and_streams_interleave(procs):
+    pool = _pool(procs, workers=2, policy="round-robin")
+    with Client(pool.address, timeout=60) as c:
+        batched_futs = [c.submit("work", {"i": i}) for i in range(300)]
+        plain_futs = [c.submit("echo", i) for i in range(300)]
+        streams = [c.submit("count", {"n": 5}) for _ in range(20)]
+        assert [f.result()["i"] for f in batched_futs] == list(range(300))
+        assert [f.result() for f in plain_futs] == list(range(300))
+        assert all(f.result() == [0, 1, 2, 3, 4] for f in streams)
+        logs = [c.call("batch_log") for _ in range(2)]  # one from each worker (round-robin)
+    seen = [tuple(b) for log in logs for b in log]
+    ran = sorted(i for b in seen for i in b)
+    assert ran == list(range(300))  # each batched request ran exactly once
+    assert max(len(b) for b in seen) > 1  # and they did form batches
+
+
+# -- one caller, one reply -----------------------------------------------------------------------
+def _one_batch(procs, pool, c, payloads):
+    gate = _Gate(procs, pool, c)
+    futs = [c.submit("work", p) for p in payloads]
+    gate.open(1 + len(payloads))
+    return futs
+
+
+def test_one_failing_item_fails_only_its_caller(procs):
+    pool = _pool(procs)
+    with Client(pool.address, timeout=30) as c:
+        futs = _one_batch(procs, pool, c, [{"i": 0}, {"i": 1, "fail": True}, {"i": 2},
+                                    {"i": 3, "item_oom": True}, {"i": 4, "typed": True},
+                                    {"i": 5, "unencodable": True}])
+        assert futs[0].result() == {"i": 0, "batch": 6}
+        with pytest.raises(HandlerError, match="item 1 is bad") as info:
+            futs[1].result()
+        assert info.value.remote_type == "ValueError"
+        assert futs[2].result() == {"i": 2, "batch": 6}
+        with pytest.raises(ResourceExhaustedError, match="out of device memory"):
+            futs[3].result()
+        with pytest.raises(PayloadError, match="item 4: wrong shape"):
+            futs[4].result()
+        with pytest.raises(PayloadError, match="cannot be sent"):
+            futs[5].result()
+        assert c.call("batch_log") == [[0, 1, 2, 3, 4, 5]]
+    assert pool.status()["workers"][0]["restarts"] == 0
+
+
+@pytest.mark.parametrize(("flag", "error", "match", "remote_type"), [
+    ("raise", HandlerError, "the whole batch failed", "ValueError"),
+    ("short", HandlerError, "returned 2 results for a batch of 3 requests", "TypeError"),
+    ("not_list", HandlerError, "returned dict, not a list", "TypeError"),
+    ("oom", ResourceExhaustedError, "out of device memory", "RuntimeError"),
+])
+def test_a_batch_that_fails_as_a_whole_answers_each_caller(procs, flag, error, match, remote_type):
+    pool = _pool(procs)
+    with Client(pool.address, timeout=30) as c:
+        pid = pool.status()["workers"][0]["pid"]
+        futs = _one_batch(procs, pool, c, [{"i": 0}, {"i": 1, flag: True}, {"i": 2}])
+        for f in futs:
+            with pytest.raises(error, match=match) as info:
+                f.result()
+            assert info.value.extra.get("remote_type") == remote_type
+        assert c.call("work", {"i": 9}) == {"i": 9, "batch": 1}  # the worker stays
+    w = pool.status()["workers"][0]
+    assert w["pid"] == pid and w["errored"] == 3
+
+
+@pytest.mark.parametrize("flag", ["poison", "item_poison"])  # raised, or one item's result
+def test_a_poisoned_context_in_a_batch_answers_each_caller_and_replaces_the_worker(procs, flag):
+    pool = _pool(procs)
+    with Client(pool.address, timeout=30) as c:
+        pid = pool.status()["workers"][0]["pid"]
+        gate = _Gate(procs, pool, c)
+        futs = [c.submit("work", {"i": 0}), c.submit("work", {"i": 1, flag: True})]
+        behind = c.submit("echo", "behind")  # held by the worker, not in the batch
+        gate.open(4)
+        for f in futs:
+            with pytest.raises(WorkerCrashedError, match="sticky CUDA error") as info:
+                f.result()
+            assert info.value.extra["cause"] == "context-poisoned"
+        assert behind.result() == "behind"  # never started: run on the replacement
+        pool.wait_for(lambda s: s["workers"][0]["state"] == "ready"
+                      and s["workers"][0]["pid"] != pid, what="respawn")
+
+
+def test_a_bad_body_fails_only_its_caller(procs):
+    pool = _pool(procs)
+    peer = RawPeer(pool.address)
+    try:
+        with Client(pool.address, timeout=30) as c:
+            gate = _Gate(procs, pool, c)
+            peer.request(1, "work", {"i": 1})
+            peer.send(protocol.encode(Kind.REQUEST, 2, {"method": "work"}, b"\xc1"))  # not msgpack
+            peer.request(3, "work", {"i": 3})
+            gate.open(4)
+            peer.collect([1, 2, 3])
+            assert c.call("batch_log") == [[1, 3]]
+        assert peer.finals[1] == [(Kind.RESULT, {"i": 1, "batch": 2})]
+        [(kind, err)] = peer.finals[2]
+        assert kind is Kind.ERROR and err["type"] == "PayloadError"
+        assert peer.finals[3] == [(Kind.RESULT, {"i": 3, "batch": 2})]
+    finally:
+        peer.close()
+
+
+def test_cancelled_and_expired_requests_are_left_out_of_the_batch(procs):
+    pool = _pool(procs)
+    with Client(pool.address, timeout=30) as c:
+        gate = _Gate(procs, pool, c)
+        keep = [c.submit("work", {"i": 0}), c.submit("work", {"i": 3})]
+        cancelled = c.submit("work", {"i": 1})
+        expired = c.submit("work", {"i": 2}, timeout=0.3)
+        _wait_in_flight(pool, 5)
+        assert cancelled.cancel()
+        with pytest.raises(RequestTimeoutError):
+            expired.result()
+        gate.open(5)  # both still take a place until the worker answers them
+        assert [f.result() for f in keep] == [{"i": 0, "batch": 2}, {"i": 3, "batch": 2}]
+        assert c.call("batch_log") == [[0, 3]]
+        assert c.call("whoami")["stats"]["cancelled"] == 2  # both skipped by the worker
+        assert pool.status()["services"][0]["in_flight"] == 0
+
+
+def test_cancel_while_the_batch_is_gathering(procs):
+    pool = _pool(procs)  # work's max_delay is 300 ms: time to cancel while it waits
+    peer = RawPeer(pool.address)
+    try:
+        peer.request(1, "work", {"i": 1})
+        peer.request(2, "work", {"i": 2})
+        peer.send(protocol.encode(Kind.CANCEL, 1, None))
+        peer.collect([2])
+        assert peer.finals[2] == [(Kind.RESULT, {"i": 2, "batch": 1})]
+        assert 1 not in peer.finals  # a cancelled request gets no reply
+        with Client(pool.address, timeout=10) as c:
+            assert c.call("batch_log") == [[2]]
+    finally:
+        peer.close()
+
+
+def test_a_worker_killed_mid_batch_answers_each_caller_once(procs):
+    pool = _pool(procs)
+    started = procs.dir / "batch-started"
+    with Client(pool.address, timeout=30) as c:
+        pid = pool.status()["workers"][0]["pid"]
+        gate = _Gate(procs, pool, c)
+        futs = [c.submit("work", {"i": i, "sleep": 30, "started_file": str(started)})
+                for i in range(3)]
+        behind = c.submit("echo", "never started")
+        gate.open(5)
+        deadline = time.monotonic() + 10
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert started.exists(), "the batch never started"
+        os.kill(pid, signal.SIGKILL)
+        for f in futs:  # all three were running (STARTED), not only the oldest
+            with pytest.raises(WorkerCrashedError, match="SIGKILL"):
+                f.result(10)
+        assert behind.result(10) == "never started"  # requeued, run on the replacement
+        st = pool.status()
+        assert st["services"][0]["completed"] >= 2 and st["router"]["requests"] == 0
+        assert c.call("batch_log") == []  # the replacement never saw the batch again
+
+
+def test_exec_timeout_and_heartbeats_while_a_batch_runs(procs):
+    cfg = procs.dir / "batch.toml"
+    cfg.write_text("[router]\nheartbeat_interval = 0.2\nheartbeat_liveness = 3\n"
+                   f'[[services]]\nname = "default"\nhandler = "{H}"\nworkers = 1\n'
+                   "max_inflight = 8\nexec_timeout = 2.0\n")
+    front = procs.ipc("front")
+    pool = procs.spawn(["up", "--config", str(cfg), "--frontend", front], front,
+                       "workerpool ready")
+    with Client(front, timeout=30) as c:
+        pid = pool.status()["workers"][0]["pid"]
+        # Longer than heartbeat_liveness (0.6 s): the worker keeps beating while it runs.
+        ok = [c.submit("work", {"i": i, "sleep": 1.0}) for i in range(3)]
+        assert [f.result() for f in ok] == [{"i": i, "batch": 3} for i in range(3)]
+        assert pool.status()["workers"][0]["pid"] == pid
+        # Longer than exec_timeout: every request of the batch times out, not only one.
+        hung = [c.submit("work", {"i": i, "sleep": 60}) for i in range(3)]
+        for f in hung:
+            with pytest.raises(RequestTimeoutError, match="exec_timeout=2s"):
+                f.result(15)
+        st = pool.wait_for(lambda s: s["workers"][0]["state"] == "ready"
+                           and s["workers"][0]["pid"] != pid, what="replaced")
+        assert st["services"][0]["expired"] == 3
+        assert c.call("work", {"i": 7}) == {"i": 7, "batch": 1}
+
+
+def test_started_marks_only_requests_the_worker_holds_and_garbage_is_counted(tmp_path):
+    router = Router(RouterConfig(frontend=f"ipc://{tmp_path}/f", backend=f"ipc://{tmp_path}/b"))
+    try:
+        slot = router._slot("default/0", "default", "cpu")
+        conn = Conn(b"default/0#1", slot, 1, 12345, 8, frozenset({"work"}))
+        router.conns[conn.identity] = conn
+        for rid in (11, 12):
+            conn.in_flight[rid] = Record(rid, b"c", rid, "default", "work", b"", b"", [], None, 0.0)
+
+        def started(meta, ident=conn.identity):
+            router._on_backend([ident, *protocol.encode(Kind.STARTED, 0, meta)])
+
+        started({"ids": [11, 12, 99]})  # 99: not held (already answered): ignored
+        assert conn.started == {11, 12}
+        started({"ids": [13]}, ident=b"stranger#1")  # not a registered worker: ignored
+        for bad in ({"ids": 11}, {"ids": [[1]]}, {"ids": [11, "12"]}, {"ids": [True]}, {}):
+            started(bad)
+        assert router.stats["bad_frames_backend"] == 5
+        assert conn.started == {11, 12} and router.stats["internal_errors"] == 0
+    finally:
+        router.close()
