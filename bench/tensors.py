@@ -130,33 +130,33 @@ def bench_workerpool(frontend: str, shm: bool, nbytes: int, warmup: int,
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [float(s) for s in args.sizes.split(",")]
     results: dict[str, dict[int, list[float]]] = {}
-    results["memcpy"] = {s: bench_memcpy(s * MiB, args.warmup, args.reps) for s in sizes}
+    results["memcpy"] = {s: bench_memcpy(int(s * MiB), args.warmup, args.reps) for s in sizes}
     with tempfile.TemporaryDirectory(prefix="wpbt-") as tmp:
         echo_addr = f"ipc://{tmp}/echo"
         argv = [sys.executable, os.path.abspath(__file__), "--zmq-echo", echo_addr]
         with process_group(argv, "zmq echo ready", tmp, "zmq-echo", _child_env()):
-            results["zmq ipc (raw)"] = {s: bench_zmq(echo_addr, s * MiB, args.warmup, args.reps)
+            results["zmq ipc (raw)"] = {s: bench_zmq(echo_addr, int(s * MiB), args.warmup, args.reps)
                                         for s in sizes}
         frontend = f"ipc://{tmp}/front"
         argv = [sys.executable, "-m", "workerpool.cli", "up", "--handler",
                 "workerpool.handlers:Echo", "--workers", "1", "--frontend", frontend]
         with process_group(argv, "workerpool ready", tmp, "workerpool", _child_env()):
             for name, shm in (("workerpool shm", True), ("workerpool frames", False)):
-                results[name] = {s: bench_workerpool(frontend, shm, s * MiB, args.warmup,
+                results[name] = {s: bench_workerpool(frontend, shm, int(s * MiB), args.warmup,
                                                      args.reps) for s in sizes}
     rows = []
     for s in sizes:
         copy_t = statistics.median(results["memcpy"][s])
-        memcpy_gbs = s * MiB / copy_t / 1e9
+        memcpy_gbs = int(s * MiB) / copy_t / 1e9
         for name, by_size in results.items():
             times = by_size[s]
             med, best = statistics.median(times), min(times)
             if name == "memcpy":
                 gbs, ratio = memcpy_gbs, 1.0
             else:
-                gbs = 2 * s * MiB / med / 1e9
+                gbs = 2 * int(s * MiB) / med / 1e9
                 ratio = gbs / memcpy_gbs
             rows.append({"system": name, "mib": s, "median_ms": med * 1e3, "best_ms": best * 1e3,
                          "gb_per_s": gbs, "ratio_vs_memcpy": ratio})
@@ -170,10 +170,10 @@ def format_table(res: dict[str, Any]) -> str:
     lines = [f"# {res['machine']}; load average {res['load_average'][0]:.2f}; "
              f"median of {res['reps']} round trips",
              "# round-trip GB/s = 2 x payload / RTT; memcpy GB/s = payload / copy time",
-             f"{'system':<20} {'MiB':>4} {'median ms':>10} {'best ms':>9} {'GB/s':>7} "
+             f"{'system':<20} {'MiB':>5} {'median ms':>10} {'best ms':>9} {'GB/s':>7} "
              f"{'x memcpy':>9}"]
     for r in res["rows"]:
-        lines.append(f"{r['system']:<20} {r['mib']:>4} {r['median_ms']:>10.2f} "
+        lines.append(f"{r['system']:<20} {r['mib']:>5g} {r['median_ms']:>10.2f} "
                      f"{r['best_ms']:>9.2f} {r['gb_per_s']:>7.2f} {r['ratio_vs_memcpy']:>8.2f}x")
     for r in res["rows"]:
         if r["system"] == "workerpool shm" and r["mib"] == 64:
