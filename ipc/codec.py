@@ -37,8 +37,9 @@ at 128 KiB the two are even, and a frame needs no segment."""
 class PayloadError(ValueError):
     """A value that cannot be encoded, or a body that cannot be decoded.
 
-    ``code`` is set for the one failure a sender can recover from by itself:
-    ``shm-unreachable`` (the body names shared memory this receiver cannot map).
+    ``code`` is ``shm-unreachable`` when the body names shared memory this receiver cannot
+    map (the sender can send it again in frames), ``too-large`` for an encode over its
+    ``max_bytes`` (the message is then "N bytes, over max_message_bytes=M").
     """
 
     def __init__(self, message: str, code: str | None = None) -> None:
@@ -47,6 +48,7 @@ class PayloadError(ValueError):
 
 
 SHM_UNREACHABLE = "shm-unreachable"
+TOO_LARGE = "too-large"  # an encode over max_bytes; the message reads "N bytes, over ..."
 
 
 class _Encoding:
@@ -72,8 +74,8 @@ class _Encoding:
             raise TypeError(f"cannot encode object of type {type(obj).__name__}")
         self.array_bytes += out.nbytes
         if self.max_bytes is not None and self.array_bytes > self.max_bytes:
-            raise PayloadError(f"the payload's arrays take {self.array_bytes} bytes or more, "
-                               f"over max_message_bytes={self.max_bytes}")
+            raise PayloadError(f"{self.array_bytes} bytes or more, over max_message_bytes="
+                               f"{self.max_bytes}", code=TOO_LARGE)
         n = out.nbytes
         lease = None
         if n <= self.enc.inline_max:
@@ -120,8 +122,8 @@ class Encoder:
         try:
             body = msgpack.packb(obj, use_bin_type=True, default=call.default)
             if max_bytes is not None and len(body) + call.array_bytes > max_bytes:
-                raise PayloadError(f"the payload takes {len(body) + call.array_bytes} bytes, "
-                                   f"over max_message_bytes={max_bytes}")
+                raise PayloadError(f"{len(body) + call.array_bytes} bytes, over "
+                                   f"max_message_bytes={max_bytes}", code=TOO_LARGE)
         except PayloadError:
             call.abort()
             raise

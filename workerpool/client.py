@@ -112,6 +112,8 @@ class _BaseClient:
             body, buffers = codec.dumps(payload, pool=pool, tag=rid,
                                         max_bytes=self.max_message_bytes)
         except codec.PayloadError as exc:
+            if exc.code == codec.TOO_LARGE:
+                raise PayloadError(f"request is {exc}") from None
             raise PayloadError(f"payload cannot be sent: {exc}") from None
         meta: dict[str, Any] = {"method": method}
         if self.shm_host is not None:

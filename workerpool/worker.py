@@ -374,6 +374,8 @@ class Worker:
             body, buffers = codec.dumps(value, pool=self._pool if shm_ok else None,
                                         max_bytes=limit)
         except codec.PayloadError as exc:
+            if exc.code == codec.TOO_LARGE:
+                raise _UnencodableResult(f"handler returned {exc}") from None
             raise _UnencodableResult(
                 f"handler returned a value that cannot be sent: {exc}") from None
         size = len(body) + sum(len(b) for b in buffers)
