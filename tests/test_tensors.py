@@ -364,6 +364,17 @@ def test_gpu_worker_returns_cuda_tensor(procs):
             assert out.device.type == "cpu" and same(torch.from_numpy(a), out)
 
 
+def test_router_and_supervisor_import_neither_numpy_nor_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, router.router, workerpool.supervisor, workerpool.worker, "
+            "workerpool.client; print('numpy' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)), timeout=60)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+
+
 def test_cli_renders_arrays_as_json():
     assert _json_default(np.arange(3)) == [0, 1, 2]
     assert _json_default(torch.tensor([[1.5]], dtype=torch.bfloat16)) == [[1.5]]
