@@ -160,6 +160,11 @@ def sweep_dead_owners() -> int:
     return n
 
 
+def max_capacity(nbytes: int) -> int:
+    """The largest segment data capacity an owner lends for an array of ``nbytes``."""
+    return max(2 * nbytes, nbytes + SEGMENT_GRAIN)
+
+
 def _try_lock(fd: int, op: int) -> bool:
     try:
         fcntl.flock(fd, op | fcntl.LOCK_NB)
@@ -307,7 +312,7 @@ class SegmentPool:
         return False
 
     def _reusable(self, nbytes: int, now: float) -> _Segment | None:
-        limit = max(2 * nbytes, nbytes + SEGMENT_GRAIN)  # don't spend a huge one on a small array
+        limit = max_capacity(nbytes)  # don't spend a huge segment on a small array
         for seg in self._segs:
             if seg.capacity < nbytes:
                 continue
@@ -400,7 +405,7 @@ class SegmentMapper:
 
         check_name(name)
         with self._lock:
-            entry = self._entry(name)
+            entry = self._entry(name, nbytes)
             if entry.refs == 0 and not _try_lock(entry.fd, fcntl.LOCK_SH):
                 raise ShmError(f"segment {name} is being rewritten by its owner: the handle "
                                "is stale")
@@ -443,7 +448,7 @@ class SegmentMapper:
                 self._evict(name)
 
     # -- internals -------------------------------------------------------------------------
-    def _entry(self, name: str) -> _Mapping:
+    def _entry(self, name: str, nbytes: int) -> _Mapping:
         entry = self._cache.get(name)
         if entry is not None:
             if self._same_file(entry):
@@ -464,6 +469,11 @@ class SegmentMapper:
                 raise ShmError(f"segment {name} is not a regular file of this user")
             if st.st_size < DATA_OFFSET:
                 raise ShmError(f"segment {name} is {st.st_size} bytes, shorter than its header")
+            if st.st_size > DATA_OFFSET + max_capacity(nbytes):
+                # Owners reuse a segment only for arrays at least half its size; a larger
+                # one would make us map (and populate) memory the message does not need.
+                raise ShmError(f"segment {name} is {st.st_size} bytes, far larger than the "
+                               f"{nbytes} bytes it is said to carry")
             mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         except ShmError:
             os.close(fd)

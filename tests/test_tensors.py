@@ -300,8 +300,11 @@ def test_malformed_shm_handles(segs):
         codec.loads(ext({**GOOD, "m": ["wp-1-2-0123456789abcdef", 1]}), mapper=mapper)
     body, _ = codec.dumps(np.ones(2**18), pool=pool)
     name, gen = msgpack.unpackb(msgpack.unpackb(body, ext_hook=lambda c, d: d))["m"]
+    with pytest.raises(PayloadError, match="far larger"):  # would map 2 MiB for 24 bytes
+        codec.loads(ext({**GOOD, "m": [name, gen]}), mapper=shm.SegmentMapper())
     with pytest.raises(PayloadError, match="generation"):
-        codec.loads(ext({**GOOD, "m": [name, gen + 1]}), mapper=mapper)
+        codec.loads(ext({**GOOD, "dt": "<f8", "sh": [2**18], "n": 2**21, "m": [name, gen + 1]}),
+                    mapper=mapper)
     cap = (pool._segs[0].capacity // 4) + 1
     with pytest.raises(PayloadError, match="holds"):
         codec.loads(ext({**GOOD, "sh": [cap], "n": cap * 4, "m": [name, gen]}), mapper=mapper)
