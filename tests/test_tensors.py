@@ -447,6 +447,9 @@ def test_malformed_tensor_request_gets_error_and_worker_keeps_serving(tpool):
     peer = RawPeer(tpool.address)
     try:
         bad = [ext({**GOOD, "n": 99, "x": b"\0" * 99}),
+               ext({**GOOD, "dt": "|O8", "x": b"\0" * 24}),
+               ext({**GOOD, "sh": [-2, -3], "x": b"\0" * 24}),
+               ext({**GOOD, "k": "torch", "dt": "bfloat16", "x": b"\0" * 24}),
                ext({**GOOD, "b": 3}),
                ext({**GOOD, "m": ["../../../etc/passwd", 1]}),
                ext({**GOOD, "sh": [2**20, 2**20], "n": 2**42, "m": ["wp-1-2-0123456789abcdef", 1]})]
