@@ -24,18 +24,32 @@ Again = zmq.Again
 ZMQError = zmq.ZMQError
 
 
-def send(sock: zmq.Socket, frames: list, flags: int = 0) -> None:
-    """Send ``frames`` (bytes or buffers) as one message. Large frames go zero-copy."""
+def send(sock: zmq.Socket, frames: list, flags: int = 0, track: bool = False) -> list:
+    """Send ``frames`` (bytes or buffers) as one message. Large frames go zero-copy.
+
+    ZeroMQ reads a zero-copy frame's memory after this returns. With ``track``, the result
+    lists a ``zmq.MessageTracker`` per such frame; its ``done`` says the memory may change.
+    """
     last = len(frames) - 1
     more = flags | SNDMORE
+    trackers = []
     for i, f in enumerate(frames):
-        _send(sock, f, more if i < last else flags, len(f) < COPY_THRESHOLD, False)
+        copy = len(f) < COPY_THRESHOLD
+        t = _send(sock, f, more if i < last else flags, copy, track and not copy)
+        if track and not copy and t is not None:
+            trackers.append(t)
+    return trackers
 
 
-def recv(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
-    """Receive one whole message as a list of bytes. Raises ``zmq.Again`` under NOBLOCK
-    when nothing is waiting."""
+def recv(sock: zmq.Socket, flags: int = 0, buffers_from: int = 3) -> list:
+    """Receive one whole message as a list of frames. Raises ``zmq.Again`` under NOBLOCK
+    when nothing is waiting.
+
+    Parts before index ``buffers_from`` (header, meta, body; 4 on a ROUTER socket, where the
+    routing id comes first) are ``bytes``. Buffer frames after them are ``zmq.Frame``: not
+    copied out of ZeroMQ, writable, and sent on again without a copy.
+    """
     parts = [_recv(sock, flags, True, False)]
     while _get(sock, _RCVMORE):
-        parts.append(_recv(sock, flags, True, False))
+        parts.append(_recv(sock, flags, len(parts) < buffers_from, False))
     return parts

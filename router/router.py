@@ -210,7 +210,7 @@ class Router:
         """Handle up to BATCH waiting messages; True if more may be waiting."""
         for _ in range(BATCH):
             try:
-                frames = transport.recv(sock, NOBLOCK)
+                frames = transport.recv(sock, NOBLOCK, 4)  # routing id, then the message
             except zmq.Again:
                 return False
             try:

@@ -298,3 +298,30 @@ class GpuBatches(CudaPoison):
         x[torch.arange(20, device=self.device)] = 2
         torch.cuda.synchronize()
         return [0] * len(payloads)
+
+
+class Tensors(Echo):
+    """Arrays and tensors: echo them, describe them, hold segments while a test kills us."""
+
+    def describe(self, payload):
+        """What arrived, as the worker sees it: type, dtype, shape, writability."""
+        return {k: {"type": type(v).__module__ + "." + type(v).__name__, "dtype": str(v.dtype),
+                    "shape": list(v.shape),
+                    "writeable": bool(v.flags.writeable) if hasattr(v, "flags") else True}
+                for k, v in payload.items()}
+
+    def to_device(self, payload):
+        """A tensor on the worker's own device (CUDA on a GPU worker): the reply moves it."""
+        import torch
+
+        return torch.as_tensor(payload).to(self.context.device)
+
+    def hold(self, payload):
+        """Stream the array back (the reply lends a segment), then wait to be killed."""
+        yield payload["a"]
+        time.sleep(float(payload["seconds"]))
+        yield "done"
+
+    def add_one(self, payload):
+        payload += 1  # arrays in a request are writable and the handler's to change
+        return payload

@@ -131,8 +131,10 @@ def test_builtin_handlers_fail_setup_clearly_where_they_cannot_run(procs):
     front = procs.ipc("front")
     pool = procs.spawn(["up", "--config", str(cfg), "--frontend", front], front,
                        "workerpool ready")
-    st = pool.wait_for(lambda s: sum(w["state"] == "failed" for w in s["workers"]) == 2,
-                       what="two failed slots")
+    # The supervisor's "failed" and the worker's traceback travel on different sockets.
+    st = pool.wait_for(lambda s: sum(w["state"] == "failed" and "Error" in (w["last_error"] or "")
+                                     for w in s["workers"]) == 2,
+                       what="two failed slots with their tracebacks")
     errors = {w["service"]: w["last_error"] for w in st["workers"]}
     assert "in_feature" in errors["typo"] and "Extra inputs are not permitted" in errors["typo"]
     assert "CupyOps needs an NVIDIA GPU" in errors["cupy"] and "'cpu'" in errors["cupy"]
@@ -182,3 +184,21 @@ def test_the_example_handler_of_docs_handlers_md(procs):
         with pytest.raises(HandlerError, match=r"expected rows of 4 numbers, got shape \(1, 2\)"):
             bad.result()
         assert list(c.stream("scan", rows)) == whole
+
+
+def test_replies_come_back_as_the_kind_of_array_that_was_sent(procs):
+    import numpy as np
+    import torch
+
+    pool = _mlp_pool(procs, workers=1)
+    ref = _local(**SMALL)
+    rows = _inputs(2, seed=5)[1]  # a 2-row matrix, as lists
+    with Client(pool.address, timeout=60) as c:
+        as_list = c.call("infer_batch", rows)
+        as_numpy = c.call("infer_batch", np.asarray(rows, dtype=np.float32))
+        as_torch = c.call("infer", torch.tensor(rows, dtype=torch.float32))
+    assert isinstance(as_list, list) and _close(as_list, ref.infer(rows))
+    assert isinstance(as_numpy, np.ndarray) and as_numpy.dtype == np.float32
+    assert isinstance(as_torch, torch.Tensor) and as_torch.dtype == torch.float32
+    assert as_numpy.shape == tuple(as_torch.shape) == (2, SMALL["out_features"])
+    assert _close(as_numpy.tolist(), as_list) and _close(as_torch.tolist(), as_list)

@@ -371,10 +371,29 @@ def call(method, payload, router_addr, service, timeout) -> None:
     with Client(router_addr) as c:
         try:
             for item in c.stream(method, value, service=service, timeout=timeout):
-                click.echo(json.dumps(item, default=repr))
+                click.echo(json.dumps(item, default=_json_default))
         except WorkerPoolError as exc:
             click.echo(f"{exc.type}: {exc.message}", err=True)
             sys.exit(1)
+
+
+JSON_ARRAY_ITEMS = 1000  # arrays up to this many elements print as lists, larger as a summary
+
+
+def _json_default(obj):
+    """JSON for what a reply may hold beyond JSON: arrays and tensors as nested lists when
+    small and real, else a summary map; anything else as its repr."""
+    shape = getattr(obj, "shape", None)
+    if shape is not None and hasattr(obj, "tolist") and hasattr(obj, "dtype"):
+        dtype = str(obj.dtype).removeprefix("torch.")
+        n = 1
+        for d in shape:
+            n *= int(d)
+        if n <= JSON_ARRAY_ITEMS and "complex" not in dtype:
+            return obj.tolist()
+        kind = "torch.Tensor" if type(obj).__module__.startswith("torch") else "numpy.ndarray"
+        return {"type": kind, "dtype": dtype, "shape": [int(d) for d in shape]}
+    return repr(obj)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ and is safe to share between threads. ``AsyncClient`` owns one socket in one eve
 Every request carries a client-unique id, so one connection can have thousands in
 flight. A timeout travels with the request (the router answers at the deadline) and is
 also enforced locally, so a call returns even when the router is unreachable.
+
+numpy arrays and torch tensors anywhere in a payload or a reply travel as raw bytes
+(ipc/codec.py). When the router is on this host, large ones go through shared memory: the
+client owns a ``SegmentPool`` for its requests and a ``SegmentMapper`` for the replies.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import zmq
 import zmq.asyncio
 
 from ipc import codec, protocol, transport
+from ipc import shm as segments
 from ipc.protocol import FINAL_REPLY_KINDS, FrameError, Kind
 from workerpool.config import DEFAULT_FRONTEND, MAX_PRIORITY, MAX_TIMEOUT, MIN_PRIORITY
 from workerpool.errors import (
@@ -46,7 +51,7 @@ from workerpool.errors import (
     from_wire,
 )
 
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20  # body plus every array's bytes, wherever they travel
 
 PING_INTERVAL = 1.0  # seconds between router pings while requests are outstanding
 MAX_PING_IDS = 65536  # request ids one ping asks the router about
@@ -57,19 +62,40 @@ _PONG_PREFIX = protocol.MAGIC + bytes([protocol.VERSION, Kind.HEARTBEAT])
 _LOCAL_GRACE = 0.25
 
 
+def is_local(address: str) -> bool:
+    """Whether a router at ``address`` runs on this host (ipc://, inproc://, loopback tcp)."""
+    scheme, _, rest = address.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 class _BaseClient:
     """I/O-free half of both clients: ids, request frames, reply interpretation."""
 
-    def __init__(self, address: str, *, timeout: float | None,
-                 max_message_bytes: int) -> None:
+    def __init__(self, address: str, *, timeout: float | None, max_message_bytes: int,
+                 shm_enabled: bool | None, shm_pool_bytes: int) -> None:
         self.address = address
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
         self._ids = itertools.count(1)
+        use_shm = is_local(address) if shm_enabled is None else shm_enabled
+        #: This host's shared-memory identity, sent as meta "shm" on every request: workers
+        #: on the same host answer with segments. None: shared memory is not used.
+        self.shm_host = segments.host_id() if use_shm else None
+        self._pool = segments.SegmentPool(shm_pool_bytes) if self.shm_host else None
+        self._mapper = segments.SegmentMapper() if self.shm_host else None
+        self._next_trim = 0.0
+        # Services that answered "shm-unreachable" (a worker on another host): their
+        # requests carry arrays in frames from then on. Replies still use shm when they can.
+        self._frames_only: set[str | None] = set()
 
     def _request_frames(self, method: str, payload: Any, service: str | None, priority: int,
-                        timeout: float | None, idempotent: bool | None = None
-                        ) -> tuple[int, list]:
+                        timeout: float | None, idempotent: bool | None = None,
+                        rid: int | None = None) -> tuple[int, list]:
         if not isinstance(method, str) or not method:
             raise ValueError("method must be a non-empty string")
         if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
@@ -78,11 +104,20 @@ class _BaseClient:
                 or not MIN_PRIORITY <= priority <= MAX_PRIORITY):
             raise ValueError(f"priority must be an integer in [{MIN_PRIORITY}, {MAX_PRIORITY}], "
                              f"got {priority!r}")
+        if rid is None:
+            rid = next(self._ids)
+        self._trim_shm()
+        pool = self._pool if service not in self._frames_only else None
         try:
-            body, buffers = codec.dumps(payload)
+            body, buffers = codec.dumps(payload, pool=pool, tag=rid,
+                                        max_bytes=self.max_message_bytes)
         except codec.PayloadError as exc:
+            if exc.code == codec.TOO_LARGE:
+                raise PayloadError(f"request is {exc}") from None
             raise PayloadError(f"payload cannot be sent: {exc}") from None
         meta: dict[str, Any] = {"method": method}
+        if self.shm_host is not None:
+            meta["shm"] = self.shm_host
         if service is not None:
             meta["service"] = service
         if timeout is not None:
@@ -91,19 +126,55 @@ class _BaseClient:
             meta["priority"] = priority
         if idempotent is not None:
             meta["idempotent"] = bool(idempotent)
-        rid = next(self._ids)
         frames = protocol.encode(Kind.REQUEST, rid, meta, body, buffers)
         size = sum(len(f) for f in frames)
         if size > self.max_message_bytes:
+            self._finished(rid)
             raise PayloadError(f"request is {size} bytes, over max_message_bytes="
                                f"{self.max_message_bytes}")
         return rid, frames
 
+    def _finished(self, rid: int) -> None:
+        """Request ``rid`` has had its final reply or was given up: its segments may be
+        reused once the worker has let go of them."""
+        if self._pool is not None:
+            self._pool.finish(rid)
+
+    def _in_shm(self, rid: int) -> bool:
+        return self._pool is not None and self._pool.has(rid)
+
+    def _resend_frames(self, rid: int, value: Any, request: tuple | None) -> list | None:
+        """The request again with its arrays in frames, when ``value`` (its error) says the
+        worker cannot map our segments: it runs on another host. Same id: the router has
+        answered the first one. None: ``value`` is some other outcome."""
+        if (request is None or not isinstance(value, PayloadError)
+                or value.extra.get("code") != codec.SHM_UNREACHABLE):
+            return None
+        self._frames_only.add(request[2])
+        self._finished(rid)
+        try:
+            return self._request_frames(*request, rid=rid)[1]
+        except (PayloadError, ValueError):
+            return None
+
+    def _close_shm(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._mapper.close()
+
+    def _trim_shm(self) -> None:
+        """At most once a second: give back idle segments and stale mappings."""
+        if self._pool is not None:
+            now = time.monotonic()
+            if now >= self._next_trim:
+                self._next_trim = now + 1.0
+                self._pool.trim(now)
+                self._mapper.trim(now)
+
     def _effective_timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
-    @staticmethod
-    def _parse_reply(frames: list) -> tuple[Kind, int, Any]:
+    def _parse_reply(self, frames: list) -> tuple[Kind, int, Any]:
         """(kind, request id, value-or-error). Raises FrameError on a malformed reply."""
         if len(frames) < 3:
             raise FrameError("too-few-frames", f"reply has {len(frames)} frames")
@@ -118,7 +189,8 @@ class _BaseClient:
                 return kind, rid, ProtocolError(f"undecodable error reply: {exc}")
             return kind, rid, from_wire(err)
         try:
-            return kind, rid, codec.loads(body, buffers)
+            return kind, rid, codec.loads(body, buffers, mapper=self._mapper,
+                                          max_bytes=self.max_message_bytes)
         except codec.PayloadError as exc:
             return Kind.ERROR, rid, PayloadError(f"undecodable reply: {exc}")
 
@@ -126,7 +198,7 @@ class _BaseClient:
 class _Pending:
     """One outstanding request in ``Client``: a Future, or a queue for a stream."""
 
-    __slots__ = ("deadline", "future", "items", "partials", "sent_at", "stream")
+    __slots__ = ("deadline", "future", "items", "partials", "request", "sent_at", "stream")
 
     def __init__(self, future: concurrent.futures.Future | None,
                  stream: queue.SimpleQueue | None, deadline: float | None) -> None:
@@ -135,6 +207,7 @@ class _Pending:
         self.deadline = deadline
         self.partials: list | None = None  # call() on a streaming method collects here
         self.sent_at = 0.0
+        self.request: tuple | None = None  # its arguments, while its arrays are in shm
 
 
 class _RouterWatch:
@@ -186,11 +259,16 @@ class Client(_BaseClient):
     ...     c.call("echo", {"x": 1}, timeout=5)
 
     ``timeout`` is the default per-request deadline in seconds (None: wait forever).
+    ``max_message_bytes`` bounds a request's and a reply's body plus array bytes. ``shm``:
+    large arrays go through shared memory (None: when the router is on this host, see
+    ``is_local``); ``shm_pool_bytes`` bounds the segments this client keeps.
     """
 
     def __init__(self, address: str = DEFAULT_FRONTEND, *, timeout: float | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        super().__init__(address, timeout=timeout, max_message_bytes=max_message_bytes)
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, shm: bool | None = None,
+                 shm_pool_bytes: int = segments.POOL_BYTES) -> None:
+        super().__init__(address, timeout=timeout, max_message_bytes=max_message_bytes,
+                         shm_enabled=shm, shm_pool_bytes=shm_pool_bytes)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -209,7 +287,7 @@ class Client(_BaseClient):
         self._closed = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(
-            target=_io_loop, args=(weakref.ref(self), self._sock, self._wake_r),
+            target=_io_loop, args=(weakref.ref(self), self._sock, self._wake_r, self._close_shm),
             name=f"workerpool-client-{address}", daemon=True)
         self._thread.start()
 
@@ -331,9 +409,15 @@ class Client(_BaseClient):
                  timeout: float | None, idempotent: bool | None, pending: _Pending) -> int:
         rid, frames = self._request_frames(method, payload, service, priority, timeout,
                                            idempotent)
+        if self._in_shm(rid):
+            pending.request = (method, payload, service, priority, timeout, idempotent)
         if timeout is not None:
             pending.deadline = time.monotonic() + timeout + _LOCAL_GRACE
-        self._push(rid, pending, frames)
+        try:
+            self._push(rid, pending, frames)
+        except ClientClosedError:
+            self._finished(rid)
+            raise
         return rid
 
     def _push(self, rid: int, pending: _Pending, frames: list) -> None:
@@ -358,8 +442,10 @@ class Client(_BaseClient):
                 pass
 
 
-def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket) -> None:
-    """The I/O thread. Holds only a weak reference, so a dropped Client is collected."""
+def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket,
+             close_shm: Any) -> None:
+    """The I/O thread. Holds only a weak reference, so a dropped Client is collected; its
+    segments are unlinked here (``close_shm``) when it is closed or collected."""
     client = ref()
     if client is None:
         return
@@ -398,6 +484,7 @@ def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket) -> None:
                 rid, entry, frames = outbox.popleft()
                 if entry is None:  # a CANCEL
                     if pending.pop(rid, None) is not None:
+                        client._finished(rid)
                         transport.send(sock, frames)
                     continue
                 pending[rid] = entry
@@ -413,7 +500,8 @@ def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket) -> None:
                     watch.next_ping = now + PING_INTERVAL
                     transport.send(sock, watch.ping(pending))
             if timers:
-                _expire(sock, pending, timers)
+                _expire(client, sock, pending, timers)
+            client._trim_shm()
     except Exception as exc:  # surface to callers instead of dying silently
         client = ref()
         if client is not None:
@@ -426,6 +514,7 @@ def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket) -> None:
         sock.close(linger=0)
         sock.context.term()
         wake_r.close()
+        close_shm()
 
 
 def _read_replies(client: Client, sock: zmq.Socket, pending: dict[int, _Pending],
@@ -440,6 +529,7 @@ def _read_replies(client: Client, sock: zmq.Socket, pending: dict[int, _Pending]
                 entry = pending.pop(rid, None)
                 if entry is None:
                     continue
+                client._finished(rid)
                 if entry.stream is not None:
                     entry.stream.put((Kind.ERROR, _router_restarted()))
                 else:
@@ -462,7 +552,14 @@ def _read_replies(client: Client, sock: zmq.Socket, pending: dict[int, _Pending]
                     entry.partials = []
                 entry.partials.append(value)
             continue
+        if kind is Kind.ERROR and entry.request is not None:
+            again = client._resend_frames(rid, value, entry.request)
+            entry.request = None
+            if again is not None:
+                transport.send(sock, again)
+                continue
         del pending[rid]
+        client._finished(rid)
         if entry.stream is not None:
             entry.stream.put((kind, value))
         elif kind is Kind.ERROR:
@@ -473,7 +570,8 @@ def _read_replies(client: Client, sock: zmq.Socket, pending: dict[int, _Pending]
             _settle(entry.future, result=value)
 
 
-def _expire(sock: zmq.Socket, pending: dict[int, _Pending], timers: list) -> None:
+def _expire(client: Client, sock: zmq.Socket, pending: dict[int, _Pending],
+            timers: list) -> None:
     now = time.monotonic()
     while timers and timers[0][0] <= now:
         deadline, rid = heapq.heappop(timers)
@@ -481,6 +579,7 @@ def _expire(sock: zmq.Socket, pending: dict[int, _Pending], timers: list) -> Non
         if entry is None or entry.deadline != deadline:
             continue
         del pending[rid]
+        client._finished(rid)
         err = RequestTimeoutError("no reply before the deadline (router unreachable or slow)")
         if entry.stream is not None:
             entry.stream.put((Kind.ERROR, err))
@@ -519,8 +618,10 @@ class AsyncClient(_BaseClient):
     """
 
     def __init__(self, address: str = DEFAULT_FRONTEND, *, timeout: float | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        super().__init__(address, timeout=timeout, max_message_bytes=max_message_bytes)
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, shm: bool | None = None,
+                 shm_pool_bytes: int = segments.POOL_BYTES) -> None:
+        super().__init__(address, timeout=timeout, max_message_bytes=max_message_bytes,
+                         shm_enabled=shm, shm_pool_bytes=shm_pool_bytes)
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -529,6 +630,7 @@ class AsyncClient(_BaseClient):
         self._sock.connect(address)
         self._pending: dict[int, asyncio.Future | asyncio.Queue] = {}
         self._partials: dict[int, list] = {}
+        self._requests: dict[int, tuple] = {}  # arguments of requests whose arrays are in shm
         self._reader: asyncio.Task | None = None
         self._pinger: asyncio.Task | None = None
         self._watch = _RouterWatch()
@@ -560,7 +662,9 @@ class AsyncClient(_BaseClient):
     async def _read_loop(self) -> None:
         try:
             while True:
-                frames = await self._sock.recv_multipart()
+                parts = await self._sock.recv_multipart(copy=False)
+                # Buffer frames stay zmq.Frame (no copy, writable), as in transport.recv.
+                frames = [p.bytes for p in parts[:3]] + parts[3:]
                 if self._watch.is_pong(frames):
                     for rid in self._watch.lost(frames[2]):
                         if rid in self._pending:
@@ -573,6 +677,14 @@ class AsyncClient(_BaseClient):
                 waiter = self._pending.get(rid)
                 if waiter is None:
                     continue
+                if kind is Kind.ERROR and rid in self._requests:
+                    again = self._resend_frames(rid, value, self._requests.pop(rid))
+                    if again is not None:
+                        await self._sock.send_multipart(again, copy=False)
+                        continue
+                if kind in FINAL_REPLY_KINDS:
+                    self._requests.pop(rid, None)
+                    self._finished(rid)
                 if isinstance(waiter, asyncio.Queue):
                     if kind in FINAL_REPLY_KINDS:
                         del self._pending[rid]
@@ -598,6 +710,8 @@ class AsyncClient(_BaseClient):
     def _fail(self, rid: int, err: WorkerPoolError) -> None:
         waiter = self._pending.pop(rid)
         self._partials.pop(rid, None)
+        self._requests.pop(rid, None)
+        self._finished(rid)
         if isinstance(waiter, asyncio.Queue):
             waiter.put_nowait((Kind.ERROR, err))
         elif not waiter.done():
@@ -610,6 +724,8 @@ class AsyncClient(_BaseClient):
     async def _send_cancel(self, rid: int) -> None:
         self._pending.pop(rid, None)
         self._partials.pop(rid, None)
+        self._requests.pop(rid, None)
+        self._finished(rid)
         if not self._closed:
             await self._sock.send_multipart(protocol.encode(Kind.CANCEL, rid))
 
@@ -622,9 +738,11 @@ class AsyncClient(_BaseClient):
         timeout = self._effective_timeout(timeout)
         rid, frames = self._request_frames(method, payload, service, priority, timeout,
                                            idempotent)
+        if self._in_shm(rid):
+            self._requests[rid] = (method, payload, service, priority, timeout, idempotent)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        await self._sock.send_multipart(frames)
+        await self._sock.send_multipart(frames, copy=False)
         fut.add_done_callback(
             lambda f: f.cancelled() and not self._closed
             and asyncio.ensure_future(self._send_cancel(rid)))
@@ -638,9 +756,11 @@ class AsyncClient(_BaseClient):
         timeout = self._effective_timeout(timeout)
         rid, frames = self._request_frames(method, payload, service, priority, timeout,
                                            idempotent)
+        if self._in_shm(rid):
+            self._requests[rid] = (method, payload, service, priority, timeout, idempotent)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        await self._sock.send_multipart(frames)
+        await self._sock.send_multipart(frames, copy=False)
         try:
             if timeout is None:
                 return await fut
@@ -661,9 +781,11 @@ class AsyncClient(_BaseClient):
         timeout = self._effective_timeout(timeout)
         rid, frames = self._request_frames(method, payload, service, priority, timeout,
                                            idempotent)
+        if self._in_shm(rid):
+            self._requests[rid] = (method, payload, service, priority, timeout, idempotent)
         items: asyncio.Queue = asyncio.Queue()
         self._pending[rid] = items
-        await self._sock.send_multipart(frames)
+        await self._sock.send_multipart(frames, copy=False)
         deadline = None if timeout is None else time.monotonic() + timeout + _LOCAL_GRACE
         done = False
         try:
@@ -715,3 +837,4 @@ class AsyncClient(_BaseClient):
         self._fail_all(ClientClosedError("client closed with this request outstanding"))
         self._sock.close(linger=0)
         self._ctx.term()
+        self._close_shm()

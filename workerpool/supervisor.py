@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from ipc import protocol, transport
+from ipc import protocol, shm, transport
 from ipc.protocol import FrameError, Kind
 from workerpool._proc import SignalWakeup
 from workerpool.config import ROUTED_FIELDS, RouterConfig, ServiceConfig, SupervisorConfig
@@ -41,6 +41,9 @@ from workerpool.worker import EXIT_POISONED, EXIT_SETUP_FAILED, SPEC_ENV, Worker
 log = logging.getLogger("workerpool.supervisor")
 
 ROUTER_MIN_UPTIME = 2.0  # a router that dies sooner failed to start: stop, do not loop
+
+
+SHM_SWEEP_INTERVAL = 10.0  # seconds between sweeps of shared memory left by dead processes
 
 
 def describe_exit(returncode: int) -> str:
@@ -104,6 +107,7 @@ class Supervisor:
         self.max_message_bytes = max_message_bytes
         self.heartbeat_interval = heartbeat_interval
         self._next_beat = 0.0
+        self._next_sweep = 0.0
         self._router_instance: str | None = None
         self.stopped_liveness = 3  # beats a child may stay stopped before it is killed
         self.router_restarts = 0
@@ -212,6 +216,13 @@ class Supervisor:
                 self._next_beat = now + self.heartbeat_interval
                 self._send(Kind.HEARTBEAT, {"ping": int(now * 1000)})
                 self._kill_stopped_children(now)
+            if now >= self._next_sweep:
+                # Segments of processes that died without unlinking them: clients killed
+                # with SIGKILL (our own workers' are removed when they are reaped).
+                self._next_sweep = now + SHM_SWEEP_INTERVAL
+                swept = shm.sweep_dead_owners()
+                if swept:
+                    log.info("removed %d shared-memory segments of dead processes", swept)
             if not self._all_ready_reported and not self._stopping and now > startup_deadline:
                 missing = sorted(w.slot for w in self.workers.values()
                                  if not w.ready and not w.failed)
@@ -440,6 +451,7 @@ class Supervisor:
         rc = w.proc.wait()
         os.close(w.pidfd)
         w.pidfd = None
+        shm.unlink_owned_by(w.proc.pid)  # what a crashed worker lent is gone with it
         w.died_at = time.monotonic()
         how = describe_exit(rc)
         if w.kill_reason:
@@ -514,6 +526,9 @@ class Supervisor:
             if w.pidfd is not None:
                 os.close(w.pidfd)
                 w.pidfd = None
+        for p in procs:
+            if p.returncode is not None:
+                shm.unlink_owned_by(p.pid)
         if self.router_proc is not None:
             _wait_all([self.router_proc], 2.0)
             _signal(self.router_proc, signal.SIGTERM)

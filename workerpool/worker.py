@@ -34,7 +34,7 @@ import msgpack
 import zmq
 from pydantic import BaseModel, ConfigDict
 
-from ipc import codec, protocol, transport
+from ipc import codec, protocol, shm, transport
 from ipc.protocol import FrameError, Kind
 from workerpool import faults
 from workerpool._proc import die_with_parent, setup_logging
@@ -59,6 +59,7 @@ SPEC_ENV = "WORKERPOOL_WORKER_SPEC"
 EXIT_SETUP_FAILED = 78  # EX_CONFIG: the supervisor marks the slot failed instead of respawning
 EXIT_POISONED = 75  # EX_TEMPFAIL: left on purpose after a sticky CUDA error; respawn me
 _RESERVED = frozenset({"setup", "teardown", "context"})
+UNSENT_WAIT = 10.0  # seconds to wait for ZeroMQ to finish reading a zero-copy reply
 
 
 class WorkerSpec(BaseModel):
@@ -135,6 +136,13 @@ class Worker:
         self._heart: _Heartbeat | None = None
         self.stats = WorkerStats()
         self._handler: Any = None
+        # Shared memory with clients on this host: requests whose meta "shm" names our host
+        # may carry segment handles, and get their large arrays back the same way.
+        self._host = shm.host_id()
+        self._pool = shm.SegmentPool() if self._host else None
+        self._mapper = shm.SegmentMapper() if self._host else None
+        self._next_trim = 0.0
+        self._unsent: list[zmq.MessageTracker] = []  # zero-copy frames ZeroMQ still reads
 
     # -- lifecycle -----------------------------------------------------------------------
     def run(self) -> int:
@@ -223,6 +231,9 @@ class Worker:
         # gone (it exits right after draining) must not hold this exit for long.
         self._sock.close(linger=300)
         self._ctx.term()
+        if self._pool is not None:
+            self._pool.close()
+            self._mapper.close()
 
     # -- the loop --------------------------------------------------------------------------
     def _serve(self) -> None:
@@ -237,6 +248,7 @@ class Worker:
         while not self._stopping or backlog:
             if self._heart is not None and self._heart.register_again.is_set():
                 self._register_again()
+            self._trim_shm()
             if not backlog and not poller.poll(200):
                 continue
             self._read_socket()
@@ -256,6 +268,14 @@ class Worker:
                     self._current = None
                     self._running = 0
                     self.stats.running = 0
+
+    def _trim_shm(self) -> None:
+        """Give back segments that sat unused, and mappings of segments their owner left."""
+        now = time.monotonic()
+        if self._pool is not None and now >= self._next_trim:
+            self._next_trim = now + 1.0
+            self._pool.trim(now)
+            self._mapper.trim(now)
 
     def _register_again(self) -> None:
         """The router does not know us (it restarted). Register again. What the backlog
@@ -320,16 +340,21 @@ class Worker:
                 f"service {self.spec.service!r} has no method {method!r}; "
                 f"it has: {', '.join(sorted(self._methods))}"))
             return
+        shm_ok = self._shm_ok(msg)
         try:
-            payload = self._decode(msg)
+            payload = self._decode(msg, shm_ok)
         except codec.PayloadError as exc:
-            self._send_error(msg.req_id, PayloadError(str(exc)))
+            extra = {"code": exc.code} if exc.code else {}
+            self._send_error(msg.req_id, PayloadError(str(exc), **extra))
             return
+        self._wait_unsent()  # the handler may reuse memory an earlier reply is still sent from
         try:
             result = fn(payload)
+            del payload  # the request's segments are released as soon as the handler lets go
             if inspect.isgenerator(result):
                 for item in result:
-                    self._send_value(Kind.PARTIAL, msg.req_id, item)
+                    self._send_value(Kind.PARTIAL, msg.req_id, item, shm_ok)
+                    self._wait_unsent()
                     self._read_socket()  # a CANCEL for this stream may be waiting
                     if self._cancel_current:
                         result.close()
@@ -339,16 +364,21 @@ class Worker:
                         return
                 self._send(Kind.END, msg.req_id, self._reply_meta)
             else:
-                self._send_value(Kind.RESULT, msg.req_id, result)
+                self._send_value(Kind.RESULT, msg.req_id, result, shm_ok)
         except _UnencodableResult as exc:
             self._send_error(msg.req_id, PayloadError(str(exc)))
         except Exception as exc:
             self._on_handler_exception([msg.req_id], exc)
 
-    def _decode(self, msg: protocol.Message) -> Any:
+    def _shm_ok(self, msg: protocol.Message) -> bool:
+        """Shared memory both ways only with a client that says it maps our host's segments."""
+        return self._host is not None and msg.meta.get("shm") == self._host
+
+    def _decode(self, msg: protocol.Message, shm_ok: bool) -> Any:
         """A request's payload, for plain and batched methods alike; raises
         ``codec.PayloadError`` when its body does not decode."""
-        return codec.loads(msg.body, msg.buffers)
+        return codec.loads(msg.body, msg.buffers, mapper=self._mapper if shm_ok else None,
+                           max_bytes=self.spec.max_message_bytes)
 
     # -- batches -------------------------------------------------------------------------------
     def _run_batch(self, first: protocol.Message, arrived: float | None, spec: BatchSpec) -> None:
@@ -400,6 +430,7 @@ class Worker:
         now = time.monotonic()
         ids: list[int] = []
         payloads: list[Any] = []
+        shm_ok: dict[int, bool] = {}
         for msg in msgs:
             timeout = msg.meta.get("timeout")
             if (isinstance(timeout, int | float) and not isinstance(timeout, bool)
@@ -409,10 +440,12 @@ class Worker:
                 self._send_error(msg.req_id, RequestTimeoutError(
                     f"timeout={timeout:g}s passed before its batch ran"))
                 continue
+            shm_ok[msg.req_id] = self._shm_ok(msg)
             try:
-                payloads.append(self._decode(msg))
+                payloads.append(self._decode(msg, shm_ok[msg.req_id]))
             except codec.PayloadError as exc:
-                self._send_error(msg.req_id, PayloadError(str(exc)))
+                extra = {"code": exc.code} if exc.code else {}
+                self._send_error(msg.req_id, PayloadError(str(exc), **extra))
                 continue
             ids.append(msg.req_id)
         if not ids:
@@ -424,6 +457,7 @@ class Worker:
             self._send(Kind.STARTED, 0, {"ids": ids})
         self.stats.batches += 1
         self.stats.batched_requests += len(ids)
+        self._wait_unsent()  # the handler may reuse memory an earlier reply is still sent from
         try:
             results = check_results(method, self._methods[method](payloads), len(ids))
         except Exception as exc:
@@ -441,7 +475,7 @@ class Worker:
                 self._on_handler_exception([rid], value)
             else:
                 try:
-                    self._send_value(Kind.RESULT, rid, value)
+                    self._send_value(Kind.RESULT, rid, value, shm_ok[rid])
                 except _UnencodableResult as exc:
                     self._send_error(rid, PayloadError(str(exc)))
 
@@ -492,17 +526,37 @@ class Worker:
               body: bytes = b"", buffers: list | tuple = ()) -> None:
         transport.send(self._sock, protocol.encode(kind, req_id, meta, body, buffers))
 
-    def _send_value(self, kind: Kind, req_id: int, value: Any) -> None:
+    def _send_value(self, kind: Kind, req_id: int, value: Any, shm_ok: bool = False) -> None:
+        limit = self.spec.max_message_bytes
         try:
-            body, buffers = codec.dumps(value)
+            body, buffers = codec.dumps(value, pool=self._pool if shm_ok else None,
+                                        max_bytes=limit)
         except codec.PayloadError as exc:
+            if exc.code == codec.TOO_LARGE:
+                raise _UnencodableResult(f"handler returned {exc}") from None
             raise _UnencodableResult(
                 f"handler returned a value that cannot be sent: {exc}") from None
         size = len(body) + sum(len(b) for b in buffers)
-        if size > self.spec.max_message_bytes:
+        if size > limit:
             raise _UnencodableResult(f"handler returned {size} bytes, over max_message_bytes="
-                                     f"{self.spec.max_message_bytes}")
-        self._send(kind, req_id, self._reply_meta, body, buffers)
+                                     f"{limit}")
+        frames = protocol.encode(kind, req_id, self._reply_meta, body, buffers)
+        self._unsent += transport.send(self._sock, frames, track=bool(buffers))
+
+    def _wait_unsent(self) -> None:
+        """Block until ZeroMQ has finished reading the zero-copy frames sent so far, so a
+        handler that refills the array it returned last time cannot change a reply that is
+        still on its way."""
+        for tracker in self._unsent:
+            try:
+                tracker.wait(UNSENT_WAIT)
+            except zmq.NotDone:
+                # No router to read it (it restarted): ZeroMQ sends it on reconnection, to
+                # a router that drops it as unknown. Don't hold the next request for that.
+                sys.stderr.write(f"[{self.spec.slot}] a reply was not sent within "
+                                 f"{UNSENT_WAIT:g}s; going on\n")
+                break
+        self._unsent.clear()
 
     def _send_error(self, req_id: int, err: WorkerPoolError) -> None:
         err.worker = self.spec.slot

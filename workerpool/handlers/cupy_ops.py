@@ -32,13 +32,11 @@ THREADS = 256
 MAX_BLOCKS = 4096  # the grid-stride loop covers any n with at most this many blocks
 
 
-def _to_reply(a: Any) -> Any:
-    """The one place a result array becomes a reply.
-
-    A plain list today (``.get()`` copies it to the host). Once tensor transport is merged,
-    return ``a.get()`` (a NumPy array) here, and nothing else in this module changes.
-    """
-    return a.get().tolist()
+def _to_reply(a: Any, like: Any) -> Any:
+    """The one place a device array becomes a reply (``.get()`` copies it to the host): a
+    numpy array when the caller sent arrays, which travel as raw bytes, else a list."""
+    host = a.get()
+    return host if type(like).__module__ in ("numpy", "torch") else host.tolist()
 
 
 class CupyOps(Handler):
@@ -65,29 +63,29 @@ class CupyOps(Handler):
         cupy.cuda.Device().synchronize()
 
     # -- methods ---------------------------------------------------------------------------------
-    def saxpy(self, payload: dict) -> list[float]:
+    def saxpy(self, payload: dict) -> Any:
         """``{"a": a, "x": [...], "y": [...]}`` -> ``a * x + y``, by a hand-written kernel."""
         a = float(payload["a"])
         x = self._array(payload["x"], "x", ndim=1)
         y = self._array(payload["y"], "y", ndim=1)
         if x.shape != y.shape:
             raise ValueError(f"x and y differ in length: {x.shape[0]} and {y.shape[0]}")
-        return _to_reply(self._launch_saxpy(a, x, y))
+        return _to_reply(self._launch_saxpy(a, x, y), payload["x"])
 
-    def matmul(self, payload: dict) -> list[list[float]]:
+    def matmul(self, payload: dict) -> Any:
         """``{"a": [[...]], "b": [[...]]}`` -> ``a @ b`` (cuBLAS)."""
         a = self._array(payload["a"], "a", ndim=2)
         b = self._array(payload["b"], "b", ndim=2)
         if a.shape[1] != b.shape[0]:
             raise ValueError(f"cannot multiply {a.shape} by {b.shape}")
-        return _to_reply(a @ b)
+        return _to_reply(a @ b, payload["a"])
 
-    def softmax(self, payload: dict) -> list:
+    def softmax(self, payload: dict) -> Any:
         """``{"x": [...] or [[...]]}`` -> softmax along the last axis (numerically stable)."""
         cp = self.cp
         x = self._array(payload["x"], "x", ndim=(1, 2))
         e = cp.exp(x - x.max(axis=-1, keepdims=True))
-        return _to_reply(e / e.sum(axis=-1, keepdims=True))
+        return _to_reply(e / e.sum(axis=-1, keepdims=True), payload["x"])
 
     def norm(self, payload: dict) -> float:
         """``{"x": [...]}`` -> its Euclidean norm."""

@@ -5,7 +5,7 @@
     payload (list / nested list / ndarray / tensor)
         -> torch.as_tensor -> [rows, in_features]   (a vector is one row)
         -> torch.cat(all requests of the batch) -> model on ctx.device (inference_mode)
-        -> split back per request -> _to_reply -> one reply each
+        -> split back per request -> _to_reply (the kind each caller sent) -> one reply each
 
 Weights come from a CPU ``torch.Generator`` seeded with ``seed``, so every worker, on any
 device, builds the same model: the same input gives the same output from any of them. It
@@ -49,13 +49,15 @@ class MLPOptions(BaseModel):
         "(every core). With several CPU workers set about cores / workers.")
 
 
-def _to_reply(t: Any) -> Any:
-    """The one place a result tensor becomes a reply.
-
-    A plain list today. Once tensor transport is merged (buffers on the wire), return the
-    tensor itself: ``return t`` here, and nothing else in this module changes.
-    """
-    return t.cpu().tolist()
+def _to_reply(t: Any, like: Any) -> Any:
+    """The one place a result tensor becomes a reply: the same kind the caller sent. A
+    torch tensor or a numpy array travels as raw bytes (ipc/arrays.py); a list in gives a
+    list out, for JSON callers such as ``workerpool call``."""
+    if type(like).__module__ == "torch":
+        return t
+    if type(like).__module__ == "numpy":
+        return t.numpy()
+    return t.tolist()
 
 
 class TorchMLP(Handler):
@@ -175,5 +177,5 @@ class TorchMLP(Handler):
             y = self.model(x).float().cpu()  # one device-to-host copy for the whole batch
         for k, is_vector, part in zip(where, vector, y.split([p.shape[0] for p in parts]),
                                       strict=True):
-            out[k] = _to_reply(part[0] if is_vector else part)
+            out[k] = _to_reply(part[0] if is_vector else part, payloads[k])
         return out
