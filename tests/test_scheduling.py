@@ -197,7 +197,7 @@ def test_leaving_a_stream_stops_the_worker_generating(procs):
 def test_max_inflight_never_exceeded_from_the_worker_side(procs, policy):
     pool = procs.pool("--max-inflight", "3", "--policy", policy, workers=2)
     with Client(pool.address, timeout=60) as c:
-        futs = [c.submit("sleep", {"seconds": 0.002}) for _ in range(300)]
+        futs = [c.submit("sleep", {"seconds": 0.01}) for _ in range(300)]
         [f.result() for f in futs]
         seen = {}
         for _ in range(20):  # concurrent, so that every policy reaches both workers
