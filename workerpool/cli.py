@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from workerpool._proc import LOG_LEVEL_ENV, setup_logging
 from workerpool.config import DEFAULT_BACKEND, DEFAULT_FRONTEND, POLICIES, PoolConfig, ServiceConfig
+from workerpool.loadtest.command import loadtest
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -330,6 +331,10 @@ def call(method, payload, router_addr, service, timeout) -> None:
         except WorkerPoolError as exc:
             click.echo(f"{exc.type}: {exc.message}", err=True)
             sys.exit(1)
+
+
+# -- loadtest ---------------------------------------------------------------------------------
+main.add_command(loadtest)  # workerpool/loadtest/command.py
 
 
 if __name__ == "__main__":
