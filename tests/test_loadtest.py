@@ -44,6 +44,30 @@ def test_percentiles_are_exact_within_histogram_precision():
     assert s["min"] == 0.001 and s["count"] == 10_000
 
 
+@pytest.mark.parametrize("digits", [2, 3])
+def test_vectorized_recording_and_summary_match_hdrhistogram(digits):
+    import random
+
+    import numpy as np
+
+    from workerpool.loadtest.recorder import PERCENTILES, new_histogram, record_many
+
+    rng = random.Random(digits)
+    values = [min(int(rng.lognormvariate(8, 2.5)), 3_600_000_000) for _ in range(20_000)]
+    reference, ours = new_histogram(digits), new_histogram(digits)
+    for v in values:
+        reference.record_value(v)
+    record_many(ours, np.array(values, dtype=np.int64))
+    assert list(ours.counts) == list(reference.counts)
+    assert (ours.total_count, ours.min_value, ours.max_value) == (
+        reference.total_count, reference.min_value, reference.max_value)
+    s = summarize(ours)
+    for p in PERCENTILES:
+        assert s[f"p{p:g}"] == round(reference.get_value_at_percentile(p) / 1e3, 3)
+    assert s["mean"] == pytest.approx(reference.get_mean_value() / 1e3, abs=1e-3)
+    assert s["stddev"] == pytest.approx(reference.get_stddev() / 1e3, rel=1e-6, abs=1e-3)
+
+
 def test_recordings_merge_across_processes_through_json():
     a = Recording(0.5, 1.0, ["echo", "sleep"])
     b = Recording(0.5, 1.0, ["echo", "sleep"])
@@ -52,19 +76,24 @@ def test_recordings_merge_across_processes_through_json():
     b.add(1.3, 1.3, 1.33, 1, Outcome.ERROR, "WorkerCrashedError", None)
     b.add(1.4, 1.4, None, 1, Outcome.UNANSWERED, "local_timeout", None)
     b.add_unsent(2)
+    b.add_many([(1.5, 1.5, 1.502, 0, Outcome.OK, None, "default/1"),
+                (0.9, 0.9, 0.95, 1, Outcome.OK, None, "default/1"),  # warm-up
+                (1.6, 1.6, None, 0, Outcome.UNANSWERED, "client_closed", None)])
     merged = Recording.from_dict(json.loads(json.dumps(a.to_dict())))
     merged.merge(Recording.from_dict(json.loads(json.dumps(b.to_dict()))))
-    assert dict(merged.counts) == {"sent": 4, "warmup": 1, "ok": 1, "errors": 1,
-                                   "unanswered": 1, "unsent": 2}
+    assert dict(merged.counts) == {"sent": 7, "warmup": 2, "ok": 2, "errors": 1,
+                                   "unanswered": 2, "unsent": 2}
     assert merged.errors == {"WorkerCrashedError": 1}
-    assert merged.unanswered == {"local_timeout": 1}
-    assert merged.workers == {"default/0": 1}
+    assert merged.unanswered == {"local_timeout": 1, "client_closed": 1}
+    assert merged.workers == {"default/0": 1, "default/1": 1}
+    assert summarize(merged.method_latency("echo"))["count"] == 2
     assert summarize(merged.latency)["max"] == pytest.approx(10.0, rel=1e-3)
     assert summarize(merged.error_latency)["max"] == pytest.approx(30.0, rel=1e-3)
     # Timeline: sent by send time, ok/errors by completion, latency by intended time.
-    assert merged.timeline[1].sent == 1 and merged.timeline[2].sent == 3
+    assert merged.timeline[1].sent == 2 and merged.timeline[2].sent == 3
     assert merged.timeline[2].ok == 1 and merged.timeline[2].errors == 1
-    assert merged.timeline[2].unanswered == 1
+    assert merged.timeline[2].unanswered == 1 and merged.timeline[2].failed == 2
+    assert merged.timeline[3].sent == 2 and merged.timeline[3].ok == 1
 
 
 def test_arrival_schedules():
@@ -101,6 +130,30 @@ def _synthetic_report() -> dict:
                  notes=[])
 
 
+def test_latency_recovery_ends_with_the_disturbance_not_later_noise():
+    spec = LoadSpec(rate=100, duration=5.0, faults=parse_inject("kill:2s"), interval=0.2)
+    rec = Recording(spec.bucket(), 0.0, ["echo"])
+    for i in range(500):
+        t = i / 100
+        latency = 0.001
+        if 2.0 <= t < 2.6:
+            latency = 0.5  # the fault's disturbance
+        elif 3.5 <= t < 3.52:
+            latency = 0.3  # unrelated noise later on
+        outcome = Outcome.ERROR if i == 210 else Outcome.OK
+        rec.add(t, t, t + latency, 0, outcome, "WorkerCrashedError" if i == 210 else None,
+                "default/0")
+    fault = {"kind": "kill", "at_s": 2.0, "injected_at_s": 2.0, "worker": "default/0",
+             "pid": 1, "service": "default", "serving_before": 1, "detected_s": 0.01,
+             "pool_recovered_s": 0.2, "cause": None, "error": None}
+    r = build(spec, 1, rec, faults=[fault], serving=[], known_workers=[], started_at="",
+              elapsed=5.0, interrupted=False, notes=[])
+    f = r["faults"][0]
+    assert f["service_recovered_s"] == pytest.approx(0.6)
+    assert f["errors_during"] == 1
+    assert r["recovery_threshold_ms"] == pytest.approx(11.0, rel=0.01)  # baseline p99 + 10 ms
+
+
 # The documented --json schema (docs/operations.md, "Load testing"): changing these keys
 # means a new schema_version.
 TOP_KEYS = {"schema_version", "started_at", "elapsed_s", "interrupted", "config", "requests",
@@ -116,7 +169,7 @@ LATENCY_KEYS = {"count", "min", "mean", "stddev", "p50", "p90", "p99", "p99.9", 
 FAULT_KEYS = {"kind", "at_s", "injected_at_s", "worker", "pid", "service", "serving_before",
               "detected_s", "pool_recovered_s", "service_recovered_s", "errors_during",
               "cause", "error"}
-TIMELINE_KEYS = {"interval_s", "t", "sent", "ok", "errors", "unanswered", "ok_rps", "p50_ms",
+TIMELINE_KEYS = {"interval_s", "t", "sent", "ok", "errors", "unanswered", "failed", "ok_rps", "p50_ms",
                  "p90_ms", "p99_ms", "max_ms", "workers_serving"}
 
 

@@ -132,11 +132,9 @@ class Generator:
         now = time.monotonic() - self.t0
         rec = self.recording
         done, window = self._done, self._window
-        while done:
-            item = done.popleft()
-            rec.add(*item)
-            if item[4] is Outcome.OK:
-                window.append((item[2], item[2] - item[0]))
+        batch = [done.popleft() for _ in range(len(done))]
+        rec.add_many(batch)
+        window.extend((it[2], it[2] - it[0]) for it in batch if it[4] is Outcome.OK)
         while window and window[0][0] < now - LIVE_WINDOW:
             window.popleft()
         p99 = None

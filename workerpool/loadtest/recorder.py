@@ -20,6 +20,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from hdrh.histogram import HdrHistogram
 
 LOWEST_US = 1
@@ -45,18 +46,53 @@ def to_us(seconds: float) -> int:
     return min(HIGHEST_US, max(0, round(seconds * 1e6)))
 
 
+def record_many(hist: HdrHistogram, values: np.ndarray) -> None:
+    """``hist.record_value(v)`` for every v of ``values`` (µs, int64, within the range),
+    vectorized: the same counts index arithmetic as hdrh's ``_counts_index_for``, applied
+    to the whole array, added into the counts array in place. Record by record, pure
+    Python costs microseconds per value, which a busy generator cannot spare."""
+    if not len(values):
+        return
+    # bit_length(v | mask) is frexp's exponent: exact for integers below 2**53.
+    bits = np.frexp((values | hist.sub_bucket_mask).astype(np.float64))[1].astype(np.int64)
+    bucket = bits - hist.unit_magnitude - (hist.sub_bucket_half_count_magnitude + 1)
+    sub = values >> (bucket + hist.unit_magnitude)
+    index = ((bucket + 1) << hist.sub_bucket_half_count_magnitude) + sub - hist.sub_bucket_half_count
+    np.add.at(np.ctypeslib.as_array(hist.counts), index, 1)
+    hist.total_count += len(values)
+    hist.min_value = min(hist.min_value, int(values.min()))
+    hist.max_value = max(hist.max_value, int(values.max()))
+
+
 def summarize(hist: HdrHistogram) -> dict[str, Any] | None:
     """count, min, mean, stddev, p50, p90, p99, p99.9 and max in milliseconds (None when
-    empty). Percentiles are the histogram's: at most 0.1% above the recorded value."""
+    empty), with hdrh's own definitions (a percentile is the highest value equivalent to
+    the one recorded: at most 0.1% above it), computed with numpy over the counts array;
+    hdrh's pure-Python iterators take a good fraction of a second per histogram."""
     n = hist.get_total_count()
     if not n:
         return None
-    pct = hist.get_percentile_to_value_dict(list(PERCENTILES))
+    counts = np.ctypeslib.as_array(hist.counts)[:hist.counts_len]
+    index = np.flatnonzero(counts)
+    c = counts[index].astype(np.float64)
+    half_mag, half = hist.sub_bucket_half_count_magnitude, hist.sub_bucket_half_count
+    bucket = (index >> half_mag) - 1
+    sub = (index & (half - 1)) + half
+    sub = np.where(bucket < 0, sub - half, sub)
+    bucket = np.maximum(bucket, 0)
+    lowest = sub << (bucket + hist.unit_magnitude)
+    size = np.int64(1) << (bucket + hist.unit_magnitude)
+    median = (lowest + (size >> 1)).astype(np.float64)
+    mean = float((c * median).sum() / n)
+    std = float(np.sqrt((c * (median - mean) ** 2).sum() / n))
+    cum = np.cumsum(counts[index])
     out: dict[str, Any] = {"count": n, "min": _ms(hist.get_min_value())}
-    out["mean"] = round(hist.get_mean_value() / 1e3, 3)
-    out["stddev"] = round(hist.get_stddev() / 1e3, 3)
+    out["mean"] = round(mean / 1e3, 3)
+    out["stddev"] = round(std / 1e3, 3)
     for p in PERCENTILES:
-        out[f"p{p:g}"] = _ms(pct[p])
+        target = max(int(p * n / 100 + 0.5), 1)
+        at = int(np.searchsorted(cum, target))
+        out[f"p{p:g}"] = _ms(int(lowest[at] + size[at] - 1))
     out["max"] = _ms(hist.get_max_value())
     return out
 
@@ -68,12 +104,14 @@ def _ms(us: float) -> float:
 @dataclass
 class Bucket:
     """One timeline interval: requests sent in it, replies in it (by completion time),
-    and the latency of the requests meant to be sent in it (by intended time)."""
+    and the latency and failures of the requests meant to be sent in it (by intended
+    time)."""
 
     sent: int = 0
     ok: int = 0
     errors: int = 0
     unanswered: int = 0  # by send time
+    failed: int = 0  # errors and requests without a reply, by intended send time
     latency: HdrHistogram = field(default_factory=lambda: new_histogram(BUCKET_DIGITS))
 
     def merge(self, other: Bucket) -> None:
@@ -81,6 +119,7 @@ class Bucket:
         self.ok += other.ok
         self.errors += other.errors
         self.unanswered += other.unanswered
+        self.failed += other.failed
         self.latency.add(other.latency)
 
 
@@ -133,6 +172,7 @@ class Recording:
                 counts["unanswered_warmup"] += 1
             self.unanswered[detail or "unknown"] += 1
             self._bucket(sent).unanswered += 1
+            self._bucket(intended).failed += 1
             return
         assert done is not None
         if self.last_done is None or done > self.last_done:
@@ -144,6 +184,7 @@ class Recording:
             self._bucket(intended).latency.record_value(latency)
         else:
             self._bucket(done).errors += 1
+            self._bucket(intended).failed += 1
         if not measured:
             counts["warmup"] += 1
             return
@@ -161,6 +202,63 @@ class Recording:
             self.errors[detail or "unknown"] += 1
             self.method_errors[self.methods[method]] += 1
             self.error_latency.record_value(latency)
+
+    def add_many(self, items: list[tuple]) -> None:
+        """``add(*item)`` for each item, with the results (nearly all of them) recorded in
+        one vectorized pass: a few µs per request less than ``add``."""
+        ok = [it for it in items if it[4] is Outcome.OK]
+        if len(ok) < len(items):
+            for it in items:
+                if it[4] is not Outcome.OK:
+                    self.add(*it)
+        if not ok:
+            return
+        n = len(ok)
+        a = np.array([it[:4] for it in ok], dtype=np.float64)
+        intended, sent, done, method = a[:, 0], a[:, 1], a[:, 2], a[:, 3].astype(np.int64)
+        lat = np.clip(np.rint((done - intended) * 1e6), 0, HIGHEST_US).astype(np.int64)
+        counts = self.counts
+        counts["sent"] += n
+        lo, hi, last = float(sent.min()), float(sent.max()), float(done.max())
+        self.first_send = lo if self.first_send is None else min(self.first_send, lo)
+        self.last_send = hi if self.last_send is None else max(self.last_send, hi)
+        self.last_done = last if self.last_done is None else max(self.last_done, last)
+        # The timeline (warm-up included): sent by send time, ok by completion time,
+        # latency by intended time.
+        for when, attr in ((sent, "sent"), (done, "ok")):
+            ks, cs = np.unique(self._bucket_index(when), return_counts=True)
+            for k, c in zip(ks.tolist(), cs.tolist(), strict=True):
+                b = self._bucket_at(k)
+                setattr(b, attr, getattr(b, attr) + c)
+        ki = self._bucket_index(intended)
+        for k in np.unique(ki).tolist():
+            record_many(self._bucket_at(k).latency, lat[ki == k])
+        measured = intended >= self.warmup
+        nm = int(measured.sum())
+        counts["warmup"] += n - nm
+        if not nm:
+            return
+        counts["ok"] += nm
+        lat_m = lat[measured]
+        record_many(self.latency, lat_m)
+        lag = (sent - intended)[measured]
+        lag = lag[lag != 0]  # closed loop sends at the intended time
+        record_many(self.send_lag, np.clip(np.rint(lag * 1e6), 0, HIGHEST_US).astype(np.int64))
+        self.workers.update(it[6] for it, m in zip(ok, measured.tolist(), strict=True)
+                            if m and it[6] is not None)
+        if len(self.methods) > 1:
+            mm = method[measured]
+            for i in np.unique(mm).tolist():
+                record_many(self.by_method[self.methods[i]], lat_m[mm == i])
+
+    def _bucket_index(self, offsets: np.ndarray) -> np.ndarray:
+        return np.maximum(offsets / self.bucket, 0).astype(np.int64)
+
+    def _bucket_at(self, k: int) -> Bucket:
+        b = self.timeline.get(k)
+        if b is None:
+            b = self.timeline[k] = Bucket()
+        return b
 
     def method_latency(self, method: str) -> HdrHistogram:
         """The latency histogram of one method of the mix."""
@@ -214,7 +312,8 @@ class Recording:
             "method_errors": dict(self.method_errors), "counts": dict(self.counts),
             "errors": dict(self.errors), "unanswered": dict(self.unanswered),
             "workers": dict(self.workers),
-            "timeline": [[k, b.sent, b.ok, b.errors, b.unanswered, b.latency.encode().decode()]
+            "timeline": [[k, b.sent, b.ok, b.errors, b.unanswered, b.failed,
+                          b.latency.encode().decode()]
                          for k, b in sorted(self.timeline.items())],
             "first_send": self.first_send, "last_send": self.last_send,
             "last_done": self.last_done,
@@ -232,8 +331,8 @@ class Recording:
         rec.errors.update(d["errors"])
         rec.unanswered.update(d["unanswered"])
         rec.workers.update(d["workers"])
-        for k, sent, ok, errors, unanswered, hist in d["timeline"]:
-            rec.timeline[int(k)] = Bucket(sent, ok, errors, unanswered,
+        for k, sent, ok, errors, unanswered, failed, hist in d["timeline"]:
+            rec.timeline[int(k)] = Bucket(sent, ok, errors, unanswered, failed,
                                           _decode(hist, BUCKET_DIGITS))
         rec.first_send, rec.last_send = d["first_send"], d["last_send"]
         rec.last_done = d["last_done"]

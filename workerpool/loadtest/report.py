@@ -126,7 +126,7 @@ def _balance(workers: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
 def _timeline(rec: Recording, serving: list[tuple[float, int, int]]) -> dict[str, Any]:
     b = rec.bucket
     last = max(rec.timeline, default=-1)
-    out: dict[str, list] = {k: [] for k in ("t", "sent", "ok", "errors", "unanswered",
+    out: dict[str, list] = {k: [] for k in ("t", "sent", "ok", "errors", "unanswered", "failed",
                                             "ok_rps", "p50_ms", "p90_ms", "p99_ms", "max_ms")}
     for k in range(last + 1):
         bk = rec.timeline.get(k)
@@ -135,6 +135,7 @@ def _timeline(rec: Recording, serving: list[tuple[float, int, int]]) -> dict[str
         out["ok"].append(bk.ok if bk else 0)
         out["errors"].append(bk.errors if bk else 0)
         out["unanswered"].append(bk.unanswered if bk else 0)
+        out["failed"].append(bk.failed if bk else 0)
         out["ok_rps"].append(round((bk.ok if bk else 0) / b, 3))
         s = summarize(bk.latency) if bk else None
         for p in ("p50", "p90", "p99", "max"):
@@ -144,12 +145,13 @@ def _timeline(rec: Recording, serving: list[tuple[float, int, int]]) -> dict[str
 
 
 def _service_recovery(report: dict, rec: Recording, spec: LoadSpec) -> None:
-    """Per fault: ``service_recovered_s``, from the injection to the end of the last
-    timeline interval before the next fault (or the end) whose p99 was above the
-    threshold or that had errors or unanswered requests; and ``errors_during``, the
-    errors in the intervals up to there. Threshold: max(3 x baseline p99, baseline p99 +
-    10 ms), the baseline being the requests meant to be sent after the warm-up and before
-    the first fault."""
+    """Per fault, ``service_recovered_s``: from the injection to the end of the first
+    stretch of consecutive bad timeline intervals that begins in the injection's interval
+    or the next one (0 when neither is bad), and ``errors_during``, the requests of that
+    stretch that failed. An interval is bad when the p99 of the requests meant to be sent
+    in it is above the threshold, or one of them failed (an error or no reply). The
+    threshold is max(3 x baseline p99, baseline p99 + 10 ms), the baseline being the
+    requests meant to be sent after the warm-up and before the first fault."""
     faults = [f for f in report["faults"] if f.get("injected_at_s") is not None]
     for f in report["faults"]:
         f.setdefault("service_recovered_s", None)
@@ -170,26 +172,28 @@ def _service_recovery(report: dict, rec: Recording, spec: LoadSpec) -> None:
     p99 = base.get_value_at_percentile(99) / 1e3
     threshold = max(3 * p99, p99 + 10.0)
     report["recovery_threshold_ms"] = round(threshold, 3)
-    last_k = max(rec.timeline, default=0)
-    for i, f in enumerate(faults):
+
+    def bad(k: int) -> bool:
+        bk = rec.timeline.get(k)
+        if bk is None:
+            return False
+        slow = bk.latency.get_total_count() and (
+            bk.latency.get_value_at_percentile(99) / 1e3 > threshold)
+        return bool(slow or bk.failed)
+
+    for f in faults:
         start = f["injected_at_s"]
-        stop = faults[i + 1]["injected_at_s"] if i + 1 < len(faults) else (last_k + 1) * b
-        ks = range(math.floor(start / b), math.ceil(stop / b))
-        bad = []
-        for k in ks:
-            bk = rec.timeline.get(k)
-            if bk is None:
-                continue
-            slow = bk.latency.get_total_count() and bk.latency.get_value_at_percentile(99) / 1e3 > threshold
-            if slow or bk.errors or bk.unanswered:
-                bad.append(k)
-        if bad:
-            f["service_recovered_s"] = round(max(0.0, (bad[-1] + 1) * b - start), 3)
-            f["errors_during"] = sum(rec.timeline[k].errors for k in ks
-                                     if k <= bad[-1] and k in rec.timeline)
-        else:
-            f["service_recovered_s"] = 0.0
-            f["errors_during"] = 0
+        k = math.floor(start / b)
+        if not bad(k):
+            k += 1
+        failed = 0
+        end = None
+        while bad(k):
+            failed += rec.timeline[k].failed
+            end = k
+            k += 1
+        f["service_recovered_s"] = 0.0 if end is None else round((end + 1) * b - start, 3)
+        f["errors_during"] = failed
 
 
 def _warnings(report: dict, spec: LoadSpec, rec: Recording, notes: list[str],
