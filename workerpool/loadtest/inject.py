@@ -5,6 +5,7 @@
     [monitor thread] --Client.status()--> router: workers' states and pids, every 0.25 s
          |                                 (every 0.05 s while a fault has not recovered)
          +-- at each fault's offset: pick a random serving worker from the status table
+               (one holding requests, when there is one)
                kill    -> os.kill(pid, SIGKILL)     (`kill -9 PID`)
                stop    -> os.kill(pid, SIGSTOP)     (`kill -STOP PID`)
                restart -> Client.restart_worker()   (`workerpool restart WORKER`)
@@ -168,7 +169,8 @@ class Monitor:
         if not candidates:
             r.error = "no serving worker to inject into"
             return
-        w = self._rng.choice(candidates)
+        # A worker that holds requests, when one does: the fault then hits work in flight.
+        w = self._rng.choice([w for w in candidates if w.get("in_flight")] or candidates)
         r.worker, r.pid, r.service = w["id"], int(w["pid"]), w["service"]
         r.serving_before = sum(1 for x in workers
                                if x["state"] in SERVING and x["service"] == r.service)

@@ -147,9 +147,11 @@ def _timeline(rec: Recording, serving: list[tuple[float, int, int]]) -> dict[str
 def _service_recovery(report: dict, rec: Recording, spec: LoadSpec) -> None:
     """Per fault, ``service_recovered_s``: from the injection to the end of the first
     stretch of consecutive bad timeline intervals that begins in the injection's interval
-    or the next one (0 when neither is bad), and ``errors_during``, the requests of that
-    stretch that failed. An interval is bad when the p99 of the requests meant to be sent
-    in it is above the threshold, or one of them failed (an error or no reply). The
+    or the next one (0 when neither is bad); and ``errors_during``: the errors and
+    requests without a reply in the intervals from the injection until both the latency
+    and the pool were back (or the next fault). An interval is bad when the p99 of the
+    requests meant to be sent in it is above the threshold, or one of them failed (an
+    error or no reply). The
     threshold is max(3 x baseline p99, baseline p99 + 10 ms), the baseline being the
     requests meant to be sent after the warm-up and before the first fault."""
     faults = [f for f in report["faults"] if f.get("injected_at_s") is not None]
@@ -181,19 +183,27 @@ def _service_recovery(report: dict, rec: Recording, spec: LoadSpec) -> None:
             bk.latency.get_value_at_percentile(99) / 1e3 > threshold)
         return bool(slow or bk.failed)
 
-    for f in faults:
+    last = (max(rec.timeline, default=0) + 1) * b
+    for i, f in enumerate(faults):
         start = f["injected_at_s"]
-        k = math.floor(start / b)
-        if not bad(k):
-            k += 1
-        failed = 0
+        k0 = math.floor(start / b)
+        k = k0 if bad(k0) else k0 + 1
         end = None
         while bad(k):
-            failed += rec.timeline[k].failed
             end = k
             k += 1
         f["service_recovered_s"] = 0.0 if end is None else round((end + 1) * b - start, 3)
-        f["errors_during"] = failed
+        # Errors while the fault lasted: replies by completion time (a crash is answered
+        # when the pool notices it) from the injection until both the latency and the
+        # pool were back, or until the next fault.
+        until = start + f["service_recovered_s"]
+        back = f.get("pool_recovered_s")
+        until = max(until, start + back) if back is not None else last
+        if i + 1 < len(faults):
+            until = min(until, faults[i + 1]["injected_at_s"])
+        f["errors_during"] = sum(rec.timeline[j].errors + rec.timeline[j].unanswered
+                                 for j in range(k0, max(k0 + 1, math.ceil(until / b)))
+                                 if j in rec.timeline)
 
 
 def _warnings(report: dict, spec: LoadSpec, rec: Recording, notes: list[str],

@@ -17,6 +17,7 @@ HdrHistogram's own compressed encoding.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ import threading
 import time
 from typing import Any
 
-from workerpool.loadtest.driver import Generator, Progress
+from workerpool.loadtest.driver import DRAIN_GRACE, Generator, Progress
 from workerpool.loadtest.payload import LoadTestError
 from workerpool.loadtest.recorder import Recording
 from workerpool.loadtest.schedule import Share
@@ -71,6 +72,7 @@ class ChildSource:
     def __init__(self, spec: LoadSpec, share: Share, seed: int) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
+        self._spec = spec
         self._stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115  (closed in close())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "workerpool.loadtest.sources"], stdin=subprocess.PIPE,
@@ -99,10 +101,15 @@ class ChildSource:
         self._send("stop")
 
     def progress(self) -> Progress:
+        if self._ended.is_set() and not self._progress.done:
+            # It exited without finishing (killed, crashed): result() says why.
+            return dataclasses.replace(self._progress, done=True)
         return self._progress
 
     def result(self) -> Recording:
-        self._ended.wait()
+        if not self._ended.wait(self._spec.timeout + DRAIN_GRACE + READY_TIMEOUT):
+            self.proc.kill()
+            raise LoadTestError("a load generator process did not report its result")
         self.proc.wait(10)
         if self._result is None:
             raise LoadTestError(f"a load generator process failed: {self._why()}")
