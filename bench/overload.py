@@ -87,7 +87,6 @@ import platform
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -99,13 +98,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+import _pool  # noqa: E402  (bench/ is the script's directory, first on sys.path)
+from _pool import READY_TIMEOUT, BenchError  # noqa: E402
+
 from workerpool import AsyncClient, Client  # noqa: E402  (after the sys.path fix above)
 from workerpool.errors import BackpressureError, WorkerPoolError  # noqa: E402
 
 WORKERS = 2
 MAX_INFLIGHT = 1
 METHOD = "sleep"
-READY_TIMEOUT = 60.0  # seconds a pool (or an offering process) may take to come up
 POLICIES = ("queue", "reject")
 
 # Outcome of one request.
@@ -120,10 +121,6 @@ NAN = float("nan")
 ARMS = ("retry_after", "random", "immediate")
 ARM_LABELS = {"retry_after": "after retry_after", "random": "after U(0, 2*retry_after)",
               "immediate": "immediately"}
-
-
-class BenchError(RuntimeError):
-    """A pool or an offering process could not be started or did not finish."""
 
 
 # -- statistics ------------------------------------------------------------------------------------
@@ -363,13 +360,6 @@ def _receive(pipe: Any, deadline: float, what: str) -> tuple[str, Any]:
 
 
 # -- the pool --------------------------------------------------------------------------------------
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def pool_flags(policy: str, args: argparse.Namespace) -> list[str]:
     if policy == "queue":
         return ["--capacity-policy", "queue", "--queue-capacity", str(args.queue_capacity),
@@ -379,69 +369,10 @@ def pool_flags(policy: str, args: argparse.Namespace) -> list[str]:
 
 @contextlib.contextmanager
 def pool(workdir: str, policy: str, args: argparse.Namespace) -> Iterator[tuple[list[str], str]]:
-    """Start ``workerpool up`` in its own session, wait for "workerpool ready", yield
-    (argv, frontend address), and always stop the whole process group."""
-    sockdir = tempfile.mkdtemp(prefix=f"{policy}-", dir=workdir)
-    frontend = f"ipc://{sockdir}/front"
-    argv = [sys.executable, "-m", "workerpool.cli", "up", "--frontend", frontend,
-            "--handler", "workerpool.handlers:Echo", "--workers", str(WORKERS),
-            "--max-inflight", str(MAX_INFLIGHT), *pool_flags(policy, args),
-            "--drain-timeout", "2"]
-    out_path = os.path.join(workdir, f"{policy}.stdout")
-    err_path = os.path.join(workdir, f"{policy}.stderr")
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=REPO,
-                                env=_child_env(), start_new_session=True)
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            with open(out_path, encoding="utf-8", errors="replace") as f:
-                if any(line.startswith("workerpool ready") for line in f):
-                    break
-            if proc.poll() is not None:
-                raise BenchError(f"pool ({policy}) exited with code {proc.returncode} before it "
-                                 f"was ready; stderr:\n{_tail(err_path)}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"pool ({policy}) was not ready within {READY_TIMEOUT:.0f}s; "
-                                 f"stderr:\n{_tail(err_path)}")
-            time.sleep(0.05)
+    """``workerpool up`` for one capacity policy; yields (argv, frontend address)."""
+    flags = ["--max-inflight", str(MAX_INFLIGHT), *pool_flags(policy, args), "--drain-timeout", "2"]
+    with _pool.pool(workdir, policy, workers=WORKERS, flags=flags) as (_, frontend, argv):
         yield argv, frontend
-    finally:
-        stop_group(proc)
-
-
-def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group led by ``proc``, wait, then SIGKILL whatever is left."""
-    pgid = proc.pid  # start_new_session: the leader's pid is the group id
-    _killpg(pgid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(grace)
-    deadline = time.monotonic() + 2.0  # the leader may be gone while the group lingers
-    while _group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    _killpg(pgid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(5)
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _tail(path: str, n: int = 4000) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()[-n:]
 
 
 def vmrss_kib(pid: int) -> int | None:

@@ -82,6 +82,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+import _pool  # noqa: E402  (bench/ is the script's directory, first on sys.path)
+from _pool import READY_TIMEOUT, BenchError  # noqa: E402
+
 from workerpool import Client  # noqa: E402  (after the sys.path fix above)
 from workerpool.errors import (  # noqa: E402
     RequestTimeoutError,
@@ -93,7 +96,6 @@ GOAL_CRASH_REPLY_MS = 30.0  # crash -> every affected request answered
 GOAL_REPLACEMENT_MS = 500.0  # crash -> replacement serving
 GOAL_SPARE_MS = 50.0  # crash -> full capacity again, with a hot spare
 
-READY_TIMEOUT = 60.0  # seconds a pool may take to come up, or a slot to come back (2 busy cores)
 CRASH_TIMEOUT = 10.0  # seconds after a crash within which the affected requests must be answered
 STATUS_POLL = 0.002  # seconds between status polls while waiting for the replacement
 WORKERS = 4
@@ -109,10 +111,6 @@ PEBBLE = "pebble.ProcessPool(4): SIGKILL -> every affected future failed"
 GOALS = {KILL: GOAL_CRASH_REPLY_MS, SEGV: GOAL_CRASH_REPLY_MS, SERVE: GOAL_REPLACEMENT_MS,
          SPARE: GOAL_SPARE_MS}
 PARTS = ("kill", "segfault", "replace", "spare", "ppe")
-
-
-class BenchError(RuntimeError):
-    """A pool could not be started, or did not behave as the measurement needs."""
 
 
 # -- statistics ------------------------------------------------------------------------------------
@@ -136,85 +134,19 @@ def summarize(name: str, samples_s: list[float], notes: dict[str, Any] | None = 
 
 
 # -- process management ----------------------------------------------------------------------------
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+# Kills back to back would otherwise trip the restart limit (max_restarts in restart_window)
+# and mark the slot failed: lift it for the benchmark.
+POOL_CONFIG = "[supervisor]\nstable_after = 0.0\nmax_restarts = 10000\n"
 
 
 @contextlib.contextmanager
 def pool(workdir: str, name: str, workers: int,
          spares: int = 0) -> Iterator[tuple[subprocess.Popen, str]]:
-    """Start ``workerpool up`` (Faulty handler) in its own session, wait for "workerpool
-    ready", yield (process, frontend address), and always stop the whole process group."""
-    sockdir = tempfile.mkdtemp(prefix=f"{name}-", dir=workdir)
-    frontend = f"ipc://{sockdir}/front"
-    config = os.path.join(sockdir, "pool.toml")
-    with open(config, "w", encoding="utf-8") as f:
-        # Kills back to back would otherwise trip the restart limit (max_restarts in
-        # restart_window) and mark the slot failed: lift it for the benchmark.
-        f.write("[supervisor]\nstable_after = 0.0\nmax_restarts = 10000\n")
-    argv = [sys.executable, "-m", "workerpool.cli", "up", "--config", config,
-            "--frontend", frontend, "--handler", "workerpool.handlers:Faulty",
-            "--workers", str(workers), "--spares", str(spares),
-            "--max-inflight", str(MAX_INFLIGHT),
-            "--drain-timeout", "2"]
-    out_path = os.path.join(workdir, f"{name}.stdout")
-    err_path = os.path.join(workdir, f"{name}.stderr")
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=REPO,
-                                env=_child_env(), start_new_session=True)
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            with open(out_path, encoding="utf-8", errors="replace") as f:
-                if any(line.startswith("workerpool ready") for line in f):
-                    break
-            if proc.poll() is not None:
-                raise BenchError(f"{name} exited with code {proc.returncode} before it was ready; "
-                                 f"stderr:\n{_tail(err_path)}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"{name} was not ready within {READY_TIMEOUT:.0f}s; "
-                                 f"stderr:\n{_tail(err_path)}")
-            time.sleep(0.05)
+    """``workerpool up`` (Faulty handler) for the crash figures; yields (process, frontend)."""
+    flags = ["--spares", str(spares), "--max-inflight", str(MAX_INFLIGHT), "--drain-timeout", "2"]
+    with _pool.pool(workdir, name, handler="workerpool.handlers:Faulty", workers=workers,
+                    flags=flags, config=POOL_CONFIG) as (proc, frontend, _):
         yield proc, frontend
-    finally:
-        stop_group(proc)
-
-
-def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group led by ``proc``, wait, then SIGKILL whatever is left."""
-    pgid = proc.pid  # start_new_session: the leader's pid is the group id
-    _killpg(pgid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(grace)
-    deadline = time.monotonic() + 2.0  # the leader may be gone while the group lingers
-    while _group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    _killpg(pgid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(5)
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _tail(path: str, n: int = 4000) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()[-n:]
 
 
 def wait_status(client: Client, predicate: Callable[[dict], bool], timeout: float,

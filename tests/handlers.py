@@ -325,3 +325,23 @@ class Tensors(Echo):
     def add_one(self, payload):
         payload += 1  # arrays in a request are writable and the handler's to change
         return payload
+
+
+class Stall(Echo):
+    """Stalls once, for a known time: the load test's coordinated-omission check."""
+
+    def setup(self, ctx):
+        self.n = 0
+
+    def reset(self, payload=None):
+        """Start counting calls of ``work`` from zero again."""
+        self.n = 0
+
+    def work(self, payload):
+        """Call ``stall_at`` (counted since ``reset``) sleeps ``seconds``; the others return."""
+        self.n += 1
+        if self.n == int(payload["stall_at"]):
+            import time
+
+            time.sleep(float(payload["seconds"]))
+        return self.n

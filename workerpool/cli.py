@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from workerpool._proc import LOG_LEVEL_ENV, setup_logging
 from workerpool.config import DEFAULT_BACKEND, DEFAULT_FRONTEND, POLICIES, PoolConfig, ServiceConfig
+from workerpool.loadtest.command import loadtest
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -394,6 +395,10 @@ def _json_default(obj):
         kind = "torch.Tensor" if type(obj).__module__.startswith("torch") else "numpy.ndarray"
         return {"type": kind, "dtype": dtype, "shape": [int(d) for d in shape]}
     return repr(obj)
+
+
+# -- loadtest ---------------------------------------------------------------------------------
+main.add_command(loadtest)  # workerpool/loadtest/command.py
 
 
 if __name__ == "__main__":

@@ -562,12 +562,35 @@ def _read_replies(client: Client, sock: zmq.Socket, pending: dict[int, _Pending]
         client._finished(rid)
         if entry.stream is not None:
             entry.stream.put((kind, value))
-        elif kind is Kind.ERROR:
+            continue
+        # Kept undecoded: only reply_meta() reads it, and most callers never do.
+        entry.future._wp_reply_meta = frames[1]
+        if kind is Kind.ERROR:
             _settle(entry.future, exc=value)
         elif kind is Kind.END:
             _settle(entry.future, result=entry.partials or [])
         else:
             _settle(entry.future, result=value)
+
+
+_reply_metas = protocol.MetaCache(256)  # a worker's replies all carry the same meta bytes
+
+
+def reply_meta(fut: concurrent.futures.Future) -> dict | None:
+    """The meta map of the router's final reply to a ``Client.submit`` Future, or None when
+    no reply arrived (a local deadline, a cancel, a router restart, a closed client).
+
+    A reply a worker produced carries ``{"worker": slot}``; one the router made itself
+    (a timeout, backpressure, a crash) carries ``{}``. ``workerpool loadtest`` uses it to
+    tell answered requests from unanswered ones and to count each worker's share.
+    """
+    frame = getattr(fut, "_wp_reply_meta", None)
+    if frame is None:
+        return None
+    try:
+        return _reply_metas.unpack(frame)
+    except FrameError:
+        return {}
 
 
 def _expire(client: Client, sock: zmq.Socket, pending: dict[int, _Pending],

@@ -1,0 +1,126 @@
+"""Starting and stopping what the benchmarks measure: one place for every bench script.
+
+::
+
+    pool(workdir, name, handler=..., workers=..., flags=[...], config="...")
+        -> `python -m workerpool.cli up ...` in its own session, "workerpool ready" awaited
+        -> yields (Popen, frontend address, argv); always stops the whole process group
+    process_group(argv, ready_prefix, workdir, name)   the same for any other program
+
+Every process runs in its own session and is stopped with SIGTERM, a grace period, then
+SIGKILL of the whole group, on success, errors and Ctrl-C alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+READY_TIMEOUT = 60.0  # seconds a pool may take to come up (a busy 2-core machine)
+
+
+class BenchError(RuntimeError):
+    """A system could not be started, or stopped answering."""
+
+
+def child_env() -> dict[str, str]:
+    """The environment for benchmark children: the repository importable, output unbuffered."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@contextlib.contextmanager
+def process_group(argv: list[str], ready_prefix: str, workdir: str, name: str,
+                  env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """Start ``argv`` in its own session, wait for a stdout line starting with
+    ``ready_prefix``, yield, and always tear the whole process group down."""
+    out_path = os.path.join(workdir, f"{name}.stdout")
+    err_path = os.path.join(workdir, f"{name}.stderr")
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=REPO,
+                                env=env or child_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            with open(out_path, encoding="utf-8", errors="replace") as f:
+                if any(line.startswith(ready_prefix) for line in f):
+                    break
+            if proc.poll() is not None:
+                raise BenchError(f"{name} exited with code {proc.returncode} before it was "
+                                 f"ready; stderr:\n{tail(err_path)}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{name} was not ready within {READY_TIMEOUT:.0f}s; "
+                                 f"stderr:\n{tail(err_path)}")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        stop_group(proc)
+
+
+@contextlib.contextmanager
+def pool(workdir: str, name: str, *, handler: str = "workerpool.handlers:Echo", workers: int = 2,
+         flags: list[str] | tuple[str, ...] = (), config: str | None = None
+         ) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
+    """``workerpool up`` on a private ipc frontend; yields (process, frontend, argv).
+
+    ``config`` is TOML text for ``--config`` (e.g. ``[supervisor]`` settings no flag has).
+    """
+    sockdir = tempfile.mkdtemp(prefix=f"{name}-", dir=workdir)
+    frontend = f"ipc://{sockdir}/front"
+    argv = [sys.executable, "-m", "workerpool.cli", "up", "--frontend", frontend,
+            "--handler", handler, "--workers", str(workers), *flags]
+    if config is not None:
+        path = os.path.join(sockdir, "pool.toml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(config)
+        argv[4:4] = ["--config", path]
+    with process_group(argv, "workerpool ready", workdir, name) as proc:
+        yield proc, frontend, argv
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group led by ``proc``, wait, then SIGKILL whatever is left."""
+    pgid = proc.pid  # start_new_session: the leader's pid is the group id
+    _killpg(pgid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(grace)
+    deadline = time.monotonic() + 2.0  # the leader may be gone while the group lingers
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+
+
+def command_line(argv: list[str]) -> str:
+    """``argv`` as it would be typed (``python`` for the interpreter's path)."""
+    return " ".join(["python", *argv[1:]])
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def tail(path: str, n: int = 4000) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()[-n:]
