@@ -38,7 +38,8 @@ for path in (REPO, BENCH):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-import throughput as tp  # noqa: E402  (the closed-loop driver and process handling)
+import _pool  # noqa: E402  (process handling shared by the bench scripts)
+import throughput as tp  # noqa: E402  (the closed-loop driver)
 
 from workerpool import Client  # noqa: E402
 from workerpool.devices import discover_gpus  # noqa: E402
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         inputs = [[row] * args.rows for row in inputs]
     rounds: dict[str, list[tp.Result]] = {mode: [] for mode in METHODS}
     sizes: dict[str, list[float]] = {mode: [] for mode in METHODS}
-    with tp.process_group(argv, "workerpool ready", workdir, "pool", tp._child_env()), \
+    with _pool.process_group(argv, "workerpool ready", workdir, "pool"), \
             Client(frontend, timeout=120) as client:
         _, _, infos = batch_counters(client, args.workers)
         for r in range(args.rounds):
@@ -99,9 +100,9 @@ def run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
                           f"warm-up + {args.duration:g}s...", file=sys.stderr, flush=True)
                 b0, n0, _ = batch_counters(client, args.workers)
                 res = tp.drive_futures(
-                    mode, lambda p, m=method: client.submit(m, inputs[p["i"] % N_INPUTS],
+                    mode, lambda n, m=method: client.submit(m, inputs[n % N_INPUTS],
                                                             service="mlp"),
-                    args.concurrency, args.warmup, args.duration)
+                    lambda n: n, args.concurrency, args.warmup, args.duration)
                 b1, n1, _ = batch_counters(client, args.workers)
                 rounds[mode].append(res)
                 sizes[mode].append((n1 - n0) / (b1 - b0) if b1 > b0 else 1.0)
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; every process was stopped", file=sys.stderr)
         return 130
-    except tp.BenchError as exc:
+    except _pool.BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

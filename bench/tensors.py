@@ -51,7 +51,7 @@ for p in (REPO, HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from throughput import _child_env, process_group  # noqa: E402  (bench/ helpers)
+from _pool import process_group  # noqa: E402  (bench/ helpers)
 
 from workerpool import Client  # noqa: E402
 
@@ -136,13 +136,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="wpbt-") as tmp:
         echo_addr = f"ipc://{tmp}/echo"
         argv = [sys.executable, os.path.abspath(__file__), "--zmq-echo", echo_addr]
-        with process_group(argv, "zmq echo ready", tmp, "zmq-echo", _child_env()):
+        with process_group(argv, "zmq echo ready", tmp, "zmq-echo"):
             results["zmq ipc (raw)"] = {s: bench_zmq(echo_addr, int(s * MiB), args.warmup, args.reps)
                                         for s in sizes}
         frontend = f"ipc://{tmp}/front"
         argv = [sys.executable, "-m", "workerpool.cli", "up", "--handler",
                 "workerpool.handlers:Echo", "--workers", "1", "--frontend", frontend]
-        with process_group(argv, "workerpool ready", tmp, "workerpool", _child_env()):
+        with process_group(argv, "workerpool ready", tmp, "workerpool"):
             for name, shm in (("workerpool shm", True), ("workerpool frames", False)):
                 results[name] = {s: bench_workerpool(frontend, shm, int(s * MiB), args.warmup,
                                                      args.reps) for s in sizes}
