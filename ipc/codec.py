@@ -51,6 +51,16 @@ SHM_UNREACHABLE = "shm-unreachable"
 TOO_LARGE = "too-large"  # an encode over max_bytes; the message reads "N bytes, over ..."
 
 
+class _NotPlain(Exception):
+    """Raised inside msgpack's packer: the value needs the full encoding path."""
+
+
+def _plain_default(obj: Any) -> Any:
+    if isinstance(obj, (tuple, set, frozenset)):
+        return list(obj)
+    raise _NotPlain
+
+
 class _Encoding:
     """The state of one encode call: buffer frames and leases so far."""
 
@@ -213,9 +223,10 @@ class Decoder:
         if not body:
             call.finish()
             return None
+        ext_hook = call.ext_hook
         try:
             value = msgpack.unpackb(body, raw=False, strict_map_key=False,
-                                    ext_hook=call.ext_hook, use_list=True)
+                                    ext_hook=ext_hook, use_list=True)
         except PayloadError:
             raise
         except Exception as exc:  # garbage raises several msgpack/value error types
@@ -228,11 +239,34 @@ _encoder = Encoder()
 _decoder = Decoder()
 
 
-def dumps(obj: Any, **kw: Any) -> tuple[bytes, list]:
+def dumps(obj: Any, *, pool: SegmentPool | None = None, tag: Any = None,
+          max_bytes: int | None = None) -> tuple[bytes, list]:
     """Encode with the shared default encoder (keywords as ``Encoder.encode``)."""
-    return _encoder.encode(obj, **kw)
+    try:
+        body = msgpack.packb(obj, use_bin_type=True, default=_plain_default)
+    except Exception:
+        pass  # an array, or an error: the full path deals with both
+    else:
+        if max_bytes is None or len(body) <= max_bytes:
+            return body, []
+    return _encoder.encode(obj, pool=pool, tag=tag, max_bytes=max_bytes)
 
 
-def loads(body: bytes, buffers: list | tuple = (), **kw: Any) -> Any:
+def _no_ext(code: int, data: bytes) -> Any:
+    raise _NotPlain
+
+
+def loads(body: bytes, buffers: list | tuple = (), *, mapper: SegmentMapper | None = None,
+          max_bytes: int | None = None) -> Any:
     """Decode with the shared default decoder (keywords as ``Decoder.decode``)."""
-    return _decoder.decode(body, buffers, **kw)
+    if body and not buffers:
+        # The common case, a body with no arrays: no per-call state. One that holds an
+        # array (an extension) is decoded again on the full path.
+        try:
+            return msgpack.unpackb(body, raw=False, strict_map_key=False, ext_hook=_no_ext,
+                                   use_list=True)
+        except _NotPlain:
+            pass
+        except Exception:
+            pass  # garbage: the full path names the error
+    return _decoder.decode(body, buffers, mapper=mapper, max_bytes=max_bytes)
