@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per system")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
     ap.add_argument("--outstanding", type=int, default=4, help="requests kept in flight")
-    ap.add_argument("--systems", default="wp64,direct,ppe",
-                    help="comma-separated subset of wp1,wp64,direct,ppe (default wp64,direct,ppe)")
+    ap.add_argument("--systems", default="wp64,wp64np,direct,ppe",
+                    help="comma-separated subset of wp1,wp64,wp64np,direct,ppe (default "
+                         "wp64,wp64np,direct,ppe; wp64np sends the bytes as a numpy array)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     try:

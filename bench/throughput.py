@@ -65,10 +65,12 @@ WORKERS = 2
 
 WP1 = "workerpool (max_inflight=1)"
 WP64 = "workerpool (max_inflight=64)"
+WP64NP = "workerpool (max_inflight=64), numpy array payload"
 DIRECT = "zmq echo (no broker)"
 BROKER = "zmq broker (baseline)"
 PPE = "ProcessPoolExecutor(2)"
-SYSTEMS = {"wp1": WP1, "wp64": WP64, "direct": DIRECT, "broker": BROKER, "ppe": PPE}
+SYSTEMS = {"wp1": WP1, "wp64": WP64, "wp64np": WP64NP, "direct": DIRECT, "broker": BROKER,
+           "ppe": PPE}
 
 # The goals of the throughput issue, compared with every workerpool variant.
 GOAL_VS_BROKER_RPS = 0.7  # workerpool req/s >= 0.7x the broker's
@@ -279,12 +281,19 @@ def drive_dealer(system: str, addresses: list[str], outstanding: int, warmup: fl
 
 
 # -- the systems ------------------------------------------------------------------------------------
-def run_workerpool(max_inflight: int, args: argparse.Namespace, workdir: str) -> Result:
+def run_workerpool(max_inflight: int, args: argparse.Namespace, workdir: str,
+                   kind: str = "bytes") -> Result:
+    """``kind`` "numpy": the ``--payload-size`` random bytes as a numpy uint8 array, which
+    travels as raw bytes (shared memory on this host) instead of a msgpack bin."""
     system = WP1 if max_inflight == 1 else f"workerpool (max_inflight={max_inflight})"
+    if kind == "numpy":
+        system = WP64NP
     with _pool.pool(workdir, f"wp{max_inflight}", workers=WORKERS,
                     flags=["--max-inflight", str(max_inflight)]) as (_, frontend, argv):
         body: dict[str, Any] = ({"payload_size": args.payload_size} if args.payload_size
                                 else {"payload": {"i": 0}})
+        if kind == "numpy":
+            body["payload_kind"] = "numpy"
         spec = LoadSpec(router=frontend, methods=[MethodMix(method="echo")],
                         concurrency=args.outstanding, warmup=args.warmup,
                         duration=args.duration, seed=1, **body)
@@ -299,7 +308,8 @@ def run_workerpool(max_inflight: int, args: argparse.Namespace, workdir: str) ->
     res.notes["driver"] = (f"workerpool loadtest --router {frontend} --concurrency "
                            f"{args.outstanding} --warmup {args.warmup:g} --duration "
                            f"{args.duration:g} " + (f"--payload-size {args.payload_size}"
-                                                    if args.payload_size else "--payload '{\"i\": 0}'"))
+                                                    if args.payload_size else "--payload '{\"i\": 0}'")
+                           + (" --payload-kind numpy" if kind == "numpy" else ""))
     res.notes["worker_share"] = {w: v["share"] for w, v in report["workers"].items()}
     return res
 
@@ -360,6 +370,7 @@ def run_ppe(args: argparse.Namespace, workdir: str) -> Result:
 RUNNERS: dict[str, Callable[[argparse.Namespace, str], Result]] = {
     "wp1": lambda a, d: run_workerpool(1, a, d),
     "wp64": lambda a, d: run_workerpool(64, a, d),
+    "wp64np": lambda a, d: run_workerpool(64, a, d, kind="numpy"),
     "direct": run_direct,
     "broker": run_broker,
     "ppe": run_ppe,
@@ -487,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.duration <= 0 or args.warmup < 0 or args.outstanding < 1 or args.payload_size < 0:
         ap.error("--duration must be > 0, --warmup >= 0, --outstanding >= 1, --payload-size >= 0")
-    default = [k for k in SYSTEMS if not (args.payload_size and k == "broker")]
+    # The numpy leg needs --payload-size (bench/large_payload.py runs it by default).
+    default = [k for k in SYSTEMS if k != "wp64np" and not (args.payload_size and k == "broker")]
     chosen = parse_systems(ap, args.systems) if args.systems else default
 
     signal.signal(signal.SIGTERM, _on_sigterm)

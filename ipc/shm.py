@@ -165,6 +165,18 @@ def max_capacity(nbytes: int) -> int:
     return max(2 * nbytes, nbytes + SEGMENT_GRAIN)
 
 
+def _lock_shared(fd: int, patience: float = 0.05) -> bool:
+    """SH on a segment. Its owner holds EX only for moments (checking whether the segment
+    is free, then bumping its generation), so wait that long; an owner that really reused
+    it is caught by the generation check that follows."""
+    deadline = time.monotonic() + patience
+    while not _try_lock(fd, fcntl.LOCK_SH):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.0005)
+    return True
+
+
 def _try_lock(fd: int, op: int) -> bool:
     try:
         fcntl.flock(fd, op | fcntl.LOCK_NB)
@@ -301,15 +313,16 @@ class SegmentPool:
         """Nobody can still need seg's contents: take EX (kept on success) and check."""
         if seg.gen and not seg.finished:
             return False
-        if not _try_lock(seg.fd, fcntl.LOCK_EX):
-            return False  # a receiver still has arrays on it
-        if seg.gen == 0 or seg.tag is not None:
-            return True  # never lent, or a finished request
-        taken = struct.unpack_from("<Q", seg.mm, _TAKEN_AT)[0]
-        if taken == seg.gen or now - seg.lent_at > LOST_GRACE:
-            return True
-        fcntl.flock(seg.fd, fcntl.LOCK_UN)
-        return False
+        if seg.gen and seg.tag is None:
+            # A reply's segment: until its receiver has taken it, do not even try the lock.
+            # Holding EX for a moment, only to find it untaken, would make a receiver that
+            # arrives in that moment see the segment as being rewritten.
+            taken = struct.unpack_from("<Q", seg.mm, _TAKEN_AT)[0]
+            if taken != seg.gen and now - seg.lent_at <= LOST_GRACE:
+                return False
+        # Never lent, a finished request, or a reply taken (or lost): free unless a
+        # receiver still has arrays on it.
+        return _try_lock(seg.fd, fcntl.LOCK_EX)
 
     def _reusable(self, nbytes: int, now: float) -> _Segment | None:
         limit = max_capacity(nbytes)  # don't spend a huge segment on a small array
@@ -406,7 +419,7 @@ class SegmentMapper:
         check_name(name)
         with self._lock:
             entry = self._entry(name, nbytes)
-            if entry.refs == 0 and not _try_lock(entry.fd, fcntl.LOCK_SH):
+            if entry.refs == 0 and not _lock_shared(entry.fd):
                 raise ShmError(f"segment {name} is being rewritten by its owner: the handle "
                                "is stale")
             try:

@@ -530,3 +530,54 @@ def test_client_closed_mid_request_leaves_no_segment(procs):
         assert same(a, c2.call("echo", a))
     pool.stop()
     assert _segments_of({pid}) == []  # a worker that stops unlinks what it owns
+
+
+def test_a_take_waits_out_the_owners_momentary_lock(segs):
+    """The owner holds EX on a segment for moments (checking it for reuse, bumping its
+    generation); a receiver arriving then must wait, not call the handle stale."""
+    import fcntl
+    import threading
+
+    pool, mapper = segs
+    lease = pool.lend(4096)  # a reply's segment (no tag)
+    lease.data[:] = b"\x07" * 4096
+    name, gen = lease.handle
+    fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as the owner's probe does, from another open file
+        threading.Timer(0.01, fcntl.flock, (fd, fcntl.LOCK_UN)).start()
+        got = mapper.take(name, gen, 4096)
+        assert bytes(got[:4]) == b"\x07" * 4
+    finally:
+        os.close(fd)
+    # An untaken reply's segment is not even probed: lending again makes a new one.
+    other = pool.lend(4096)
+    assert other.handle[0] != name or other.handle[1] == gen + 1
+
+
+def test_concurrent_shared_memory_round_trips_stay_exact(procs):
+    """Replies in flight on both workers while the client takes earlier ones."""
+    import threading
+
+    pool = procs.pool("--max-inflight", "64", handler="workerpool.handlers:Echo", workers=2)
+    rng = np.random.default_rng(7)
+    arrays = [rng.integers(0, 255, 1 << 20, dtype=np.uint8) for _ in range(8)]
+    room = threading.Semaphore(4)
+    failures: list = []
+
+    def check(f, a):
+        try:
+            if not np.array_equal(f.result(), a):
+                failures.append("wrong bytes")
+        except Exception as exc:
+            failures.append(repr(exc))
+        room.release()
+
+    with Client(pool.address, timeout=30) as c:
+        for i in range(1500):
+            room.acquire()
+            a = arrays[i % len(arrays)]
+            c.submit("echo", a).add_done_callback(lambda f, a=a: check(f, a))
+        for _ in range(4):
+            room.acquire()
+    assert failures == []
