@@ -69,6 +69,7 @@ ADMIN_OPS = ("restart", "drain", "scale")  # operator commands, carried out with
 _ALIVE = frozenset({WorkerState.STARTING, WorkerState.RESTARTING, WorkerState.DEAD,
                     WorkerState.READY, WorkerState.BUSY, WorkerState.SPARE})
 MAX_WORKERS = 1024  # per service and supervisor, as ServiceConfig.workers allows
+MAX_GRACE_SERVICES = 256  # services requests may name before any supervisor described them
 _EMPTY_META = b""
 
 
@@ -125,6 +126,8 @@ class Router:
         self.stats: Counter[str] = Counter()
         self._warned: Counter[str] = Counter()
         self.started = time.monotonic()
+        # Until then, requests for services nobody described yet wait (see _resolve_service).
+        self._grace_until: float | None = self.started + config.registration_grace
 
         self.draining = False
         self._drain_deadline = 0.0
@@ -346,6 +349,19 @@ class Router:
                                  retry_after=svc.retry_after())
 
     def _resolve_service(self, name: object) -> tuple[Service | None, str]:
+        if self._grace_until is not None and (
+                (name is None and not self.services)
+                or (isinstance(name, str) and name not in self.services)):
+            # Just started (or restarted): its supervisors and workers have not all described
+            # themselves yet. The request waits for them; _end_grace answers it otherwise.
+            name = "default" if name is None else name
+            if len(self.services) >= MAX_GRACE_SERVICES:
+                return None, f"unknown service {name!r} (too many undescribed services)"
+            try:
+                ServiceConfig(name=name)
+            except ValueError:
+                return None, f"unknown service {name!r}; it is not a valid service name"
+            return self._service(name), ""
         if name is None:
             if len(self.services) == 1:
                 svc = next(iter(self.services.values()))
@@ -364,8 +380,14 @@ class Router:
                 known = ", ".join(sorted(self.services)) or "none"
                 return None, f"unknown service {name!r}; services: {known}"
         if not svc.conns and not self._has_live_slots(svc.name):
+            if self._grace_until is not None and not self._described(svc.name):
+                return svc, ""  # named by an earlier request in the grace: wait as it does
             return None, f"service {svc.name!r} has no live workers (all failed or stopped)"
         return svc, ""
+
+    def _described(self, service: str) -> bool:
+        """Some supervisor or worker told this router about a slot of ``service``."""
+        return any(s.service == service for s in self.slots.values())
 
     def _has_live_slots(self, service: str) -> bool:
         """Some worker of ``service`` is serving or expected back (starting, respawning)."""
@@ -1112,9 +1134,26 @@ class Router:
         """Queued requests of a service that has no live worker left would wait forever."""
         if svc is None or not svc.queued or svc.conns or self._has_live_slots(svc.name):
             return
+        if not self._described(svc.name):
+            if self._grace_until is not None:
+                return  # nobody described it yet: its workers may still register
+            known = ", ".join(sorted(n for n in self.services
+                                     if n != svc.name and self._described(n)))
+            why = (f"unknown service {svc.name!r}; services: {known or 'none'} (no worker of "
+                   f"it registered within registration_grace={self.config.registration_grace:g}s "
+                   "of the router starting)")
+        else:
+            why = f"service {svc.name!r} has no live workers (all failed or stopped)"
         for rec in svc.queued_records():
-            self._finish(rec, self._error_reply(ServiceUnavailableError(
-                f"service {svc.name!r} has no live workers (all failed or stopped)")))
+            self._finish(rec, self._error_reply(ServiceUnavailableError(why)))
+
+    def _end_grace(self) -> None:
+        """Registration grace is over: what still waits for an undescribed service fails."""
+        self._grace_until = None
+        for svc in list(self.services.values()):
+            self._fail_if_unservable(svc)
+            if not svc.queued and not self._described(svc.name):
+                del self.services[svc.name]  # only a request named it: forget it again
 
     def _slot(self, slot_id: str, service: str, device: str) -> Slot:
         slot = self.slots.get(slot_id)
@@ -1153,6 +1192,8 @@ class Router:
     # -- timers ------------------------------------------------------------------------------------
     def _run_timers(self) -> None:
         now = time.monotonic()
+        if self._grace_until is not None and now >= self._grace_until:
+            self._end_grace()
         for ident, deadline in list(self._unreachable.items()):
             conn = self.conns.get(ident)
             if conn is None:

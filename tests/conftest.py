@@ -51,6 +51,7 @@ class Proc:
     address: str
     log: Path
     lines: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def pgid(self) -> int:

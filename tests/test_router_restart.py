@@ -92,3 +92,30 @@ def test_a_router_that_cannot_start_stops_up_instead_of_looping(procs):
         pool = procs.spawn(["up", "--frontend", front, "--workers", "1"], front, None)
         assert pool.popen.wait(30) == 1
     assert "could not start" in pool.log.read_text() or "within" in pool.log.read_text()
+
+
+def test_requests_sent_while_the_router_restarts_are_served(procs):
+    """They reach the new router before the workers have registered again: they wait for
+    them (registration_grace) instead of failing with ServiceUnavailableError."""
+    pool = procs.pool(workers=2)
+    router_pid = pool.status()["router"]["pid"]
+    with Client(pool.address, timeout=20) as c:
+        assert c.call("echo", 0) == 0
+        os.kill(router_pid, signal.SIGKILL)
+        futs = []
+        for i in range(60):  # across the restart and the workers' re-registration
+            futs.append(c.submit("echo", i))
+            time.sleep(0.05)
+        outcomes = []
+        for i, f in enumerate(futs):
+            try:
+                outcomes.append(f.result(20) == i)
+            except RouterRestartedError:
+                # Sent into the dead router's connection before ZeroMQ noticed it was gone:
+                # lost in transit, and the client says so exactly.
+                outcomes.append("lost")
+    # Never ServiceUnavailableError (that would have raised above); once the new router
+    # is up, everything is served, also before the workers have registered with it.
+    first_ok = outcomes.index(True)
+    assert all(o is True for o in outcomes[first_ok:]), outcomes
+    assert "lost" not in outcomes[first_ok:]

@@ -172,6 +172,10 @@ class RouterConfig(_Model):
         3, ge=1, le=100, description="Heartbeats missed before a worker is killed as hung "
         "(stopped, or stuck holding the GIL) or a supervisor's host counts as lost."
     )
+    registration_grace: float = Field(
+        3.0, ge=0, le=600, description="For this long after the router starts, a request for "
+        "a service no supervisor or worker has described yet waits in its queue instead of "
+        "failing: after a router restart they all register again within about a heartbeat.")
 
     @field_validator("frontend", "backend")
     @classmethod
