@@ -114,6 +114,7 @@ class Router:
         self._deaths: list[tuple[float, Slot, int, str]] = []  # (when due, slot, inc, how)
         self._next_liveness = 0.0
         self._departed: set[bytes] = set()  # supervisors that drained and left
+        self._lost: set[bytes] = set()  # supervisors declared lost; taken back if they speak
         self._unknown_beats: dict[bytes, float] = {}  # heartbeats from unregistered workers
         self.records: dict[int, Record] = {}
         self._by_client: dict[tuple[bytes, int], Record] = {}
@@ -681,6 +682,9 @@ class Router:
         self.supervisors[ident] = {"pid": meta.get("pid"), "host": meta.get("host"),
                                    "seen": time.monotonic()}
         self._departed.discard(ident)
+        if ident in self._lost:
+            self._lost.discard(ident)
+            log.warning("supervisor %r, declared lost, is back: taking its workers back", ident)
         for s in services:
             self._service(str(s["name"]), s)
             if "workers" in s:
@@ -835,8 +839,10 @@ class Router:
         if ident in self.supervisors:
             self.supervisors[ident]["seen"] = now
         if "ping" in meta:
-            self._send_backend(ident, Kind.HEARTBEAT, {"pong": meta["ping"],
-                                                       "router": self.instance})
+            pong = {"pong": meta["ping"], "router": self.instance}
+            if ident in self._lost:
+                pong["hello"] = True  # its host is back: have it describe itself again
+            self._send_backend(ident, Kind.HEARTBEAT, pong)
 
     def _on_started(self, ident: bytes, meta: dict) -> None:
         """A worker runs several of its requests at once (a batch): if it dies now, each of
@@ -856,6 +862,9 @@ class Router:
             return
         self._next_liveness = now + LIVENESS_TICK
         limit = self.config.heartbeat_interval * self.config.heartbeat_liveness
+        for ident, seen in list(self._unknown_beats.items()):
+            if now - seen > limit:  # it stopped beating without ever registering: gone
+                del self._unknown_beats[ident]
         for ident, sup in list(self.supervisors.items()):
             if now - sup["seen"] > limit:
                 self._supervisor_lost(ident, now - sup["seen"])
@@ -923,6 +932,7 @@ class Router:
         log.error("supervisor %r silent for %.1fs: its workers are lost", ident, silent)
         self.stats["supervisors_lost"] += 1
         del self.supervisors[ident]
+        self._lost.add(ident)
         for slot_id, owner in list(self._slot_owner.items()):
             if owner != ident:
                 continue

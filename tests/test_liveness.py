@@ -77,7 +77,7 @@ def test_a_vanished_supervisor_host_is_detected(procs):
                       front, "workerpool worker ready")
     router.wait_ready(1)
     with Client(front, timeout=20) as c:
-        fut = c.submit("sleep", {"seconds": 30})
+        fut = c.submit("sleep", {"seconds": 3})  # still running when the host returns
         router.wait_for(lambda s: s["services"][0]["in_flight"] == 1, what="busy")
         # The whole host stops: supervisor and worker both freeze (no FIN, no exit).
         os.killpg(sup.pgid, signal.SIGSTOP)
@@ -91,6 +91,15 @@ def test_a_vanished_supervisor_host_is_detected(procs):
                 c.call("echo", 1)
         finally:
             os.killpg(sup.pgid, signal.SIGCONT)
+        # The host comes back: its supervisor is taken back with its worker (which registers
+        # again once it has finished the request it was running, whose reply is dropped).
+        st = router.wait_for(lambda s: s["router"]["supervisors"] == 1
+                             and s["workers"][0]["state"] == "ready", what="host back")
+        assert c.call("echo", 2) == 2
+        assert "sent to its supervisor" in c.restart_worker(st["workers"][0]["id"])["message"]
+        router.wait_for(lambda s: s["workers"][0]["state"] == "ready"
+                        and s["workers"][0]["pid"] != st["workers"][0]["pid"],
+                        what="an operator restart carried out by the returned supervisor")
 
 
 def test_devices_minus_one_hides_every_gpu(monkeypatch):

@@ -106,3 +106,16 @@ def test_a_hello_with_bad_counts_registers_nothing(router):
             router._on_hello(b"sup", {"services": [{"name": "svc", **bad}],
                                       "slots": [{"slot": "svc/0", "service": "svc"}]})
     assert router.supervisors == {} and "svc" not in router.services and router.slots == {}
+
+
+def test_heartbeats_of_workers_that_never_registered_are_forgotten(router):
+    import time
+
+    router._on_heartbeat(b"hb-gone", {"of": b"gone#1"})
+    router._on_heartbeat(b"hb-live", {"of": b"live#1"})
+    assert set(router._unknown_beats) == {b"gone#1", b"live#1"}
+    router._unknown_beats[b"gone#1"] -= 60  # silent for a minute: that process is gone
+    router._next_liveness = 0.0
+    router._check_liveness()
+    assert set(router._unknown_beats) == {b"live#1"}
+    assert time.monotonic() - router._unknown_beats[b"live#1"] < 5

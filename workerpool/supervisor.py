@@ -257,7 +257,11 @@ class Supervisor:
                 self._on_admin(msg.meta)
             elif msg.kind is Kind.HEARTBEAT and "router" in msg.meta:
                 instance = msg.meta["router"]
-                if self._router_instance is not None and instance != self._router_instance:
+                if msg.meta.get("hello"):
+                    log.warning("the router had given this supervisor up as lost (it was "
+                                "silent too long): registering again")
+                    self._send(Kind.HELLO, self._hello())
+                elif self._router_instance is not None and instance != self._router_instance:
                     log.warning("router restarted (%s -> %s): registering again",
                                 self._router_instance, instance)
                     self._send(Kind.HELLO, self._hello())
