@@ -472,11 +472,13 @@ class Router:
             self._dispatch(rec, conn)
 
     # -- the one place a request ends ------------------------------------------------------------
-    def _finish(self, rec: Record, reply: tuple | None) -> None:
+    def _finish(self, rec: Record, reply: tuple | None, from_worker: bool = False) -> None:
         """Send ``rec``'s final reply (``(kind, meta, body, buffers)``; None: send nothing).
 
         A record still running on a worker stays attached to it as ORPHANED, holding its
-        capacity until the worker's own reply arrives (then dropped and counted).
+        capacity until the worker's own reply arrives (then dropped and counted), and the
+        worker is told to skip it. ``from_worker``: the reply is the worker's own, so the
+        worker is done with it and the caller releases it.
         """
         if rec.phase in (Phase.DONE, Phase.ORPHANED):
             return
@@ -485,7 +487,7 @@ class Router:
             self.services[rec.service].forget_queued()
             rec.phase = Phase.DONE
             del self.records[rec.rid]
-        elif rec.phase is Phase.RUNNING:
+        elif rec.phase is Phase.RUNNING and not from_worker:
             rec.phase = Phase.ORPHANED
             # Best effort: a worker that has not started it yet skips it and answers at once.
             if rec.conn is not None and rec.conn.identity in self.conns:
@@ -586,7 +588,7 @@ class Router:
             svc.completed += 1
         now = time.monotonic()
         svc.observe(now - rec.dispatched_at, rec.dispatched_at - rec.admitted_at)
-        self._finish(rec, (kind, meta, body, buffers))
+        self._finish(rec, (kind, meta, body, buffers), from_worker=True)
         self._release(rec)
         self._pump(svc)
 

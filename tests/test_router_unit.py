@@ -119,3 +119,28 @@ def test_heartbeats_of_workers_that_never_registered_are_forgotten(router):
     router._check_liveness()
     assert set(router._unknown_beats) == {b"live#1"}
     assert time.monotonic() - router._unknown_beats[b"live#1"] < 5
+
+
+def test_a_worker_is_not_sent_cancel_for_a_request_it_answered(router, monkeypatch):
+    from ipc.protocol import Kind
+
+    slots = [{"slot": "default/0", "service": "default"}]
+    router._on_hello(b"sup", {"services": [{"name": "default", "workers": 1}], "slots": slots})
+    _ready(router, "default/0", 100)
+    conn = router.slots["default/0"].conn
+    sent = []
+    monkeypatch.setattr(router, "_send_backend", lambda ident, kind, *a, **k: sent.append(kind))
+    monkeypatch.setattr("router.router.transport.send", lambda *a, **k: None)
+    rec = _rec(9)
+    router.records[rec.rid] = rec
+    router._by_client[(rec.client, rec.client_rid)] = rec
+    router._dispatch(rec, conn)
+    router._on_worker_reply(conn, Kind.RESULT, rec.rid, b"", b"\xc0", [])
+    assert rec.rid not in router.records and not conn.in_flight
+    assert Kind.CANCEL not in sent  # it answered: nothing to cancel (it once got one each time)
+    # A request the router answers itself (its deadline) while the worker holds it does.
+    rec = _rec(10)
+    router.records[rec.rid] = rec
+    router._dispatch(rec, conn)
+    router._finish(rec, None)
+    assert sent == [Kind.CANCEL]
