@@ -139,25 +139,18 @@ def unlink_owned_by(pid: int) -> int:
 def sweep_dead_owners() -> int:
     """Unlink segments whose owner (a pid of this namespace) no longer runs: what a client
     killed with SIGKILL left behind. Returns how many were removed."""
-    n = 0
-    dead: dict[int, bool] = {}
-    for name in owned_segments():
-        pid = int(NAME_RE.fullmatch(name).group(2))
-        if pid not in dead:
-            try:
-                os.kill(pid, 0)
-                dead[pid] = False
-            except ProcessLookupError:
-                dead[pid] = True
-            except PermissionError:
-                dead[pid] = False
-        if dead[pid]:
-            try:
-                os.unlink(_path(name))
-                n += 1
-            except FileNotFoundError:
-                pass
-    return n
+    owners = {int(NAME_RE.fullmatch(name).group(2)) for name in owned_segments()}
+    return sum(unlink_owned_by(pid) for pid in owners if not _running(pid))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def max_capacity(nbytes: int) -> int:

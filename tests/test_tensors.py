@@ -6,6 +6,7 @@ killed worker or a client closed mid-request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
@@ -581,3 +582,24 @@ def test_concurrent_shared_memory_round_trips_stay_exact(procs):
         for _ in range(4):
             room.acquire()
     assert failures == []
+
+
+def test_sweep_unlinks_only_segments_of_dead_owners():
+    import subprocess
+    import sys as _sys
+
+    child = subprocess.Popen([_sys.executable, "-c", "pass"])
+    child.wait()  # a pid that no longer runs (reuse within this test is not a concern)
+    dead = f"wp-{shm._PIDNS}-{child.pid}-{'a' * 16}"
+    mine = f"wp-{shm._PIDNS}-{os.getpid()}-{'b' * 16}"
+    for name in (dead, mine):
+        with open(f"/dev/shm/{name}", "wb") as f:
+            f.write(b"\0" * 64)
+    try:
+        assert shm.sweep_dead_owners() >= 1
+        assert not os.path.exists(f"/dev/shm/{dead}")
+        assert os.path.exists(f"/dev/shm/{mine}")  # its owner runs: left alone
+    finally:
+        for name in (dead, mine):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"/dev/shm/{name}")
