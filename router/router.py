@@ -70,6 +70,7 @@ _ALIVE = frozenset({WorkerState.STARTING, WorkerState.RESTARTING, WorkerState.DE
                     WorkerState.READY, WorkerState.BUSY, WorkerState.SPARE})
 MAX_WORKERS = 1024  # per service and supervisor, as ServiceConfig.workers allows
 MAX_GRACE_SERVICES = 256  # services requests may name before any supervisor described them
+TIMER_SLACK = 1024  # disarmed timers tolerated before the heap is rebuilt
 _EMPTY_META = b""
 
 
@@ -327,7 +328,7 @@ class Router:
         self.records[rid] = rec
         self._by_client[(client, msg.req_id)] = rec
         if deadline is not None:
-            heapq.heappush(self._timers, (deadline, rid, _DEADLINE))
+            self._add_timer(deadline, rid, _DEADLINE)
         if conn is not None:
             self._dispatch(rec, conn)
         else:
@@ -338,7 +339,25 @@ class Router:
         svc.enqueue(rec)
         if svc.settings.max_wait is not None:
             rec.wait_until = time.monotonic() + svc.settings.max_wait
-            heapq.heappush(self._timers, (rec.wait_until, rec.rid, _MAX_WAIT))
+            self._add_timer(rec.wait_until, rec.rid, _MAX_WAIT)
+
+    def _add_timer(self, when: float, rid: int, kind: int) -> None:
+        """Timers of answered requests are skipped when due, not removed: with long
+        deadlines at a high rate they would pile up (rate x timeout entries). When they
+        outnumber the live ones, keep only those still armed: amortized O(1) each."""
+        timers = self._timers
+        heapq.heappush(timers, (when, rid, kind))
+        if len(timers) > 2 * len(self.records) + TIMER_SLACK:
+            timers[:] = [t for t in timers if self._armed(t)]  # in place: loops hold it
+            heapq.heapify(timers)
+
+    def _armed(self, timer: tuple[float, int, int]) -> bool:
+        when, rid, kind = timer
+        rec = self.records.get(rid)
+        if rec is None or rec.phase not in (Phase.QUEUED, Phase.RUNNING):
+            return False
+        return rec.deadline == when if kind == _DEADLINE else (
+            rec.phase is Phase.QUEUED and rec.wait_until == when)
 
     def _backpressure(self, svc: Service, why: str = "") -> BackpressureError:
         s = svc.settings

@@ -144,3 +144,29 @@ def test_a_worker_is_not_sent_cancel_for_a_request_it_answered(router, monkeypat
     router._dispatch(rec, conn)
     router._finish(rec, None)
     assert sent == [Kind.CANCEL]
+
+
+def test_timers_of_answered_requests_do_not_pile_up(router, monkeypatch):
+    """Long deadlines at a high rate: the heap keeps about the live requests' timers."""
+    from ipc.protocol import Kind
+
+    router._on_hello(b"sup", {"services": [{"name": "default", "workers": 1}],
+                              "slots": [{"slot": "default/0", "service": "default"}]})
+    _ready(router, "default/0", 100)
+    conn = router.slots["default/0"].conn
+    monkeypatch.setattr("router.router.transport.send", lambda *a, **k: None)
+    for rid in range(1, 20_001):
+        rec = Record(rid, b"client", rid, "default", "echo", b"", b"", [], 1e9 + rid, 0.0, 0)
+        router.records[rid] = rec
+        router._add_timer(rec.deadline, rid, 0)
+        router._dispatch(rec, conn)
+        router._on_worker_reply(conn, Kind.RESULT, rid, b"", b"\xc0", [])
+    assert not router.records
+    assert len(router._timers) <= 1024 + 1
+    # A live request keeps its timer through every rebuild.
+    live = Record(99_999, b"client", 99_999, "default", "echo", b"", b"", [], 5e9, 0.0, 0)
+    router.records[live.rid] = live
+    router._add_timer(live.deadline, live.rid, 0)
+    for rid in range(100_000, 102_000):
+        router._add_timer(1e9, rid, 0)  # no record: disarmed at once
+    assert (5e9, 99_999, 0) in router._timers

@@ -60,6 +60,7 @@ _PONG_PREFIX = protocol.MAGIC + bytes([protocol.VERSION, Kind.HEARTBEAT])
 # Local deadlines fire this long after the router's, so the router's own, more specific
 # RequestTimeoutError ("in the queue" / "on worker X") normally arrives first.
 _LOCAL_GRACE = 0.25
+_TIMER_SLACK = 1024  # disarmed local deadlines tolerated before the heap is rebuilt
 
 
 def is_local(address: str) -> bool:
@@ -491,6 +492,12 @@ def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket,
                 entry.sent_at = time.monotonic()
                 if entry.deadline is not None:
                     heapq.heappush(timers, (entry.deadline, rid))
+                    if len(timers) > 2 * len(pending) + _TIMER_SLACK:
+                        # Answered requests' timers are skipped when due; with long
+                        # timeouts at a high rate they would pile up: keep the armed ones.
+                        timers[:] = [t for t in timers if (p := pending.get(t[1])) is not None
+                                     and p.deadline == t[0]]
+                        heapq.heapify(timers)
                 transport.send(sock, frames)
             if sock in events:
                 _read_replies(client, sock, pending, watch)
