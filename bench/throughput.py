@@ -56,6 +56,7 @@ if REPO not in sys.path:
 import _pool  # noqa: E402  (bench/ is the script's directory, first on sys.path)
 from _pool import READY_TIMEOUT, BenchError  # noqa: E402
 
+from workerpool import Client  # noqa: E402
 from workerpool.loadtest import LoadSpec, MethodMix, run  # noqa: E402
 from workerpool.loadtest.recorder import Outcome, Recording, summarize  # noqa: E402
 
@@ -66,11 +67,12 @@ WORKERS = 2
 WP1 = "workerpool (max_inflight=1)"
 WP64 = "workerpool (max_inflight=64)"
 WP64NP = "workerpool (max_inflight=64), numpy array payload"
+WP64F = "workerpool (max_inflight=64), Client.submit loop"
 DIRECT = "zmq echo (no broker)"
 BROKER = "zmq broker (baseline)"
 PPE = "ProcessPoolExecutor(2)"
-SYSTEMS = {"wp1": WP1, "wp64": WP64, "wp64np": WP64NP, "direct": DIRECT, "broker": BROKER,
-           "ppe": PPE}
+SYSTEMS = {"wp1": WP1, "wp64": WP64, "wp64f": WP64F, "wp64np": WP64NP, "direct": DIRECT,
+           "broker": BROKER, "ppe": PPE}
 
 # The goals of the throughput issue, compared with every workerpool variant.
 GOAL_VS_BROKER_RPS = 0.7  # workerpool req/s >= 0.7x the broker's
@@ -342,6 +344,20 @@ def run_broker(args: argparse.Namespace, workdir: str) -> Result:
     return res
 
 
+def run_workerpool_futures(args: argparse.Namespace, workdir: str) -> Result:
+    """The same pool as ``wp64``, driven like ProcessPoolExecutor: the closed loop of
+    ``drive_futures`` over a bare ``Client.submit`` (no per-request timeout, no loadtest
+    bookkeeping), so the two differ only in what is behind ``submit``."""
+    with _pool.pool(workdir, "wp64f", workers=WORKERS, flags=["--max-inflight", "64"]) as (
+            _, frontend, argv), Client(frontend) as client:
+        body = random_payload(args.payload_size) if args.payload_size else None
+        res = drive_futures(WP64F, lambda p: client.submit("echo", p),
+                            (lambda i: body) if body is not None else (lambda i: {"i": i}),
+                            args.outstanding, args.warmup, args.duration)
+    res.notes["command"] = _pool.command_line(argv)
+    return res
+
+
 def run_ppe(args: argparse.Namespace, workdir: str) -> Result:
     ex = concurrent.futures.ProcessPoolExecutor(WORKERS, initializer=_ppe_worker_init)
     body = random_payload(args.payload_size) if args.payload_size else None
@@ -371,6 +387,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, str], Result]] = {
     "wp1": lambda a, d: run_workerpool(1, a, d),
     "wp64": lambda a, d: run_workerpool(64, a, d),
     "wp64np": lambda a, d: run_workerpool(64, a, d, kind="numpy"),
+    "wp64f": run_workerpool_futures,
     "direct": run_direct,
     "broker": run_broker,
     "ppe": run_ppe,
