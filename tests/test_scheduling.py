@@ -208,7 +208,9 @@ def test_max_inflight_never_exceeded_from_the_worker_side(procs, policy):
     assert len(seen) == 2
     for stats in seen.values():
         assert stats["max_outstanding"] <= 3, seen
-    assert max(s["max_outstanding"] for s in seen.values()) == 3  # the burst did fill it
+    # The burst did stack requests on a worker. (Exactly 3 needs the next request to
+    # arrive before the worker reads its socket right after a reply: a race, not a rule.)
+    assert max(s["max_outstanding"] for s in seen.values()) >= 2
 
 
 def test_flood_of_low_priority_cannot_starve_high_priority(procs):
