@@ -491,13 +491,7 @@ def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket,
                 pending[rid] = entry
                 entry.sent_at = time.monotonic()
                 if entry.deadline is not None:
-                    heapq.heappush(timers, (entry.deadline, rid))
-                    if len(timers) > 2 * len(pending) + _TIMER_SLACK:
-                        # Answered requests' timers are skipped when due; with long
-                        # timeouts at a high rate they would pile up: keep the armed ones.
-                        timers[:] = [t for t in timers if (p := pending.get(t[1])) is not None
-                                     and p.deadline == t[0]]
-                        heapq.heapify(timers)
+                    _arm(timers, pending, entry.deadline, rid)
                 transport.send(sock, frames)
             if sock in events:
                 _read_replies(client, sock, pending, watch)
@@ -598,6 +592,17 @@ def reply_meta(fut: concurrent.futures.Future) -> dict | None:
         return _reply_metas.unpack(frame)
     except FrameError:
         return {}
+
+
+def _arm(timers: list, pending: dict[int, _Pending], deadline: float, rid: int) -> None:
+    """Add ``rid``'s local deadline. Timers of answered requests are skipped when due, not
+    removed; with long timeouts at a high rate they would pile up, so when they outnumber
+    the pending requests the heap keeps only the armed ones (amortized O(1))."""
+    heapq.heappush(timers, (deadline, rid))
+    if len(timers) > 2 * len(pending) + _TIMER_SLACK:
+        timers[:] = [t for t in timers
+                     if (p := pending.get(t[1])) is not None and p.deadline == t[0]]
+        heapq.heapify(timers)
 
 
 def _expire(client: Client, sock: zmq.Socket, pending: dict[int, _Pending],
