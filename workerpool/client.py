@@ -764,20 +764,30 @@ class AsyncClient(_BaseClient):
         if not self._closed:
             await self._sock.send_multipart(protocol.encode(Kind.CANCEL, rid))
 
+    async def _send_request(self, waiter: asyncio.Future | asyncio.Queue, method: str,
+                            payload: Any, service: str | None, priority: int,
+                            timeout: float | None, idempotent: bool | None
+                            ) -> tuple[int, float | None]:
+        """Encode and send one request whose replies go to ``waiter``; returns its id and
+        its effective timeout. The one send path of submit, call and stream."""
+        self._ensure_reader()
+        timeout = self._effective_timeout(timeout)
+        rid, frames = self._request_frames(method, payload, service, priority, timeout,
+                                           idempotent)
+        if self._in_shm(rid):  # kept to send again in frames if the worker cannot map it
+            self._requests[rid] = (method, payload, service, priority, timeout, idempotent)
+        self._pending[rid] = waiter
+        await self._sock.send_multipart(frames, copy=False)
+        return rid, timeout
+
     async def submit(self, method: str, payload: Any = None, *, service: str | None = None,
                      priority: int = 0, timeout: float | None = None,
                      idempotent: bool | None = None) -> asyncio.Future:
         """Send a request; return an asyncio Future for its result. Cancelling the Future
         cancels the request."""
-        self._ensure_reader()
-        timeout = self._effective_timeout(timeout)
-        rid, frames = self._request_frames(method, payload, service, priority, timeout,
-                                           idempotent)
-        if self._in_shm(rid):
-            self._requests[rid] = (method, payload, service, priority, timeout, idempotent)
         fut = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
-        await self._sock.send_multipart(frames, copy=False)
+        rid, _ = await self._send_request(fut, method, payload, service, priority, timeout,
+                                          idempotent)
         fut.add_done_callback(
             lambda f: f.cancelled() and not self._closed
             and asyncio.ensure_future(self._send_cancel(rid)))
@@ -787,15 +797,9 @@ class AsyncClient(_BaseClient):
                    priority: int = 0, timeout: float | None = None,
                    idempotent: bool | None = None) -> Any:
         """Send a request and await its result. Cancelling the task cancels the request."""
-        self._ensure_reader()
-        timeout = self._effective_timeout(timeout)
-        rid, frames = self._request_frames(method, payload, service, priority, timeout,
-                                           idempotent)
-        if self._in_shm(rid):
-            self._requests[rid] = (method, payload, service, priority, timeout, idempotent)
         fut = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
-        await self._sock.send_multipart(frames, copy=False)
+        rid, timeout = await self._send_request(fut, method, payload, service, priority,
+                                                timeout, idempotent)
         try:
             if timeout is None:
                 return await fut
@@ -812,15 +816,9 @@ class AsyncClient(_BaseClient):
                      priority: int = 0, timeout: float | None = None,
                      idempotent: bool | None = None) -> AsyncIterator[Any]:
         """Async-iterate a streaming method's items; ``timeout`` bounds the whole stream."""
-        self._ensure_reader()
-        timeout = self._effective_timeout(timeout)
-        rid, frames = self._request_frames(method, payload, service, priority, timeout,
-                                           idempotent)
-        if self._in_shm(rid):
-            self._requests[rid] = (method, payload, service, priority, timeout, idempotent)
         items: asyncio.Queue = asyncio.Queue()
-        self._pending[rid] = items
-        await self._sock.send_multipart(frames, copy=False)
+        rid, timeout = await self._send_request(items, method, payload, service, priority,
+                                                timeout, idempotent)
         deadline = None if timeout is None else time.monotonic() + timeout + _LOCAL_GRACE
         done = False
         try:
