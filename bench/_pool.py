@@ -6,6 +6,8 @@
         -> `python -m workerpool.cli up ...` in its own session, "workerpool ready" awaited
         -> yields (Popen, frontend address, argv); always stops the whole process group
     process_group(argv, ready_prefix, workdir, name)   the same for any other program
+    measure(work, prefix)          a script's measuring part: SIGTERM as Ctrl-C, a workdir
+    stop_executor(ex, finished)    a ProcessPoolExecutor stopped with nothing left behind
 
 Every process runs in its own session and is stopped with SIGTERM, a grace period, then
 SIGKILL of the whole group, on success, errors and Ctrl-C alike.
@@ -13,14 +15,19 @@ SIGKILL of the whole group, on success, errors and Ctrl-C alike.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READY_TIMEOUT = 60.0  # seconds a pool may take to come up (a busy 2-core machine)
@@ -28,6 +35,47 @@ READY_TIMEOUT = 60.0  # seconds a pool may take to come up (a busy 2-core machin
 
 class BenchError(RuntimeError):
     """A system could not be started, or stopped answering."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def measure(work: Callable[[str], T], prefix: str) -> tuple[T | None, int]:
+    """Run a bench script's measuring part in a fresh working directory, always removed.
+    SIGTERM acts as Ctrl-C (every ``pool`` and ``process_group`` stops its processes on the
+    way out). Returns ``(result, 0)``, or ``(None, exit status)`` after saying why on
+    stderr: 130 when interrupted, 1 on a ``BenchError``."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    workdir = tempfile.mkdtemp(prefix=prefix)
+    try:
+        return work(workdir), 0
+    except KeyboardInterrupt:
+        print("interrupted; every process was stopped", file=sys.stderr)
+        return None, 130
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None, 1
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def stop_executor(ex: concurrent.futures.ProcessPoolExecutor, finished: bool,
+                  procs: list | None = None) -> None:
+    """Shut ``ex`` down and make sure none of its processes survives. Not ``finished``
+    (interrupted, or a measurement failed): its processes are terminated first rather than
+    waited for. ``procs``: its processes, if the caller took them before a crash."""
+    procs = procs or list((getattr(ex, "_processes", None) or {}).values())
+    if not finished:
+        for p in procs:
+            with contextlib.suppress(Exception):
+                p.terminate()
+    ex.shutdown(wait=True, cancel_futures=True)
+    for p in procs:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
 
 
 def child_env() -> dict[str, str]:

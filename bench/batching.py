@@ -24,11 +24,8 @@ import json
 import os
 import platform
 import random
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 from dataclasses import asdict
 from typing import Any
 
@@ -149,9 +146,6 @@ def format_table(out: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="TorchMLP throughput with and without @batched, "
@@ -188,18 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device cuda but no NVIDIA GPU is visible here", file=sys.stderr)
         return 2
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    workdir = tempfile.mkdtemp(prefix="wp-batch-")
-    try:
-        out = run(args, workdir)
-    except KeyboardInterrupt:
-        print("interrupted; every process was stopped", file=sys.stderr)
-        return 130
-    except _pool.BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    out, code = _pool.measure(lambda workdir: run(args, workdir), "wp-batch-")
+    if out is None:
+        return code
     out["config"] = {**{k: v for k, v in vars(args).items() if k != "json"},
                      "python": platform.python_version(), "cpus": os.cpu_count(),
                      "load_1min": os.getloadavg()[0], "platform": platform.platform()}

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from dataclasses import asdict
 
+import _pool
 import throughput
-from _pool import BenchError
 
 DEFAULT_SIZES = "1048576,16777216"
 
@@ -47,22 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     if "broker" in keys:
         ap.error("the broker baseline speaks {'i': n} maps only")
 
-    signal.signal(signal.SIGTERM, throughput._on_sigterm)
-    runs = {}
-    try:
+    def measure_sizes(workdir: str) -> dict:
+        runs = {}
         for size in sizes:
             ns = argparse.Namespace(duration=args.duration, warmup=args.warmup,
                                     outstanding=args.outstanding, payload_size=size)
-            results = throughput.run_systems(keys, ns, args.json)
+            results = throughput.run_systems(keys, ns, args.json, workdir)
             # The throughput issue's goals are for small requests: no verdicts here.
             rats = [{**r, "goal": None, "met": None} for r in throughput.ratios(results)]
             runs[size] = (results, rats)
-    except KeyboardInterrupt:
-        print("interrupted; every process was stopped", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return runs
+
+    runs, code = _pool.measure(measure_sizes, "wp-large-")
+    if runs is None:
+        return code
 
     if args.json:
         print(json.dumps({

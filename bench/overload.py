@@ -85,10 +85,8 @@ import multiprocessing
 import os
 import platform
 import random
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -805,10 +803,6 @@ def verdicts(results: dict[str, dict]) -> list[str]:
 
 
 # -- main ------------------------------------------------------------------------------------------
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description="Open-loop overload of a 2-worker pool (sleep S per request) at a multiple "
@@ -849,25 +843,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not policies:
         ap.error(f"--policies: choose from {', '.join(POLICIES)}")
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    workdir = tempfile.mkdtemp(prefix="wp-overload-")
-    results: dict[str, dict] = {}
-
     def say(msg: str) -> None:
         if not args.json:
             print(msg, file=sys.stderr, flush=True)
 
-    try:
-        for policy in policies:
-            results[policy] = run_policy(policy, args, workdir, say)
-    except KeyboardInterrupt:
-        print("interrupted; every process was stopped", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    results, code = _pool.measure(
+        lambda workdir: {p: run_policy(p, args, workdir, say) for p in policies},
+        "wp-overload-")
+    if results is None:
+        return code
 
     capacity = WORKERS * MAX_INFLIGHT / args.service_time
     config = {"duration_s": args.duration, "warmup_s": args.warmup,

@@ -67,11 +67,9 @@ import json
 import math
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -436,17 +434,7 @@ def run_ppe(reps: int, sleep_s: float) -> dict:
                 unusable += 1
             ok = True
         finally:
-            procs = procs or list((getattr(ex, "_processes", None) or {}).values())
-            if not ok:
-                for p in procs:
-                    with contextlib.suppress(Exception):
-                        p.terminate()
-            ex.shutdown(wait=True, cancel_futures=True)
-            for p in procs:
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
+            _pool.stop_executor(ex, ok, procs)
     return summarize(PPE, samples, {
         "unusable_after_crash": f"{unusable}/{reps} (a new submit raised BrokenProcessPool)",
         "replacement": "none: the executor is broken; the caller must build a new one",
@@ -512,10 +500,6 @@ def format_table(figures: list[dict]) -> str:
 
 
 # -- main ------------------------------------------------------------------------------------------
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description="Recovery after a worker crash: workerpool vs ProcessPoolExecutor. Each "
@@ -535,15 +519,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    workdir = tempfile.mkdtemp(prefix="wp-recovery-")
-    figures: list[dict] = []
-
     def say(msg: str) -> None:
         if not args.json:
             print(msg, file=sys.stderr, flush=True)
 
-    try:
+    def measure_parts(workdir: str) -> list[dict]:
+        figures: list[dict] = []
         if "kill" in parts:
             say(f"SIGKILL with requests in flight, {args.reps} reps (~{2 * args.sleep:g}s each)...")
             with pool(workdir, "pool4", WORKERS) as (_, addr), Client(addr) as client:
@@ -566,14 +547,11 @@ def main(argv: list[str] | None = None) -> int:
             peb = run_pebble(args.reps, args.sleep)
             if peb is not None:
                 figures.append(peb)
-    except KeyboardInterrupt:
-        print("interrupted; every process was stopped", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        return figures
+
+    figures, code = _pool.measure(measure_parts, "wp-recovery-")
+    if figures is None:
+        return code
 
     if args.json:
         print(json.dumps({

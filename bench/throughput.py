@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import signal
 import sys
 import tempfile
@@ -369,17 +368,7 @@ def run_ppe(args: argparse.Namespace, workdir: str) -> Result:
                             args.outstanding, args.warmup, args.duration)
         ok = True
     finally:
-        procs = list((getattr(ex, "_processes", None) or {}).values())
-        if not ok:  # interrupted: do not wait for queued work, and make sure nothing survives
-            for p in procs:
-                with contextlib.suppress(Exception):
-                    p.terminate()
-        ex.shutdown(wait=True, cancel_futures=True)
-        for p in procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+        _pool.stop_executor(ex, ok)  # interrupted: nothing queued is waited for, nothing survives
     return res
 
 
@@ -461,19 +450,16 @@ def format_table(results: dict[str, Result], rats: list[dict[str, Any]],
     return "\n".join(lines)
 
 
-def run_systems(keys: list[str], args: argparse.Namespace, quiet: bool) -> dict[str, Result]:
+def run_systems(keys: list[str], args: argparse.Namespace, quiet: bool,
+                workdir: str) -> dict[str, Result]:
     """Run the chosen systems one after another; every process is stopped after each."""
-    workdir = tempfile.mkdtemp(prefix="wp-bench-")
     results: dict[str, Result] = {}
-    try:
-        for key in keys:
-            if not quiet:
-                size = f", {args.payload_size:,} B payload" if args.payload_size else ""
-                print(f"running {SYSTEMS[key]} ({args.warmup:g}s warm-up + {args.duration:g}s"
-                      f"{size})...", file=sys.stderr, flush=True)
-            results[SYSTEMS[key]] = RUNNERS[key](args, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    for key in keys:
+        if not quiet:
+            size = f", {args.payload_size:,} B payload" if args.payload_size else ""
+            print(f"running {SYSTEMS[key]} ({args.warmup:g}s warm-up + {args.duration:g}s"
+                  f"{size})...", file=sys.stderr, flush=True)
+        results[SYSTEMS[key]] = RUNNERS[key](args, workdir)
     return results
 
 
@@ -484,10 +470,6 @@ def environment() -> dict[str, Any]:
 
 
 # -- main ------------------------------------------------------------------------------------------------
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def parse_systems(ap: argparse.ArgumentParser, text: str) -> list[str]:
     chosen = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SYSTEMS]
@@ -519,15 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     default = [k for k in SYSTEMS if k != "wp64np" and not (args.payload_size and k == "broker")]
     chosen = parse_systems(ap, args.systems) if args.systems else default
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        results = run_systems(chosen, args, args.json)
-    except KeyboardInterrupt:
-        print("interrupted; every process was stopped", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    results, code = _pool.measure(lambda wd: run_systems(chosen, args, args.json, wd),
+                                  "wp-bench-")
+    if results is None:
+        return code
 
     rats = ratios(results)
     payload = f"{args.payload_size} random bytes" if args.payload_size else {"i": "<n>"}
