@@ -299,6 +299,10 @@ def run_workerpool(max_inflight: int, args: argparse.Namespace, workdir: str,
                         concurrency=args.outstanding, warmup=args.warmup,
                         duration=args.duration, seed=1, **body)
         report = run(spec, progress=False)
+        if report["interrupted"]:
+            # loadtest takes a first Ctrl-C (or our SIGTERM) as "stop and report"; for the
+            # benchmark it means stop everything, not go on to the next system.
+            raise KeyboardInterrupt
     req = report["requests"]
     res = Result(system, args.duration, completed=req["ok"],
                  errors=req["errors"] + req["unanswered"])
