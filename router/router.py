@@ -1115,8 +1115,9 @@ class Router:
             self._reply_error(client, client_rid, AdminError(
                 f"no service {name!r}; services: {', '.join(sorted(self.services)) or 'none'}"))
             return
-        if isinstance(workers, bool) or not isinstance(workers, int) \
-                or not 0 <= workers <= MAX_WORKERS:
+        try:
+            _count(workers)
+        except ValueError:
             self._reply_error(client, client_rid, AdminError(
                 f"workers must be an integer in 0..{MAX_WORKERS}, got {workers!r}"))
             return
