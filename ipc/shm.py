@@ -262,6 +262,8 @@ class SegmentPool:
     def finish(self, tag: Any) -> None:
         """The request ``tag`` has had its final reply (or was given up): its segments may be
         reused once no receiver holds them."""
+        if tag not in self._by_tag:  # most requests lend nothing: skip the lock
+            return
         with self._lock:
             for seg in self._by_tag.pop(tag, ()):
                 if seg.tag == tag:

@@ -14,8 +14,11 @@ from zmq.backend import Socket as _CSocket
 
 _send = _CSocket.send
 _recv = _CSocket.recv
+_get = _CSocket.get
 SNDMORE = int(zmq.SNDMORE)
 NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 COPY_THRESHOLD = 65536  # below this, copying a frame is cheaper than zero-copy bookkeeping
 
 Again = zmq.Again
@@ -56,3 +59,10 @@ def recv(sock: zmq.Socket, flags: int = 0, buffers_from: int = 3) -> list:
         frame = _recv(sock, flags, False, False)
         parts.append(frame.bytes if len(parts) < buffers_from else frame)
     return parts
+
+
+def readable(sock: zmq.Socket) -> bool:
+    """Whether a message is waiting. A NOBLOCK ``recv`` on an empty socket costs about 3 µs
+    (pyzmq builds a ``zmq.Again``); this costs under 1 µs, so a loop that usually finds
+    nothing asks first."""
+    return bool(_get(sock, _EVENTS) & _POLLIN)

@@ -102,10 +102,12 @@ class Slot:
         self.state = new
 
     def refresh_busy(self) -> None:
-        """READY <-> BUSY follows the in-flight count."""
-        if self.conn is None or self.state not in (S.READY, S.BUSY):
-            return
-        self.transition(S.BUSY if self.conn.in_flight else S.READY)
+        """READY <-> BUSY follows the in-flight count (a move the table always allows)."""
+        state = self.state
+        if (state is S.READY or state is S.BUSY) and self.conn is not None:
+            new = S.BUSY if self.conn.in_flight else S.READY
+            if new is not state:  # on the hot path: most calls change nothing
+                self.state = new
 
     def row(self, now: float) -> dict:
         return {
