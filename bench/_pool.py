@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+from workerpool._proc import process_alive
+
 T = TypeVar("T")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,7 +144,7 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(grace)
     deadline = time.monotonic() + 2.0  # the leader may be gone while the group lingers
-    while _group_alive(pgid) and time.monotonic() < deadline:
+    while process_alive(pgid, group=True) and time.monotonic() < deadline:
         time.sleep(0.05)
     _killpg(pgid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -157,16 +159,6 @@ def command_line(argv: list[str]) -> str:
 def _killpg(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def tail(path: str, n: int = 4000) -> str:

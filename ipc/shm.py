@@ -139,18 +139,12 @@ def unlink_owned_by(pid: int) -> int:
 def sweep_dead_owners() -> int:
     """Unlink segments whose owner (a pid of this namespace) no longer runs: what a client
     killed with SIGKILL left behind. Returns how many were removed."""
+    # Imported here: ipc sits below workerpool, whose __init__ imports ipc (a module-level
+    # import would be circular).
+    from workerpool._proc import process_alive
+
     owners = {int(NAME_RE.fullmatch(name).group(2)) for name in owned_segments()}
-    return sum(unlink_owned_by(pid) for pid in owners if not _running(pid))
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
+    return sum(unlink_owned_by(pid) for pid in owners if not process_alive(pid))
 
 
 def max_capacity(nbytes: int) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from workerpool import Client
+from workerpool._proc import process_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,16 +32,6 @@ def _env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -147,7 +138,7 @@ class Processes:
                 p.popen.wait(15)
             except subprocess.TimeoutExpired:
                 pass
-            if group_alive(p.pgid):
+            if process_alive(p.pgid, group=True):
                 os.killpg(p.pgid, signal.SIGKILL)
             try:
                 p.popen.wait(5)
@@ -156,10 +147,10 @@ class Processes:
             if p.popen.stdout:
                 p.popen.stdout.close()
         deadline = time.monotonic() + 5
-        leftover = [p.pgid for p in self.procs if group_alive(p.pgid)]
+        leftover = [p.pgid for p in self.procs if process_alive(p.pgid, group=True)]
         while leftover and time.monotonic() < deadline:
             time.sleep(0.05)
-            leftover = [p.pgid for p in self.procs if group_alive(p.pgid)]
+            leftover = [p.pgid for p in self.procs if process_alive(p.pgid, group=True)]
         shutil.rmtree(self.dir, ignore_errors=True)
         assert not leftover, f"process groups left behind: {leftover}"
 
