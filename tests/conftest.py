@@ -7,10 +7,12 @@ the test failed.
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -85,6 +87,13 @@ class Proc:
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}; last status: {st}")
 
+    def busiest_worker(self, more_than: int = 0, timeout: float = 20.0) -> dict:
+        """Once over ``more_than`` requests are in flight in all, the status of the worker
+        running the most of them (the one to kill)."""
+        st = self.wait_for(lambda s: sum(w["in_flight"] for w in s["workers"]) > more_than,
+                           timeout, f"over {more_than} requests in flight")
+        return max(st["workers"], key=lambda w: w["in_flight"])
+
     def wait_ready(self, n: int, timeout: float = 30.0) -> dict:
         return self.wait_for(
             lambda st: sum(w["state"] == "ready" for w in st["workers"]) == n,
@@ -105,9 +114,22 @@ class Processes:
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="wpt-"))  # short: ipc paths are <108 bytes
         self.procs: list[Proc] = []
+        self._configs = itertools.count()
 
     def ipc(self, name: str) -> str:
         return f"ipc://{self.dir}/{name}"
+
+    def tcp(self) -> str:
+        """A loopback TCP endpoint on a port that is free now."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+    def config(self, toml: str) -> str:
+        """Path of a new config file in this test's directory holding ``toml``."""
+        path = self.dir / f"config{next(self._configs)}.toml"
+        path.write_text(toml)
+        return str(path)
 
     def spawn(self, args: list[str], address: str, ready_prefix: str | None) -> Proc:
         log = self.dir / f"proc{len(self.procs)}.log"
@@ -128,6 +150,13 @@ class Processes:
         count = [] if workers is None else ["--workers", str(workers)]
         return self.spawn(["up", "--frontend", address, "--handler", handler, *count, *args],
                           address, "workerpool ready" if wait else None)
+
+    def pool_from_config(self, toml: str, *args: str) -> Proc:
+        """``workerpool up --config`` with ``toml`` as the file (services, or settings no flag
+        has) and ``args``; waits until the pool is ready."""
+        address = self.ipc(f"front{len(self.procs)}")
+        return self.spawn(["up", "--config", self.config(toml), "--frontend", address, *args],
+                          address, "workerpool ready")
 
     def cleanup(self) -> None:
         for p in self.procs:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,12 +17,6 @@ from tests.conftest import ROOT, _env
 from workerpool import Client, ServiceUnavailableError, WorkerCrashedError
 from workerpool._proc import process_alive
 from workerpool.cli import main
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -116,8 +109,8 @@ def test_process_alive_for_pids_and_groups(monkeypatch):
 
 
 def test_remote_supervisor_over_tcp(procs):
-    front = f"tcp://127.0.0.1:{_free_port()}"
-    back = f"tcp://127.0.0.1:{_free_port()}"
+    front = procs.tcp()
+    back = procs.tcp()
     router = procs.spawn(["router", "--frontend", front, "--backend", back,
                           "--policy", "round-robin"], front, None)
     sup = procs.spawn(["worker", "--router", back, "--handler", "workerpool.handlers:Faulty",
