@@ -7,7 +7,9 @@
         -> yields (Popen, frontend address, argv); always stops the whole process group
     process_group(argv, ready_prefix, workdir, name)   the same for any other program
     measure(work, prefix)          a script's measuring part: SIGTERM as Ctrl-C, a workdir
+    start_executor(n)              a ProcessPoolExecutor (the baseline) whose workers ignore Ctrl-C
     stop_executor(ex, finished)    a ProcessPoolExecutor stopped with nothing left behind
+    nearest_rank(sorted, q)        the q-quantile of a sorted sample
 
 Every process runs in its own session and is stopped with SIGTERM, a grace period, then
 SIGKILL of the whole group, on success, errors and Ctrl-C alike.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -26,6 +29,8 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
+
+from workerpool._proc import process_alive
 
 T = TypeVar("T")
 
@@ -60,6 +65,18 @@ def measure(work: Callable[[str], T], prefix: str) -> tuple[T | None, int]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _executor_worker_init() -> None:
+    """Leave Ctrl-C and SIGTERM to the parent, which stops the pool (no tracebacks)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def start_executor(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """The ProcessPoolExecutor baseline with ``workers`` processes; stop it with
+    ``stop_executor``."""
+    return concurrent.futures.ProcessPoolExecutor(workers, initializer=_executor_worker_init)
+
+
 def stop_executor(ex: concurrent.futures.ProcessPoolExecutor, finished: bool,
                   procs: list | None = None) -> None:
     """Shut ``ex`` down and make sure none of its processes survives. Not ``finished``
@@ -76,6 +93,11 @@ def stop_executor(ex: concurrent.futures.ProcessPoolExecutor, finished: bool,
         if p.is_alive():
             p.kill()
             p.join(5)
+
+
+def nearest_rank(sorted_values: list[float], q: float) -> float:
+    """The ``q``-quantile (0 <= q <= 1) of an ascending, non-empty sample, by nearest rank."""
+    return sorted_values[max(0, min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1))]
 
 
 def child_env() -> dict[str, str]:
@@ -142,7 +164,7 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(grace)
     deadline = time.monotonic() + 2.0  # the leader may be gone while the group lingers
-    while _group_alive(pgid) and time.monotonic() < deadline:
+    while process_alive(pgid, group=True) and time.monotonic() < deadline:
         time.sleep(0.05)
     _killpg(pgid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -157,16 +179,6 @@ def command_line(argv: list[str]) -> str:
 def _killpg(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def tail(path: str, n: int = 4000) -> str:

@@ -97,7 +97,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import _pool  # noqa: E402  (bench/ is the script's directory, first on sys.path)
-from _pool import READY_TIMEOUT, BenchError  # noqa: E402
+from _pool import READY_TIMEOUT, BenchError, nearest_rank  # noqa: E402
 
 from workerpool import AsyncClient, Client  # noqa: E402  (after the sys.path fix above)
 from workerpool.errors import BackpressureError, WorkerPoolError  # noqa: E402
@@ -122,10 +122,6 @@ ARM_LABELS = {"retry_after": "after retry_after", "random": "after U(0, 2*retry_
 
 
 # -- statistics ------------------------------------------------------------------------------------
-def nearest_rank(sorted_values: list[float], q: float) -> float:
-    return sorted_values[max(0, min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1))]
-
-
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a binomial proportion."""
     if not n:

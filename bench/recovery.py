@@ -64,7 +64,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import json
-import math
 import os
 import platform
 import signal
@@ -81,7 +80,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import _pool  # noqa: E402  (bench/ is the script's directory, first on sys.path)
-from _pool import READY_TIMEOUT, BenchError  # noqa: E402
+from _pool import READY_TIMEOUT, BenchError, nearest_rank  # noqa: E402
 
 from workerpool import Client  # noqa: E402  (after the sys.path fix above)
 from workerpool.errors import (  # noqa: E402
@@ -112,10 +111,6 @@ PARTS = ("kill", "segfault", "replace", "spare", "ppe")
 
 
 # -- statistics ------------------------------------------------------------------------------------
-def nearest_rank(sorted_values: list[float], q: float) -> float:
-    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
-
-
 def summarize(name: str, samples_s: list[float], notes: dict[str, Any] | None = None) -> dict:
     ms = sorted(s * 1000 for s in samples_s)
     out: dict[str, Any] = {"figure": name, "n": len(ms)}
@@ -396,17 +391,11 @@ def run_spare(client: Client, reps: int) -> dict:
 
 
 # -- baselines -------------------------------------------------------------------------------------
-def _ppe_worker_init() -> None:
-    """Leave Ctrl-C and SIGTERM to the parent, which stops the pool (no tracebacks)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def run_ppe(reps: int, sleep_s: float) -> dict:
     samples: list[float] = []
     unusable = 0
     for rep in range(reps):
-        ex = concurrent.futures.ProcessPoolExecutor(WORKERS, initializer=_ppe_worker_init)
+        ex = _pool.start_executor(WORKERS)
         procs: list = []
         ok = False
         try:

@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import random
-import signal
 import sys
 import tempfile
 import threading
@@ -85,12 +84,6 @@ DRAIN_TIMEOUT = 15.0  # seconds to wait for the last outstanding requests after 
 def noop(payload: Any) -> Any:
     """The ProcessPoolExecutor's work: return the payload, like the Echo handler."""
     return payload
-
-
-def _ppe_worker_init() -> None:
-    """Leave Ctrl-C and SIGTERM to the parent, which stops the pool (no tracebacks)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def random_payload(size: int) -> bytes:
@@ -362,7 +355,7 @@ def run_workerpool_futures(args: argparse.Namespace, workdir: str) -> Result:
 
 
 def run_ppe(args: argparse.Namespace, workdir: str) -> Result:
-    ex = concurrent.futures.ProcessPoolExecutor(WORKERS, initializer=_ppe_worker_init)
+    ex = _pool.start_executor(WORKERS)
     body = random_payload(args.payload_size) if args.payload_size else None
     ok = False
     try:

@@ -56,6 +56,9 @@ IDLE_TRIM = 30.0
 """Seconds a segment may sit unused before its owner unlinks it and gives the memory back."""
 MAPPER_ENTRIES = 32
 """Segments a receiver keeps mapped between messages, so a reused segment costs no mmap."""
+TRIM_INTERVAL = 1.0
+"""Seconds between two trims of a ``ShmEndpoint``: often enough for ``IDLE_TRIM``, rare
+enough to cost nothing on a busy loop."""
 
 
 class ShmError(ValueError):
@@ -139,18 +142,12 @@ def unlink_owned_by(pid: int) -> int:
 def sweep_dead_owners() -> int:
     """Unlink segments whose owner (a pid of this namespace) no longer runs: what a client
     killed with SIGKILL left behind. Returns how many were removed."""
+    # Imported here: ipc sits below workerpool, whose __init__ imports ipc (a module-level
+    # import would be circular).
+    from workerpool._proc import process_alive
+
     owners = {int(NAME_RE.fullmatch(name).group(2)) for name in owned_segments()}
-    return sum(unlink_owned_by(pid) for pid in owners if not _running(pid))
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
+    return sum(unlink_owned_by(pid) for pid in owners if not process_alive(pid))
 
 
 def max_capacity(nbytes: int) -> int:
@@ -533,3 +530,30 @@ class SegmentMapper:
                 # with the array), which is all that keeps the segment's memory.
                 os.close(entry.fd)
                 entry.fd = -1
+
+
+# -- both sides in one process -------------------------------------------------------------
+class ShmEndpoint:
+    """Shared memory as one process (or one Client) uses it: the ``SegmentPool`` it lends
+    its outgoing arrays from and the ``SegmentMapper`` that maps incoming ones, trimmed
+    together at most every ``TRIM_INTERVAL`` seconds. Thread-safe, as both parts are."""
+
+    def __init__(self, pool_bytes: int = POOL_BYTES) -> None:
+        self.pool = SegmentPool(pool_bytes)
+        self.mapper = SegmentMapper()
+        self._next_trim = 0.0
+
+    def maybe_trim(self, now: float | None = None) -> None:
+        """Give back idle segments and drop stale mappings, unless that was done less than
+        ``TRIM_INTERVAL`` seconds ago: call it from a loop, every pass."""
+        now = time.monotonic() if now is None else now
+        if now >= self._next_trim:
+            self._next_trim = now + TRIM_INTERVAL
+            self.pool.trim(now)
+            self.mapper.trim(now)
+
+    def close(self) -> None:
+        """Unlink every segment of the pool and forget every mapping; receivers keep what
+        they mapped, and arrays built on our mappings stay valid until dropped."""
+        self.pool.close()
+        self.mapper.close()

@@ -7,10 +7,12 @@ the test failed.
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from workerpool import Client
+from workerpool._proc import process_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,16 +34,6 @@ def _env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -94,6 +87,13 @@ class Proc:
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}; last status: {st}")
 
+    def busiest_worker(self, more_than: int = 0, timeout: float = 20.0) -> dict:
+        """Once over ``more_than`` requests are in flight in all, the status of the worker
+        running the most of them (the one to kill)."""
+        st = self.wait_for(lambda s: sum(w["in_flight"] for w in s["workers"]) > more_than,
+                           timeout, f"over {more_than} requests in flight")
+        return max(st["workers"], key=lambda w: w["in_flight"])
+
     def wait_ready(self, n: int, timeout: float = 30.0) -> dict:
         return self.wait_for(
             lambda st: sum(w["state"] == "ready" for w in st["workers"]) == n,
@@ -114,9 +114,22 @@ class Processes:
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="wpt-"))  # short: ipc paths are <108 bytes
         self.procs: list[Proc] = []
+        self._configs = itertools.count()
 
     def ipc(self, name: str) -> str:
         return f"ipc://{self.dir}/{name}"
+
+    def tcp(self) -> str:
+        """A loopback TCP endpoint on a port that is free now."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+    def config(self, toml: str) -> str:
+        """Path of a new config file in this test's directory holding ``toml``."""
+        path = self.dir / f"config{next(self._configs)}.toml"
+        path.write_text(toml)
+        return str(path)
 
     def spawn(self, args: list[str], address: str, ready_prefix: str | None) -> Proc:
         log = self.dir / f"proc{len(self.procs)}.log"
@@ -138,6 +151,13 @@ class Processes:
         return self.spawn(["up", "--frontend", address, "--handler", handler, *count, *args],
                           address, "workerpool ready" if wait else None)
 
+    def pool_from_config(self, toml: str, *args: str) -> Proc:
+        """``workerpool up --config`` with ``toml`` as the file (services, or settings no flag
+        has) and ``args``; waits until the pool is ready."""
+        address = self.ipc(f"front{len(self.procs)}")
+        return self.spawn(["up", "--config", self.config(toml), "--frontend", address, *args],
+                          address, "workerpool ready")
+
     def cleanup(self) -> None:
         for p in self.procs:
             if p.popen.poll() is None:
@@ -147,7 +167,7 @@ class Processes:
                 p.popen.wait(15)
             except subprocess.TimeoutExpired:
                 pass
-            if group_alive(p.pgid):
+            if process_alive(p.pgid, group=True):
                 os.killpg(p.pgid, signal.SIGKILL)
             try:
                 p.popen.wait(5)
@@ -156,10 +176,10 @@ class Processes:
             if p.popen.stdout:
                 p.popen.stdout.close()
         deadline = time.monotonic() + 5
-        leftover = [p.pgid for p in self.procs if group_alive(p.pgid)]
+        leftover = [p.pgid for p in self.procs if process_alive(p.pgid, group=True)]
         while leftover and time.monotonic() < deadline:
             time.sleep(0.05)
-            leftover = [p.pgid for p in self.procs if group_alive(p.pgid)]
+            leftover = [p.pgid for p in self.procs if process_alive(p.pgid, group=True)]
         shutil.rmtree(self.dir, ignore_errors=True)
         assert not leftover, f"process groups left behind: {leftover}"
 

@@ -106,7 +106,8 @@ def test_oversize_payload(procs):
 
 
 def test_frame_over_router_limit_disconnects_only_that_peer(procs):
-    pool = procs.pool("--config", str(_limit_config(procs)), workers=1)
+    pool = procs.pool("--config", procs.config("[router]\nmax_message_bytes = 100000\n"),
+                      workers=1)
     peer = RawPeer(pool.address)
     try:
         peer.send(protocol.encode(Kind.REQUEST, 1, {"method": "echo"}, b"\x00" * 200_000))
@@ -115,12 +116,6 @@ def test_frame_over_router_limit_disconnects_only_that_peer(procs):
         peer.close()
     with Client(pool.address, timeout=5) as c:
         assert c.call("echo", "others are fine") == "others are fine"
-
-
-def _limit_config(procs) -> str:
-    path = procs.dir / "limit.toml"
-    path.write_text("[router]\nmax_message_bytes = 100000\n")
-    return path
 
 
 def test_unpicklable_and_unsupported_payloads_are_refused_locally(pool):
@@ -162,9 +157,8 @@ def test_backend_garbage_is_dropped(procs):
 
 def test_no_workers_registered(procs):
     front = procs.ipc("front")
-    cfg = procs.dir / "grace.toml"
-    cfg.write_text("[router]\nregistration_grace = 1.0\n")
-    router = procs.spawn(["router", "--config", str(cfg), "--frontend", front,
+    cfg = procs.config("[router]\nregistration_grace = 1.0\n")
+    router = procs.spawn(["router", "--config", cfg, "--frontend", front,
                           "--backend", procs.ipc("back")], front, None)
     with Client(front, timeout=10) as c:
         # Within registration_grace a request waits for workers that may be registering;

@@ -294,14 +294,11 @@ def test_a_worker_killed_mid_batch_answers_each_caller_once(procs):
 
 
 def test_exec_timeout_and_heartbeats_while_a_batch_runs(procs):
-    cfg = procs.dir / "batch.toml"
-    cfg.write_text("[router]\nheartbeat_interval = 0.2\nheartbeat_liveness = 3\n"
-                   f'[[services]]\nname = "default"\nhandler = "{H}"\nworkers = 1\n'
-                   "max_inflight = 8\nexec_timeout = 2.0\n")
-    front = procs.ipc("front")
-    pool = procs.spawn(["up", "--config", str(cfg), "--frontend", front], front,
-                       "workerpool ready")
-    with Client(front, timeout=30) as c:
+    pool = procs.pool_from_config(
+        "[router]\nheartbeat_interval = 0.2\nheartbeat_liveness = 3\n"
+        f'[[services]]\nname = "default"\nhandler = "{H}"\nworkers = 1\n'
+        "max_inflight = 8\nexec_timeout = 2.0\n")
+    with Client(pool.address, timeout=30) as c:
         pid = pool.status()["workers"][0]["pid"]
         # Longer than heartbeat_liveness (0.6 s): the worker keeps beating while it runs.
         ok = [c.submit("work", {"i": i, "sleep": 1.0}) for i in range(3)]

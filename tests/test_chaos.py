@@ -26,18 +26,14 @@ ALLOWED = {"WorkerCrashedError", "RouterRestartedError", "PoisonedRequestError",
 
 def run_chaos(procs, seconds: float, rate: float, seed: int) -> dict:
     rng = random.Random(seed)
-    cfg = procs.dir / "chaos.toml"
-    cfg.write_text(
+    pool = procs.pool_from_config(
         "[router]\nheartbeat_interval = 0.2\nheartbeat_liveness = 3\n"
         "[supervisor]\nmax_restarts = 10000\nrestart_backoff = 0.02\n"
         '[[services]]\nname = "default"\nhandler = "tests.handlers:Chaos"\n'
         "workers = 4\nmax_inflight = 4\npoison_threshold = 2\n")
-    front = procs.ipc("front")
-    pool = procs.spawn(["up", "--config", str(cfg), "--frontend", front], front,
-                       "workerpool ready")
     faults: collections.Counter = collections.Counter()
     futs: list[concurrent.futures.Future] = []
-    with Client(front, timeout=60) as c:
+    with Client(pool.address, timeout=60) as c:
         t0 = time.monotonic()
         next_fault = t0 + 0.5
         router_killed = False

@@ -36,13 +36,19 @@ def test_round_robin_is_exactly_even_for_sequential_calls(procs):
     assert collections.Counter(slots) == {f"default/{i}": 50 for i in range(4)}
 
 
+def _occupy_three(pool, c: Client, seconds: float) -> list:
+    """Three slow requests, once they are all running; their futures."""
+    slow = [c.submit("sleep", {"seconds": seconds}) for _ in range(3)]
+    pool.wait_for(lambda st: sum(w["in_flight"] for w in st["workers"]) == 3,
+                  what="3 in flight")
+    return slow
+
+
 def test_least_loaded_follows_in_flight_counts(procs):
     pool = procs.pool("--policy", "least-loaded", "--max-inflight", "8")
     with Client(pool.address, timeout=30) as c:
         # Three workers get one slow request each (ties go to the lowest id: 0, 1, 2)...
-        slow = [c.submit("sleep", {"seconds": 1.5}) for _ in range(3)]
-        pool.wait_for(lambda st: sum(w["in_flight"] for w in st["workers"]) == 3,
-                      what="3 in flight")
+        slow = _occupy_three(pool, c, 1.5)
         busy = {w["id"] for w in pool.status()["workers"] if w["in_flight"]}
         assert busy == {"default/0", "default/1", "default/2"}
         # ...so while they run, every quick request goes to the one idle worker.
@@ -54,9 +60,7 @@ def test_least_loaded_follows_in_flight_counts(procs):
 def test_round_robin_ignores_in_flight_counts(procs):
     pool = procs.pool("--policy", "round-robin", "--max-inflight", "8")
     with Client(pool.address, timeout=30) as c:
-        slow = [c.submit("sleep", {"seconds": 0.5}) for _ in range(3)]
-        pool.wait_for(lambda st: sum(w["in_flight"] for w in st["workers"]) == 3,
-                      what="3 in flight")
+        slow = _occupy_three(pool, c, 0.5)
         quick = [c.submit("whoami") for _ in range(8)]
         slots = collections.Counter(f.result()["slot"] for f in quick)
         assert len(slots) == 4  # the busy workers get their turn too

@@ -35,11 +35,6 @@ def _check_exactly_one_reply(peer: RawPeer, ids) -> collections.Counter:
     return kinds
 
 
-def _victim(pool) -> tuple[str, int]:
-    busiest = max(pool.status()["workers"], key=lambda w: w["in_flight"])
-    return busiest["id"], busiest["pid"]
-
-
 def test_sigkill_with_200_in_flight(procs):
     pool = procs.pool("--max-inflight", "64", "--policy", "round-robin")
     peer = RawPeer(pool.address)
@@ -47,9 +42,8 @@ def test_sigkill_with_200_in_flight(procs):
         ids = range(1, 201)
         for i in ids:
             peer.request(i, "sleep", {"seconds": 0.02})
-        pool.wait_for(lambda st: sum(w["in_flight"] for w in st["workers"]) > 100,
-                      what="requests in flight")
-        slot, pid = _victim(pool)
+        victim = pool.busiest_worker(more_than=100)
+        slot, pid = victim["id"], victim["pid"]
         os.kill(pid, signal.SIGKILL)
         peer.collect(ids, timeout=30)
         kinds = _check_exactly_one_reply(peer, ids)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,10 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import ROOT, _env, group_alive
+from tests.conftest import ROOT, _env
 from workerpool import Client, ServiceUnavailableError, WorkerCrashedError
+from workerpool._proc import process_alive
 from workerpool.cli import main
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -48,9 +42,9 @@ def test_signal_drains_in_flight_then_exits_0(procs, sig):
     finally:
         c.close()
     deadline = time.monotonic() + 5
-    while group_alive(pool.pgid) and time.monotonic() < deadline:
+    while process_alive(pool.pgid, group=True) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not group_alive(pool.pgid)
+    assert not process_alive(pool.pgid, group=True)
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -87,9 +81,7 @@ def test_kill_9_of_the_supervisor_leaves_no_workers(procs):
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not process_alive(pid):
         return False
     # A zombie (reparented, not yet reaped) counts as gone.
     try:
@@ -99,9 +91,26 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def test_process_alive_for_pids_and_groups(monkeypatch):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                             start_new_session=True)
+    try:
+        assert process_alive(child.pid) and process_alive(child.pid, group=True)
+    finally:
+        child.kill()
+        child.wait(10)
+    assert not process_alive(child.pid) and not process_alive(child.pid, group=True)
+
+    def refused(pid: int, sig: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", refused)  # another user's process: it exists
+    assert process_alive(child.pid)
+
+
 def test_remote_supervisor_over_tcp(procs):
-    front = f"tcp://127.0.0.1:{_free_port()}"
-    back = f"tcp://127.0.0.1:{_free_port()}"
+    front = procs.tcp()
+    back = procs.tcp()
     router = procs.spawn(["router", "--frontend", front, "--backend", back,
                           "--policy", "round-robin"], front, None)
     sup = procs.spawn(["worker", "--router", back, "--handler", "workerpool.handlers:Faulty",

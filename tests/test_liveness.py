@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 
 import pytest
@@ -14,19 +13,14 @@ from workerpool import Client, RequestTimeoutError, ServiceUnavailableError, Wor
 
 
 def _fast_heartbeats(procs) -> str:
-    cfg = procs.dir / "hb.toml"
-    cfg.write_text("[router]\nheartbeat_interval = 0.2\nheartbeat_liveness = 3\n")
-    return str(cfg)
+    return procs.config("[router]\nheartbeat_interval = 0.2\nheartbeat_liveness = 3\n")
 
 
 def test_exec_timeout_kills_the_hung_worker_and_answers_everything(procs):
-    cfg = procs.dir / "exec.toml"
-    cfg.write_text('[[services]]\nname = "default"\nhandler = "workerpool.handlers:Faulty"\n'
-                   "workers = 1\nmax_inflight = 2\nexec_timeout = 0.5\n")
-    front = procs.ipc("front")
-    pool = procs.spawn(["up", "--config", str(cfg), "--frontend", front], front,
-                       "workerpool ready")
-    with Client(front, timeout=20) as c:
+    pool = procs.pool_from_config(
+        '[[services]]\nname = "default"\nhandler = "workerpool.handlers:Faulty"\n'
+        "workers = 1\nmax_inflight = 2\nexec_timeout = 0.5\n")
+    with Client(pool.address, timeout=20) as c:
         pid = pool.status()["workers"][0]["pid"]
         hung = c.submit("hang")
         behind = c.submit("echo", "behind it")  # dispatched to the same worker, waiting
@@ -60,16 +54,10 @@ def test_a_stopped_worker_is_detected_by_heartbeats_and_replaced(procs):
         assert [c.call("echo", i) for i in range(6)] == list(range(6))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_vanished_supervisor_host_is_detected(procs):
     cfg = _fast_heartbeats(procs)
-    front = f"tcp://127.0.0.1:{_free_port()}"
-    back = f"tcp://127.0.0.1:{_free_port()}"
+    front = procs.tcp()
+    back = procs.tcp()
     router = procs.spawn(["router", "--config", cfg, "--frontend", front, "--backend", back],
                          front, None)
     sup = procs.spawn(["worker", "--config", cfg, "--router", back, "--handler",

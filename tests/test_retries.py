@@ -14,20 +14,15 @@ from workerpool import Client, WorkerCrashedError
 from workerpool.errors import PoisonedRequestError
 
 
-def _running_worker(pool) -> dict:
-    st = pool.wait_for(lambda s: any(w["in_flight"] for w in s["workers"]), what="running")
-    return next(w for w in st["workers"] if w["in_flight"])
-
-
 def test_idempotent_request_survives_its_worker(procs):
     pool = procs.pool("--policy", "round-robin", workers=2)
     with Client(pool.address, timeout=30) as c:
         fut = c.submit("sleep", {"seconds": 0.5}, idempotent=True)
-        victim = _running_worker(pool)
+        victim = pool.busiest_worker()
         os.kill(victim["pid"], signal.SIGKILL)
         assert fut.result() == {"seconds": 0.5}  # ran again, answered once
         plain = c.submit("sleep", {"seconds": 0.5})
-        victim = _running_worker(pool)
+        victim = pool.busiest_worker()
         os.kill(victim["pid"], signal.SIGKILL)
         with pytest.raises(WorkerCrashedError):
             plain.result()
@@ -49,19 +44,16 @@ def test_a_request_that_kills_workers_is_poisoned(procs):
 
 
 def test_service_default_and_per_request_override(procs):
-    cfg = procs.dir / "idem.toml"
-    cfg.write_text('[[services]]\nname = "default"\nhandler = "workerpool.handlers:Faulty"\n'
-                   "workers = 2\nidempotent = true\nmax_attempts = 3\npoison_threshold = 3\n")
-    front = procs.ipc("front")
-    pool = procs.spawn(["up", "--config", str(cfg), "--frontend", front], front,
-                       "workerpool ready")
-    with Client(front, timeout=30) as c:
+    pool = procs.pool_from_config(
+        '[[services]]\nname = "default"\nhandler = "workerpool.handlers:Faulty"\n'
+        "workers = 2\nidempotent = true\nmax_attempts = 3\npoison_threshold = 3\n")
+    with Client(pool.address, timeout=30) as c:
         fut = c.submit("sleep", {"seconds": 0.5})  # idempotent by the service's default
-        os.kill(_running_worker(pool)["pid"], signal.SIGKILL)
+        os.kill(pool.busiest_worker()["pid"], signal.SIGKILL)
         assert fut.result() == {"seconds": 0.5}
         pool.wait_ready(2)
         fut = c.submit("sleep", {"seconds": 0.5}, idempotent=False)  # the caller says no
-        os.kill(_running_worker(pool)["pid"], signal.SIGKILL)
+        os.kill(pool.busiest_worker()["pid"], signal.SIGKILL)
         with pytest.raises(WorkerCrashedError):
             fut.result()
         # max_attempts: started 3 times, each time its worker dies (poison_threshold 3 is
@@ -87,9 +79,7 @@ def test_kill_with_200_idempotent_in_flight_answers_each_exactly_once(procs):
         ids = range(1, 201)
         for i in ids:
             peer.request(i, "sleep", {"seconds": 0.02}, idempotent=True)
-        pool.wait_for(lambda st: sum(w["in_flight"] for w in st["workers"]) > 100,
-                      what="requests in flight")
-        victim = max(pool.status()["workers"], key=lambda w: w["in_flight"])
+        victim = pool.busiest_worker(more_than=100)
         os.kill(victim["pid"], signal.SIGKILL)
         peer.collect(ids, timeout=30)
         assert sorted(peer.finals) == list(ids)

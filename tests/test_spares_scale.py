@@ -31,13 +31,10 @@ def _serving(st: dict) -> list[str]:
 
 
 def _slow_respawn_pool(procs, workers: int, spares: int, *args: str):
-    cfg = procs.dir / "slow.toml"
-    cfg.write_text('[[services]]\nname = "default"\nhandler = "tests.handlers:SlowRespawn"\n'
-                   f"workers = {workers}\nspares = {spares}\n"
-                   "options = { respawn_setup_seconds = 30 }\n")
-    front = procs.ipc("front")
-    return procs.spawn(["up", "--config", str(cfg), "--frontend", front, *args], front,
-                       "workerpool ready")
+    return procs.pool_from_config(
+        '[[services]]\nname = "default"\nhandler = "tests.handlers:SlowRespawn"\n'
+        f"workers = {workers}\nspares = {spares}\noptions = {{ respawn_setup_seconds = 30 }}\n",
+        *args)
 
 
 def test_spare_takes_a_dead_workers_place_before_its_replacement_is_set_up(procs):

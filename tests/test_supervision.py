@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 
 import pytest
 
 from workerpool import Client, PayloadError, ServiceUnavailableError, WorkerCrashedError
 from workerpool.errors import AdminError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_one_failed_setup_among_healthy_workers(procs):
@@ -34,12 +27,9 @@ def test_one_failed_setup_among_healthy_workers(procs):
 
 
 def test_failed_service_answers_at_once(procs):
-    cfg = procs.dir / "two.toml"
-    cfg.write_text('[[services]]\nname = "good"\nhandler = "workerpool.handlers:Echo"\n'
-                   '[[services]]\nname = "bad"\nhandler = "tests.handlers:BadSetup"\n')
-    front = procs.ipc("front")
-    pool = procs.spawn(["up", "--config", str(cfg), "--frontend", front], front,
-                       "workerpool ready")
+    pool = procs.pool_from_config(
+        '[[services]]\nname = "good"\nhandler = "workerpool.handlers:Echo"\n'
+        '[[services]]\nname = "bad"\nhandler = "tests.handlers:BadSetup"\n')
     pool.wait_for(lambda s: any(w["state"] == "failed" for w in s["workers"]), what="failed")
     with Client(pool.address, timeout=5) as c:
         with pytest.raises(ServiceUnavailableError, match="no live workers"):
@@ -66,9 +56,8 @@ def test_zero_workers_is_ready_at_once(procs):
 
 
 def test_reply_over_the_size_limit_is_a_typed_error(procs):
-    cfg = procs.dir / "small.toml"
-    cfg.write_text("[router]\nmax_message_bytes = 100000\n")
-    pool = procs.pool("--config", str(cfg), handler="tests.handlers:Big", workers=1)
+    cfg = procs.config("[router]\nmax_message_bytes = 100000\n")
+    pool = procs.pool("--config", cfg, handler="tests.handlers:Big", workers=1)
     with Client(pool.address, timeout=10) as c:
         with pytest.raises(PayloadError, match="over max_message_bytes"):
             c.call("big", {"n": 200_000})
@@ -76,8 +65,8 @@ def test_reply_over_the_size_limit_is_a_typed_error(procs):
 
 
 def test_two_remote_supervisors_and_one_leaves(procs):
-    front = f"tcp://127.0.0.1:{_free_port()}"
-    back = f"tcp://127.0.0.1:{_free_port()}"
+    front = procs.tcp()
+    back = procs.tcp()
     router = procs.spawn(["router", "--frontend", front, "--backend", back], front, None)
     args = ["worker", "--router", back, "--handler", "workerpool.handlers:Faulty",
             "--workers", "2"]
@@ -104,10 +93,9 @@ def test_two_remote_supervisors_and_one_leaves(procs):
 
 
 def test_restart_intensity_marks_failed_and_restart_resets(procs):
-    cfg = procs.dir / "intensity.toml"
-    cfg.write_text("[supervisor]\nmax_restarts = 2\nrestart_window = 60\n"
-                   "restart_backoff = 0.01\n")
-    pool = procs.pool("--config", str(cfg), workers=1)
+    cfg = procs.config("[supervisor]\nmax_restarts = 2\nrestart_window = 60\n"
+                       "restart_backoff = 0.01\n")
+    pool = procs.pool("--config", cfg, workers=1)
     with Client(pool.address, timeout=10) as c:
         for n in range(3):  # two respawns are allowed; the third death fails the slot
             with pytest.raises(WorkerCrashedError):

@@ -235,6 +235,28 @@ def test_mapper_drops_mappings_of_unlinked_segments(segs):
     assert not mapper._cache and entry.fd == -1  # the memory is not kept alive here
 
 
+def test_endpoint_trims_pool_and_mapper_at_most_once_an_interval(monkeypatch):
+    monkeypatch.setattr(shm, "IDLE_TRIM", 0.0)  # every segment and mapping is idle at once
+    ep = shm.ShmEndpoint()
+    try:
+        t0 = time.monotonic()
+        ep.maybe_trim(t0)
+        body, _ = codec.dumps(np.ones(2**18), pool=ep.pool)
+        codec.loads(body, mapper=ep.mapper)
+        gc.collect()
+        (name,) = ep.pool.names()
+        ep.maybe_trim(t0 + shm.TRIM_INTERVAL / 2)  # too soon: nothing is given back
+        assert ep.pool.names() == [name] and len(ep.mapper._cache) == 1
+        ep.maybe_trim(t0 + shm.TRIM_INTERVAL)
+        assert ep.pool.names() == [] and not ep.mapper._cache
+        assert not os.path.exists(f"/dev/shm/{name}")
+        codec.dumps(np.ones(2**18), pool=ep.pool)
+        (name,) = ep.pool.names()
+    finally:
+        ep.close()
+    assert ep.pool.names() == [] and not os.path.exists(f"/dev/shm/{name}")
+
+
 @pytest.mark.filterwarnings("ignore:.*quantize")
 def test_encode_refusals():
     for bad in [np.array(["a", "b"]), np.array([object()]), np.zeros(2, np.longdouble),

@@ -27,13 +27,10 @@ def _options_toml(options: dict) -> str:
 
 def _mlp_pool(procs, workers=1, max_inflight=32, options=SMALL, policy="round-robin",
               devices="cpu"):
-    cfg = procs.dir / f"mlp{len(procs.procs)}.toml"
-    cfg.write_text(f'[[services]]\nname = "default"\nhandler = "{MLP}"\nworkers = {workers}\n'
-                   f'max_inflight = {max_inflight}\npolicy = "{policy}"\ndevices = "{devices}"\n'
-                   f"options = {_options_toml(options)}\n")
-    front = procs.ipc(f"front{len(procs.procs)}")
-    return procs.spawn(["up", "--config", str(cfg), "--frontend", front], front,
-                       "workerpool ready")
+    return procs.pool_from_config(
+        f'[[services]]\nname = "default"\nhandler = "{MLP}"\nworkers = {workers}\n'
+        f'max_inflight = {max_inflight}\npolicy = "{policy}"\ndevices = "{devices}"\n'
+        f"options = {_options_toml(options)}\n")
 
 
 def _local(**options) -> TorchMLP:
@@ -122,15 +119,12 @@ def test_batched_and_unbatched_through_the_pool(procs):
 
 
 def test_builtin_handlers_fail_setup_clearly_where_they_cannot_run(procs):
-    cfg = procs.dir / "bad.toml"
-    cfg.write_text('[[services]]\nname = "good"\nhandler = "workerpool.handlers:Echo"\n'
-                   f'[[services]]\nname = "typo"\nhandler = "{MLP}"\n'
-                   'options = { in_feature = 8 }\n'
-                   '[[services]]\nname = "cupy"\nhandler = "workerpool.handlers.cupy_ops:CupyOps"\n'
-                   'devices = "cpu"\n')
-    front = procs.ipc("front")
-    pool = procs.spawn(["up", "--config", str(cfg), "--frontend", front], front,
-                       "workerpool ready")
+    pool = procs.pool_from_config(
+        '[[services]]\nname = "good"\nhandler = "workerpool.handlers:Echo"\n'
+        f'[[services]]\nname = "typo"\nhandler = "{MLP}"\n'
+        'options = { in_feature = 8 }\n'
+        '[[services]]\nname = "cupy"\nhandler = "workerpool.handlers.cupy_ops:CupyOps"\n'
+        'devices = "cpu"\n')
     # The supervisor's "failed" and the worker's traceback travel on different sockets.
     st = pool.wait_for(lambda s: sum(w["state"] == "failed" and "Error" in (w["last_error"] or "")
                                      for w in s["workers"]) == 2,
@@ -138,7 +132,7 @@ def test_builtin_handlers_fail_setup_clearly_where_they_cannot_run(procs):
     errors = {w["service"]: w["last_error"] for w in st["workers"]}
     assert "in_feature" in errors["typo"] and "Extra inputs are not permitted" in errors["typo"]
     assert "CupyOps needs an NVIDIA GPU" in errors["cupy"] and "'cpu'" in errors["cupy"]
-    with Client(front, timeout=10) as c:
+    with Client(pool.address, timeout=10) as c:
         assert c.call("echo", 1, service="good") == 1
 
 
@@ -168,14 +162,12 @@ def test_the_example_handler_of_docs_handlers_md(procs):
 
     weights = procs.dir / "classifier.pt"
     save_example_weights(str(weights))
-    cfg = procs.dir / "classifier.toml"
-    cfg.write_text('[[services]]\nname = "default"\nhandler = "examples.classifier:Classifier"\n'
-                   f'max_inflight = 32\noptions = {{ weights = "{weights}" }}\n')
-    front = procs.ipc("front")
-    procs.spawn(["up", "--config", str(cfg), "--frontend", front], front, "workerpool ready")
+    pool = procs.pool_from_config(
+        '[[services]]\nname = "default"\nhandler = "examples.classifier:Classifier"\n'
+        f'max_inflight = 32\noptions = {{ weights = "{weights}" }}\n')
     rows = [[0.1, 0.2, 0.3, 0.4], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 5.0, -1.0]]
     labels = {"setosa", "versicolor", "virginica"}
-    with Client(front, timeout=30) as c:
+    with Client(pool.address, timeout=30) as c:
         whole = c.call("predict", rows)
         assert len(whole) == 3 and set(whole) <= labels
         futs = [c.submit("predict_batch", r) for r in rows]

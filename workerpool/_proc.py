@@ -13,6 +13,18 @@ LOG_LEVEL_ENV = "WORKERPOOL_LOG_LEVEL"
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
+def process_alive(pid: int, *, group: bool = False) -> bool:
+    """Whether process ``pid`` (with ``group``: process group ``pid``) still exists. A zombie
+    counts as alive, and so does a process of another user (signal 0 is refused, not lost)."""
+    try:
+        (os.killpg if group else os.kill)(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def die_with_parent(parent_pid: int | None) -> None:
     """Ask Linux to SIGKILL this process when its parent dies (PR_SET_PDEATHSIG), so
     nothing outlives a pool whose supervisor was killed with -9."""

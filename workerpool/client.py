@@ -88,9 +88,9 @@ class _BaseClient:
         #: This host's shared-memory identity, sent as meta "shm" on every request: workers
         #: on the same host answer with segments. None: shared memory is not used.
         self.shm_host = segments.host_id() if use_shm else None
-        self._pool = segments.SegmentPool(shm_pool_bytes) if self.shm_host else None
-        self._mapper = segments.SegmentMapper() if self.shm_host else None
-        self._next_trim = 0.0
+        self._shm = segments.ShmEndpoint(shm_pool_bytes) if self.shm_host else None
+        self._pool = self._shm.pool if self._shm else None  # lends the requests' arrays
+        self._mapper = self._shm.mapper if self._shm else None  # maps the replies' arrays
         # Services that answered "shm-unreachable" (a worker on another host): their
         # requests carry arrays in frames from then on. Replies still use shm when they can.
         self._frames_only: set[str | None] = set()
@@ -181,18 +181,13 @@ class _BaseClient:
             return None
 
     def _close_shm(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._mapper.close()
+        if self._shm is not None:
+            self._shm.close()
 
     def _trim_shm(self) -> None:
         """At most once a second: give back idle segments and stale mappings."""
-        if self._pool is not None:
-            now = time.monotonic()
-            if now >= self._next_trim:
-                self._next_trim = now + 1.0
-                self._pool.trim(now)
-                self._mapper.trim(now)
+        if self._shm is not None:
+            self._shm.maybe_trim()
 
     def _effective_timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout

@@ -139,9 +139,9 @@ class Worker:
         # Shared memory with clients on this host: requests whose meta "shm" names our host
         # may carry segment handles, and get their large arrays back the same way.
         self._host = shm.host_id()
-        self._pool = shm.SegmentPool() if self._host else None
-        self._mapper = shm.SegmentMapper() if self._host else None
-        self._next_trim = 0.0
+        self._shm = shm.ShmEndpoint() if self._host else None
+        self._pool = self._shm.pool if self._shm else None  # lends the replies' arrays
+        self._mapper = self._shm.mapper if self._shm else None  # maps the requests' arrays
         self._unsent: list[zmq.MessageTracker] = []  # zero-copy frames ZeroMQ still reads
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -231,9 +231,8 @@ class Worker:
         # gone (it exits right after draining) must not hold this exit for long.
         self._sock.close(linger=300)
         self._ctx.term()
-        if self._pool is not None:
-            self._pool.close()
-            self._mapper.close()
+        if self._shm is not None:
+            self._shm.close()
 
     # -- the loop --------------------------------------------------------------------------
     def _serve(self) -> None:
@@ -273,11 +272,8 @@ class Worker:
 
     def _trim_shm(self) -> None:
         """Give back segments that sat unused, and mappings of segments their owner left."""
-        now = time.monotonic()
-        if self._pool is not None and now >= self._next_trim:
-            self._next_trim = now + 1.0
-            self._pool.trim(now)
-            self._mapper.trim(now)
+        if self._shm is not None:
+            self._shm.maybe_trim()
 
     def _register_again(self) -> None:
         """The router does not know us (it restarted). Register again. What the backlog
