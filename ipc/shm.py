@@ -142,12 +142,20 @@ def unlink_owned_by(pid: int) -> int:
 def sweep_dead_owners() -> int:
     """Unlink segments whose owner (a pid of this namespace) no longer runs: what a client
     killed with SIGKILL left behind. Returns how many were removed."""
-    # Imported here: ipc sits below workerpool, whose __init__ imports ipc (a module-level
-    # import would be circular).
-    from workerpool._proc import process_alive
-
     owners = {int(NAME_RE.fullmatch(name).group(2)) for name in owned_segments()}
     return sum(unlink_owned_by(pid) for pid in owners if not process_alive(pid))
+
+
+def process_alive(pid: int, *, group: bool = False) -> bool:
+    """Whether process ``pid`` (with ``group``: process group ``pid``) still exists. A zombie
+    counts as alive, and so does a process of another user (signal 0 is refused, not lost)."""
+    try:
+        (os.killpg if group else os.kill)(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def max_capacity(nbytes: int) -> int:

@@ -9,20 +9,12 @@ import signal
 import socket
 import sys
 
+# The one pid/process-group liveness check. It lives in ipc/shm.py, whose sweep of dead
+# segment owners needs it, because ipc sits below workerpool; imported here for the rest.
+from ipc.shm import process_alive as process_alive
+
 LOG_LEVEL_ENV = "WORKERPOOL_LOG_LEVEL"
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
-
-
-def process_alive(pid: int, *, group: bool = False) -> bool:
-    """Whether process ``pid`` (with ``group``: process group ``pid``) still exists. A zombie
-    counts as alive, and so does a process of another user (signal 0 is refused, not lost)."""
-    try:
-        (os.killpg if group else os.kill)(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def die_with_parent(parent_pid: int | None) -> None:
