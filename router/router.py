@@ -1121,46 +1121,86 @@ class Router:
             self._reply_error(client, client_rid, AdminError(
                 f"workers must be an integer in 0..{MAX_WORKERS}, got {workers!r}"))
             return
-        owners = [i for i in self._targets.get(name, {})
-                  if i in self.supervisors and i not in self._draining_sups]
-        if len(owners) != 1:
+        owners = sorted(i for i in self._targets.get(name, {})
+                        if i in self.supervisors and i not in self._draining_sups)
+        if not owners:
             self._reply_error(client, client_rid, AdminError(
-                f"service {name!r} has no supervisor connected to this router" if not owners
-                else f"service {name!r} runs under {len(owners)} supervisors; scale is per "
-                     "supervisor: restart a node's `workerpool worker` with --workers"))
+                f"service {name!r} has no supervisor connected to this router"))
             return
-        owner = owners[0]
-        current, spares = self._targets[name][owner]
-        if workers == 0 and spares:
-            self._reply_error(client, client_rid, AdminError(
-                f"service {name!r} keeps {spares} spares: it needs at least one worker"))
+        try:
+            plan = self._scale_plan(name, owners, workers)
+        except ValueError as exc:
+            self._reply_error(client, client_rid, AdminError(str(exc)))
             return
-        retire: list[Slot] = []
-        if workers < current:
-            mine = [s for s in self.slots.values()
-                    if s.service == name and self._slot_owner.get(s.id) == owner
-                    and not s.retiring and s.state is not WorkerState.SPARE]
-            # The cheapest to lose first: not running, then idle, then the highest id.
-            mine.sort(key=lambda s: s.sort_key, reverse=True)
-            mine.sort(key=lambda s: (s.conn is not None, len(s.conn.in_flight) if s.conn else 0))
-            retire = mine[:current - workers]
-        self._targets[name][owner] = (workers, spares)
+        current = sum(self._targets[name][o][0] for o in owners)
+        retire = [slot for _, slots in plan.values() for slot in slots]
+        for owner, (count, _) in plan.items():
+            self._targets[name][owner] = (count, self._targets[name][owner][1])
         for slot in retire:
             slot.retiring = True
             if slot.conn is not None and slot.state is not WorkerState.DRAINING:
                 slot.transition(WorkerState.DRAINING)  # finishes what it holds, then stops
                 svc.remove_conn(slot.conn)
         self._rebalance(svc)
+        for owner, (count, slots) in plan.items():
+            self._send_backend(owner, Kind.ADMIN, {"op": "scale", "service": name,
+                                                   "workers": count,
+                                                   "retire": [s.id for s in slots]})
         ids = [s.id for s in retire]
-        self._send_backend(owner, Kind.ADMIN, {"op": "scale", "service": name,
-                                               "workers": workers, "retire": ids})
+        split = {o.decode(errors="replace"): count for o, (count, _) in plan.items()}
         log.info("scaling %s from %d to %d workers%s", name, current, workers,
                  f"; retiring {', '.join(ids)}" if ids else "")
         message = (f"{name}: {current} -> {workers} workers"
+                   + (f" ({', '.join(f'{o}: {n}' for o, n in split.items())})"
+                      if len(split) > 1 else "")
                    + (f"; retiring {', '.join(ids)} (they finish what they hold)" if ids else ""))
         body = msgpack.packb({"op": "scale", "service": name, "workers": workers,
-                              "previous": current, "retire": ids, "message": message})
+                              "previous": current, "retire": ids, "supervisors": split,
+                              "message": message})
         self._to_client(client, Kind.RESULT, client_rid, _EMPTY_META, body)
+
+    def _scale_plan(self, name: str, owners: list[bytes],
+                    workers: int) -> dict[bytes, tuple[int, list[Slot]]]:
+        """Split ``workers`` over the supervisors running ``name``: each supervisor's new
+        count and the slots it retires. Workers are added where there are fewest, and taken
+        where there are most, idlest slot first, so hosts stay even; a supervisor that keeps
+        spares keeps one worker. Raises ValueError when ``workers`` cannot be met."""
+        counts = {o: self._targets[name][o][0] for o in owners}
+        floor = {o: 1 if self._targets[name][o][1] else 0 for o in owners}
+        held = sum(floor.values())
+        if workers < held:
+            if held == 1:
+                spares = max(self._targets[name][o][1] for o in owners)
+                raise ValueError(f"service {name!r} keeps {spares} spares: it needs at least "
+                                 "one worker")
+            raise ValueError(f"service {name!r} keeps spares on {held} supervisors: it needs "
+                             f"at least {held} workers")
+        # The cheapest to lose first: not running, then idle, then the highest id.
+        candidates: dict[bytes, list[Slot]] = {o: [] for o in owners}
+        for slot in sorted(self.slots.values(), key=lambda s: s.sort_key, reverse=True):
+            owner = self._slot_owner.get(slot.id)
+            if (slot.service == name and owner in candidates and not slot.retiring
+                    and slot.state is not WorkerState.SPARE):
+                candidates[owner].append(slot)
+        def cost(slot: Slot) -> tuple[bool, int]:
+            return slot.conn is not None, len(slot.conn.in_flight) if slot.conn else 0
+
+        def next_loss(o: bytes) -> tuple[int, int]:  # ties: where losing one costs least
+            c = cost(candidates[o][0]) if candidates[o] else (False, 0)
+            return -c[0], -c[1]
+
+        for mine in candidates.values():
+            mine.sort(key=cost)
+        retire: dict[bytes, list[Slot]] = {o: [] for o in owners}
+        while sum(counts.values()) < workers:
+            counts[min(owners, key=lambda o: counts[o])] += 1
+        while sum(counts.values()) > workers:
+            owner = max((o for o in owners if counts[o] > floor[o]),
+                        key=lambda o: (counts[o], next_loss(o)))
+            counts[owner] -= 1
+            if candidates[owner]:
+                retire[owner].append(candidates[owner].pop(0))
+        return {o: (counts[o], retire[o]) for o in owners}
 
     def _fail_if_unservable(self, svc: Service | None) -> None:
         """Queued requests of a service that has no live worker left would wait forever."""

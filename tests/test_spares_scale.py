@@ -156,3 +156,57 @@ def test_scale_bad_input(procs):
     out = subprocess.run([*cli, "status", "--router", pool.address],
                          capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=30)
     assert "workers=2 spares=1" in out.stdout
+
+
+def test_scale_a_service_that_runs_under_two_supervisors(procs):
+    front, back = procs.tcp(), procs.tcp()
+    router = procs.spawn(["router", "--frontend", front, "--backend", back], front, None)
+    args = ["worker", "--router", back, "--handler", "workerpool.handlers:Faulty",
+            "--workers", "1"]
+    procs.spawn([*args, "--node", "a"], front, "workerpool worker ready")
+    procs.spawn([*args, "--node", "b"], front, "workerpool worker ready")
+    router.wait_ready(2)
+
+    def per_node(st: dict) -> dict[str, int]:
+        live = [w["id"] for w in st["workers"] if w["state"] in ("ready", "busy")]
+        return {n: sum(f"/{n}/" in i for i in live) for n in ("a", "b")}
+
+    with Client(front, timeout=20) as c:
+        out = c.scale("default", 5)  # added where there are fewest: 3 and 2
+        assert (out["previous"], out["workers"], out["retire"]) == (2, 5, [])
+        assert sorted(out["supervisors"].values()) == [2, 3]
+        st = router.wait_ready(5)
+        assert sorted(per_node(st).values()) == [2, 3]
+        # Down to 1 while two requests run: taken where there are most, idle ones first.
+        futs = [c.submit("sleep", {"seconds": 1.0, "i": i}) for i in range(2)]
+        router.wait_for(lambda s: s["services"][0]["in_flight"] == 2, what="2 running")
+        busy = {w["id"] for w in router.status()["workers"] if w["in_flight"]}
+        out = c.scale("default", 1)
+        assert out["previous"] == 5 and len(out["retire"]) == 4
+        assert sorted(out["supervisors"].values()) == [0, 1]
+        kept = busy - set(out["retire"])
+        assert len(kept) == 1, (busy, out)  # of the busy two, one stays: the rest were idle
+        assert [f.result(10)["i"] for f in futs] == [0, 1]  # nothing held is lost
+        st = router.wait_for(lambda s: len(s["workers"]) == 1, what="retired rows removed")
+        assert {w["id"] for w in st["workers"]} == kept
+        assert [c.call("echo", i) for i in range(5)] == list(range(5))
+        out = c.scale("default", 2)  # back up on the supervisor that had none
+        st = router.wait_ready(2)
+        assert per_node(st) == {"a": 1, "b": 1}
+
+
+def test_scale_keeps_a_worker_on_each_supervisor_with_spares(procs):
+    front, back = procs.tcp(), procs.tcp()
+    router = procs.spawn(["router", "--frontend", front, "--backend", back], front, None)
+    args = ["worker", "--router", back, "--handler", "workerpool.handlers:Faulty",
+            "--workers", "1", "--spares", "1"]
+    procs.spawn([*args, "--node", "a"], front, "workerpool worker ready")
+    procs.spawn([*args, "--node", "b"], front, "workerpool worker ready")
+    router.wait_for(lambda s: sorted(w["state"] for w in s["workers"])
+                    == ["ready", "ready", "spare", "spare"], what="2 serving, 2 spares")
+    with Client(front, timeout=10) as c:
+        with pytest.raises(AdminError, match="keeps spares on 2 supervisors: it needs at least 2"):
+            c.scale("default", 1)
+        out = c.scale("default", 4)  # both spares serve at once, one more on each node
+        assert out["supervisors"] == {k: 2 for k in out["supervisors"]}
+        assert len(_serving(router.status())) == 4

@@ -317,7 +317,8 @@ def scale(service, workers, router_addr) -> None:
 
     Up: spares (if any) start serving at once, and new workers are started. Down: the
     idlest workers get no new requests, finish the ones they hold, then stop and leave
-    the table. Spares are kept on top of WORKERS.
+    the table. Spares are kept on top of WORKERS. A service run by several supervisors
+    (hosts) is split evenly between them.
     """
     _admin(router_addr, "scale", service, workers)
 
