@@ -94,6 +94,22 @@ def test_full_batches_and_one_reply_each(procs):
         assert stats["batches"] == 2 and stats["batched_requests"] == 16
 
 
+def test_max_inflight_left_unset_follows_max_batch_size(procs, pool):
+    # Batches (max_batch_size 8), no --max-inflight: each worker holds 2 x 8, so batches
+    # are full and the next one gathers while one runs. A plain handler keeps 1.
+    assert {w["capacity"] for w in pool.status()["workers"]} == {1}
+    batches = procs.pool(handler=H, workers=1)
+    [row] = batches.status()["workers"]
+    assert row["capacity"] == 16
+    with Client(batches.address, timeout=30) as c:
+        gate = _Gate(procs, batches, c)
+        futs = [c.submit("work", {"i": i}) for i in range(15)]  # 16 held with the gate
+        gate.open(16)
+        assert [f.result()["batch"] for f in futs] == [8] * 8 + [7] * 7
+        assert c.call("batch_log") == [list(range(8)), list(range(8, 15))]
+    assert "warning" not in batches.log.read_text()
+
+
 def test_partial_batch_runs_when_the_oldest_has_waited_max_delay(procs):
     pool = _pool(procs)
     with Client(pool.address, timeout=30) as c:

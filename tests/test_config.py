@@ -13,7 +13,7 @@ def test_defaults_are_loopback_and_sane():
     cfg = PoolConfig()
     assert cfg.router.frontend == "tcp://127.0.0.1:5555"
     assert cfg.services[0].name == "default"
-    assert cfg.services[0].max_inflight == 1
+    assert cfg.services[0].max_inflight is None  # auto: 1, or sized by @batched methods
     assert cfg.services[0].policy == "least-loaded"
 
 

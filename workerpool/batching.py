@@ -13,7 +13,8 @@ it holds (``workerpool/worker.py: Worker._run_batch``): it flushes when the batc
 when the oldest request has waited ``max_delay_ms``, or at once when the router will send
 it nothing more (it holds ``max_inflight`` requests). A worker only holds several requests
 when the service's ``max_inflight`` allows it, so batches hold at most ``max_inflight``
-requests: set ``max_inflight >= max_batch_size``.
+requests. Left unset, ``max_inflight`` is twice the largest ``max_batch_size`` of the
+handler's batched methods (``Worker._capacity``); set explicitly, keep it >= that.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ def _service_options(f):
         click.option("--policy", type=click.Choice(POLICIES), default=None,
                      help="Dispatch policy (default least-loaded)."),
         click.option("--max-inflight", type=int, default=None,
-                     help="Requests one worker may hold at once (default 1)."),
+                     help="Requests one worker may hold at once (default: 1, or twice the largest "
+                     "max_batch_size of the handler's @batched methods)."),
         click.option("--queue-capacity", type=int, default=None,
                      help="Requests queued per service before BackpressureError (default 10000)."),
         click.option("--capacity-policy", type=click.Choice(["queue", "reject"]), default=None,

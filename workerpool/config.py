@@ -68,9 +68,10 @@ class ServiceConfig(_Model):
         None, ge=1, le=1024, description="Workers on each device of `devices` (instead of "
         "`workers`): 2 with devices '0,1' starts 4 workers, two on each GPU.")
     policy: Policy = Field("least-loaded", description="How the router picks a worker.")
-    max_inflight: int = Field(
-        1, ge=1, le=65536, description="Requests the router sends one worker at once."
-    )
+    max_inflight: int | None = Field(
+        None, ge=1, le=65536, description="Requests the router sends one worker at once. "
+        "None (auto): 1, or for a handler with @batched methods twice their largest "
+        "max_batch_size, so that the next batch gathers in the worker while one runs.")
     queue_capacity: int = Field(
         10000, ge=0, le=10_000_000,
         description="Requests the router holds for this service while every worker is full; "

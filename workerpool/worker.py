@@ -73,7 +73,7 @@ class WorkerSpec(BaseModel):
     handler: str
     device: str
     backend: str
-    capacity: int = 1
+    capacity: int | None = None  # the service's max_inflight; None: see Worker._capacity
     options: dict[str, Any] = {}
     parent_pid: int | None = None
     max_message_bytes: int = 256 * 2**20  # the router drops bigger messages: refuse them here
@@ -125,6 +125,7 @@ class Worker:
         self._reply_meta = protocol.pack_meta({"worker": spec.slot})
         self._methods: dict[str, Any] = {}
         self._batched: dict[str, BatchSpec] = {}  # the methods declared @batched
+        self.capacity = spec.capacity or 1  # settled once setup() has shown the methods
         self._meta_cache = protocol.MetaCache()
         self._backlog: OrderedDict[int, protocol.Message] = OrderedDict()  # received, not run
         self._arrived: dict[int, float] = {}  # when each backlog request arrived (batching)
@@ -189,15 +190,27 @@ class Worker:
         self._methods = public_methods(self._handler)
         self._batched = {name: spec for name, fn in self._methods.items()
                          if (spec := batch_spec(fn)) is not None}
+        self.capacity = self._capacity()
         for name, spec in self._batched.items():
-            if spec.max_batch_size > self.spec.capacity:
+            if spec.max_batch_size > self.capacity:
                 # Worker-side batching can only gather what the router has sent.
                 sys.stderr.write(
                     f"[{self.spec.slot}] warning: @batched method {name!r} has max_batch_size="
                     f"{spec.max_batch_size} but this worker holds at most max_inflight="
-                    f"{self.spec.capacity} request(s), so its batches hold at most "
-                    f"{self.spec.capacity}; set the service's max_inflight >= "
-                    f"{spec.max_batch_size}\n")
+                    f"{self.capacity} request(s), so its batches hold at most "
+                    f"{self.capacity}; set the service's max_inflight >= "
+                    f"{spec.max_batch_size} (or leave it unset)\n")
+
+    def _capacity(self) -> int:
+        """How many requests this worker holds at once: the service's ``max_inflight``, or,
+        left unset, 1 for plain handlers and twice the largest ``max_batch_size`` for one
+        with batched methods (a batch can only gather what the worker holds, and the second
+        half is the next batch, gathering while one runs)."""
+        if self.spec.capacity is not None:
+            return self.spec.capacity
+        if not self._batched:
+            return 1
+        return min(65536, 2 * max(s.max_batch_size for s in self._batched.values()))
 
     def _teardown(self) -> None:
         teardown = getattr(self._handler, "teardown", None)
@@ -215,11 +228,12 @@ class Worker:
             "pid": os.getpid(),
             "device": device_label(s.device),
             "service": s.service,
-            "capacity": s.capacity,
+            "capacity": self.capacity,
             "methods": sorted(self._methods),
             "batched": {name: {"max_batch_size": spec.max_batch_size,
                                "max_delay_ms": spec.max_delay_ms,
-                               "effective_max_batch_size": min(spec.max_batch_size, s.capacity)}
+                               "effective_max_batch_size": min(spec.max_batch_size,
+                                                                self.capacity)}
                         for name, spec in sorted(self._batched.items())},
         }
 
@@ -396,7 +410,7 @@ class Worker:
         while True:
             self._take_matching(method, spec.max_batch_size, arrived_at)
             if (not gathering or len(gathering) >= spec.max_batch_size or self._stopping
-                    or self._outstanding() >= self.spec.capacity):
+                    or self._outstanding() >= self.capacity):
                 break
             wait = flush_at - time.monotonic()
             if wait <= 0:
