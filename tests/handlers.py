@@ -303,6 +303,16 @@ class GpuBatches(CudaPoison):
 class Tensors(Echo):
     """Arrays and tensors: echo them, describe them, hold segments while a test kills us."""
 
+    def setup(self, ctx):
+        if ctx.device != "cpu":
+            # Import torch and create the CUDA context here, as a model handler would, not in
+            # the first request: both hold the GIL for seconds on a cold machine, and a
+            # worker whose heartbeat thread is silent for heartbeat_liveness beats (3 s) in a
+            # request is killed as hung.
+            import torch
+
+            torch.ones(1, device=ctx.device).sum().item()
+
     def describe(self, payload):
         """What arrived, as the worker sees it: type, dtype, shape, writability."""
         return {k: {"type": type(v).__module__ + "." + type(v).__name__, "dtype": str(v.dtype),

@@ -16,10 +16,10 @@ import pytest
 from tests.conftest import ROOT, _env
 from tests.test_torch_handler import _close, _inputs, _mlp_pool
 from workerpool import Client, HandlerError, WorkerCrashedError
-from workerpool.devices import discover_gpus
+from workerpool.devices import CPU, parse_devices
 from workerpool.errors import ResourceExhaustedError
 
-GPUS = discover_gpus()
+GPUS = [d for d in parse_devices("auto") if d != CPU]  # where --devices auto places workers
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not GPUS, reason="no NVIDIA GPU here (/proc/driver/nvidia/gpus and "
