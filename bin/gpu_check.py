@@ -70,6 +70,15 @@ from workerpool.devices import discover_gpus, parse_devices
 print(f"python {sys.version.split()[0]}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}")
 print(f"discover_gpus: {discover_gpus()}; --devices auto: {parse_devices('auto')}")
 ok = bool(discover_gpus())
+import importlib.metadata as md
+for dist in ("pytest", "pytest-timeout", "msgpack", "click", "pyzmq", "pydantic", "hdrhistogram",
+             "rich"):
+    try:
+        print(f"{dist} {md.version(dist)}", end="; ")
+    except md.PackageNotFoundError:
+        print(f"{dist} MISSING", end="; ")
+        ok = False
+print()
 try:
     import numpy
     print(f"numpy {numpy.__version__}")
@@ -239,6 +248,9 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
+    # Only the plugin the suite uses: the GPU image has many (jaxtyping, typeguard,
+    # hypothesis, xdist, benchmark...) that would load into every pytest and could change it.
+    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     return env
 
 
@@ -306,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown section(s) {unknown}; sections: {', '.join(known)}")
 
     py = sys.executable
-    collect = [py, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu",
-               "tests/"]
+    pytest = [py, "-m", "pytest", "-p", "pytest_timeout", "-p", "no:cacheprovider"]
+    collect = [*pytest, "--collect-only", "-q", "-m", "gpu", "tests/"]
     if args.list:
         proc = subprocess.run(collect, cwd=ROOT, env=child_env(), capture_output=True, text=True,
                               timeout=300)
@@ -372,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             if t0 is None:
                 continue
             xml = os.path.join(work, f"{key}.xml")
-            rc, to = run_logged([py, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider",
-                                 "--timeout", str(TEST_TIMEOUT), f"--junitxml={xml}", *tests],
+            rc, to = run_logged([*pytest, "-v", "-rfEs", "--timeout", str(TEST_TIMEOUT),
+                                 f"--junitxml={xml}", *tests],
                                 os.path.join(work, f"{key}.log"), deadline, console)
             counts = junit_counts(xml) if os.path.exists(xml) else None
             ok, detail = pytest_verdict(rc, counts, to)
@@ -399,8 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = begin("core", "crash, dispatch and CUDA-classification suites on this machine")
             if t0 is not None:
                 xml = os.path.join(work, "core.xml")
-                rc, to = run_logged([py, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
-                                     f"--junitxml={xml}", *CORE_TESTS],
+                rc, to = run_logged([*pytest, "-q", "-rfEs", f"--junitxml={xml}", *CORE_TESTS],
                                     os.path.join(work, "core.log"), deadline, console)
                 counts = junit_counts(xml) if os.path.exists(xml) else None
                 ok, detail = pytest_verdict(rc, counts, to)
