@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per worker (default: torch's own)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--json-out", metavar="FILE", default=None,
+                    help="also write the JSON object to FILE (bin/gpu-check keeps both forms)")
     args = ap.parse_args(argv)
     if args.max_inflight is None:
         args.max_inflight = max(32, -(-args.concurrency // args.workers))
@@ -185,9 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     out, code = _pool.measure(lambda workdir: run(args, workdir), "wp-batch-")
     if out is None:
         return code
-    out["config"] = {**{k: v for k, v in vars(args).items() if k != "json"},
+    out["config"] = {**{k: v for k, v in vars(args).items() if k not in ("json", "json_out")},
                      "python": platform.python_version(), "cpus": os.cpu_count(),
                      "load_1min": os.getloadavg()[0], "platform": platform.platform()}
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(out, f, indent=2)
     print(json.dumps(out, indent=2) if args.json else format_table(out, args))
     errors = sum(r["errors"] for r in out["results"].values())
     return 1 if errors else 0

@@ -41,6 +41,16 @@ class Streams(Echo):
         time.sleep(float(payload["seconds"]))
 
 
+class SysExit(Echo):
+    """A handler that calls sys.exit(): SystemExit is no Exception, so it ends the worker's
+    loop; the worker must leave as a crash, not say it stopped."""
+
+    def sys_exit(self, payload=None):
+        import sys
+
+        sys.exit(int(payload or 3))
+
+
 class FailFirstSlot(Echo):
     """setup() fails in slot N/0 only: one failed worker among healthy ones."""
 
@@ -210,12 +220,28 @@ class SlowRespawn(Faulty):
             time.sleep(float(ctx.options.get("respawn_setup_seconds", 0)))
 
 
+def _host_copy_fails(message: str):
+    """A tensor whose copy to the host raises ``RuntimeError(message)``: what a CUDA result
+    does when a kernel before it hit a sticky error, since the error surfaces at the next
+    synchronising call, the reply's device-to-host copy (needs torch)."""
+    import torch
+
+    class HostCopyFails(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.contiguous, torch.Tensor.to, torch.Tensor.copy_):
+                raise RuntimeError(message)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    return torch.zeros(4).as_subclass(HostCopyFails)
+
+
 class Batches(Faulty):
     """A ``@batched`` method that records every batch it runs, and fails on request.
 
     Each payload is a dict; keys act on the whole batch (``raise``, ``oom``, ``poison``,
     ``short``, ``not_list``, ``sleep``, ``started_file``) or on the item alone (``fail``,
-    ``item_oom``, ``item_poison``, ``typed``, ``unencodable``). Other payloads (ints,
+    ``item_oom``, ``item_poison``, ``typed``, ``unencodable``, ``send_poison``). Other payloads (ints,
     strings, lists) are echoed.
     """
 
@@ -252,6 +278,9 @@ class Batches(Faulty):
                 out.append(PayloadError(f"item {p.get('i')}: wrong shape"))
             elif p.get("unencodable"):
                 out.append(object())
+            elif p.get("send_poison"):
+                out.append(_host_copy_fails(
+                    "CUDA error: an illegal memory access was encountered"))
             else:
                 out.append({"i": p.get("i"), "batch": len(payloads)})
         if "short" in flags:
@@ -302,6 +331,16 @@ class GpuBatches(CudaPoison):
 
 class Tensors(Echo):
     """Arrays and tensors: echo them, describe them, hold segments while a test kills us."""
+
+    def setup(self, ctx):
+        if ctx.device != "cpu":
+            # Import torch and create the CUDA context here, as a model handler would, not in
+            # the first request: both hold the GIL for seconds on a cold machine, and a
+            # worker whose heartbeat thread is silent for heartbeat_liveness beats (3 s) in a
+            # request is killed as hung.
+            import torch
+
+            torch.ones(1, device=ctx.device).sum().item()
 
     def describe(self, payload):
         """What arrived, as the worker sees it: type, dtype, shape, writability."""

@@ -231,6 +231,31 @@ def test_a_poisoned_context_in_a_batch_answers_each_caller_and_replaces_the_work
                       and s["workers"][0]["pid"] != pid, what="respawn")
 
 
+def test_a_sticky_error_while_sending_a_result_answers_the_rest_of_the_batch(procs):
+    """A CUDA result is copied to the host as its reply is encoded, and an earlier kernel's
+    sticky error surfaces there. The callers already answered keep their results; every
+    other caller of the batch hears that the context is poisoned, and the worker is
+    replaced (it used to die of the uncaught exception, its callers' cause unknown)."""
+    pytest.importorskip("torch", reason="the failing result is a torch tensor")
+    pool = _pool(procs)
+    with Client(pool.address, timeout=30) as c:
+        pid = pool.status()["workers"][0]["pid"]
+        gate = _Gate(procs, pool, c)
+        futs = [c.submit("work", {"i": 0}), c.submit("work", {"i": 1, "send_poison": True}),
+                c.submit("work", {"i": 2})]
+        behind = c.submit("echo", "behind")  # held by the worker, not in the batch
+        gate.open(5)
+        assert futs[0].result() == {"i": 0, "batch": 3}  # sent before the error
+        for f in futs[1:]:
+            with pytest.raises(WorkerCrashedError, match="sticky CUDA error") as info:
+                f.result()
+            assert info.value.extra["cause"] == "context-poisoned"
+        assert behind.result() == "behind"  # never started: run on the replacement
+        st = pool.wait_for(lambda s: s["workers"][0]["state"] == "ready"
+                           and s["workers"][0]["pid"] != pid, what="respawn")
+        assert "CUDA context poisoned" in st["workers"][0]["last_error"]
+
+
 def test_a_bad_body_fails_only_its_caller(procs):
     pool = _pool(procs)
     peer = RawPeer(pool.address)

@@ -78,6 +78,44 @@ def test_parse_devices_never_touches_cuda(monkeypatch):
     assert devices.parse_devices("auto") == ["cpu"]
 
 
+def _fake_smi(tmp_path, monkeypatch, script: str | None) -> None:
+    """PATH holds only a fake ``nvidia-smi`` running ``script`` (or no nvidia-smi at all)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    if script is not None:
+        smi = bindir / "nvidia-smi"
+        smi.write_text("#!/bin/sh\n" + script)
+        smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bindir))
+
+
+def test_discover_gpus_from_the_driver_files(tmp_path, monkeypatch):
+    proc = tmp_path / "gpus"
+    proc.mkdir()
+    for bus in ("0000:18:00.0", "0000:3b:00.0"):
+        (proc / bus).mkdir()
+    _fake_smi(tmp_path, monkeypatch, "echo 'GPU 0: should not be asked'")
+    assert devices.discover_gpus(str(proc)) == ["0", "1"]
+
+
+@pytest.mark.parametrize(("script", "found"), [
+    # One GPU, as the lent H100 machine prints it.
+    ("echo 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-4bd1c8e0-1a2b-3c4d-5e6f-0123456789ab)'",
+     ["0"]),
+    # MIG instances are indented under their GPU: GPU 1 is still index 1.
+    ("printf '%s\\n' 'GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-a)' "
+     "'  MIG 1g.5gb      Device  0: (UUID: MIG-b)' '  MIG 1g.5gb      Device  1: (UUID: MIG-c)' "
+     "'GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-d)'", ["0", "1"]),
+    # A driver that is installed but broken: a message on stdout and a failing status.
+    ("echo 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'"
+     "; exit 9", []),
+    (None, []),  # no nvidia-smi at all
+])
+def test_discover_gpus_from_nvidia_smi(tmp_path, monkeypatch, script, found):
+    _fake_smi(tmp_path, monkeypatch, script)
+    assert devices.discover_gpus(str(tmp_path / "no-such-dir")) == found
+
+
 def test_worker_env_pins_one_device():
     assert devices.worker_env("cpu", {})["CUDA_VISIBLE_DEVICES"] == ""
     assert devices.worker_env("3", {"X": "1"}) == {"X": "1", "CUDA_VISIBLE_DEVICES": "3"}

@@ -103,6 +103,20 @@ def test_exit_and_crash_mid_stream(procs):
             assert c2.call("echo", 2) == 2
 
 
+def test_sys_exit_in_a_handler_is_a_crash_not_a_stop(procs):
+    """SystemExit escapes the worker's loop. It used to send GOODBYE "stopped" on its way
+    out: the router marked the slot stopped and failed the request as unservable."""
+    pool = procs.pool(handler="tests.handlers:SysExit", workers=1)
+    with Client(pool.address, timeout=10) as c:
+        pid = pool.status()["workers"][0]["pid"]
+        with pytest.raises(WorkerCrashedError, match="exited with code 4"):
+            c.call("sys_exit", 4)
+        st = pool.wait_for(lambda s: s["workers"][0]["state"] == "ready"
+                           and s["workers"][0]["pid"] != pid, what="respawn")
+        assert st["workers"][0]["restarts"] == 1
+        assert c.call("echo", 1) == 1
+
+
 def test_crash_is_reported_within_100ms(procs):
     pool = procs.pool(workers=1)
     with Client(pool.address, timeout=10) as c:

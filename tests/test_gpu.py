@@ -12,12 +12,15 @@ import signal
 import pytest
 
 from workerpool import Client, WorkerCrashedError
-from workerpool.devices import discover_gpus
+from workerpool.devices import CPU, parse_devices
 
-GPUS = discover_gpus()
+# The GPUs `--devices auto` places workers on: those found, or the ones CUDA_VISIBLE_DEVICES
+# names where it is set (the labels in status are then those ids, e.g. a UUID).
+GPUS = [d for d in parse_devices("auto") if d != CPU]
 needs_gpu = pytest.mark.skipif(
     not GPUS, reason="no NVIDIA GPU here (/proc/driver/nvidia/gpus and nvidia-smi -L found "
-                     "none); bin/gpu-check runs these on a GPU machine")
+                     "none, or CUDA_VISIBLE_DEVICES hides them); bin/gpu-check runs these on "
+                     "a GPU machine")
 pytestmark = pytest.mark.gpu
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import math
 import os
 import signal
 import time
@@ -342,14 +343,47 @@ def test_malformed_shm_handles(segs):
         codec.loads(msgpack.packb(msgpack.ExtType(EXT_ARRAY, b"\xc1")))
 
 
-def test_cuda_tensor_moves_to_host_once_in_the_same_encoder():
-    """The CPU path of the encoder that a CUDA tensor takes (Outgoing.copy_into)."""
-    t = random_torch("float32", (512, 600))
-    for p in (None, shm.SegmentPool()):
-        out, _ = roundtrip(t, p, shm.SegmentMapper())
-        assert same(t, out) and out.device.type == "cpu"
-        if p is not None:
-            p.close()
+class _OnDevice(torch.Tensor):
+    """A CPU tensor that says it is on cuda:0 and records the calls made on it: the encoder's
+    device branch, run without a GPU. Its ``to`` returns a new tensor, as a real
+    device-to-host copy does."""
+
+    calls: list[str] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__self__", None) is torch._C.TensorBase.device:  # the property
+            return torch.device("cuda", 0)
+        name = getattr(func, "__name__", "")
+        cls.calls.append(name)
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+            if name == "to":
+                out = out.clone()
+        return out.as_subclass(cls) if name in ("detach", "resolve_conj", "resolve_neg") else out
+
+
+@pytest.mark.parametrize("shape", [(8, 16), (600, 512)])  # inline; a frame or shared memory
+def test_a_device_tensor_moves_to_host_exactly_once(shape):
+    """The decision logic of the CUDA path (ipc/arrays.py), on the CPU: a tensor on a device
+    is copied to the host once, by ``.to("cpu")`` into a frame or inline bytes, or by one
+    ``copy_`` straight into the shared-memory segment; transposed (non-contiguous) too.
+    tests marked gpu below do it with a real CUDA tensor."""
+    t = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape).T
+    pool, mapper = shm.SegmentPool(), shm.SegmentMapper()
+    try:
+        big = t.numel() * t.element_size() >= codec.SHM_THRESHOLD
+        for p, copy in ((None, "to"), (pool, "copy_" if big else "to")):
+            _OnDevice.calls.clear()
+            out, _ = roundtrip(t.as_subclass(_OnDevice), p, mapper)
+            moves = [c for c in _OnDevice.calls if c in ("to", "copy_", "cpu", "numpy",
+                                                         "contiguous", "tolist")]
+            assert moves == [copy], _OnDevice.calls
+            assert type(out) is torch.Tensor and out.device.type == "cpu"
+            assert torch.equal(out, t)
+    finally:
+        pool.close()
+        mapper.close()
 
 
 @pytest.mark.gpu
@@ -378,9 +412,9 @@ def test_handler_tensor_on_its_device_comes_back_on_cpu(tpool):
 
 @pytest.mark.gpu
 def test_gpu_worker_returns_cuda_tensor(procs):
-    from workerpool.devices import discover_gpus
+    from workerpool.devices import CPU, parse_devices
 
-    if not discover_gpus():
+    if parse_devices("auto") == [CPU]:
         pytest.skip("no NVIDIA GPU here; bin/gpu-check runs the gpu-marked tests")
     pool = procs.pool("--devices", "auto", handler="tests.handlers:Tensors", workers=1)
     a = random_numpy("float32", (2048, 1024))

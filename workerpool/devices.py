@@ -9,15 +9,21 @@ pinned by setting ``CUDA_VISIBLE_DEVICES`` in its environment before Python star
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 
 CPU = "cpu"
+PROC_GPUS = "/proc/driver/nvidia/gpus"  # one entry (a PCI address) per GPU the driver holds
+_SMI_GPU = re.compile(r"GPU (\d+): ")
 
 
-def discover_gpus() -> list[str]:
-    """Indices of the NVIDIA GPUs on this host, as strings; empty when there are none."""
-    proc_dir = "/proc/driver/nvidia/gpus"
+def discover_gpus(proc_dir: str = PROC_GPUS) -> list[str]:
+    """Indices of the NVIDIA GPUs on this host, as strings; empty when there are none.
+
+    From the driver's ``proc_dir`` where it exists, else from ``nvidia-smi -L`` (some
+    sandboxes have the tool but no /proc/driver/nvidia).
+    """
     try:
         count = len(os.listdir(proc_dir))
     except OSError:
@@ -31,7 +37,9 @@ def discover_gpus() -> list[str]:
         out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+    # "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-...)"; MIG devices follow their GPU as
+    # indented lines, so the index is read from the line, not counted.
+    return [m.group(1) for line in out.splitlines() if (m := _SMI_GPU.match(line))]
 
 
 def parse_devices(spec: str, *, discover: bool = True) -> list[str]:

@@ -26,8 +26,10 @@ def memory_use() -> dict[str, int]:
     if torch is not None:
         try:
             if torch.cuda.is_initialized():  # never initialises CUDA itself
-                out["gpu_allocated"] = int(torch.cuda.memory_allocated())
-                out["gpu_reserved"] = int(torch.cuda.memory_reserved())
+                # Device 0 by index: the worker sees only its own GPU, and no index would
+                # ask the CUDA runtime for this (heartbeat) thread's current device.
+                out["gpu_allocated"] = int(torch.cuda.memory_allocated(0))
+                out["gpu_reserved"] = int(torch.cuda.memory_reserved(0))
                 if "torch" not in _GPU_TOTAL:
                     _GPU_TOTAL["torch"] = int(torch.cuda.get_device_properties(0).total_memory)
                 out["gpu_total"] = _GPU_TOTAL["torch"]

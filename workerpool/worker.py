@@ -161,12 +161,18 @@ class Worker:
         self._send(Kind.READY, 0, self._ready_meta())
         self._heart = _Heartbeat(self._ctx, self.spec)
         self._heart.start()
+        stopped = False
         try:
             self._serve()
+            stopped = True
         finally:
             self._teardown()  # still beating: a slow teardown is not a hang
             self._heart.stop()
-            self._send(Kind.GOODBYE, 0, {"reason": "stopped"})
+            if stopped:
+                # Only a clean stop says so: after an exception of the runtime itself the
+                # router must learn of a crash (from the supervisor), not of a stop that
+                # would leave the slot STOPPED and never answer what we held as crashed.
+                self._send(Kind.GOODBYE, 0, {"reason": "stopped"})
             self._close()
         return 0
 
@@ -480,7 +486,7 @@ class Worker:
                     and self._fate(r) is Fate.POISONED):
                 self._on_handler_exception(ids, r)  # one item's fault poisoned the context
                 return
-        for rid, value in zip(ids, results, strict=True):
+        for k, (rid, value) in enumerate(zip(ids, results, strict=True)):
             if isinstance(value, WorkerPoolError):
                 self._send_error(rid, value)  # a typed error the handler chose for this caller
             elif isinstance(value, BaseException):
@@ -490,6 +496,11 @@ class Worker:
                     self._send_value(Kind.RESULT, rid, value, shm_ok[rid])
                 except _UnencodableResult as exc:
                     self._send_error(rid, PayloadError(str(exc)))
+                except Exception as exc:
+                    # Encoding copies a CUDA result to the host, where an earlier kernel's
+                    # sticky error surfaces: then every caller not yet answered hears it.
+                    poisoned = self._fate(exc) is Fate.POISONED
+                    self._on_handler_exception(ids[k:] if poisoned else [rid], exc)
 
     # -- errors --------------------------------------------------------------------------------
     @staticmethod
