@@ -240,7 +240,7 @@ def status(router_addr, as_json, timeout) -> None:
 
 
 def format_status(st: dict) -> str:
-    rows = [[_cell(w.get(c), c) for c in _COLUMNS] for w in st["workers"]]
+    rows = [[_cell(w.get(c), c, w) for c in _COLUMNS] for w in st["workers"]]
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
               for i, c in enumerate(_COLUMNS)]
     out = ["  ".join(c.upper().ljust(w) for c, w in zip(_COLUMNS, widths, strict=True))]
@@ -267,11 +267,13 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def _cell(value: Any, column: str) -> str:
+def _cell(value: Any, column: str, row: dict) -> str:
     if column == "memory":
         return _memory(value or {})
     if value is None:
         return "-"
+    if column == "in_flight" and row.get("capacity") is not None:
+        return f"{value}/{row['capacity']}"  # a worker stuck at its capacity stands out
     if column == "uptime":
         return f"{value:.1f}s"
     return str(value)
