@@ -1163,8 +1163,9 @@ class Router:
                     workers: int) -> dict[bytes, tuple[int, list[Slot]]]:
         """Split ``workers`` over the supervisors running ``name``: each supervisor's new
         count and the slots it retires. Workers are added where there are fewest, and taken
-        where there are most, idlest slot first, so hosts stay even; a supervisor that keeps
-        spares keeps one worker. Raises ValueError when ``workers`` cannot be met."""
+        where there are most (ties: where it stops the least), so hosts stay even; a
+        supervisor that keeps spares keeps one worker. Raises ValueError when ``workers``
+        cannot be met."""
         counts = {o: self._targets[name][o][0] for o in owners}
         floor = {o: 1 if self._targets[name][o][1] else 0 for o in owners}
         held = sum(floor.values())
@@ -1175,31 +1176,40 @@ class Router:
                                  "one worker")
             raise ValueError(f"service {name!r} keeps spares on {held} supervisors: it needs "
                              f"at least {held} workers")
-        # The cheapest to lose first: not running, then idle, then the highest id.
+        # Each supervisor keeps (its count + its spares) slots: the router must name the ones
+        # above that to retire. The cheapest to lose first: not running, then serving ones
+        # holding the fewest requests, then spares (a spare may sit on any supervisor, since
+        # promotion ignores hosts), ties to the highest id.
+        def cost(slot: Slot) -> tuple[int, int]:
+            if slot.conn is None:
+                return 0, 0
+            return (2, 0) if slot.state is WorkerState.SPARE else (1, len(slot.conn.in_flight))
+
+        spares = {o: self._targets[name][o][1] for o in owners}
         candidates: dict[bytes, list[Slot]] = {o: [] for o in owners}
         for slot in sorted(self.slots.values(), key=lambda s: s.sort_key, reverse=True):
             owner = self._slot_owner.get(slot.id)
-            if (slot.service == name and owner in candidates and not slot.retiring
-                    and slot.state is not WorkerState.SPARE):
+            if slot.service == name and owner in candidates and not slot.retiring:
                 candidates[owner].append(slot)
-        def cost(slot: Slot) -> tuple[bool, int]:
-            return slot.conn is not None, len(slot.conn.in_flight) if slot.conn else 0
-
-        def next_loss(o: bytes) -> tuple[int, int]:  # ties: where losing one costs least
-            c = cost(candidates[o][0]) if candidates[o] else (False, 0)
-            return -c[0], -c[1]
-
         for mine in candidates.values():
             mine.sort(key=cost)
-        retire: dict[bytes, list[Slot]] = {o: [] for o in owners}
+
+        def excess(o: bytes, count: int) -> int:
+            return max(0, len(candidates[o]) - count - spares[o])
+
+        def loss(o: bytes) -> tuple[int, ...]:
+            """What one worker fewer on ``o`` stops: nothing (it runs fewer slots than its
+            count), else its next slot in cost order."""
+            k = excess(o, counts[o] - 1)
+            return (0,) if k == 0 else (1, *cost(candidates[o][k - 1]))
+
         while sum(counts.values()) < workers:
             counts[min(owners, key=lambda o: counts[o])] += 1
         while sum(counts.values()) > workers:
             owner = max((o for o in owners if counts[o] > floor[o]),
-                        key=lambda o: (counts[o], next_loss(o)))
+                        key=lambda o: (counts[o], tuple(-x for x in loss(o))))
             counts[owner] -= 1
-            if candidates[owner]:
-                retire[owner].append(candidates[owner].pop(0))
+        retire = {o: candidates[o][:excess(o, counts[o])] for o in owners}
         return {o: (counts[o], retire[o]) for o in owners}
 
     def _fail_if_unservable(self, svc: Service | None) -> None:

@@ -161,8 +161,7 @@ def test_scale_bad_input(procs):
 def test_scale_a_service_that_runs_under_two_supervisors(procs):
     front, back = procs.tcp(), procs.tcp()
     router = procs.spawn(["router", "--frontend", front, "--backend", back], front, None)
-    args = ["worker", "--router", back, "--handler", "workerpool.handlers:Faulty",
-            "--workers", "1"]
+    args = ["worker", "--router", back, "--handler", "tests.handlers:Batches", "--workers", "1"]
     procs.spawn([*args, "--node", "a"], front, "workerpool worker ready")
     procs.spawn([*args, "--node", "b"], front, "workerpool worker ready")
     router.wait_ready(2)
@@ -177,16 +176,19 @@ def test_scale_a_service_that_runs_under_two_supervisors(procs):
         assert sorted(out["supervisors"].values()) == [2, 3]
         st = router.wait_ready(5)
         assert sorted(per_node(st).values()) == [2, 3]
-        # Down to 1 while two requests run: taken where there are most, idle ones first.
-        futs = [c.submit("sleep", {"seconds": 1.0, "i": i}) for i in range(2)]
-        router.wait_for(lambda s: s["services"][0]["in_flight"] == 2, what="2 running")
+        # Down to 1 while two requests are held: taken where there are most, idle ones first.
+        gate = procs.dir / "gate-scale"
+        futs = [c.submit("gate", {"path": str(gate)}) for _ in range(2)]
+        router.wait_for(lambda s: s["services"][0]["in_flight"] == 2, what="2 held")
         busy = {w["id"] for w in router.status()["workers"] if w["in_flight"]}
+        assert len(busy) == 2
         out = c.scale("default", 1)
         assert out["previous"] == 5 and len(out["retire"]) == 4
         assert sorted(out["supervisors"].values()) == [0, 1]
         kept = busy - set(out["retire"])
         assert len(kept) == 1, (busy, out)  # of the busy two, one stays: the rest were idle
-        assert [f.result(10)["i"] for f in futs] == [0, 1]  # nothing held is lost
+        gate.touch()
+        assert [f.result(10) for f in futs] == ["opened"] * 2  # nothing held is lost
         st = router.wait_for(lambda s: len(s["workers"]) == 1, what="retired rows removed")
         assert {w["id"] for w in st["workers"]} == kept
         assert [c.call("echo", i) for i in range(5)] == list(range(5))
@@ -210,3 +212,28 @@ def test_scale_keeps_a_worker_on_each_supervisor_with_spares(procs):
         out = c.scale("default", 4)  # both spares serve at once, one more on each node
         assert out["supervisors"] == {k: 2 for k in out["supervisors"]}
         assert len(_serving(router.status())) == 4
+
+
+def test_scale_down_retires_a_spare_that_sits_on_another_supervisor(procs):
+    # Promotion ignores hosts: after a's worker dies, b's spare serves and a's replacement
+    # comes back as the spare. Scaling to 1 then takes a's count to 0, and the slot a
+    # still runs (a spare) must retire too, or a would keep a process it was told not to.
+    front, back = procs.tcp(), procs.tcp()
+    router = procs.spawn(["router", "--frontend", front, "--backend", back], front, None)
+    args = ["worker", "--router", back, "--handler", "workerpool.handlers:Faulty",
+            "--workers", "1"]
+    procs.spawn([*args, "--node", "a"], front, "workerpool worker ready")
+    procs.spawn([*args, "--spares", "1", "--node", "b"], front, "workerpool worker ready")
+    st = router.wait_for(lambda s: sorted(_states(s).values()) == ["ready", "ready", "spare"],
+                         what="2 serving, b's spare")
+    os.kill(next(w["pid"] for w in st["workers"] if w["id"] == "default/a/0"), signal.SIGKILL)
+    router.wait_for(lambda s: _states(s) == {"default/a/0": "spare", "default/b/0": "ready",
+                                             "default/b/1": "ready"},
+                    what="b's spare serving, a's replacement the spare")
+    with Client(front, timeout=10) as c:
+        out = c.scale("default", 1)
+        assert out["retire"] == ["default/a/0"]
+        assert sorted(out["supervisors"].values()) == [0, 1]
+        st = router.wait_for(lambda s: "default/a/0" not in _states(s), what="a/0 gone")
+        assert sorted(_states(st).values()) == ["ready", "spare"]
+        assert [c.call("echo", i) for i in range(3)] == [0, 1, 2]

@@ -223,8 +223,9 @@ class _RequestFuture(concurrent.futures.Future):
         self.rid = 0
 
     def cancel(self) -> bool:
+        was_cancelled = self.cancelled()
         cancelled = super().cancel()
-        if cancelled and self.rid:
+        if cancelled and not was_cancelled and self.rid:  # one CANCEL, however often called
             self._client._cancel(self.rid)
         return cancelled
 
