@@ -51,7 +51,7 @@ class Conn:
     """One live, registered worker incarnation on the backend socket."""
 
     __slots__ = ("busy_since", "capacity", "declared", "identity", "in_flight", "incarnation",
-                 "kill_sent", "last_beat", "memory", "methods", "pid", "slot", "started")
+                 "kill_sent", "last_beat", "memory", "methods", "pid", "slot", "started", "told")
 
     def __init__(self, identity: bytes, slot: Slot, incarnation: int, pid: int,
                  capacity: int, methods: frozenset[str]) -> None:
@@ -60,6 +60,7 @@ class Conn:
         self.incarnation = incarnation
         self.pid = pid
         self.declared = capacity  # what the worker said it can hold
+        self.told = capacity  # the capacity the worker knows it has (see Router._tell_capacity)
         self.capacity = capacity  # what the router will send it: min(declared, service cap)
         self.methods = methods
         self.in_flight: dict[int, Record] = {}

@@ -638,6 +638,7 @@ class Router:
         conn = Conn(ident, slot, incarnation, int(meta["pid"]), capacity,
                     frozenset(str(m) for m in meta.get("methods", ())))
         conn.capacity = svc.capacity_for(capacity)
+        self._tell_capacity(conn)
         target = self._active_target(service)
         spare = target is not None and len(svc.conns) >= target
         slot.transition(WorkerState.SPARE if spare else WorkerState.READY)
@@ -1261,8 +1262,19 @@ class Router:
             svc = self.services[name] = Service(name, settings)
         else:
             svc.configure(settings)
+            for conn in self.conns.values():  # spares too: they are not in svc.conns
+                if conn.slot.service == name:
+                    conn.capacity = svc.capacity_for(conn.declared)
+                    self._tell_capacity(conn)
         svc.configured = config is not None
         return svc
+
+    def _tell_capacity(self, conn: Conn) -> None:
+        """A worker batches from what it holds and flushes early once it holds its capacity,
+        so it must know when the service's max_inflight caps it below what it declared."""
+        if conn.capacity != conn.told:
+            conn.told = conn.capacity
+            self._send_backend(conn.identity, Kind.READY, {"capacity": conn.capacity})
 
     def _send_backend(self, ident: bytes, kind: Kind, meta: dict | None = None,
                       req_id: int = 0) -> None:

@@ -59,11 +59,10 @@ class Service:
         self._mean_service = 0.0  # EWMA, for retry_after
 
     def configure(self, settings: ServiceSettings) -> None:
-        """(Re)apply settings; workers already registered get the new capacity cap."""
+        """(Re)apply settings. Registered workers, spares included, are capped again by the
+        router (``Router._service``), which also tells them."""
         self.settings = settings
         self.policy = make_policy(settings.policy)
-        for c in self.conns:
-            c.capacity = self.capacity_for(c.declared)
 
     def capacity_for(self, declared: int) -> int:
         cap = self.settings.max_inflight

@@ -377,3 +377,30 @@ def test_started_marks_only_requests_the_worker_holds_and_garbage_is_counted(tmp
         assert conn.started == {11, 12} and router.stats["internal_errors"] == 0
     finally:
         router.close()
+
+
+def test_a_worker_learns_when_the_router_caps_it_below_what_it_declared(procs):
+    # Supervisor a describes the service first, with max_inflight 2; b's Batches worker
+    # leaves it unset and declares 16. The router caps it at 2 and tells it, so its batches
+    # flush at 2 instead of waiting max_delay for 8 that can never come.
+    front, back = procs.tcp(), procs.tcp()
+    router = procs.spawn(["router", "--frontend", front, "--backend", back], front, None)
+    args = ["worker", "--router", back, "--workers", "1"]
+    procs.spawn([*args, "--handler", H, "--max-inflight", "2", "--node", "a"], front,
+                "workerpool worker ready")
+    router.wait_ready(1)
+    b = procs.spawn([*args, "--handler", H, "--node", "b"], front, "workerpool worker ready")
+    st = router.wait_ready(2)
+    assert {w["id"]: w["capacity"] for w in st["workers"]} == {"default/a/0": 2,
+                                                               "default/b/0": 2}
+    told = "[default/b/0] the router caps this worker at 2 request(s) (it declared 16)"
+    deadline = time.monotonic() + 20
+    while told not in b.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = b.log.read_text()
+    assert told in log
+    assert "@batched method 'work' has max_batch_size=8 but this worker holds at most " \
+           "max_inflight=2" in log
+    with Client(front, timeout=20) as c:
+        futs = [c.submit("work", {"i": i}) for i in range(8)]
+        assert sorted(f.result()["i"] for f in futs) == list(range(8))

@@ -126,6 +126,7 @@ class Worker:
         self._methods: dict[str, Any] = {}
         self._batched: dict[str, BatchSpec] = {}  # the methods declared @batched
         self.capacity = spec.capacity or 1  # settled once setup() has shown the methods
+        self.declared = self.capacity  # what it tells the router; capacity: what the router allows
         self._meta_cache = protocol.MetaCache()
         self._backlog: OrderedDict[int, protocol.Message] = OrderedDict()  # received, not run
         self._arrived: dict[int, float] = {}  # when each backlog request arrived (batching)
@@ -196,7 +197,10 @@ class Worker:
         self._methods = public_methods(self._handler)
         self._batched = {name: spec for name, fn in self._methods.items()
                          if (spec := batch_spec(fn)) is not None}
-        self.capacity = self._capacity()
+        self.declared = self.capacity = self._capacity()
+        self._warn_small_batches()
+
+    def _warn_small_batches(self) -> None:
         for name, spec in self._batched.items():
             if spec.max_batch_size > self.capacity:
                 # Worker-side batching can only gather what the router has sent.
@@ -206,6 +210,18 @@ class Worker:
                     f"{self.capacity} request(s), so its batches hold at most "
                     f"{self.capacity}; set the service's max_inflight >= "
                     f"{spec.max_batch_size} (or leave it unset)\n")
+
+    def _on_capacity(self, meta: dict) -> None:
+        """The router caps this worker below what it declared (the service's max_inflight,
+        set by another supervisor's configuration): batches flush at the lower count."""
+        cap = meta.get("capacity")
+        if type(cap) is not int or cap < 1 or cap == self.capacity:
+            return
+        self.capacity = min(cap, self.declared)
+        sys.stderr.write(f"[{self.spec.slot}] the router caps this worker at {self.capacity} "
+                         f"request(s) (it declared {self.declared}): the service's "
+                         "max_inflight\n")
+        self._warn_small_batches()
 
     def _capacity(self) -> int:
         """How many requests this worker holds at once: the service's ``max_inflight``, or,
@@ -234,12 +250,12 @@ class Worker:
             "pid": os.getpid(),
             "device": device_label(s.device),
             "service": s.service,
-            "capacity": self.capacity,
+            "capacity": self.declared,  # what this process can hold; a new router caps it anew
             "methods": sorted(self._methods),
             "batched": {name: {"max_batch_size": spec.max_batch_size,
                                "max_delay_ms": spec.max_delay_ms,
                                "effective_max_batch_size": min(spec.max_batch_size,
-                                                                self.capacity)}
+                                                                self.declared)}
                         for name, spec in sorted(self._batched.items())},
         }
 
@@ -300,6 +316,7 @@ class Worker:
         holds still runs: replies the new router does not know are dropped there, and
         dropping here instead would strand requests if the router merely raced us."""
         self._heart.register_again.clear()
+        self.capacity = self.declared  # the new router tells us again if it caps us lower
         sys.stderr.write(f"[{self.spec.slot}] the router does not know this worker: "
                          "registering again\n")
         self._send(Kind.READY, 0, self._ready_meta())
@@ -333,6 +350,8 @@ class Worker:
             self._stopping = True
         elif msg.kind is Kind.HEARTBEAT and "ping" in msg.meta:
             self._send(Kind.HEARTBEAT, msg.req_id, {"pong": msg.meta["ping"]})
+        elif msg.kind is Kind.READY:
+            self._on_capacity(msg.meta)
 
     def _on_cancel(self, req_id: int) -> None:
         """The router gave up on a request (timeout, client cancel). Not started: skip it.
