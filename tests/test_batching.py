@@ -404,3 +404,30 @@ def test_a_worker_learns_when_the_router_caps_it_below_what_it_declared(procs):
     with Client(front, timeout=20) as c:
         futs = [c.submit("work", {"i": i}) for i in range(8)]
         assert sorted(f.result()["i"] for f in futs) == list(range(8))
+
+
+def test_a_worker_takes_its_cap_from_the_router_and_ignores_bad_ones(tmp_path, capsys):
+    from workerpool.batching import BatchSpec
+    from workerpool.worker import Worker, WorkerSpec
+
+    w = Worker(WorkerSpec(slot="default/0", service="default", incarnation=1, handler=H,
+                          device="cpu", backend=f"ipc://{tmp_path}/b"))
+    try:
+        w._batched = {"work": BatchSpec(max_batch_size=8)}
+        w.declared = w.capacity = 16
+        for bad in ({"capacity": "2"}, {"capacity": 0}, {"capacity": -3}, {"capacity": True},
+                    {"capacity": 2.0}, {"capacity": None}, {}):
+            w._on_message(protocol.encode(Kind.READY, 0, bad))
+        assert w.capacity == 16 and capsys.readouterr().err == ""
+        w._on_message(protocol.encode(Kind.READY, 0, {"capacity": 4}))
+        err = capsys.readouterr().err
+        assert w.capacity == 4
+        assert "the router caps this worker at 4 request(s) (it declared 16)" in err
+        assert "max_batch_size=8 but this worker holds at most max_inflight=4" in err
+        w._on_message(protocol.encode(Kind.READY, 0, {"capacity": 100}))  # above: declared
+        assert w.capacity == 16
+        assert w._ready_meta()["capacity"] == 16  # a new router hears what it can hold
+    finally:
+        w._sock.close(0)
+        if w._shm is not None:
+            w._shm.close()
