@@ -6,9 +6,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import zmq
 
+from ipc import protocol
+from ipc.protocol import Kind
 from tests.conftest import ROOT, _env
 from workerpool import Client
 from workerpool.errors import AdminError, WorkerCrashedError
@@ -237,3 +241,49 @@ def test_scale_down_retires_a_spare_that_sits_on_another_supervisor(procs):
         st = router.wait_for(lambda s: "default/a/0" not in _states(s), what="a/0 gone")
         assert sorted(_states(st).values()) == ["ready", "spare"]
         assert [c.call("echo", i) for i in range(3)] == [0, 1, 2]
+
+
+def test_supervisor_retires_slots_a_scale_up_started_that_the_router_could_not_name(procs):
+    # A fake router sees exact messages: scale to 3, then at once to 1, before it heard of
+    # the two new slots (their HELLO still on the way), so its retire list is empty. The
+    # supervisor must retire them itself (they never registered: nothing is lost).
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    back = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+    try:
+        supervisor = procs.spawn(["worker", "--router", back, "--handler",
+                                  "workerpool.handlers:Faulty", "--workers", "1", "--node", "a"],
+                                 back, None)  # its ready line needs a real router
+
+        def next_from_supervisor(kinds, timeout=20.0):
+            deadline = time.monotonic() + timeout
+            while router.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                ident, *frames = router.recv_multipart()
+                msg = protocol.decode(frames)
+                if ident.startswith(b"sup-") and msg.kind in kinds:
+                    return ident, msg
+            raise AssertionError(f"no {kinds} from the supervisor within {timeout}s")
+
+        sup, hello = next_from_supervisor({Kind.HELLO})
+        assert [s["slot"] for s in hello.meta["slots"]] == ["default/a/0"]
+        for workers in (3, 1):
+            router.send_multipart([sup, *protocol.encode(Kind.ADMIN, 0, {
+                "op": "scale", "service": "default", "workers": workers, "retire": []})])
+        assert [s["slot"] for s in next_from_supervisor({Kind.HELLO})[1].meta["slots"]] == [
+            "default/a/0", "default/a/1", "default/a/2"]
+        assert [s["slot"] for s in next_from_supervisor({Kind.HELLO})[1].meta["slots"]] == [
+            "default/a/0"]
+        removed = set()
+        while removed != {"default/a/1", "default/a/2"}:
+            msg = next_from_supervisor({Kind.SLOT})[1]
+            if msg.meta.get("event") == "removed":
+                removed.add(msg.meta["slot"])
+        # Stop as a real router would let it: SIGTERM, its DRAIN answered with DRAINED.
+        supervisor.popen.send_signal(signal.SIGTERM)
+        next_from_supervisor({Kind.DRAIN})
+        router.send_multipart([sup, *protocol.encode(Kind.DRAINED, 0)])
+        assert supervisor.popen.wait(20) == 0
+    finally:
+        router.close(0)
+        ctx.term()

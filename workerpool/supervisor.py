@@ -334,19 +334,30 @@ class Supervisor:
         svc.workers = workers
         for slot in retire:
             w = self.workers.get(slot)
-            if w is None or w.service is not svc:
-                continue
-            w.retiring = w.drained = True
-            if w.proc is None or w.pidfd is None:
-                self._remove(w, "scaled away (not running)")
-            elif not w.ready:  # never registered, so there is nothing to drain: stop it
-                _signal(w.proc, signal.SIGTERM)
-            # A registered one drains at the router, which then tells it to stop.
-        live = sum(1 for w in self.workers.values() if w.service is svc and not w.retiring)
-        added = self._add_slots(svc, max(0, svc.workers + svc.spares - live))
+            if w is not None and w.service is svc:
+                self._retire(w)
+        mine = [w for w in self.workers.values() if w.service is svc and not w.retiring]
+        # The router names slots from those it knows. Slots an earlier scale up started,
+        # whose HELLO had not reached it yet, are ours to retire, newest first: they have
+        # not registered, so nothing is lost (registered ones only the router can drain).
+        surplus = len(mine) - svc.workers - svc.spares
+        for w in [w for w in reversed(mine) if not w.ready][:max(0, surplus)]:
+            self._retire(w)
+            mine.remove(w)
+        added = self._add_slots(svc, max(0, svc.workers + svc.spares - len(mine)))
         self._send(Kind.HELLO, self._hello())
         for w in added:
             self._spawn(w)
+
+    def _retire(self, w: WorkerProc) -> None:
+        """Scale ``w`` away: a slot with no process leaves at once, one that never
+        registered is stopped (nothing to drain), a registered one drains at the router,
+        which then tells it to stop."""
+        w.retiring = w.drained = True
+        if w.proc is None or w.pidfd is None:
+            self._remove(w, "scaled away (not running)")
+        elif not w.ready:
+            _signal(w.proc, signal.SIGTERM)
 
     def _remove(self, w: WorkerProc, reason: str, exitcode: int | None = None) -> None:
         del self.workers[w.slot]
