@@ -338,6 +338,16 @@ def main(argv: list[str] | None = None) -> int:
     def section(key: str) -> bool:
         return not args.only or key in args.only
 
+    def run_pytest(key: str, t0: float, args: list[str]) -> None:
+        """One pytest run as one section: its log, its junit report, its verdict."""
+        xml = os.path.join(work, f"{key}.xml")
+        rc, to = run_logged([*pytest, *args, f"--junitxml={xml}"],
+                            os.path.join(work, f"{key}.log"), deadline, console)
+        counts = junit_counts(xml) if os.path.exists(xml) else None
+        ok, detail = pytest_verdict(rc, counts, to)
+        results.append(Result(key, ok, detail, time.monotonic() - t0,
+                              counts.problems if counts else []))
+
     def begin(key: str, what: str) -> float | None:
         now = time.monotonic()
         if deadline - now < 30:
@@ -383,14 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = begin(key, f"{titles[key]} ({len(tests)} tests)")
             if t0 is None:
                 continue
-            xml = os.path.join(work, f"{key}.xml")
-            rc, to = run_logged([*pytest, "-v", "-rfEs", "--timeout", str(TEST_TIMEOUT),
-                                 f"--junitxml={xml}", *tests],
-                                os.path.join(work, f"{key}.log"), deadline, console)
-            counts = junit_counts(xml) if os.path.exists(xml) else None
-            ok, detail = pytest_verdict(rc, counts, to)
-            results.append(Result(key, ok, detail, time.monotonic() - t0,
-                                  counts.problems if counts else []))
+            run_pytest(key, t0, ["-v", "-rfEs", "--timeout", str(TEST_TIMEOUT), *tests])
 
         if section("batching-figure"):
             t0 = begin("batching-figure", "TorchMLP throughput with and without @batched")
@@ -410,13 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         if section("core"):
             t0 = begin("core", "crash, dispatch and CUDA-classification suites on this machine")
             if t0 is not None:
-                xml = os.path.join(work, "core.xml")
-                rc, to = run_logged([*pytest, "-q", "-rfEs", f"--junitxml={xml}", *CORE_TESTS],
-                                    os.path.join(work, "core.log"), deadline, console)
-                counts = junit_counts(xml) if os.path.exists(xml) else None
-                ok, detail = pytest_verdict(rc, counts, to)
-                results.append(Result("core", ok, detail, time.monotonic() - t0,
-                                      counts.problems if counts else []))
+                run_pytest("core", t0, ["-q", "-rfEs", *CORE_TESTS])
     except KeyboardInterrupt:
         results.append(Result("interrupted", False, "gpu-check was interrupted"))
     finally:

@@ -1168,13 +1168,13 @@ class Router:
         supervisor that keeps spares keeps one worker. Raises ValueError when ``workers``
         cannot be met."""
         counts = {o: self._targets[name][o][0] for o in owners}
-        floor = {o: 1 if self._targets[name][o][1] else 0 for o in owners}
+        spares = {o: self._targets[name][o][1] for o in owners}
+        floor = {o: 1 if spares[o] else 0 for o in owners}
         held = sum(floor.values())
         if workers < held:
             if held == 1:
-                spares = max(self._targets[name][o][1] for o in owners)
-                raise ValueError(f"service {name!r} keeps {spares} spares: it needs at least "
-                                 "one worker")
+                raise ValueError(f"service {name!r} keeps {max(spares.values())} spares: it "
+                                 "needs at least one worker")
             raise ValueError(f"service {name!r} keeps spares on {held} supervisors: it needs "
                              f"at least {held} workers")
         # Each supervisor keeps (its count + its spares) slots: the router must name the ones
@@ -1186,7 +1186,6 @@ class Router:
                 return 0, 0
             return (2, 0) if slot.state is WorkerState.SPARE else (1, len(slot.conn.in_flight))
 
-        spares = {o: self._targets[name][o][1] for o in owners}
         candidates: dict[bytes, list[Slot]] = {o: [] for o in owners}
         for slot in sorted(self.slots.values(), key=lambda s: s.sort_key, reverse=True):
             owner = self._slot_owner.get(slot.id)

@@ -125,6 +125,17 @@ class Processes:
             s.bind(("127.0.0.1", 0))
             return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
+    def router(self) -> tuple[Proc, str]:
+        """``workerpool router`` on two free loopback ports: the router (``address`` is its
+        frontend) and its backend address, which ``node`` connects supervisors to."""
+        front, back = self.tcp(), self.tcp()
+        return self.spawn(["router", "--frontend", front, "--backend", back], front, None), back
+
+    def node(self, router: Proc, back: str, name: str, *args: str) -> Proc:
+        """``workerpool worker --node NAME`` with ``args`` against ``router``, once ready."""
+        return self.spawn(["worker", "--router", back, "--node", name, *args], router.address,
+                          "workerpool worker ready")
+
     def config(self, toml: str) -> str:
         """Path of a new config file in this test's directory holding ``toml``."""
         path = self.dir / f"config{next(self._configs)}.toml"

@@ -383,13 +383,10 @@ def test_a_worker_learns_when_the_router_caps_it_below_what_it_declared(procs):
     # Supervisor a describes the service first, with max_inflight 2; b's Batches worker
     # leaves it unset and declares 16. The router caps it at 2 and tells it, so its batches
     # flush at 2 instead of waiting max_delay for 8 that can never come.
-    front, back = procs.tcp(), procs.tcp()
-    router = procs.spawn(["router", "--frontend", front, "--backend", back], front, None)
-    args = ["worker", "--router", back, "--workers", "1"]
-    procs.spawn([*args, "--handler", H, "--max-inflight", "2", "--node", "a"], front,
-                "workerpool worker ready")
+    router, back = procs.router()
+    procs.node(router, back, "a", "--handler", H, "--workers", "1", "--max-inflight", "2")
     router.wait_ready(1)
-    b = procs.spawn([*args, "--handler", H, "--node", "b"], front, "workerpool worker ready")
+    b = procs.node(router, back, "b", "--handler", H, "--workers", "1")
     st = router.wait_ready(2)
     assert {w["id"]: w["capacity"] for w in st["workers"]} == {"default/a/0": 2,
                                                                "default/b/0": 2}
@@ -401,7 +398,7 @@ def test_a_worker_learns_when_the_router_caps_it_below_what_it_declared(procs):
     assert told in log
     assert "@batched method 'work' has max_batch_size=8 but this worker holds at most " \
            "max_inflight=2" in log
-    with Client(front, timeout=20) as c:
+    with Client(router.address, timeout=20) as c:
         futs = [c.submit("work", {"i": i}) for i in range(8)]
         assert sorted(f.result()["i"] for f in futs) == list(range(8))
 

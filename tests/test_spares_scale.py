@@ -163,18 +163,16 @@ def test_scale_bad_input(procs):
 
 
 def test_scale_a_service_that_runs_under_two_supervisors(procs):
-    front, back = procs.tcp(), procs.tcp()
-    router = procs.spawn(["router", "--frontend", front, "--backend", back], front, None)
-    args = ["worker", "--router", back, "--handler", "tests.handlers:Batches", "--workers", "1"]
-    procs.spawn([*args, "--node", "a"], front, "workerpool worker ready")
-    procs.spawn([*args, "--node", "b"], front, "workerpool worker ready")
+    router, back = procs.router()
+    for node in ("a", "b"):
+        procs.node(router, back, node, "--handler", "tests.handlers:Batches", "--workers", "1")
     router.wait_ready(2)
 
     def per_node(st: dict) -> dict[str, int]:
         live = [w["id"] for w in st["workers"] if w["state"] in ("ready", "busy")]
         return {n: sum(f"/{n}/" in i for i in live) for n in ("a", "b")}
 
-    with Client(front, timeout=20) as c:
+    with Client(router.address, timeout=20) as c:
         out = c.scale("default", 5)  # added where there are fewest: 3 and 2
         assert (out["previous"], out["workers"], out["retire"]) == (2, 5, [])
         assert sorted(out["supervisors"].values()) == [2, 3]
@@ -202,15 +200,13 @@ def test_scale_a_service_that_runs_under_two_supervisors(procs):
 
 
 def test_scale_keeps_a_worker_on_each_supervisor_with_spares(procs):
-    front, back = procs.tcp(), procs.tcp()
-    router = procs.spawn(["router", "--frontend", front, "--backend", back], front, None)
-    args = ["worker", "--router", back, "--handler", "workerpool.handlers:Faulty",
-            "--workers", "1", "--spares", "1"]
-    procs.spawn([*args, "--node", "a"], front, "workerpool worker ready")
-    procs.spawn([*args, "--node", "b"], front, "workerpool worker ready")
+    router, back = procs.router()
+    for node in ("a", "b"):
+        procs.node(router, back, node, "--handler", "workerpool.handlers:Faulty", "--workers",
+                   "1", "--spares", "1")
     router.wait_for(lambda s: sorted(w["state"] for w in s["workers"])
                     == ["ready", "ready", "spare", "spare"], what="2 serving, 2 spares")
-    with Client(front, timeout=10) as c:
+    with Client(router.address, timeout=10) as c:
         with pytest.raises(AdminError, match="keeps spares on 2 supervisors: it needs at least 2"):
             c.scale("default", 1)
         out = c.scale("default", 4)  # both spares serve at once, one more on each node
@@ -222,19 +218,17 @@ def test_scale_down_retires_a_spare_that_sits_on_another_supervisor(procs):
     # Promotion ignores hosts: after a's worker dies, b's spare serves and a's replacement
     # comes back as the spare. Scaling to 1 then takes a's count to 0, and the slot a
     # still runs (a spare) must retire too, or a would keep a process it was told not to.
-    front, back = procs.tcp(), procs.tcp()
-    router = procs.spawn(["router", "--frontend", front, "--backend", back], front, None)
-    args = ["worker", "--router", back, "--handler", "workerpool.handlers:Faulty",
-            "--workers", "1"]
-    procs.spawn([*args, "--node", "a"], front, "workerpool worker ready")
-    procs.spawn([*args, "--spares", "1", "--node", "b"], front, "workerpool worker ready")
+    router, back = procs.router()
+    args = ["--handler", "workerpool.handlers:Faulty", "--workers", "1"]
+    procs.node(router, back, "a", *args)
+    procs.node(router, back, "b", *args, "--spares", "1")
     st = router.wait_for(lambda s: sorted(_states(s).values()) == ["ready", "ready", "spare"],
                          what="2 serving, b's spare")
     os.kill(next(w["pid"] for w in st["workers"] if w["id"] == "default/a/0"), signal.SIGKILL)
     router.wait_for(lambda s: _states(s) == {"default/a/0": "spare", "default/b/0": "ready",
                                              "default/b/1": "ready"},
                     what="b's spare serving, a's replacement the spare")
-    with Client(front, timeout=10) as c:
+    with Client(router.address, timeout=10) as c:
         out = c.scale("default", 1)
         assert out["retire"] == ["default/a/0"]
         assert sorted(out["supervisors"].values()) == [0, 1]

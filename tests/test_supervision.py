@@ -65,13 +65,11 @@ def test_reply_over_the_size_limit_is_a_typed_error(procs):
 
 
 def test_two_remote_supervisors_and_one_leaves(procs):
-    front = procs.tcp()
-    back = procs.tcp()
-    router = procs.spawn(["router", "--frontend", front, "--backend", back], front, None)
-    args = ["worker", "--router", back, "--handler", "workerpool.handlers:Faulty",
-            "--workers", "2"]
-    a = procs.spawn([*args, "--node", "a"], front, "workerpool worker ready")
-    b = procs.spawn([*args, "--node", "b"], front, "workerpool worker ready")
+    router, back = procs.router()
+    front = router.address
+    args = ["--handler", "workerpool.handlers:Faulty", "--workers", "2"]
+    a = procs.node(router, back, "a", *args)
+    b = procs.node(router, back, "b", *args)
     st = router.wait_ready(4)
     assert sorted(w["id"] for w in st["workers"]) == [
         "default/a/0", "default/a/1", "default/b/0", "default/b/1"]
