@@ -17,6 +17,8 @@ import math
 import sys
 from typing import Any
 
+from ipc.errors import ArrayError
+
 KIND_NUMPY = "numpy"
 KIND_NUMPY_SCALAR = "numpy-scalar"
 KIND_TORCH = "torch"
@@ -37,10 +39,6 @@ TORCH_DTYPES = frozenset({
     "float16", "bfloat16", "float32", "float64", "complex32", "complex64", "complex128",
     "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
 })
-
-
-class ArrayError(ValueError):
-    """An array that cannot be sent, or a header that does not describe a valid array."""
 
 
 class Outgoing:

@@ -20,8 +20,8 @@ from typing import Any
 import msgpack
 
 from ipc import arrays
-from ipc.arrays import ArrayError
-from ipc.shm import SegmentMapper, SegmentPool, ShmError
+from ipc.errors import ArrayError, PayloadError, ShmError
+from ipc.shm import SegmentMapper, SegmentPool
 
 # msgpack extension codes used in bodies. An unknown code is a decoding error.
 EXT_ARRAY = 1  # payload: msgpack header map of one array (docs/protocol.md 2.4)
@@ -32,19 +32,6 @@ SHM_THRESHOLD = 2**18
 """Arrays of at least this many bytes go through shared memory when the peer can map it.
 Measured echo round trips (bench/tensors.py): 0.68 ms against 1.06 ms in frames at 256 KiB;
 at 128 KiB the two are even, and a frame needs no segment."""
-
-
-class PayloadError(ValueError):
-    """A value that cannot be encoded, or a body that cannot be decoded.
-
-    ``code`` is ``shm-unreachable`` when the body names shared memory this receiver cannot
-    map (the sender can send it again in frames), ``too-large`` for an encode over its
-    ``max_bytes`` (the message is then "N bytes, over max_message_bytes=M").
-    """
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 SHM_UNREACHABLE = "shm-unreachable"
@@ -137,7 +124,7 @@ class Encoder:
         except PayloadError:
             call.abort()
             raise
-        except (TypeError, ValueError, OverflowError) as exc:  # ArrayError is a ValueError
+        except (TypeError, ValueError, OverflowError) as exc:
             call.abort()
             raise PayloadError(str(exc)) from None
         except BaseException:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import msgpack
 
+from ipc.errors import FrameError
+
 MAGIC = b"WP"
 VERSION = 1
 HEADER = struct.Struct("!2sBBQ")
@@ -61,15 +63,6 @@ class Kind(enum.IntEnum):
 FINAL_REPLY_KINDS = frozenset({Kind.RESULT, Kind.ERROR, Kind.END})
 REPLY_KINDS = FINAL_REPLY_KINDS | {Kind.PARTIAL}
 _KINDS = {k.value: k for k in Kind}
-
-
-class FrameError(ValueError):
-    """A message that does not decode. ``code`` names the rule it broke (see protocol.md)."""
-
-    def __init__(self, code: str, message: str, req_id: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.req_id = req_id
 
 
 @dataclass(slots=True)

@@ -36,6 +36,8 @@ import weakref
 from collections import OrderedDict
 from typing import Any
 
+from ipc.errors import ShmError
+
 SHM_DIR = "/dev/shm"
 NAME_RE = re.compile(r"wp-([0-9]{1,20})-([0-9]{1,10})-[0-9a-f]{16}")
 MAGIC = b"WPSHM\x00\x00\x01"
@@ -59,10 +61,6 @@ MAPPER_ENTRIES = 32
 TRIM_INTERVAL = 1.0
 """Seconds between two trims of a ``ShmEndpoint``: often enough for ``IDLE_TRIM``, rare
 enough to cost nothing on a busy loop."""
-
-
-class ShmError(ValueError):
-    """A segment handle that cannot be taken: wrong name, gone, stale, too small."""
 
 
 # -- naming and host identity --------------------------------------------------------------

@@ -8,43 +8,15 @@ slot's current one are stale and are ignored by the caller, never applied here.
 
 from __future__ import annotations
 
-import enum
 import time
 from typing import TYPE_CHECKING
+
+from ipc.lifecycle import WorkerState, check
 
 if TYPE_CHECKING:
     from router.requests import Record
 
-
-class WorkerState(enum.StrEnum):
-    STARTING = "starting"  # process spawned, not yet registered
-    READY = "ready"  # registered, nothing in flight
-    BUSY = "busy"  # registered, at least one request in flight
-    DEAD = "dead"  # process gone; its requests were answered; respawn pending
-    RESTARTING = "restarting"  # replacement spawned, not yet registered
-    FAILED = "failed"  # will not be respawned (setup failed); see last_error
-    STOPPED = "stopped"  # left on purpose (shutdown, drain)
-    DRAINING = "draining"  # takes no new work; finishes what it holds, then stops
-    SPARE = "spare"  # registered and set up, held back idle until a worker is lost
-
-
 S = WorkerState
-_LEGAL: dict[WorkerState, frozenset[WorkerState]] = {
-    S.STARTING: frozenset({S.READY, S.SPARE, S.DEAD, S.FAILED, S.STOPPED, S.RESTARTING}),
-    S.RESTARTING: frozenset({S.READY, S.SPARE, S.DEAD, S.FAILED, S.STOPPED}),
-    S.READY: frozenset({S.BUSY, S.SPARE, S.DEAD, S.STOPPED, S.RESTARTING, S.FAILED,
-                        S.DRAINING}),
-    S.BUSY: frozenset({S.READY, S.DEAD, S.STOPPED, S.RESTARTING, S.FAILED, S.DRAINING}),
-    S.SPARE: frozenset({S.READY, S.DEAD, S.STOPPED, S.RESTARTING, S.FAILED, S.DRAINING}),
-    S.DRAINING: frozenset({S.STOPPED, S.DEAD, S.FAILED, S.RESTARTING}),
-    S.DEAD: frozenset({S.RESTARTING, S.FAILED, S.STOPPED, S.READY, S.SPARE}),
-    S.FAILED: frozenset({S.RESTARTING, S.STOPPED, S.READY, S.SPARE}),
-    S.STOPPED: frozenset({S.STARTING, S.RESTARTING, S.READY, S.SPARE}),
-}
-
-
-class IllegalTransition(RuntimeError):
-    """A state change the table forbids; the router logs it and keeps the old state."""
 
 
 class Conn:
@@ -96,11 +68,7 @@ class Slot:
 
     def transition(self, new: WorkerState) -> None:
         """Move to ``new``; raises IllegalTransition for a move the table forbids."""
-        if new is self.state:
-            return
-        if new not in _LEGAL[self.state]:
-            raise IllegalTransition(f"worker {self.id}: {self.state} -> {new} is not allowed")
-        self.state = new
+        self.state = check(self.id, self.state, new)
 
     def refresh_busy(self) -> None:
         """READY <-> BUSY follows the in-flight count (a move the table always allows)."""

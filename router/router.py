@@ -29,9 +29,11 @@ import msgpack
 import zmq
 
 from ipc import protocol, transport
+from ipc.errors import IllegalTransition
+from ipc.lifecycle import WorkerState
 from ipc.protocol import FINAL_REPLY_KINDS, REPLY_KINDS, FrameError, Kind
 from ipc.transport import NOBLOCK
-from router.health import Conn, IllegalTransition, Slot, WorkerState
+from router.health import Conn, Slot
 from router.requests import Phase, Record
 from router.service import Service, ServiceSettings
 from workerpool._proc import SignalWakeup
@@ -41,6 +43,7 @@ from workerpool.config import (
     MAX_TIMEOUT,
     MIN_PRIORITY,
     ROUTED_FIELDS,
+    TIMINGS,
     RouterConfig,
     ServiceConfig,
     routed_defaults,
@@ -61,10 +64,6 @@ log = logging.getLogger("workerpool.router")
 
 BATCH = 512  # messages taken from one socket before looking at the other
 _DEADLINE, _MAX_WAIT = 0, 1  # timer kinds
-UNREACHABLE_GRACE = 1.0  # seconds to wait for a death notice once a worker is unroutable
-DEATH_GRACE = 0.003  # seconds a death notice waits for the dead worker's last messages
-LIVENESS_TICK = 0.1  # seconds between checks for hung workers and silent supervisors
-KILL_GRACE = 5.0  # seconds a requested kill may take before the worker is declared dead
 ADMIN_OPS = ("restart", "drain", "scale")  # operator commands, carried out with the supervisors
 _ALIVE = frozenset({WorkerState.STARTING, WorkerState.RESTARTING, WorkerState.DEAD,
                     WorkerState.READY, WorkerState.BUSY, WorkerState.SPARE})
@@ -199,14 +198,14 @@ class Router:
             log.exception("internal error in %s", getattr(step, "__name__", step))
 
     def _poll_timeout_ms(self) -> int:
-        t = LIVENESS_TICK * 1000
+        t = TIMINGS.liveness_tick * 1000
         now = time.monotonic()
         if self._timers:
             t = min(t, (self._timers[0][0] - now) * 1000)
         if self._unreachable:
             t = min(t, 50.0)
         if self._deaths:
-            t = min(t, DEATH_GRACE * 1000)
+            t = min(t, TIMINGS.death_grace * 1000)
         if self.draining or self._draining_sups:
             t = min(t, 20.0)
         return max(0, int(t) + 1)
@@ -738,8 +737,8 @@ class Router:
                 slot.transition(WorkerState.RESTARTING if incarnation > 1 else WorkerState.STARTING)
         elif event == "died":
             # The supervisor's socket can overtake the worker's: its last replies may still
-            # be queued behind. Act after DEATH_GRACE and another read of the backend.
-            self._deaths.append((time.monotonic() + DEATH_GRACE, slot, incarnation,
+            # be queued behind. Act after TIMINGS.death_grace and another read of the backend.
+            self._deaths.append((time.monotonic() + TIMINGS.death_grace, slot, incarnation,
                                  str(meta.get("reason", "died"))))
         elif event == "failed":
             reason = str(meta.get("reason", "failed"))
@@ -882,7 +881,7 @@ class Router:
         now = time.monotonic()
         if now < self._next_liveness:
             return
-        self._next_liveness = now + LIVENESS_TICK
+        self._next_liveness = now + TIMINGS.liveness_tick
         limit = self.config.heartbeat_interval * self.config.heartbeat_liveness
         for ident, seen in list(self._unknown_beats.items()):
             if now - seen > limit:  # it stopped beating without ever registering: gone
@@ -892,7 +891,7 @@ class Router:
                 self._supervisor_lost(ident, now - sup["seen"])
         for conn in list(self.conns.values()):
             if conn.kill_sent is not None:
-                if now - conn.kill_sent > KILL_GRACE:  # no death notice came: answer anyway
+                if now - conn.kill_sent > TIMINGS.kill_grace:  # no death notice came: answer anyway
                     why = conn.slot.leave_reason or "hung"
                     conn.slot.last_error = f"{why}; no death notice came: declared dead"
                     conn.slot.leave_reason = None
@@ -925,7 +924,7 @@ class Router:
         for conn in list(self.conns.values()):
             if conn.slot.state is WorkerState.DRAINING and not conn.in_flight \
                     and conn.kill_sent is None:
-                conn.kill_sent = time.monotonic()  # asked once; KILL_GRACE bounds the wait
+                conn.kill_sent = time.monotonic()  # asked once; TIMINGS.kill_grace bounds the wait
                 conn.slot.leave_reason = "drained"
                 self._send_backend(conn.identity, Kind.SHUTDOWN)
 
@@ -983,13 +982,13 @@ class Router:
     def _quarantine(self, conn: Conn) -> None:
         """The worker's socket is gone but its death notice has not arrived yet.
 
-        Stop dispatching to it at once; give the supervisor UNREACHABLE_GRACE to say how it
+        Stop dispatching to it at once; give the supervisor TIMINGS.unreachable_grace to say how it
         died (so its requests are answered with the real cause, e.g. SIGSEGV), then answer
         them anyway: a remote supervisor may be gone too.
         """
         self._unroute(conn)
         if conn.identity not in self._unreachable:
-            self._unreachable[conn.identity] = time.monotonic() + UNREACHABLE_GRACE
+            self._unreachable[conn.identity] = time.monotonic() + TIMINGS.unreachable_grace
 
     def _lose_conn(self, conn: Conn, reason: str, crashed: bool = True,
                    running: bool = True) -> None:
@@ -1342,7 +1341,7 @@ class Router:
         for ident in self.supervisors:
             self._send_backend(ident, Kind.DRAINED)
         self._drained = True
-        self._exit_at = time.monotonic() + 0.2  # let the last replies leave the sockets
+        self._exit_at = time.monotonic() + TIMINGS.drain_linger
         log.info("drained; workers told to stop")
 
     # -- observability ------------------------------------------------------------------------------------

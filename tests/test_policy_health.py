@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from router.health import Conn, IllegalTransition, Slot, WorkerState
+from ipc.errors import IllegalTransition
+from ipc.lifecycle import WorkerState
+from router.health import Conn, Slot
 from router.policy import LeastLoaded, RoundRobin, make_policy
 
 

@@ -40,7 +40,7 @@ import zmq.asyncio
 from ipc import codec, protocol, transport
 from ipc import shm as segments
 from ipc.protocol import FINAL_REPLY_KINDS, FrameError, Kind
-from workerpool.config import DEFAULT_FRONTEND, MAX_PRIORITY, MAX_TIMEOUT, MIN_PRIORITY
+from workerpool.config import DEFAULT_FRONTEND, MAX_PRIORITY, MAX_TIMEOUT, MIN_PRIORITY, TIMINGS
 from workerpool.errors import (
     ClientClosedError,
     PayloadError,
@@ -53,13 +53,9 @@ from workerpool.errors import (
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20  # body plus every array's bytes, wherever they travel
 
-PING_INTERVAL = 1.0  # seconds between router pings while requests are outstanding
 MAX_PING_IDS = 65536  # request ids one ping asks the router about
 _PONG_PREFIX = protocol.MAGIC + bytes([protocol.VERSION, Kind.HEARTBEAT])
 
-# Local deadlines fire this long after the router's, so the router's own, more specific
-# RequestTimeoutError ("in the queue" / "on worker X") normally arrives first.
-_LOCAL_GRACE = 0.25
 _TIMER_SLACK = 1024  # disarmed local deadlines tolerated before the heap is rebuilt
 _META_CACHE_SIZE = 256  # distinct (method, service, timeout, priority, idempotent) kept packed
 
@@ -349,7 +345,7 @@ class Client(_BaseClient):
         fut = self.submit(method, payload, service=service, priority=priority, timeout=timeout,
                           idempotent=idempotent)
         # The I/O thread enforces the deadline; the margin only guards against its death.
-        return fut.result(None if timeout is None else timeout + _LOCAL_GRACE + 5)
+        return fut.result(None if timeout is None else timeout + TIMINGS.local_grace + 5)
 
     def stream(self, method: str, payload: Any = None, *, service: str | None = None,
                priority: int = 0, timeout: float | None = None,
@@ -446,7 +442,7 @@ class Client(_BaseClient):
         if self._in_shm(rid):
             pending.request = (method, payload, service, priority, timeout, idempotent)
         if timeout is not None:
-            pending.deadline = time.monotonic() + timeout + _LOCAL_GRACE
+            pending.deadline = time.monotonic() + timeout + TIMINGS.local_grace
         try:
             self._push(rid, pending, frames)
         except ClientClosedError:
@@ -496,7 +492,7 @@ def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket,
             if timers:
                 timeout = max(0, int((timers[0][0] - time.monotonic()) * 1000) + 1)
             if pending:
-                timeout = min(timeout, int(PING_INTERVAL * 1000))
+                timeout = min(timeout, int(TIMINGS.ping_interval * 1000))
             # From here until the poll returns, a submit must write a wake-up byte. The
             # outbox is checked after clearing the flag, so a submit that saw the flag
             # still set is in the outbox now and the poll does not wait.
@@ -531,7 +527,7 @@ def _io_loop(ref: weakref.ref, sock: zmq.Socket, wake_r: socket.socket,
             if pending:
                 now = time.monotonic()
                 if now >= watch.next_ping:
-                    watch.next_ping = now + PING_INTERVAL
+                    watch.next_ping = now + TIMINGS.ping_interval
                     transport.send(sock, watch.ping(pending))
             if timers:
                 _expire(client, sock, pending, timers)
@@ -725,7 +721,7 @@ class AsyncClient(_BaseClient):
             if self._pending:
                 await self._sock.send_multipart(self._watch.ping(self._pending))
             # Until a first pong names the router, a restart could not be told apart.
-            await asyncio.sleep(PING_INTERVAL if self._watch.instance else 0.05)
+            await asyncio.sleep(TIMINGS.ping_interval if self._watch.instance else 0.05)
 
     async def _read_loop(self) -> None:
         try:
@@ -836,7 +832,7 @@ class AsyncClient(_BaseClient):
         try:
             if timeout is None:
                 return await fut
-            return await asyncio.wait_for(asyncio.shield(fut), timeout + _LOCAL_GRACE)
+            return await asyncio.wait_for(asyncio.shield(fut), timeout + TIMINGS.local_grace)
         except TimeoutError:
             await self._send_cancel(rid)
             raise RequestTimeoutError(
@@ -852,7 +848,7 @@ class AsyncClient(_BaseClient):
         items: asyncio.Queue = asyncio.Queue()
         rid, timeout = await self._send_request(items, method, payload, service, priority,
                                                 timeout, idempotent)
-        deadline = None if timeout is None else time.monotonic() + timeout + _LOCAL_GRACE
+        deadline = None if timeout is None else time.monotonic() + timeout + TIMINGS.local_grace
         done = False
         try:
             while True:

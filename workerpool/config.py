@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -140,6 +141,51 @@ class ServiceConfig(_Model):
 
         parse_devices(v, discover=False)  # raises ValueError on bad syntax
         return v
+
+
+@dataclass(frozen=True)
+class Timings:
+    """The fixed timings of every process, in seconds: each one a trade-off that was
+    measured or reasoned about once, not something a deployment tunes. The tunable ones
+    are fields of the models below (heartbeats, grace periods, backoffs, timeouts)."""
+
+    # -- router -------------------------------------------------------------------------------
+    liveness_tick: float = 0.1
+    """Between two checks for hung workers and silent supervisors."""
+    death_grace: float = 0.003
+    """A death notice waits this long for the dead worker's last replies: the supervisor's
+    socket can overtake the worker's."""
+    unreachable_grace: float = 1.0
+    """Once a worker is unroutable, how long its supervisor has to say how it died before
+    its requests are answered anyway."""
+    kill_grace: float = 5.0
+    """A kill the router asked a supervisor for may take this long before the worker is
+    declared dead without its death notice."""
+    drain_linger: float = 0.2
+    """After the last final reply of a drain, how long the router lets replies leave its
+    sockets before it exits."""
+
+    # -- client -------------------------------------------------------------------------------
+    ping_interval: float = 1.0
+    """Between a client's pings of the router while requests are outstanding: how fast a
+    client notices that the router restarted and lost its requests."""
+    local_grace: float = 0.25
+    """A client fails a request locally this long after its deadline when the router's
+    RequestTimeoutError has not come (router gone, or stalled)."""
+
+    # -- worker -------------------------------------------------------------------------------
+    unsent_wait: float = 10.0
+    """How long a stopping worker waits for ZeroMQ to finish reading a zero-copy reply."""
+
+    # -- supervisor ---------------------------------------------------------------------------
+    router_min_uptime: float = 2.0
+    """A router that dies sooner than this after its start failed to start: the supervisor
+    stops instead of respawning it in a loop."""
+    shm_sweep_interval: float = 10.0
+    """Between sweeps of shared-memory segments left by dead processes."""
+
+
+TIMINGS = Timings()
 
 
 #: Service fields the router applies (the rest only matter to the supervisor).

@@ -34,16 +34,14 @@ import zmq
 from ipc import protocol, shm, transport
 from ipc.protocol import FrameError, Kind
 from workerpool._proc import SignalWakeup
-from workerpool.config import ROUTED_FIELDS, RouterConfig, ServiceConfig, SupervisorConfig
+from workerpool.config import ROUTED_FIELDS, TIMINGS, RouterConfig, ServiceConfig, SupervisorConfig
 from workerpool.devices import device_label, parse_devices, worker_env
 from workerpool.worker import EXIT_POISONED, EXIT_SETUP_FAILED, SPEC_ENV, WorkerSpec
 
 log = logging.getLogger("workerpool.supervisor")
 
-ROUTER_MIN_UPTIME = 2.0  # a router that dies sooner failed to start: stop, do not loop
 
 
-SHM_SWEEP_INTERVAL = 10.0  # seconds between sweeps of shared memory left by dead processes
 
 
 def describe_exit(returncode: int) -> str:
@@ -219,7 +217,7 @@ class Supervisor:
             if now >= self._next_sweep:
                 # Segments of processes that died without unlinking them: clients killed
                 # with SIGKILL (our own workers' are removed when they are reaped).
-                self._next_sweep = now + SHM_SWEEP_INTERVAL
+                self._next_sweep = now + TIMINGS.shm_sweep_interval
                 swept = shm.sweep_dead_owners()
                 if swept:
                     log.info("removed %d shared-memory segments of dead processes", swept)
@@ -422,11 +420,11 @@ class Supervisor:
         self._router_pidfd = None
         if self._stopping:
             return
-        if rc > 0 and time.monotonic() - self._router_started < ROUTER_MIN_UPTIME:
+        if rc > 0 and time.monotonic() - self._router_started < TIMINGS.router_min_uptime:
             # It exited with an error right away: it could not start (address in use, bad
             # config), and starting it again would loop. (Killed by a signal: restart.)
             log.error("router process %s within %.0fs of starting; stopping the pool",
-                      describe_exit(rc), ROUTER_MIN_UPTIME)
+                      describe_exit(rc), TIMINGS.router_min_uptime)
             self.exit_code = 1
             self.stop("router could not start")
             return

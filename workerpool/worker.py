@@ -39,6 +39,7 @@ from ipc.protocol import FrameError, Kind
 from workerpool import faults
 from workerpool._proc import die_with_parent, setup_logging
 from workerpool.batching import BatchSpec, batch_spec, check_results
+from workerpool.config import TIMINGS
 from workerpool.context import WorkerContext, WorkerStats
 from workerpool.devices import CPU, device_label
 from workerpool.errors import (
@@ -59,7 +60,6 @@ SPEC_ENV = "WORKERPOOL_WORKER_SPEC"
 EXIT_SETUP_FAILED = 78  # EX_CONFIG: the supervisor marks the slot failed instead of respawning
 EXIT_POISONED = 75  # EX_TEMPFAIL: left on purpose after a sticky CUDA error; respawn me
 _RESERVED = frozenset({"setup", "teardown", "context"})
-UNSENT_WAIT = 10.0  # seconds to wait for ZeroMQ to finish reading a zero-copy reply
 
 
 class WorkerSpec(BaseModel):
@@ -591,12 +591,12 @@ class Worker:
         still on its way."""
         for tracker in self._unsent:
             try:
-                tracker.wait(UNSENT_WAIT)
+                tracker.wait(TIMINGS.unsent_wait)
             except zmq.NotDone:
                 # No router to read it (it restarted): ZeroMQ sends it on reconnection, to
                 # a router that drops it as unknown. Don't hold the next request for that.
                 sys.stderr.write(f"[{self.spec.slot}] a reply was not sent within "
-                                 f"{UNSENT_WAIT:g}s; going on\n")
+                                 f"{TIMINGS.unsent_wait:g}s; going on\n")
                 break
         self._unsent.clear()
 
