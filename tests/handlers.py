@@ -384,3 +384,13 @@ class Stall(Echo):
 
             time.sleep(float(payload["seconds"]))
         return self.n
+
+
+class Configured(Echo):
+    """Echo plus ``options``: what ``setup()`` got as ``ctx.options`` (--handler-option, TOML)."""
+
+    def setup(self, ctx):
+        self.seen = dict(ctx.options)
+
+    def options(self, payload=None):
+        return self.seen

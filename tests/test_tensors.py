@@ -545,6 +545,30 @@ def test_worker_on_another_host_gets_frames(tpool):
         assert c._pool.created == created  # no segment for this service any more
 
 
+def test_the_array_example_of_docs_handlers_md(procs, monkeypatch):
+    """The handler and the call of handlers.md, "Arrays and tensors", run as written: the
+    reply holds a torch tensor and a numpy array, not lists."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "handlers.md").read_text()
+    section = doc.split("## Arrays and tensors\n", 1)[1].split("\n## ", 1)[0]
+    handler_code, call_code = re.findall(r"```python\n(.*?)```", section, re.S)[:2]
+    (procs.dir / "doc_arrays.py").write_text(handler_code)
+    monkeypatch.setenv("PYTHONPATH", str(procs.dir))  # the pool's workers import it
+    pool = procs.pool(workers=1, handler="doc_arrays:Embedder")
+    with Client(pool.address, timeout=30) as c:
+        names = {"c": c, "np": np}
+        exec(call_code, names)
+    out = names["out"]
+    assert isinstance(out["emb"], torch.Tensor) and out["emb"].device.type == "cpu"
+    assert out["emb"].dtype == torch.float32 and tuple(out["emb"].shape) == (8, 16)
+    torch.manual_seed(0)
+    assert torch.allclose(out["emb"], torch.ones(8, 64) @ torch.randn(64, 16), atol=1e-4)
+    assert type(out["norms"]) is np.ndarray and out["norms"].dtype == np.float32
+    assert out["norms"].shape == (8,) and np.allclose(out["norms"], 8.0)
+
+
 def _segments_of(pids) -> list[str]:
     return [n for n in shm.owned_segments() if int(n.split("-")[2]) in pids]
 

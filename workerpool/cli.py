@@ -7,11 +7,13 @@ library; nothing here knows the wire protocol.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
 import sys
 import tempfile
+import tomllib
 from typing import Any
 
 import click
@@ -33,6 +35,35 @@ def main(log_level: str) -> None:
 
 
 # -- shared options --------------------------------------------------------------------------
+def option_value(text: str) -> Any:
+    """VALUE of ``--handler-option KEY=VALUE``: read as a TOML value, as in the config file's
+    ``options`` table, when it is a number, ``true``/``false`` or a quoted string; anything
+    else (a path, a name, a list, inf, nan, a date) is kept as the text itself."""
+    if "\n" in text or "\r" in text:
+        return text
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+    if isinstance(value, bool | int | str) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    return text  # a JSON spec carries no inf/nan; lists and tables belong in the file
+
+
+def _handler_options(ctx: click.Context, param: click.Parameter,
+                     items: tuple[str, ...]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", ctx, param)
+        if not key:
+            raise click.BadParameter(f"{item!r} has an empty KEY", ctx, param)
+        options[key] = option_value(text)  # a key given twice: the last one wins
+    return options
+
+
 def _service_options(f):
     for opt in reversed([
         click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
@@ -62,14 +93,23 @@ def _service_options(f):
         click.option("--max-wait", type=float, default=None,
                      help="Seconds a request may wait in the queue before BackpressureError "
                           "(default 30)."),
+        click.option("--handler-option", "handler_options", multiple=True, metavar="KEY=VALUE",
+                     callback=_handler_options,
+                     help="An entry of the handler's options (ctx.options in setup()); repeat "
+                          "for more. Merged over the service's `options` in --config, key by "
+                          "key. VALUE is a number, true/false or a \"quoted string\" when it "
+                          "reads as one in TOML; anything else is kept as text: threads=4 is "
+                          "the integer 4, half=true a boolean, path=/m/a.pt and rev='\"42\"' "
+                          "strings."),
     ]):
         f = opt(f)
     return f
 
 
 def _build_config(config_path: str | None, service: str | None, router: dict[str, Any],
-                  svc: dict[str, Any]) -> PoolConfig:
-    """TOML first, then flags; exits with a readable message on invalid values."""
+                  svc: dict[str, Any], options: dict[str, Any] | None = None) -> PoolConfig:
+    """TOML first, then flags (``options``: merged over the service's, key by key); exits
+    with a readable message on invalid values."""
     try:
         cfg = PoolConfig.load(config_path)
         if config_path is None and service is not None:
@@ -78,11 +118,13 @@ def _build_config(config_path: str | None, service: str | None, router: dict[str
         for key, value in router.items():
             if value is not None:
                 setattr(cfg.router, key, value)
-        if any(v is not None for v in svc.values()) or service is not None:
+        if any(v is not None for v in svc.values()) or service is not None or options:
             target = cfg.service(service)
             for key, value in svc.items():
                 if value is not None:
                     setattr(target, key, value)
+            if options:
+                target.options = {**target.options, **options}
         for s in cfg.services:
             s.resolve_workers()
         return cfg  # validate_assignment checked each flag as it was applied
@@ -111,7 +153,7 @@ def _pydantic_message(exc: ValidationError) -> str:
 @_service_options
 def up(frontend, backend, drain_timeout, config_path, service, handler, workers, spares, devices,
        workers_per_device, policy, max_inflight, queue_capacity, capacity_policy,
-       max_wait) -> None:
+       max_wait, handler_options) -> None:
     """Run a whole pool: a router and a supervised set of workers, in the foreground.
 
     Ctrl-C or SIGTERM drains: no new requests are admitted, in-flight ones finish, every
@@ -125,7 +167,7 @@ def up(frontend, backend, drain_timeout, config_path, service, handler, workers,
         {"handler": handler, "workers": workers, "spares": spares, "devices": devices,
          "workers_per_device": workers_per_device, "policy": policy,
          "max_inflight": max_inflight, "queue_capacity": queue_capacity,
-         "capacity_policy": capacity_policy, "max_wait": max_wait})
+         "capacity_policy": capacity_policy, "max_wait": max_wait}, handler_options)
     tmpdir = None
     if cfg.router.backend is None:
         # A private ipc socket: pools side by side on one host never collide.
@@ -191,7 +233,7 @@ def router_cmd(frontend, backend, config_path, policy, drain_timeout) -> None:
 @_service_options
 def worker(router_addr, node, config_path, service, handler, workers, spares, devices,
            workers_per_device, policy, max_inflight, queue_capacity, capacity_policy,
-           max_wait) -> None:
+           max_wait, handler_options) -> None:
     """Run a supervisor and its workers for a router elsewhere (same code as `up`)."""
     from workerpool.supervisor import Supervisor
 
@@ -200,7 +242,7 @@ def worker(router_addr, node, config_path, service, handler, workers, spares, de
         {"handler": handler, "workers": workers, "spares": spares, "devices": devices,
          "workers_per_device": workers_per_device, "policy": policy,
          "max_inflight": max_inflight, "queue_capacity": queue_capacity,
-         "capacity_policy": capacity_policy, "max_wait": max_wait})
+         "capacity_policy": capacity_policy, "max_wait": max_wait}, handler_options)
     node = node or f"{socket.gethostname()}-{os.getpid()}"
     sup = Supervisor(cfg.services, router_addr, cfg.supervisor,
                      drain_timeout=cfg.router.drain_timeout, node=node,

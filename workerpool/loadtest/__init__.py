@@ -14,6 +14,7 @@
     plot.py      --plot (matplotlib)
     runner.py    one run from probe to report
     command.py   the click command
+    extra.py     what the loadtest extra provides, and the one-line error without it
 
 ``run(LoadSpec(...))`` is the library entry point; it returns the report dict.
 """
@@ -28,8 +29,12 @@ __all__ = ["Fault", "LoadSpec", "LoadTestError", "MethodMix", "run"]
 
 def __getattr__(name: str) -> Any:
     # `run` pulls in the client, hdrhistogram and rich: only when a run is asked for,
-    # so `workerpool --help` (which imports command.py from here) stays light.
+    # so `workerpool --help` (which imports command.py from here) stays light. Without
+    # the loadtest extra, the ImportError says which extra to install.
     if name == "run":
+        from workerpool.loadtest.extra import require
+
+        require("hdrh.histogram", "hdrhistogram", "workerpool.loadtest.run")
         from workerpool.loadtest.runner import run
 
         return run

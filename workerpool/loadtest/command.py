@@ -1,7 +1,8 @@
 """``workerpool loadtest``: the click command. It builds a ``LoadSpec`` from the flags
 (bad values are usage errors, exit status 2), runs it, prints the summary or ``--json``,
 draws ``--plot``, and exits 0 when every request got a reply (errors included), 3 when
-some did not, 1 when the run could not start.
+some did not, 1 when the run could not start, 2 for bad flags or a missing part of the
+``loadtest`` extra (one line naming it, before anything is sent).
 
 Only click and pydantic are imported here: ``workerpool --help`` stays fast.
 """
@@ -32,6 +33,12 @@ class _Seconds(click.ParamType):
 
 
 SECONDS = _Seconds()
+
+
+class _MissingExtra(click.ClickException):
+    """One line, ``Error: ... pip install 'workerpool[loadtest]'``, exit status 2."""
+
+    exit_code = 2
 
 
 @click.command("loadtest")
@@ -92,8 +99,11 @@ def loadtest(router_addr, methods, service, rate, arrival, concurrency, duration
     sends on a fixed schedule and measures latency from each request's intended send
     time, so a server stall shows in the tail (no coordinated omission).
 
+    Needs the loadtest extra: pip install 'workerpool[loadtest]' (matplotlib only for
+    --plot, rich only for the progress bar).
+
     Exit status: 0 when every request got a reply (errors are replies), 3 when some got
-    none, 1 when the run could not start, 2 for bad flags.
+    none, 1 when the run could not start, 2 for bad flags or a missing part of the extra.
     """
     from workerpool.loadtest.payload import LoadTestError
     from workerpool.loadtest.spec import LoadSpec, parse_inject, parse_method, parse_payload
@@ -113,11 +123,24 @@ def loadtest(router_addr, methods, service, rate, arrival, concurrency, duration
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 
+    # Everything the run will need, before it starts: a missing --plot must not cost a run.
+    from workerpool.loadtest.extra import MissingExtra, require
+
+    show_bar = sys.stderr.isatty() if progress is None else progress
+    try:
+        require("hdrh.histogram", "hdrhistogram", "workerpool loadtest")
+        if show_bar:
+            require("rich.progress", "rich", "the progress bar", alternative="--no-progress")
+        if plot_path:
+            require("matplotlib", "matplotlib", "--plot")
+    except MissingExtra as exc:
+        raise _MissingExtra(str(exc)) from None
+
     from workerpool.loadtest.report import format_summary
     from workerpool.loadtest.runner import run
 
     try:
-        report = run(spec, progress=progress)
+        report = run(spec, progress=show_bar)
     except LoadTestError as exc:
         raise click.ClickException(str(exc)) from None
     if plot_path:

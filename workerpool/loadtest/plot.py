@@ -25,6 +25,9 @@ def render(report: dict[str, Any], path: str) -> None:
     """Write the picture of ``report`` to ``path`` (PNG, about 1000x750 pixels)."""
     import logging
 
+    from workerpool.loadtest.extra import require
+
+    require("matplotlib", "matplotlib", "the load test's plot")
     import matplotlib
 
     matplotlib.use("Agg")

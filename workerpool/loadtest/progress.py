@@ -25,6 +25,9 @@ class ProgressDisplay:
     def __enter__(self) -> ProgressDisplay:
         if not self.enabled:
             return self
+        from workerpool.loadtest.extra import require
+
+        require("rich.progress", "rich", "the progress bar", alternative="progress=False")
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
