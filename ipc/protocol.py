@@ -112,6 +112,9 @@ def unpack_meta(frame: bytes, req_id: int | None = None) -> dict:
         raise FrameError("bad-meta", f"meta frame is not msgpack: {exc}", req_id) from None
     if not isinstance(meta, dict):
         raise FrameError("bad-meta", f"meta frame is a {type(meta).__name__}, not a map", req_id)
+    for key in meta:
+        if not isinstance(key, str):
+            raise FrameError("bad-meta", f"meta key {key!r:.40} is not a string", req_id)
     return meta
 
 

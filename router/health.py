@@ -1,9 +1,11 @@
-"""The health table: one row per worker slot, changed only through ``Slot.transition``.
+"""What the router knows about one worker: its ``Slot`` and, while connected, its ``Conn``.
 
-A *slot* (``default/2``) is stable across restarts and owns the counters operators read.
+A *slot* (``default/2``) is stable across restarts, owns the counters operators read and
+its state, changed only through ``Slot.transition`` (the table is ``ipc.lifecycle``).
 An *incarnation* is one process in that slot; while it is connected it is a ``Conn``,
-which owns the requests in flight on it. Events from an older incarnation than the
-slot's current one are stale and are ignored by the caller, never applied here.
+which owns the requests in flight on it and its liveness. Events from an older
+incarnation than the slot's current one are stale and are ignored by the caller, never
+applied here.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ class Conn:
     """One live, registered worker incarnation on the backend socket."""
 
     __slots__ = ("busy_since", "capacity", "declared", "identity", "in_flight", "incarnation",
-                 "kill_sent", "last_beat", "memory", "methods", "pid", "slot", "started", "told")
+                 "kill_sent", "last_beat", "memory", "methods", "pid", "slot", "started", "told",
+                 "unreachable_until")
 
     def __init__(self, identity: bytes, slot: Slot, incarnation: int, pid: int,
-                 capacity: int, methods: frozenset[str]) -> None:
+                 capacity: int, methods: frozenset[str], now: float | None = None) -> None:
         self.identity = identity
         self.slot = slot
         self.incarnation = incarnation
@@ -37,11 +40,14 @@ class Conn:
         self.methods = methods
         self.in_flight: dict[int, Record] = {}
         self.started: set[int] = set()  # ids of a batch it said it is running (STARTED)
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         self.last_beat = now  # last heartbeat (or any message) from this process
         self.busy_since = now  # when its current request started: last progress while busy
         self.kill_sent: float | None = None  # when the router asked for it to be killed
         self.memory: dict[str, int] = {}  # from its last heartbeat (workerpool.memory)
+        # Set when a send to it failed: the time its requests are answered anyway if no
+        # death notice came by then.
+        self.unreachable_until: float | None = None
 
 
 class Slot:
@@ -63,6 +69,8 @@ class Slot:
         self.setup_error: str | None = None  # traceback from a worker whose setup() failed
         self.leave_reason: str | None = None  # what the current incarnation said as it left
         self.restart_pending = False  # an operator restart is under way
+        self.owner: bytes | None = None  # the supervisor that runs it, from its HELLO
+        self.left_cleanly = False  # its current incarnation said GOODBYE: its exit is no error
         self.retiring = False  # scaled away: drains, then leaves the table for good
         self.sort_key = _sort_key(slot_id)
 
@@ -101,7 +109,3 @@ def _sort_key(slot_id: str) -> tuple:
     """``svc/10`` sorts after ``svc/9``: ties in least-loaded go to the lower worker id."""
     name, _, index = slot_id.rpartition("/")
     return (name, int(index)) if index.isdigit() else (slot_id, -1)
-
-
-def now() -> float:
-    return time.monotonic()

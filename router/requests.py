@@ -1,18 +1,35 @@
 """Request records: the router's single source of truth for every admitted request.
 
-A record exists from admission until its final reply is sent, and is removed exactly
-then. Every outcome (result, error, crash, timeout, cancel) is that removal, done in one
-place (``Router._finish``), so a request can never get two final replies; a reply that
+A record exists from admission until its final reply is sent and its worker is done with
+it. Every outcome (result, error, crash, timeout, cancel) goes through one method,
+``RequestTable.finish``, so a request can never get two final replies; a reply that
 arrives for a record already gone is dropped and counted.
+
+::
+
+    admit --> QUEUED --dispatch--> RUNNING --worker's final reply--> DONE (removed)
+                 |                    |
+                 |                    +--timeout/cancel--> ORPHANED --worker's reply--> DONE
+                 +--timeout/cancel/max_wait--> DONE (removed)
 """
 
 from __future__ import annotations
 
 import enum
+import time
 from typing import TYPE_CHECKING
 
+import msgpack
+
+from ipc import protocol
+from ipc.errors import RequestTimeoutError, WorkerPoolError
+from ipc.protocol import FINAL_REPLY_KINDS, Kind
+from router.timers import DEADLINE, MAX_WAIT, TimerHeap
+
 if TYPE_CHECKING:
+    from router.core import RouterCore
     from router.health import Conn
+    from router.service import Service
 
 
 class Phase(enum.Enum):
@@ -65,3 +82,197 @@ class Record:
         self.dispatched_at = 0.0
         self.phase = Phase.QUEUED
         self.conn: Conn | None = None
+
+
+class RequestTable:
+    """Every admitted request: the records, their queues' pump, dispatch and the one
+    place a request ends. Sends go through the core's outbox; the time is the core's."""
+
+    def __init__(self, core: RouterCore) -> None:
+        self.core = core
+        self.records: dict[int, Record] = {}
+        self.by_client: dict[tuple[bytes, int], Record] = {}
+        self.timers = TimerHeap(self._armed)
+        # Ids start from the clock, so a reply addressed by an earlier router process (same
+        # workers, restarted router) can never match a request of this one.
+        self._next_rid = (time.time_ns() // 1000) << 8
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def new_rid(self) -> int:
+        rid = self._next_rid
+        self._next_rid += 1
+        return rid
+
+    def live(self) -> int:
+        """Requests whose client still waits for a final reply."""
+        return sum(1 for r in self.records.values() if r.phase in (Phase.QUEUED, Phase.RUNNING))
+
+    def admit(self, rec: Record, svc: Service, conn: Conn | None) -> None:
+        """Take ``rec`` in: onto ``conn`` at once, or into ``svc``'s queue."""
+        self.records[rec.rid] = rec
+        self.by_client[(rec.client, rec.client_rid)] = rec
+        if rec.deadline is not None:
+            self.timers.push(rec.deadline, rec.rid, DEADLINE, len(self.records))
+        if conn is not None:
+            self.dispatch(rec, conn)
+        else:
+            self.enqueue(svc, rec)
+
+    def enqueue(self, svc: Service, rec: Record) -> None:
+        """Queue ``rec`` (new, or back after its worker died) with a fresh max_wait."""
+        svc.enqueue(rec)
+        if svc.settings.max_wait is not None:
+            rec.wait_until = self.core.clock() + svc.settings.max_wait
+            self.timers.push(rec.wait_until, rec.rid, MAX_WAIT, len(self.records))
+
+    def dispatch(self, rec: Record, conn: Conn) -> None:
+        core = self.core
+        if not core.out.to_backend(conn.identity, [
+                protocol.pack_header(Kind.REQUEST, rec.rid), rec.meta_frame, rec.body,
+                *rec.buffers]):
+            # Unreachable: the process is gone and its death notice is still on its way.
+            # The request never reached it, so it is safe to queue again, at the front.
+            core.stats["dispatch_unroutable"] += 1
+            core.registry.quarantine(conn)
+            svc = core.services[rec.service]
+            self.enqueue(svc, rec)  # keeps its place: the queue orders by admission number
+            self.pump(svc)  # another worker may have room now
+            return
+        rec.phase = Phase.RUNNING
+        rec.conn = conn
+        rec.dispatched_at = core.clock()
+        if not conn.in_flight:
+            conn.busy_since = rec.dispatched_at
+        conn.in_flight[rec.rid] = rec
+        conn.slot.refresh_busy()
+
+    def pump(self, svc: Service) -> None:
+        """Move queued requests onto workers with room, in queue order."""
+        while svc.queued:
+            conn = svc.pick()
+            if conn is None:
+                return
+            rec = svc.dequeue()
+            if rec is None:
+                return
+            self.dispatch(rec, conn)
+
+    def finish(self, rec: Record, reply: tuple | None, from_worker: bool = False) -> None:
+        """Send ``rec``'s final reply (``(kind, meta, body, buffers)``; None: send nothing).
+
+        A record still running on a worker stays attached to it as ORPHANED, holding its
+        capacity until the worker's own reply arrives (then dropped and counted), and the
+        worker is told to skip it. ``from_worker``: the reply is the worker's own, so the
+        worker is done with it and the caller releases it.
+        """
+        if rec.phase in (Phase.DONE, Phase.ORPHANED):
+            return
+        self.by_client.pop((rec.client, rec.client_rid), None)
+        if rec.phase is Phase.QUEUED:
+            self.core.services[rec.service].forget_queued()
+            rec.phase = Phase.DONE
+            del self.records[rec.rid]
+        elif rec.phase is Phase.RUNNING and not from_worker:
+            rec.phase = Phase.ORPHANED
+            # Best effort: a worker that has not started it yet skips it and answers at once.
+            if rec.conn is not None and rec.conn.identity in self.core.registry.conns:
+                self.core.to_backend(rec.conn.identity, Kind.CANCEL, None, rec.rid)
+        if reply is not None:
+            kind, meta, body, buffers = reply
+            self.core.to_client(rec.client, kind, rec.client_rid, meta, body, buffers)
+
+    def fail(self, rec: Record, err: WorkerPoolError) -> None:
+        """Finish ``rec`` with ``err`` as its final reply."""
+        self.finish(rec, error_reply(err))
+
+    def release(self, rec: Record) -> None:
+        """The worker is done with ``rec`` (it replied or died): free its capacity."""
+        conn = rec.conn
+        if conn is not None:
+            conn.in_flight.pop(rec.rid, None)
+            conn.started.discard(rec.rid)
+            conn.busy_since = self.core.clock()  # progress: the next one starts now
+            conn.slot.refresh_busy()
+        rec.phase = Phase.DONE
+        self.records.pop(rec.rid, None)
+
+    def cancel(self, client: bytes, client_rid: int) -> None:
+        rec = self.by_client.get((client, client_rid))
+        if rec is None:
+            return  # already answered: cancel is idempotent and never replied to
+        self.core.services[rec.service].cancelled += 1
+        self.finish(rec, None)
+
+    def on_reply(self, conn: Conn, kind: Kind, rid: int, meta: bytes, body: bytes,
+                 buffers: list) -> None:
+        """A worker's PARTIAL or final reply for one of the requests it holds."""
+        core = self.core
+        rec = conn.in_flight.get(rid)
+        if rec is None:
+            core.stats["late_replies"] += 1
+            return
+        svc = core.services[rec.service]
+        if rec.phase is Phase.ORPHANED:  # already answered (timeout/cancel): drop, free capacity
+            if kind in FINAL_REPLY_KINDS:
+                core.stats["late_replies"] += 1
+                svc.late_results += 1
+                self.release(rec)
+                self.pump(svc)
+            return
+        if kind is Kind.PARTIAL:
+            rec.streamed = True
+            core.to_client(rec.client, kind, rec.client_rid, meta, body, buffers)
+            return
+        slot = conn.slot
+        if kind is Kind.ERROR:
+            slot.errored += 1
+            svc.errored += 1
+        else:
+            slot.completed += 1
+            svc.completed += 1
+        now = core.clock()
+        svc.observe(now, now - rec.dispatched_at, rec.dispatched_at - rec.admitted_at)
+        self.finish(rec, (kind, meta, body, buffers), from_worker=True)
+        self.release(rec)
+        self.pump(svc)
+
+    # -- timers ------------------------------------------------------------------------------
+    def _armed(self, timer: tuple[float, int, int]) -> bool:
+        when, rid, kind = timer
+        rec = self.records.get(rid)
+        if rec is None or rec.phase not in (Phase.QUEUED, Phase.RUNNING):
+            return False
+        return rec.deadline == when if kind == DEADLINE else (
+            rec.phase is Phase.QUEUED and rec.wait_until == when)
+
+    def expire(self, now: float) -> None:
+        """Answer the requests whose deadline or max_wait passed."""
+        core = self.core
+        for timer in self.timers.pop_due(now):
+            if not self._armed(timer):
+                continue
+            _, rid, kind = timer
+            rec = self.records[rid]
+            svc = core.services[rec.service]
+            if kind == MAX_WAIT:
+                # Waited max_wait (this stay in the queue) without a worker: shed it.
+                svc.rejected_backpressure += 1
+                self.fail(rec, core.admission.backpressure(
+                    svc, f"waited max_wait={svc.settings.max_wait}s in the queue"))
+                continue
+            svc.expired += 1
+            where = "in the queue" if rec.phase is Phase.QUEUED else f"on worker {rec.conn.slot.id}"
+            self.fail(rec, RequestTimeoutError(
+                f"deadline passed after {now - rec.admitted_at:.3f}s {where}",
+                worker=rec.conn.slot.id if rec.conn else None))
+
+
+def error_reply(err: WorkerPoolError) -> tuple:
+    """The ``(kind, meta, body, buffers)`` of an ERROR reply carrying ``err``."""
+    return (Kind.ERROR, b"", error_body(err), ())
+
+
+def error_body(err: WorkerPoolError) -> bytes:
+    return msgpack.packb(err.to_wire(), use_bin_type=True, default=str)

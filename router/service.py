@@ -4,7 +4,8 @@ Requests wait here only while every worker of the service is at ``max_inflight``
 queue is ordered by priority (higher first), FIFO within a priority, and bounded
 (``queue_capacity``); with ``capacity_policy="reject"`` nothing waits at all. A request
 refused for capacity gets ``BackpressureError`` with a ``retry_after`` estimated from the
-queue ahead of it and the observed service time, never a constant.
+queue ahead of it and the rate at which the service's workers have been finishing
+requests, never a constant (docs/protocol.md, section 5, states the formula).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from router.health import Conn
 from router.policy import make_policy
 from router.requests import Phase, Record
 
-WINDOW = 1024  # recent requests the percentiles are computed over
+WINDOW = 1024  # recent requests the percentiles and the completion rate are computed over
+RATE_WINDOW = 5.0  # seconds of completions the completion rate looks back over
+FALLBACK_SERVICE_TIME = 0.01  # seconds per request assumed before any completed
+MIN_RETRY_AFTER, MAX_RETRY_AFTER = 0.001, 60.0
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,8 @@ class Service:
         self.poisoned = 0
         self._service_times: deque[float] = deque(maxlen=WINDOW)
         self._queue_waits: deque[float] = deque(maxlen=WINDOW)
-        self._mean_service = 0.0  # EWMA, for retry_after
+        self._completions: deque[float] = deque(maxlen=WINDOW)  # when, for the rate
+        self._mean_service = 0.0  # EWMA, for retry_after before the rate is known
 
     def configure(self, settings: ServiceSettings) -> None:
         """(Re)apply settings. Registered workers, spares included, are capped again by the
@@ -142,19 +147,42 @@ class Service:
         return [r for _, _, r in self._heap if r.phase is Phase.QUEUED]
 
     # -- load figures ------------------------------------------------------------------------
-    def observe(self, service_time: float, queue_wait: float) -> None:
+    def observe(self, now: float, service_time: float, queue_wait: float) -> None:
+        """A request of this service got its final reply from a worker at ``now``."""
+        self._completions.append(now)
         self._service_times.append(service_time)
         self._queue_waits.append(queue_wait)
         m = self._mean_service
         self._mean_service = service_time if not m else 0.9 * m + 0.1 * service_time
 
-    def retry_after(self) -> float:
-        """Seconds until a request refused now would likely be admitted: the work queued
-        ahead of it divided by how fast the workers get through it."""
-        capacity = sum(c.capacity for c in self.conns) or 1
-        per_request = self._mean_service or 0.01
-        ahead = self.queued + 1 if self.settings.capacity_policy == "queue" else 1
-        return round(min(max(ahead * per_request / capacity, 0.001), 60.0), 3)
+    def completion_rate(self, now: float) -> float | None:
+        """Final replies per second over the last ``RATE_WINDOW`` seconds (at most the last
+        ``WINDOW`` replies), or None with fewer than two in that time."""
+        done = self._completions
+        lo, hi = 0, len(done)  # the first completion within the window: done is sorted
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if now - done[mid] > RATE_WINDOW:
+                lo = mid + 1
+            else:
+                hi = mid
+        n = len(done) - lo
+        if n < 2 or now <= done[lo]:
+            return None
+        return n / (now - done[lo])
+
+    def retry_after(self, now: float) -> float:
+        """Seconds until a request refused now would likely be admitted: the requests queued
+        ahead of it, plus itself, divided by the rate the workers finish them. Before that
+        rate is known: by the mean service time over the workers' total capacity."""
+        ahead = self.queued + 1
+        rate = self.completion_rate(now)
+        if rate is not None:
+            estimate = ahead / rate
+        else:
+            capacity = sum(c.capacity for c in self.conns) or 1
+            estimate = ahead * (self._mean_service or FALLBACK_SERVICE_TIME) / capacity
+        return round(min(max(estimate, MIN_RETRY_AFTER), MAX_RETRY_AFTER), 3)
 
     def row(self) -> dict:
         st = sorted(self._service_times)

@@ -12,10 +12,8 @@ from pydantic import ValidationError
 
 from ipc import protocol
 from ipc.protocol import Kind
-from router.health import Conn
-from router.requests import Record
-from router.router import Router
 from tests.raw import RawPeer
+from tests.router_harness import Harness
 from workerpool import (
     Client,
     HandlerError,
@@ -25,7 +23,6 @@ from workerpool import (
     batched,
 )
 from workerpool.batching import batch_spec
-from workerpool.config import RouterConfig
 from workerpool.errors import ResourceExhaustedError
 
 H = "tests.handlers:Batches"
@@ -356,27 +353,21 @@ def test_exec_timeout_and_heartbeats_while_a_batch_runs(procs):
         assert c.call("work", {"i": 7}) == {"i": 7, "batch": 1}
 
 
-def test_started_marks_only_requests_the_worker_holds_and_garbage_is_counted(tmp_path):
-    router = Router(RouterConfig(frontend=f"ipc://{tmp_path}/f", backend=f"ipc://{tmp_path}/b"))
-    try:
-        slot = router._slot("default/0", "default", "cpu")
-        conn = Conn(b"default/0#1", slot, 1, 12345, 8, frozenset({"work"}))
-        router.conns[conn.identity] = conn
-        for rid in (11, 12):
-            conn.in_flight[rid] = Record(rid, b"c", rid, "default", "work", b"", b"", [], None, 0.0)
-
-        def started(meta, ident=conn.identity):
-            router._on_backend([ident, *protocol.encode(Kind.STARTED, 0, meta)])
-
-        started({"ids": [11, 12, 99]})  # 99: not held (already answered): ignored
-        assert conn.started == {11, 12}
-        started({"ids": [13]}, ident=b"stranger#1")  # not a registered worker: ignored
-        for bad in ({"ids": 11}, {"ids": [[1]]}, {"ids": [11, "12"]}, {"ids": [True]}, {}):
-            started(bad)
-        assert router.stats["bad_frames_backend"] == 5
-        assert conn.started == {11, 12} and router.stats["internal_errors"] == 0
-    finally:
-        router.close()
+def test_started_marks_only_requests_the_worker_holds_and_garbage_is_counted():
+    h = Harness()
+    h.hello(workers=1, max_inflight=8)
+    w = h.ready("default/0", capacity=8, methods=("work",))
+    h.request(b"c", 1, "work")
+    h.request(b"c", 2, "work")
+    conn = h.core.registry.conns[w]
+    a, b = sorted(conn.in_flight)
+    h.backend(w, Kind.STARTED, {"ids": [a, b, 99]})  # 99: not held (already answered): ignored
+    assert conn.started == {a, b}
+    h.backend(b"stranger#1", Kind.STARTED, {"ids": [13]})  # not a registered worker: ignored
+    for bad in ({"ids": a}, {"ids": [[1]]}, {"ids": [a, "12"]}, {"ids": [True]}, {}):
+        h.backend(w, Kind.STARTED, bad)
+    assert h.core.stats["bad_frames_backend"] == 5
+    assert conn.started == {a, b} and h.core.stats["internal_errors"] == 0
 
 
 def test_a_worker_learns_when_the_router_caps_it_below_what_it_declared(procs):

@@ -1,0 +1,173 @@
+"""Admission: whether a REQUEST becomes a record, and for which service.
+
+Checks run in a fixed order, and the first that fails answers the request
+(docs/protocol.md, section 9): the meta fields (``check_meta``), a request id already in
+flight, a pool that is draining, the service (unknown, or with no live worker), the
+method, then capacity (``BackpressureError``, or a lower-priority request displaced).
+
+For ``registration_grace`` after the router starts, a request for a service nobody has
+described yet waits in a queue instead of failing: after a router restart the
+supervisors and workers all register again within about a heartbeat.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ipc import protocol
+from ipc.errors import (
+    BackpressureError,
+    ProtocolError,
+    ServiceUnavailableError,
+    UnknownMethodError,
+    WorkerPoolError,
+)
+from router.requests import Record
+from router.service import Service
+from workerpool.config import MAX_PRIORITY, MAX_TIMEOUT, MIN_PRIORITY, ServiceConfig
+
+if TYPE_CHECKING:
+    from router.core import RouterCore
+
+MAX_GRACE_SERVICES = 256  # services requests may name before any supervisor described them
+
+
+def check_meta(meta: dict) -> ProtocolError | None:
+    """The error for a REQUEST meta whose fields are malformed, or None."""
+    method = meta.get("method")
+    if not isinstance(method, str) or not method:
+        return ProtocolError("request meta needs 'method' (a non-empty string)", code="bad-meta")
+    timeout = meta.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout <= MAX_TIMEOUT):
+        return ProtocolError(
+            f"'timeout' must be a number of seconds in (0, {MAX_TIMEOUT}], got {timeout!r}",
+            code="bad-meta")
+    if not isinstance(meta.get("idempotent", False), bool):
+        return ProtocolError(f"'idempotent' must be true or false, got {meta['idempotent']!r}",
+                             code="bad-meta")
+    priority = meta.get("priority", 0)
+    if (isinstance(priority, bool) or not isinstance(priority, int)
+            or not MIN_PRIORITY <= priority <= MAX_PRIORITY):
+        return ProtocolError(f"'priority' must be an integer in [{MIN_PRIORITY}, {MAX_PRIORITY}], "
+                             f"got {priority!r}", code="bad-meta")
+    return None
+
+
+class Admission:
+    def __init__(self, core: RouterCore) -> None:
+        self.core = core
+        self.grace_until: float | None = core.clock() + core.config.registration_grace
+
+    def on_request(self, client: bytes, msg: protocol.Message, meta_frame: bytes) -> None:
+        core = self.core
+        err = self._refusal(client, msg)
+        if isinstance(err, WorkerPoolError):
+            core.reply_error(client, msg.req_id, err)
+            return
+        svc = err
+        meta = msg.meta
+        priority = meta.get("priority", 0)
+        conn = svc.pick()
+        if conn is None and not svc.may_queue:
+            victim = None
+            if svc.settings.capacity_policy == "queue":
+                victim = svc.eviction_candidate(priority)
+            svc.rejected_backpressure += 1
+            if victim is None:
+                core.reply_error(client, msg.req_id, self.backpressure(svc))
+                return
+            # The queue is full of lower-priority work: the newest of it makes room.
+            core.requests.fail(victim, self.backpressure(
+                svc, "displaced from the full queue by higher-priority work"))
+        now = core.clock()
+        timeout = meta.get("timeout")
+        idempotent = meta.get("idempotent")
+        if idempotent is None:
+            idempotent = svc.settings.idempotent
+        rec = Record(core.requests.new_rid(), client, msg.req_id, svc.name, meta["method"],
+                     meta_frame, msg.body, msg.buffers,
+                     now + timeout if timeout is not None else None, now, priority,
+                     bool(idempotent))
+        core.requests.admit(rec, svc, conn)
+
+    def _refusal(self, client: bytes, msg: protocol.Message) -> WorkerPoolError | Service:
+        """The error that refuses the request, or the service that takes it."""
+        err = check_meta(msg.meta)
+        if err is not None:
+            return err
+        core = self.core
+        if (client, msg.req_id) in core.requests.by_client:
+            return ProtocolError(f"request id {msg.req_id} is already in flight on this "
+                                 "connection", code="duplicate-id")
+        if core.draining:
+            return ServiceUnavailableError("the pool is shutting down and admits no new requests")
+        svc, why = self.resolve(msg.meta.get("service"))
+        if svc is None:
+            return ServiceUnavailableError(why)
+        method = msg.meta["method"]
+        if svc.methods and method not in svc.methods:
+            return UnknownMethodError(f"service {svc.name!r} has no method {method!r}; "
+                                      f"it has: {', '.join(sorted(svc.methods))}")
+        return svc
+
+    def backpressure(self, svc: Service, why: str = "") -> BackpressureError:
+        s = svc.settings
+        if not why:
+            why = (f"{svc.queued} requests queued (queue_capacity {s.queue_capacity})"
+                   if s.capacity_policy == "queue" else
+                   "every worker is at max_inflight (capacity_policy 'reject')")
+        return BackpressureError(f"service {svc.name!r} is overloaded: {why}",
+                                 retry_after=svc.retry_after(self.core.clock()))
+
+    def resolve(self, name: object) -> tuple[Service | None, str]:
+        """The service a request names (None: the only one, or 'default'), or why none."""
+        core = self.core
+        services = core.services
+        registry = core.registry
+        if self.grace_until is not None and (
+                (name is None and not services)
+                or (isinstance(name, str) and name not in services)):
+            # Just started (or restarted): its supervisors and workers have not all described
+            # themselves yet. The request waits for them; end_grace answers it otherwise.
+            name = "default" if name is None else name
+            if len(services) >= MAX_GRACE_SERVICES:
+                return None, f"unknown service {name!r} (too many undescribed services)"
+            try:
+                ServiceConfig(name=name)
+            except ValueError:
+                return None, f"unknown service {name!r}; it is not a valid service name"
+            return core.service(name), ""
+        if name is None:
+            if len(services) == 1:
+                svc = next(iter(services.values()))
+            elif "default" in services:
+                svc = services["default"]
+            elif not services:
+                return None, "no workers are registered with this router"
+            else:
+                return None, ("request names no service and there is no 'default'; services: "
+                              + ", ".join(sorted(services)))
+        elif not isinstance(name, str):
+            return None, f"'service' must be a string, got {type(name).__name__}"
+        else:
+            svc = services.get(name)
+            if svc is None:
+                known = ", ".join(sorted(services)) or "none"
+                return None, f"unknown service {name!r}; services: {known}"
+        if not svc.conns and not registry.has_live_slots(svc.name):
+            if self.grace_until is not None and not registry.described(svc.name):
+                return svc, ""  # named by an earlier request in the grace: wait as it does
+            return None, f"service {svc.name!r} has no live workers (all failed or stopped)"
+        return svc, ""
+
+    def check_grace(self, now: float) -> None:
+        """Registration grace is over: what still waits for an undescribed service fails."""
+        if self.grace_until is None or now < self.grace_until:
+            return
+        self.grace_until = None
+        core = self.core
+        for svc in list(core.services.values()):
+            core.fail_if_unservable(svc)
+            if not svc.queued and not core.registry.described(svc.name):
+                del core.services[svc.name]  # only a request named it: forget it again

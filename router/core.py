@@ -1,0 +1,356 @@
+"""The router's core: every decision, and no I/O.
+
+::
+
+    Router (router.router): sockets, poll, signals
+        | frames in                          ^ frames out (Outbox)
+        v                                    |
+    RouterCore.on_frontend / on_backend / tick(now)
+        admission ---> requests (records, queues, dispatch, the one finish)
+        registry (slots, conns, loss) <--- liveness (heartbeats, kills)
+        supervisors (HELLO, SLOT, DRAIN, loss)   scaling (spares, scale)
+        recovery (retry and poison rule)         status (the STATUS body)
+
+The core takes decoded messages and the time from its caller (``clock``), and sends
+through an ``Outbox`` whose sends report whether the peer was reachable. Tests drive it
+with plain frames, a recording outbox and a fake clock. Bytes from the network never
+raise out of it: every frame sequence decodes or becomes a typed ``ProtocolError`` reply
+(clients) or a counted, logged drop (backend).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+import msgpack
+
+from ipc import protocol
+from ipc.errors import (
+    FrameError,
+    IllegalTransition,
+    ProtocolError,
+    ServiceUnavailableError,
+    WorkerPoolError,
+)
+from ipc.protocol import REPLY_KINDS, Kind
+from router import admin
+from router import status as status_report
+from router.admission import Admission
+from router.liveness import Liveness
+from router.registry import WorkerRegistry
+from router.requests import RequestTable, error_body
+from router.scaling import Scaling
+from router.service import Service, ServiceSettings
+from router.supervisors import Supervisors
+from workerpool.config import (
+    ROUTED_FIELDS,
+    TIMINGS,
+    RouterConfig,
+    ServiceConfig,
+    routed_defaults,
+)
+
+log = logging.getLogger("workerpool.router")
+
+EMPTY_META = b""
+RESERVED_ID = 0  # the id of replies the router cannot attribute; no request may use it
+DRAIN_POLL = 0.02  # seconds between drain checks while draining
+UNREACHABLE_POLL = 0.05  # seconds between checks while a worker is unreachable
+
+
+class Outbox(Protocol):
+    """Where the core's messages go. Each send returns False when the peer is unreachable
+    (gone, or not reading): the core decides what that means."""
+
+    def to_client(self, client: bytes, frames: list) -> bool: ...
+
+    def to_backend(self, ident: bytes, frames: list) -> bool: ...
+
+
+class RouterCore:
+    """Admits client requests, dispatches them to workers and keeps the health table."""
+
+    def __init__(self, config: RouterConfig, service_defaults: dict | None, out: Outbox,
+                 clock: Callable[[], float] = time.monotonic,
+                 addresses: tuple[str, str] = ("", "")) -> None:
+        self.config = config
+        self.out = out
+        self.clock = clock
+        self.addresses = addresses  # (frontend, backend) as bound, for status
+        self._defaults = {**routed_defaults(), **(service_defaults or {})}
+        self.services: dict[str, Service] = {}
+        self.stats: Counter[str] = Counter()
+        self._warned: Counter[str] = Counter()
+        self.instance = f"{os.getpid()}-{time.time_ns()}"  # changes when the router restarts
+        self._meta_cache = protocol.MetaCache()
+        self.started = clock()
+        self.draining = False
+        self._drain_deadline = 0.0
+        self._drained = False
+        self._exit_at: float | None = None
+        self.requests = RequestTable(self)
+        self.registry = WorkerRegistry(self)
+        self.liveness = Liveness(self)
+        self.supervisors = Supervisors(self)
+        self.scaling = Scaling(self)
+        self.admission = Admission(self)
+        self._backend_handlers: dict[Kind, Callable[[bytes, dict], None]] = {
+            Kind.READY: self.registry.on_ready,
+            Kind.GOODBYE: self.registry.on_goodbye,
+            Kind.HEARTBEAT: self.liveness.on_heartbeat,
+            Kind.STARTED: self._on_started,
+            Kind.HELLO: self.supervisors.on_hello,
+            Kind.SLOT: self.supervisors.on_slot,
+            Kind.DRAIN: self.supervisors.on_drain,
+        }
+
+    # -- frontend: clients -----------------------------------------------------------------------
+    def on_frontend(self, frames: list) -> None:
+        """One message from a client: ``[routing id, header, meta, body, *buffers]``."""
+        client = frames[0]
+        try:
+            msg = protocol.decode(frames[1:], self._meta_cache)
+        except FrameError as exc:
+            self.stats["bad_frames_frontend"] += 1
+            self.warn("bad-frame", "bad frame from client %r: %s", client, exc)
+            self.reply_error(client, exc.req_id or RESERVED_ID, ProtocolError(str(exc),
+                                                                             code=exc.code))
+            return
+        kind = msg.kind
+        if kind is Kind.HEARTBEAT:
+            self._on_client_ping(client, msg)
+            return
+        if kind not in (Kind.REQUEST, Kind.STATUS, Kind.CANCEL, Kind.ADMIN):
+            self.stats["bad_frames_frontend"] += 1
+            self.reply_error(client, msg.req_id, ProtocolError(
+                f"message kind {kind.name} is not sent by clients", code="bad-kind"))
+            return
+        if msg.req_id == RESERVED_ID:
+            if kind is not Kind.CANCEL:  # a CANCEL is never answered
+                self.reply_error(client, RESERVED_ID, ProtocolError(
+                    f"request id 0 is reserved for replies the router cannot attribute; "
+                    f"{kind.name} needs another id", code="bad-request-id"))
+            return
+        if kind is Kind.REQUEST:
+            self.admission.on_request(client, msg, frames[2])
+        elif kind is Kind.CANCEL:
+            self.requests.cancel(client, msg.req_id)
+        elif (client, msg.req_id) in self.requests.by_client:
+            # Its answer would be a second reply under the id of a request in flight.
+            self.reply_error(client, msg.req_id, ProtocolError(
+                f"request id {msg.req_id} is already in flight on this connection",
+                code="duplicate-id"))
+        elif kind is Kind.STATUS:
+            body = msgpack.packb(self.status(), use_bin_type=True)
+            self.to_client(client, Kind.RESULT, msg.req_id, EMPTY_META, body)
+        else:
+            admin.on_admin(self, client, msg.req_id, msg.meta)
+
+    def _on_client_ping(self, client: bytes, msg: protocol.Message) -> None:
+        """Who am I, and which of the requests it waits for I do not hold. FIFO per
+        connection: whatever the client sent before the ping is already here."""
+        held = msg.meta.get("held", ())
+        by_client = self.requests.by_client
+        unknown = [r for r in held if type(r) is int and (client, r) not in by_client] \
+            if isinstance(held, list) else []
+        body = msgpack.packb({"router": self.instance, "unknown": unknown,
+                              "uptime": self.clock() - self.started})
+        self.to_client(client, Kind.HEARTBEAT, msg.req_id, EMPTY_META, body)
+
+    # -- backend: workers and supervisors -------------------------------------------------------
+    def on_backend(self, frames: list) -> None:
+        """One message from a worker or supervisor: ``[routing id, header, meta, body, ...]``."""
+        ident = frames[0]
+        try:
+            if len(frames) < 4:
+                raise FrameError("too-few-frames", f"{len(frames) - 1} frames, expected >= 3")
+            kind, rid = protocol.unpack_header(frames[1])
+        except FrameError as exc:
+            self.stats["bad_frames_backend"] += 1
+            self.warn("bad-backend", "dropped bad frame from backend peer %r: %s", ident, exc)
+            return
+        if kind in REPLY_KINDS:
+            conn = self.registry.conns.get(ident)
+            if conn is None:
+                self.stats["replies_from_unknown_worker"] += 1
+                return
+            self.requests.on_reply(conn, kind, rid, frames[2], frames[3], frames[4:])
+            return
+        try:
+            meta = protocol.unpack_meta(frames[2], rid)
+        except FrameError as exc:
+            self.stats["bad_frames_backend"] += 1
+            self.warn("bad-backend", "dropped bad meta from backend peer %r: %s", ident, exc)
+            return
+        handler = self._backend_handlers.get(kind)
+        if handler is None:
+            self.stats["bad_frames_backend"] += 1
+            self.warn("bad-backend", "backend peer %r sent %s, which it must not", ident, kind.name)
+            return
+        try:
+            handler(ident, meta)
+        except IllegalTransition as exc:
+            self.stats["illegal_transitions"] += 1
+            self.warn("transition", "%s", exc)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            self.stats["bad_frames_backend"] += 1
+            self.warn("bad-backend", "bad %s from %r: %r", kind.name, ident, exc)
+
+    def _on_started(self, ident: bytes, meta: dict) -> None:
+        """A worker runs several of its requests at once (a batch): if it dies now, each of
+        them was running, not only the oldest."""
+        conn = self.registry.conns.get(ident)
+        if conn is None:
+            return
+        ids = meta["ids"]
+        if not isinstance(ids, list) or not all(type(rid) is int for rid in ids):
+            raise TypeError(f"STARTED ids must be a list of request ids, not {ids!r:.80}")
+        conn.started.update(rid for rid in ids if rid in conn.in_flight)
+
+    # -- time ---------------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Everything that happens with time: call after each poll. Death notices due must
+        be preceded by one more read of the backend (``deaths_due``)."""
+        now = self.clock()
+        self._guarded(self.admission.check_grace, now)
+        self._guarded(self.registry.check_unreachable, now)
+        self._guarded(self.requests.expire, now)
+        self._guarded(self.liveness.check, now)
+        self._guarded(self.liveness.stop_drained_workers)
+        self._guarded(self.registry.apply_deaths, now)
+        if self.supervisors.draining:
+            self._guarded(self.supervisors.check_drains, now)
+        if self.draining:
+            self._guarded(self._check_drained, now)
+
+    def deaths_due(self) -> bool:
+        """Whether a death notice is due: read the backend once more before ``tick``, so the
+        dead worker's last replies are taken before its requests are answered."""
+        return self.registry.deaths_due(self.clock())
+
+    def next_wakeup(self) -> float:
+        """Seconds until ``tick`` has something to do at the latest."""
+        now = self.clock()
+        t = TIMINGS.liveness_tick
+        due = self.requests.timers.next_due()
+        if due is not None:
+            t = min(t, due - now)
+        if self.registry.any_unreachable():
+            t = min(t, UNREACHABLE_POLL)
+        death = self.registry.next_death()
+        if death is not None:
+            t = min(t, death - now)
+        if self.draining or self.supervisors.draining:
+            t = min(t, DRAIN_POLL)
+        return max(0.0, t)
+
+    @property
+    def finished(self) -> bool:
+        """Drained, and the last replies had time to leave: the loop may stop."""
+        return self._exit_at is not None and self.clock() >= self._exit_at
+
+    def _guarded(self, step: Callable, *args: object) -> None:
+        """Run a step; a bug in it is logged and counted, never fatal to the router."""
+        try:
+            step(*args)
+        except Exception:
+            self.stats["internal_errors"] += 1
+            log.exception("internal error in %s", getattr(step, "__name__", step))
+
+    # -- shutdown -----------------------------------------------------------------------------------
+    def begin_drain(self, why: str = "") -> None:
+        """Stop admitting; finish what was admitted; then stop workers and exit."""
+        if self.draining:
+            return
+        log.info("draining (%s): %d requests to finish", why, self.requests.live())
+        self.draining = True
+        self._drain_deadline = self.clock() + self.config.drain_timeout
+
+    def _check_drained(self, now: float) -> None:
+        if self._drained:
+            return
+        if self.requests.live() and now < self._drain_deadline:
+            return
+        for rec in list(self.requests.records.values()):
+            self.requests.fail(rec, ServiceUnavailableError(
+                "the pool shut down before this request finished (drain_timeout)"))
+        for ident in list(self.registry.conns):
+            self.to_backend(ident, Kind.SHUTDOWN)
+        for ident in self.supervisors.known:
+            self.to_backend(ident, Kind.DRAINED)
+        self._drained = True
+        self._exit_at = now + TIMINGS.drain_linger
+        log.info("drained; workers told to stop")
+
+    # -- services -----------------------------------------------------------------------------------
+    def service(self, name: str, config: dict | None = None) -> Service:
+        """The service ``name``, created with router defaults if new. ``config`` (from a
+        HELLO) applies once: to a new service, or to one a READY created before the
+        HELLO arrived; the first supervisor to describe a service wins."""
+        svc = self.services.get(name)
+        if svc is not None and (config is None or svc.configured):
+            return svc
+        cfg = {**self._defaults, **(config or {})}
+        # Re-validated with the same model the supervisor used: a bad HELLO is refused.
+        checked = ServiceConfig.model_validate({k: cfg[k] for k in ROUTED_FIELDS if k in cfg})
+        settings = ServiceSettings(**{k: getattr(checked, k) for k in ROUTED_FIELDS})
+        if svc is None:
+            svc = self.services[name] = Service(name, settings)
+        else:
+            svc.configure(settings)
+            for conn in self.registry.conns.values():  # spares too: they are not in svc.conns
+                if conn.slot.service == name:
+                    conn.capacity = svc.capacity_for(conn.declared)
+                    self.registry.tell_capacity(conn)
+        svc.configured = config is not None
+        return svc
+
+    def fail_if_unservable(self, svc: Service | None) -> None:
+        """Queued requests of a service that has no live worker left would wait forever."""
+        registry = self.registry
+        if svc is None or not svc.queued or svc.conns or registry.has_live_slots(svc.name):
+            return
+        if not registry.described(svc.name):
+            if self.admission.grace_until is not None:
+                return  # nobody described it yet: its workers may still register
+            known = ", ".join(sorted(n for n in self.services
+                                     if n != svc.name and registry.described(n)))
+            why = (f"unknown service {svc.name!r}; services: {known or 'none'} (no worker of "
+                   f"it registered within registration_grace={self.config.registration_grace:g}s "
+                   "of the router starting)")
+        else:
+            why = f"service {svc.name!r} has no live workers (all failed or stopped)"
+        for rec in svc.queued_records():
+            self.requests.fail(rec, ServiceUnavailableError(why))
+
+    # -- sending ------------------------------------------------------------------------------------
+    def to_client(self, client: bytes, kind: Kind, client_rid: int, meta: bytes, body: bytes,
+                  buffers: Iterable = ()) -> None:
+        if not self.out.to_client(client, [protocol.pack_header(kind, client_rid), meta, body,
+                                           *buffers]):
+            # The client disconnected (EHOSTUNREACH) or stopped reading (EAGAIN).
+            self.stats["unroutable_replies"] += 1
+
+    def reply_error(self, client: bytes, client_rid: int, err: WorkerPoolError) -> None:
+        self.to_client(client, Kind.ERROR, client_rid, EMPTY_META, error_body(err))
+
+    def to_backend(self, ident: bytes, kind: Kind, meta: dict | None = None,
+                   req_id: int = 0) -> None:
+        if not self.out.to_backend(ident, protocol.encode(kind, req_id, meta)):
+            self.stats["unroutable_backend"] += 1
+
+    # -- observability ------------------------------------------------------------------------------
+    def status(self) -> dict:
+        return status_report.status(self)
+
+    def warn(self, key: str, fmt: str, *args: object) -> None:
+        """Log the first few of each kind of peer misbehaviour, then one in a thousand."""
+        self._warned[key] += 1
+        n = self._warned[key]
+        if n <= 10 or n % 1000 == 0:
+            log.warning(fmt + (f" [{n} so far]" if n > 10 else ""), *args)

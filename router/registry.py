@@ -1,0 +1,272 @@
+"""The worker registry: every slot and every connected incarnation, and how one is lost.
+
+::
+
+    supervisor HELLO/SLOT --> slots (one Slot per slot id; owner, state, counters)
+    worker READY ----------> conns (one Conn per live incarnation; in flight, liveness)
+    death notice / GOODBYE / unreachable / kill --> lose(conn): its requests answered or
+                                                    requeued (router.recovery), slot moves on
+
+A death notice waits ``TIMINGS.death_grace`` and one more read of the backend, because
+the supervisor's socket can overtake the worker's: the dead worker's last replies may
+still be queued behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ipc.lifecycle import LIVE, GoodbyeReason, WorkerState
+from ipc.protocol import Kind
+from router import recovery
+from router.health import Conn, Slot
+from router.requests import Phase
+from workerpool.config import TIMINGS
+
+if TYPE_CHECKING:
+    from router.core import RouterCore
+
+log = logging.getLogger("workerpool.router")
+ERROR_TAIL = 4000  # characters of an error kept for status
+
+
+class WorkerRegistry:
+    def __init__(self, core: RouterCore) -> None:
+        self.core = core
+        self.slots: dict[str, Slot] = {}
+        self.conns: dict[bytes, Conn] = {}  # backend identity -> registered incarnation
+        # Slots that left the table with a supervisor that drained away: a worker of theirs
+        # that registers late is told to stop.
+        self.departed_owner: dict[str, bytes] = {}
+        self._deaths: list[tuple[float, Slot, int, str]] = []  # (when due, slot, inc, how)
+
+    # -- lookups -------------------------------------------------------------------------------
+    def slot(self, slot_id: str, service: str, device: str) -> Slot:
+        """The slot ``slot_id``, created (with its service) if new."""
+        slot = self.slots.get(slot_id)
+        if slot is None:
+            slot = self.slots[slot_id] = Slot(slot_id, service, device)
+            self.core.service(service)
+        elif device != "?":
+            slot.device = device
+        return slot
+
+    def owner(self, slot_id: str) -> bytes | None:
+        slot = self.slots.get(slot_id)
+        return slot.owner if slot is not None else self.departed_owner.get(slot_id)
+
+    def owned_by(self, ident: bytes) -> list[Slot]:
+        return [s for s in self.slots.values() if s.owner == ident]
+
+    def conns_of(self, ident: bytes) -> list[Conn]:
+        return [s.conn for s in self.owned_by(ident) if s.conn is not None]
+
+    def described(self, service: str) -> bool:
+        """Some supervisor or worker told this router about a slot of ``service``."""
+        return any(s.service == service for s in self.slots.values())
+
+    def has_live_slots(self, service: str) -> bool:
+        """Some worker of ``service`` is serving or expected back (starting, respawning)."""
+        return any(s.service == service and s.state in LIVE for s in self.slots.values())
+
+    # -- registration --------------------------------------------------------------------------
+    def on_ready(self, ident: bytes, meta: dict) -> None:
+        core = self.core
+        slot_id = str(meta["slot"])
+        incarnation = int(meta["incarnation"])
+        service = str(meta["service"])
+        capacity = int(meta["capacity"])
+        if capacity < 1:
+            raise ValueError(f"capacity {capacity} < 1")
+        if core.supervisors.leaving(self.owner(slot_id)):
+            core.to_backend(ident, Kind.SHUTDOWN)  # its supervisor is leaving or left
+            return
+        slot = self.slot(slot_id, service, str(meta.get("device", "?")))
+        if incarnation < slot.incarnation:
+            core.stats["stale_ready"] += 1
+            core.to_backend(ident, Kind.SHUTDOWN)
+            return
+        if ident in self.conns:
+            return  # the same process registering twice (it was asked to): nothing changes
+        if slot.conn is not None and slot.conn.identity != ident:
+            self.lose(slot.conn, f"replaced by incarnation {incarnation}")
+        if slot.retiring:
+            core.to_backend(ident, Kind.SHUTDOWN)  # scaled away while it was starting
+            return
+        svc = core.service(service)
+        now = core.clock()
+        conn = Conn(ident, slot, incarnation, int(meta["pid"]), capacity,
+                    frozenset(str(m) for m in meta.get("methods", ())), now)
+        conn.capacity = svc.capacity_for(capacity)
+        self.tell_capacity(conn)
+        spare = core.scaling.holds_back(svc)
+        slot.transition(WorkerState.SPARE if spare else WorkerState.READY)
+        slot.incarnation = incarnation
+        slot.pid = conn.pid
+        slot.device = str(meta.get("device", slot.device))
+        slot.restarts = max(slot.restarts, incarnation - 1)
+        slot.ready_at = now
+        slot.setup_error = None
+        slot.leave_reason = None
+        slot.left_cleanly = False
+        slot.conn = conn
+        self.conns[ident] = conn
+        core.liveness.forget_unknown(ident)
+        if not spare:
+            svc.add_conn(conn)
+        log.info("worker %s registered (pid %s, %s, incarnation %d)%s", slot_id, conn.pid,
+                 slot.device, incarnation, " as a spare" if spare else "")
+        if slot.owner is not None:  # tell its supervisor: it reports readiness and recovery
+            core.to_backend(slot.owner, Kind.READY, {"slot": slot_id, "incarnation": incarnation})
+        core.requests.pump(svc)
+
+    def tell_capacity(self, conn: Conn) -> None:
+        """A worker batches from what it holds and flushes early once it holds its capacity,
+        so it must know when the service's max_inflight caps it below what it declared."""
+        if conn.capacity != conn.told:
+            conn.told = conn.capacity
+            self.core.to_backend(conn.identity, Kind.READY, {"capacity": conn.capacity})
+
+    def on_goodbye(self, ident: bytes, meta: dict) -> None:
+        conn = self.conns.get(ident)
+        reason = str(meta.get("reason", "left"))
+        if conn is None:
+            # A worker whose setup failed leaves before it ever registered (perhaps even
+            # before its supervisor's HELLO arrived: the GOODBYE names its slot itself).
+            if reason == GoodbyeReason.SETUP_FAILED and isinstance(meta.get("slot"), str):
+                slot = self.slot(meta["slot"], str(meta.get("service", "default")), "?")
+                slot.setup_error = str(meta.get("error", reason))[-ERROR_TAIL:]
+                slot.last_error = slot.setup_error
+            return
+        slot = conn.slot
+        if reason == GoodbyeReason.CONTEXT_POISONED:
+            # It is exiting on purpose to be replaced: what it still held is answered as a
+            # crash, and the slot waits for its respawn. The request that poisoned it was
+            # answered by the worker itself; whatever it still held never started.
+            error = str(meta.get("error", reason))
+            slot.leave_reason = f"CUDA context poisoned: {error}"[-ERROR_TAIL:]
+            self.lose(conn, "left with a poisoned CUDA context", running=False)
+            slot.transition(WorkerState.DEAD)
+            return
+        # A clean leave: the slot's most recent end is not an error.
+        slot.last_error = None
+        slot.left_cleanly = True
+        # Set the state first: losing the conn checks whether the service is still alive.
+        if slot.restart_pending:  # an operator's restart: a replacement is on its way
+            slot.restart_pending = False
+            slot.transition(WorkerState.RESTARTING)
+        else:
+            slot.transition(WorkerState.STOPPED)
+        self.lose(conn, reason, crashed=False)
+
+    # -- loss ----------------------------------------------------------------------------------
+    def lose(self, conn: Conn, reason: str, crashed: bool = True, running: bool = True) -> None:
+        """An incarnation is gone: answer or requeue everything it held, then forget it.
+
+        ``crashed``: it died rather than left on purpose; ``running``: its oldest request
+        was still running (see ``recovery.running_when_lost``)."""
+        core = self.core
+        requests = core.requests
+        slot = conn.slot
+        self.conns.pop(conn.identity, None)
+        conn.unreachable_until = None
+        if slot.conn is conn:
+            slot.conn = None
+        # Before its requests are requeued: a spare promoted now takes them at once.
+        core.scaling.unroute(conn)
+        svc = core.services.get(slot.service)
+        settings = svc.settings if svc is not None else None
+        held = sorted(conn.in_flight.values(), key=lambda r: r.dispatched_at)
+        started = recovery.running_when_lost(held, conn.started, crashed, running)
+        where = f"worker {slot.id} (pid {conn.pid}) {reason} while running this request"
+        requeued = False
+        for rec in held:
+            if rec.phase is not Phase.RUNNING:  # its client was already answered
+                requests.release(rec)
+                continue
+            if rec.rid in started:
+                rec.starts += 1
+                outcome = recovery.crash_outcome(rec, settings, where, slot.id)
+                if outcome is not None:
+                    if svc is not None and outcome.type == "PoisonedRequestError":
+                        svc.poisoned += 1
+                    slot.errored += 1
+                    if svc is not None:
+                        svc.errored += 1
+                    core.stats["crashed_requests"] += 1
+                    requests.fail(rec, outcome)
+                    requests.release(rec)
+                    continue
+            conn.in_flight.pop(rec.rid, None)
+            rec.conn = None
+            if svc is None:
+                requests.fail(rec, recovery.WorkerCrashedError(
+                    f"worker {slot.id} {reason}", worker=slot.id))
+                requests.records.pop(rec.rid, None)
+                continue
+            if rec.rid in started:
+                svc.retried += 1
+            requests.enqueue(svc, rec)
+            requeued = True
+        if svc is not None:
+            if requeued:
+                requests.pump(svc)
+            core.fail_if_unservable(svc)
+
+    def declare_dead(self, conn: Conn, why: str, last_error: str) -> None:
+        """No death notice will come (or it came too late): answer what it held now."""
+        self.lose(conn, why)
+        conn.slot.last_error = last_error
+        conn.slot.transition(WorkerState.DEAD)
+
+    def quarantine(self, conn: Conn) -> None:
+        """The worker's socket is gone but its death notice has not arrived yet.
+
+        Stop dispatching to it at once; give the supervisor ``TIMINGS.unreachable_grace``
+        to say how it died (so its requests are answered with the real cause, e.g.
+        SIGSEGV), then answer them anyway: a remote supervisor may be gone too.
+        """
+        self.core.scaling.unroute(conn)
+        if conn.unreachable_until is None:
+            conn.unreachable_until = self.core.clock() + TIMINGS.unreachable_grace
+
+    def any_unreachable(self) -> bool:
+        return any(c.unreachable_until is not None for c in self.conns.values())
+
+    def check_unreachable(self, now: float) -> None:
+        for conn in list(self.conns.values()):
+            if conn.unreachable_until is not None and conn.unreachable_until <= now:
+                why = "disconnected (no death notice from its supervisor)"
+                self.declare_dead(conn, why, why)
+
+    # -- death notices -------------------------------------------------------------------------
+    def note_death(self, slot: Slot, incarnation: int, how: str) -> None:
+        """A supervisor says the process died; acted on after ``TIMINGS.death_grace``."""
+        self._deaths.append((self.core.clock() + TIMINGS.death_grace, slot, incarnation, how))
+
+    def next_death(self) -> float | None:
+        return min((d[0] for d in self._deaths), default=None)
+
+    def deaths_due(self, now: float) -> bool:
+        return any(d[0] <= now for d in self._deaths)
+
+    def apply_deaths(self, now: float) -> None:
+        """Act on the death notices that are due (the caller read the backend first)."""
+        due = [d for d in self._deaths if d[0] <= now]
+        if not due:
+            return
+        self._deaths = [d for d in self._deaths if d[0] > now]
+        for _, slot, incarnation, how in due:
+            conn = slot.conn
+            if conn is not None and conn.incarnation == incarnation:
+                self.lose(conn, how)
+            if incarnation != slot.incarnation or slot.state in (WorkerState.FAILED,
+                                                                 WorkerState.STOPPED):
+                continue  # a newer incarnation registered, or the slot's fate is settled
+            if not slot.left_cleanly:
+                # Why it left, if it (or we) said so before it died, then how; once each.
+                why = slot.leave_reason
+                slot.last_error = f"{why}; {how}" if why and why[-40:] not in how else how
+            slot.leave_reason = None
+            slot.transition(WorkerState.DEAD)

@@ -1,0 +1,201 @@
+"""Supervisors: the processes that start, reap and respawn workers, one per host or pool.
+
+A supervisor describes itself and its slots with HELLO, reports each process event with
+SLOT, beats like a worker, and leaves with DRAIN (scope ``supervisor``). One that goes
+silent for the liveness limit is *lost*: its workers cannot be reached or respawned from
+here, so what they held is answered and its slots are marked failed; if it speaks again
+it is taken back and describes itself anew.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ipc.errors import ServiceUnavailableError
+from ipc.lifecycle import SlotEvent, WorkerState
+from ipc.protocol import Kind
+from router.requests import Phase
+from workerpool.config import ROUTED_FIELDS, ServiceConfig
+
+if TYPE_CHECKING:
+    from router.core import RouterCore
+
+log = logging.getLogger("workerpool.router")
+MAX_WORKERS = 1024  # per service and supervisor, as ServiceConfig.workers allows
+
+
+def worker_count(value: object) -> int:
+    """A worker count from a peer; anything else is refused as a bad message."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_WORKERS:
+        raise ValueError(f"bad worker count {value!r}")
+    return value
+
+
+class Supervisors:
+    def __init__(self, core: RouterCore) -> None:
+        self.core = core
+        self.known: dict[bytes, dict] = {}  # connected supervisors: pid, host, last seen
+        self.draining: dict[bytes, float] = {}  # leaving supervisor -> drain deadline
+        self._departed: set[bytes] = set()  # supervisors that drained and left
+        self._lost: set[bytes] = set()  # declared lost; taken back if they speak
+
+    def connected(self, ident: bytes | None) -> bool:
+        return ident is not None and ident in self.known
+
+    def leaving(self, ident: bytes | None) -> bool:
+        """Whether ``ident`` drains or drained away (its workers must not register)."""
+        return ident in self.draining or ident in self._departed
+
+    def is_lost(self, ident: bytes) -> bool:
+        return ident in self._lost
+
+    def seen(self, ident: bytes, now: float) -> None:
+        if ident in self.known:
+            self.known[ident]["seen"] = now
+
+    # -- messages ------------------------------------------------------------------------------
+    def on_hello(self, ident: bytes, meta: dict) -> None:
+        core = self.core
+        services = list(meta.get("services", ()))
+        slots = [(str(s["slot"]), str(s["service"]), str(s.get("device", "?")))
+                 for s in meta.get("slots", ())]
+        for s in services:  # all or nothing: check every service before applying any
+            ServiceConfig.model_validate(
+                {k: v for k, v in s.items() if k in ROUTED_FIELDS} | {"name": str(s["name"])})
+            for key in ("workers", "spares"):
+                if key in s:
+                    worker_count(s[key])
+        self.known[ident] = {"pid": meta.get("pid"), "host": meta.get("host"),
+                             "seen": core.clock()}
+        self._departed.discard(ident)
+        if ident in self._lost:
+            self._lost.discard(ident)
+            log.warning("supervisor %r, declared lost, is back: taking its workers back", ident)
+        for s in services:
+            core.service(str(s["name"]), s)
+            if "workers" in s:
+                core.scaling.set_target(str(s["name"]), ident, worker_count(s["workers"]),
+                                        worker_count(s.get("spares", 0)))
+        for slot_id, service, device in slots:
+            slot = core.registry.slot(slot_id, service, device)
+            slot.owner = ident
+            core.registry.departed_owner.pop(slot_id, None)
+            if slot.conn is not None:  # its worker registered before our HELLO arrived
+                core.to_backend(ident, Kind.READY,
+                                {"slot": slot.id, "incarnation": slot.conn.incarnation})
+        for s in services:
+            core.scaling.rebalance(core.services[str(s["name"])])
+        if core.draining:
+            core.to_backend(ident, Kind.DRAINED)
+
+    def on_slot(self, ident: bytes, meta: dict) -> None:
+        """A supervisor reports a slot's process event (``ipc.lifecycle.SlotEvent``)."""
+        core = self.core
+        registry = core.registry
+        slot = registry.slot(str(meta["slot"]), str(meta["service"]), str(meta.get("device", "?")))
+        incarnation = int(meta["incarnation"])
+        event = SlotEvent(meta["event"])  # an unknown event is a ValueError: a bad message
+        if incarnation < slot.incarnation:
+            core.stats["stale_slot_events"] += 1
+            return
+        if event is SlotEvent.STARTED:
+            if incarnation > slot.incarnation:
+                slot.incarnation = incarnation
+                slot.pid = meta.get("pid")
+                slot.left_cleanly = False
+                slot.transition(WorkerState.RESTARTING if incarnation > 1 else WorkerState.STARTING)
+        elif event is SlotEvent.DIED:
+            registry.note_death(slot, incarnation, str(meta.get("reason", "died")))
+        elif event is SlotEvent.FAILED:
+            reason = str(meta.get("reason", "failed"))
+            if slot.conn is not None:
+                registry.lose(slot.conn, reason)
+            # Keep the traceback its GOODBYE carried: it says *why* setup() failed.
+            detail = slot.setup_error if slot.setup_error else ""
+            slot.last_error = f"{reason}\n{detail}".strip()[-4000:]
+            slot.transition(WorkerState.FAILED)
+            core.fail_if_unservable(core.services.get(slot.service))
+        elif event is SlotEvent.STOPPED:
+            slot.transition(WorkerState.STOPPED)
+            slot.last_error = None  # stopped on request: its most recent end is clean
+            if slot.conn is not None:
+                registry.lose(slot.conn, "stopped", crashed=False)
+            core.fail_if_unservable(core.services.get(slot.service))
+        elif event is SlotEvent.REMOVED:
+            # Scaled away: its process is gone (normally after draining). Its row goes too.
+            if slot.conn is not None:
+                registry.lose(slot.conn, str(meta.get("reason", "was scaled away")),
+                              crashed=meta.get("exitcode") != 0)
+            registry.slots.pop(slot.id, None)
+            core.fail_if_unservable(core.services.get(slot.service))
+
+    def on_drain(self, ident: bytes, meta: dict) -> None:
+        """scope "router": the whole pool stops (``up``). scope "supervisor": only that
+        supervisor's workers leave; the router and other supervisors keep serving."""
+        core = self.core
+        if meta.get("scope", "router") == "router":
+            core.begin_drain(f"requested by supervisor {ident!r}")
+            return
+        if ident in self.draining:
+            return
+        self.draining[ident] = core.clock() + core.config.drain_timeout
+        for conn in core.registry.conns_of(ident):
+            core.scaling.unroute(conn)  # no new work; what it holds finishes
+        log.info("supervisor %r is leaving: draining its workers", ident)
+
+    # -- timers --------------------------------------------------------------------------------
+    def check_drains(self, now: float) -> None:
+        """A leaving supervisor whose workers finished (or ran out of time) is let go."""
+        core = self.core
+        for ident, deadline in list(self.draining.items()):
+            conns = core.registry.conns_of(ident)
+            running = [r for c in conns for r in c.in_flight.values() if r.phase is Phase.RUNNING]
+            if running and now < deadline:
+                continue
+            for rec in running:
+                core.requests.fail(rec, ServiceUnavailableError(
+                    "the worker's supervisor left before this request finished (drain_timeout)"))
+            for conn in conns:
+                core.to_backend(conn.identity, Kind.SHUTDOWN)
+            core.to_backend(ident, Kind.DRAINED)
+            del self.draining[ident]
+            self._forget(ident, "its supervisor left")
+
+    def _forget(self, ident: bytes, reason: str) -> None:
+        """A supervisor left on purpose: its slots leave the table with it (a worker of
+        its that registers late is told to stop), and admin commands no longer go to it."""
+        core = self.core
+        self.known.pop(ident, None)
+        self._departed.add(ident)
+        for slot in core.registry.owned_by(ident):
+            core.registry.slots.pop(slot.id, None)
+            core.registry.departed_owner[slot.id] = ident
+            if slot.conn is not None:
+                core.registry.lose(slot.conn, reason, crashed=False)
+        core.scaling.drop_targets(ident)
+        for svc in core.services.values():
+            core.fail_if_unservable(svc)
+
+    def check_silent(self, now: float, limit: float) -> None:
+        for ident, sup in list(self.known.items()):
+            if now - sup["seen"] > limit:
+                self._declare_lost(ident, now - sup["seen"])
+
+    def _declare_lost(self, ident: bytes, silent: float) -> None:
+        """A supervisor stopped answering: its host is gone or cut off. Its workers cannot
+        be reached or respawned from here: answer what they held and mark them failed."""
+        core = self.core
+        log.error("supervisor %r silent for %.1fs: its workers are lost", ident, silent)
+        core.stats["supervisors_lost"] += 1
+        del self.known[ident]
+        self._lost.add(ident)
+        for slot in core.registry.owned_by(ident):
+            reason = f"its supervisor was silent for {silent:.1f}s (host lost?)"
+            if slot.conn is not None:
+                core.registry.lose(slot.conn, reason)
+            slot.last_error = reason
+            if slot.state is not WorkerState.STOPPED:
+                slot.transition(WorkerState.FAILED)
+            core.fail_if_unservable(core.services.get(slot.service))
+        core.scaling.drop_targets(ident)

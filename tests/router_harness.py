@@ -1,0 +1,129 @@
+"""Drive the router's core with plain frames, a recording outbox and a fake clock: no
+sockets, no sleeps, no threads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgpack
+
+from ipc import protocol
+from ipc.errors import from_wire
+from ipc.protocol import Kind
+from router.core import RouterCore
+from workerpool.config import RouterConfig
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Sent:
+    side: str  # "client" or "backend"
+    peer: bytes
+    kind: Kind
+    req_id: int
+    meta: dict
+    body: object
+
+
+@dataclass
+class RecordingOutbox:
+    """Every message the core sends, decoded; peers in ``unreachable`` refuse sends."""
+
+    sent: list[Sent] = field(default_factory=list)
+    unreachable: set[bytes] = field(default_factory=set)
+
+    def _record(self, side: str, peer: bytes, frames: list) -> bool:
+        if peer in self.unreachable:
+            return False
+        kind, req_id = protocol.unpack_header(frames[0])
+        meta = protocol.unpack_meta(frames[1])
+        body = msgpack.unpackb(frames[2]) if frames[2] else None
+        self.sent.append(Sent(side, peer, kind, req_id, meta, body))
+        return True
+
+    def to_client(self, client: bytes, frames: list) -> bool:
+        return self._record("client", client, frames)
+
+    def to_backend(self, ident: bytes, frames: list) -> bool:
+        return self._record("backend", ident, frames)
+
+    def take(self) -> list[Sent]:
+        out, self.sent = self.sent, []
+        return out
+
+    def to(self, peer: bytes) -> list[Sent]:
+        return [s for s in self.sent if s.peer == peer]
+
+    def errors_to(self, client: bytes) -> list:
+        return [from_wire(s.body) for s in self.to(client) if s.kind is Kind.ERROR]
+
+
+class Harness:
+    """A router core with one supervisor ``sup`` and helpers that speak its protocol."""
+
+    def __init__(self, **config: object) -> None:
+        self.clock = FakeClock()
+        self.out = RecordingOutbox()
+        cfg = {"frontend": "tcp://127.0.0.1:1", "backend": "tcp://127.0.0.1:2",
+               "registration_grace": 0.0, **config}
+        self.core = RouterCore(RouterConfig(**cfg), None, self.out, self.clock)
+        self.incarnations: dict[str, int] = {}
+
+    # -- the backend ---------------------------------------------------------------------------
+    def backend(self, ident: bytes, kind: Kind, meta: dict | None = None, req_id: int = 0,
+                body: bytes = b"") -> None:
+        self.core.on_backend([ident, *protocol.encode(kind, req_id, meta, body)])
+
+    def hello(self, service: str = "default", workers: int = 2, spares: int = 0,
+              sup: bytes = b"sup", **settings: object) -> None:
+        slots = [{"slot": f"{service}/{i}", "service": service} for i in range(workers + spares)]
+        self.backend(sup, Kind.HELLO, {"services": [{"name": service, "workers": workers,
+                                                     "spares": spares, **settings}],
+                                       "slots": slots})
+
+    def ready(self, slot: str, capacity: int = 1, incarnation: int = 1,
+              methods: tuple = ("echo",)) -> bytes:
+        ident = f"{slot}#{incarnation}".encode()
+        self.incarnations[slot] = incarnation
+        self.backend(ident, Kind.READY, {"slot": slot, "incarnation": incarnation,
+                                         "service": slot.rpartition("/")[0],
+                                         "capacity": capacity, "pid": 1000 + incarnation,
+                                         "methods": list(methods)})
+        return ident
+
+    def slot_event(self, slot: str, event: str, incarnation: int | None = None,
+                   sup: bytes = b"sup", **extra: object) -> None:
+        inc = self.incarnations.get(slot, 1) if incarnation is None else incarnation
+        self.backend(sup, Kind.SLOT, {"slot": slot, "service": slot.rpartition("/")[0],
+                                      "incarnation": inc, "event": event, **extra})
+
+    def reply(self, ident: bytes, rid: int, value: object = None, kind: Kind = Kind.RESULT) -> None:
+        self.backend(ident, kind, req_id=rid, body=msgpack.packb(value))
+
+    # -- the frontend --------------------------------------------------------------------------
+    def request(self, client: bytes, req_id: int, method: str = "echo", payload: object = None,
+                **meta: object) -> None:
+        self.core.on_frontend([client, *protocol.encode(
+            Kind.REQUEST, req_id, {"method": method, **meta}, msgpack.packb(payload))])
+
+    def client_msg(self, client: bytes, kind: Kind, req_id: int, meta: dict | None = None) -> None:
+        self.core.on_frontend([client, *protocol.encode(kind, req_id, meta)])
+
+    # -- time ------------------------------------------------------------------------------------
+    def tick(self, seconds: float = 0.0) -> None:
+        self.clock.advance(seconds)
+        self.core.tick()
+
+    def dispatched_to(self, ident: bytes) -> list[int]:
+        """Router request ids sent to worker ``ident`` so far."""
+        return [s.req_id for s in self.out.to(ident) if s.kind is Kind.REQUEST]
