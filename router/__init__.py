@@ -1,5 +1,5 @@
-"""The router process: admits client requests and dispatches them to worker processes."""
+"""The router process: admits client requests and dispatches them to worker processes.
 
-from router.router import Router
-
-__all__ = ["Router"]
+``router.router.Router`` is the process (its poll loop and sockets); ``router.core`` holds
+every decision, split by responsibility into the other modules of this package.
+"""

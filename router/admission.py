@@ -72,7 +72,7 @@ class Admission:
         if conn is None and not svc.may_queue:
             victim = None
             if svc.settings.capacity_policy == "queue":
-                victim = svc.eviction_candidate(priority)
+                victim = svc.queue.eviction_candidate(priority)
             svc.rejected_backpressure += 1
             if victim is None:
                 core.reply_error(client, msg.req_id, self.backpressure(svc))

@@ -325,7 +325,7 @@ class RouterCore:
                    "of the router starting)")
         else:
             why = f"service {svc.name!r} has no live workers (all failed or stopped)"
-        for rec in svc.queued_records():
+        for rec in svc.queue.records():
             self.requests.fail(rec, ServiceUnavailableError(why))
 
     # -- sending ------------------------------------------------------------------------------------

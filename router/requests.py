@@ -122,7 +122,7 @@ class RequestTable:
 
     def enqueue(self, svc: Service, rec: Record) -> None:
         """Queue ``rec`` (new, or back after its worker died) with a fresh max_wait."""
-        svc.enqueue(rec)
+        svc.queue.push(rec)
         if svc.settings.max_wait is not None:
             rec.wait_until = self.core.clock() + svc.settings.max_wait
             self.timers.push(rec.wait_until, rec.rid, MAX_WAIT, len(self.records))
@@ -154,7 +154,7 @@ class RequestTable:
             conn = svc.pick()
             if conn is None:
                 return
-            rec = svc.dequeue()
+            rec = svc.queue.pop()
             if rec is None:
                 return
             self.dispatch(rec, conn)
@@ -171,7 +171,7 @@ class RequestTable:
             return
         self.by_client.pop((rec.client, rec.client_rid), None)
         if rec.phase is Phase.QUEUED:
-            self.core.services[rec.service].forget_queued()
+            self.core.services[rec.service].queue.forget()
             rec.phase = Phase.DONE
             del self.records[rec.rid]
         elif rec.phase is Phase.RUNNING and not from_worker:

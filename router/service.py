@@ -1,8 +1,7 @@
-"""A service: its workers, its dispatch policy, its bounded priority queue, its load figures.
+"""A service: its workers, its dispatch policy, its queue (router.queue), its load figures.
 
-Requests wait here only while every worker of the service is at ``max_inflight``. The
-queue is ordered by priority (higher first), FIFO within a priority, and bounded
-(``queue_capacity``); with ``capacity_policy="reject"`` nothing waits at all. A request
+Requests wait in the queue only while every worker of the service is at
+``max_inflight``; with ``capacity_policy="reject"`` nothing waits at all. A request
 refused for capacity gets ``BackpressureError`` with a ``retry_after`` estimated from the
 queue ahead of it and the rate at which the service's workers have been finishing
 requests, never a constant (docs/protocol.md, section 5, states the formula).
@@ -10,14 +9,13 @@ requests, never a constant (docs/protocol.md, section 5, states the formula).
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections import deque
 from dataclasses import dataclass
 
 from router.health import Conn
 from router.policy import make_policy
-from router.requests import Phase, Record
+from router.queue import RequestQueue
 
 WINDOW = 1024  # recent requests the percentiles and the completion rate are computed over
 RATE_WINDOW = 5.0  # seconds of completions the completion rate looks back over
@@ -47,9 +45,7 @@ class Service:
         self.configured = False  # True once a supervisor's HELLO has set the settings
         self.configure(settings)
         self.methods: frozenset[str] = frozenset()
-        self._heap: list[tuple[int, int, Record]] = []  # (-priority, seq, record): next out
-        self._low: list[tuple[int, int, Record]] = []  # (priority, -seq, record): next evicted
-        self.queued = 0  # live records in the heap (finished ones are skipped lazily)
+        self.queue = RequestQueue()
         self.completed = 0
         self.errored = 0
         self.rejected_backpressure = 0
@@ -88,63 +84,14 @@ class Service:
 
     # -- queue -----------------------------------------------------------------------------
     @property
+    def queued(self) -> int:
+        return self.queue.size
+
+    @property
     def may_queue(self) -> bool:
         """Whether one more request may wait (capacity policy and queue bound)."""
         return (self.settings.capacity_policy == "queue"
-                and self.queued < self.settings.queue_capacity)
-
-    def enqueue(self, rec: Record) -> None:
-        """Queue ``rec`` by (priority, admission order): a request put back after a failed
-        dispatch keeps its original place."""
-        rec.phase = Phase.QUEUED
-        heapq.heappush(self._heap, (-rec.priority, rec.rid, rec))
-        heapq.heappush(self._low, (rec.priority, -rec.rid, rec))
-        self.queued += 1
-
-    def dequeue(self) -> Record | None:
-        """Highest-priority, oldest live record, or None."""
-        heap = self._heap
-        while heap:
-            rec = heapq.heappop(heap)[2]
-            if rec.phase is Phase.QUEUED:
-                self.queued -= 1
-                self._compact()
-                return rec
-        return None
-
-    def _compact(self) -> None:
-        """Both heaps delete lazily; rebuild one when stale entries outnumber live ones, so
-        finished requests are never kept alive by the queue (bounded memory)."""
-        limit = 2 * self.queued + 64
-        if len(self._low) > limit:
-            self._low = [e for e in self._low if e[2].phase is Phase.QUEUED]
-            heapq.heapify(self._low)
-        if len(self._heap) > limit:
-            self._heap = [e for e in self._heap if e[2].phase is Phase.QUEUED]
-            heapq.heapify(self._heap)
-
-    def forget_queued(self) -> None:
-        """A queued record was finished in place (timeout, cancel): it no longer counts."""
-        self.queued -= 1
-        if not self.queued:
-            self._heap.clear()
-            self._low.clear()
-        else:
-            self._compact()
-
-    def eviction_candidate(self, priority: int) -> Record | None:
-        """When the queue is full: the newest request of the lowest priority, if that is
-        below ``priority`` (so a flood of low-priority work cannot lock out higher)."""
-        low = self._low
-        while low:
-            rec = low[0][2]
-            if rec.phase is Phase.QUEUED:
-                return rec if rec.priority < priority else None
-            heapq.heappop(low)
-        return None
-
-    def queued_records(self) -> list[Record]:
-        return [r for _, _, r in self._heap if r.phase is Phase.QUEUED]
+                and self.queue.size < self.settings.queue_capacity)
 
     # -- load figures ------------------------------------------------------------------------
     def observe(self, now: float, service_time: float, queue_wait: float) -> None:

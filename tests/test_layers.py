@@ -38,3 +38,63 @@ def test_every_public_name_is_exported_and_importable():
         value = getattr(errors, name)
         if isinstance(value, type) and name != "RemoteTraceback":
             assert issubclass(value, errors.WorkerPoolError), name
+
+
+def _imports() -> dict[str, set[str]]:
+    """Each project module's top-level imports of project modules (not those made only for
+    type checking, nor lazy ones inside functions)."""
+    import ast
+
+    graph: dict[str, set[str]] = {}
+    for pkg in ("ipc", "router", "workerpool"):
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            rel = path.relative_to(ROOT).with_suffix("")
+            name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+            deps: set[str] = set()
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.Import):
+                    deps.update(a.name for a in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    deps.add(node.module)
+                    deps.update(f"{node.module}.{a.name}" for a in node.names)
+            graph[name] = {d for d in deps if d.split(".")[0] in ("ipc", "router", "workerpool")}
+    return graph
+
+
+def test_no_module_imports_a_higher_layer():
+    layer = {"ipc": 0, "workerpool.errors": 1, "workerpool.config": 1, "workerpool._proc": 1,
+             "router": 2}
+    graph = _imports()
+    modules = set(graph)
+    for name, deps in graph.items():
+        mine = next((v for k, v in layer.items() if name == k or name.startswith(k + ".")), None)
+        if mine is None:
+            continue
+        for dep in deps:
+            if dep not in modules:
+                continue  # a name imported from a module, not a module
+            theirs = next((v for k, v in layer.items() if dep == k or dep.startswith(k + ".")), 99)
+            assert theirs <= mine, f"{name} (layer {mine}) imports {dep} (layer {theirs})"
+
+
+def test_no_import_cycles():
+    graph = _imports()
+    modules = set(graph)
+    # A submodule's import of its own package (``from ipc import arrays``) is how Python
+    # reaches a sibling, not a dependency on the package's __init__.
+    graph = {m: {d for d in deps if d in modules and d != m and not m.startswith(d + ".")}
+             for m, deps in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in graph[m]:
+            if state.get(d) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path, m, d]))
+            if d not in state:
+                visit(d, [*path, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])

@@ -29,28 +29,28 @@ def test_queue_heaps_stay_bounded_when_traffic_flows_through():
     rid = 0
     for _ in range(50):
         rid += 1
-        svc.enqueue(_rec(rid))
+        svc.queue.push(_rec(rid))
     for _ in range(100_000):
         rid += 1
-        svc.enqueue(_rec(rid, priority=rid % 3))
-        rec = svc.dequeue()
+        svc.queue.push(_rec(rid, priority=rid % 3))
+        rec = svc.queue.pop()
         rec.phase = Phase.DONE
-        svc.eviction_candidate(0)
+        svc.queue.eviction_candidate(0)
     assert svc.queued == 50
-    assert len(svc._heap) <= 2 * 50 + 64 + 1
-    assert len(svc._low) <= 2 * 50 + 64 + 1
+    assert len(svc.queue._heap) <= 2 * 50 + 64 + 1
+    assert len(svc.queue._low) <= 2 * 50 + 64 + 1
 
 
 def test_queue_heaps_stay_bounded_when_queued_requests_time_out():
     svc = Service("default", SETTINGS)
     for rid in range(1, 10_001):
         rec = _rec(rid)
-        svc.enqueue(rec)
+        svc.queue.push(rec)
         if rid % 2:
             rec.phase = Phase.DONE  # finished in place (timeout, cancel)
-            svc.forget_queued()
+            svc.queue.forget()
     assert svc.queued == 5000
-    assert len(svc._heap) <= 2 * 5000 + 64 + 1 and len(svc._low) <= 2 * 5000 + 64 + 1
+    assert len(svc.queue._heap) <= 2 * 5000 + 64 + 1 and len(svc.queue._low) <= 2 * 5000 + 64 + 1
 
 
 # -- dispatch and replies ---------------------------------------------------------------------
