@@ -56,8 +56,8 @@ class _RequestFuture(asyncio.Future):
 
 
 class AsyncClient(BaseClient):
-    """asyncio client; use inside one event loop. Same arguments, deadlines and errors
-    as ``Client``, each operation awaitable.
+    """asyncio client; use inside one event loop. Same arguments, operations, deadlines
+    and errors as ``Client``, each operation awaitable.
 
     >>> async with AsyncClient("tcp://127.0.0.1:5555") as c:
     ...     await c.call("echo", {"x": 1})
@@ -145,6 +145,24 @@ class AsyncClient(BaseClient):
     async def status(self, timeout: float = 5.0) -> dict:
         """The router's health table: what ``workerpool status --json`` prints."""
         return await self._admin(Kind.STATUS, None, timeout)
+
+    async def restart_worker(self, worker: str, timeout: float = 5.0) -> dict:
+        """Ask the worker's supervisor to restart it (a failed one is reset and started
+        again; a running one finishes what it holds first). Raises AdminError for an
+        unknown worker."""
+        return await self._admin(Kind.ADMIN, {"op": "restart", "worker": worker}, timeout)
+
+    async def drain_worker(self, worker: str, timeout: float = 5.0) -> dict:
+        """Stop sending ``worker`` new requests; it finishes what it holds, then stops and
+        is not respawned (``restart_worker`` brings it back). Raises AdminError."""
+        return await self._admin(Kind.ADMIN, {"op": "drain", "worker": worker}, timeout)
+
+    async def scale(self, service: str, workers: int, timeout: float = 5.0) -> dict:
+        """Set how many workers serve ``service``. Up: spares are promoted at once and new
+        workers start; down: the idlest workers finish what they hold, then leave. Returns
+        ``{"previous", "workers", "retire": [ids], "message"}``; raises AdminError."""
+        return await self._admin(Kind.ADMIN, {"op": "scale", "service": service,
+                                              "workers": workers}, timeout)
 
     async def _admin(self, kind: Kind, meta: dict | None, timeout: float) -> dict:
         fut = _RequestFuture(self, self._start())
