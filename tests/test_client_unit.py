@@ -126,9 +126,11 @@ def test_expiry_with_a_fake_clock():
     _future(replies, 5)  # no deadline: never expires
     replies.apply(Kind.RESULT, 4, "in time", META)
     assert answered.result(0) == "in time"
-    assert replies.next_deadline() == 5.0  # a stale timer, skipped when due
-    assert replies.expire(9.9) == []
+    assert list(replies.expire(9.9)) == []  # the answered request's timer is skipped
     assert replies.next_deadline() == 10.0
+    _future(replies, 6, deadline=8.0)
+    assert replies.forget(6)  # cancelled
+    assert replies.next_deadline() == 10.0  # its timer is dropped, not waited for
     assert replies.expire(15.0) == [1, 3]
     with pytest.raises(RequestTimeoutError, match="no reply before the deadline"):
         early.result(0)

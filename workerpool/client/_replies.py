@@ -169,7 +169,7 @@ class Replies:
     def expire(self, now: float) -> Sequence[int]:
         """Fail each request whose local deadline is at or before ``now`` with
         RequestTimeoutError; returns their ids (the caller tells the router to forget
-        them). Timers of requests that have ended, or were resent, are skipped."""
+        them). Timers of requests that have ended are skipped."""
         timers = self._timers
         if not timers or timers[0][0] > now:
             return ()
@@ -185,8 +185,18 @@ class Replies:
         return expired
 
     def next_deadline(self) -> float | None:
-        """When ``expire`` next has something to do (perhaps only skip a stale timer)."""
-        return self._timers[0][0] if self._timers else None
+        """The earliest local deadline of an outstanding request, or None: when to call
+        ``expire`` next. Timers of requests that have ended are dropped from the top on
+        the way, so the caller's poll or loop timer wakes only for a live deadline (each
+        timer is popped once, here or in ``expire``)."""
+        timers, table = self._timers, self._table
+        while timers:
+            deadline, rid = timers[0]
+            entry = table.get(rid)
+            if entry is not None and entry.deadline == deadline:
+                return deadline
+            heapq.heappop(timers)
+        return None
 
 
 def _raise_in(entry: Pending, err: WorkerPoolError) -> None:
