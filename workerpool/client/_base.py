@@ -1,0 +1,261 @@
+"""The half of both clients that does no I/O: requests out, replies in, the router watch.
+
+::
+
+    submit(method, payload, ...)
+      -> BaseClient._new_request -> rid, frames, Pending  -> the client sends the frames
+           header + cached meta frame + codec body/buffer frames  (Replies.add the entry)
+           (arrays lent from this client's shared-memory pool)
+    frames of a reply
+      -> BaseClient._parse_reply -> kind, rid, value or typed error  -> Replies.apply
+    RouterWatch: ping frames out while requests are outstanding; a pong from a new
+                 router instance -> the ids lost with the old one  -> Replies.fail
+
+``BaseClient`` holds what ``Client`` and ``AsyncClient`` share: request ids, packed meta
+frames, the shared-memory endpoint (a ``SegmentPool`` lending the requests' arrays, a
+``SegmentMapper`` mapping the replies'), and turning a reply's frames into a value or a
+typed error. The clients only move frames (the split of httpx's ``BaseClient``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from ipc import codec, protocol
+from ipc import shm as segments
+from ipc.protocol import FrameError, Kind
+from workerpool.client._replies import Pending
+from workerpool.config import MAX_PRIORITY, MAX_TIMEOUT, MIN_PRIORITY, TIMINGS
+from workerpool.errors import PayloadError, ProtocolError, RouterRestartedError, from_wire
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20  # body plus every array's bytes, wherever they travel
+
+MAX_PING_IDS = 65536  # request ids one ping asks the router about
+_PONG_PREFIX = protocol.MAGIC + bytes([protocol.VERSION, Kind.HEARTBEAT])
+_META_CACHE_SIZE = 256  # distinct (method, service, timeout, priority, idempotent) kept packed
+
+
+def is_local(address: str) -> bool:
+    """Whether a router at ``address`` runs on this host (ipc://, inproc://, loopback tcp)."""
+    scheme, _, rest = address.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class BaseClient:
+    """I/O-free half of both clients: ids, request frames, shared memory, reply values.
+    The arguments are ``Client``'s."""
+
+    def __init__(self, address: str, *, timeout: float | None, max_message_bytes: int,
+                 shm: bool | None, shm_pool_bytes: int) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
+        self._ids = itertools.count(1)
+        use_shm = is_local(address) if shm is None else shm
+        #: This host's shared-memory identity, sent as meta "shm" on every request: workers
+        #: on the same host answer with segments. None: shared memory is not used.
+        self.shm_host = segments.host_id() if use_shm else None
+        self._shm = segments.ShmEndpoint(shm_pool_bytes) if self.shm_host else None
+        self._pool = self._shm.pool if self._shm else None  # lends the requests' arrays
+        self._mapper = self._shm.mapper if self._shm else None  # maps the replies' arrays
+        # Services that answered "shm-unreachable" (a worker on another host): their
+        # requests carry arrays in frames from then on. Replies still use shm when they can.
+        self._frames_only: set[str | None] = set()
+        self._metas: dict[tuple, bytes] = {}  # see _meta_frame
+
+    # -- requests ---------------------------------------------------------------------------
+    def _new_request(self, future: Any, put: Any, method: str, payload: Any,
+                     service: str | None, priority: int, timeout: float | None,
+                     idempotent: bool | None) -> tuple[int, list, Pending]:
+        """A request's id, its frames, and its entry for ``Replies`` (replies going to
+        ``future``, or to ``put`` for a stream). The one request path of both clients.
+
+        Its local deadline is ``TIMINGS.local_grace`` after ``timeout``: the router's own
+        RequestTimeoutError ("in the queue" / "on worker X") normally comes first, and this
+        one only when the router is gone or stalled.
+        """
+        if timeout is None:
+            timeout = self.timeout
+        rid, frames = self._request_frames(method, payload, service, priority, timeout,
+                                           idempotent)
+        deadline = None if timeout is None else time.monotonic() + timeout + TIMINGS.local_grace
+        entry = Pending(future, put, deadline)
+        if self._pool is not None and self._pool.has(rid):
+            # Kept to send again in frames if the worker cannot map our segments.
+            entry.request = (method, payload, service, priority, timeout, idempotent)
+        return rid, frames, entry
+
+    def _control(self, kind: Kind, meta: dict | None, future: Any,
+                 timeout: float) -> tuple[int, list, Pending]:
+        """A STATUS or ADMIN request: id, frames, and an entry that fails at ``timeout``."""
+        rid = next(self._ids)
+        return rid, protocol.encode(kind, rid, meta), Pending(future, None,
+                                                              time.monotonic() + timeout)
+
+    def _request_frames(self, method: str, payload: Any, service: str | None, priority: int,
+                        timeout: float | None, idempotent: bool | None = None,
+                        rid: int | None = None) -> tuple[int, list]:
+        if not isinstance(method, str) or not method:
+            raise ValueError("method must be a non-empty string")
+        if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
+            raise ValueError(f"timeout must be in (0, {MAX_TIMEOUT}] seconds, got {timeout!r}")
+        if (isinstance(priority, bool) or not isinstance(priority, int)
+                or not MIN_PRIORITY <= priority <= MAX_PRIORITY):
+            raise ValueError(f"priority must be an integer in [{MIN_PRIORITY}, {MAX_PRIORITY}], "
+                             f"got {priority!r}")
+        if rid is None:
+            rid = next(self._ids)
+        self._trim_shm()
+        pool = self._pool if service not in self._frames_only else None
+        try:
+            body, buffers = codec.dumps(payload, pool=pool, tag=rid,
+                                        max_bytes=self.max_message_bytes)
+        except codec.PayloadError as exc:
+            if exc.code == codec.TOO_LARGE:
+                raise PayloadError(f"request is {exc}") from None
+            raise PayloadError(f"payload cannot be sent: {exc}") from None
+        meta = self._meta_frame(method, service, timeout, priority, idempotent)
+        frames = [protocol.pack_header(Kind.REQUEST, rid), meta, body, *buffers]
+        size = protocol.HEADER_SIZE + len(meta) + len(body)
+        if buffers:
+            size += sum(len(b) for b in buffers)
+        if size > self.max_message_bytes:
+            self._finished(rid)
+            raise PayloadError(f"request is {size} bytes, over max_message_bytes="
+                               f"{self.max_message_bytes}")
+        return rid, frames
+
+    def _meta_frame(self, method: str, service: str | None, timeout: float | None,
+                    priority: int, idempotent: bool | None) -> bytes:
+        """The packed meta frame. A caller sends the same few combinations over and over,
+        so each is packed once (bounded like ``protocol.MetaCache``)."""
+        key: tuple | None = (method, service, timeout, priority, idempotent)
+        try:
+            frame = self._metas.get(key)
+        except TypeError:  # an unhashable service: sent as given, for the router to refuse
+            frame = key = None
+        if frame is None:
+            meta: dict[str, Any] = {"method": method}
+            if self.shm_host is not None:
+                meta["shm"] = self.shm_host
+            if service is not None:
+                meta["service"] = service
+            if timeout is not None:
+                meta["timeout"] = float(timeout)
+            if priority:
+                meta["priority"] = priority
+            if idempotent is not None:
+                meta["idempotent"] = bool(idempotent)
+            frame = protocol.pack_meta(meta)
+            if key is not None:
+                if len(self._metas) >= _META_CACHE_SIZE:
+                    self._metas.clear()
+                self._metas[key] = frame
+        return frame
+
+    def _resend_frames(self, rid: int, request: tuple) -> list | None:
+        """The request again with its arrays in frames, after its worker said it cannot map
+        our segments (it runs on another host); that service gets frames from now on. Same
+        id: the router has answered the first one. None: it cannot be encoded again."""
+        self._frames_only.add(request[2])
+        self._finished(rid)
+        try:
+            return self._request_frames(*request, rid=rid)[1]
+        except (PayloadError, ValueError):
+            return None
+
+    # -- shared memory ----------------------------------------------------------------------
+    def _finished(self, rid: int) -> None:
+        """Request ``rid`` was refused before it was sent: its segments may be reused.
+        (Once sent, ``Replies`` does this on its final reply or when it is given up.)"""
+        if self._pool is not None:
+            self._pool.finish(rid)
+
+    def _trim_shm(self) -> None:
+        """At most once a second: give back idle segments and stale mappings."""
+        if self._shm is not None:
+            self._shm.maybe_trim()
+
+    def _close_shm(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+
+    # -- replies ----------------------------------------------------------------------------
+    def _parse_reply(self, frames: list) -> tuple[Kind, int, Any]:
+        """(kind, request id, value-or-error). Raises FrameError on a malformed reply."""
+        if len(frames) < 3:
+            raise FrameError("too-few-frames", f"reply has {len(frames)} frames")
+        kind, rid = protocol.unpack_header(frames[0])  # replies' meta is not needed here
+        if kind not in protocol.REPLY_KINDS:
+            raise FrameError("bad-kind", f"unexpected {kind.name} from router", rid)
+        body, buffers = frames[2], frames[3:]
+        if kind is Kind.ERROR:
+            try:
+                err = codec.loads(body, buffers)
+            except codec.PayloadError as exc:
+                return kind, rid, ProtocolError(f"undecodable error reply: {exc}")
+            return kind, rid, from_wire(err)
+        try:
+            return kind, rid, codec.loads(body, buffers, mapper=self._mapper,
+                                          max_bytes=self.max_message_bytes)
+        except codec.PayloadError as exc:
+            return Kind.ERROR, rid, PayloadError(f"undecodable reply: {exc}")
+
+
+class RouterWatch:
+    """Notices a router restart: while requests are outstanding the client pings the
+    router, whose answer names its process instance. A new name means the old router and
+    every request it held are gone: those requests fail with RouterRestartedError instead
+    of waiting for their timeouts (or forever)."""
+
+    def __init__(self) -> None:
+        self.instance: str | None = None
+        self.next_ping = 0.0
+
+    def due(self, now: float) -> bool:
+        """Whether to ping now (the caller has requests outstanding): at most once a
+        ``TIMINGS.ping_interval``. The first ping goes with the first request, so the
+        router is named early; a restart before any pong could not be told apart."""
+        if now < self.next_ping:
+            return False
+        self.next_ping = now + TIMINGS.ping_interval
+        return True
+
+    @staticmethod
+    def ping(held: Iterable[int]) -> list:
+        """The HEARTBEAT asking the router which of ``held`` it does not know."""
+        return protocol.encode(Kind.HEARTBEAT, 0, {"held": list(itertools.islice(held,
+                                                                                  MAX_PING_IDS))})
+
+    @staticmethod
+    def is_pong(frames: list) -> bool:
+        return len(frames) >= 3 and frames[0][:4] == _PONG_PREFIX
+
+    def lost(self, body: bytes) -> list[int]:
+        """From a pong: the request ids lost with an old router (none if it is the same)."""
+        try:
+            info = codec.loads(body)
+            instance = str(info["router"])
+            unknown = [int(r) for r in info.get("unknown", ())]
+        except (codec.PayloadError, KeyError, TypeError, ValueError):
+            return []
+        changed = self.instance is not None and instance != self.instance
+        self.instance = instance
+        # The router lists the requests of the ping that it does not hold. Replies travel
+        # ahead of the pong, so one still pending here was lost with the old router; one
+        # that reached the new router (queued in our socket while it was down) is held
+        # there and keeps waiting for its real reply.
+        return unknown if changed else []
+
+
+def router_restarted() -> RouterRestartedError:
+    return RouterRestartedError("the router restarted while it held this request; it was "
+                                "lost with it and can be sent again")

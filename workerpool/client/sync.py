@@ -1,0 +1,329 @@
+"""``Client``: thread-safe, ``concurrent.futures``, one background I/O thread.
+
+::
+
+    user threads                                   I/O thread (_io_loop)
+      submit -> _RequestFuture + Pending   outbox
+             -> (rid, Pending, frames) ---> deque --> Replies.add --> DEALER --> router
+      (wake-up byte only while it polls)                                           |
+      Future.result() / stream queue <--- Replies.apply(parsed reply) <-- DEALER <-+
+                                          Replies.expire / RouterWatch pings, each pass
+
+ZeroMQ sockets are not thread-safe, so user threads never touch the socket: they put
+frames in the outbox and the I/O thread sends them. The ``Replies`` table is the I/O
+thread's alone. The thread holds only a weak reference to the ``Client``, so a dropped
+client is collected and its thread ends.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import queue
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import zmq
+
+from ipc import protocol, transport
+from ipc import shm as segments
+from ipc.protocol import FrameError, Kind
+from workerpool.client._base import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    BaseClient,
+    RouterWatch,
+    router_restarted,
+)
+from workerpool.client._replies import Pending, Replies
+from workerpool.config import DEFAULT_FRONTEND, TIMINGS
+from workerpool.errors import ClientClosedError
+
+
+class _RequestFuture(concurrent.futures.Future):
+    """``Client.submit``'s Future: a successful ``cancel()`` tells the router to forget the
+    request (an override, not a done-callback: one less callback per request)."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__()
+        self._client = client
+        self.rid = 0  # 0: nothing to cancel at the router (a STATUS or ADMIN call)
+
+    def cancel(self) -> bool:
+        was_cancelled = self.cancelled()
+        cancelled = super().cancel()
+        if cancelled and not was_cancelled and self.rid:  # one CANCEL, however often called
+            self._client._cancel(self.rid)
+        return cancelled
+
+
+class Client(BaseClient):
+    """Thread-safe synchronous client.
+
+    >>> with Client("tcp://127.0.0.1:5555") as c:
+    ...     c.call("echo", {"x": 1}, timeout=5)
+
+    ``timeout`` is the default per-request deadline in seconds (None: wait forever).
+    ``max_message_bytes`` bounds a request's and a reply's body plus array bytes. ``shm``:
+    large arrays go through shared memory (None: when the router is on this host, see
+    ``is_local``); ``shm_pool_bytes`` bounds the segments this client keeps.
+    """
+
+    def __init__(self, address: str = DEFAULT_FRONTEND, *, timeout: float | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, shm: bool | None = None,
+                 shm_pool_bytes: int = segments.POOL_BYTES) -> None:
+        super().__init__(address, timeout=timeout, max_message_bytes=max_message_bytes,
+                         shm=shm, shm_pool_bytes=shm_pool_bytes)
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.connect(address)
+        self._replies = Replies(self._pool)
+        self._outbox: collections.deque = collections.deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._woken = True  # the I/O thread is not polling yet: no wake-up byte needed
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=_io_loop,
+            args=(weakref.ref(self), self._replies, self._sock, self._wake_r, self._close_shm),
+            name=f"workerpool-client-{address}", daemon=True)
+        self._thread.start()
+
+    @property
+    def unmatched_replies(self) -> int:
+        """Replies that matched no outstanding request: after a local timeout or cancel,
+        or a duplicate. With neither, it stays 0 (the chaos test checks it)."""
+        return self._replies.unmatched
+
+    # -- public API -------------------------------------------------------------------------
+    def submit(self, method: str, payload: Any = None, *, service: str | None = None,
+               priority: int = 0, timeout: float | None = None,
+               idempotent: bool | None = None) -> concurrent.futures.Future:
+        """Send a request; return a Future for its result (a list for a streaming method).
+
+        The Future raises a ``WorkerPoolError`` subclass on failure. ``Future.cancel()``
+        tells the router to forget the request.
+        """
+        fut = _RequestFuture(self)
+        rid, frames, entry = self._new_request(fut, None, method, payload, service, priority,
+                                               timeout, idempotent)
+        fut.rid = rid
+        self._push(rid, entry, frames)
+        return fut
+
+    def call(self, method: str, payload: Any = None, *, service: str | None = None,
+             priority: int = 0, timeout: float | None = None,
+             idempotent: bool | None = None) -> Any:
+        """Send a request and wait for its result."""
+        timeout = self.timeout if timeout is None else timeout
+        fut = self.submit(method, payload, service=service, priority=priority, timeout=timeout,
+                          idempotent=idempotent)
+        # The I/O thread enforces the deadline; the margin only guards against its death.
+        return fut.result(None if timeout is None else timeout + TIMINGS.local_grace + 5)
+
+    def stream(self, method: str, payload: Any = None, *, service: str | None = None,
+               priority: int = 0, timeout: float | None = None,
+               idempotent: bool | None = None) -> Iterator[Any]:
+        """Yield a streaming method's items as they arrive; ``timeout`` bounds the whole
+        stream. Leaving the loop early cancels the request."""
+        items: queue.SimpleQueue = queue.SimpleQueue()
+        rid, frames, entry = self._new_request(None, items.put, method, payload, service,
+                                               priority, timeout, idempotent)
+        self._push(rid, entry, frames)
+        return self._iterate(rid, items)
+
+    def _iterate(self, rid: int, items: queue.SimpleQueue) -> Iterator[Any]:
+        done = False
+        try:
+            while True:
+                kind, value = items.get()
+                if kind is Kind.PARTIAL:
+                    yield value
+                    continue
+                done = True
+                if kind is Kind.ERROR:
+                    raise value
+                if kind is Kind.RESULT:  # a plain method called as a stream: one item
+                    yield value
+                return
+        finally:
+            if not done:
+                self._cancel(rid)
+
+    def status(self, timeout: float = 5.0) -> dict:
+        """The router's health table: what ``workerpool status --json`` prints."""
+        return self._admin(Kind.STATUS, None, timeout)
+
+    def restart_worker(self, worker: str, timeout: float = 5.0) -> dict:
+        """Ask the worker's supervisor to restart it (a failed one is reset and started
+        again; a running one finishes what it holds first). Raises AdminError for an
+        unknown worker."""
+        return self._admin(Kind.ADMIN, {"op": "restart", "worker": worker}, timeout)
+
+    def drain_worker(self, worker: str, timeout: float = 5.0) -> dict:
+        """Stop sending ``worker`` new requests; it finishes what it holds, then stops and
+        is not respawned (``restart_worker`` brings it back). Raises AdminError."""
+        return self._admin(Kind.ADMIN, {"op": "drain", "worker": worker}, timeout)
+
+    def scale(self, service: str, workers: int, timeout: float = 5.0) -> dict:
+        """Set how many workers serve ``service``. Up: spares are promoted at once and new
+        workers start; down: the idlest workers finish what they hold, then leave. Returns
+        ``{"previous", "workers", "retire": [ids], "message"}``; raises AdminError."""
+        return self._admin(Kind.ADMIN, {"op": "scale", "service": service,
+                                        "workers": workers}, timeout)
+
+    def _admin(self, kind: Kind, meta: dict | None, timeout: float) -> dict:
+        fut = _RequestFuture(self)
+        rid, frames, entry = self._control(kind, meta, fut, timeout)
+        self._push(rid, entry, frames)
+        return fut.result(timeout + 5)  # the margin only guards against the thread's death
+
+    def close(self) -> None:
+        """Stop the I/O thread; outstanding requests fail with ClientClosedError."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._wake_w.send(b"\0")  # unconditionally: the I/O thread may be about to poll
+        except OSError:
+            pass
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass
+
+    # -- handing work to the I/O thread ------------------------------------------------------
+    def _push(self, rid: int, entry: Pending, frames: list) -> None:
+        if self._closed or self._error is not None:
+            self._finished(rid)
+            if self._closed:
+                raise ClientClosedError("client is closed")
+            raise ClientClosedError(f"client I/O thread failed: {self._error!r}")
+        self._outbox.append((rid, entry, frames))
+        self._wake()
+
+    def _cancel(self, rid: int) -> None:
+        if not self._closed:
+            self._outbox.append((rid, None, protocol.encode(Kind.CANCEL, rid)))
+            self._wake()
+
+    def _wake(self) -> None:
+        if not self._woken:
+            self._woken = True
+            try:
+                self._wake_w.send(b"\0")
+            except (BlockingIOError, OSError):
+                pass
+
+
+def _io_loop(ref: weakref.ref, replies: Replies, sock: zmq.Socket, wake_r: socket.socket,
+             close_shm: Any) -> None:
+    """The I/O thread. Holds only a weak reference, so a dropped Client is collected; its
+    segments are unlinked here (``close_shm``) when it is closed or collected."""
+    client = ref()
+    if client is None:
+        return
+    outbox = client._outbox
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(wake_r, zmq.POLLIN)
+    watch = RouterWatch()
+    ping_ms = int(TIMINGS.ping_interval * 1000)
+    try:
+        while True:
+            timeout = 1000
+            deadline = replies.next_deadline()
+            if deadline is not None:
+                timeout = max(0, int((deadline - time.monotonic()) * 1000) + 1)
+            if replies:
+                timeout = min(timeout, ping_ms)
+            # From here until the poll returns, a submit must write a wake-up byte. The
+            # outbox is checked after clearing the flag, so a submit that saw the flag
+            # still set is in the outbox now and the poll does not wait.
+            client._woken = False
+            if outbox:
+                timeout = 0
+            del client
+            events = dict(poller.poll(timeout))
+            client = ref()
+            if client is None or client._closed:
+                break
+            client._woken = True  # awake: submits until the next poll need no syscall
+            if wake_r.fileno() in events:
+                try:
+                    wake_r.recv(65536)  # one read empties it: at most one byte per wake-up
+                except BlockingIOError:
+                    pass
+            while outbox:
+                rid, entry, frames = outbox.popleft()
+                if entry is None:  # a CANCEL: sent only if the request is still ours
+                    if replies.forget(rid):
+                        transport.send(sock, frames)
+                    continue
+                replies.add(rid, entry)
+                transport.send(sock, frames)
+            if sock in events:
+                _read_replies(client, sock, replies, watch)
+            now = time.monotonic()
+            if replies and watch.due(now):
+                transport.send(sock, watch.ping(replies))
+            for rid in replies.expire(now):
+                transport.send(sock, protocol.encode(Kind.CANCEL, rid))
+            client._trim_shm()
+    except Exception as exc:  # surface to callers instead of dying silently
+        client = ref()
+        if client is not None:
+            client._error = exc
+        replies.fail_all(ClientClosedError(f"client I/O thread failed: {exc!r}"))
+        raise
+    finally:
+        replies.fail_all(ClientClosedError("client closed with this request outstanding"))
+        outbox.clear()
+        sock.close(linger=0)
+        sock.context.term()
+        wake_r.close()
+        close_shm()
+
+
+def _read_replies(client: Client, sock: zmq.Socket, replies: Replies,
+                  watch: RouterWatch) -> None:
+    for _ in range(4096):  # then time for the outbox, pings and deadlines
+        try:
+            frames = transport.recv(sock, transport.NOBLOCK)
+        except zmq.Again:
+            return
+        if watch.is_pong(frames):
+            for rid in watch.lost(frames[2]):
+                replies.fail(rid, router_restarted())
+            continue
+        try:
+            kind, rid, value = client._parse_reply(frames)
+        except FrameError:
+            continue  # a reply we cannot attribute to any request
+        request = replies.apply(kind, rid, value, frames[1])
+        if request is not None:  # its worker cannot map our segments: send it in frames
+            again = client._resend_frames(rid, request)
+            if again is None:
+                replies.apply(kind, rid, value, frames[1])
+            else:
+                transport.send(sock, again)
