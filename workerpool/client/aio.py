@@ -26,6 +26,7 @@ import zmq.asyncio
 
 from ipc import protocol
 from ipc import shm as segments
+from ipc.lifecycle import AdminOp
 from ipc.protocol import FrameError, Kind
 from workerpool.client._base import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -150,18 +151,18 @@ class AsyncClient(BaseClient):
         """Ask the worker's supervisor to restart it (a failed one is reset and started
         again; a running one finishes what it holds first). Raises AdminError for an
         unknown worker."""
-        return await self._admin(Kind.ADMIN, {"op": "restart", "worker": worker}, timeout)
+        return await self._admin(Kind.ADMIN, {"op": AdminOp.RESTART, "worker": worker}, timeout)
 
     async def drain_worker(self, worker: str, timeout: float = 5.0) -> dict:
         """Stop sending ``worker`` new requests; it finishes what it holds, then stops and
         is not respawned (``restart_worker`` brings it back). Raises AdminError."""
-        return await self._admin(Kind.ADMIN, {"op": "drain", "worker": worker}, timeout)
+        return await self._admin(Kind.ADMIN, {"op": AdminOp.DRAIN, "worker": worker}, timeout)
 
     async def scale(self, service: str, workers: int, timeout: float = 5.0) -> dict:
         """Set how many workers serve ``service``. Up: spares are promoted at once and new
         workers start; down: the idlest workers finish what they hold, then leave. Returns
         ``{"previous", "workers", "retire": [ids], "message"}``; raises AdminError."""
-        return await self._admin(Kind.ADMIN, {"op": "scale", "service": service,
+        return await self._admin(Kind.ADMIN, {"op": AdminOp.SCALE, "service": service,
                                               "workers": workers}, timeout)
 
     async def _admin(self, kind: Kind, meta: dict | None, timeout: float) -> dict:
