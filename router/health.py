@@ -35,7 +35,7 @@ class Conn:
         self.incarnation = incarnation
         self.pid = pid
         self.declared = capacity  # what the worker said it can hold
-        self.told = capacity  # the capacity the worker knows it has (see Router._tell_capacity)
+        self.told = capacity  # the capacity the worker knows it has (see WorkerRegistry.tell_capacity)
         self.capacity = capacity  # what the router will send it: min(declared, service cap)
         self.methods = methods
         self.in_flight: dict[int, Record] = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from ipc.errors import PoisonedRequestError, WorkerCrashedError
 from ipc.lifecycle import LIVE, GoodbyeReason, WorkerState
 from ipc.protocol import Kind
 from router import recovery
@@ -189,7 +190,7 @@ class WorkerRegistry:
                 rec.starts += 1
                 outcome = recovery.crash_outcome(rec, settings, where, slot.id)
                 if outcome is not None:
-                    if svc is not None and outcome.type == "PoisonedRequestError":
+                    if svc is not None and isinstance(outcome, PoisonedRequestError):
                         svc.poisoned += 1
                     slot.errored += 1
                     if svc is not None:
@@ -201,7 +202,7 @@ class WorkerRegistry:
             conn.in_flight.pop(rec.rid, None)
             rec.conn = None
             if svc is None:
-                requests.fail(rec, recovery.WorkerCrashedError(
+                requests.fail(rec, WorkerCrashedError(
                     f"worker {slot.id} {reason}", worker=slot.id))
                 requests.records.pop(rec.rid, None)
                 continue

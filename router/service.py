@@ -61,7 +61,7 @@ class Service:
 
     def configure(self, settings: ServiceSettings) -> None:
         """(Re)apply settings. Registered workers, spares included, are capped again by the
-        router (``Router._service``), which also tells them."""
+        router (``RouterCore.service``), which also tells them."""
         self.settings = settings
         self.policy = make_policy(settings.policy)
 

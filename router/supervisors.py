@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from ipc.errors import ServiceUnavailableError
 from ipc.lifecycle import SlotEvent, WorkerState
 from ipc.protocol import Kind
+from router.registry import ERROR_TAIL
 from router.requests import Phase
 from workerpool.config import ROUTED_FIELDS, ServiceConfig
 
@@ -113,7 +114,7 @@ class Supervisors:
                 registry.lose(slot.conn, reason)
             # Keep the traceback its GOODBYE carried: it says *why* setup() failed.
             detail = slot.setup_error if slot.setup_error else ""
-            slot.last_error = f"{reason}\n{detail}".strip()[-4000:]
+            slot.last_error = f"{reason}\n{detail}".strip()[-ERROR_TAIL:]
             slot.transition(WorkerState.FAILED)
             core.fail_if_unservable(core.services.get(slot.service))
         elif event is SlotEvent.STOPPED:
