@@ -14,6 +14,10 @@ import sys
 from ipc.shm import process_alive as process_alive
 
 LOG_LEVEL_ENV = "WORKERPOOL_LOG_LEVEL"
+
+# A worker's exit statuses that mean something to its supervisor (workerpool/respawn.py).
+EXIT_SETUP_FAILED = 78  # EX_CONFIG: setup() failed; the slot is marked failed, not respawned
+EXIT_POISONED = 75  # EX_TEMPFAIL: left on purpose after a sticky CUDA error; respawn me
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 

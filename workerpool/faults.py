@@ -24,11 +24,14 @@ import enum
 import re
 import sys
 
+from ipc.lifecycle import GoodbyeReason
+
 
 class Fate(enum.Enum):
     DOMAIN = "domain"
     EXHAUSTED = "resource-exhausted"
-    POISONED = "context-poisoned"
+    # The worker leaves with this as its GOODBYE reason and its WorkerCrashedError's cause.
+    POISONED = GoodbyeReason.CONTEXT_POISONED.value
 
 
 # cudaError_t values the CUDA Runtime API documents as sticky (plus ECC and MPS loss).

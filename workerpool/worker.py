@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict
 from ipc import codec, protocol, shm, transport
 from ipc.protocol import FrameError, Kind
 from workerpool import faults
-from workerpool._proc import die_with_parent, setup_logging
+from workerpool._proc import EXIT_POISONED, EXIT_SETUP_FAILED, die_with_parent, setup_logging
 from workerpool.batching import BatchSpec, batch_spec, check_results
 from workerpool.config import TIMINGS
 from workerpool.context import WorkerContext, WorkerStats
@@ -57,8 +57,6 @@ from workerpool.faults import Fate
 from workerpool.memory import memory_use
 
 SPEC_ENV = "WORKERPOOL_WORKER_SPEC"
-EXIT_SETUP_FAILED = 78  # EX_CONFIG: the supervisor marks the slot failed instead of respawning
-EXIT_POISONED = 75  # EX_TEMPFAIL: left on purpose after a sticky CUDA error; respawn me
 _RESERVED = frozenset({"setup", "teardown", "context"})
 
 
