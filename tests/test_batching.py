@@ -3,6 +3,7 @@ of a batch gets exactly its own reply or its own error, whatever happens to the 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -403,10 +404,11 @@ def test_a_worker_learns_when_the_router_caps_it_below_what_it_declared(procs):
         assert sorted(f.result()["i"] for f in futs) == list(range(8))
 
 
-def test_a_worker_takes_its_cap_from_the_router_and_ignores_bad_ones(tmp_path, capsys):
+def test_a_worker_takes_its_cap_from_the_router_and_ignores_bad_ones(tmp_path, caplog):
     from workerpool.batching import BatchSpec
     from workerpool.worker import Worker, WorkerSpec
 
+    caplog.set_level(logging.INFO, logger="workerpool.worker")
     w = Worker(WorkerSpec(slot="default/0", service="default", incarnation=1, handler=H,
                           device="cpu", backend=f"ipc://{tmp_path}/b"))
     try:
@@ -415,12 +417,13 @@ def test_a_worker_takes_its_cap_from_the_router_and_ignores_bad_ones(tmp_path, c
         for bad in ({"capacity": "2"}, {"capacity": 0}, {"capacity": -3}, {"capacity": True},
                     {"capacity": 2.0}, {"capacity": None}, {}):
             w._on_message(protocol.encode(Kind.READY, 0, bad))
-        assert w.capacity == 16 and capsys.readouterr().err == ""
+        assert w.capacity == 16 and caplog.text == ""
         w._on_message(protocol.encode(Kind.READY, 0, {"capacity": 4}))
-        err = capsys.readouterr().err
         assert w.capacity == 4
-        assert "the router caps this worker at 4 request(s) (it declared 16)" in err
-        assert "max_batch_size=8 but this worker holds at most max_inflight=4" in err
+        told = [r.getMessage() for r in caplog.records]
+        assert told[0] == ("[default/0] the router caps this worker at 4 request(s) (it "
+                           "declared 16): the service's max_inflight")
+        assert "max_batch_size=8 but this worker holds at most max_inflight=4" in told[1]
         w._on_message(protocol.encode(Kind.READY, 0, {"capacity": 100}))  # above: declared
         assert w.capacity == 16
         assert w._ready_meta()["capacity"] == 16  # a new router hears what it can hold

@@ -70,3 +70,14 @@ def setup_logging(level: str | None = None) -> None:
     """Log to stderr at ``level`` (default: $WORKERPOOL_LOG_LEVEL, else INFO)."""
     level = (level or os.environ.get(LOG_LEVEL_ENV) or "INFO").upper()
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+
+
+class _SlotLog(logging.LoggerAdapter):
+    def process(self, msg, kwargs):
+        return f"[{self.extra['slot']}] {msg}", kwargs
+
+
+def slot_logger(logger: logging.Logger, slot: str) -> logging.LoggerAdapter:
+    """``logger`` with every message prefixed ``[slot] ``: a pool's workers share the
+    supervisor's stderr, and their log lines must say which worker wrote them."""
+    return _SlotLog(logger, {"slot": slot})

@@ -102,6 +102,15 @@ def classify(exc: BaseException) -> Fate:
     return Fate.DOMAIN
 
 
+def fate_of(exc: BaseException) -> Fate:
+    """``classify``, and then an unlisted CUDA error that left the context unusable (a bare
+    synchronize fails) is ``POISONED`` too."""
+    fate = classify(exc)
+    if fate is Fate.DOMAIN and is_cuda_error(exc) and not context_alive():
+        fate = Fate.POISONED
+    return fate
+
+
 def _chain(exc: BaseException, limit: int = 8):
     """The exception and its causes/contexts: a handler may wrap the CUDA error."""
     seen = 0
