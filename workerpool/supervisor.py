@@ -4,8 +4,8 @@
 
     supervisor ──spawn (fresh exec, CUDA_VISIBLE_DEVICES set)──> worker processes
         │  pidfd per child in the same poll as its socket: a death wakes the loop at once
-        └──[DEALER]── HELLO / SLOT(started|died|failed) / DRAIN ──> router backend
-                  <── READY(slot) / DRAINED ─────────────────────
+        └──[DEALER]── HELLO / SLOT(started|died|failed|stopped|removed) / DRAIN ──> router
+                  <── READY(slot) / ADMIN(restart|drain|scale|kill) / DRAINED ──
 
 ``workerpool up`` runs a supervisor that also owns the router process; ``workerpool
 worker --router ADDR`` runs the same supervisor against a router elsewhere. Death is an
@@ -13,19 +13,18 @@ event, not a timeout: the kernel makes a child's pidfd readable when it exits, t
 reaps it and tells the router which incarnation died and how, and the router answers
 that incarnation's requests. What happens next (respawn now, after a backoff, mark the
 slot failed, remove it, leave it stopped) is decided by the slot's ``SlotLife``
-(workerpool/respawn.py), which holds its state; this module only carries it out.
+(workerpool/respawn.py), which holds its state; this module carries it out, and
+workerpool/children.py starts, signals and waits for the processes.
 """
 
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
@@ -35,25 +34,22 @@ from ipc import protocol, shm, transport
 from ipc.errors import IllegalTransition
 from ipc.lifecycle import AdminOp, SlotEvent, WorkerState
 from ipc.protocol import FrameError, Kind
-from workerpool._proc import EXIT_POISONED, SignalWakeup
+from workerpool._proc import SignalWakeup
+from workerpool.children import (
+    RouterProcess,
+    describe_exit,
+    is_stopped,
+    send_signal,
+    start_worker,
+    wait_all,
+)
+from workerpool.children import router_argv as router_argv  # `up` builds its router's argv
 from workerpool.config import ROUTED_FIELDS, TIMINGS, RouterConfig, ServiceConfig, SupervisorConfig
-from workerpool.devices import device_label, parse_devices, worker_env
+from workerpool.devices import device_label, parse_devices
 from workerpool.respawn import Action, Next, SlotLife
-from workerpool.worker import SPEC_ENV, WorkerSpec
+from workerpool.worker import WorkerSpec
 
 log = logging.getLogger("workerpool.supervisor")
-
-
-def describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"was killed by {name}"
-    if returncode == EXIT_POISONED:
-        return f"exited with code {returncode} (its CUDA context was poisoned)"
-    return f"exited with code {returncode}"
 
 
 @dataclass
@@ -89,9 +85,8 @@ class Supervisor:
         self.backend = backend
         self.services = services
         self.drain_timeout = drain_timeout
-        self._router_argv = router_argv
-        self.router_proc: subprocess.Popen | None = None
-        self._router_pidfd: int | None = None
+        # Owning the router (`up`): started, restarted and stopped with the pool.
+        self._router = RouterProcess(router_argv) if router_argv is not None else None
         self.workers: dict[str, WorkerProc] = {}
         self.max_message_bytes = max_message_bytes
         self.heartbeat_interval = heartbeat_interval
@@ -128,8 +123,8 @@ class Supervisor:
     def run(self) -> int:
         """Start everything, supervise until stopped, stop everything. Returns an exit code."""
         try:
-            if self._router_argv is not None:
-                self._start_router()
+            if self._router is not None:
+                self._router.start()
             self._sock.connect(self.backend)
             self._send(Kind.HELLO, self._hello())
             for w in self.workers.values():
@@ -151,7 +146,7 @@ class Supervisor:
         self._stopping = True
         self._stop_deadline = time.monotonic() + self.drain_timeout + self.config.stop_timeout
         # Owning the router (`up`), we stop the whole pool; otherwise only our workers leave.
-        self._send(Kind.DRAIN, {"scope": "router" if self._router_argv else "supervisor"})
+        self._send(Kind.DRAIN, {"scope": "router" if self._router else "supervisor"})
 
     def _hello(self) -> dict:
         return {
@@ -175,13 +170,13 @@ class Supervisor:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wakeup, zmq.POLLIN)
-        if self._router_pidfd is not None:
-            poller.register(self._router_pidfd, zmq.POLLIN)
+        if self._router is not None:
+            poller.register(self._router.pidfd, zmq.POLLIN)
         registered: set[int] = set()
         startup_deadline = time.monotonic() + self.config.startup_timeout
         while True:
-            if self._poller_needs_router and self._router_pidfd is not None:
-                poller.register(self._router_pidfd, zmq.POLLIN)
+            if self._poller_needs_router and self._router.pidfd is not None:
+                poller.register(self._router.pidfd, zmq.POLLIN)
                 self._poller_needs_router = False
             for fd in set(self._by_pidfd) - registered:
                 poller.register(fd, zmq.POLLIN)
@@ -192,7 +187,7 @@ class Supervisor:
                     poller.unregister(fd)
                     registered.discard(fd)
                     self._reap(self._by_pidfd.pop(fd))
-                elif fd == self._router_pidfd:
+                elif self._router is not None and fd == self._router.pidfd:
                     poller.unregister(fd)
                     self._on_router_exit()
                 elif fd == self._wakeup.fileno():
@@ -201,26 +196,36 @@ class Supervisor:
                 self._drain_socket()
             self._run_timers()
             now = time.monotonic()
-            if now >= self._next_beat:  # the router counts a silent supervisor as lost
-                self._next_beat = now + self.heartbeat_interval
-                self._send(Kind.HEARTBEAT, {"ping": int(now * 1000)})
-                self._kill_stopped_children(now)
+            if now >= self._next_beat:
+                self._beat(now)
             if now >= self._next_sweep:
-                # Segments of processes that died without unlinking them: clients killed
-                # with SIGKILL (our own workers' are removed when they are reaped).
-                self._next_sweep = now + TIMINGS.shm_sweep_interval
-                swept = shm.sweep_dead_owners()
-                if swept:
-                    log.info("removed %d shared-memory segments of dead processes", swept)
+                self._sweep_segments(now)
             if not self._all_ready_reported and not self._stopping and now > startup_deadline:
-                missing = sorted(w.slot for w in self.workers.values() if not _settled(w))
-                log.error("workers %s did not become ready within supervisor.startup_timeout="
-                          "%.0fs; stopping", ", ".join(missing), self.config.startup_timeout)
-                self.exit_code = 1
-                self.stop("startup timeout")
+                self._startup_timed_out()
             if self._stopping and (self._drained or now > self._stop_deadline
                                    or self._router_gone()):
                 return
+
+    def _beat(self, now: float) -> None:
+        """Ping the router (it counts a silent supervisor as lost); check for stopped children."""
+        self._next_beat = now + self.heartbeat_interval
+        self._send(Kind.HEARTBEAT, {"ping": int(now * 1000)})
+        self._kill_stopped_children(now)
+
+    def _sweep_segments(self, now: float) -> None:
+        """Unlink segments of processes that died without unlinking them: clients killed
+        with SIGKILL (our own workers' are unlinked when they are reaped)."""
+        self._next_sweep = now + TIMINGS.shm_sweep_interval
+        swept = shm.sweep_dead_owners()
+        if swept:
+            log.info("removed %d shared-memory segments of dead processes", swept)
+
+    def _startup_timed_out(self) -> None:
+        missing = sorted(w.slot for w in self.workers.values() if not _settled(w))
+        log.error("workers %s did not become ready within supervisor.startup_timeout="
+                  "%.0fs; stopping", ", ".join(missing), self.config.startup_timeout)
+        self.exit_code = 1
+        self.stop("startup timeout")
 
     def _poll_timeout_ms(self) -> int:
         t = min(500.0, self.heartbeat_interval * 1000)
@@ -262,7 +267,7 @@ class Supervisor:
                 # The new router never heard they were scaled away: stop them here.
                 for w in self.workers.values():
                     if w.life.retiring and w.life.running:
-                        _signal(w.proc, signal.SIGTERM)
+                        send_signal(w.proc, signal.SIGTERM)
             self._router_instance = instance
         elif msg.kind is Kind.DRAINED:
             self._drained = True
@@ -290,7 +295,7 @@ class Supervisor:
                     and w.proc.poll() is None):
                 w.kill_reason = str(meta.get("reason", "hung"))
                 log.warning("killing worker %s (pid %d): %s", w.slot, w.proc.pid, w.kill_reason)
-                _signal(w.proc, signal.SIGKILL)
+                send_signal(w.proc, signal.SIGKILL)
             return
         if self._stopping:
             return
@@ -350,7 +355,7 @@ class Supervisor:
         if action is Action.SPAWN:
             self._spawn(w)
         elif action is Action.TERMINATE:
-            _signal(w.proc, signal.SIGTERM)
+            send_signal(w.proc, signal.SIGTERM)
         elif action is Action.REMOVE:
             del self.workers[w.slot]
             self._report(w, SlotEvent.REMOVED, reason="scaled away (not running)",
@@ -368,14 +373,14 @@ class Supervisor:
         for w in self.workers.values():
             if not w.life.running or w.kill_reason:
                 continue
-            if _is_stopped(w.proc.pid):
+            if is_stopped(w.proc.pid):
                 if w.stopped_since is None:
                     w.stopped_since = now
                 elif now - w.stopped_since > limit:
                     w.kill_reason = f"stopped (SIGSTOP) for {now - w.stopped_since:.1f}s"
                     log.warning("killing worker %s (pid %d): %s", w.slot, w.proc.pid,
                                 w.kill_reason)
-                    _signal(w.proc, signal.SIGKILL)
+                    send_signal(w.proc, signal.SIGKILL)
             else:
                 w.stopped_since = None
 
@@ -404,21 +409,11 @@ class Supervisor:
             self.on_ready()
 
     # -- children ---------------------------------------------------------------------------------
-    def _start_router(self) -> None:
-        env = dict(os.environ, WORKERPOOL_PARENT_PID=str(os.getpid()))
-        self.router_proc = subprocess.Popen(self._router_argv, env=env)
-        self._router_started = time.monotonic()
-        self._router_pidfd = os.pidfd_open(self.router_proc.pid)
-
     def _on_router_exit(self) -> None:
-        rc = self.router_proc.wait()
-        os.close(self._router_pidfd)
-        self._router_pidfd = None
+        rc = self._router.reap()
         if self._stopping:
             return
-        if rc > 0 and time.monotonic() - self._router_started < TIMINGS.router_min_uptime:
-            # It exited with an error right away: it could not start (address in use, bad
-            # config), and starting it again would loop. (Killed by a signal: restart.)
+        if self._router.could_not_start(rc):
             log.error("router process %s within %.0fs of starting; stopping the pool",
                       describe_exit(rc), TIMINGS.router_min_uptime)
             self.exit_code = 1
@@ -428,11 +423,11 @@ class Supervisor:
         # this supervisor register with it again; clients see their old requests fail.
         log.error("router process %s; starting a new one", describe_exit(rc))
         self.router_restarts += 1
-        self._start_router()
+        self._router.start()
         self._poller_needs_router = True
 
     def _router_gone(self) -> bool:
-        return self.router_proc is not None and self.router_proc.poll() is not None
+        return self._router is not None and self._router.gone()
 
     def _spawn(self, w: WorkerProc) -> None:
         incarnation = w.life.spawned(time.monotonic())
@@ -444,11 +439,7 @@ class Supervisor:
             max_message_bytes=self.max_message_bytes or RouterConfig().max_message_bytes,
             heartbeat_interval=self.heartbeat_interval,
         )
-        env = worker_env(w.device)
-        env[SPEC_ENV] = spec.model_dump_json()
-        # A fresh interpreter, never a fork: nothing (least of all CUDA state) is inherited.
-        w.proc = subprocess.Popen([sys.executable, "-m", "workerpool.worker"], env=env)
-        w.pidfd = os.pidfd_open(w.proc.pid)
+        w.proc, w.pidfd = start_worker(spec)
         self._by_pidfd[w.pidfd] = w
         self._report(w, SlotEvent.STARTED, device=device_label(w.device), pid=w.proc.pid)
 
@@ -493,11 +484,11 @@ class Supervisor:
         procs = [w.proc for w in self.workers.values() if w.proc is not None]
         if not self._drained:
             for p in procs:
-                _signal(p, signal.SIGTERM)
-        _wait_all(procs, self.config.stop_timeout)
+                send_signal(p, signal.SIGTERM)
+        wait_all(procs, self.config.stop_timeout)
         for p in procs:
-            _signal(p, signal.SIGKILL)
-        _wait_all(procs, 5)
+            send_signal(p, signal.SIGKILL)
+        wait_all(procs, 5)
         for w in self.workers.values():
             if w.pidfd is not None:
                 os.close(w.pidfd)
@@ -505,14 +496,8 @@ class Supervisor:
         for p in procs:
             if p.returncode is not None:
                 shm.unlink_owned_by(p.pid)
-        if self.router_proc is not None:
-            _wait_all([self.router_proc], 2.0)
-            _signal(self.router_proc, signal.SIGTERM)
-            _wait_all([self.router_proc], self.config.stop_timeout)
-            _signal(self.router_proc, signal.SIGKILL)
-            self.router_proc.wait()
-            if self._router_pidfd is not None:
-                os.close(self._router_pidfd)
+        if self._router is not None:
+            self._router.stop(self.config.stop_timeout)
 
     def _send(self, kind: Kind, meta: dict) -> None:
         try:
@@ -524,33 +509,3 @@ class Supervisor:
 def _settled(w: WorkerProc) -> bool:
     """Startup is over for ``w``: it registered, or will not be respawned."""
     return w.life.registered or w.life.state is WorkerState.FAILED
-
-
-def _is_stopped(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] in ("T", "t")
-    except (OSError, IndexError):
-        return False
-
-
-def _signal(p: subprocess.Popen, sig: int) -> None:
-    if p.poll() is None:
-        try:
-            p.send_signal(sig)
-        except ProcessLookupError:
-            pass
-
-
-def _wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def router_argv(router_config_json: str, service_defaults: dict | None = None) -> list[str]:
-    """Command line that starts a router process by fresh exec."""
-    return [sys.executable, "-m", "router", router_config_json, json.dumps(service_defaults or {})]
