@@ -248,6 +248,9 @@ class Supervisor:
                 self._on_router_message(msg)
             except IllegalTransition as exc:  # a bug here, not the router's: keep supervising
                 log.error("refused: %s", exc)
+            except (KeyError, TypeError, ValueError) as exc:  # a field missing or malformed
+                log.warning("dropped malformed %s from router: %r (%s)", msg.kind.name,
+                            msg.meta, exc)
 
     def _on_router_message(self, msg: protocol.Message) -> None:
         if msg.kind is Kind.READY:
