@@ -3,6 +3,7 @@ of a batch gets exactly its own reply or its own error, whatever happens to the 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -394,10 +395,11 @@ def test_a_worker_learns_when_the_router_caps_it_below_what_it_declared(procs):
         assert sorted(f.result()["i"] for f in futs) == list(range(8))
 
 
-def test_a_worker_takes_its_cap_from_the_router_and_ignores_bad_ones(tmp_path, capsys):
+def test_a_worker_takes_its_cap_from_the_router_and_ignores_bad_ones(tmp_path, caplog):
     from workerpool.batching import BatchSpec
     from workerpool.worker import Worker, WorkerSpec
 
+    caplog.set_level(logging.INFO, logger="workerpool.worker")
     w = Worker(WorkerSpec(slot="default/0", service="default", incarnation=1, handler=H,
                           device="cpu", backend=f"ipc://{tmp_path}/b"))
     try:
@@ -406,12 +408,13 @@ def test_a_worker_takes_its_cap_from_the_router_and_ignores_bad_ones(tmp_path, c
         for bad in ({"capacity": "2"}, {"capacity": 0}, {"capacity": -3}, {"capacity": True},
                     {"capacity": 2.0}, {"capacity": None}, {}):
             w._on_message(protocol.encode(Kind.READY, 0, bad))
-        assert w.capacity == 16 and capsys.readouterr().err == ""
+        assert w.capacity == 16 and caplog.text == ""
         w._on_message(protocol.encode(Kind.READY, 0, {"capacity": 4}))
-        err = capsys.readouterr().err
         assert w.capacity == 4
-        assert "the router caps this worker at 4 request(s) (it declared 16)" in err
-        assert "max_batch_size=8 but this worker holds at most max_inflight=4" in err
+        told = [r.getMessage() for r in caplog.records]
+        assert told[0] == ("[default/0] the router caps this worker at 4 request(s) (it "
+                           "declared 16): the service's max_inflight")
+        assert "max_batch_size=8 but this worker holds at most max_inflight=4" in told[1]
         w._on_message(protocol.encode(Kind.READY, 0, {"capacity": 100}))  # above: declared
         assert w.capacity == 16
         assert w._ready_meta()["capacity"] == 16  # a new router hears what it can hold
@@ -419,3 +422,97 @@ def test_a_worker_takes_its_cap_from_the_router_and_ignores_bad_ones(tmp_path, c
         w._sock.close(0)
         if w._shm is not None:
             w._shm.close()
+
+
+# -- BatchRunner alone: a fake worker, plain values, no sockets ------------------------------
+class _FakeReplies:
+    def __init__(self):
+        self.sent: list[tuple] = []
+
+    def error(self, rid, err):
+        self.sent.append(("error", rid, err.type, err.message))
+
+    def value(self, kind, rid, value, shm_ok=False):
+        self.sent.append((kind.name.lower(), rid, value))
+
+    def send(self, kind, rid, meta=None):
+        self.sent.append((kind.name.lower(), rid, meta))
+
+    def wait_unsent(self):
+        pass
+
+
+class _FakeHost:
+    def __init__(self):
+        from collections import OrderedDict
+
+        from workerpool.context import WorkerStats
+        self.backlog = OrderedDict()
+        self.stats = WorkerStats()
+        self.replies = _FakeReplies()
+        self.failed: list[tuple] = []
+
+    def add(self, rid, method, payload, **meta):
+        from ipc import codec
+        body, buffers = codec.dumps(payload)
+        self.backlog[rid] = protocol.decode(protocol.encode(
+            Kind.REQUEST, rid, {"method": method, **meta}, body, buffers))
+
+    def more_may_come(self):
+        return False  # flush at once: nothing else is coming
+
+    def receive(self, wait_ms):
+        pass
+
+    def decode(self, msg):
+        from ipc import codec
+        return codec.loads(msg.body, msg.buffers), False
+
+    def fail(self, req_ids, exc):
+        self.failed.append((list(req_ids), type(exc).__name__))
+
+
+def _run(host, fn, max_batch_size=3):
+    from workerpool.batching import BatchRunner, BatchSpec
+    runner = BatchRunner(host)
+    first = host.backlog.pop(next(iter(host.backlog)))
+    runner.run(first, None, BatchSpec(max_batch_size=max_batch_size), fn)
+    assert runner.held() == 0 and not runner.gathering
+    return runner
+
+
+def test_batch_runner_takes_matching_requests_oldest_first_up_to_the_batch_size():
+    host, calls = _FakeHost(), []
+    for rid, method in enumerate(["work", "other", "work", "work", "work"], start=1):
+        host.add(rid, method, {"i": rid})
+    _run(host, lambda payloads: calls.append(payloads) or [p["i"] * 10 for p in payloads])
+    assert calls == [[{"i": 1}, {"i": 3}, {"i": 4}]]
+    assert list(host.backlog) == [2, 5]  # the other method, and what did not fit
+    assert host.replies.sent == [("started", 0, {"ids": [1, 3, 4]}), ("result", 1, 10),
+                                 ("result", 3, 30), ("result", 4, 40)]
+    assert (host.stats.batches, host.stats.batched_requests) == (1, 3)
+
+
+def test_batch_runner_answers_per_item_errors_and_leaves_out_expired_requests():
+    host = _FakeHost()
+    host.add(1, "work", {"i": 1})
+    host.add(2, "work", {"i": 2}, timeout=0)  # its deadline passed before the batch ran
+    host.add(3, "work", {"i": 3})
+
+    def fn(payloads):
+        return [ValueError("bad item"), payloads[1]["i"]]
+
+    _run(host, fn)
+    assert host.replies.sent == [
+        ("error", 2, "RequestTimeoutError", "timeout=0s passed before its batch ran"),
+        ("started", 0, {"ids": [1, 3]}), ("result", 3, 3)]
+    assert host.failed == [([1], "ValueError")]  # only its caller hears of it
+
+
+def test_batch_runner_fails_every_caller_when_the_method_raises_or_breaks_its_contract():
+    for fn, error in ((lambda p: 1 / 0, "ZeroDivisionError"), (lambda p: [1], "TypeError")):
+        host = _FakeHost()
+        host.add(1, "work", {})
+        host.add(2, "work", {})
+        _run(host, fn)
+        assert host.failed == [([1, 2], error)]

@@ -14,6 +14,10 @@ import sys
 from ipc.shm import process_alive as process_alive
 
 LOG_LEVEL_ENV = "WORKERPOOL_LOG_LEVEL"
+
+# A worker's exit statuses that mean something to its supervisor (workerpool/respawn.py).
+EXIT_SETUP_FAILED = 78  # EX_CONFIG: setup() failed; the slot is marked failed, not respawned
+EXIT_POISONED = 75  # EX_TEMPFAIL: left on purpose after a sticky CUDA error; respawn me
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
@@ -66,3 +70,14 @@ def setup_logging(level: str | None = None) -> None:
     """Log to stderr at ``level`` (default: $WORKERPOOL_LOG_LEVEL, else INFO)."""
     level = (level or os.environ.get(LOG_LEVEL_ENV) or "INFO").upper()
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+
+
+class _SlotLog(logging.LoggerAdapter):
+    def process(self, msg, kwargs):
+        return f"[{self.extra['slot']}] {msg}", kwargs
+
+
+def slot_logger(logger: logging.Logger, slot: str) -> logging.LoggerAdapter:
+    """``logger`` with every message prefixed ``[slot] ``: a pool's workers share the
+    supervisor's stderr, and their log lines must say which worker wrote them."""
+    return _SlotLog(logger, {"slot": slot})

@@ -8,22 +8,37 @@
 A method decorated with ``@batched(max_batch_size=32, max_delay_ms=2)`` is called with a
 ``list`` of payloads and must return a list of the same length, one result per payload in
 the same order. An exception *object* in a position fails only that caller; an exception
-*raised* fails every caller in the batch. The worker gathers the batch from the requests
-it holds (``workerpool/worker.py: Worker._run_batch``): it flushes when the batch is full,
-when the oldest request has waited ``max_delay_ms``, or at once when the router will send
-it nothing more (it holds ``max_inflight`` requests). A worker only holds several requests
-when the service's ``max_inflight`` allows it, so batches hold at most ``max_inflight``
-requests. Left unset, ``max_inflight`` is twice the largest ``max_batch_size`` of the
-handler's batched methods (``Worker._capacity``); set explicitly, keep it >= that.
+*raised* fails every caller in the batch. ``BatchRunner`` gathers the batch from the
+requests the worker holds: it flushes when the batch is full, when the oldest request has
+waited ``max_delay_ms``, or at once when the router will send it nothing more (it holds
+``max_inflight`` requests). A worker only holds several requests when the service's
+``max_inflight`` allows it, so batches hold at most ``max_inflight`` requests. Left unset,
+``max_inflight`` is twice the largest ``max_batch_size`` of the handler's batched methods
+(``workerpool/worker.py: Worker._capacity``); set explicitly, keep it >= that.
+
+The runner takes requests out of the worker's backlog and answers them through its
+``Replies``; it reads the socket (through the worker) only while a batch forms, so that a
+CANCEL can still take a request out of it.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
+import time
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ipc import codec
+from ipc.protocol import Kind, Message
+from workerpool import faults
+from workerpool.context import WorkerStats
+from workerpool.errors import PayloadError, RequestTimeoutError, WorkerPoolError
+from workerpool.faults import Fate
+from workerpool.replies import Replies, UnencodableResult
 
 F = TypeVar("F", bound=Callable[..., Any])
 _ATTR = "__workerpool_batch__"
@@ -78,3 +93,155 @@ def check_results(method: str, results: Any, n: int) -> list:
                         f"batch of {n} requests: it must return one result (or exception) "
                         "per request, in order")
     return list(results)
+
+
+class BatchHost(Protocol):
+    """What a ``BatchRunner`` needs from the worker that holds the requests."""
+
+    backlog: OrderedDict[int, Message]  # received, not started, oldest first
+    stats: WorkerStats
+    replies: Replies
+
+    def more_may_come(self) -> bool:
+        """The router may send more: the worker holds less than it may, and is not stopping."""
+
+    def receive(self, wait_ms: int) -> None:
+        """Wait up to ``wait_ms`` for messages and take them in (0: only what is there)."""
+
+    def decode(self, msg: Message) -> tuple[Any, bool]:
+        """The request's payload, and whether its reply may use shared memory; raises
+        ``codec.PayloadError``."""
+
+    def fail(self, req_ids: list[int], exc: BaseException) -> None:
+        """Answer each request with what the handler's ``exc`` means (faults.py); a
+        poisoned CUDA context ends the process."""
+
+
+class BatchRunner:
+    """Forms and runs the batches of a worker's ``@batched`` methods.
+
+    ``gathering`` holds the requests of the batch being formed and ``running`` counts those
+    of the batch running now: both are requests the worker holds (``held``).
+    """
+
+    def __init__(self, host: BatchHost) -> None:
+        self.host = host
+        self.gathering: OrderedDict[int, Message] = OrderedDict()
+        self.arrived: dict[int, float] = {}  # when each backlog request arrived (monotonic)
+        self.running = 0
+
+    def held(self) -> int:
+        return len(self.gathering) + self.running
+
+    def cancel(self, req_id: int) -> bool:
+        """Forget ``req_id``; True if it was waiting in the batch being formed."""
+        self.arrived.pop(req_id, None)
+        return self.gathering.pop(req_id, None) is not None
+
+    def run(self, first: Message, arrived: float | None, spec: BatchSpec,
+            method_fn: Callable[[list], Any]) -> None:
+        """Gather the requests for ``first``'s method, run the method once, answer each.
+
+        The batch runs when it is full, when ``first`` (the oldest) has waited
+        ``max_delay_ms``, when the worker holds all the router will send it, or when the
+        worker is stopping. Requests cancelled meanwhile, or whose ``timeout`` has certainly
+        passed, are answered and left out.
+        """
+        host = self.host
+        method = first.meta["method"]
+        gathering = self.gathering
+        gathering[first.req_id] = first
+        now = time.monotonic()
+        arrived_at = {first.req_id: now if arrived is None else arrived}
+        flush_at = arrived_at[first.req_id] + spec.max_delay_ms / 1000
+        while True:
+            self._take_matching(method, spec.max_batch_size, arrived_at)
+            if (not gathering or len(gathering) >= spec.max_batch_size
+                    or not host.more_may_come()):
+                break
+            wait = flush_at - time.monotonic()
+            if wait <= 0:
+                break
+            host.receive(math.ceil(wait * 1000))  # CANCELs drop from the batch, pings answered
+        host.receive(0)  # last chance for a CANCEL to overtake the batch
+        self._take_matching(method, spec.max_batch_size, arrived_at)
+        if not gathering:
+            return  # every request was cancelled while the batch formed
+        msgs = list(gathering.values())
+        gathering.clear()
+        self.running = host.stats.running = len(msgs)
+        try:
+            self._execute(method, method_fn, msgs, arrived_at, first.req_id)
+        finally:
+            self.running = 0
+
+    def _take_matching(self, method: str, limit: int, arrived_at: dict[int, float]) -> None:
+        """Move requests for ``method`` from the backlog into the batch, oldest first."""
+        room = limit - len(self.gathering)
+        if room <= 0:
+            return
+        backlog = self.host.backlog
+        for rid in [rid for rid, m in backlog.items() if m.meta.get("method") == method
+                    ][:room]:
+            self.gathering[rid] = backlog.pop(rid)
+            arrived_at[rid] = self.arrived.pop(rid, time.monotonic())
+
+    def _execute(self, method: str, method_fn: Callable[[list], Any], msgs: list[Message],
+                 arrived_at: dict[int, float], oldest: int) -> None:
+        host, replies = self.host, self.host.replies
+        now = time.monotonic()
+        ids: list[int] = []
+        payloads: list[Any] = []
+        shm_ok: dict[int, bool] = {}
+        for msg in msgs:
+            timeout = msg.meta.get("timeout")
+            if (isinstance(timeout, int | float) and not isinstance(timeout, bool)
+                    and arrived_at[msg.req_id] + timeout <= now):
+                # Admitted before it arrived here: its deadline has passed for sure, and the
+                # router's CANCEL is on its way. Running it would be wasted work.
+                replies.error(msg.req_id, RequestTimeoutError(
+                    f"timeout={timeout:g}s passed before its batch ran"))
+                continue
+            try:
+                payload, shm_ok[msg.req_id] = host.decode(msg)
+            except codec.PayloadError as exc:
+                extra = {"code": exc.code} if exc.code else {}
+                replies.error(msg.req_id, PayloadError(str(exc), **extra))
+                continue
+            payloads.append(payload)
+            ids.append(msg.req_id)
+        if not ids:
+            return
+        if ids != [oldest]:
+            # The router assumes a worker runs only the oldest request it holds; tell it which
+            # ones started (several, or a later one when the oldest was left out), so a
+            # crash now is answered as a crash for exactly these.
+            replies.send(Kind.STARTED, 0, {"ids": ids})
+        host.stats.batches += 1
+        host.stats.batched_requests += len(ids)
+        replies.wait_unsent()  # the handler may reuse memory an earlier reply is still sent from
+        try:
+            results = check_results(method, method_fn(payloads), len(ids))
+        except Exception as exc:
+            host.fail(ids, exc)
+            return
+        for r in results:
+            if (isinstance(r, BaseException) and not isinstance(r, WorkerPoolError)
+                    and faults.fate_of(r) is Fate.POISONED):
+                host.fail(ids, r)  # one item's fault poisoned the context
+                return
+        for k, (rid, value) in enumerate(zip(ids, results, strict=True)):
+            if isinstance(value, WorkerPoolError):
+                replies.error(rid, value)  # a typed error the handler chose for this caller
+            elif isinstance(value, BaseException):
+                host.fail([rid], value)
+            else:
+                try:
+                    replies.value(Kind.RESULT, rid, value, shm_ok[rid])
+                except UnencodableResult as exc:
+                    replies.error(rid, PayloadError(str(exc)))
+                except Exception as exc:
+                    # Encoding copies a CUDA result to the host, where an earlier kernel's
+                    # sticky error surfaces: then every caller not yet answered hears it.
+                    poisoned = faults.fate_of(exc) is Fate.POISONED
+                    host.fail(ids[k:] if poisoned else [rid], exc)

@@ -24,11 +24,14 @@ import enum
 import re
 import sys
 
+from ipc.lifecycle import GoodbyeReason
+
 
 class Fate(enum.Enum):
     DOMAIN = "domain"
     EXHAUSTED = "resource-exhausted"
-    POISONED = "context-poisoned"
+    # The worker leaves with this as its GOODBYE reason and its WorkerCrashedError's cause.
+    POISONED = GoodbyeReason.CONTEXT_POISONED.value
 
 
 # cudaError_t values the CUDA Runtime API documents as sticky (plus ECC and MPS loss).
@@ -97,6 +100,15 @@ def classify(exc: BaseException) -> Fate:
         if is_cuda_error(e) and _POISONED_TEXT.search(text):
             return Fate.POISONED
     return Fate.DOMAIN
+
+
+def fate_of(exc: BaseException) -> Fate:
+    """``classify``, and then an unlisted CUDA error that left the context unusable (a bare
+    synchronize fails) is ``POISONED`` too."""
+    fate = classify(exc)
+    if fate is Fate.DOMAIN and is_cuda_error(exc) and not context_alive():
+        fate = Fate.POISONED
+    return fate
 
 
 def _chain(exc: BaseException, limit: int = 8):

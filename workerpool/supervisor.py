@@ -4,80 +4,67 @@
 
     supervisor ──spawn (fresh exec, CUDA_VISIBLE_DEVICES set)──> worker processes
         │  pidfd per child in the same poll as its socket: a death wakes the loop at once
-        └──[DEALER]── HELLO / SLOT(started|died|failed) / DRAIN ──> router backend
-                  <── READY(slot) / DRAINED ─────────────────────
+        └──[DEALER]── HELLO / SLOT(started|died|failed|stopped|removed) / DRAIN ──> router
+                  <── READY(slot) / ADMIN(restart|drain|scale|kill) / DRAINED ──
 
 ``workerpool up`` runs a supervisor that also owns the router process; ``workerpool
 worker --router ADDR`` runs the same supervisor against a router elsewhere. Death is an
 event, not a timeout: the kernel makes a child's pidfd readable when it exits, the loop
 reaps it and tells the router which incarnation died and how, and the router answers
-that incarnation's requests. Respawns wait an exponential backoff per slot, reset once
-a replacement has stayed up for ``stable_after`` seconds.
+that incarnation's requests. What happens next (respawn now, after a backoff, mark the
+slot failed, remove it, leave it stopped) is decided by the slot's ``SlotLife``
+(workerpool/respawn.py), which holds its state; this module carries it out, and
+workerpool/children.py starts, signals and waits for the processes.
 """
 
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import zmq
 
 from ipc import protocol, shm, transport
+from ipc.errors import IllegalTransition
+from ipc.lifecycle import AdminOp, SlotEvent, WorkerState
 from ipc.protocol import FrameError, Kind
 from workerpool._proc import SignalWakeup
+from workerpool.children import (
+    RouterProcess,
+    describe_exit,
+    is_stopped,
+    send_signal,
+    start_worker,
+    wait_all,
+)
+from workerpool.children import router_argv as router_argv  # `up` builds its router's argv
 from workerpool.config import ROUTED_FIELDS, TIMINGS, RouterConfig, ServiceConfig, SupervisorConfig
-from workerpool.devices import device_label, parse_devices, worker_env
-from workerpool.worker import EXIT_POISONED, EXIT_SETUP_FAILED, SPEC_ENV, WorkerSpec
+from workerpool.devices import device_label, parse_devices
+from workerpool.respawn import Action, Next, SlotLife
+from workerpool.worker import WorkerSpec
 
 log = logging.getLogger("workerpool.supervisor")
 
 
-
-
-
-def describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"was killed by {name}"
-    if returncode == EXIT_POISONED:
-        return f"exited with code {returncode} (its CUDA context was poisoned)"
-    return f"exited with code {returncode}"
-
-
 @dataclass
 class WorkerProc:
-    """One slot as the supervisor sees it: its config and current process, if any."""
+    """One slot as the supervisor sees it: its config, its life (state, incarnation,
+    deaths), and its current process while ``life.running``."""
 
     slot: str
     service: ServiceConfig
     device: str
-    incarnation: int = 0
-    proc: subprocess.Popen | None = None
-    pidfd: int | None = None
-    started_at: float = 0.0
-    died_at: float = 0.0
-    failures: int = 0  # consecutive short-lived incarnations, for the backoff
-    deaths: deque = field(default_factory=deque)  # recent unrequested deaths (monotonic)
-    restart_requested: bool = False  # an operator asked: respawn at once, not counted
-    kill_reason: str | None = None  # why the router had this incarnation killed
+    life: SlotLife
+    proc: subprocess.Popen | None = None  # the last process started; None before the first
+    pidfd: int | None = None  # open while life.running: readable when the process exits
+    kill_reason: str | None = None  # why this incarnation is being killed (SIGKILL), for its SLOT
     stopped_since: float | None = None  # first seen in state T (SIGSTOP), monotonic
-    drained: bool = False  # an operator drained it: do not respawn until `restart`
-    retiring: bool = False  # scaled away: when its process ends the slot is removed
-    ready: bool = False  # the current incarnation registered with the router
-    ever_ready: bool = False
-    failed: bool = False
 
 
 class Supervisor:
@@ -98,9 +85,8 @@ class Supervisor:
         self.backend = backend
         self.services = services
         self.drain_timeout = drain_timeout
-        self._router_argv = router_argv
-        self.router_proc: subprocess.Popen | None = None
-        self._router_pidfd: int | None = None
+        # Owning the router (`up`): started, restarted and stopped with the pool.
+        self._router = RouterProcess(router_argv) if router_argv is not None else None
         self.workers: dict[str, WorkerProc] = {}
         self.max_message_bytes = max_message_bytes
         self.heartbeat_interval = heartbeat_interval
@@ -137,8 +123,8 @@ class Supervisor:
     def run(self) -> int:
         """Start everything, supervise until stopped, stop everything. Returns an exit code."""
         try:
-            if self._router_argv is not None:
-                self._start_router()
+            if self._router is not None:
+                self._router.start()
             self._sock.connect(self.backend)
             self._send(Kind.HELLO, self._hello())
             for w in self.workers.values():
@@ -160,7 +146,7 @@ class Supervisor:
         self._stopping = True
         self._stop_deadline = time.monotonic() + self.drain_timeout + self.config.stop_timeout
         # Owning the router (`up`), we stop the whole pool; otherwise only our workers leave.
-        self._send(Kind.DRAIN, {"scope": "router" if self._router_argv else "supervisor"})
+        self._send(Kind.DRAIN, {"scope": "router" if self._router else "supervisor"})
 
     def _hello(self) -> dict:
         return {
@@ -175,7 +161,7 @@ class Supervisor:
             ],
             "slots": [
                 {"slot": w.slot, "service": w.service.name, "device": device_label(w.device)}
-                for w in self.workers.values() if not w.retiring
+                for w in self.workers.values() if not w.life.retiring
             ],
         }
 
@@ -184,13 +170,13 @@ class Supervisor:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wakeup, zmq.POLLIN)
-        if self._router_pidfd is not None:
-            poller.register(self._router_pidfd, zmq.POLLIN)
+        if self._router is not None:
+            poller.register(self._router.pidfd, zmq.POLLIN)
         registered: set[int] = set()
         startup_deadline = time.monotonic() + self.config.startup_timeout
         while True:
-            if self._poller_needs_router and self._router_pidfd is not None:
-                poller.register(self._router_pidfd, zmq.POLLIN)
+            if self._poller_needs_router and self._router.pidfd is not None:
+                poller.register(self._router.pidfd, zmq.POLLIN)
                 self._poller_needs_router = False
             for fd in set(self._by_pidfd) - registered:
                 poller.register(fd, zmq.POLLIN)
@@ -201,7 +187,7 @@ class Supervisor:
                     poller.unregister(fd)
                     registered.discard(fd)
                     self._reap(self._by_pidfd.pop(fd))
-                elif fd == self._router_pidfd:
+                elif self._router is not None and fd == self._router.pidfd:
                     poller.unregister(fd)
                     self._on_router_exit()
                 elif fd == self._wakeup.fileno():
@@ -210,27 +196,36 @@ class Supervisor:
                 self._drain_socket()
             self._run_timers()
             now = time.monotonic()
-            if now >= self._next_beat:  # the router counts a silent supervisor as lost
-                self._next_beat = now + self.heartbeat_interval
-                self._send(Kind.HEARTBEAT, {"ping": int(now * 1000)})
-                self._kill_stopped_children(now)
+            if now >= self._next_beat:
+                self._beat(now)
             if now >= self._next_sweep:
-                # Segments of processes that died without unlinking them: clients killed
-                # with SIGKILL (our own workers' are removed when they are reaped).
-                self._next_sweep = now + TIMINGS.shm_sweep_interval
-                swept = shm.sweep_dead_owners()
-                if swept:
-                    log.info("removed %d shared-memory segments of dead processes", swept)
+                self._sweep_segments(now)
             if not self._all_ready_reported and not self._stopping and now > startup_deadline:
-                missing = sorted(w.slot for w in self.workers.values()
-                                 if not w.ready and not w.failed)
-                log.error("workers %s did not become ready within supervisor.startup_timeout="
-                          "%.0fs; stopping", ", ".join(missing), self.config.startup_timeout)
-                self.exit_code = 1
-                self.stop("startup timeout")
+                self._startup_timed_out()
             if self._stopping and (self._drained or now > self._stop_deadline
                                    or self._router_gone()):
                 return
+
+    def _beat(self, now: float) -> None:
+        """Ping the router (it counts a silent supervisor as lost); check for stopped children."""
+        self._next_beat = now + self.heartbeat_interval
+        self._send(Kind.HEARTBEAT, {"ping": int(now * 1000)})
+        self._kill_stopped_children(now)
+
+    def _sweep_segments(self, now: float) -> None:
+        """Unlink segments of processes that died without unlinking them: clients killed
+        with SIGKILL (our own workers' are unlinked when they are reaped)."""
+        self._next_sweep = now + TIMINGS.shm_sweep_interval
+        swept = shm.sweep_dead_owners()
+        if swept:
+            log.info("removed %d shared-memory segments of dead processes", swept)
+
+    def _startup_timed_out(self) -> None:
+        missing = sorted(w.slot for w in self.workers.values() if not _settled(w))
+        log.error("workers %s did not become ready within supervisor.startup_timeout="
+                  "%.0fs; stopping", ", ".join(missing), self.config.startup_timeout)
+        self.exit_code = 1
+        self.stop("startup timeout")
 
     def _poll_timeout_ms(self) -> int:
         t = min(500.0, self.heartbeat_interval * 1000)
@@ -249,32 +244,46 @@ class Supervisor:
             except FrameError as exc:
                 log.warning("dropped bad frame from router: %s", exc)
                 continue
-            if msg.kind is Kind.READY:
-                self._on_worker_ready(str(msg.meta.get("slot")), msg.meta.get("incarnation"))
-            elif msg.kind is Kind.ADMIN:
-                self._on_admin(msg.meta)
-            elif msg.kind is Kind.HEARTBEAT and "router" in msg.meta:
-                instance = msg.meta["router"]
-                if msg.meta.get("hello"):
-                    log.warning("the router had given this supervisor up as lost (it was "
-                                "silent too long): registering again")
-                    self._send(Kind.HELLO, self._hello())
-                elif self._router_instance is not None and instance != self._router_instance:
-                    log.warning("router restarted (%s -> %s): registering again",
-                                self._router_instance, instance)
-                    self._send(Kind.HELLO, self._hello())
-                    # The new router never heard they were scaled away: stop them here.
-                    for w in self.workers.values():
-                        if w.retiring and w.proc is not None and w.pidfd is not None:
-                            _signal(w.proc, signal.SIGTERM)
-                self._router_instance = instance
-            elif msg.kind is Kind.DRAINED:
-                self._drained = True
-                if not self._stopping:  # the router is shutting down: so is its pool
-                    self.stop("router drained")
+            try:
+                self._on_router_message(msg)
+            except IllegalTransition as exc:  # a bug here, not the router's: keep supervising
+                log.error("refused: %s", exc)
+            except (KeyError, TypeError, ValueError) as exc:  # a field missing or malformed
+                log.warning("dropped malformed %s from router: %r (%s)", msg.kind.name,
+                            msg.meta, exc)
+
+    def _on_router_message(self, msg: protocol.Message) -> None:
+        if msg.kind is Kind.READY:
+            self._on_worker_ready(str(msg.meta.get("slot")), msg.meta.get("incarnation"))
+        elif msg.kind is Kind.ADMIN:
+            self._on_admin(msg.meta)
+        elif msg.kind is Kind.HEARTBEAT and "router" in msg.meta:
+            instance = msg.meta["router"]
+            if msg.meta.get("hello"):
+                log.warning("the router had given this supervisor up as lost (it was "
+                            "silent too long): registering again")
+                self._send(Kind.HELLO, self._hello())
+            elif self._router_instance is not None and instance != self._router_instance:
+                log.warning("router restarted (%s -> %s): registering again",
+                            self._router_instance, instance)
+                self._send(Kind.HELLO, self._hello())
+                # The new router never heard they were scaled away: stop them here.
+                for w in self.workers.values():
+                    if w.life.retiring and w.life.running:
+                        send_signal(w.proc, signal.SIGTERM)
+            self._router_instance = instance
+        elif msg.kind is Kind.DRAINED:
+            self._drained = True
+            if not self._stopping:  # the router is shutting down: so is its pool
+                self.stop("router drained")
 
     def _on_admin(self, meta: dict) -> None:
-        if meta.get("op") == "scale":
+        try:
+            op = AdminOp(meta.get("op"))
+        except ValueError:
+            log.warning("ignored ADMIN with unknown op %r", meta.get("op"))
+            return
+        if op is AdminOp.SCALE:
             if not self._stopping:
                 self._scale(str(meta.get("service")), int(meta["workers"]),
                             [str(s) for s in meta.get("retire", ())])
@@ -282,33 +291,26 @@ class Supervisor:
         w = self.workers.get(str(meta.get("slot")))
         if w is None:
             return
-        if meta.get("op") == "kill":
+        if op is AdminOp.KILL:
             # The router saw it hang (no heartbeat, or exec_timeout): SIGKILL works even
             # on a stopped process. Only the incarnation the router meant.
-            if meta.get("incarnation") == w.incarnation and w.proc and w.proc.poll() is None:
+            if (meta.get("incarnation") == w.life.incarnation and w.life.running
+                    and w.proc.poll() is None):
                 w.kill_reason = str(meta.get("reason", "hung"))
                 log.warning("killing worker %s (pid %d): %s", w.slot, w.proc.pid, w.kill_reason)
-                _signal(w.proc, signal.SIGKILL)
+                send_signal(w.proc, signal.SIGKILL)
             return
         if self._stopping:
             return
-        if meta.get("op") == "drain":
-            log.info("operator drain of %s: it will not be respawned", w.slot)
-            w.drained = True
-            return
-        if meta.get("op") != "restart":
-            return
-        log.info("operator restart of %s", w.slot)
-        w.drained = False
-        w.deaths.clear()
-        w.failures = 0
-        if w.failed or w.proc is None or w.pidfd is None:
-            w.failed = False
-            self._spawn(w)
-        else:
-            # Running: let it finish what it holds (SIGTERM), then respawn at once.
-            w.restart_requested = True
-            _signal(w.proc, signal.SIGTERM)
+        if op is AdminOp.DRAIN:
+            if w.life.drain():
+                log.info("operator drain of %s: it will not be respawned", w.slot)
+            else:
+                log.info("operator drain of %s ignored: it is %s", w.slot, w.life.state)
+        elif op is AdminOp.RESTART:
+            log.info("operator restart of %s", w.slot)
+            # Running: it finishes what it holds (SIGTERM), then is respawned at once.
+            self._carry_out(w, w.life.restart())
 
     def _add_slots(self, svc: ServiceConfig, n: int) -> list[WorkerProc]:
         devices = parse_devices(svc.devices)
@@ -317,7 +319,8 @@ class Supervisor:
             i = self._next_index.get(svc.name, 0)
             self._next_index[svc.name] = i + 1
             slot = f"{svc.name}/{self._prefix}{i}"
-            added.append(WorkerProc(slot, svc, devices[i % len(devices)]))
+            added.append(WorkerProc(slot, svc, devices[i % len(devices)],
+                                    SlotLife(slot, self.config)))
             self.workers[slot] = added[-1]
         return added
 
@@ -334,12 +337,12 @@ class Supervisor:
             w = self.workers.get(slot)
             if w is not None and w.service is svc:
                 self._retire(w)
-        mine = [w for w in self.workers.values() if w.service is svc and not w.retiring]
+        mine = [w for w in self.workers.values() if w.service is svc and not w.life.retiring]
         # The router names slots from those it knows. Slots an earlier scale up started,
         # whose HELLO had not reached it yet, are ours to retire, newest first: they have
         # not registered, so nothing is lost (registered ones only the router can drain).
         surplus = len(mine) - svc.workers - svc.spares
-        for w in [w for w in reversed(mine) if not w.ready][:max(0, surplus)]:
+        for w in [w for w in reversed(mine) if not w.life.registered][:max(0, surplus)]:
             self._retire(w)
             mine.remove(w)
         added = self._add_slots(svc, max(0, svc.workers + svc.spares - len(mine)))
@@ -348,49 +351,50 @@ class Supervisor:
             self._spawn(w)
 
     def _retire(self, w: WorkerProc) -> None:
-        """Scale ``w`` away: a slot with no process leaves at once, one that never
-        registered is stopped (nothing to drain), a registered one drains at the router,
-        which then tells it to stop."""
-        w.retiring = w.drained = True
-        if w.proc is None or w.pidfd is None:
-            self._remove(w, "scaled away (not running)")
-        elif not w.ready:
-            _signal(w.proc, signal.SIGTERM)
+        """Scale ``w`` away (SlotLife.retire says how)."""
+        self._carry_out(w, w.life.retire())
 
-    def _remove(self, w: WorkerProc, reason: str, exitcode: int | None = None) -> None:
-        del self.workers[w.slot]
+    def _carry_out(self, w: WorkerProc, action: Action) -> None:
+        if action is Action.SPAWN:
+            self._spawn(w)
+        elif action is Action.TERMINATE:
+            send_signal(w.proc, signal.SIGTERM)
+        elif action is Action.REMOVE:
+            del self.workers[w.slot]
+            self._report(w, SlotEvent.REMOVED, reason="scaled away (not running)",
+                         exitcode=None)
+
+    def _report(self, w: WorkerProc, event: SlotEvent, **fields: object) -> None:
+        """Tell the router what happened to ``w``'s current incarnation (SLOT)."""
         self._send(Kind.SLOT, {"slot": w.slot, "service": w.service.name,
-                               "incarnation": w.incarnation, "event": "removed",
-                               "reason": reason, "exitcode": exitcode})
+                               "incarnation": w.life.incarnation, "event": event, **fields})
 
     def _kill_stopped_children(self, now: float) -> None:
         """A stopped child (SIGSTOP) is hung whoever watches it; the router sees it only
         through heartbeats, and a router that restarted never knew it. Check locally."""
         limit = self.heartbeat_interval * self.stopped_liveness
         for w in self.workers.values():
-            if w.proc is None or w.pidfd is None or w.kill_reason:
+            if not w.life.running or w.kill_reason:
                 continue
-            if _is_stopped(w.proc.pid):
+            if is_stopped(w.proc.pid):
                 if w.stopped_since is None:
                     w.stopped_since = now
                 elif now - w.stopped_since > limit:
                     w.kill_reason = f"stopped (SIGSTOP) for {now - w.stopped_since:.1f}s"
                     log.warning("killing worker %s (pid %d): %s", w.slot, w.proc.pid,
                                 w.kill_reason)
-                    _signal(w.proc, signal.SIGKILL)
+                    send_signal(w.proc, signal.SIGKILL)
             else:
                 w.stopped_since = None
 
     def _on_worker_ready(self, slot: str, incarnation: object) -> None:
         w = self.workers.get(slot)
-        if w is None or incarnation != w.incarnation:
+        # False for a repeat (the router confirming again after a HELLO), or a stale one.
+        if w is None or not w.life.registered_now(incarnation):
             return
-        if w.ready:
-            return  # the router confirming again (after a HELLO): nothing new
-        w.ready = w.ever_ready = True
-        if w.incarnation > 1:
+        if w.life.incarnation > 1:
             log.info("worker %s back: ready %.0f ms after its predecessor died", slot,
-                     (time.monotonic() - w.died_at) * 1000)
+                     (time.monotonic() - w.life.died_at) * 1000)
         self._check_all_ready()
 
     def _check_all_ready(self) -> None:
@@ -398,31 +402,21 @@ class Supervisor:
         if self._all_ready_reported or self._stopping:
             return
         workers = self.workers.values()
-        if not all(w.ready or w.failed for w in workers):
+        if not all(_settled(w) for w in workers):
             return
         self._all_ready_reported = True
-        if workers and all(w.failed for w in workers):
+        if workers and all(w.life.state is WorkerState.FAILED for w in workers):
             self.exit_code = 1
             self.stop("every worker failed in setup")
         elif self.on_ready is not None:
             self.on_ready()
 
     # -- children ---------------------------------------------------------------------------------
-    def _start_router(self) -> None:
-        env = dict(os.environ, WORKERPOOL_PARENT_PID=str(os.getpid()))
-        self.router_proc = subprocess.Popen(self._router_argv, env=env)
-        self._router_started = time.monotonic()
-        self._router_pidfd = os.pidfd_open(self.router_proc.pid)
-
     def _on_router_exit(self) -> None:
-        rc = self.router_proc.wait()
-        os.close(self._router_pidfd)
-        self._router_pidfd = None
+        rc = self._router.reap()
         if self._stopping:
             return
-        if rc > 0 and time.monotonic() - self._router_started < TIMINGS.router_min_uptime:
-            # It exited with an error right away: it could not start (address in use, bad
-            # config), and starting it again would loop. (Killed by a signal: restart.)
+        if self._router.could_not_start(rc):
             log.error("router process %s within %.0fs of starting; stopping the pool",
                       describe_exit(rc), TIMINGS.router_min_uptime)
             self.exit_code = 1
@@ -432,97 +426,60 @@ class Supervisor:
         # this supervisor register with it again; clients see their old requests fail.
         log.error("router process %s; starting a new one", describe_exit(rc))
         self.router_restarts += 1
-        self._start_router()
+        self._router.start()
         self._poller_needs_router = True
 
     def _router_gone(self) -> bool:
-        return self.router_proc is not None and self.router_proc.poll() is not None
+        return self._router is not None and self._router.gone()
 
     def _spawn(self, w: WorkerProc) -> None:
-        w.incarnation += 1
-        w.ready = False
+        incarnation = w.life.spawned(time.monotonic())
         w.stopped_since = None
         spec = WorkerSpec(
-            slot=w.slot, service=w.service.name, incarnation=w.incarnation,
+            slot=w.slot, service=w.service.name, incarnation=incarnation,
             handler=w.service.handler, device=w.device, backend=self.backend,
             capacity=w.service.max_inflight, options=w.service.options, parent_pid=os.getpid(),
             max_message_bytes=self.max_message_bytes or RouterConfig().max_message_bytes,
             heartbeat_interval=self.heartbeat_interval,
         )
-        env = worker_env(w.device)
-        env[SPEC_ENV] = spec.model_dump_json()
-        # A fresh interpreter, never a fork: nothing (least of all CUDA state) is inherited.
-        w.proc = subprocess.Popen([sys.executable, "-m", "workerpool.worker"], env=env)
-        w.pidfd = os.pidfd_open(w.proc.pid)
-        w.started_at = time.monotonic()
+        w.proc, w.pidfd = start_worker(spec)
         self._by_pidfd[w.pidfd] = w
-        self._send(Kind.SLOT, {"slot": w.slot, "service": w.service.name,
-                               "device": device_label(w.device), "incarnation": w.incarnation,
-                               "event": "started", "pid": w.proc.pid})
+        self._report(w, SlotEvent.STARTED, device=device_label(w.device), pid=w.proc.pid)
 
     def _reap(self, w: WorkerProc) -> None:
         rc = w.proc.wait()
         os.close(w.pidfd)
         w.pidfd = None
         shm.unlink_owned_by(w.proc.pid)  # what a crashed worker lent is gone with it
-        w.died_at = time.monotonic()
         how = describe_exit(rc)
         if w.kill_reason:
             how = f"was killed (SIGKILL) as hung: {w.kill_reason}"
             w.kill_reason = None
-        base = {"slot": w.slot, "service": w.service.name, "incarnation": w.incarnation,
-                "pid": w.proc.pid, "exitcode": rc}
-        if w.retiring and not self._stopping:
-            self._remove(w, f"scaled away; process {how}", rc)
-            return
-        if self._stopping or (w.drained and rc == 0):
-            # Exiting on request is "stopped"; a crash during the drain is still a crash.
-            event = "stopped" if rc == 0 else "died"
-            self._send(Kind.SLOT, {**base, "event": event, "reason": how})
-            return
-        if rc == EXIT_SETUP_FAILED and not w.ready:
-            # Only before registering does 78 mean "setup() failed": respawning would fail
-            # the same way, so the slot is marked failed instead of looping.
-            w.failed = True
-            log.error("worker %s failed in setup(); not respawning it", w.slot)
-            self._send(Kind.SLOT, {**base, "event": "failed",
-                                   "reason": f"setup() failed; process {how}"})
+        end = w.life.exited(rc, how, time.monotonic(), self._stopping)
+        if end.next is Next.REMOVE:
+            del self.workers[w.slot]
+        for event, reason in end.events:
+            if event is SlotEvent.REMOVED:
+                self._report(w, event, reason=reason, exitcode=rc)
+            else:
+                self._report(w, event, pid=w.proc.pid, exitcode=rc, reason=reason)
+        if end.next is Next.FAIL:
+            log.error("worker %s %s", w.slot, end.why)
             self._check_all_ready()
-            return
-        w.ready = False
-        if w.restart_requested:  # an operator's restart: no backoff, not a failure
-            w.restart_requested = False
-            self._send(Kind.SLOT, {**base, "event": "died", "reason": f"restarted ({how})"})
+        elif end.next is Next.RESPAWN:
             self._spawn(w)
-            return
-        cfg = self.config
-        w.deaths.append(w.died_at)
-        while w.deaths and w.deaths[0] < w.died_at - cfg.restart_window:
-            w.deaths.popleft()
-        if len(w.deaths) > cfg.max_restarts:
-            w.failed = True
-            reason = (f"{how}; died {len(w.deaths)} times within {cfg.restart_window:g}s "
-                      f"(max_restarts={cfg.max_restarts}): not respawned; "
-                      f"reset with `workerpool restart {w.slot}`")
-            log.error("worker %s %s", w.slot, reason)
-            self._send(Kind.SLOT, {**base, "event": "died", "reason": how})
-            self._send(Kind.SLOT, {**base, "event": "failed", "reason": reason})
-            self._check_all_ready()
-            return
-        self._send(Kind.SLOT, {**base, "event": "died", "reason": how})
-        if w.died_at - w.started_at >= cfg.stable_after:
-            w.failures = 0
-        delay = min(cfg.restart_backoff * (2 ** w.failures), cfg.restart_backoff_max)
-        w.failures += 1
-        log.warning("worker %s (pid %d) %s; respawning in %.2fs", w.slot, w.proc.pid, how, delay)
-        heapq.heappush(self._timers, (w.died_at + delay, w.slot))
+        elif end.next is Next.BACKOFF:
+            log.warning("worker %s (pid %d) %s; respawning in %.2fs", w.slot, w.proc.pid, how,
+                        end.delay)
+            heapq.heappush(self._timers, (w.life.died_at + end.delay, w.slot))
 
     def _run_timers(self) -> None:
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, slot = heapq.heappop(self._timers)
             w = self.workers.get(slot)  # gone if it was scaled away meanwhile
-            if w is not None and not self._stopping and w.pidfd is None:
+            # Still dead: not restarted by an operator meanwhile.
+            if w is not None and not self._stopping and w.life.state is WorkerState.DEAD:
                 self._spawn(w)
 
     def _stop_children(self) -> None:
@@ -530,11 +487,11 @@ class Supervisor:
         procs = [w.proc for w in self.workers.values() if w.proc is not None]
         if not self._drained:
             for p in procs:
-                _signal(p, signal.SIGTERM)
-        _wait_all(procs, self.config.stop_timeout)
+                send_signal(p, signal.SIGTERM)
+        wait_all(procs, self.config.stop_timeout)
         for p in procs:
-            _signal(p, signal.SIGKILL)
-        _wait_all(procs, 5)
+            send_signal(p, signal.SIGKILL)
+        wait_all(procs, 5)
         for w in self.workers.values():
             if w.pidfd is not None:
                 os.close(w.pidfd)
@@ -542,14 +499,8 @@ class Supervisor:
         for p in procs:
             if p.returncode is not None:
                 shm.unlink_owned_by(p.pid)
-        if self.router_proc is not None:
-            _wait_all([self.router_proc], 2.0)
-            _signal(self.router_proc, signal.SIGTERM)
-            _wait_all([self.router_proc], self.config.stop_timeout)
-            _signal(self.router_proc, signal.SIGKILL)
-            self.router_proc.wait()
-            if self._router_pidfd is not None:
-                os.close(self._router_pidfd)
+        if self._router is not None:
+            self._router.stop(self.config.stop_timeout)
 
     def _send(self, kind: Kind, meta: dict) -> None:
         try:
@@ -558,31 +509,6 @@ class Supervisor:
             log.warning("could not tell the router %s: %s", kind.name, exc)
 
 
-def _is_stopped(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] in ("T", "t")
-    except (OSError, IndexError):
-        return False
-
-
-def _signal(p: subprocess.Popen, sig: int) -> None:
-    if p.poll() is None:
-        try:
-            p.send_signal(sig)
-        except ProcessLookupError:
-            pass
-
-
-def _wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def router_argv(router_config_json: str, service_defaults: dict | None = None) -> list[str]:
-    """Command line that starts a router process by fresh exec."""
-    return [sys.executable, "-m", "router", router_config_json, json.dumps(service_defaults or {})]
+def _settled(w: WorkerProc) -> bool:
+    """Startup is over for ``w``: it registered, or will not be respawned."""
+    return w.life.registered or w.life.state is WorkerState.FAILED

@@ -1,0 +1,125 @@
+"""A supervisor's child processes: started by fresh exec, watched through a pidfd,
+signalled, waited for, and described when they end.
+
+::
+
+    Supervisor --start_worker(spec)--> python -m workerpool.worker   (CUDA_VISIBLE_DEVICES set)
+               --RouterProcess.start--> python -m router '<config>' '<defaults>'   (`up` only)
+               <-- pidfd readable: the child exited; reap it, describe_exit(rc) says how
+
+Nothing here decides anything: what a worker's exit means is workerpool/respawn.py's, what
+the supervisor does about it is workerpool/supervisor.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from workerpool._proc import EXIT_POISONED
+from workerpool.config import TIMINGS
+from workerpool.devices import worker_env
+from workerpool.worker import SPEC_ENV, WorkerSpec
+
+
+def describe_exit(returncode: int) -> str:
+    """How a child ended, in words: ``was killed by SIGKILL``, ``exited with code 1``."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    if returncode == EXIT_POISONED:
+        return f"exited with code {returncode} (its CUDA context was poisoned)"
+    return f"exited with code {returncode}"
+
+
+def start_worker(spec: WorkerSpec) -> tuple[subprocess.Popen, int]:
+    """Start the worker process ``spec`` describes; returns it and its pidfd."""
+    env = worker_env(spec.device)
+    env[SPEC_ENV] = spec.model_dump_json()
+    # A fresh interpreter, never a fork: nothing (least of all CUDA state) is inherited.
+    proc = subprocess.Popen([sys.executable, "-m", "workerpool.worker"], env=env)
+    return proc, os.pidfd_open(proc.pid)
+
+
+def is_stopped(pid: int) -> bool:
+    """The process is stopped (state T: SIGSTOP, or a tracer)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+def send_signal(p: subprocess.Popen, sig: int) -> None:
+    """``sig`` to ``p`` unless it has already exited."""
+    if p.poll() is None:
+        try:
+            p.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
+    """Wait until every process in ``procs`` has exited, or ``timeout`` seconds in all."""
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def router_argv(router_config_json: str, service_defaults: dict | None = None) -> list[str]:
+    """Command line that starts a router process by fresh exec."""
+    return [sys.executable, "-m", "router", router_config_json, json.dumps(service_defaults or {})]
+
+
+class RouterProcess:
+    """The router as a child of ``workerpool up``; ``pidfd`` is readable once it exits."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.proc: subprocess.Popen | None = None
+        self.pidfd: int | None = None
+        self._started = 0.0
+
+    def start(self) -> None:
+        env = dict(os.environ, WORKERPOOL_PARENT_PID=str(os.getpid()))
+        self.proc = subprocess.Popen(self.argv, env=env)
+        self._started = time.monotonic()
+        self.pidfd = os.pidfd_open(self.proc.pid)
+
+    def reap(self) -> int:
+        """The exit status of a router whose pidfd became readable."""
+        rc = self.proc.wait()
+        os.close(self.pidfd)
+        self.pidfd = None
+        return rc
+
+    def could_not_start(self, rc: int) -> bool:
+        """It exited with an error right away (address in use, bad config): starting it
+        again would loop. Killed by a signal, or after running a while: start another."""
+        return rc > 0 and time.monotonic() - self._started < TIMINGS.router_min_uptime
+
+    def gone(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def stop(self, timeout: float) -> None:
+        """Let it exit by itself (it drained), then SIGTERM, then after ``timeout`` SIGKILL."""
+        if self.proc is None:
+            return
+        wait_all([self.proc], 2.0)
+        send_signal(self.proc, signal.SIGTERM)
+        wait_all([self.proc], timeout)
+        send_signal(self.proc, signal.SIGKILL)
+        self.proc.wait()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None

@@ -1,0 +1,90 @@
+"""How a worker answers: it builds reply frames and puts them on its DEALER socket.
+
+::
+
+    handler value --codec.dumps (arrays: shm segment or zero-copy frames)--> RESULT/PARTIAL
+    WorkerPoolError --to_wire--> ERROR body              each with meta {"worker": slot}
+
+Used by the worker's loop (workerpool/worker.py) and its batch runner
+(workerpool/batching.py). Zero-copy frames are read by ZeroMQ after ``send`` returns, so
+``wait_unsent`` is called before a handler runs again: it may refill the array it
+returned last time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgpack
+import zmq
+
+from ipc import codec, protocol, shm, transport
+from ipc.protocol import Kind
+from workerpool._proc import slot_logger
+from workerpool.config import TIMINGS
+from workerpool.errors import WorkerPoolError
+
+
+class UnencodableResult(Exception):
+    """The handler returned a value that cannot be sent (the caller gets a PayloadError)."""
+
+
+class Replies:
+    """Sends one worker's replies; every reply's meta names the worker's slot."""
+
+    def __init__(self, sock: zmq.Socket, slot: str, max_message_bytes: int,
+                 pool: shm.SegmentPool | None = None) -> None:
+        self._sock = sock
+        self.slot = slot
+        self._limit = max_message_bytes
+        self._pool = pool  # lends shared memory to replies for clients on this host
+        # Every reply carries the worker's slot so errors and results name who produced them.
+        self._meta = protocol.pack_meta({"worker": slot})
+        self._unsent: list[zmq.MessageTracker] = []  # zero-copy frames ZeroMQ still reads
+        self._log = slot_logger(logging.getLogger("workerpool.worker"), slot)
+
+    def send(self, kind: Kind, req_id: int, meta: dict | bytes | None = None,
+             body: bytes = b"", buffers: list | tuple = ()) -> None:
+        transport.send(self._sock, protocol.encode(kind, req_id, meta, body, buffers))
+
+    def value(self, kind: Kind, req_id: int, value: Any, shm_ok: bool = False) -> None:
+        """RESULT or PARTIAL carrying ``value``; raises UnencodableResult (nothing sent)."""
+        try:
+            body, buffers = codec.dumps(value, pool=self._pool if shm_ok else None,
+                                        max_bytes=self._limit)
+        except codec.PayloadError as exc:
+            if exc.code == codec.TOO_LARGE:
+                raise UnencodableResult(f"handler returned {exc}") from None
+            raise UnencodableResult(
+                f"handler returned a value that cannot be sent: {exc}") from None
+        size = len(body) + sum(len(b) for b in buffers)
+        if size > self._limit:
+            raise UnencodableResult(f"handler returned {size} bytes, over max_message_bytes="
+                                    f"{self._limit}")
+        frames = protocol.encode(kind, req_id, self._meta, body, buffers)
+        self._unsent += transport.send(self._sock, frames, track=bool(buffers))
+
+    def end(self, req_id: int) -> None:
+        """END: the stream ``req_id`` has no more items."""
+        self.send(Kind.END, req_id, self._meta)
+
+    def error(self, req_id: int, err: WorkerPoolError) -> None:
+        err.worker = self.slot
+        self.send(Kind.ERROR, req_id, self._meta,
+                  msgpack.packb(err.to_wire(), use_bin_type=True, default=str))
+
+    def wait_unsent(self) -> None:
+        """Block until ZeroMQ has finished reading the zero-copy frames sent so far, so a
+        handler that refills the array it returned last time cannot change a reply that is
+        still on its way."""
+        for tracker in self._unsent:
+            try:
+                tracker.wait(TIMINGS.unsent_wait)
+            except zmq.NotDone:
+                # No router to read it (it restarted): ZeroMQ sends it on reconnection, to
+                # a router that drops it as unknown. Don't hold the next request for that.
+                self._log.warning("a reply was not sent within %gs; going on",
+                                  TIMINGS.unsent_wait)
+                break
+        self._unsent.clear()
