@@ -98,3 +98,29 @@ def test_no_import_cycles():
     for m in sorted(graph):
         if m not in state:
             visit(m, [])
+
+
+def test_the_roles_do_not_import_each_other():
+    """Router, worker, supervisor and client sit side by side above the lower layers; only
+    the supervisor may build on the worker (it starts workers with their spec)."""
+    roles = {
+        "router": "router",
+        "workerpool.client": "client",
+        "workerpool.worker": "worker", "workerpool.batching": "worker",
+        "workerpool.replies": "worker",
+        "workerpool.supervisor": "supervisor", "workerpool.children": "supervisor",
+        "workerpool.respawn": "supervisor",
+    }
+    allowed = {("supervisor", "worker")}
+
+    def role(module: str) -> str | None:
+        return next((r for k, r in roles.items() if module == k or module.startswith(k + ".")),
+                    None)
+
+    graph = _imports()
+    for name, deps in graph.items():
+        mine = role(name)
+        for dep in deps:
+            theirs = role(dep) if dep in graph else None
+            if mine and theirs and mine != theirs:
+                assert (mine, theirs) in allowed, f"{name} ({mine}) imports {dep} ({theirs})"

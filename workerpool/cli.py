@@ -159,7 +159,8 @@ def up(frontend, backend, drain_timeout, config_path, service, handler, workers,
     Ctrl-C or SIGTERM drains: no new requests are admitted, in-flight ones finish, every
     process stops, and the exit status is 0.
     """
-    from workerpool.supervisor import Supervisor, router_argv
+    from workerpool.children import router_argv
+    from workerpool.supervisor import Supervisor
 
     cfg = _build_config(
         config_path, service,

@@ -43,7 +43,6 @@ from workerpool.children import (
     start_worker,
     wait_all,
 )
-from workerpool.children import router_argv as router_argv  # `up` builds its router's argv
 from workerpool.config import ROUTED_FIELDS, TIMINGS, RouterConfig, ServiceConfig, SupervisorConfig
 from workerpool.devices import device_label, parse_devices
 from workerpool.respawn import Action, Next, SlotLife
