@@ -22,6 +22,7 @@ CASES = {
     "overload": ["--policies", "reject", "--duration", "1", "--warmup", "0.2", "--procs", "1",
                  "--json"],
     "chaos": ["--seconds", "2", "--rate", "50", "--json"],
+    "cpu_per_request": ["--duration", "0.5", "--warmup", "0.2", "--json"],
 }
 
 
