@@ -59,8 +59,6 @@ log = logging.getLogger("workerpool.router")
 
 EMPTY_META = b""
 RESERVED_ID = 0  # the id of replies the router cannot attribute; no request may use it
-DRAIN_POLL = 0.02  # seconds between drain checks while draining
-UNREACHABLE_POLL = 0.05  # seconds between checks while a worker is unreachable
 
 
 class Outbox(Protocol):
@@ -241,12 +239,12 @@ class RouterCore:
         if due is not None:
             t = min(t, due - now)
         if self.registry.any_unreachable():
-            t = min(t, UNREACHABLE_POLL)
+            t = min(t, TIMINGS.unreachable_poll)
         death = self.registry.next_death()
         if death is not None:
             t = min(t, death - now)
         if self.draining or self.supervisors.draining:
-            t = min(t, DRAIN_POLL)
+            t = min(t, TIMINGS.drain_poll)
         return max(0.0, t)
 
     @property

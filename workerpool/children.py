@@ -115,7 +115,7 @@ class RouterProcess:
         """Let it exit by itself (it drained), then SIGTERM, then after ``timeout`` SIGKILL."""
         if self.proc is None:
             return
-        wait_all([self.proc], 2.0)
+        wait_all([self.proc], TIMINGS.router_exit_wait)
         send_signal(self.proc, signal.SIGTERM)
         wait_all([self.proc], timeout)
         send_signal(self.proc, signal.SIGKILL)

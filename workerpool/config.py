@@ -164,6 +164,11 @@ class Timings:
     drain_linger: float = 0.2
     """After the last final reply of a drain, how long the router lets replies leave its
     sockets before it exits."""
+    drain_poll: float = 0.02
+    """Between two checks of a drain (the router's or a leaving supervisor's) for the
+    requests it waits for."""
+    unreachable_poll: float = 0.05
+    """Between two checks while a worker is unreachable and its death notice awaited."""
 
     # -- client -------------------------------------------------------------------------------
     ping_interval: float = 1.0
@@ -183,6 +188,9 @@ class Timings:
     stops instead of respawning it in a loop."""
     shm_sweep_interval: float = 10.0
     """Between sweeps of shared-memory segments left by dead processes."""
+    router_exit_wait: float = 2.0
+    """When the pool stops, how long the router under ``up`` has to exit by itself after
+    its drain before it is sent SIGTERM."""
 
 
 TIMINGS = Timings()
