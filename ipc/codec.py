@@ -195,7 +195,9 @@ class _Decoding:
     def finish(self) -> None:
         if len(self.used) != len(self.buffers):
             unused = sorted(set(range(len(self.buffers))) - self.used)
-            raise PayloadError(f"buffer frames {unused} are not referenced by the body")
+            shown = ", ".join(map(str, unused[:8])) + (", ..." if len(unused) > 8 else "")
+            raise PayloadError(f"{len(unused)} buffer frames ({shown}) are not referenced by "
+                               "the body")
 
 
 class Decoder:

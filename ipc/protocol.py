@@ -103,9 +103,22 @@ def pack_meta(meta: dict | None) -> bytes:
     return msgpack.packb(meta, use_bin_type=True) if meta else b""
 
 
-def unpack_meta(frame: bytes, req_id: int | None = None) -> dict:
+MAX_META_BYTES = 655360
+"""The default bound on a meta frame: above any real meta (a request's is tens of bytes, the
+largest client ping 65,536 ids of at most 9 bytes), and what bounds the cost of decoding
+one: a map of empty containers costs about 64 bytes per byte sent."""
+CACHED_META_BYTES = 256
+"""Only meta frames this small are cached: real ones are, and the cache stays small
+however many distinct metas a peer invents."""
+
+
+def unpack_meta(frame: bytes, req_id: int | None = None,
+                max_bytes: int | None = None) -> dict:
     if not frame:
         return {}
+    if max_bytes is not None and len(frame) > max_bytes:
+        raise FrameError("meta-too-large",
+                         f"meta frame is {len(frame)} bytes, over the limit of {max_bytes}", req_id)
     try:
         meta = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
@@ -121,19 +134,23 @@ def unpack_meta(frame: bytes, req_id: int | None = None) -> dict:
 class MetaCache:
     """Decoded meta frames by their bytes. Requests for the same method and service carry
     byte-identical meta, so hot paths skip msgpack entirely. Returned maps are shared:
-    callers must not mutate them. Bounded: cleared when full."""
+    callers must not mutate them. Bounded: at most ``size`` frames of at most
+    ``CACHED_META_BYTES`` each (cleared when full); larger metas are decoded every time,
+    and none larger than ``max_bytes``."""
 
-    def __init__(self, size: int = 4096) -> None:
+    def __init__(self, size: int = 4096, max_bytes: int | None = MAX_META_BYTES) -> None:
         self._size = size
+        self.max_bytes = max_bytes
         self._maps: dict[bytes, dict] = {}
 
     def unpack(self, frame: bytes, req_id: int | None = None) -> dict:
         meta = self._maps.get(frame)
         if meta is None:
-            meta = unpack_meta(frame, req_id)
-            if len(self._maps) >= self._size:
-                self._maps.clear()
-            self._maps[bytes(frame)] = meta
+            meta = unpack_meta(frame, req_id, self.max_bytes)
+            if len(frame) <= CACHED_META_BYTES:
+                if len(self._maps) >= self._size:
+                    self._maps.clear()
+                self._maps[bytes(frame)] = meta
         return meta
 
 

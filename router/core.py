@@ -38,6 +38,7 @@ from ipc.errors import (
     WorkerPoolError,
 )
 from ipc.protocol import REPLY_KINDS, Kind
+from ipc.transport import Truncated
 from router import admin
 from router import status as status_report
 from router.admission import Admission
@@ -59,6 +60,7 @@ log = logging.getLogger("workerpool.router")
 
 EMPTY_META = b""
 RESERVED_ID = 0  # the id of replies the router cannot attribute; no request may use it
+LARGE_META = 65536  # bytes of meta past which its decoding is worth giving memory back after
 
 
 class Outbox(Protocol):
@@ -85,8 +87,11 @@ class RouterCore:
         self.stats: Counter[str] = Counter()
         self._warned: Counter[str] = Counter()
         self.instance = f"{os.getpid()}-{time.time_ns()}"  # changes when the router restarts
-        self._meta_cache = protocol.MetaCache()
+        self._meta_cache = protocol.MetaCache(max_bytes=config.max_meta_bytes)
         self.started = clock()
+        # Set when a client's message made this process allocate a lot at once (a huge frame
+        # count, an oversized meta): the loop then gives the freed memory back.
+        self.release_memory = False
         self.draining = False
         self._drain_deadline = 0.0
         self._drained = False
@@ -111,15 +116,22 @@ class RouterCore:
     def on_frontend(self, frames: list) -> None:
         """One message from a client: ``[routing id, header, meta, body, *buffers]``."""
         client = frames[0]
+        if type(frames) is Truncated:
+            self._refuse_truncated(client, frames)
+            return
         try:
             msg = protocol.decode(frames[1:], self._meta_cache)
         except FrameError as exc:
             self.stats["bad_frames_frontend"] += 1
+            if exc.code == "meta-too-large":
+                self.release_memory = True
             self.warn("bad-frame", "bad frame from client %r: %s", client, exc)
             self.reply_error(client, exc.req_id or RESERVED_ID, ProtocolError(str(exc),
                                                                              code=exc.code))
             return
         kind = msg.kind
+        if len(frames[2]) > LARGE_META:
+            self.release_memory = True  # decoding it allocated much more than it carried
         if kind is Kind.HEARTBEAT:
             self._on_client_ping(client, msg)
             return
@@ -148,6 +160,22 @@ class RouterCore:
             self.to_client(client, Kind.RESULT, msg.req_id, EMPTY_META, body)
         else:
             admin.on_admin(self, client, msg.req_id, msg.meta)
+
+    def _refuse_truncated(self, client: bytes, frames: Truncated) -> None:
+        """A message with more frames than a client may send: its extra frames were never
+        kept (``transport.recv``); answered under its id if its header reads."""
+        self.stats["bad_frames_frontend"] += 1
+        self.release_memory = True
+        try:
+            _, req_id = protocol.unpack_header(frames[1]) if len(frames) > 1 else (None, 0)
+        except FrameError:
+            req_id = RESERVED_ID
+        total = len(frames) - 1 + frames.dropped
+        self.warn("too-many-frames", "client %r sent a message of %d frames", client, total)
+        self.reply_error(client, req_id, ProtocolError(
+            f"message has {total} frames, over the limit of "
+            f"{3 + self.config.max_buffer_frames} (max_buffer_frames="
+            f"{self.config.max_buffer_frames})", code="too-many-frames"))
 
     def _on_client_ping(self, client: bytes, msg: protocol.Message) -> None:
         """Who am I, and which of the requests it waits for I do not hold. FIFO per

@@ -25,7 +25,7 @@ import zmq
 from ipc import transport
 from ipc.transport import NOBLOCK
 from router.core import RouterCore
-from workerpool._proc import SignalWakeup
+from workerpool._proc import SignalWakeup, release_memory
 from workerpool.config import DEFAULT_BACKEND, RouterConfig
 
 log = logging.getLogger("workerpool.router")
@@ -74,6 +74,8 @@ class Router:
         self.core = RouterCore(config, service_defaults, _Sockets(self.frontend, self.backend),
                                time.monotonic, (self.frontend_address, self.backend_address))
         self._wakeup = SignalWakeup()
+        # A client message's parts: routing id, header, meta, body, then its buffer frames.
+        self._frontend_parts = 4 + config.max_buffer_frames
 
     def _bind(self, address: str, sndhwm: int) -> zmq.Socket:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -108,10 +110,14 @@ class Router:
                 if self.backend in events:
                     busy |= self._drain_socket(self.backend, core.on_backend)
                 if self.frontend in events:
-                    busy |= self._drain_socket(self.frontend, core.on_frontend)
+                    busy |= self._drain_socket(self.frontend, core.on_frontend,
+                                               self._frontend_parts)
                 if core.deaths_due():
                     self._drain_socket(self.backend, core.on_backend)  # the dead worker's last words
                 core.tick()
+                if core.release_memory:
+                    core.release_memory = False
+                    release_memory()
         finally:
             self.close()
 
@@ -121,11 +127,12 @@ class Router:
         self._ctx.term()
         self._wakeup.close()
 
-    def _drain_socket(self, sock: zmq.Socket, handler: Callable[[list], None]) -> bool:
+    def _drain_socket(self, sock: zmq.Socket, handler: Callable[[list], None],
+                      max_parts: int | None = None) -> bool:
         """Handle up to BATCH waiting messages; True if more may be waiting."""
         for _ in range(BATCH):
             try:
-                frames = transport.recv(sock, NOBLOCK, 4)  # routing id, then the message
+                frames = transport.recv(sock, NOBLOCK, 4, max_parts)  # routing id, then the message
             except zmq.Again:
                 return False
             try:

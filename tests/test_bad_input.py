@@ -185,3 +185,43 @@ def test_client_that_disconnects_with_requests_in_flight(pool):
     assert st["services"][0]["queued"] == 0
     with Client(pool.address, timeout=5) as c:
         assert c.call("echo", 1) == 1
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def test_memory_bombs_cost_the_router_nothing_it_keeps(pool):
+    """The attacks of a client with no manners: a million empty frames (2 MB sent), a meta
+    over the size limit, and metas just under it made of empty arrays (the costliest thing
+    to decode), many distinct ones. Each gets a typed error; the router's memory comes back
+    within 64 MiB of where it started; a well-behaved client is served throughout."""
+    with Client(pool.address) as good:
+        router_pid = good.status()["router"]["pid"]
+        assert good.call("echo", 1) == 1
+        before = _rss_mib(router_pid)
+        peer = RawPeer(pool.address)
+        try:
+            peer.send([HDR(Kind.REQUEST, 21), msgpack.packb({"method": "echo"}), b"",
+                       *([b""] * 1_000_000)])
+            rid, body = _error(peer, timeout=60)
+            assert (rid, body["code"]) == (21, "too-many-frames")
+            assert good.call("echo", 2) == 2
+            peer.send([HDR(Kind.REQUEST, 22), b"\x80" * (16 * 2**20), b""])
+            rid, body = _error(peer, timeout=30)
+            assert (rid, body["code"]) == (22, "meta-too-large")
+            for i in range(8):  # just under the limit, each different: none is cached
+                meta = msgpack.packb({"method": "echo", "i": i,
+                                      "pad": [[] for _ in range(600_000)]})
+                peer.send([HDR(Kind.REQUEST, 100 + i), meta, msgpack.packb(i)])
+            replies = [peer.reply(timeout=60) for _ in range(8)]
+            assert sorted(r[1] for r in replies) == list(range(100, 108))
+            assert good.call("echo", 3) == 3
+            after = _rss_mib(router_pid)
+            assert after - before < 64, f"router RSS {before:.0f} -> {after:.0f} MiB"
+        finally:
+            peer.close()

@@ -369,3 +369,47 @@ def test_a_meta_map_with_a_non_string_key_is_bad_meta():
     h.client_msg(C, Kind.STATUS, 4, {1: 1})
     assert [(e.code, s.req_id) for e, s in zip(h.out.errors_to(C), h.out.to(C), strict=True)] == [
         ("bad-meta", 3), ("bad-meta", 4)]
+
+
+# -- bounded decoding (hostile clients) --------------------------------------------------------
+def test_a_meta_frame_over_the_limit_is_refused_before_it_is_decoded():
+    import msgpack
+
+    from ipc import protocol
+
+    h = Harness(max_meta_bytes=1024)
+    big = msgpack.packb({"method": "echo", "pad": [[] for _ in range(2000)]})
+    h.core.on_frontend([C, protocol.pack_header(Kind.REQUEST, 5), big, b""])
+    [err] = h.out.errors_to(C)
+    assert err.code == "meta-too-large" and h.out.to(C)[0].req_id == 5
+    assert not h.core._meta_cache._maps  # nothing of it kept
+    assert not h.core.requests.records
+
+
+def test_only_small_metas_are_cached():
+    from ipc import protocol
+
+    cache = protocol.MetaCache(size=8)
+    for i in range(100):
+        cache.unpack(protocol.pack_meta({"method": "echo", "i": i}))
+        cache.unpack(protocol.pack_meta({"method": "echo", "pad": "x" * 300, "i": i}))
+    assert len(cache._maps) <= 8
+    assert all(len(frame) <= protocol.CACHED_META_BYTES for frame in cache._maps)
+
+
+def test_a_message_with_too_many_frames_is_refused_under_its_id():
+    from ipc import protocol
+    from ipc.transport import Truncated
+
+    h = Harness(max_buffer_frames=2)
+    frames = Truncated([C, *protocol.encode(Kind.REQUEST, 9, {"method": "echo"}, b"\xc0",
+                                            [b"", b""])])
+    frames.dropped = 999_995  # 5 kept + 999,995 let go
+    h.core.on_frontend(frames)
+    [err] = h.out.errors_to(C)
+    assert err.code == "too-many-frames" and h.out.to(C)[0].req_id == 9
+    assert "1000000 frames" in err.message
+    garbage = Truncated([C, b"no header"])
+    garbage.dropped = 10
+    h.core.on_frontend(garbage)
+    assert h.out.to(C)[-1].req_id == 0 and h.core.stats["bad_frames_frontend"] == 2

@@ -66,6 +66,23 @@ class SignalWakeup:
         self._w.close()
 
 
+def release_memory() -> None:
+    """Give freed heap memory back to the system (glibc ``malloc_trim``): after a message
+    that made ZeroMQ or the decoder allocate a lot at once, the allocator would otherwise
+    keep it. A no-op where there is no glibc."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 def setup_logging(level: str | None = None) -> None:
     """Log to stderr at ``level`` (default: $WORKERPOOL_LOG_LEVEL, else INFO)."""
     level = (level or os.environ.get(LOG_LEVEL_ENV) or "INFO").upper()
