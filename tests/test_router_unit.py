@@ -305,6 +305,22 @@ def test_a_lost_supervisor_fails_its_workers_requests_and_is_taken_back():
     assert h.out.to(b"sup")[-1].meta.get("hello") is True
 
 
+def test_a_late_worker_of_a_departed_supervisor_is_told_to_stop_even_if_its_slot_came_back():
+    """A supervisor that drained away: its slots leave the table, and one of its workers
+    that registers late is told to stop. A SLOT event it sent before reading DRAINED can
+    bring the row back; the worker is still not taken in (it has no supervisor here)."""
+    h = Harness()
+    h.hello(workers=1)
+    h.ready("default/0")
+    h.backend(b"sup", Kind.DRAIN, {"scope": "supervisor"})
+    h.tick(0.05)
+    assert "default/0" not in h.core.registry.slots
+    h.slot_event("default/0", "started", incarnation=2, pid=2002)  # sent before DRAINED came
+    assert "default/0" in h.core.registry.slots
+    late = h.ready("default/0", incarnation=2)
+    assert [s.kind for s in h.out.to(late)] == [Kind.SHUTDOWN]
+    assert late not in h.core.registry.conns and not h.core.services["default"].conns
+
 # -- pure rules ---------------------------------------------------------------------------------
 def test_recovery_rule():
     s = ServiceSettings("least-loaded", 10, 1, "queue", None, None, False, 3, 2)
