@@ -129,6 +129,27 @@ def test_a_reply_that_comes_after_the_death_notice_is_dropped_and_counted():
     assert h.core.stats["replies_from_unknown_worker"] == 1
 
 
+def test_a_death_notice_is_acted_on_only_after_a_read_of_the_backend_once_it_is_due():
+    """The loop asks ``deaths_due`` and reads the backend once more when it says yes; a
+    notice that comes due after that question waits for the next pass and its read, so
+    the dead worker's last reply still wins over the crash."""
+    h = Harness()
+    h.hello(workers=1)
+    w = h.ready("default/0")
+    h.request(C, 1)
+    [rid] = h.dispatched_to(w)
+    h.slot_event("default/0", "died", reason="was killed by SIGKILL")
+    h.clock.advance(0.002)
+    assert not h.core.deaths_due()  # not due yet: the loop reads nothing more
+    h.clock.advance(0.002)  # due now, on the way to tick
+    h.core.tick()
+    assert not h.out.to(C)  # no read of the backend since it came due: not yet
+    assert h.core.deaths_due()  # the next pass reads the backend first...
+    h.reply(w, rid, "done")  # ...and takes the dead worker's last reply
+    h.core.tick()
+    assert [(s.kind, s.body) for s in h.out.to(C)] == [(Kind.RESULT, "done")]
+    assert h.core.registry.slots["default/0"].state.value == "dead"
+
 def test_a_worker_is_not_sent_cancel_for_a_request_it_answered():
     h = Harness()
     h.hello(workers=1)
