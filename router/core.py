@@ -96,6 +96,7 @@ class RouterCore:
         self._drain_deadline = 0.0
         self._drained = False
         self._exit_at: float | None = None
+        self._deaths_asked: float | None = None  # see deaths_due
         self.requests = RequestTable(self)
         self.registry = WorkerRegistry(self)
         self.liveness = Liveness(self)
@@ -241,14 +242,18 @@ class RouterCore:
     # -- time ---------------------------------------------------------------------------------------
     def tick(self) -> None:
         """Everything that happens with time: call after each poll. Death notices due must
-        be preceded by one more read of the backend (``deaths_due``)."""
+        be preceded by one more read of the backend (``deaths_due``): those that came due
+        after the last ``deaths_due`` wait for the next pass (a caller that never asks,
+        such as a test, has every notice due by now applied)."""
         now = self.clock()
+        deaths_by = now if self._deaths_asked is None else self._deaths_asked
+        self._deaths_asked = None
         self._guarded(self.admission.check_grace, now)
         self._guarded(self.registry.check_unreachable, now)
         self._guarded(self.requests.expire, now)
         self._guarded(self.liveness.check, now)
         self._guarded(self.liveness.stop_drained_workers)
-        self._guarded(self.registry.apply_deaths, now)
+        self._guarded(self.registry.apply_deaths, deaths_by)
         if self.supervisors.draining:
             self._guarded(self.supervisors.check_drains, now)
         if self.draining:
@@ -256,8 +261,10 @@ class RouterCore:
 
     def deaths_due(self) -> bool:
         """Whether a death notice is due: read the backend once more before ``tick``, so the
-        dead worker's last replies are taken before its requests are answered."""
-        return self.registry.deaths_due(self.clock())
+        dead worker's last replies are taken before its requests are answered. ``tick``
+        then acts only on the notices due at this call."""
+        self._deaths_asked = now = self.clock()
+        return self.registry.deaths_due(now)
 
     def next_wakeup(self) -> float:
         """Seconds until ``tick`` has something to do at the latest."""

@@ -54,8 +54,12 @@ class WorkerRegistry:
         return slot
 
     def owner(self, slot_id: str) -> bytes | None:
+        """The supervisor that runs ``slot_id``; for a slot that left with a supervisor that
+        drained away, that supervisor, even if a late event of it brought the row back."""
         slot = self.slots.get(slot_id)
-        return slot.owner if slot is not None else self.departed_owner.get(slot_id)
+        if slot is not None and slot.owner is not None:
+            return slot.owner
+        return self.departed_owner.get(slot_id)
 
     def owned_by(self, ident: bytes) -> list[Slot]:
         return [s for s in self.slots.values() if s.owner == ident]

@@ -129,6 +129,8 @@ class Supervisors:
                 registry.lose(slot.conn, str(meta.get("reason", "was scaled away")),
                               crashed=meta.get("exitcode") != 0)
             registry.slots.pop(slot.id, None)
+            if registry.departed_owner.get(slot.id) == ident:
+                del registry.departed_owner[slot.id]
             core.fail_if_unservable(core.services.get(slot.service))
 
     def on_drain(self, ident: bytes, meta: dict) -> None:

@@ -126,6 +126,20 @@ def test_a_drained_slot_is_not_respawned_but_a_crash_during_the_drain_is():
     assert life.exited(KILLED, "was killed by SIGKILL", now=3.0).next is Next.BACKOFF
 
 
+def test_a_drain_during_an_operator_restart_wins_and_a_later_restart_wins_again():
+    """Restart, then drain, before the process has left: it is not replaced (the router
+    drained it and shows it stopped). A restart after that drain replaces it again."""
+    life = ready_slot()
+    assert life.restart() is Action.TERMINATE
+    assert life.drain()
+    end = life.exited(0, "exited with code 0", now=1.0)
+    assert (end.next, events(end), life.state) == (Next.STOP, [SlotEvent.STOPPED], S.STOPPED)
+    life = ready_slot()
+    life.restart()
+    life.drain()
+    assert life.restart() is Action.TERMINATE
+    assert life.exited(0, "exited with code 0", now=1.0).next is Next.RESPAWN
+
 def test_a_drain_that_finds_no_registered_process_is_refused():
     life = SlotLife("default/0", CFG)
     life.spawned(0.0)

@@ -129,6 +129,27 @@ def test_a_reply_that_comes_after_the_death_notice_is_dropped_and_counted():
     assert h.core.stats["replies_from_unknown_worker"] == 1
 
 
+def test_a_death_notice_is_acted_on_only_after_a_read_of_the_backend_once_it_is_due():
+    """The loop asks ``deaths_due`` and reads the backend once more when it says yes; a
+    notice that comes due after that question waits for the next pass and its read, so
+    the dead worker's last reply still wins over the crash."""
+    h = Harness()
+    h.hello(workers=1)
+    w = h.ready("default/0")
+    h.request(C, 1)
+    [rid] = h.dispatched_to(w)
+    h.slot_event("default/0", "died", reason="was killed by SIGKILL")
+    h.clock.advance(0.002)
+    assert not h.core.deaths_due()  # not due yet: the loop reads nothing more
+    h.clock.advance(0.002)  # due now, on the way to tick
+    h.core.tick()
+    assert not h.out.to(C)  # no read of the backend since it came due: not yet
+    assert h.core.deaths_due()  # the next pass reads the backend first...
+    h.reply(w, rid, "done")  # ...and takes the dead worker's last reply
+    h.core.tick()
+    assert [(s.kind, s.body) for s in h.out.to(C)] == [(Kind.RESULT, "done")]
+    assert h.core.registry.slots["default/0"].state.value == "dead"
+
 def test_a_worker_is_not_sent_cancel_for_a_request_it_answered():
     h = Harness()
     h.hello(workers=1)
@@ -304,6 +325,22 @@ def test_a_lost_supervisor_fails_its_workers_requests_and_is_taken_back():
     h.backend(b"sup", Kind.HEARTBEAT, {"ping": 1})
     assert h.out.to(b"sup")[-1].meta.get("hello") is True
 
+
+def test_a_late_worker_of_a_departed_supervisor_is_told_to_stop_even_if_its_slot_came_back():
+    """A supervisor that drained away: its slots leave the table, and one of its workers
+    that registers late is told to stop. A SLOT event it sent before reading DRAINED can
+    bring the row back; the worker is still not taken in (it has no supervisor here)."""
+    h = Harness()
+    h.hello(workers=1)
+    h.ready("default/0")
+    h.backend(b"sup", Kind.DRAIN, {"scope": "supervisor"})
+    h.tick(0.05)
+    assert "default/0" not in h.core.registry.slots
+    h.slot_event("default/0", "started", incarnation=2, pid=2002)  # sent before DRAINED came
+    assert "default/0" in h.core.registry.slots
+    late = h.ready("default/0", incarnation=2)
+    assert [s.kind for s in h.out.to(late)] == [Kind.SHUTDOWN]
+    assert late not in h.core.registry.conns and not h.core.services["default"].conns
 
 # -- pure rules ---------------------------------------------------------------------------------
 def test_recovery_rule():

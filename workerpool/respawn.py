@@ -21,7 +21,8 @@ state          process meaning in the supervisor
 ``stopped``    none    not started yet, or left on purpose (drained, the pool stopping)
 ``starting``   running the first incarnation, not registered with the router yet
 ``restarting`` running a later incarnation, not registered yet; or one leaving (SIGTERM)
-                       for an operator's restart, replaced at once when it exits
+                       for an operator's restart, replaced at once when it exits (not
+                       replaced if an operator drained it meanwhile and it exits cleanly)
 ``ready``      running registered with the router
 ``draining``   running registered, and not respawned once it exits cleanly (operator
                        drain, or scaled away)
@@ -92,6 +93,7 @@ class SlotLife:
     # Facts about one incarnation, kept by number so that a new spawn makes them stale:
     _registered: int = 0  # the last incarnation that registered with the router
     _replacing: int = 0  # the incarnation an operator's restart replaces once it exits
+    _drained: int = 0  # the incarnation an operator drained while a restart was replacing it
 
     def transition(self, new: WorkerState) -> None:
         """Move to ``new``; IllegalTransition if ``ipc.lifecycle.LEGAL`` forbids it."""
@@ -135,11 +137,12 @@ class SlotLife:
             raise IllegalTransition(f"worker {self.slot}: exited while {self.state}")
         setup_failed = rc == EXIT_SETUP_FAILED and not self.registered
         replaced = self._replacing == self.incarnation
+        drained = self.state is S.DRAINING or self._drained == self.incarnation
         self.died_at = now
         if self.retiring and not stopping:
             self.transition(S.STOPPED)
             return Exit(Next.REMOVE, ((SlotEvent.REMOVED, f"scaled away; process {how}"),))
-        if stopping or (self.state is S.DRAINING and rc == 0):
+        if stopping or (drained and rc == 0):
             # Exiting on request is "stopped"; a crash during the drain is still a crash.
             if rc == 0:
                 self.transition(S.STOPPED)
@@ -178,6 +181,7 @@ class SlotLife:
         leave and replaced at once when it exits; a slot without one starts now."""
         self.deaths.clear()
         self.failures = 0
+        self._drained = 0  # a restart after a drain brings the slot back
         if not self.running:
             return Action.SPAWN
         self.transition(S.RESTARTING)
@@ -187,9 +191,14 @@ class SlotLife:
     def drain(self) -> bool:
         """An operator's drain: a registered process is not respawned once it exits
         cleanly. False when there is nothing to drain (the router drains registered
-        workers only, so this is a race: the process died, or a restart came first)."""
+        workers only, so this is a race: the process died, or has not registered). A
+        drain while an operator's restart is replacing the process wins: it exits and is
+        not replaced (the router saw it drain, then stop)."""
         if self.state is S.READY:
             self.transition(S.DRAINING)
+        elif self.state is S.RESTARTING and self._replacing == self.incarnation:
+            self._drained = self.incarnation
+            return True
         return self.state is S.DRAINING
 
     def retire(self) -> Action:
