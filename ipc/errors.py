@@ -191,6 +191,8 @@ _BY_NAME: dict[str, type[WorkerPoolError]] = {
         RequestCancelledError,
         ProtocolError,
         PayloadError,
+        ArrayError,
+        ShmError,
         ClientClosedError,
         AdminError,
     )

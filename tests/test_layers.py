@@ -124,3 +124,17 @@ def test_the_roles_do_not_import_each_other():
             theirs = role(dep) if dep in graph else None
             if mine and theirs and mine != theirs:
                 assert (mine, theirs) in allowed, f"{name} ({mine}) imports {dep} ({theirs})"
+
+
+def test_every_error_that_can_cross_the_wire_comes_back_as_itself():
+    from workerpool import errors
+
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        if not isinstance(cls, type) or cls in (errors.FrameError, errors.IllegalTransition,
+                                                errors.RemoteTraceback):
+            continue  # never sent: answered as ProtocolError, or internal to the router
+        err = cls("it broke", worker="default/1", code="x") if issubclass(
+            cls, errors.ProtocolError) else cls("it broke", worker="default/1")
+        back = errors.from_wire(err.to_wire())
+        assert type(back) is cls and back.message == "it broke" and back.worker == "default/1"
