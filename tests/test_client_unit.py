@@ -185,3 +185,32 @@ def test_local_deadline_timers_stay_bounded_by_the_pending_requests():
     assert len(timers) <= 2 * len(replies) + _replies._TIMER_SLACK + 1
     armed = {rid for _, rid in timers if rid in replies}
     assert armed == set(replies)  # every pending request keeps its deadline
+
+
+def _pong(instance: str, unknown: list[int], uptime: float) -> bytes:
+    import msgpack
+
+    return msgpack.packb({"router": instance, "unknown": unknown, "uptime": uptime})
+
+
+def test_router_watch_names_the_lost_requests_of_a_router_that_changed():
+    from workerpool.client._base import RouterWatch
+
+    watch = RouterWatch()
+    assert watch.due(100.0) and not watch.due(100.5)
+    assert watch.lost(_pong("a", [], 50.0), 100.01) == []  # first pong: router a, old
+    assert watch.lost(_pong("a", [7], 51.0), 101.0) == []  # same router: nothing lost
+    assert watch.lost(_pong("b", [7, 8], 0.4), 102.0) == [7, 8]  # a new router
+
+
+def test_router_watch_knows_a_restart_that_happened_before_its_first_pong():
+    """The router died after taking the first request but before answering the ping that
+    followed it: the first pong comes from its successor, younger than that ping."""
+    from workerpool.client._base import RouterWatch
+
+    watch = RouterWatch()
+    assert watch.due(100.0)
+    assert watch.lost(_pong("b", [3], 0.8), 101.2) == [3]
+    fresh = RouterWatch()  # a client whose first ping reached a router up for a while
+    assert fresh.due(100.0)
+    assert fresh.lost(_pong("a", [3], 30.0), 100.001) == []

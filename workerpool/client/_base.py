@@ -219,14 +219,17 @@ class RouterWatch:
     def __init__(self) -> None:
         self.instance: str | None = None
         self.next_ping = 0.0
+        self.first_ping_at: float | None = None  # monotonic time of the first ping sent
 
     def due(self, now: float) -> bool:
         """Whether to ping now (the caller has requests outstanding): at most once a
         ``TIMINGS.ping_interval``. The first ping goes with the first request, so the
-        router is named early; a restart before any pong could not be told apart."""
+        router is named early."""
         if now < self.next_ping:
             return False
         self.next_ping = now + TIMINGS.ping_interval
+        if self.first_ping_at is None:
+            self.first_ping_at = now
         return True
 
     @staticmethod
@@ -239,15 +242,22 @@ class RouterWatch:
     def is_pong(frames: list) -> bool:
         return len(frames) >= 3 and frames[0][:4] == _PONG_PREFIX
 
-    def lost(self, body: bytes) -> list[int]:
+    def lost(self, body: bytes, now: float) -> list[int]:
         """From a pong: the request ids lost with an old router (none if it is the same)."""
         try:
             info = codec.loads(body)
             instance = str(info["router"])
             unknown = [int(r) for r in info.get("unknown", ())]
+            uptime = float(info.get("uptime", float("inf")))
         except (codec.PayloadError, KeyError, TypeError, ValueError):
             return []
-        changed = self.instance is not None and instance != self.instance
+        if self.instance is None:
+            # The first pong. If the router answering it started after our first ping was
+            # sent, the router our first requests went to died before it answered: what
+            # this one does not hold was lost with it.
+            changed = self.first_ping_at is not None and uptime < now - self.first_ping_at
+        else:
+            changed = instance != self.instance
         self.instance = instance
         # The router lists the requests of the ping that it does not hold. Replies travel
         # ahead of the pong, so one still pending here was lost with the old router; one

@@ -257,7 +257,7 @@ class AsyncClient(BaseClient):
                 # Buffer frames stay zmq.Frame (no copy, writable), as in transport.recv.
                 frames = [p.bytes for p in parts[:3]] + parts[3:]
                 if watch.is_pong(frames):
-                    for rid in watch.lost(frames[2]):
+                    for rid in watch.lost(frames[2], time.monotonic()):
                         replies.fail(rid, router_restarted())
                     continue
                 try:

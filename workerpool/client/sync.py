@@ -314,7 +314,7 @@ def _read_replies(client: Client, sock: zmq.Socket, replies: Replies,
         except zmq.Again:
             return
         if watch.is_pong(frames):
-            for rid in watch.lost(frames[2]):
+            for rid in watch.lost(frames[2], time.monotonic()):
                 replies.fail(rid, router_restarted())
             continue
         try:
