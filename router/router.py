@@ -42,18 +42,19 @@ class _Sockets:
         self._backend = backend
 
     def to_client(self, client: bytes, frames: list) -> bool:
-        try:
-            transport.send(self._frontend, [client, *frames], NOBLOCK)
-        except zmq.ZMQError:
-            return False
-        return True
+        return _send(self._frontend, client, frames)
 
     def to_backend(self, ident: bytes, frames: list) -> bool:
-        try:
-            transport.send(self._backend, [ident, *frames], NOBLOCK)
-        except zmq.ZMQError:
-            return False
-        return True
+        return _send(self._backend, ident, frames)
+
+
+def _send(sock: zmq.Socket, peer: bytes, frames: list) -> bool:
+    """False when ``peer`` is gone (EHOSTUNREACH) or not reading (EAGAIN)."""
+    try:
+        transport.send(sock, [peer, *frames], NOBLOCK)
+    except zmq.ZMQError:
+        return False
+    return True
 
 
 class Router:
