@@ -33,6 +33,7 @@ from ipc import protocol
 from ipc.errors import (
     FrameError,
     IllegalTransition,
+    PayloadError,
     ProtocolError,
     ServiceUnavailableError,
     WorkerPoolError,
@@ -44,7 +45,7 @@ from router import status as status_report
 from router.admission import Admission
 from router.liveness import Liveness
 from router.registry import WorkerRegistry
-from router.requests import RequestTable, error_body
+from router.requests import Phase, RequestTable, error_body, error_reply
 from router.scaling import Scaling
 from router.service import Service, ServiceSettings
 from router.supervisors import Supervisors
@@ -193,6 +194,9 @@ class RouterCore:
     def on_backend(self, frames: list) -> None:
         """One message from a worker or supervisor: ``[routing id, header, meta, body, ...]``."""
         ident = frames[0]
+        if type(frames) is Truncated:
+            self._drop_truncated(ident, frames)
+            return
         try:
             if len(frames) < 4:
                 raise FrameError("too-few-frames", f"{len(frames) - 1} frames, expected >= 3")
@@ -209,7 +213,7 @@ class RouterCore:
             self.requests.on_reply(conn, kind, rid, frames[2], frames[3], frames[4:])
             return
         try:
-            meta = protocol.unpack_meta(frames[2], rid)
+            meta = protocol.unpack_meta(frames[2], rid, self.config.max_meta_bytes)
         except FrameError as exc:
             self.stats["bad_frames_backend"] += 1
             self.warn("bad-backend", "dropped bad meta from backend peer %r: %s", ident, exc)
@@ -227,6 +231,35 @@ class RouterCore:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             self.stats["bad_frames_backend"] += 1
             self.warn("bad-backend", "bad %s from %r: %r", kind.name, ident, exc)
+
+    def _drop_truncated(self, ident: bytes, frames: Truncated) -> None:
+        """A backend message with more frames than ``max_buffer_frames`` allows: dropped.
+        A worker's reply of that size still ends its request, with a PayloadError, so the
+        caller is not left waiting for a reply that will never be forwarded."""
+        self.stats["bad_frames_backend"] += 1
+        self.release_memory = True
+        total = len(frames) - 1 + frames.dropped
+        self.warn("too-many-frames", "backend peer %r sent a message of %d frames", ident, total)
+        conn = self.registry.conns.get(ident)
+        try:
+            kind, rid = protocol.unpack_header(frames[1])
+        except (FrameError, IndexError):
+            return
+        if conn is None or kind not in REPLY_KINDS or rid not in conn.in_flight:
+            return
+        rec = conn.in_flight[rid]
+        if rec.phase is Phase.RUNNING:
+            conn.slot.errored += 1
+            self.services[rec.service].errored += 1
+        err = PayloadError(f"the worker's reply has {total} frames, over the router's limit of "
+                           f"{3 + self.config.max_buffer_frames} (max_buffer_frames="
+                           f"{self.config.max_buffer_frames})", worker=conn.slot.id)
+        if kind is Kind.PARTIAL:
+            self.requests.fail(rec, err)  # the worker still owes its final reply: orphaned
+            return
+        self.requests.finish(rec, error_reply(err), from_worker=True)
+        self.requests.release(rec)
+        self.requests.pump(self.services[rec.service])
 
     def _on_started(self, ident: bytes, meta: dict) -> None:
         """A worker runs several of its requests at once (a batch): if it dies now, each of

@@ -75,8 +75,8 @@ class Router:
         self.core = RouterCore(config, service_defaults, _Sockets(self.frontend, self.backend),
                                time.monotonic, (self.frontend_address, self.backend_address))
         self._wakeup = SignalWakeup()
-        # A client message's parts: routing id, header, meta, body, then its buffer frames.
-        self._frontend_parts = 4 + config.max_buffer_frames
+        # A message's parts: routing id, header, meta, body, then its buffer frames.
+        self._max_parts = 4 + config.max_buffer_frames
 
     def _bind(self, address: str, sndhwm: int) -> zmq.Socket:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -109,12 +109,11 @@ class Router:
                     self._wakeup.drain()
                 busy = False
                 if self.backend in events:
-                    busy |= self._drain_socket(self.backend, core.on_backend)
+                    busy |= self._drain_socket(self.backend, core.on_backend, self._max_parts)
                 if self.frontend in events:
-                    busy |= self._drain_socket(self.frontend, core.on_frontend,
-                                               self._frontend_parts)
-                if core.deaths_due():
-                    self._drain_socket(self.backend, core.on_backend)  # the dead worker's last words
+                    busy |= self._drain_socket(self.frontend, core.on_frontend, self._max_parts)
+                if core.deaths_due():  # the dead worker's last words
+                    self._drain_socket(self.backend, core.on_backend, self._max_parts)
                 core.tick()
                 if core.release_memory:
                     core.release_memory = False

@@ -450,3 +450,33 @@ def test_a_message_with_too_many_frames_is_refused_under_its_id():
     garbage.dropped = 10
     h.core.on_frontend(garbage)
     assert h.out.to(C)[-1].req_id == 0 and h.core.stats["bad_frames_frontend"] == 2
+
+
+def test_a_backend_message_with_too_many_frames_is_dropped_and_its_request_answered():
+    from ipc import protocol
+    from ipc.transport import Truncated
+
+    h = Harness(max_buffer_frames=2)
+    h.hello(workers=1, max_inflight=4)
+    w = h.ready("default/0", capacity=4)
+    h.request(C, 1)
+    h.request(C, 2)
+    first, second = h.dispatched_to(w)
+
+    def huge(kind: Kind, rid: int) -> Truncated:
+        frames = Truncated([w, *protocol.encode(kind, rid, b"", b"\xc0", [b"", b""])])
+        frames.dropped = 10_000
+        return frames
+
+    h.core.on_backend(huge(Kind.RESULT, first))  # a final reply: the request ends here
+    [err] = h.out.errors_to(C)
+    assert err.type == "PayloadError" and "10005 frames" in err.message
+    assert first not in h.core.registry.conns[w].in_flight
+    h.core.on_backend(huge(Kind.PARTIAL, second))  # an item: the client is answered, and
+    assert len(h.out.errors_to(C)) == 2             # the worker still owes its final reply
+    assert h.out.to(w)[-1].kind is Kind.CANCEL
+    h.reply(w, second, "done")
+    assert not h.core.registry.conns[w].in_flight and not h.core.requests.records
+    h.core.on_backend(huge(Kind.HEARTBEAT, 0))  # anything else: dropped
+    assert h.core.stats["bad_frames_backend"] == 3 and len(h.out.to(C)) == 2
+    assert h.core.stats["late_replies"] == 1
