@@ -283,6 +283,8 @@ class RouterCore:
         self._deaths_asked = None
         self._guarded(self.admission.check_grace, now)
         self._guarded(self.registry.check_unreachable, now)
+        if self.registry.waiting:
+            self._guarded(self.registry.check_waiting, now)
         self._guarded(self.requests.expire, now)
         self._guarded(self.liveness.check, now)
         self._guarded(self.liveness.stop_drained_workers)

@@ -92,8 +92,15 @@ class Harness:
                                        "slots": slots})
 
     def ready(self, slot: str, capacity: int = 1, incarnation: int = 1,
-              methods: tuple = ("echo",)) -> bytes:
+              methods: tuple = ("echo",), vouch: bool = True) -> bytes:
+        """Register a worker; first, as its supervisor does, vouch for it (SLOT started)."""
         ident = f"{slot}#{incarnation}".encode()
+        known = self.core.registry.slots.get(slot)
+        if vouch and known is not None and known.owner is not None \
+                and known.incarnation < incarnation:
+            self.backend(known.owner, Kind.SLOT, {"slot": slot, "service": known.service,
+                                                  "incarnation": incarnation, "event": "started",
+                                                  "pid": 1000 + incarnation})
         self.incarnations[slot] = incarnation
         self.backend(ident, Kind.READY, {"slot": slot, "incarnation": incarnation,
                                          "service": slot.rpartition("/")[0],

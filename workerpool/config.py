@@ -169,6 +169,11 @@ class Timings:
     requests it waits for."""
     unreachable_poll: float = 0.05
     """Between two checks while a worker is unreachable and its death notice awaited."""
+    vouch_wait: float = 5.0
+    """How long a worker's READY waits for its supervisor to vouch for it (SLOT started, or
+    a HELLO): the supervisor's socket may be behind the worker's, most of all when the
+    router restarted. A real worker whose READY expired registers again on its next
+    heartbeat."""
 
     # -- client -------------------------------------------------------------------------------
     ping_interval: float = 1.0

@@ -158,8 +158,12 @@ class Supervisor:
                  **{k: getattr(s, k) for k in ROUTED_FIELDS if k in s.model_fields_set}}
                 for s in self.services
             ],
+            # With the process each runs now: the supervisor vouches for it (a restarted
+            # router takes only the READYs a supervisor vouched for; router.vouching).
             "slots": [
-                {"slot": w.slot, "service": w.service.name, "device": device_label(w.device)}
+                {"slot": w.slot, "service": w.service.name, "device": device_label(w.device),
+                 **({"incarnation": w.life.incarnation, "pid": w.proc.pid}
+                    if w.life.running and w.proc is not None else {})}
                 for w in self.workers.values() if not w.life.retiring
             ],
         }

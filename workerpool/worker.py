@@ -486,7 +486,7 @@ class _Heartbeat(threading.Thread):
 
     def run(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self._spec.identity + b"#hb")
+        sock.setsockopt(zmq.IDENTITY, self._spec.identity + protocol.HEARTBEAT_SUFFIX)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self._spec.backend)
         meta = {"of": self._spec.identity}
