@@ -54,6 +54,7 @@ class Liveness:
             conn = core.registry.conns.get(of)
             if conn is not None:
                 conn.last_beat = now
+                conn.busy.add(meta.get("busy"))
                 mem = meta.get("mem")
                 if isinstance(mem, dict):  # shown as is in status: keep only well-formed
                     conn.memory = {k: v for k, v in list(mem.items())[:MEMORY_KEYS]

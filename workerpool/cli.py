@@ -256,8 +256,8 @@ def worker(router_addr, node, config_path, service, handler, workers, spares, de
 
 
 # -- status -------------------------------------------------------------------------------------
-_COLUMNS = ("id", "pid", "device", "memory", "state", "in_flight", "completed", "errored",
-            "restarts", "uptime")
+_COLUMNS = ("id", "pid", "device", "memory", "state", "in_flight", "utilization", "completed",
+            "errored", "restarts", "uptime")
 
 
 @main.command()
@@ -293,6 +293,7 @@ def format_status(st: dict) -> str:
             f"service {s['name']}: policy={s['policy']} workers={s['workers']} "
             f"spares={s.get('spares', 0)} "
             f"queued={s['queued']}/{s['queue_capacity']} in_flight={s['in_flight']} "
+            f"utilization={_percent(s.get('utilization'))} "
             f"completed={s['completed']} errored={s['errored']} "
             f"rejected_backpressure={s['rejected_backpressure']} expired={s['expired']} "
             f"cancelled={s['cancelled']} service_time_ms p50={_ms(s['service_time_p50_ms'])} "
@@ -310,6 +311,10 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
 def _cell(value: Any, column: str, row: dict) -> str:
     if column == "memory":
         return _memory(value or {})
@@ -319,6 +324,8 @@ def _cell(value: Any, column: str, row: dict) -> str:
         return f"{value}/{row['capacity']}"  # a worker stuck at its capacity stands out
     if column == "uptime":
         return f"{value:.1f}s"
+    if column == "utilization":
+        return _percent(value)
     return str(value)
 
 

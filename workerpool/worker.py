@@ -29,6 +29,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import zmq
@@ -46,6 +47,7 @@ from workerpool._proc import (
     slot_logger,
 )
 from workerpool.batching import BatchRunner, BatchSpec, batch_spec
+from workerpool.busy import BusyMeter
 from workerpool.context import WorkerContext, WorkerStats
 from workerpool.devices import CPU, device_label
 from workerpool.errors import (
@@ -140,6 +142,7 @@ class Worker:
         self._cancel_current = False
         self._heart: _Heartbeat | None = None
         self.stats = WorkerStats()
+        self.busy = BusyMeter()  # restarted when the worker is ready (see run)
         self._handler: Any = None
         # Shared memory with clients on this host: requests whose meta "shm" names our host
         # may carry segment handles, and get their large arrays back the same way.
@@ -164,7 +167,8 @@ class Worker:
             self._close()
             return EXIT_SETUP_FAILED
         self._send(Kind.READY, 0, self._ready_meta())
-        self._heart = _Heartbeat(self._ctx, self.spec)
+        self.busy = BusyMeter()  # its wall time counts from here: setup() is not idle time
+        self._heart = _Heartbeat(self._ctx, self.spec, self.busy)
         self._heart.start()
         stopped = False
         try:
@@ -395,11 +399,14 @@ class Worker:
             replies.error(msg.req_id, PayloadError(str(exc), **extra))
             return
         replies.wait_unsent()  # the handler may reuse memory an earlier reply is still sent from
+        busy = self.busy
+        busy.begin()
         try:
             result = fn(payload)
+            busy.end()
             del payload  # the request's segments are released as soon as the handler lets go
             if inspect.isgenerator(result):
-                for item in result:
+                for item in self._timed(result):
                     replies.value(Kind.PARTIAL, msg.req_id, item, shm_ok)
                     replies.wait_unsent()
                     self._read_socket()  # a CANCEL for this stream may be waiting
@@ -415,7 +422,21 @@ class Worker:
         except UnencodableResult as exc:
             replies.error(msg.req_id, PayloadError(str(exc)))
         except Exception as exc:
+            busy.end()
             self.fail([msg.req_id], exc)
+
+    def _timed(self, stream: Iterator) -> Iterator:
+        """A streaming handler runs while it makes each item, not while its items travel."""
+        busy = self.busy
+        while True:
+            busy.begin()
+            try:
+                item = next(stream)
+            except StopIteration:
+                return
+            finally:
+                busy.end()
+            yield item
 
     def decode(self, msg: protocol.Message) -> tuple[Any, bool]:
         """A request's payload, for plain and batched methods alike, and whether shared
@@ -477,10 +498,11 @@ class _Heartbeat(threading.Thread):
     service's ``exec_timeout`` instead.
     """
 
-    def __init__(self, ctx: zmq.Context, spec: WorkerSpec) -> None:
+    def __init__(self, ctx: zmq.Context, spec: WorkerSpec, busy: BusyMeter) -> None:
         super().__init__(name="workerpool-heartbeat", daemon=True)
         self._ctx = ctx
         self._spec = spec
+        self._busy = busy
         self._halt = threading.Event()
         self.register_again = threading.Event()  # a restarted router does not know us
 
@@ -495,6 +517,7 @@ class _Heartbeat(threading.Thread):
             while not self._halt.is_set():
                 n += 1
                 meta["mem"] = memory_use()
+                meta["busy"] = list(self._busy.sample())
                 try:
                     transport.send(sock, protocol.encode(Kind.HEARTBEAT, n, meta),
                                    transport.NOBLOCK)
