@@ -52,6 +52,8 @@ class Kind(enum.IntEnum):
 
     # router -> worker
     SHUTDOWN = 0x30  # finish what you hold, send GOODBYE, exit
+    RECLAIM = 0x31  # router -> worker: give this unstarted request back; worker -> router:
+    #                 meta {"returned": bool}, whether it did (else it had started it)
 
     # supervisor <-> router
     HELLO = 0x40  # supervisor -> router: the slots and services it runs
