@@ -212,7 +212,7 @@ class WorkerRegistry:
                 continue
             if rec.rid in started:
                 svc.retried += 1
-            requests.enqueue(svc, rec)
+            requests.enqueue(svc, rec, again=True)
             requeued = True
         if svc is not None:
             if requeued:

@@ -225,6 +225,27 @@ class RouterConfig(_Model):
         4096, ge=0, le=2**20, description="Buffer frames (frames after the body) a client's "
         "message may carry; the rest of a longer message is received and let go unread, and "
         "the message is refused (ProtocolError too-many-frames).")
+    max_client_inflight: int = Field(
+        1024, ge=1, le=10_000_000, description="Requests one client connection may hold in "
+        "the router at once (queued or running); one more is refused with BackpressureError "
+        "code 'client-limit'. The default is 4x the most any bundled driver keeps outstanding "
+        "(bench/throughput.py and bench/cpu_per_request.py: 256 on one connection) and a "
+        "tenth of the default queue_capacity, so one connection cannot fill a service's "
+        "queue: at least ten must share it.")
+    max_unread_replies: int = Field(
+        2048, ge=1, le=10_000_000, description="Replies the router queues to one client "
+        "connection that does not read them (its frontend send high-water mark, in "
+        "messages); one more and the client is cut off: what it waits for is dropped and "
+        "its requests are refused for slow_client_cutoff. Twice max_client_inflight, so "
+        "the final replies of everything a client may hold, arriving in one burst, never "
+        "trip it. Worst case in bytes: this many times the largest reply a worker sends "
+        "(up to max_message_bytes), per connection that stops reading; about 2 MiB for "
+        "1 KiB replies. The Python clients read into their own memory at once, so only a "
+        "stopped or hostile process reaches it.")
+    slow_client_cutoff: float = Field(
+        10.0, ge=0, le=3600, description="Seconds a client that did not read its replies "
+        "(max_unread_replies) has every request refused with BackpressureError code "
+        "'not-reading', so it cannot keep workers busy for replies it never takes.")
     drain_timeout: float = Field(
         30.0, ge=0, le=86400,
         description="On shutdown, how long in-flight requests may run before they are failed.",
