@@ -206,3 +206,28 @@ def test_repeated_failed_sends_to_a_cut_off_client_count_one_cut_off():
     assert h.core.stats["clients_cut_off"] == 1
     assert len(h.core.clients._expiry) == 1
     assert not h.core.requests.records
+
+
+# -- configuration and status ------------------------------------------------------------------
+def test_limits_load_from_the_router_table_and_show_in_status(tmp_path):
+    from workerpool.cli import format_status
+    from workerpool.config import PoolConfig, RouterConfig
+
+    defaults = RouterConfig()
+    assert defaults.max_client_inflight < PoolConfig().services[0].queue_capacity
+    assert defaults.max_unread_replies >= 2 * defaults.max_client_inflight
+    path = tmp_path / "pool.toml"
+    path.write_text("[router]\nmax_client_inflight = 7\nmax_unread_replies = 9\n"
+                    "slow_client_cutoff = 2.5\n")
+    router = PoolConfig.load(path).router
+    assert (router.max_client_inflight, router.max_unread_replies,
+            router.slow_client_cutoff) == (7, 9, 2.5)
+
+    h, [w] = _ready_pool(capacity=2)
+    h.request(A, 1)
+    h.request(B, 1)
+    h.out.not_reading.add(B)
+    for rid in h.dispatched_to(w):
+        h.reply(w, rid)
+    last = format_status(h.core.status()).splitlines()[-1]
+    assert last.endswith(" clients 0 cut off 1"), last
