@@ -119,3 +119,5 @@ class ClientLimits:
             until, client = expiry.popleft()
             if self.cut_off_until.get(client) == until:
                 del self.cut_off_until[client]
+                # Its unread replies have likely been freed since (it read or left).
+                self.core.release_memory = True

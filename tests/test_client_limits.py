@@ -215,7 +215,7 @@ def test_limits_load_from_the_router_table_and_show_in_status(tmp_path):
 
     defaults = RouterConfig()
     assert defaults.max_client_inflight < PoolConfig().services[0].queue_capacity
-    assert defaults.max_unread_replies >= 2 * defaults.max_client_inflight
+    assert defaults.max_unread_replies >= defaults.max_client_inflight
     path = tmp_path / "pool.toml"
     path.write_text("[router]\nmax_client_inflight = 7\nmax_unread_replies = 9\n"
                     "slow_client_cutoff = 2.5\n")
