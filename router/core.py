@@ -404,7 +404,7 @@ class RouterCore:
                   buffers: Iterable = ()) -> None:
         result = self.out.to_client(client, [protocol.pack_header(kind, client_rid), meta, body,
                                              *buffers])
-        if not result:
+        if result is not Delivery.SENT and not result:  # an outbox may answer a plain bool
             self.stats["unroutable_replies"] += 1
             self.clients.undelivered(client, result)
 

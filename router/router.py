@@ -45,7 +45,7 @@ class _Sockets:
         return _send(self._frontend, client, frames)
 
     def to_backend(self, ident: bytes, frames: list) -> bool:
-        return bool(_send(self._backend, ident, frames))
+        return _send(self._backend, ident, frames) is Delivery.SENT
 
 
 def _send(sock: zmq.Socket, peer: bytes, frames: list) -> Delivery:
