@@ -62,7 +62,9 @@ class Flooder(threading.Thread):
                 for _ in range(64):
                     rid += 1
                     peer.request(rid, "sleep", {"seconds": self.seconds})
-                while (frames := peer.recv(0)) is not None:
+                wait = 0.005  # the first read waits a little: the router has work to do
+                while (frames := peer.recv(wait)) is not None:
+                    wait = 0
                     msg = protocol.decode(frames)
                     if msg.kind is Kind.ERROR:
                         body = msgpack.unpackb(msg.body)
@@ -70,7 +72,6 @@ class Flooder(threading.Thread):
                         self.codes[code] = self.codes.get(code, 0) + 1
                     elif msg.kind in FINAL_REPLY_KINDS:
                         self.results += 1
-                peer.recv(0.005)  # let the router work
         finally:
             peer.close()
 
