@@ -99,13 +99,20 @@ class ServiceUnavailableError(WorkerPoolError):
 
 
 class BackpressureError(WorkerPoolError):
-    """The service's queue is full; try again after ``retry_after`` seconds."""
+    """Not admitted now; try again after ``retry_after`` seconds. ``code`` says who is
+    over a limit: ``service-full`` (the service's queue or workers), ``client-limit``
+    (this connection holds ``max_client_inflight`` requests) or ``not-reading`` (this
+    connection was cut off for not reading its replies)."""
 
     retryable_default = True
 
     @property
     def retry_after(self) -> float:
         return float(self.extra.get("retry_after", 1.0))
+
+    @property
+    def code(self) -> str | None:
+        return self.extra.get("code")
 
 
 class RequestTimeoutError(WorkerPoolError, TimeoutError):

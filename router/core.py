@@ -7,6 +7,7 @@
         v                                    |
     RouterCore.on_frontend / on_backend / tick(now)
         admission ---> requests (records, queues, dispatch, the one finish)
+        clients (per-connection limits; gone and not-reading clients)
         registry (slots, conns, loss) <--- liveness (heartbeats, kills)
         supervisors (HELLO, SLOT, DRAIN, loss)   scaling (spares, scale)
         recovery (retry and poison rule)         status (the STATUS body)
@@ -43,6 +44,7 @@ from ipc.transport import Truncated
 from router import admin
 from router import status as status_report
 from router.admission import Admission
+from router.clients import ClientLimits, Delivery
 from router.liveness import Liveness
 from router.registry import WorkerRegistry
 from router.requests import Phase, RequestTable, error_body, error_reply
@@ -65,10 +67,11 @@ LARGE_META = 65536  # bytes of meta past which its decoding is worth giving memo
 
 
 class Outbox(Protocol):
-    """Where the core's messages go. Each send returns False when the peer is unreachable
-    (gone, or not reading): the core decides what that means."""
+    """Where the core's messages go. A send to a client says what became of it
+    (``Delivery``: sent, the client is gone, or its send queue is full); a send to the
+    backend is False when the peer is unreachable. The core decides what that means."""
 
-    def to_client(self, client: bytes, frames: list) -> bool: ...
+    def to_client(self, client: bytes, frames: list) -> Delivery: ...
 
     def to_backend(self, ident: bytes, frames: list) -> bool: ...
 
@@ -104,6 +107,7 @@ class RouterCore:
         self.supervisors = Supervisors(self)
         self.scaling = Scaling(self)
         self.admission = Admission(self)
+        self.clients = ClientLimits(self)
         self._backend_handlers: dict[Kind, Callable[[bytes, dict], None]] = {
             Kind.READY: self.registry.on_ready,
             Kind.GOODBYE: self.registry.on_goodbye,
@@ -286,6 +290,7 @@ class RouterCore:
         if self.registry.waiting:
             self._guarded(self.registry.check_waiting, now)
         self._guarded(self.requests.expire, now)
+        self._guarded(self.clients.expire, now)
         self._guarded(self.liveness.check, now)
         self._guarded(self.liveness.stop_drained_workers)
         self._guarded(self.registry.apply_deaths, deaths_by)
@@ -399,10 +404,11 @@ class RouterCore:
     # -- sending ------------------------------------------------------------------------------------
     def to_client(self, client: bytes, kind: Kind, client_rid: int, meta: bytes, body: bytes,
                   buffers: Iterable = ()) -> None:
-        if not self.out.to_client(client, [protocol.pack_header(kind, client_rid), meta, body,
-                                           *buffers]):
-            # The client disconnected (EHOSTUNREACH) or stopped reading (EAGAIN).
+        result = self.out.to_client(client, [protocol.pack_header(kind, client_rid), meta, body,
+                                             *buffers])
+        if result is not Delivery.SENT and not result:  # an outbox may answer a plain bool
             self.stats["unroutable_replies"] += 1
+            self.clients.undelivered(client, result)
 
     def reply_error(self, client: bytes, client_rid: int, err: WorkerPoolError) -> None:
         self.to_client(client, Kind.ERROR, client_rid, EMPTY_META, error_body(err))

@@ -16,6 +16,7 @@ only router module that touches ZeroMQ.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -24,14 +25,13 @@ import zmq
 
 from ipc import transport
 from ipc.transport import NOBLOCK
-from router.core import RouterCore
+from router.core import Delivery, RouterCore
 from workerpool._proc import SignalWakeup, release_memory
 from workerpool.config import DEFAULT_BACKEND, RouterConfig
 
 log = logging.getLogger("workerpool.router")
 
 BATCH = 512  # messages taken from one socket before looking at the other
-FRONTEND_SNDHWM = 1_000_000  # replies queued to one client before it counts as not reading
 
 
 class _Sockets:
@@ -41,20 +41,21 @@ class _Sockets:
         self._frontend = frontend
         self._backend = backend
 
-    def to_client(self, client: bytes, frames: list) -> bool:
+    def to_client(self, client: bytes, frames: list) -> Delivery:
         return _send(self._frontend, client, frames)
 
     def to_backend(self, ident: bytes, frames: list) -> bool:
-        return _send(self._backend, ident, frames)
+        return _send(self._backend, ident, frames) is Delivery.SENT
 
 
-def _send(sock: zmq.Socket, peer: bytes, frames: list) -> bool:
-    """False when ``peer`` is gone (EHOSTUNREACH) or not reading (EAGAIN)."""
+def _send(sock: zmq.Socket, peer: bytes, frames: list) -> Delivery:
+    """GONE when ``peer`` is not connected (EHOSTUNREACH), FULL when its send queue is at
+    its SNDHWM (EAGAIN: it does not read)."""
     try:
         transport.send(sock, [peer, *frames], NOBLOCK)
-    except zmq.ZMQError:
-        return False
-    return True
+    except zmq.ZMQError as exc:
+        return Delivery.FULL if exc.errno == errno.EAGAIN else Delivery.GONE
+    return Delivery.SENT
 
 
 class Router:
@@ -68,7 +69,8 @@ class Router:
     def __init__(self, config: RouterConfig, service_defaults: dict | None = None) -> None:
         self.config = config
         self._ctx = zmq.Context()
-        self.frontend = self._bind(config.frontend, sndhwm=FRONTEND_SNDHWM)
+        # Per connection: past it a client counts as not reading and is cut off.
+        self.frontend = self._bind(config.frontend, sndhwm=config.max_unread_replies)
         self.backend = self._bind(config.backend or DEFAULT_BACKEND, sndhwm=0)
         self.frontend_address = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_address = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)

@@ -300,6 +300,8 @@ def format_status(st: dict) -> str:
             f"p99={_ms(s['service_time_p99_ms'])}")
     r = st["router"]
     out.append(f"router pid {r['pid']} up {r['uptime']:.0f}s at {r['frontend']}"
+               + (f" clients {r['clients']}" if "clients" in r else "")
+               + (f" cut off {r['clients_cut_off']}" if r.get("clients_cut_off") else "")
                + (" (draining)" if r["draining"] else ""))
     for w in st["workers"]:
         if w.get("last_error") and w["state"] in ("dead", "failed", "restarting"):

@@ -230,6 +230,31 @@ class RouterConfig(_Model):
         4096, ge=0, le=2**20, description="Buffer frames (frames after the body) a client's "
         "message may carry; the rest of a longer message is received and let go unread, and "
         "the message is refused (ProtocolError too-many-frames).")
+    max_client_inflight: int = Field(
+        4096, ge=1, le=10_000_000, description="Requests one client connection may hold in "
+        "the router at once (queued or running); one more is refused with BackpressureError "
+        "code 'client-limit'. The default leaves room for what callers do with one Client: "
+        "16x what the bundled drivers keep outstanding (bench/throughput.py, "
+        "bench/cpu_per_request.py: 256), twice the 2,000 futures the dispatch tests submit "
+        "at once. It is well under the default queue_capacity (10,000), so one connection "
+        "cannot fill a service's queue; together with the queue's turns between "
+        "connections (router.queue), that is the share rule: no extra rule applies when "
+        "the queue is full.")
+    max_unread_replies: int = Field(
+        4096, ge=1, le=10_000_000, description="Replies the router queues to one client "
+        "connection that does not read them (its frontend send high-water mark, in "
+        "messages); one more and the client is cut off: what it waits for is dropped and "
+        "its requests are refused for slow_client_cutoff. As many as max_client_inflight, "
+        "so the final replies of everything a connection may hold fit even if they all "
+        "come before ZeroMQ writes any. Worst case in bytes: this many times the largest "
+        "reply a worker sends (up to max_message_bytes), per connection that stops "
+        "reading: 4 MiB for 1 KiB replies, 4 GiB for 1 MiB ones, so lower it for services "
+        "with large replies. The Python clients read into their own memory at once, so "
+        "only a stopped or hostile process reaches it.")
+    slow_client_cutoff: float = Field(
+        10.0, ge=0, le=3600, description="Seconds a client that did not read its replies "
+        "(max_unread_replies) has every request refused with BackpressureError code "
+        "'not-reading', so it cannot keep workers busy for replies it never takes.")
     drain_timeout: float = Field(
         30.0, ge=0, le=86400,
         description="On shutdown, how long in-flight requests may run before they are failed.",
