@@ -70,13 +70,13 @@ class Monitor:
     """Polls the router's status through a run; injects ``faults`` at their offsets."""
 
     def __init__(self, router: str, faults: list[Fault], seed: int,
-                 services: frozenset[str] | None) -> None:
+                 services: frozenset[str] | None, keys: dict | None = None) -> None:
         self.results = [FaultResult(f.kind, f.at) for f in faults]
         self.samples: list[tuple[float, int, int]] = []  # (offset, serving, slots)
         self.poll_errors = 0
         self._services = services
         self._rng = random.Random(f"{seed}/faults")
-        self._client = Client(router)
+        self._client = Client(router, **(keys or {}))
         self._stop = threading.Event()
         self._stopped: list[tuple[int, str]] = []  # (pid, /proc start time) we SIGSTOPped
         self._t0 = 0.0
