@@ -259,6 +259,12 @@ class HandshakeWatch:
                                              code="handshake")
         return self.refused
 
+    def unsendable(self) -> PermissionDeniedError:
+        """A request with no connection to go on: the refusal not reported yet."""
+        return PermissionDeniedError(f"no connection to the router at {self.address}: its "
+                                     "handshake failed (an unknown or revoked key?)",
+                                     code="handshake")
+
 
 class RouterWatch:
     """Notices a router restart: while requests are outstanding the client pings the

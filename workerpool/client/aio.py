@@ -230,7 +230,14 @@ class AsyncClient(BaseClient):
             when = entry.deadline
         if when < self._timer_at:
             self._set_timer(when)
-        await self._sock.send_multipart(frames, copy=False)
+        if self._monitor is None:
+            await self._sock.send_multipart(frames, copy=False)
+            return
+        # ZeroMQ drops a refused connection for good: a send would wait forever.
+        try:
+            await self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self._replies.fail(rid, self._handshake.refused or self._handshake.unsendable())
 
     def _cancel(self, rid: int) -> None:
         """The caller gave up on ``rid`` (a cancelled Future, a stream left early)."""

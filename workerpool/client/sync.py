@@ -262,6 +262,10 @@ def _io_loop(ref: weakref.ref, replies: Replies, sock: zmq.Socket, wake_r: socke
     if monitor is not None:
         poller.register(monitor, zmq.POLLIN)
     handshake = HandshakeWatch(client.address)
+    # With keys, ZeroMQ drops the connection for good once the router refuses the key,
+    # and a blocking send on a DEALER with no connection would wait forever: sends do
+    # not wait then, and a request that cannot be sent fails with the refusal.
+    send = _send_or_refuse if monitor is not None else transport.send
     watch = RouterWatch()
     ping_ms = int(TIMINGS.ping_interval * 1000)
     try:
@@ -293,13 +297,14 @@ def _io_loop(ref: weakref.ref, replies: Replies, sock: zmq.Socket, wake_r: socke
                 rid, entry, frames = outbox.popleft()
                 if entry is None:  # a CANCEL: sent only if the request is still ours
                     if replies.forget(rid):
-                        transport.send(sock, frames)
+                        send(sock, frames)
                     continue
                 replies.add(rid, entry)
                 if handshake.refused is not None:
                     replies.fail(rid, handshake.refused)
                     continue
-                transport.send(sock, frames)
+                if send(sock, frames) is None:
+                    replies.fail(rid, handshake.refused or handshake.unsendable())
             if sock in events:
                 _read_replies(client, sock, replies, watch)
             if monitor is not None and monitor in events:
@@ -308,9 +313,9 @@ def _io_loop(ref: weakref.ref, replies: Replies, sock: zmq.Socket, wake_r: socke
                     replies.fail_all(refused)
             now = time.monotonic()
             if replies and watch.due(now):
-                transport.send(sock, watch.ping(replies))
+                send(sock, watch.ping(replies))
             for rid in replies.expire(now):
-                transport.send(sock, protocol.encode(Kind.CANCEL, rid))
+                send(sock, protocol.encode(Kind.CANCEL, rid))
             client._trim_shm()
     except Exception as exc:  # surface to callers instead of dying silently
         client = ref()
@@ -328,6 +333,14 @@ def _io_loop(ref: weakref.ref, replies: Replies, sock: zmq.Socket, wake_r: socke
         sock.context.term()
         wake_r.close()
         close_shm()
+
+
+def _send_or_refuse(sock: zmq.Socket, frames: list) -> list | None:
+    """``transport.send`` without waiting; None when there is no connection to send on."""
+    try:
+        return transport.send(sock, frames, transport.NOBLOCK)
+    except zmq.Again:
+        return None
 
 
 def _read_replies(client: Client, sock: zmq.Socket, replies: Replies,
