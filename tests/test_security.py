@@ -6,6 +6,7 @@ after it, nothing the stranger sent can still reach the router.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from ipc import curve, protocol
 from ipc.protocol import Kind
 from tests.conftest import ROOT, Processes, _env
 from workerpool import Client
-from workerpool.errors import PermissionDeniedError
+from workerpool.errors import PermissionDeniedError, ServiceUnavailableError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -253,3 +254,47 @@ def test_a_non_loopback_bind_needs_keys_or_insecure(procs):
     procs.spawn([*args, "--insecure"], f"tcp://127.0.0.1:{port_f}", None)
     with Client(f"tcp://127.0.0.1:{port_f}") as c:
         assert c.status(timeout=30)["router"]["pid"]
+
+
+def test_the_async_client_with_keys(keyed, tmp_path):
+    from workerpool import AsyncClient
+
+    other = _other_keys(tmp_path)
+
+    async def run() -> None:
+        async with AsyncClient(keyed.address, keys=str(keyed.keys)) as c:
+            assert await c.call("echo", [1, 2], timeout=10) == [1, 2]
+            with pytest.raises(PermissionDeniedError):
+                await c.scale("default", 3, timeout=10)
+        async with AsyncClient(keyed.address, keys=str(keyed.keys), role="admin") as c:
+            assert (await c.scale("default", 2, timeout=10))["workers"] == 2
+        async with AsyncClient(keyed.address, keys=str(other)) as c:
+            with pytest.raises(PermissionDeniedError):
+                await c.call("echo", 1, timeout=60)
+
+    asyncio.run(run())
+
+
+def test_a_remote_worker_host_with_its_own_key(procs):
+    """`workerpool router --keys` over TCP, and `workerpool worker` with a pair of its own."""
+    keys = procs.dir / "keys"
+    curve.init_keys(keys)
+    _, secret = curve.add_key(keys, "worker", "gpu-a")
+    front, back = procs.tcp(), procs.tcp()
+    router = procs.spawn(["router", "--frontend", front, "--backend", back, "--keys", str(keys)],
+                         front, None)
+    procs.node(router, back, "gpu-a", "--handler", "workerpool.handlers:Echo", "--workers", "1",
+               "--key", str(secret), "--router-key", str(keys / "router.key"))
+    with Client(front, keys=str(keys)) as c:
+        assert c.call("echo", "over tcp", timeout=30) == "over tcp"
+        st = c.status(timeout=10)
+    assert [w["id"] for w in st["workers"]] == ["default/gpu-a/0"]
+    # Its key revoked: nothing it sends counts any more, so it and its workers are lost,
+    # and no request goes to it again.
+    os.remove(keys / "workers" / "gpu-a.key")
+    router.popen.send_signal(signal.SIGHUP)
+    with Client(front, keys=str(keys)) as c:
+        _until(lambda: c.status(timeout=10)["workers"][0]["state"] in ("dead", "failed"),
+               "the revoked host's worker lost")
+        with pytest.raises(ServiceUnavailableError):
+            c.call("echo", 1, timeout=30)
