@@ -88,8 +88,13 @@ class Router:
             self._auth = curve.start_authenticator(self._ctx, self.keys)
         self._next_key_check = 0.0
         self._reload_keys = False  # set by SIGHUP
-        self.frontend = self._bind(config.frontend, FRONTEND_SNDHWM, curve.FRONTEND_DOMAIN)
-        self.backend = self._bind(backend, 0, curve.BACKEND_DOMAIN)
+        try:
+            self.frontend = self._bind(config.frontend, FRONTEND_SNDHWM, curve.FRONTEND_DOMAIN)
+            self.backend = self._bind(backend, 0, curve.BACKEND_DOMAIN)
+        except zmq.ZMQError:
+            if self._auth is not None:  # its thread would hold the context open
+                self._auth.stop()
+            raise
         self.frontend_address = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_address = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.core = RouterCore(config, service_defaults, _Sockets(self.frontend, self.backend),
