@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ FRONTEND_DOMAIN = "workerpool-frontend"
 BACKEND_DOMAIN = "workerpool-backend"
 DOMAIN_ROLES = {FRONTEND_DOMAIN: frozenset({Role.CLIENT, Role.ADMIN}),
                 BACKEND_DOMAIN: frozenset({Role.WORKER})}
+
+log = logging.getLogger("workerpool.keys")
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -162,7 +165,7 @@ def peer_files(*, key: str | os.PathLike | None = None,
         return None
     if key is None or router_key is None:
         raise KeyFileError("key=FILE (this peer's .key_secret) and router_key=FILE (the "
-                        "router's .key) go together")
+                           "router's .key) go together")
     return Path(key), Path(router_key)
 
 
@@ -206,10 +209,6 @@ class KeyStore:
         entry = self._keys.get(key) if key else None
         return None if entry is None else entry[0]
 
-    def name(self, key: bytes) -> str | None:
-        entry = self._keys.get(key)
-        return None if entry is None else f"{ROLE_DIRS[entry[0]]}/{entry[1]}"
-
     def allows(self, domain: str, key: bytes) -> bool:
         """ZAP's question: may ``key`` complete a handshake on ``domain``'s socket."""
         return self.role(key) in DOMAIN_ROLES.get(domain, ())
@@ -247,7 +246,8 @@ class KeyStore:
             for filename, _, _ in entries:
                 try:
                     public = load_public(self.directory / ROLE_DIRS[role] / filename)
-                except KeyFileError:
+                except KeyFileError as exc:
+                    log.warning("key file skipped: %s", exc)
                     continue
                 keys.setdefault(public, (role, filename[:-len(PUBLIC_SUFFIX)]))
         old, self._keys, self._signature = self._keys, keys, signature
@@ -270,21 +270,15 @@ def start_authenticator(ctx: zmq.Context, store: KeyStore):
     # Imported here: it brings asyncio, which a keyless router never needs.
     from zmq.auth.thread import ThreadAuthenticator
 
-    auth = ThreadAuthenticator(ctx, log=_quiet_log())
+    # zmq.auth logs every refused handshake; a scan of the frontend by strangers must not
+    # fill the router's log.
+    zap_log = logging.getLogger("workerpool.router.zap")
+    zap_log.setLevel(logging.WARNING)
+    auth = ThreadAuthenticator(ctx, log=zap_log)
     auth.start()
     for domain in DOMAIN_ROLES:
         auth.configure_curve_callback(domain, credentials_provider=store)
     return auth
-
-
-def _quiet_log():
-    import logging
-
-    # zmq.auth logs every refused handshake at DEBUG and some at INFO; a scan of the
-    # frontend by strangers must not fill the router's log.
-    logger = logging.getLogger("workerpool.router.zap")
-    logger.setLevel(logging.WARNING)
-    return logger
 
 
 # -- binding: who can reach the router --------------------------------------------------------

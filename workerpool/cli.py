@@ -254,7 +254,15 @@ def up(frontend, backend, drain_timeout, keys_dir, insecure, config_path, servic
     sec = _security(keys_dir, insecure=insecure, base=cfg.security)
     _check_binds(cfg.router.frontend, cfg.router.backend, sec)
     # The router reads the directory; the supervisor and its workers use the worker pair.
-    worker_keys = _peer_keys(sec, "worker") if sec.keys else None
+    worker_keys = None
+    if sec.keys:
+        from ipc.curve import KeyFileError, KeyStore
+
+        try:
+            KeyStore(sec.keys)  # the router's own pair: refused here, not in the child
+        except KeyFileError as exc:
+            raise click.UsageError(str(exc)) from None
+        worker_keys = _peer_keys(sec, "worker")
     router_sec = SecurityConfig(keys=sec.keys, insecure=sec.insecure)
     tmpdir = None
     if cfg.router.backend is None:
