@@ -7,6 +7,7 @@ after it, nothing the stranger sent can still reach the router.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -115,6 +116,10 @@ def test_the_cli_with_keys(keyed):
                        "--key", f"{keys}/clients/client.key_secret",
                        "--router-key", f"{keys}/router.key")
     assert denied.returncode != 0 and "PermissionDeniedError" in denied.stderr
+    load = keyed.cli("loadtest", "--router", keyed.address, "--keys", keys, "--requests", "20",
+                     "--concurrency", "2", "--json", "--no-progress")
+    assert load.returncode == 0, load.stderr
+    assert json.loads(load.stdout)["requests"]["ok"] == 20
 
 
 # -- strangers -------------------------------------------------------------------------------
