@@ -146,6 +146,9 @@ def _security(keys_dir: str | None, key: str | None = None, router_key: str | No
         fields["key"], fields["router_key"] = key, router_key
     if insecure:
         fields["insecure"] = True
+    for name in ("keys", "key", "router_key"):  # children may run elsewhere in the tree
+        if fields[name] is not None:
+            fields[name] = os.path.abspath(os.path.expanduser(fields[name]))
     try:
         return SecurityConfig.model_validate(fields)
     except ValidationError as exc:
