@@ -303,3 +303,16 @@ def test_a_remote_worker_host_with_its_own_key(procs):
                "the revoked host's worker lost")
         with pytest.raises(ServiceUnavailableError):
             c.call("echo", 1, timeout=30)
+
+
+def test_keys_from_the_config_file(procs):
+    keys = procs.dir / "keys"
+    curve.init_keys(keys)
+    pool = procs.pool_from_config(f'[security]\nkeys = "{keys}"\n\n[[services]]\n'
+                                  'name = "default"\nhandler = "workerpool.handlers:Echo"\n'
+                                  'workers = 1\n')
+    with Client(pool.address, keys=str(keys)) as c:
+        assert c.call("echo", "from the file", timeout=30) == "from the file"
+    with Client(pool.address, keys=str(_other_keys(procs.dir))) as c, \
+            pytest.raises(PermissionDeniedError):
+        c.call("echo", 1, timeout=60)
