@@ -30,7 +30,6 @@ from collections.abc import Callable
 import zmq
 
 from ipc import curve, transport
-from ipc.curve import Role
 from ipc.transport import NOBLOCK
 from router.core import RouterCore
 from workerpool._proc import SignalWakeup, release_memory
@@ -184,7 +183,6 @@ class Router:
             try:
                 if keys is None:  # routing id, then the message
                     frames = transport.recv(sock, NOBLOCK, 4, max_parts)
-                    role: Role | None = None
                 else:
                     frames, user = transport.recv_from(sock, NOBLOCK, 4, max_parts)
                     role = keys.role(user)
