@@ -198,3 +198,19 @@ def test_exposed_binds_need_keys_or_insecure():
     with pytest.raises(curve.KeyFileError, match="--insecure") as exc:
         curve.check_exposure(["tcp://127.0.0.1:1", "tcp://*:2"], keys=False, insecure=False)
     assert "tcp://*:2" in str(exc.value) and "127.0.0.1" not in str(exc.value)
+
+
+def test_the_handshake_watch_fails_requests_until_a_handshake_succeeds():
+    import zmq
+
+    from workerpool.client._base import HandshakeWatch
+
+    w = HandshakeWatch("ipc:///x")
+    # Before any success a failure without detail is a refusal: ipc:// rarely says more.
+    err = w.on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    assert type(err) is PermissionDeniedError and err.code == "handshake" and w.refused is err
+    assert w.on_event(zmq.EVENT_HANDSHAKE_SUCCEEDED) is None and w.refused is None
+    # After one, it is more likely a router going away mid-handshake: not a refusal.
+    assert w.on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL) is None and w.refused is None
+    err = w.on_event(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+    assert "refused this client's key" in err.message and w.refused is err
