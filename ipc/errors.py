@@ -168,6 +168,15 @@ class ShmError(PayloadError):
     """A shared-memory segment handle that cannot be taken: wrong name, gone, stale, too small."""
 
 
+class PermissionDeniedError(WorkerPoolError):
+    """The connection's key may not do this: a client key sent ADMIN, or the key was
+    revoked (``code`` ``role`` or ``revoked``; docs/security.md)."""
+
+    @property
+    def code(self) -> str | None:
+        return self.extra.get("code")
+
+
 class AdminError(WorkerPoolError):
     """An operator command could not be carried out (unknown worker, no supervisor)."""
 
@@ -202,6 +211,7 @@ _BY_NAME: dict[str, type[WorkerPoolError]] = {
         ShmError,
         ClientClosedError,
         AdminError,
+        PermissionDeniedError,
     )
 }
 

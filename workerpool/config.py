@@ -302,12 +302,45 @@ class SupervisorConfig(_Model):
     )
 
 
+class SecurityConfig(_Model):
+    """CurveZMQ keys (docs/security.md). The router reads ``keys``: its own pair and the
+    public keys of each role's folder. A peer reads ``key`` (its own ``.key_secret``) and
+    ``router_key`` (the router's ``.key``), or from ``keys`` the pair ``keys init`` made
+    for its role."""
+
+    keys: str | None = Field(
+        None, description="Keys directory made by `workerpool keys init`.")
+    key: str | None = Field(
+        None, description="This peer's own secret key file (NAME.key_secret).")
+    router_key: str | None = Field(
+        None, description="The router's public key file (router.key).")
+    insecure: bool = Field(
+        False, description="Allow binding a non-loopback address without keys: anyone who "
+        "reaches it may use or reshape the pool.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecurityConfig:
+        if (self.key is None) != (self.router_key is None):
+            raise ValueError("key and router_key go together")
+        return self
+
+    def peer_files(self, role: str) -> tuple[Path, Path] | None:
+        """(own secret, router public) files for a peer of ``role``; None: no keys.
+        ``key``/``router_key`` win over ``keys`` (a flag over the file's directory)."""
+        from ipc.curve import peer_files
+
+        if self.key is not None:
+            return peer_files(key=self.key, router_key=self.router_key)
+        return peer_files(keys=self.keys, role=role) if self.keys else None
+
+
 class PoolConfig(_Model):
     """Everything `workerpool up` runs: one router, one supervisor, its services."""
 
     router: RouterConfig = Field(default_factory=RouterConfig)
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
     services: list[ServiceConfig] = Field(default_factory=lambda: [ServiceConfig()])
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
 
     @model_validator(mode="after")
     def _unique_services(self) -> PoolConfig:
