@@ -246,7 +246,7 @@ class WorkerRegistry:
                 continue
             if rec.rid in started:
                 svc.retried += 1
-            requests.enqueue(svc, rec)
+            requests.enqueue(svc, rec, again=True)
             requeued = True
         if svc is not None:
             if requeued:

@@ -25,6 +25,8 @@ def status(core: RouterCore) -> dict:
             "uptime": round(now - core.started, 3),
             "draining": core.draining,
             "requests": len(core.requests),
+            "clients": len(core.requests.per_client),
+            "clients_cut_off": len(core.clients.cut_off_until),
             "supervisors": len(core.supervisors.known),
             "counters": dict(core.stats),
         },

@@ -37,7 +37,7 @@ def test_queue_heaps_stay_bounded_when_traffic_flows_through():
         rec.phase = Phase.DONE
         svc.queue.eviction_candidate(0)
     assert svc.queued == 50
-    assert len(svc.queue._heap) <= 2 * 50 + 64 + 1
+    assert svc.queue._entries <= 2 * 50 + 64 + 1
     assert len(svc.queue._low) <= 2 * 50 + 64 + 1
 
 
@@ -50,7 +50,7 @@ def test_queue_heaps_stay_bounded_when_queued_requests_time_out():
             rec.phase = Phase.DONE  # finished in place (timeout, cancel)
             svc.queue.forget()
     assert svc.queued == 5000
-    assert len(svc.queue._heap) <= 2 * 5000 + 64 + 1 and len(svc.queue._low) <= 2 * 5000 + 64 + 1
+    assert svc.queue._entries <= 2 * 5000 + 64 + 1 and len(svc.queue._low) <= 2 * 5000 + 64 + 1
 
 
 # -- dispatch and replies ---------------------------------------------------------------------

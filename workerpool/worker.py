@@ -34,7 +34,7 @@ from typing import Any
 import zmq
 from pydantic import BaseModel, ConfigDict
 
-from ipc import codec, protocol, shm, transport
+from ipc import codec, curve, protocol, shm, transport
 from ipc.lifecycle import GoodbyeReason
 from ipc.protocol import FrameError, Kind
 from workerpool import faults
@@ -85,6 +85,12 @@ class WorkerSpec(BaseModel):
     parent_pid: int | None = None
     max_message_bytes: int = 256 * 2**20  # the router drops bigger messages: refuse them here
     heartbeat_interval: float = 1.0  # seconds between heartbeats from the heartbeat thread
+    key: str | None = None  # path of this worker's .key_secret (CURVE); None: no keys
+    router_key: str | None = None  # path of the router's public .key
+
+    def curve_keys(self) -> curve.PeerKeys | None:
+        """The CURVE credentials both of this worker's sockets use."""
+        return curve.peer_keys(key=self.key, router_key=self.router_key)
 
     @property
     def identity(self) -> bytes:
@@ -127,6 +133,8 @@ class Worker:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.IDENTITY, spec.identity)
         self._sock.setsockopt(zmq.LINGER, 2000)  # let the last replies/GOODBYE flush on exit
+        self.keys = spec.curve_keys()
+        curve.secure_client(self._sock, self.keys)
         self._sock.connect(spec.backend)
         self._log = slot_logger(log, spec.slot)
         self._methods: dict[str, Any] = {}
@@ -507,6 +515,7 @@ class _Heartbeat(threading.Thread):
         self._spec = spec
         self._busy = busy
         self._backlog = backlog
+        self._keys = spec.curve_keys()  # read here: a bad file fails the worker at start
         self._halt = threading.Event()
         self._wake_r, self._wake_w = os.pipe()  # stop() wakes the poll at once
         self.register_again = threading.Event()  # a restarted router does not know us
@@ -515,6 +524,7 @@ class _Heartbeat(threading.Thread):
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self._spec.identity + protocol.HEARTBEAT_SUFFIX)
         sock.setsockopt(zmq.LINGER, 0)
+        curve.secure_client(sock, self._keys)
         sock.connect(self._spec.backend)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)

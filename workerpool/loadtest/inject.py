@@ -70,7 +70,7 @@ class Monitor:
     """Polls the router's status through a run; injects ``faults`` at their offsets."""
 
     def __init__(self, router: str, faults: list[Fault], seed: int,
-                 services: frozenset[str] | None) -> None:
+                 services: frozenset[str] | None, keys: dict | None = None) -> None:
         self.results = [FaultResult(f.kind, f.at) for f in faults]
         # (offset, serving, slots, utilization): the last is the mean busy fraction of the
         # serving workers that reported one (None before any did).
@@ -78,7 +78,7 @@ class Monitor:
         self.poll_errors = 0
         self._services = services
         self._rng = random.Random(f"{seed}/faults")
-        self._client = Client(router)
+        self._client = Client(router, **(keys or {}))
         self._stop = threading.Event()
         self._stopped: list[tuple[int, str]] = []  # (pid, /proc start time) we SIGSTOPped
         self._t0 = 0.0
