@@ -234,7 +234,7 @@ class RequestTable:
             self.records.pop(rid, None)
         else:
             rec.phase = Phase.QUEUED
-            self.enqueue(svc, rec)  # keeps its place: the queue orders by admission number
+            self.enqueue(svc, rec, again=True)  # keeps its place among its client's
         self.pump(svc)
 
     def finish(self, rec: Record, reply: tuple | None, from_worker: bool = False) -> None:
@@ -288,6 +288,7 @@ class RequestTable:
         if conn is not None:
             conn.in_flight.pop(rec.rid, None)
             conn.started.discard(rec.rid)
+            conn.reclaiming.discard(rec.rid)  # its answer to RECLAIM, if any, is moot now
             conn.busy_since = self.core.clock()  # progress: the next one starts now
             conn.slot.refresh_busy()
         rec.phase = Phase.DONE
@@ -358,7 +359,13 @@ class RequestTable:
                     svc, f"waited max_wait={svc.settings.max_wait}s in the queue"))
                 continue
             svc.expired += 1
-            where = "in the queue" if rec.phase is Phase.QUEUED else f"on worker {rec.conn.slot.id}"
+            if rec.phase is Phase.QUEUED:
+                where = "in the queue"
+            elif next(iter(rec.conn.in_flight)) != rid and rid not in rec.conn.started:
+                # Held ahead behind the request its worker runs (prefetch): not started.
+                where = f"held ahead on worker {rec.conn.slot.id}, not started"
+            else:
+                where = f"on worker {rec.conn.slot.id}"
             self.fail(rec, RequestTimeoutError(
                 f"deadline passed after {now - rec.admitted_at:.3f}s {where}",
                 worker=rec.conn.slot.id if rec.conn else None))
