@@ -115,6 +115,13 @@ else costs 64-72 times its size. Real metas hold a few (a ping's id list; a HELL
 slot, 50 bytes or more each), so the bound never refuses one. With it, decoding costs at
 most about 20 times the frame's size: what the cheapest scalars that Python does not share
 (2-character strings, small negative ints, 2 or 3 bytes each) cost anyway."""
+MAX_REQUEST_META_BYTES = 16384
+"""The bound on the meta of a REQUEST, CANCEL, STATUS or ADMIN wherever a receiver bounds
+metas (``MetaCache``): theirs are tens of bytes (a method, a service, a timeout), and only
+a ping's list of held ids needs ``max_meta_bytes``. It keeps what one request's meta can
+cost small: decoding it on the router and again on the worker, and holding it while the
+request waits in a queue (at most 16 KiB instead of 640 KiB a record)."""
+REQUEST_META_KINDS = frozenset({Kind.REQUEST, Kind.CANCEL, Kind.STATUS, Kind.ADMIN})
 CACHED_META_BYTES = 256
 """Only meta frames this small are cached: real ones are, and the cache stays small
 however many distinct metas a peer invents."""
@@ -202,10 +209,15 @@ class MetaCache:
         self.max_bytes = max_bytes
         self._maps: dict[bytes, dict] = {}
 
-    def unpack(self, frame: bytes, req_id: int | None = None) -> dict:
+    def unpack(self, frame: bytes, req_id: int | None = None, kind: Kind | None = None) -> dict:
+        """The meta of a message of ``kind`` (bounded by ``MAX_REQUEST_META_BYTES`` for the
+        kinds that never need more)."""
         meta = self._maps.get(frame)
         if meta is None:
-            meta = unpack_meta(frame, req_id, self.max_bytes)
+            limit = self.max_bytes
+            if limit is not None and kind in REQUEST_META_KINDS:
+                limit = min(limit, MAX_REQUEST_META_BYTES)
+            meta = unpack_meta(frame, req_id, limit)
             if len(frame) <= CACHED_META_BYTES:
                 if len(self._maps) >= self._size:
                     self._maps.clear()
@@ -235,5 +247,6 @@ def decode(frames: list, cache: MetaCache | None = None) -> Message:
             "too-few-frames", f"message has {len(frames)} frames, expected at least 3", req_id
         )
     kind, req_id = unpack_header(frames[0])
-    meta = cache.unpack(frames[1], req_id) if cache is not None else unpack_meta(frames[1], req_id)
+    meta = cache.unpack(frames[1], req_id, kind) if cache is not None else \
+        unpack_meta(frames[1], req_id)
     return Message(kind, req_id, meta, frames[2], frames[3:])

@@ -396,10 +396,13 @@ def _hand_made(backend: bool) -> list[list]:
         out.append([HDR(kind, rid + 4), ECHO_META, msgpack.packb(None), *[b""] * 9_997])
         out.append([HDR(kind, rid + 5), ECHO_META, msgpack.packb([1]), *[b"x"] * 4_096])
         rid += 6
+    # A ping may carry a meta this large (its held ids); a request may not, and is refused
+    # before its meta is decoded (MAX_REQUEST_META_BYTES).
     for i, meta in enumerate(_worst_metas(protocol.MAX_META_BYTES)):
-        for _ in range(10):
-            out.append([HDR(kinds[0], rid), meta, msgpack.packb(i)])
-            rid += 1
+        for kind in {kinds[0], Kind.HEARTBEAT}:
+            for _ in range(5):
+                out.append([HDR(kind, rid), meta, msgpack.packb(i)])
+                rid += 1
     return out
 
 
