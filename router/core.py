@@ -121,6 +121,9 @@ class RouterCore:
         if type(frames) is Truncated:
             self._refuse_truncated(client, frames)
             return
+        if len(frames) > 4 and self._oversized(frames):
+            self._refuse_oversized(client, frames)
+            return
         try:
             msg = protocol.decode(frames[1:], self._meta_cache)
         except FrameError as exc:
@@ -179,6 +182,28 @@ class RouterCore:
             f"{3 + self.config.max_buffer_frames} (max_buffer_frames="
             f"{self.config.max_buffer_frames})", code="too-many-frames"))
 
+    def _oversized(self, frames: list) -> int:
+        """The bytes of a message's body and buffer frames if over ``max_message_bytes``,
+        else 0. ZeroMQ bounds each frame (MAXMSGSIZE), not their sum: a message of many
+        large frames is refused here rather than queued or forwarded."""
+        total = 0
+        for frame in frames[3:]:
+            total += len(frame)
+        return total if total > self.config.max_message_bytes else 0
+
+    def _refuse_oversized(self, client: bytes, frames: list) -> None:
+        self.stats["bad_frames_frontend"] += 1
+        self.release_memory = True
+        total = self._oversized(frames)
+        try:
+            _, req_id = protocol.unpack_header(frames[1])
+        except FrameError:
+            req_id = RESERVED_ID
+        self.warn("too-large", "client %r sent a message of %d bytes", client, total)
+        self.reply_error(client, req_id, ProtocolError(
+            f"message body and buffers are {total} bytes, over the router's "
+            f"max_message_bytes={self.config.max_message_bytes}", code="too-large"))
+
     def _on_client_ping(self, client: bytes, msg: protocol.Message) -> None:
         """Who am I, and which of the requests it waits for I do not hold. FIFO per
         connection: whatever the client sent before the ping is already here."""
@@ -195,7 +220,14 @@ class RouterCore:
         """One message from a worker or supervisor: ``[routing id, header, meta, body, ...]``."""
         ident = frames[0]
         if type(frames) is Truncated:
-            self._drop_truncated(ident, frames)
+            total = len(frames) - 1 + frames.dropped
+            self._drop_oversized(ident, frames, f"{total} frames", "a message of %d frames",
+                                 total, f"limit of {3 + self.config.max_buffer_frames} "
+                                 f"(max_buffer_frames={self.config.max_buffer_frames})")
+            return
+        if len(frames) > 4 and (total := self._oversized(frames)):
+            self._drop_oversized(ident, frames, f"{total} bytes", "a message of %d bytes",
+                                 total, f"max_message_bytes={self.config.max_message_bytes}")
             return
         try:
             if len(frames) < 4:
@@ -232,14 +264,15 @@ class RouterCore:
             self.stats["bad_frames_backend"] += 1
             self.warn("bad-backend", "bad %s from %r: %r", kind.name, ident, exc)
 
-    def _drop_truncated(self, ident: bytes, frames: Truncated) -> None:
-        """A backend message with more frames than ``max_buffer_frames`` allows: dropped.
-        A worker's reply of that size still ends its request, with a PayloadError, so the
-        caller is not left waiting for a reply that will never be forwarded."""
+    def _drop_oversized(self, ident: bytes, frames: list, size: str, fmt: str, n: int,
+                        limit: str) -> None:
+        """A backend message over a limit (``max_buffer_frames``, or ``max_message_bytes``
+        for its body and buffers together): dropped. A worker's reply of that size still
+        ends its request, with a PayloadError, so the caller is not left waiting for a
+        reply that will never be forwarded."""
         self.stats["bad_frames_backend"] += 1
         self.release_memory = True
-        total = len(frames) - 1 + frames.dropped
-        self.warn("too-many-frames", "backend peer %r sent a message of %d frames", ident, total)
+        self.warn("oversized", "backend peer %r sent " + fmt, ident, n)
         conn = self.registry.conns.get(ident)
         try:
             kind, rid = protocol.unpack_header(frames[1])
@@ -251,9 +284,8 @@ class RouterCore:
         if rec.phase is Phase.RUNNING:
             conn.slot.errored += 1
             self.services[rec.service].errored += 1
-        err = PayloadError(f"the worker's reply has {total} frames, over the router's limit of "
-                           f"{3 + self.config.max_buffer_frames} (max_buffer_frames="
-                           f"{self.config.max_buffer_frames})", worker=conn.slot.id)
+        err = PayloadError(f"the worker's reply has {size}, over the router's {limit}",
+                           worker=conn.slot.id)
         if kind is Kind.PARTIAL:
             self.requests.fail(rec, err)  # the worker still owes its final reply: orphaned
             return

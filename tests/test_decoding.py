@@ -138,3 +138,34 @@ def test_the_worker_applies_the_same_bounds():
     assert info.value.code == "meta-too-large"
     assert protocol.decode(protocol.encode(Kind.HEARTBEAT, 0, {"ping": "x" * 100_000}),
                            cache).meta["ping"]
+
+
+def test_a_message_over_max_message_bytes_in_all_is_refused():
+    """ZeroMQ bounds each frame (MAXMSGSIZE), not their sum: many large buffer frames are
+    refused by the router as a whole, before anything is queued or forwarded."""
+    h = Harness(max_message_bytes=4096)
+    h.hello(workers=1)
+    w = h.ready("default/0")
+    frames = protocol.encode(Kind.REQUEST, 4, {"method": "echo"}, b"\xc0", [b"x" * 3000] * 2)
+    h.core.on_frontend([C, *frames])
+    [err] = h.out.errors_to(C)
+    assert (err.code, h.out.to(C)[0].req_id) == ("too-large", 4)
+    assert "6001 bytes" in err.message and "max_message_bytes=4096" in err.message
+    assert not h.core.requests.records and not h.dispatched_to(w)
+    h.core.on_frontend([C, *protocol.encode(Kind.REQUEST, 5, {"method": "echo"}, b"\xc0",
+                                            [b"x" * 4000])])
+    assert h.dispatched_to(w)  # just under: forwarded
+
+
+def test_a_worker_reply_over_max_message_bytes_in_all_ends_its_request():
+    h = Harness(max_message_bytes=4096)
+    h.hello(workers=1)
+    w = h.ready("default/0")
+    h.request(C, 1)
+    [rid] = h.dispatched_to(w)
+    h.core.on_backend([w, *protocol.encode(Kind.RESULT, rid, b"", b"\xc0", [b"y" * 3000] * 2)])
+    [err] = h.out.errors_to(C)
+    assert err.type == "PayloadError" and "6001 bytes" in err.message
+    assert "max_message_bytes=4096" in err.message
+    assert not h.core.requests.records
+    assert h.core.stats["bad_frames_backend"] == 1

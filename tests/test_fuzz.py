@@ -4,7 +4,7 @@
 
     hypothesis: base messages + seed --mutations--> batches --> hostile DEALERs --+--> frontend
     hand-made: huge length prefixes, deep nesting, 1 and 10,000 frames,          +--> backend
-               a 100 MB frame, worst-case metas, many connections
+               a 100 MB frame, 80 MiB in 8 MiB frames, worst-case metas, many connections
     Watch: a Client calling echo all along; router RSS; worker pids and restarts
 
 hypothesis draws the structure of each batch (frame counts, headers with every kind byte,
@@ -422,6 +422,11 @@ def test_hand_made_hostile_messages_on_both_sockets(fuzz_pool):
         for side in (front, back):
             side.send([HDR(Kind.HEARTBEAT, 5), b"", b"\x00" * 100_000_000], 1)
             side.reconnect(1)
+        # Frames each under the limit, over it together: refused whole (too-large).
+        large = b"\x00" * (MAX_MESSAGE_BYTES // 8)
+        for side in (front, back):
+            side.send([HDR(Kind.REQUEST if side is front else Kind.RESULT, 6), ECHO_META,
+                       b"\xc0", *[large] * 10])
         # Many connections, each leaving with its answers unread.
         many = Hostile(fuzz_pool.address, 200)
         try:
