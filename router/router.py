@@ -31,6 +31,11 @@ from workerpool.config import DEFAULT_BACKEND, RouterConfig
 log = logging.getLogger("workerpool.router")
 
 BATCH = 512  # messages taken from one socket before looking at the other
+BATCH_SECONDS = 0.005
+"""...or fewer, once taking them has lasted this long. Most messages cost microseconds, so
+this rarely cuts a batch short; a client's costly ones (a meta just under max_meta_bytes
+takes milliseconds to decode) would otherwise hold the loop for seconds, leave workers'
+heartbeats unread, and have them declared hung."""
 FRONTEND_SNDHWM = 1_000_000  # replies queued to one client before it counts as not reading
 
 
@@ -129,7 +134,9 @@ class Router:
 
     def _drain_socket(self, sock: zmq.Socket, handler: Callable[[list], None],
                       max_parts: int | None = None) -> bool:
-        """Handle up to BATCH waiting messages; True if more may be waiting."""
+        """Handle up to BATCH waiting messages, for up to about BATCH_SECONDS; True if more
+        may be waiting."""
+        until = time.monotonic() + BATCH_SECONDS
         for _ in range(BATCH):
             try:
                 frames = transport.recv(sock, NOBLOCK, 4, max_parts)  # routing id, then the message
@@ -140,4 +147,6 @@ class Router:
             except Exception:  # a bug must cost one message, never the router
                 self.core.stats["internal_errors"] += 1
                 log.exception("internal error handling a message; message dropped")
+            if time.monotonic() > until:
+                break
         return True

@@ -505,3 +505,27 @@ def test_the_core_never_raises_on_hostile_messages():
     assert "internal_errors" not in h.core.stats
     assert sum(svc.completed for svc in h.core.services.values()) > 0
     assert h.core.stats["bad_frames_frontend"] > 0 and h.core.stats["bad_frames_backend"] > 0
+
+
+def test_costly_client_messages_do_not_starve_the_backend(procs):
+    """Pings just under max_meta_bytes each cost the router milliseconds to decode. Taken
+    512 at a time before the backend was read again, a few hundred of them kept workers'
+    heartbeats unread for seconds, and the router declared every worker hung and had it
+    killed. The loop now turns to the other socket once a pass has taken long enough."""
+    pool = procs.pool("--config", procs.config(
+        "[router]\nheartbeat_interval = 0.1\nheartbeat_liveness = 5\n"),
+        workers=WORKERS, handler=HANDLER)
+    watch = Watch(pool)
+    front = Hostile(pool.address, 1)
+    meta = _worst_metas(protocol.MAX_META_BYTES)[2]  # 2-character strings: ~20x to decode
+    try:
+        for i in range(150):
+            front.send([HDR(Kind.HEARTBEAT, i + 1), meta, b""])
+        answered = 0
+        while answered < 150:
+            got = front.drain(60_000)
+            assert got, "the router stopped answering"
+            answered += got
+        watch.finish({"frontend": front.sent, "backend": 0})
+    finally:
+        front.close()
