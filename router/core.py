@@ -62,6 +62,13 @@ log = logging.getLogger("workerpool.router")
 EMPTY_META = b""
 RESERVED_ID = 0  # the id of replies the router cannot attribute; no request may use it
 LARGE_META = 65536  # bytes of meta past which its decoding is worth giving memory back after
+LARGE_META_INTERVAL = 0.5
+"""A client connection's metas over LARGE_META (only pings holding thousands of ids need
+them) are decoded at most once per this many seconds; sooner ones are refused undecoded
+(``meta-too-often``). Decoding one takes milliseconds, receiving one microseconds: a
+client sending them back to back would otherwise fill the router's memory with the
+backlog. The Python clients ping at most once per ``TIMINGS.ping_interval`` (1 s)."""
+LARGE_META_CLIENTS = 4096  # connections whose last large meta is remembered (cleared when full)
 
 
 class Outbox(Protocol):
@@ -89,6 +96,7 @@ class RouterCore:
         self._warned: Counter[str] = Counter()
         self.instance = f"{os.getpid()}-{time.time_ns()}"  # changes when the router restarts
         self._meta_cache = protocol.MetaCache(max_bytes=config.max_meta_bytes)
+        self._large_metas: dict[bytes, float] = {}  # client -> when its last large meta came
         self.started = clock()
         # Set when a client's message made this process allocate a lot at once (a huge frame
         # count, an oversized meta): the loop then gives the freed memory back.
@@ -124,7 +132,13 @@ class RouterCore:
         if len(frames) > 4 and self._oversized(frames):
             self._refuse_oversized(client, frames)
             return
+        large = len(frames) > 3 and len(frames[2]) > LARGE_META
+        if large:
+            # Received (and maybe decoded), it made this process allocate a lot, refused or not.
+            self.release_memory = True
         try:
+            if large:
+                self._check_large_meta(client, frames)
             msg = protocol.decode(frames[1:], self._meta_cache)
         except FrameError as exc:
             self.stats["bad_frames_frontend"] += 1
@@ -135,8 +149,6 @@ class RouterCore:
                                                                              code=exc.code))
             return
         kind = msg.kind
-        if len(frames[2]) > LARGE_META:
-            self.release_memory = True  # decoding it allocated much more than it carried
         if kind is Kind.HEARTBEAT:
             self._on_client_ping(client, msg)
             return
@@ -181,6 +193,23 @@ class RouterCore:
             f"message has {total} frames, over the limit of "
             f"{3 + self.config.max_buffer_frames} (max_buffer_frames="
             f"{self.config.max_buffer_frames})", code="too-many-frames"))
+
+    def _check_large_meta(self, client: bytes, frames: list) -> None:
+        """Raises FrameError ``meta-too-often`` for a meta over LARGE_META that comes within
+        LARGE_META_INTERVAL of the connection's last one. The checks before it in the order
+        of protocol.md 9.1 (header, size) come first, as decode makes them."""
+        _, req_id = protocol.unpack_header(frames[1])
+        if len(frames[2]) > self.config.max_meta_bytes:
+            return  # decode refuses it: meta-too-large
+        now = self.clock()
+        last = self._large_metas.get(client)
+        if last is not None and now - last < LARGE_META_INTERVAL:
+            raise FrameError("meta-too-often", f"a meta over {LARGE_META} bytes is decoded at "
+                             f"most once per {LARGE_META_INTERVAL:g}s per connection; this one "
+                             f"came {now - last:.3f}s after the last", req_id)
+        if len(self._large_metas) >= LARGE_META_CLIENTS:
+            self._large_metas.clear()
+        self._large_metas[client] = now
 
     def _oversized(self, frames: list) -> int:
         """The bytes of a message's body and buffer frames if over ``max_message_bytes``,

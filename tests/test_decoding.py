@@ -169,3 +169,30 @@ def test_a_worker_reply_over_max_message_bytes_in_all_ends_its_request():
     assert "max_message_bytes=4096" in err.message
     assert not h.core.requests.records
     assert h.core.stats["bad_frames_backend"] == 1
+
+
+def test_large_metas_are_decoded_at_most_once_per_interval_per_connection():
+    """Receiving a meta just under max_meta_bytes takes microseconds, decoding it
+    milliseconds: a client sending them back to back is refused undecoded (meta-too-often)
+    but for one per LARGE_META_INTERVAL, so the router keeps up and its backlog stays
+    small. A Python client's ping (at most one a second) is never refused."""
+    from router.core import LARGE_META, LARGE_META_INTERVAL
+
+    h = Harness()
+    ping = protocol.pack_meta({"held": list(range(2**40, 2**40 + 20_000))})
+    assert LARGE_META < len(ping) <= protocol.MAX_META_BYTES
+
+    def send(client: bytes, rid: int, meta: bytes = ping) -> tuple[Kind, int, object]:
+        h.core.on_frontend([client, protocol.pack_header(Kind.HEARTBEAT, rid), meta, b""])
+        [reply] = h.out.take()
+        return reply.kind, reply.req_id, (reply.body or {}).get("code")
+
+    assert send(C, 1) == (Kind.HEARTBEAT, 1, None)
+    assert send(C, 2) == (Kind.ERROR, 2, "meta-too-often")
+    assert send(b"other", 3) == (Kind.HEARTBEAT, 3, None)  # per connection
+    assert send(C, 4, b"\x80") == (Kind.HEARTBEAT, 4, None)  # small metas: never limited
+    too_large = msgpack.packb({"pad": "x" * protocol.MAX_META_BYTES})
+    assert send(C, 5, too_large) == (Kind.ERROR, 5, "meta-too-large")  # its own check first
+    h.clock.advance(LARGE_META_INTERVAL)
+    assert send(C, 6) == (Kind.HEARTBEAT, 6, None)
+    assert h.core.stats["bad_frames_frontend"] == 2
