@@ -99,13 +99,20 @@ class ServiceUnavailableError(WorkerPoolError):
 
 
 class BackpressureError(WorkerPoolError):
-    """The service's queue is full; try again after ``retry_after`` seconds."""
+    """Not admitted now; try again after ``retry_after`` seconds. ``code`` says who is
+    over a limit: ``service-full`` (the service's queue or workers), ``client-limit``
+    (this connection holds ``max_client_inflight`` requests) or ``not-reading`` (this
+    connection was cut off for not reading its replies)."""
 
     retryable_default = True
 
     @property
     def retry_after(self) -> float:
         return float(self.extra.get("retry_after", 1.0))
+
+    @property
+    def code(self) -> str | None:
+        return self.extra.get("code")
 
 
 class RequestTimeoutError(WorkerPoolError, TimeoutError):
@@ -161,6 +168,15 @@ class ShmError(PayloadError):
     """A shared-memory segment handle that cannot be taken: wrong name, gone, stale, too small."""
 
 
+class PermissionDeniedError(WorkerPoolError):
+    """The connection's key may not do this: a client key sent ADMIN, or the key was
+    revoked (``code`` ``role`` or ``revoked``; docs/security.md)."""
+
+    @property
+    def code(self) -> str | None:
+        return self.extra.get("code")
+
+
 class AdminError(WorkerPoolError):
     """An operator command could not be carried out (unknown worker, no supervisor)."""
 
@@ -195,6 +211,7 @@ _BY_NAME: dict[str, type[WorkerPoolError]] = {
         ShmError,
         ClientClosedError,
         AdminError,
+        PermissionDeniedError,
     )
 }
 

@@ -62,6 +62,9 @@ class Kind(enum.IntEnum):
 
 FINAL_REPLY_KINDS = frozenset({Kind.RESULT, Kind.ERROR, Kind.END})
 REPLY_KINDS = FINAL_REPLY_KINDS | {Kind.PARTIAL}
+# A worker's heartbeat socket is named after its main socket plus this: the router takes a
+# heartbeat ``of`` a worker only from that worker's own heartbeat socket.
+HEARTBEAT_SUFFIX = b"#hb"
 _KINDS = {k.value: k for k in Kind}
 
 

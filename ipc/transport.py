@@ -63,6 +63,27 @@ def recv(sock: zmq.Socket, flags: int = 0, buffers_from: int = 3,
     # converts the option to an enum on every call (measured: 1.1 µs less per 4-part
     # message this way). Small parts are copied out to ``bytes`` once.
     frame = _recv(sock, flags, False, False)
+    return _rest(sock, flags, frame, buffers_from, max_parts)
+
+
+def recv_from(sock: zmq.Socket, flags: int = 0, buffers_from: int = 3,
+              max_parts: int | None = None) -> tuple[list, bytes | None]:
+    """``recv``, and the authenticated identity the message came with: the ``User-Id``
+    the ZAP handler gave its connection (a CURVE peer's z85 public key), None on a socket
+    without authentication. Only the first part is asked: every part of one message
+    comes from the same connection."""
+    frame = _recv(sock, flags, False, False)
+    try:
+        user = frame.get("User-Id")
+    except zmq.ZMQError:
+        user = None
+    if isinstance(user, str):
+        user = user.encode()
+    return _rest(sock, flags, frame, buffers_from, max_parts), user or None
+
+
+def _rest(sock: zmq.Socket, flags: int, frame: zmq.Frame, buffers_from: int,
+          max_parts: int | None) -> list:
     parts = [frame.bytes]
     limit = max_parts if max_parts is not None else -1
     while frame.more:

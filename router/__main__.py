@@ -12,19 +12,21 @@ import sys
 
 from router.router import Router
 from workerpool._proc import die_with_parent, setup_logging
-from workerpool.config import RouterConfig
+from workerpool.config import RouterConfig, SecurityConfig
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) not in (1, 2):
-        sys.stderr.write("usage: python -m router '<RouterConfig JSON>' ['<service defaults JSON>']\n")
+    if len(argv) not in (1, 2, 3):
+        sys.stderr.write("usage: python -m router '<RouterConfig JSON>' "
+                         "['<service defaults JSON>' ['<SecurityConfig JSON>']]\n")
         return 2
     parent = os.environ.get("WORKERPOOL_PARENT_PID")
     die_with_parent(int(parent) if parent else None)  # `up` killed with -9: no orphan router
     setup_logging()
     config = RouterConfig.model_validate_json(argv[0])
     defaults = json.loads(argv[1]) if len(argv) > 1 else {}
-    router = Router(config, defaults)
+    security = SecurityConfig.model_validate_json(argv[2]) if len(argv) > 2 else None
+    router = Router(config, defaults, security)
     router.install_signal_handlers()
     router.run()
     return 0

@@ -3,7 +3,9 @@
 Checks run in a fixed order, and the first that fails answers the request
 (docs/protocol.md, section 9): the meta fields (``check_meta``), a request id already in
 flight, a pool that is draining, the service (unknown, or with no live worker), the
-method, then capacity (``BackpressureError``, or a lower-priority request displaced).
+method, the connection's own limits (``router.clients``: cut off for not reading, or
+``max_client_inflight`` held), then capacity (``BackpressureError``, or a lower-priority
+request displaced).
 
 For ``registration_grace`` after the router starts, a request for a service nobody has
 described yet waits in a queue instead of failing: after a router restart the
@@ -109,7 +111,7 @@ class Admission:
         if svc.methods and method not in svc.methods:
             return UnknownMethodError(f"service {svc.name!r} has no method {method!r}; "
                                       f"it has: {', '.join(sorted(svc.methods))}")
-        return svc
+        return core.clients.refusal(client, svc) or svc
 
     def backpressure(self, svc: Service, why: str = "") -> BackpressureError:
         s = svc.settings
@@ -118,6 +120,7 @@ class Admission:
                    if s.capacity_policy == "queue" else
                    "every worker is at max_inflight (capacity_policy 'reject')")
         return BackpressureError(f"service {svc.name!r} is overloaded: {why}",
+                                 code="service-full",
                                  retry_after=svc.retry_after(self.core.clock()))
 
     def resolve(self, name: object) -> tuple[Service | None, str]:

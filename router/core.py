@@ -7,6 +7,7 @@
         v                                    |
     RouterCore.on_frontend / on_backend / tick(now)
         admission ---> requests (records, queues, dispatch, the one finish)
+        clients (per-connection limits; gone and not-reading clients)
         registry (slots, conns, loss) <--- liveness (heartbeats, kills)
         supervisors (HELLO, SLOT, DRAIN, loss)   scaling (spares, scale)
         recovery (retry and poison rule)         status (the STATUS body)
@@ -16,6 +17,13 @@ through an ``Outbox`` whose sends report whether the peer was reachable. Tests d
 with plain frames, a recording outbox and a fake clock. Bytes from the network never
 raise out of it: every frame sequence decodes or becomes a typed ``ProtocolError`` reply
 (clients) or a counted, logged drop (backend).
+
+Each message comes with its sender's ``Role`` (ipc.curve): what its key may do now. A
+keyless router passes the defaults (anyone may do anything, as before keys); a key no
+longer in the store comes as None. On the frontend a client key may not send ADMIN, and
+a revoked key is answered PermissionDeniedError for whatever it sends; on the backend a
+message from anything but a worker key is dropped, and the connection it came on is
+treated as lost.
 """
 
 from __future__ import annotations
@@ -30,10 +38,12 @@ from typing import Protocol
 import msgpack
 
 from ipc import protocol
+from ipc.curve import Role
 from ipc.errors import (
     FrameError,
     IllegalTransition,
     PayloadError,
+    PermissionDeniedError,
     ProtocolError,
     ServiceUnavailableError,
     WorkerPoolError,
@@ -43,6 +53,7 @@ from ipc.transport import Truncated
 from router import admin
 from router import status as status_report
 from router.admission import Admission
+from router.clients import ClientLimits, Delivery
 from router.liveness import Liveness
 from router.registry import WorkerRegistry
 from router.requests import Phase, RequestTable, error_body, error_reply
@@ -72,10 +83,11 @@ LARGE_META_CLIENTS = 4096  # connections whose last large meta is remembered (cl
 
 
 class Outbox(Protocol):
-    """Where the core's messages go. Each send returns False when the peer is unreachable
-    (gone, or not reading): the core decides what that means."""
+    """Where the core's messages go. A send to a client says what became of it
+    (``Delivery``: sent, the client is gone, or its send queue is full); a send to the
+    backend is False when the peer is unreachable. The core decides what that means."""
 
-    def to_client(self, client: bytes, frames: list) -> bool: ...
+    def to_client(self, client: bytes, frames: list) -> Delivery: ...
 
     def to_backend(self, ident: bytes, frames: list) -> bool: ...
 
@@ -112,6 +124,7 @@ class RouterCore:
         self.supervisors = Supervisors(self)
         self.scaling = Scaling(self)
         self.admission = Admission(self)
+        self.clients = ClientLimits(self)
         self._backend_handlers: dict[Kind, Callable[[bytes, dict], None]] = {
             Kind.READY: self.registry.on_ready,
             Kind.GOODBYE: self.registry.on_goodbye,
@@ -123,9 +136,13 @@ class RouterCore:
         }
 
     # -- frontend: clients -----------------------------------------------------------------------
-    def on_frontend(self, frames: list) -> None:
-        """One message from a client: ``[routing id, header, meta, body, *buffers]``."""
+    def on_frontend(self, frames: list, role: Role | None = Role.ADMIN) -> None:
+        """One message from a client: ``[routing id, header, meta, body, *buffers]``, sent
+        with a key of ``role`` (None: a key that is no longer allowed)."""
         client = frames[0]
+        if role is not Role.ADMIN and role is not Role.CLIENT:
+            self._refuse_key(client, frames, role)
+            return
         if type(frames) is Truncated:
             self._refuse_truncated(client, frames)
             return
@@ -175,8 +192,31 @@ class RouterCore:
         elif kind is Kind.STATUS:
             body = msgpack.packb(self.status(), use_bin_type=True)
             self.to_client(client, Kind.RESULT, msg.req_id, EMPTY_META, body)
+        elif role is not Role.ADMIN:
+            self.stats["permission_denied"] += 1
+            self.reply_error(client, msg.req_id, PermissionDeniedError(
+                "ADMIN needs an admin key; this connection's key is a client key",
+                code="role"))
         else:
             admin.on_admin(self, client, msg.req_id, msg.meta)
+
+    def _refuse_key(self, client: bytes, frames: list, role: Role | None) -> None:
+        """A frontend message whose key is no longer allowed there (revoked, or moved to
+        the workers' folder): refused unread but for its header, so the caller is told
+        instead of waiting out its timeout. A CANCEL is never answered."""
+        self.stats["permission_denied"] += 1
+        try:
+            kind, req_id = protocol.unpack_header(frames[1]) if len(frames) > 1 \
+                else (None, RESERVED_ID)
+        except FrameError:
+            kind, req_id = None, RESERVED_ID
+        if kind is Kind.CANCEL:
+            return
+        why = "was revoked" if role is None else f"is a {role.value} key"
+        self.warn("permission", "refused a message from client %r: its key %s", client, why)
+        self.reply_error(client, req_id, PermissionDeniedError(
+            f"this connection's key {why}: the router accepts nothing more on it",
+            code="revoked" if role is None else "role"))
 
     def _refuse_truncated(self, client: bytes, frames: Truncated) -> None:
         """A message with more frames than a client may send: its extra frames were never
@@ -245,9 +285,13 @@ class RouterCore:
         self.to_client(client, Kind.HEARTBEAT, msg.req_id, EMPTY_META, body)
 
     # -- backend: workers and supervisors -------------------------------------------------------
-    def on_backend(self, frames: list) -> None:
-        """One message from a worker or supervisor: ``[routing id, header, meta, body, ...]``."""
+    def on_backend(self, frames: list, role: Role | None = Role.WORKER) -> None:
+        """One message from a worker or supervisor: ``[routing id, header, meta, body, ...]``,
+        sent with a key of ``role`` (None: a key that is no longer allowed)."""
         ident = frames[0]
+        if role is not Role.WORKER:
+            self._drop_unauthorized(ident, role)
+            return
         if type(frames) is Truncated:
             total = len(frames) - 1 + frames.dropped
             self._drop_oversized(ident, frames, f"{total} frames", "a message of %d frames",
@@ -292,6 +336,22 @@ class RouterCore:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             self.stats["bad_frames_backend"] += 1
             self.warn("bad-backend", "bad %s from %r: %r", kind.name, ident, exc)
+
+    def _drop_unauthorized(self, ident: bytes, role: Role | None) -> None:
+        """A backend message whose key is no longer a worker key: dropped unread. A worker
+        registered on that connection is lost as if it had died (its requests answered or
+        requeued), so no request goes to it again; a supervisor's messages are dropped
+        until it counts as silent, and its workers are lost with it then."""
+        self.stats["backend_unauthorized"] += 1
+        why = "was revoked" if role is None else f"is a {role.value} key"
+        self.warn("permission", "dropped a message from backend peer %r: its key %s", ident, why)
+        conn = self.registry.conns.get(ident)
+        if conn is not None:
+            reason = f"lost its key (it {why})"
+            try:
+                self.registry.declare_dead(conn, reason, reason)
+            except IllegalTransition as exc:  # its requests were answered all the same
+                self.warn("transition", "%s", exc)
 
     def _drop_oversized(self, ident: bytes, frames: list, size: str, fmt: str, n: int,
                         limit: str) -> None:
@@ -344,7 +404,10 @@ class RouterCore:
         self._deaths_asked = None
         self._guarded(self.admission.check_grace, now)
         self._guarded(self.registry.check_unreachable, now)
+        if self.registry.waiting:
+            self._guarded(self.registry.check_waiting, now)
         self._guarded(self.requests.expire, now)
+        self._guarded(self.clients.expire, now)
         self._guarded(self.liveness.check, now)
         self._guarded(self.liveness.stop_drained_workers)
         self._guarded(self.registry.apply_deaths, deaths_by)
@@ -458,10 +521,11 @@ class RouterCore:
     # -- sending ------------------------------------------------------------------------------------
     def to_client(self, client: bytes, kind: Kind, client_rid: int, meta: bytes, body: bytes,
                   buffers: Iterable = ()) -> None:
-        if not self.out.to_client(client, [protocol.pack_header(kind, client_rid), meta, body,
-                                           *buffers]):
-            # The client disconnected (EHOSTUNREACH) or stopped reading (EAGAIN).
+        result = self.out.to_client(client, [protocol.pack_header(kind, client_rid), meta, body,
+                                             *buffers])
+        if result is not Delivery.SENT and not result:  # an outbox may answer a plain bool
             self.stats["unroutable_replies"] += 1
+            self.clients.undelivered(client, result)
 
     def reply_error(self, client: bytes, client_rid: int, err: WorkerPoolError) -> None:
         self.to_client(client, Kind.ERROR, client_rid, EMPTY_META, error_body(err))

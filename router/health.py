@@ -11,6 +11,7 @@ applied here.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 from ipc.lifecycle import WorkerState, check
@@ -21,10 +22,40 @@ if TYPE_CHECKING:
 S = WorkerState
 
 
+class BusySamples:
+    """A worker's cumulative (busy, wall) seconds from its last heartbeats (workerpool.busy),
+    and the busy fraction they give: over the last ``WINDOW`` beats, and since it became
+    ready. A sample that is not two numbers, or goes back in time, is ignored."""
+
+    WINDOW = 5  # beats: about 5 s at the default heartbeat_interval, steady but still live
+
+    __slots__ = ("_samples",)
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[float, float]] = deque([(0.0, 0.0)], maxlen=self.WINDOW + 1)
+
+    def add(self, sample: object) -> None:
+        if not (isinstance(sample, list) and len(sample) == 2
+                and all(type(x) in (int, float) for x in sample)):
+            return
+        busy, wall = float(sample[0]), float(sample[1])
+        last_busy, last_wall = self._samples[-1]
+        if wall > last_wall and last_busy <= busy <= wall + 1e-3:
+            self._samples.append((busy, wall))
+
+    def recent(self) -> float | None:
+        (b0, w0), (b1, w1) = self._samples[0], self._samples[-1]
+        return None if w1 <= w0 else round(min(1.0, (b1 - b0) / (w1 - w0)), 3)
+
+    def since_start(self) -> float | None:
+        busy, wall = self._samples[-1]
+        return None if wall <= 0 else round(min(1.0, busy / wall), 3)
+
+
 class Conn:
     """One live, registered worker incarnation on the backend socket."""
 
-    __slots__ = ("busy_since", "capacity", "declared", "identity", "in_flight", "incarnation",
+    __slots__ = ("busy", "busy_since", "capacity", "declared", "identity", "in_flight", "incarnation",
                  "kill_sent", "last_beat", "memory", "methods", "pid", "slot", "started", "told",
                  "unreachable_until")
 
@@ -45,6 +76,7 @@ class Conn:
         self.busy_since = now  # when its current request started: last progress while busy
         self.kill_sent: float | None = None  # when the router asked for it to be killed
         self.memory: dict[str, int] = {}  # from its last heartbeat (workerpool.memory)
+        self.busy = BusySamples()  # from its heartbeats (workerpool.busy)
         # Set when a send to it failed: the time its requests are answered anyway if no
         # death notice came by then.
         self.unreachable_until: float | None = None
@@ -101,6 +133,8 @@ class Slot:
             "incarnation": self.incarnation,
             "last_error": self.last_error,
             "memory": self.conn.memory if self.conn else {},
+            "utilization": self.conn.busy.recent() if self.conn else None,
+            "utilization_since_start": self.conn.busy.since_start() if self.conn else None,
             "uptime": round(now - self.ready_at, 3) if self.ready_at and self.conn else 0.0,
         }
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ipc.errors import RequestTimeoutError
 from ipc.lifecycle import AdminOp, WorkerState
-from ipc.protocol import Kind
+from ipc.protocol import HEARTBEAT_SUFFIX, Kind
 from router.health import Conn
 from router.requests import Phase
 from workerpool.config import TIMINGS
@@ -48,9 +48,13 @@ class Liveness:
         now = core.clock()
         of = meta.get("of")
         if isinstance(of, bytes):
+            if ident != of + HEARTBEAT_SUFFIX:  # only a worker's own heartbeat socket
+                core.stats["heartbeats_refused"] += 1
+                return
             conn = core.registry.conns.get(of)
             if conn is not None:
                 conn.last_beat = now
+                conn.busy.add(meta.get("busy"))
                 mem = meta.get("mem")
                 if isinstance(mem, dict):  # shown as is in status: keep only well-formed
                     conn.memory = {k: v for k, v in list(mem.items())[:MEMORY_KEYS]

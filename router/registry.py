@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from ipc.errors import PoisonedRequestError, WorkerCrashedError
 from ipc.lifecycle import LIVE, GoodbyeReason, WorkerState
 from ipc.protocol import Kind
-from router import recovery
+from router import recovery, vouching
 from router.health import Conn, Slot
 from router.requests import Phase
 from workerpool.config import TIMINGS
@@ -41,6 +41,7 @@ class WorkerRegistry:
         # that registers late is told to stop.
         self.departed_owner: dict[str, bytes] = {}
         self._deaths: list[tuple[float, Slot, int, str]] = []  # (when due, slot, inc, how)
+        self.waiting = vouching.Waiting()  # READYs not vouched for yet
 
     # -- lookups -------------------------------------------------------------------------------
     def slot(self, slot_id: str, service: str, device: str) -> Slot:
@@ -82,18 +83,30 @@ class WorkerRegistry:
         incarnation = int(meta["incarnation"])
         service = str(meta["service"])
         capacity = int(meta["capacity"])
+        pid = int(meta["pid"])
         if capacity < 1:
             raise ValueError(f"capacity {capacity} < 1")
+        if ident in self.conns:
+            return  # the same process registering twice (it was asked to): nothing changes
         if core.supervisors.leaving(self.owner(slot_id)):
             core.to_backend(ident, Kind.SHUTDOWN)  # its supervisor is leaving or left
             return
-        slot = self.slot(slot_id, service, str(meta.get("device", "?")))
-        if incarnation < slot.incarnation:
-            core.stats["stale_ready"] += 1
-            core.to_backend(ident, Kind.SHUTDOWN)
-            return
-        if ident in self.conns:
-            return  # the same process registering twice (it was asked to): nothing changes
+        slot = self.slots.get(slot_id)
+        match vouching.verdict(slot, incarnation, pid):
+            case vouching.Verdict.STALE:
+                core.stats["stale_ready"] += 1
+                core.to_backend(ident, Kind.SHUTDOWN)
+                return
+            case vouching.Verdict.WAIT:
+                if not self.waiting.park(ident, meta, core.clock() + TIMINGS.vouch_wait):
+                    core.stats["unvouched_ready"] += 1
+                return
+        assert slot is not None  # ACCEPT: its supervisor described it and vouched for this
+        if service != slot.service:
+            raise ValueError(f"READY for {slot_id} names service {service!r}, "
+                             f"not {slot.service!r}")
+        if meta.get("device", "?") != "?":
+            slot.device = str(meta["device"])
         if slot.conn is not None and slot.conn.identity != ident:
             self.lose(slot.conn, f"replaced by incarnation {incarnation}")
         if slot.retiring:
@@ -101,15 +114,13 @@ class WorkerRegistry:
             return
         svc = core.service(service)
         now = core.clock()
-        conn = Conn(ident, slot, incarnation, int(meta["pid"]), capacity,
+        conn = Conn(ident, slot, incarnation, pid, capacity,
                     frozenset(str(m) for m in meta.get("methods", ())), now)
         conn.capacity = svc.capacity_for(capacity)
         self.tell_capacity(conn)
         spare = core.scaling.holds_back(svc)
         slot.transition(WorkerState.SPARE if spare else WorkerState.READY)
-        slot.incarnation = incarnation
         slot.pid = conn.pid
-        slot.device = str(meta.get("device", slot.device))
         slot.restarts = max(slot.restarts, incarnation - 1)
         slot.ready_at = now
         slot.setup_error = None
@@ -126,6 +137,27 @@ class WorkerRegistry:
             core.to_backend(slot.owner, Kind.READY, {"slot": slot_id, "incarnation": incarnation})
         core.requests.pump(svc)
 
+    def vouch(self, slot: Slot, incarnation: int, pid: object) -> None:
+        """Its supervisor says ``incarnation`` (pid ``pid``) runs in ``slot``: a READY of
+        that process that came first is taken now."""
+        if incarnation > slot.incarnation:
+            slot.incarnation = incarnation
+            slot.pid = pid if type(pid) is int else None
+        for ident, meta in self.waiting.take(slot.id):
+            try:
+                self.on_ready(ident, meta)
+            except ValueError as exc:  # checked once it could be: it names another service
+                self.core.stats["bad_frames_backend"] += 1
+                self.core.warn("bad-backend", "bad READY from %r: %r", ident, exc)
+
+    def check_waiting(self, now: float) -> None:
+        """READYs no supervisor vouched for in time are forgotten (see router.vouching)."""
+        for ident, meta in self.waiting.expire(now):
+            self.core.stats["unvouched_ready"] += 1
+            self.core.warn("unvouched", "READY from %r for slot %.80r incarnation %.20r: no "
+                           "supervisor vouched for it within %gs; ignored", ident,
+                           meta.get("slot"), meta.get("incarnation"), TIMINGS.vouch_wait)
+
     def tell_capacity(self, conn: Conn) -> None:
         """A worker batches from what it holds and flushes early once it holds its capacity,
         so it must know when the service's max_inflight caps it below what it declared."""
@@ -139,8 +171,10 @@ class WorkerRegistry:
         if conn is None:
             # A worker whose setup failed leaves before it ever registered (perhaps even
             # before its supervisor's HELLO arrived: the GOODBYE names its slot itself).
-            if reason == GoodbyeReason.SETUP_FAILED and isinstance(meta.get("slot"), str):
-                slot = self.slot(meta["slot"], str(meta.get("service", "default")), "?")
+            slot = self.slots.get(meta.get("slot"))  # type: ignore[arg-type]
+            # Only from the incarnation its supervisor vouched for: the routing id says it.
+            if (reason == GoodbyeReason.SETUP_FAILED and slot is not None
+                    and ident == f"{slot.id}#{slot.incarnation}".encode()):
                 slot.setup_error = str(meta.get("error", reason))[-ERROR_TAIL:]
                 slot.last_error = slot.setup_error
             return
@@ -212,7 +246,7 @@ class WorkerRegistry:
                 continue
             if rec.rid in started:
                 svc.retried += 1
-            requests.enqueue(svc, rec)
+            requests.enqueue(svc, rec, again=True)
             requeued = True
         if svc is not None:
             if requeued:

@@ -92,6 +92,9 @@ class RequestTable:
         self.core = core
         self.records: dict[int, Record] = {}
         self.by_client: dict[tuple[bytes, int], Record] = {}
+        # What each client connection waits for (queued or running): its in-flight limit,
+        # and everything to drop at once when it is gone or cut off.
+        self.per_client: dict[bytes, dict[int, Record]] = {}
         self.timers = TimerHeap(self._armed)
         # Ids start from the clock, so a reply addressed by an earlier router process (same
         # workers, restarted router) can never match a request of this one.
@@ -113,6 +116,10 @@ class RequestTable:
         """Take ``rec`` in: onto ``conn`` at once, or into ``svc``'s queue."""
         self.records[rec.rid] = rec
         self.by_client[(rec.client, rec.client_rid)] = rec
+        held = self.per_client.get(rec.client)
+        if held is None:
+            held = self.per_client[rec.client] = {}
+        held[rec.rid] = rec
         if rec.deadline is not None:
             self.timers.push(rec.deadline, rec.rid, DEADLINE, len(self.records))
         if conn is not None:
@@ -120,9 +127,15 @@ class RequestTable:
         else:
             self.enqueue(svc, rec)
 
-    def enqueue(self, svc: Service, rec: Record) -> None:
-        """Queue ``rec`` (new, or back after its worker died) with a fresh max_wait."""
-        svc.queue.push(rec)
+    def held_by(self, client: bytes) -> int:
+        """Requests ``client`` waits for (queued or running)."""
+        held = self.per_client.get(client)
+        return len(held) if held else 0
+
+    def enqueue(self, svc: Service, rec: Record, again: bool = False) -> None:
+        """Queue ``rec`` (new, or ``again``: back after its worker died or refused it)
+        with a fresh max_wait."""
+        svc.queue.push(rec, front=again)
         if svc.settings.max_wait is not None:
             rec.wait_until = self.core.clock() + svc.settings.max_wait
             self.timers.push(rec.wait_until, rec.rid, MAX_WAIT, len(self.records))
@@ -137,7 +150,7 @@ class RequestTable:
             core.stats["dispatch_unroutable"] += 1
             core.registry.quarantine(conn)
             svc = core.services[rec.service]
-            self.enqueue(svc, rec)  # keeps its place: the queue orders by admission number
+            self.enqueue(svc, rec, again=True)  # keeps its place among its client's
             self.pump(svc)  # another worker may have room now
             return
         rec.phase = Phase.RUNNING
@@ -170,6 +183,11 @@ class RequestTable:
         if rec.phase in (Phase.DONE, Phase.ORPHANED):
             return
         self.by_client.pop((rec.client, rec.client_rid), None)
+        held = self.per_client.get(rec.client)
+        if held is not None:
+            held.pop(rec.rid, None)
+            if not held:
+                del self.per_client[rec.client]
         if rec.phase is Phase.QUEUED:
             self.core.services[rec.service].queue.forget()
             rec.phase = Phase.DONE
@@ -182,6 +200,18 @@ class RequestTable:
         if reply is not None:
             kind, meta, body, buffers = reply
             self.core.to_client(rec.client, kind, rec.client_rid, meta, body, buffers)
+
+    def drop_client(self, client: bytes) -> tuple[int, int]:
+        """Forget everything ``client`` waits for, sending it nothing: its queued requests
+        are removed, its running ones cancelled on their workers (orphaned until they
+        answer). Returns (queued, running) dropped."""
+        held = self.per_client.pop(client, None)
+        if not held:
+            return 0, 0
+        queued = sum(1 for rec in held.values() if rec.phase is Phase.QUEUED)
+        for rec in held.values():
+            self.finish(rec, None)
+        return queued, len(held) - queued
 
     def fail(self, rec: Record, err: WorkerPoolError) -> None:
         """Finish ``rec`` with ``err`` as its final reply."""

@@ -12,21 +12,29 @@ batches (so one busy side cannot starve the other), then lets the core act on th
 (``tick``). Nothing here blocks: sends are NOBLOCK with ``ROUTER_MANDATORY``, so an
 unroutable peer is a failed send the core decides about, not a silent drop. This is the
 only router module that touches ZeroMQ.
+
+With keys (``SecurityConfig.keys``) both sockets are CURVE servers: a ZAP thread
+(ipc.curve) lets only known keys complete a handshake, and each message's key is looked up
+again in the ``KeyStore`` as it is read, so its role reaches the core and a revoked key is
+refused on a connection that is already up. The store is read again on SIGHUP, and when
+its folders change (a stat every ``KEY_CHECK_INTERVAL``).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import signal
 import time
 from collections.abc import Callable
 
 import zmq
 
-from ipc import transport
+from ipc import curve, transport
 from ipc.transport import NOBLOCK
-from router.core import RouterCore
+from router.core import Delivery, RouterCore
 from workerpool._proc import SignalWakeup, release_memory
-from workerpool.config import DEFAULT_BACKEND, RouterConfig
+from workerpool.config import DEFAULT_BACKEND, RouterConfig, SecurityConfig
 
 log = logging.getLogger("workerpool.router")
 
@@ -36,7 +44,7 @@ BATCH_SECONDS = 0.005
 this rarely cuts a batch short; a client's costly ones (a meta just under max_meta_bytes
 takes milliseconds to decode) would otherwise hold the loop for seconds, leave workers'
 heartbeats unread, and have them declared hung."""
-FRONTEND_SNDHWM = 1_000_000  # replies queued to one client before it counts as not reading
+KEY_CHECK_INTERVAL = 2.0  # seconds between stats of the key folders: revocation within 10 s
 
 
 class _Sockets:
@@ -46,20 +54,21 @@ class _Sockets:
         self._frontend = frontend
         self._backend = backend
 
-    def to_client(self, client: bytes, frames: list) -> bool:
+    def to_client(self, client: bytes, frames: list) -> Delivery:
         return _send(self._frontend, client, frames)
 
     def to_backend(self, ident: bytes, frames: list) -> bool:
-        return _send(self._backend, ident, frames)
+        return _send(self._backend, ident, frames) is Delivery.SENT
 
 
-def _send(sock: zmq.Socket, peer: bytes, frames: list) -> bool:
-    """False when ``peer`` is gone (EHOSTUNREACH) or not reading (EAGAIN)."""
+def _send(sock: zmq.Socket, peer: bytes, frames: list) -> Delivery:
+    """GONE when ``peer`` is not connected (EHOSTUNREACH), FULL when its send queue is at
+    its SNDHWM (EAGAIN: it does not read)."""
     try:
         transport.send(sock, [peer, *frames], NOBLOCK)
-    except zmq.ZMQError:
-        return False
-    return True
+    except zmq.ZMQError as exc:
+        return Delivery.FULL if exc.errno == errno.EAGAIN else Delivery.GONE
+    return Delivery.SENT
 
 
 class Router:
@@ -70,11 +79,29 @@ class Router:
     worker to stop, and returns.
     """
 
-    def __init__(self, config: RouterConfig, service_defaults: dict | None = None) -> None:
+    def __init__(self, config: RouterConfig, service_defaults: dict | None = None,
+                 security: SecurityConfig | None = None) -> None:
         self.config = config
+        security = security or SecurityConfig()
+        backend = config.backend or DEFAULT_BACKEND
+        curve.check_exposure([config.frontend, backend], bool(security.keys), security.insecure)
         self._ctx = zmq.Context()
-        self.frontend = self._bind(config.frontend, sndhwm=FRONTEND_SNDHWM)
-        self.backend = self._bind(config.backend or DEFAULT_BACKEND, sndhwm=0)
+        self.keys: curve.KeyStore | None = None
+        self._auth = None
+        if security.keys:
+            self.keys = curve.KeyStore(security.keys)
+            self._auth = curve.start_authenticator(self._ctx, self.keys)
+        self._next_key_check = 0.0
+        self._reload_keys = False  # set by SIGHUP
+        try:
+            # Per connection: past it a client counts as not reading and is cut off.
+            self.frontend = self._bind(config.frontend, config.max_unread_replies,
+                                       curve.FRONTEND_DOMAIN)
+            self.backend = self._bind(backend, 0, curve.BACKEND_DOMAIN)
+        except zmq.ZMQError:
+            if self._auth is not None:  # its thread would hold the context open
+                self._auth.stop()
+            raise
         self.frontend_address = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_address = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.core = RouterCore(config, service_defaults, _Sockets(self.frontend, self.backend),
@@ -83,8 +110,10 @@ class Router:
         # A message's parts: routing id, header, meta, body, then its buffer frames.
         self._max_parts = 4 + config.max_buffer_frames
 
-    def _bind(self, address: str, sndhwm: int) -> zmq.Socket:
+    def _bind(self, address: str, sndhwm: int, domain: str) -> zmq.Socket:
         sock = self._ctx.socket(zmq.ROUTER)
+        if self.keys is not None:
+            curve.secure_server(sock, self.keys, domain)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
@@ -96,6 +125,24 @@ class Router:
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT start a drain; the wake-up fd makes the poll return at once."""
         self._wakeup.install(lambda: self.core.begin_drain("signal"))
+        signal.signal(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self, signum: int, frame: object) -> None:
+        """Read the keys again at once (the wake-up fd makes the poll return)."""
+        self._reload_keys = True
+
+    def check_keys(self, now: float) -> None:
+        """Read the key store again on SIGHUP, or when a stat shows its folders changed."""
+        if self.keys is None:
+            self._reload_keys = False
+            return
+        if not self._reload_keys and now < self._next_key_check:
+            return
+        self._next_key_check = now + KEY_CHECK_INTERVAL
+        forced, self._reload_keys = self._reload_keys, False
+        if (forced or self.keys.changed()) and self.keys.reload():
+            log.info("keys read again from %s: %d allowed", self.keys.directory,
+                     len(self.keys))
 
     def run(self) -> None:
         core = self.core
@@ -112,6 +159,7 @@ class Router:
                 events = dict(poller.poll(timeout))
                 if self._wakeup.fileno() in events:
                     self._wakeup.drain()
+                self.check_keys(time.monotonic())
                 busy = False
                 if self.backend in events:
                     busy |= self._drain_socket(self.backend, core.on_backend, self._max_parts)
@@ -129,21 +177,32 @@ class Router:
     def close(self) -> None:
         self.frontend.close()
         self.backend.close()
+        if self._auth is not None:
+            self._auth.stop()
         self._ctx.term()
         self._wakeup.close()
 
-    def _drain_socket(self, sock: zmq.Socket, handler: Callable[[list], None],
+    def _drain_socket(self, sock: zmq.Socket, handler: Callable[..., None],
                       max_parts: int | None = None) -> bool:
         """Handle up to BATCH waiting messages, for up to about BATCH_SECONDS; True if more
-        may be waiting."""
+        may be waiting. With keys, each message goes with its key's role now (None: no
+        longer allowed)."""
+        keys = self.keys
         until = time.monotonic() + BATCH_SECONDS
         for _ in range(BATCH):
             try:
-                frames = transport.recv(sock, NOBLOCK, 4, max_parts)  # routing id, then the message
+                if keys is None:  # routing id, then the message
+                    frames = transport.recv(sock, NOBLOCK, 4, max_parts)
+                else:
+                    frames, user = transport.recv_from(sock, NOBLOCK, 4, max_parts)
+                    role = keys.role(user)
             except zmq.Again:
                 return False
             try:
-                handler(frames)
+                if keys is None:
+                    handler(frames)
+                else:
+                    handler(frames, role)
             except Exception:  # a bug must cost one message, never the router
                 self.core.stats["internal_errors"] += 1
                 log.exception("internal error handling a message; message dropped")

@@ -118,11 +118,13 @@ class Service:
             return None
         return n / (now - done[lo])
 
-    def retry_after(self, now: float) -> float:
+    def retry_after(self, now: float, ahead: int | None = None) -> float:
         """Seconds until a request refused now would likely be admitted: the requests queued
-        ahead of it, plus itself, divided by the rate the workers finish them. Before that
-        rate is known: by the mean service time over the workers' total capacity."""
-        ahead = self.queued + 1
+        ahead of it, plus itself (or ``ahead``), divided by the rate the workers finish
+        them. Before that rate is known: by the mean service time over the workers' total
+        capacity."""
+        if ahead is None:
+            ahead = self.queued + 1
         rate = self.completion_rate(now)
         if rate is not None:
             estimate = ahead / rate

@@ -25,6 +25,8 @@ def status(core: RouterCore) -> dict:
             "uptime": round(now - core.started, 3),
             "draining": core.draining,
             "requests": len(core.requests),
+            "clients": len(core.requests.per_client),
+            "clients_cut_off": len(core.clients.cut_off_until),
             "supervisors": len(core.supervisors.known),
             "counters": dict(core.stats),
         },
@@ -40,4 +42,7 @@ def _service_row(core: RouterCore, svc: Service) -> dict:
     row["spares"] = sum(1 for s in core.registry.slots.values()
                         if s.service == svc.name and s.state is WorkerState.SPARE)
     row["target_workers"] = core.scaling.active_target(svc.name)
+    # The mean over its serving workers: what the service's GPUs are doing now.
+    busy = [u for c in svc.conns if (u := c.busy.recent()) is not None]
+    row["utilization"] = round(sum(busy) / len(busy), 3) if busy else None
     return row

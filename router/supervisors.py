@@ -33,6 +33,14 @@ def worker_count(value: object) -> int:
     return value
 
 
+def _running(slot: dict) -> tuple[int, object] | None:
+    """(incarnation, pid) of the process a HELLO says runs in a slot, if any."""
+    inc = slot.get("incarnation")
+    if isinstance(inc, bool) or not isinstance(inc, int) or inc < 1:
+        return None
+    return inc, slot.get("pid")
+
+
 class Supervisors:
     def __init__(self, core: RouterCore) -> None:
         self.core = core
@@ -59,7 +67,7 @@ class Supervisors:
     def on_hello(self, ident: bytes, meta: dict) -> None:
         core = self.core
         services = list(meta.get("services", ()))
-        slots = [(str(s["slot"]), str(s["service"]), str(s.get("device", "?")))
+        slots = [(str(s["slot"]), str(s["service"]), str(s.get("device", "?")), _running(s))
                  for s in meta.get("slots", ())]
         for s in services:  # all or nothing: check every service before applying any
             ServiceConfig.model_validate(
@@ -78,10 +86,16 @@ class Supervisors:
             if "workers" in s:
                 core.scaling.set_target(str(s["name"]), ident, worker_count(s["workers"]),
                                         worker_count(s.get("spares", 0)))
-        for slot_id, service, device in slots:
+        for slot_id, service, device, running in slots:
             slot = core.registry.slot(slot_id, service, device)
+            if slot.owner not in (None, ident) and self.connected(slot.owner):
+                core.stats["slots_taken_over"] += 1
+                log.warning("supervisor %r takes slot %s over from supervisor %r, which is "
+                            "still connected", ident, slot_id, slot.owner)
             slot.owner = ident
             core.registry.departed_owner.pop(slot_id, None)
+            if running is not None:  # the process it runs there now (a restarted router)
+                core.registry.vouch(slot, *running)
             if slot.conn is not None:  # its worker registered before our HELLO arrived
                 core.to_backend(ident, Kind.READY,
                                 {"slot": slot.id, "incarnation": slot.conn.incarnation})
@@ -91,10 +105,19 @@ class Supervisors:
             core.to_backend(ident, Kind.DRAINED)
 
     def on_slot(self, ident: bytes, meta: dict) -> None:
-        """A supervisor reports a slot's process event (``ipc.lifecycle.SlotEvent``)."""
+        """A supervisor reports a slot's process event (``ipc.lifecycle.SlotEvent``). Only
+        the slot's own supervisor may; a slot nobody described yet becomes the sender's."""
         core = self.core
         registry = core.registry
-        slot = registry.slot(str(meta["slot"]), str(meta["service"]), str(meta.get("device", "?")))
+        slot_id = str(meta["slot"])
+        owner = registry.owner(slot_id)
+        if owner != ident and (owner is not None or not self.connected(ident)):
+            core.stats["slot_events_not_owner"] += 1
+            core.warn("not-owner", "SLOT for %.80s from %r, which is not its supervisor; "
+                      "ignored", slot_id, ident)
+            return
+        slot = registry.slot(slot_id, str(meta["service"]), str(meta.get("device", "?")))
+        slot.owner = ident
         incarnation = int(meta["incarnation"])
         event = SlotEvent(meta["event"])  # an unknown event is a ValueError: a bad message
         if incarnation < slot.incarnation:
@@ -102,10 +125,9 @@ class Supervisors:
             return
         if event is SlotEvent.STARTED:
             if incarnation > slot.incarnation:
-                slot.incarnation = incarnation
-                slot.pid = meta.get("pid")
                 slot.left_cleanly = False
                 slot.transition(WorkerState.RESTARTING if incarnation > 1 else WorkerState.STARTING)
+                registry.vouch(slot, incarnation, meta.get("pid"))
         elif event is SlotEvent.DIED:
             registry.note_death(slot, incarnation, str(meta.get("reason", "died")))
         elif event is SlotEvent.FAILED:
@@ -135,8 +157,13 @@ class Supervisors:
 
     def on_drain(self, ident: bytes, meta: dict) -> None:
         """scope "router": the whole pool stops (``up``). scope "supervisor": only that
-        supervisor's workers leave; the router and other supervisors keep serving."""
+        supervisor's workers leave; the router and other supervisors keep serving. Only
+        from a supervisor that said HELLO."""
         core = self.core
+        if not self.connected(ident) and ident not in self.draining:
+            core.stats["drains_refused"] += 1
+            core.warn("not-owner", "DRAIN from %r, which is not a supervisor; ignored", ident)
+            return
         if meta.get("scope", "router") == "router":
             core.begin_drain(f"requested by supervisor {ident!r}")
             return

@@ -10,7 +10,7 @@ import msgpack
 from ipc import protocol
 from ipc.errors import from_wire
 from ipc.protocol import Kind
-from router.core import RouterCore
+from router.core import Delivery, RouterCore
 from workerpool.config import RouterConfig
 
 
@@ -37,25 +37,29 @@ class Sent:
 
 @dataclass
 class RecordingOutbox:
-    """Every message the core sends, decoded; peers in ``unreachable`` refuse sends."""
+    """Every message the core sends, decoded. Peers in ``unreachable`` are gone; clients
+    in ``not_reading`` have a full send queue."""
 
     sent: list[Sent] = field(default_factory=list)
     unreachable: set[bytes] = field(default_factory=set)
+    not_reading: set[bytes] = field(default_factory=set)
 
-    def _record(self, side: str, peer: bytes, frames: list) -> bool:
+    def _record(self, side: str, peer: bytes, frames: list) -> Delivery:
         if peer in self.unreachable:
-            return False
+            return Delivery.GONE
+        if peer in self.not_reading:
+            return Delivery.FULL
         kind, req_id = protocol.unpack_header(frames[0])
         meta = protocol.unpack_meta(frames[1])
         body = msgpack.unpackb(frames[2]) if frames[2] else None
         self.sent.append(Sent(side, peer, kind, req_id, meta, body))
-        return True
+        return Delivery.SENT
 
-    def to_client(self, client: bytes, frames: list) -> bool:
+    def to_client(self, client: bytes, frames: list) -> Delivery:
         return self._record("client", client, frames)
 
     def to_backend(self, ident: bytes, frames: list) -> bool:
-        return self._record("backend", ident, frames)
+        return bool(self._record("backend", ident, frames))
 
     def take(self) -> list[Sent]:
         out, self.sent = self.sent, []
@@ -92,8 +96,15 @@ class Harness:
                                        "slots": slots})
 
     def ready(self, slot: str, capacity: int = 1, incarnation: int = 1,
-              methods: tuple = ("echo",)) -> bytes:
+              methods: tuple = ("echo",), vouch: bool = True) -> bytes:
+        """Register a worker; first, as its supervisor does, vouch for it (SLOT started)."""
         ident = f"{slot}#{incarnation}".encode()
+        known = self.core.registry.slots.get(slot)
+        if vouch and known is not None and known.owner is not None \
+                and known.incarnation < incarnation:
+            self.backend(known.owner, Kind.SLOT, {"slot": slot, "service": known.service,
+                                                  "incarnation": incarnation, "event": "started",
+                                                  "pid": 1000 + incarnation})
         self.incarnations[slot] = incarnation
         self.backend(ident, Kind.READY, {"slot": slot, "incarnation": incarnation,
                                          "service": slot.rpartition("/")[0],

@@ -3,6 +3,8 @@ typed error reply, a bad backend peer is dropped, and everyone else keeps being 
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import msgpack
@@ -225,3 +227,54 @@ def test_memory_bombs_cost_the_router_nothing_it_keeps(pool):
             assert after - before < 64, f"router RSS {before:.0f} -> {after:.0f} MiB"
         finally:
             peer.close()
+
+
+def test_a_rogue_backend_peer_cannot_take_a_slot_over_or_reshape_the_pool(procs):
+    """The attacks of issue 12 on a keyless backend that the supervisor's vouch closes: a
+    READY claiming a real slot with a huge incarnation, a forged SLOT ``failed``, a DRAIN,
+    and heartbeats in a real worker's name (router.vouching)."""
+    pool = procs.pool(workers=1)
+    st = pool.status()
+    backend = st["router"]["backend"]
+    real = st["workers"][0]
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(backend)
+    try:
+        slot, inc = real["id"], real["incarnation"]
+        rogue.send_multipart(protocol.encode(Kind.READY, 0, {
+            "slot": slot, "incarnation": 2**62, "service": "default", "capacity": 64,
+            "pid": 1, "methods": ["echo"]}))
+        rogue.send_multipart(protocol.encode(Kind.READY, 0, {
+            "slot": "default/99", "incarnation": 1, "service": "default", "capacity": 64,
+            "pid": 1, "methods": ["echo"]}))
+        rogue.send_multipart(protocol.encode(Kind.SLOT, 0, {
+            "slot": slot, "service": "default", "incarnation": inc, "event": "failed",
+            "reason": "forged"}))
+        rogue.send_multipart(protocol.encode(Kind.DRAIN, 0, {}))
+        rogue.send_multipart(protocol.encode(Kind.HEARTBEAT, 0, {"of": f"{slot}#{inc}".encode()}))
+        time.sleep(0.3)
+        with Client(pool.address, timeout=10) as c:
+            assert [c.call("echo", i) for i in range(20)] == list(range(20))
+        st = pool.status()
+        assert [w["id"] for w in st["workers"]] == [slot]
+        assert st["workers"][0]["state"] in ("ready", "busy") and not st["router"]["draining"]
+        counters = st["router"]["counters"]
+        assert counters["slot_events_not_owner"] == 1 and counters["drains_refused"] == 1
+        assert counters["heartbeats_refused"] == 1
+        # The real worker's respawn is not refused as stale.
+        os.kill(real["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            row = pool.status()["workers"][0]
+            if row["incarnation"] == inc + 1 and row["state"] == "ready":
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"the respawn did not register: {row}")
+        with Client(pool.address, timeout=10) as c:
+            assert c.call("echo", "after") == "after"
+    finally:
+        rogue.close()
+        ctx.term()

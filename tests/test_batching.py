@@ -24,6 +24,7 @@ from workerpool import (
     batched,
 )
 from workerpool.batching import batch_spec
+from workerpool.busy import BusyMeter
 from workerpool.errors import ResourceExhaustedError
 
 H = "tests.handlers:Batches"
@@ -450,6 +451,7 @@ class _FakeHost:
         self.backlog = OrderedDict()
         self.stats = WorkerStats()
         self.replies = _FakeReplies()
+        self.busy = BusyMeter()
         self.failed: list[tuple] = []
 
     def add(self, rid, method, payload, **meta):

@@ -490,12 +490,13 @@ def test_the_core_never_raises_on_hostile_messages():
     """The same messages straight into RouterCore (no sockets): an exception out of it would
     cost the router that message and its sender the reply. Every client message the core
     answers at once gets one reply, under its own id or 0."""
+    from router.core import Delivery
     from tests.router_harness import Harness, RecordingOutbox, Sent
 
     class Outbox(RecordingOutbox):
         """Records bodies the router forwards unread (a client's garbage) as their bytes."""
 
-        def _record(self, side: str, peer: bytes, frames: list) -> bool:
+        def _record(self, side: str, peer: bytes, frames: list) -> Delivery:
             kind, req_id = protocol.unpack_header(frames[0])
             try:
                 body = msgpack.unpackb(frames[2]) if frames[2] else None
@@ -503,7 +504,7 @@ def test_the_core_never_raises_on_hostile_messages():
                 body = frames[2]
             self.sent.append(Sent(side, peer, kind, req_id, protocol.unpack_meta(frames[1]),
                                   body))
-            return True
+            return Delivery.SENT
 
     h = Harness()
     h.out = h.core.out = Outbox()

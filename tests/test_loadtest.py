@@ -129,7 +129,7 @@ def _synthetic_report() -> dict:
     fault = {"kind": "kill", "at_s": 1.0, "injected_at_s": 1.0, "worker": "default/0",
              "pid": 1, "service": "default", "serving_before": 2, "detected_s": 0.05,
              "pool_recovered_s": 0.2, "cause": "was killed by SIGKILL", "error": None}
-    return build(spec, 1, rec, faults=[fault], serving=[(0.0, 2, 2)], known_workers=[],
+    return build(spec, 1, rec, faults=[fault], serving=[(0.0, 2, 2, 0.9)], known_workers=[],
                  started_at="2026-01-01T00:00:00+00:00", elapsed=2.0, interrupted=False,
                  notes=[])
 
@@ -165,7 +165,7 @@ def test_latency_recovery_ends_with_the_disturbance_not_later_noise():
 TOP_KEYS = {"schema_version", "started_at", "elapsed_s", "interrupted", "config", "requests",
             "throughput", "latency_ms", "latency_from", "error_latency_ms", "send_lag_ms",
             "errors", "unanswered", "methods", "workers", "balance", "faults", "timeline",
-            "warnings", "exit_status"}
+            "warnings", "exit_status", "utilization"}
 CONFIG_KEYS = {"router", "mode", "rate", "arrival", "concurrency", "duration_s", "requests",
                "warmup_s", "timeout_s", "priority", "idempotent", "procs", "methods", "payload",
                "inject", "seed", "interval_s"}
@@ -176,7 +176,7 @@ FAULT_KEYS = {"kind", "at_s", "injected_at_s", "worker", "pid", "service", "serv
               "detected_s", "pool_recovered_s", "service_recovered_s", "errors_during",
               "cause", "error"}
 TIMELINE_KEYS = {"interval_s", "t", "sent", "ok", "errors", "unanswered", "failed", "ok_rps", "p50_ms",
-                 "p90_ms", "p99_ms", "max_ms", "workers_serving"}
+                 "p90_ms", "p99_ms", "max_ms", "workers_serving", "utilization"}
 
 
 def _check_schema(r: dict) -> None:
@@ -190,7 +190,8 @@ def _check_schema(r: dict) -> None:
     assert all(set(f) == FAULT_KEYS for f in r["faults"])
     assert all(set(w) == {"replies", "share"} for w in r["workers"].values())
     n = len(r["timeline"]["t"])
-    assert all(len(r["timeline"][k]) == n for k in TIMELINE_KEYS - {"interval_s", "workers_serving"})
+    assert all(len(r["timeline"][k]) == n for k in TIMELINE_KEYS - {"interval_s", "workers_serving",
+                                                                          "utilization"})
 
 
 def test_json_schema_is_stable():
@@ -268,6 +269,10 @@ def test_injected_kill_shows_in_the_report_and_every_request_is_answered(procs):
     # The status samples show the pool one worker short, then whole again.
     serving = [n for _, n, _ in r["timeline"]["workers_serving"]]
     assert serving[-1] == 2
+    # And how busy the serving workers were, from the same polls.
+    u = r["utilization"]
+    assert u is not None and 0 <= u["min"] <= u["mean"] <= u["max"] <= 1 and u["samples"] > 0
+    assert all(0 <= v <= 1 for _, v in r["timeline"]["utilization"])
 
 
 def test_generator_processes_plot_and_byte_payloads(procs, tmp_path):

@@ -37,7 +37,7 @@ def test_queue_heaps_stay_bounded_when_traffic_flows_through():
         rec.phase = Phase.DONE
         svc.queue.eviction_candidate(0)
     assert svc.queued == 50
-    assert len(svc.queue._heap) <= 2 * 50 + 64 + 1
+    assert svc.queue._entries <= 2 * 50 + 64 + 1
     assert len(svc.queue._low) <= 2 * 50 + 64 + 1
 
 
@@ -50,7 +50,7 @@ def test_queue_heaps_stay_bounded_when_queued_requests_time_out():
             rec.phase = Phase.DONE  # finished in place (timeout, cancel)
             svc.queue.forget()
     assert svc.queued == 5000
-    assert len(svc.queue._heap) <= 2 * 5000 + 64 + 1 and len(svc.queue._low) <= 2 * 5000 + 64 + 1
+    assert svc.queue._entries <= 2 * 5000 + 64 + 1 and len(svc.queue._low) <= 2 * 5000 + 64 + 1
 
 
 # -- dispatch and replies ---------------------------------------------------------------------
@@ -256,13 +256,13 @@ def test_a_silent_worker_is_killed_through_its_supervisor_then_declared_dead():
 
 def test_heartbeats_of_workers_that_never_registered_are_forgotten():
     h = Harness()
-    h.backend(b"hb-gone", Kind.HEARTBEAT, {"of": b"gone#1"})
+    h.backend(b"gone#1#hb", Kind.HEARTBEAT, {"of": b"gone#1"})
     h.tick(60)  # silent for a minute: that process is gone
-    h.backend(b"hb-live", Kind.HEARTBEAT, {"of": b"live#1"})
+    h.backend(b"live#1#hb", Kind.HEARTBEAT, {"of": b"live#1"})
     h.tick(0.2)
     assert set(h.core.liveness._unknown_beats) == {b"live#1"}
-    h.backend(b"hb-live", Kind.HEARTBEAT, {"of": b"live#1"})  # a beat later: ask it to register
-    assert h.out.to(b"hb-live")[-1].meta["register"] is True
+    h.backend(b"live#1#hb", Kind.HEARTBEAT, {"of": b"live#1"})  # a beat later: ask it to register
+    assert h.out.to(b"live#1#hb")[-1].meta["register"] is True
 
 
 def test_last_error_is_the_most_recent_abnormal_end_and_a_clean_end_clears_it():
@@ -273,7 +273,7 @@ def test_last_error_is_the_most_recent_abnormal_end_and_a_clean_end_clears_it():
     h.tick(0.01)
     slot = h.core.registry.slots["default/0"]
     assert slot.last_error == "was killed by SIGKILL"
-    h.slot_event("default/0", "started", incarnation=2, pid=2002)
+    h.slot_event("default/0", "started", incarnation=2, pid=1002)
     w2 = h.ready("default/0", incarnation=2)
     assert slot.last_error == "was killed by SIGKILL"  # still its most recent end
     # An operator restart: GOODBYE "stopped", then the process exits and is respawned.
@@ -282,7 +282,7 @@ def test_last_error_is_the_most_recent_abnormal_end_and_a_clean_end_clears_it():
     h.slot_event("default/0", "died", incarnation=2, reason="restarted (exit code 0)")
     h.tick(0.01)
     assert slot.last_error is None
-    h.slot_event("default/0", "started", incarnation=3, pid=2003)
+    h.slot_event("default/0", "started", incarnation=3, pid=1003)
     h.ready("default/0", incarnation=3)
     assert slot.last_error is None and slot.state.value == "ready"
 
@@ -336,7 +336,7 @@ def test_a_late_worker_of_a_departed_supervisor_is_told_to_stop_even_if_its_slot
     h.backend(b"sup", Kind.DRAIN, {"scope": "supervisor"})
     h.tick(0.05)
     assert "default/0" not in h.core.registry.slots
-    h.slot_event("default/0", "started", incarnation=2, pid=2002)  # sent before DRAINED came
+    h.slot_event("default/0", "started", incarnation=2, pid=1002)  # sent before DRAINED came
     assert "default/0" in h.core.registry.slots
     late = h.ready("default/0", incarnation=2)
     assert [s.kind for s in h.out.to(late)] == [Kind.SHUTDOWN]

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ipc import codec
 from ipc.protocol import Kind, Message
 from workerpool import faults
+from workerpool.busy import BusyMeter
 from workerpool.context import WorkerStats
 from workerpool.errors import PayloadError, RequestTimeoutError, WorkerPoolError
 from workerpool.faults import Fate
@@ -101,6 +102,7 @@ class BatchHost(Protocol):
     backlog: OrderedDict[int, Message]  # received, not started, oldest first
     stats: WorkerStats
     replies: Replies
+    busy: BusyMeter  # the handler's running time, for utilization
 
     def more_may_come(self) -> bool:
         """The router may send more: the worker holds less than it may, and is not stopping."""
@@ -220,11 +222,15 @@ class BatchRunner:
         host.stats.batches += 1
         host.stats.batched_requests += len(ids)
         replies.wait_unsent()  # the handler may reuse memory an earlier reply is still sent from
+        busy = host.busy
+        busy.begin()
         try:
             results = check_results(method, method_fn(payloads), len(ids))
         except Exception as exc:
+            busy.end()
             host.fail(ids, exc)
             return
+        busy.end()
         for r in results:
             if (isinstance(r, BaseException) and not isinstance(r, WorkerPoolError)
                     and faults.fate_of(r) is Fate.POISONED):

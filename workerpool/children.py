@@ -76,9 +76,13 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
             pass
 
 
-def router_argv(router_config_json: str, service_defaults: dict | None = None) -> list[str]:
-    """Command line that starts a router process by fresh exec."""
-    return [sys.executable, "-m", "router", router_config_json, json.dumps(service_defaults or {})]
+def router_argv(router_config_json: str, service_defaults: dict | None = None,
+                security_json: str | None = None) -> list[str]:
+    """Command line that starts a router process by fresh exec. ``security_json`` (a
+    ``SecurityConfig``) names the keys directory, never a key itself."""
+    argv = [sys.executable, "-m", "router", router_config_json,
+            json.dumps(service_defaults or {})]
+    return argv if security_json is None else [*argv, security_json]
 
 
 class RouterProcess:
@@ -110,6 +114,10 @@ class RouterProcess:
 
     def gone(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None:
+            send_signal(self.proc, sig)
 
     def stop(self, timeout: float) -> None:
         """Let it exit by itself (it drained), then SIGTERM, then after ``timeout`` SIGKILL."""

@@ -20,7 +20,14 @@ import click
 from pydantic import ValidationError
 
 from workerpool._proc import LOG_LEVEL_ENV, setup_logging
-from workerpool.config import DEFAULT_BACKEND, DEFAULT_FRONTEND, POLICIES, PoolConfig, ServiceConfig
+from workerpool.config import (
+    DEFAULT_BACKEND,
+    DEFAULT_FRONTEND,
+    POLICIES,
+    PoolConfig,
+    SecurityConfig,
+    ServiceConfig,
+)
 from workerpool.loadtest.command import loadtest
 
 
@@ -106,6 +113,82 @@ def _service_options(f):
     return f
 
 
+def _keys_option(f):
+    return click.option(
+        "--keys", "keys_dir", type=click.Path(file_okay=False), default=None,
+        help="Keys directory made by `workerpool keys init` (CURVE; docs/security.md).")(f)
+
+
+def _insecure_option(f):
+    return click.option(
+        "--insecure", is_flag=True, default=None,
+        help="Allow binding a non-loopback address without --keys: anyone who reaches it "
+             "can use and reshape the pool.")(f)
+
+
+def _peer_key_options(f):
+    """--keys DIR, or --key FILE with --router-key FILE: a connecting peer's keys."""
+    f = click.option("--router-key", type=click.Path(dir_okay=False), default=None,
+                     help="The router's public key file (router.key), with --key.")(f)
+    f = click.option("--key", type=click.Path(dir_okay=False), default=None,
+                     help="This peer's own secret key file (NAME.key_secret).")(f)
+    return _keys_option(f)
+
+
+def _security(keys_dir: str | None, key: str | None = None, router_key: str | None = None,
+              insecure: bool | None = None,
+              base: SecurityConfig | None = None) -> SecurityConfig:
+    """[security] from the config file (``base``) with the flags over it."""
+    fields = (base or SecurityConfig()).model_dump()
+    if keys_dir is not None:
+        fields["keys"] = keys_dir
+    if key is not None or router_key is not None:
+        fields["key"], fields["router_key"] = key, router_key
+    if insecure:
+        fields["insecure"] = True
+    for name in ("keys", "key", "router_key"):  # children may run elsewhere in the tree
+        if fields[name] is not None:
+            fields[name] = os.path.abspath(os.path.expanduser(fields[name]))
+    try:
+        return SecurityConfig.model_validate(fields)
+    except ValidationError as exc:
+        raise click.UsageError(_pydantic_message(exc)) from None
+
+
+def _peer_keys(sec: SecurityConfig, role: str) -> tuple[str, str] | None:
+    """(own secret, router public) paths of ``role``'s pair, checked readable now."""
+    from ipc.curve import KeyFileError, PeerKeys
+
+    files = sec.peer_files(role)
+    if files is None:
+        return None
+    try:
+        PeerKeys.from_files(*files)
+    except KeyFileError as exc:
+        raise click.UsageError(str(exc)) from None
+    return str(files[0]), str(files[1])
+
+
+def _client(router_addr: str, keys_dir: str | None, key: str | None, router_key: str | None,
+            role: str = "client"):
+    """A Client with the peer key flags: --key/--router-key, else --keys DIR's ``role``."""
+    from workerpool.client import Client
+
+    files = _peer_keys(_security(keys_dir, key, router_key), role)
+    if files is None:
+        return Client(router_addr)
+    return Client(router_addr, key=files[0], router_key=files[1])
+
+
+def _check_binds(frontend: str, backend: str | None, sec: SecurityConfig) -> None:
+    from ipc.curve import KeyFileError, check_exposure
+
+    try:
+        check_exposure([frontend, backend or ""], bool(sec.keys), sec.insecure)
+    except KeyFileError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 def _build_config(config_path: str | None, service: str | None, router: dict[str, Any],
                   svc: dict[str, Any], options: dict[str, Any] | None = None) -> PoolConfig:
     """TOML first, then flags (``options``: merged over the service's, key by key); exits
@@ -150,10 +233,12 @@ def _pydantic_message(exc: ValidationError) -> str:
               help="Address workers connect to (default: a private ipc:// socket).")
 @click.option("--drain-timeout", type=float, default=None,
               help="On Ctrl-C/SIGTERM, seconds in-flight requests may still run (default 30).")
+@_keys_option
+@_insecure_option
 @_service_options
-def up(frontend, backend, drain_timeout, config_path, service, handler, workers, spares, devices,
-       workers_per_device, policy, max_inflight, queue_capacity, capacity_policy,
-       max_wait, handler_options) -> None:
+def up(frontend, backend, drain_timeout, keys_dir, insecure, config_path, service, handler,
+       workers, spares, devices, workers_per_device, policy, max_inflight, queue_capacity,
+       capacity_policy, max_wait, handler_options) -> None:
     """Run a whole pool: a router and a supervised set of workers, in the foreground.
 
     Ctrl-C or SIGTERM drains: no new requests are admitted, in-flight ones finish, every
@@ -169,6 +254,19 @@ def up(frontend, backend, drain_timeout, config_path, service, handler, workers,
          "workers_per_device": workers_per_device, "policy": policy,
          "max_inflight": max_inflight, "queue_capacity": queue_capacity,
          "capacity_policy": capacity_policy, "max_wait": max_wait}, handler_options)
+    sec = _security(keys_dir, insecure=insecure, base=cfg.security)
+    _check_binds(cfg.router.frontend, cfg.router.backend, sec)
+    # The router reads the directory; the supervisor and its workers use the worker pair.
+    worker_keys = None
+    if sec.keys:
+        from ipc.curve import KeyFileError, KeyStore
+
+        try:
+            KeyStore(sec.keys)  # the router's own pair: refused here, not in the child
+        except KeyFileError as exc:
+            raise click.UsageError(str(exc)) from None
+        worker_keys = _peer_keys(sec, "worker")
+    router_sec = SecurityConfig(keys=sec.keys, insecure=sec.insecure)
     tmpdir = None
     if cfg.router.backend is None:
         # A private ipc socket: pools side by side on one host never collide.
@@ -176,10 +274,11 @@ def up(frontend, backend, drain_timeout, config_path, service, handler, workers,
         cfg.router.backend = f"ipc://{tmpdir}/backend"
     total = sum(s.workers for s in cfg.services)
     sup = Supervisor(cfg.services, cfg.router.backend, cfg.supervisor,
-                     router_argv=router_argv(cfg.router.model_dump_json()),
+                     router_argv=router_argv(cfg.router.model_dump_json(), None,
+                                             router_sec.model_dump_json()),
                      drain_timeout=cfg.router.drain_timeout,
                      max_message_bytes=cfg.router.max_message_bytes,
-                     heartbeat_interval=cfg.router.heartbeat_interval)
+                     heartbeat_interval=cfg.router.heartbeat_interval, keys=worker_keys)
 
     def announce() -> None:
         names = ", ".join(f"{s.name}={s.handler} x{s.workers}" for s in cfg.services)
@@ -209,8 +308,15 @@ def up(frontend, backend, drain_timeout, config_path, service, handler, workers,
               help="Policy for services whose supervisor does not name one.")
 @click.option("--drain-timeout", type=float, default=None,
               help="On SIGTERM, seconds in-flight requests may still run (default 30).")
-def router_cmd(frontend, backend, config_path, policy, drain_timeout) -> None:
-    """Run only the router; start workers elsewhere with `workerpool worker --router`."""
+@_keys_option
+@_insecure_option
+def router_cmd(frontend, backend, config_path, policy, drain_timeout, keys_dir,
+               insecure) -> None:
+    """Run only the router; start workers elsewhere with `workerpool worker --router`.
+
+    With --keys, SIGHUP reads the key folders again at once (they are also checked every
+    few seconds)."""
+    from ipc.curve import KeyFileError
     from router.router import Router
 
     cfg = _build_config(config_path, None,
@@ -218,8 +324,13 @@ def router_cmd(frontend, backend, config_path, policy, drain_timeout) -> None:
                          "drain_timeout": drain_timeout}, {})
     if cfg.router.backend is None:
         cfg.router.backend = DEFAULT_BACKEND
+    sec = _security(keys_dir, insecure=insecure, base=cfg.security)
+    _check_binds(cfg.router.frontend, cfg.router.backend, sec)
     defaults = {"policy": policy} if policy else {}
-    r = Router(cfg.router, defaults)
+    try:
+        r = Router(cfg.router, defaults, sec)
+    except KeyFileError as exc:
+        raise click.UsageError(str(exc)) from None
     r.install_signal_handlers()
     r.run()
 
@@ -231,10 +342,11 @@ def router_cmd(frontend, backend, config_path, policy, drain_timeout) -> None:
 @click.option("--node", default=None,
               help="Name for this supervisor in worker ids (SERVICE/NODE/N) "
                    "[default: HOSTNAME-PID]; must be unique per router.")
+@_peer_key_options
 @_service_options
-def worker(router_addr, node, config_path, service, handler, workers, spares, devices,
-           workers_per_device, policy, max_inflight, queue_capacity, capacity_policy,
-           max_wait, handler_options) -> None:
+def worker(router_addr, node, keys_dir, key, router_key, config_path, service, handler,
+           workers, spares, devices, workers_per_device, policy, max_inflight, queue_capacity,
+           capacity_policy, max_wait, handler_options) -> None:
     """Run a supervisor and its workers for a router elsewhere (same code as `up`)."""
     from workerpool.supervisor import Supervisor
 
@@ -244,11 +356,12 @@ def worker(router_addr, node, config_path, service, handler, workers, spares, de
          "workers_per_device": workers_per_device, "policy": policy,
          "max_inflight": max_inflight, "queue_capacity": queue_capacity,
          "capacity_policy": capacity_policy, "max_wait": max_wait}, handler_options)
+    worker_keys = _peer_keys(_security(keys_dir, key, router_key, base=cfg.security), "worker")
     node = node or f"{socket.gethostname()}-{os.getpid()}"
     sup = Supervisor(cfg.services, router_addr, cfg.supervisor,
                      drain_timeout=cfg.router.drain_timeout, node=node,
                      max_message_bytes=cfg.router.max_message_bytes,
-                     heartbeat_interval=cfg.router.heartbeat_interval)
+                     heartbeat_interval=cfg.router.heartbeat_interval, keys=worker_keys)
     sup.on_ready = lambda: click.echo(
         f"workerpool worker ready: {sum(s.workers for s in cfg.services)} workers -> {router_addr}")
     sup.install_signal_handlers()
@@ -256,8 +369,8 @@ def worker(router_addr, node, config_path, service, handler, workers, spares, de
 
 
 # -- status -------------------------------------------------------------------------------------
-_COLUMNS = ("id", "pid", "device", "memory", "state", "in_flight", "completed", "errored",
-            "restarts", "uptime")
+_COLUMNS = ("id", "pid", "device", "memory", "state", "in_flight", "utilization", "completed",
+            "errored", "restarts", "uptime")
 
 
 @main.command()
@@ -266,16 +379,17 @@ _COLUMNS = ("id", "pid", "device", "memory", "state", "in_flight", "completed", 
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status object as JSON.")
 @click.option("--timeout", type=float, default=5.0, show_default=True,
               help="Seconds to wait for the router.")
-def status(router_addr, as_json, timeout) -> None:
+@_peer_key_options
+def status(router_addr, as_json, timeout, keys_dir, key, router_key) -> None:
     """Show every worker's health and every service's load."""
-    from workerpool.client import Client
     from workerpool.errors import WorkerPoolError
 
-    with Client(router_addr) as c:
+    with _client(router_addr, keys_dir, key, router_key) as c:
         try:
             st = c.status(timeout=timeout)
         except WorkerPoolError as exc:
-            raise click.ClickException(f"no status from {router_addr}: {exc}") from None
+            raise click.ClickException(
+                f"no status from {router_addr}: {exc.type}: {exc.message}") from None
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
@@ -293,12 +407,15 @@ def format_status(st: dict) -> str:
             f"service {s['name']}: policy={s['policy']} workers={s['workers']} "
             f"spares={s.get('spares', 0)} "
             f"queued={s['queued']}/{s['queue_capacity']} in_flight={s['in_flight']} "
+            f"utilization={_percent(s.get('utilization'))} "
             f"completed={s['completed']} errored={s['errored']} "
             f"rejected_backpressure={s['rejected_backpressure']} expired={s['expired']} "
             f"cancelled={s['cancelled']} service_time_ms p50={_ms(s['service_time_p50_ms'])} "
             f"p99={_ms(s['service_time_p99_ms'])}")
     r = st["router"]
     out.append(f"router pid {r['pid']} up {r['uptime']:.0f}s at {r['frontend']}"
+               + (f" clients {r['clients']}" if "clients" in r else "")
+               + (f" cut off {r['clients_cut_off']}" if r.get("clients_cut_off") else "")
                + (" (draining)" if r["draining"] else ""))
     for w in st["workers"]:
         if w.get("last_error") and w["state"] in ("dead", "failed", "restarting"):
@@ -310,6 +427,10 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
 def _cell(value: Any, column: str, row: dict) -> str:
     if column == "memory":
         return _memory(value or {})
@@ -319,6 +440,8 @@ def _cell(value: Any, column: str, row: dict) -> str:
         return f"{value}/{row['capacity']}"  # a worker stuck at its capacity stands out
     if column == "uptime":
         return f"{value:.1f}s"
+    if column == "utilization":
+        return _percent(value)
     return str(value)
 
 
@@ -342,14 +465,15 @@ def _bytes(n: int) -> str:
 @click.argument("worker")
 @click.option("--router", "router_addr", default=DEFAULT_FRONTEND, show_default=True,
               help="The router's client (frontend) address.")
-def restart(worker, router_addr) -> None:
+@_peer_key_options
+def restart(worker, router_addr, keys_dir, key, router_key) -> None:
     """Restart WORKER (an id from `workerpool status`, e.g. default/2).
 
     A failed worker (setup failure, or more than max_restarts deaths within
     restart_window) is reset and started again. A running one finishes the requests it
     holds, exits, and is replaced at once.
     """
-    _admin(router_addr, "restart_worker", worker)
+    _admin(router_addr, (keys_dir, key, router_key), "restart_worker", worker)
 
 
 # -- scale ------------------------------------------------------------------------------------
@@ -358,7 +482,8 @@ def restart(worker, router_addr) -> None:
 @click.argument("workers", type=click.IntRange(0, 1024))
 @click.option("--router", "router_addr", default=DEFAULT_FRONTEND, show_default=True,
               help="The router's client (frontend) address.")
-def scale(service, workers, router_addr) -> None:
+@_peer_key_options
+def scale(service, workers, router_addr, keys_dir, key, router_key) -> None:
     """Set how many workers serve SERVICE, at runtime.
 
     Up: spares (if any) start serving at once, and new workers are started. Down: the
@@ -366,7 +491,7 @@ def scale(service, workers, router_addr) -> None:
     the table. Spares are kept on top of WORKERS. A service run by several supervisors
     (hosts) is split evenly between them.
     """
-    _admin(router_addr, "scale", service, workers)
+    _admin(router_addr, (keys_dir, key, router_key), "scale", service, workers)
 
 
 # -- drain ------------------------------------------------------------------------------------
@@ -374,18 +499,19 @@ def scale(service, workers, router_addr) -> None:
 @click.argument("worker")
 @click.option("--router", "router_addr", default=DEFAULT_FRONTEND, show_default=True,
               help="The router's client (frontend) address.")
-def drain(worker, router_addr) -> None:
+@_peer_key_options
+def drain(worker, router_addr, keys_dir, key, router_key) -> None:
     """Drain WORKER: it gets no new requests, finishes the ones it holds, then stops and
     is not respawned. `workerpool restart WORKER` brings it back."""
-    _admin(router_addr, "drain_worker", worker)
+    _admin(router_addr, (keys_dir, key, router_key), "drain_worker", worker)
 
 
-def _admin(router_addr: str, client_method: str, *args: Any) -> None:
-    """Run one operator command through the Client; errors exit 1 as 'Type: message'."""
-    from workerpool.client import Client
+def _admin(router_addr: str, keys: tuple, client_method: str, *args: Any) -> None:
+    """Run one operator command through the Client; errors exit 1 as 'Type: message'.
+    ``keys``: the peer key flags; --keys DIR means its admin pair."""
     from workerpool.errors import WorkerPoolError
 
-    with Client(router_addr) as c:
+    with _client(router_addr, *keys, role="admin") as c:
         try:
             out = getattr(c, client_method)(*args)
         except WorkerPoolError as exc:
@@ -402,13 +528,13 @@ def _admin(router_addr: str, client_method: str, *args: Any) -> None:
 @click.option("--service", default=None, help="Service to call (default: the only one).")
 @click.option("--timeout", type=click.FloatRange(0, 86400, min_open=True), default=30.0,
               show_default=True, help="Seconds before the request is abandoned.")
-def call(method, payload, router_addr, service, timeout) -> None:
+@_peer_key_options
+def call(method, payload, router_addr, service, timeout, keys_dir, key, router_key) -> None:
     """Call METHOD with PAYLOAD (JSON; '-' reads stdin) and print the reply as JSON.
 
     A streaming method prints one JSON line per item as it arrives. Errors go to stderr
     as 'Type: message' and the exit status is 1.
     """
-    from workerpool.client import Client
     from workerpool.errors import WorkerPoolError
 
     text = sys.stdin.read() if payload == "-" else payload
@@ -416,7 +542,7 @@ def call(method, payload, router_addr, service, timeout) -> None:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise click.UsageError(f"PAYLOAD is not JSON: {exc}") from None
-    with Client(router_addr) as c:
+    with _client(router_addr, keys_dir, key, router_key) as c:
         try:
             for item in c.stream(method, value, service=service, timeout=timeout):
                 click.echo(json.dumps(item, default=_json_default))
@@ -442,6 +568,45 @@ def _json_default(obj):
         kind = "torch.Tensor" if type(obj).__module__.startswith("torch") else "numpy.ndarray"
         return {"type": kind, "dtype": dtype, "shape": [int(d) for d in shape]}
     return repr(obj)
+
+
+# -- keys -------------------------------------------------------------------------------------
+@main.group()
+def keys() -> None:
+    """Make CurveZMQ key pairs for the router and its peers (docs/security.md)."""
+
+
+@keys.command("init")
+@click.argument("directory", type=click.Path(file_okay=False))
+def keys_init(directory) -> None:
+    """Write the router's pair DIR/router.key(_secret) and one pair per role:
+    DIR/clients/client, DIR/admins/admin, DIR/workers/worker. Secret files are 0600."""
+    from ipc.curve import KeyFileError, init_keys
+
+    try:
+        written = init_keys(directory)
+    except (KeyFileError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for path in written:
+        click.echo(str(path))
+
+
+@keys.command("add")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("role", type=click.Choice(["client", "admin", "worker"]))
+@click.argument("name")
+def keys_add(directory, role, name) -> None:
+    """Add the pair NAME.key(_secret) in ROLE's folder of DIR. The router accepts it
+    within 10 s, or at once on SIGHUP; give the peer NAME.key_secret and router.key.
+    Deleting NAME.key from the folder revokes it the same way."""
+    from ipc.curve import KeyFileError, add_key
+
+    try:
+        written = add_key(directory, role, name)
+    except (KeyFileError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for path in written:
+        click.echo(str(path))
 
 
 # -- loadtest ---------------------------------------------------------------------------------

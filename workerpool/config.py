@@ -169,6 +169,11 @@ class Timings:
     requests it waits for."""
     unreachable_poll: float = 0.05
     """Between two checks while a worker is unreachable and its death notice awaited."""
+    vouch_wait: float = 5.0
+    """How long a worker's READY waits for its supervisor to vouch for it (SLOT started, or
+    a HELLO): the supervisor's socket may be behind the worker's, most of all when the
+    router restarted. A real worker whose READY expired registers again on its next
+    heartbeat."""
 
     # -- client -------------------------------------------------------------------------------
     ping_interval: float = 1.0
@@ -225,6 +230,31 @@ class RouterConfig(_Model):
         4096, ge=0, le=2**20, description="Buffer frames (frames after the body) a client's "
         "message may carry; the rest of a longer message is received and let go unread, and "
         "the message is refused (ProtocolError too-many-frames).")
+    max_client_inflight: int = Field(
+        4096, ge=1, le=10_000_000, description="Requests one client connection may hold in "
+        "the router at once (queued or running); one more is refused with BackpressureError "
+        "code 'client-limit'. The default leaves room for what callers do with one Client: "
+        "16x what the bundled drivers keep outstanding (bench/throughput.py, "
+        "bench/cpu_per_request.py: 256), twice the 2,000 futures the dispatch tests submit "
+        "at once. It is well under the default queue_capacity (10,000), so one connection "
+        "cannot fill a service's queue; together with the queue's turns between "
+        "connections (router.queue), that is the share rule: no extra rule applies when "
+        "the queue is full.")
+    max_unread_replies: int = Field(
+        4096, ge=1, le=10_000_000, description="Replies the router queues to one client "
+        "connection that does not read them (its frontend send high-water mark, in "
+        "messages); one more and the client is cut off: what it waits for is dropped and "
+        "its requests are refused for slow_client_cutoff. As many as max_client_inflight, "
+        "so the final replies of everything a connection may hold fit even if they all "
+        "come before ZeroMQ writes any. Worst case in bytes: this many times the largest "
+        "reply a worker sends (up to max_message_bytes), per connection that stops "
+        "reading: 4 MiB for 1 KiB replies, 4 GiB for 1 MiB ones, so lower it for services "
+        "with large replies. The Python clients read into their own memory at once, so "
+        "only a stopped or hostile process reaches it.")
+    slow_client_cutoff: float = Field(
+        10.0, ge=0, le=3600, description="Seconds a client that did not read its replies "
+        "(max_unread_replies) has every request refused with BackpressureError code "
+        "'not-reading', so it cannot keep workers busy for replies it never takes.")
     drain_timeout: float = Field(
         30.0, ge=0, le=86400,
         description="On shutdown, how long in-flight requests may run before they are failed.",
@@ -272,12 +302,45 @@ class SupervisorConfig(_Model):
     )
 
 
+class SecurityConfig(_Model):
+    """CurveZMQ keys (docs/security.md). The router reads ``keys``: its own pair and the
+    public keys of each role's folder. A peer reads ``key`` (its own ``.key_secret``) and
+    ``router_key`` (the router's ``.key``), or from ``keys`` the pair ``keys init`` made
+    for its role."""
+
+    keys: str | None = Field(
+        None, description="Keys directory made by `workerpool keys init`.")
+    key: str | None = Field(
+        None, description="This peer's own secret key file (NAME.key_secret).")
+    router_key: str | None = Field(
+        None, description="The router's public key file (router.key).")
+    insecure: bool = Field(
+        False, description="Allow binding a non-loopback address without keys: anyone who "
+        "reaches it may use or reshape the pool.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecurityConfig:
+        if (self.key is None) != (self.router_key is None):
+            raise ValueError("key and router_key go together")
+        return self
+
+    def peer_files(self, role: str) -> tuple[Path, Path] | None:
+        """(own secret, router public) files for a peer of ``role``; None: no keys.
+        ``key``/``router_key`` win over ``keys`` (a flag over the file's directory)."""
+        from ipc.curve import peer_files
+
+        if self.key is not None:
+            return peer_files(key=self.key, router_key=self.router_key)
+        return peer_files(keys=self.keys, role=role) if self.keys else None
+
+
 class PoolConfig(_Model):
     """Everything `workerpool up` runs: one router, one supervisor, its services."""
 
     router: RouterConfig = Field(default_factory=RouterConfig)
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
     services: list[ServiceConfig] = Field(default_factory=lambda: [ServiceConfig()])
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
 
     @model_validator(mode="after")
     def _unique_services(self) -> PoolConfig:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from ipc import protocol, shm, transport
+from ipc import curve, protocol, shm, transport
 from ipc.errors import IllegalTransition
 from ipc.lifecycle import AdminOp, SlotEvent, WorkerState
 from ipc.protocol import FrameError, Kind
@@ -79,8 +79,13 @@ class Supervisor:
         node: str | None = None,
         max_message_bytes: int | None = None,
         heartbeat_interval: float = 1.0,
+        keys: tuple[str, str] | None = None,
     ) -> None:
         self.config = config or SupervisorConfig()
+        # (own .key_secret, router's .key) files of the worker role: this supervisor's
+        # socket uses them, and each worker is given the paths (never the secret itself).
+        self.keys = None if keys is None else (str(keys[0]), str(keys[1]))
+        creds = curve.PeerKeys.from_files(*self.keys) if self.keys else None
         self.backend = backend
         self.services = services
         self.drain_timeout = drain_timeout
@@ -108,6 +113,7 @@ class Supervisor:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.IDENTITY, f"sup-{socket.gethostname()}-{os.getpid()}".encode())
         self._sock.setsockopt(zmq.LINGER, 1000)
+        curve.secure_client(self._sock, creds)
         self._stopping = False
         self._drained = False
         self._all_ready_reported = False
@@ -118,6 +124,9 @@ class Supervisor:
     # -- lifecycle ----------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
         self._wakeup.install(lambda: self.stop("signal"))
+        if self._router is not None:
+            # `up`'s router reads its keys again on SIGHUP: the operator signals `up`.
+            signal.signal(signal.SIGHUP, lambda *_: self._router.signal(signal.SIGHUP))
 
     def run(self) -> int:
         """Start everything, supervise until stopped, stop everything. Returns an exit code."""
@@ -158,8 +167,12 @@ class Supervisor:
                  **{k: getattr(s, k) for k in ROUTED_FIELDS if k in s.model_fields_set}}
                 for s in self.services
             ],
+            # With the process each runs now: the supervisor vouches for it (a restarted
+            # router takes only the READYs a supervisor vouched for; router.vouching).
             "slots": [
-                {"slot": w.slot, "service": w.service.name, "device": device_label(w.device)}
+                {"slot": w.slot, "service": w.service.name, "device": device_label(w.device),
+                 **({"incarnation": w.life.incarnation, "pid": w.proc.pid}
+                    if w.life.running and w.proc is not None else {})}
                 for w in self.workers.values() if not w.life.retiring
             ],
         }
@@ -440,6 +453,8 @@ class Supervisor:
             capacity=w.service.max_inflight, options=w.service.options, parent_pid=os.getpid(),
             max_message_bytes=self.max_message_bytes or RouterConfig().max_message_bytes,
             heartbeat_interval=self.heartbeat_interval,
+            key=self.keys[0] if self.keys else None,
+            router_key=self.keys[1] if self.keys else None,
         )
         w.proc, w.pidfd = start_worker(spec)
         self._by_pidfd[w.pidfd] = w

@@ -29,12 +29,13 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import zmq
 from pydantic import BaseModel, ConfigDict
 
-from ipc import codec, protocol, shm, transport
+from ipc import codec, curve, protocol, shm, transport
 from ipc.lifecycle import GoodbyeReason
 from ipc.protocol import FrameError, Kind
 from workerpool import faults
@@ -46,6 +47,7 @@ from workerpool._proc import (
     slot_logger,
 )
 from workerpool.batching import BatchRunner, BatchSpec, batch_spec
+from workerpool.busy import BusyMeter
 from workerpool.context import WorkerContext, WorkerStats
 from workerpool.devices import CPU, device_label
 from workerpool.errors import (
@@ -83,6 +85,12 @@ class WorkerSpec(BaseModel):
     parent_pid: int | None = None
     max_message_bytes: int = 256 * 2**20  # the router drops bigger messages: refuse them here
     heartbeat_interval: float = 1.0  # seconds between heartbeats from the heartbeat thread
+    key: str | None = None  # path of this worker's .key_secret (CURVE); None: no keys
+    router_key: str | None = None  # path of the router's public .key
+
+    def curve_keys(self) -> curve.PeerKeys | None:
+        """The CURVE credentials both of this worker's sockets use."""
+        return curve.peer_keys(key=self.key, router_key=self.router_key)
 
     @property
     def identity(self) -> bytes:
@@ -125,6 +133,8 @@ class Worker:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.IDENTITY, spec.identity)
         self._sock.setsockopt(zmq.LINGER, 2000)  # let the last replies/GOODBYE flush on exit
+        self.keys = spec.curve_keys()
+        curve.secure_client(self._sock, self.keys)
         self._sock.connect(spec.backend)
         self._log = slot_logger(log, spec.slot)
         self._methods: dict[str, Any] = {}
@@ -140,6 +150,7 @@ class Worker:
         self._cancel_current = False
         self._heart: _Heartbeat | None = None
         self.stats = WorkerStats()
+        self.busy = BusyMeter()  # restarted when the worker is ready (see run)
         self._handler: Any = None
         # Shared memory with clients on this host: requests whose meta "shm" names our host
         # may carry segment handles, and get their large arrays back the same way.
@@ -164,7 +175,8 @@ class Worker:
             self._close()
             return EXIT_SETUP_FAILED
         self._send(Kind.READY, 0, self._ready_meta())
-        self._heart = _Heartbeat(self._ctx, self.spec)
+        self.busy = BusyMeter()  # its wall time counts from here: setup() is not idle time
+        self._heart = _Heartbeat(self._ctx, self.spec, self.busy)
         self._heart.start()
         stopped = False
         try:
@@ -395,11 +407,14 @@ class Worker:
             replies.error(msg.req_id, PayloadError(str(exc), **extra))
             return
         replies.wait_unsent()  # the handler may reuse memory an earlier reply is still sent from
+        busy = self.busy
+        busy.begin()
         try:
             result = fn(payload)
+            busy.end()
             del payload  # the request's segments are released as soon as the handler lets go
             if inspect.isgenerator(result):
-                for item in result:
+                for item in self._timed(result):
                     replies.value(Kind.PARTIAL, msg.req_id, item, shm_ok)
                     replies.wait_unsent()
                     self._read_socket()  # a CANCEL for this stream may be waiting
@@ -415,7 +430,21 @@ class Worker:
         except UnencodableResult as exc:
             replies.error(msg.req_id, PayloadError(str(exc)))
         except Exception as exc:
+            busy.end()
             self.fail([msg.req_id], exc)
+
+    def _timed(self, stream: Iterator) -> Iterator:
+        """A streaming handler runs while it makes each item, not while its items travel."""
+        busy = self.busy
+        while True:
+            busy.begin()
+            try:
+                item = next(stream)
+            except StopIteration:
+                return
+            finally:
+                busy.end()
+            yield item
 
     def decode(self, msg: protocol.Message) -> tuple[Any, bool]:
         """A request's payload, for plain and batched methods alike, and whether shared
@@ -477,17 +506,20 @@ class _Heartbeat(threading.Thread):
     service's ``exec_timeout`` instead.
     """
 
-    def __init__(self, ctx: zmq.Context, spec: WorkerSpec) -> None:
+    def __init__(self, ctx: zmq.Context, spec: WorkerSpec, busy: BusyMeter) -> None:
         super().__init__(name="workerpool-heartbeat", daemon=True)
         self._ctx = ctx
         self._spec = spec
+        self._busy = busy
+        self._keys = spec.curve_keys()  # read here: a bad file fails the worker at start
         self._halt = threading.Event()
         self.register_again = threading.Event()  # a restarted router does not know us
 
     def run(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self._spec.identity + b"#hb")
+        sock.setsockopt(zmq.IDENTITY, self._spec.identity + protocol.HEARTBEAT_SUFFIX)
         sock.setsockopt(zmq.LINGER, 0)
+        curve.secure_client(sock, self._keys)
         sock.connect(self._spec.backend)
         meta = {"of": self._spec.identity}
         try:
@@ -495,6 +527,7 @@ class _Heartbeat(threading.Thread):
             while not self._halt.is_set():
                 n += 1
                 meta["mem"] = memory_use()
+                meta["busy"] = list(self._busy.sample())
                 try:
                     transport.send(sock, protocol.encode(Kind.HEARTBEAT, n, meta),
                                    transport.NOBLOCK)

@@ -24,18 +24,29 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from ipc import codec, protocol
+import zmq
+
+from ipc import codec, curve, protocol
 from ipc import shm as segments
 from ipc.protocol import FrameError, Kind
 from workerpool.client._replies import Pending
 from workerpool.config import MAX_PRIORITY, MAX_TIMEOUT, MIN_PRIORITY, TIMINGS
-from workerpool.errors import PayloadError, ProtocolError, RouterRestartedError, from_wire
+from workerpool.errors import (
+    PayloadError,
+    PermissionDeniedError,
+    ProtocolError,
+    RouterRestartedError,
+    from_wire,
+)
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20  # body plus every array's bytes, wherever they travel
 
 MAX_PING_IDS = 65536  # request ids one ping asks the router about
 _PONG_PREFIX = protocol.MAGIC + bytes([protocol.VERSION, Kind.HEARTBEAT])
 _META_CACHE_SIZE = 256  # distinct (method, service, timeout, priority, idempotent) kept packed
+#: What the socket monitor of a client with keys reports (see ``HandshakeWatch``).
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
 
 
 def is_local(address: str) -> bool:
@@ -54,8 +65,13 @@ class BaseClient:
     The arguments are ``Client``'s."""
 
     def __init__(self, address: str, *, timeout: float | None, max_message_bytes: int,
-                 shm: bool | None, shm_pool_bytes: int) -> None:
+                 shm: bool | None, shm_pool_bytes: int, key: str | None = None,
+                 router_key: str | None = None, keys: str | None = None,
+                 role: str = "client") -> None:
         self.address = address
+        # CURVE credentials (docs/security.md), read before any socket exists: a bad
+        # path fails the constructor, not the first request.
+        self._curve = curve.peer_keys(key=key, router_key=router_key, keys=keys, role=role)
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
         self._ids = itertools.count(1)
@@ -208,6 +224,46 @@ class BaseClient:
                                           max_bytes=self.max_message_bytes)
         except codec.PayloadError as exc:
             return Kind.ERROR, rid, PayloadError(f"undecodable reply: {exc}")
+
+
+class HandshakeWatch:
+    """Whether the router refused this client's key, from its socket monitor's events.
+
+    A refused handshake means nothing sent will ever be answered: the client fails what
+    is outstanding with PermissionDeniedError at once, and each new request too, until a
+    handshake succeeds (ZeroMQ keeps reconnecting; the key may be added meanwhile).
+
+    The router closes a refused connection at once, so the client often sees only that
+    its handshake failed, without the reason (over ipc:// nearly always): such a failure
+    counts as a refusal until a first handshake has succeeded, and not after (then it
+    is more likely a router going away mid-handshake, which the RouterWatch handles)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.refused: PermissionDeniedError | None = None
+        self._succeeded = False
+
+    def on_event(self, event: int) -> PermissionDeniedError | None:
+        """The error to fail outstanding requests with, if ``event`` is a refusal."""
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.refused = None
+            self._succeeded = True
+            return None
+        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self._succeeded:
+            return None
+        why = "refused this client's key (unknown or revoked)" \
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else \
+            "refused this client's handshake (an unknown or revoked key, a router without " \
+            "keys, or the wrong router key)"
+        self.refused = PermissionDeniedError(f"the router at {self.address} {why}",
+                                             code="handshake")
+        return self.refused
+
+    def unsendable(self) -> PermissionDeniedError:
+        """A request with no connection to go on: the refusal not reported yet."""
+        return PermissionDeniedError(f"no connection to the router at {self.address}: its "
+                                     "handshake failed (an unknown or revoked key?)",
+                                     code="handshake")
 
 
 class RouterWatch:

@@ -23,14 +23,17 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
-from ipc import protocol
+from ipc import curve, protocol
 from ipc import shm as segments
 from ipc.lifecycle import AdminOp
 from ipc.protocol import FrameError, Kind
 from workerpool.client._base import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    HANDSHAKE_EVENTS,
     BaseClient,
+    HandshakeWatch,
     RouterWatch,
     router_restarted,
 )
@@ -66,19 +69,28 @@ class AsyncClient(BaseClient):
 
     def __init__(self, address: str = DEFAULT_FRONTEND, *, timeout: float | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, shm: bool | None = None,
-                 shm_pool_bytes: int = segments.POOL_BYTES) -> None:
+                 shm_pool_bytes: int = segments.POOL_BYTES, key: str | None = None,
+                 router_key: str | None = None, keys: str | None = None,
+                 role: str = "client") -> None:
         super().__init__(address, timeout=timeout, max_message_bytes=max_message_bytes,
-                         shm=shm, shm_pool_bytes=shm_pool_bytes)
+                         shm=shm, shm_pool_bytes=shm_pool_bytes, key=key,
+                         router_key=router_key, keys=keys, role=role)
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 0)
         self._sock.setsockopt(zmq.RCVHWM, 0)
+        curve.secure_client(self._sock, self._curve)
+        # With keys, a refused handshake is reported here (see HandshakeWatch).
+        self._monitor = self._sock.get_monitor_socket(HANDSHAKE_EVENTS) \
+            if self._curve else None
         self._sock.connect(address)
         self._replies = Replies(self._pool)
         self._watch = RouterWatch()
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first request
         self._reader: asyncio.Task | None = None
+        self._handshakes: asyncio.Task | None = None  # reads self._monitor, with keys
+        self._handshake = HandshakeWatch(address)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf  # time.monotonic() at which _timer fires
         self._closed = False
@@ -178,13 +190,17 @@ class AsyncClient(BaseClient):
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except (asyncio.CancelledError, Exception):
-                pass
+        for task in (self._reader, self._handshakes):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
         self._replies.fail_all(ClientClosedError("client closed with this request outstanding"))
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
         self._sock.close(linger=0)
         self._ctx.term()
         self._close_shm()
@@ -199,17 +215,29 @@ class AsyncClient(BaseClient):
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._reader = self._loop.create_task(self._read_loop())
+            if self._monitor is not None:
+                self._handshakes = self._loop.create_task(self._watch_handshakes())
         return self._loop
 
     async def _send(self, rid: int, entry: Pending, frames: list) -> None:
         """Track the request, make sure the timer covers its deadline, send it."""
         self._replies.add(rid, entry)
+        if self._handshake.refused is not None:
+            self._replies.fail(rid, self._handshake.refused)
+            return
         when = self._watch.next_ping  # once requests are outstanding, pings are due
         if entry.deadline is not None and entry.deadline < when:
             when = entry.deadline
         if when < self._timer_at:
             self._set_timer(when)
-        await self._sock.send_multipart(frames, copy=False)
+        if self._monitor is None:
+            await self._sock.send_multipart(frames, copy=False)
+            return
+        # ZeroMQ drops a refused connection for good: a send would wait forever.
+        try:
+            await self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self._replies.fail(rid, self._handshake.refused or self._handshake.unsendable())
 
     def _cancel(self, rid: int) -> None:
         """The caller gave up on ``rid`` (a cancelled Future, a stream left early)."""
@@ -277,6 +305,15 @@ class AsyncClient(BaseClient):
             self._error = exc
             replies.fail_all(ClientClosedError(f"client reader failed: {exc!r}"))
             raise
+
+
+    async def _watch_handshakes(self) -> None:
+        """The router refused our key: fail what is outstanding now, not at its timeout."""
+        while True:
+            event = (await recv_monitor_message(self._monitor))["event"]
+            refused = self._handshake.on_event(event)
+            if refused is not None:
+                self._replies.fail_all(refused)
 
 
 def _retrieve(fut: asyncio.Future) -> None:

@@ -28,14 +28,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from ipc import protocol, transport
+from ipc import curve, protocol, transport
 from ipc import shm as segments
 from ipc.lifecycle import AdminOp
 from ipc.protocol import FrameError, Kind
 from workerpool.client._base import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    HANDSHAKE_EVENTS,
     BaseClient,
+    HandshakeWatch,
     RouterWatch,
     router_restarted,
 )
@@ -75,14 +78,21 @@ class Client(BaseClient):
 
     def __init__(self, address: str = DEFAULT_FRONTEND, *, timeout: float | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, shm: bool | None = None,
-                 shm_pool_bytes: int = segments.POOL_BYTES) -> None:
+                 shm_pool_bytes: int = segments.POOL_BYTES, key: str | None = None,
+                 router_key: str | None = None, keys: str | None = None,
+                 role: str = "client") -> None:
         super().__init__(address, timeout=timeout, max_message_bytes=max_message_bytes,
-                         shm=shm, shm_pool_bytes=shm_pool_bytes)
+                         shm=shm, shm_pool_bytes=shm_pool_bytes, key=key,
+                         router_key=router_key, keys=keys, role=role)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 0)
         self._sock.setsockopt(zmq.RCVHWM, 0)
+        curve.secure_client(self._sock, self._curve)
+        # With keys, a refused handshake is reported here (see HandshakeWatch).
+        self._monitor = self._sock.get_monitor_socket(HANDSHAKE_EVENTS) \
+            if self._curve else None
         self._sock.connect(address)
         self._replies = Replies(self._pool)
         self._outbox: collections.deque = collections.deque()
@@ -94,7 +104,8 @@ class Client(BaseClient):
         self._error: BaseException | None = None
         self._thread = threading.Thread(
             target=_io_loop,
-            args=(weakref.ref(self), self._replies, self._sock, self._wake_r, self._close_shm),
+            args=(weakref.ref(self), self._replies, self._sock, self._wake_r, self._close_shm,
+                  self._monitor),
             name=f"workerpool-client-{address}", daemon=True)
         self._thread.start()
 
@@ -238,7 +249,7 @@ class Client(BaseClient):
 
 
 def _io_loop(ref: weakref.ref, replies: Replies, sock: zmq.Socket, wake_r: socket.socket,
-             close_shm: Any) -> None:
+             close_shm: Any, monitor: zmq.Socket | None = None) -> None:
     """The I/O thread. Holds only a weak reference, so a dropped Client is collected; its
     segments are unlinked here (``close_shm``) when it is closed or collected."""
     client = ref()
@@ -248,6 +259,13 @@ def _io_loop(ref: weakref.ref, replies: Replies, sock: zmq.Socket, wake_r: socke
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(wake_r, zmq.POLLIN)
+    if monitor is not None:
+        poller.register(monitor, zmq.POLLIN)
+    handshake = HandshakeWatch(client.address)
+    # With keys, ZeroMQ drops the connection for good once the router refuses the key,
+    # and a blocking send on a DEALER with no connection would wait forever: sends do
+    # not wait then, and a request that cannot be sent fails with the refusal.
+    send = _send_or_refuse if monitor is not None else transport.send
     watch = RouterWatch()
     ping_ms = int(TIMINGS.ping_interval * 1000)
     try:
@@ -279,17 +297,25 @@ def _io_loop(ref: weakref.ref, replies: Replies, sock: zmq.Socket, wake_r: socke
                 rid, entry, frames = outbox.popleft()
                 if entry is None:  # a CANCEL: sent only if the request is still ours
                     if replies.forget(rid):
-                        transport.send(sock, frames)
+                        send(sock, frames)
                     continue
                 replies.add(rid, entry)
-                transport.send(sock, frames)
+                if handshake.refused is not None:
+                    replies.fail(rid, handshake.refused)
+                    continue
+                if send(sock, frames) is None:
+                    replies.fail(rid, handshake.refused or handshake.unsendable())
             if sock in events:
                 _read_replies(client, sock, replies, watch)
+            if monitor is not None and monitor in events:
+                refused = handshake.on_event(recv_monitor_message(monitor)["event"])
+                if refused is not None:
+                    replies.fail_all(refused)
             now = time.monotonic()
             if replies and watch.due(now):
-                transport.send(sock, watch.ping(replies))
+                send(sock, watch.ping(replies))
             for rid in replies.expire(now):
-                transport.send(sock, protocol.encode(Kind.CANCEL, rid))
+                send(sock, protocol.encode(Kind.CANCEL, rid))
             client._trim_shm()
     except Exception as exc:  # surface to callers instead of dying silently
         client = ref()
@@ -300,10 +326,21 @@ def _io_loop(ref: weakref.ref, replies: Replies, sock: zmq.Socket, wake_r: socke
     finally:
         replies.fail_all(ClientClosedError("client closed with this request outstanding"))
         outbox.clear()
+        if monitor is not None:
+            sock.disable_monitor()
+            monitor.close(linger=0)
         sock.close(linger=0)
         sock.context.term()
         wake_r.close()
         close_shm()
+
+
+def _send_or_refuse(sock: zmq.Socket, frames: list) -> list | None:
+    """``transport.send`` without waiting; None when there is no connection to send on."""
+    try:
+        return transport.send(sock, frames, transport.NOBLOCK)
+    except zmq.Again:
+        return None
 
 
 def _read_replies(client: Client, sock: zmq.Socket, replies: Replies,

@@ -89,9 +89,17 @@ class _MissingExtra(click.ClickException):
               default=None, help="Draw throughput, latency and faults over time to FILE.png.")
 @click.option("--progress/--no-progress", default=None,
               help="Live progress bar on stderr (default: when stderr is a terminal).")
+@click.option("--keys", "keys_dir", type=click.Path(file_okay=False), default=None,
+              help="Keys directory (`workerpool keys init`): its client pair, and its admin "
+                   "pair for --inject restart.")
+@click.option("--key", type=click.Path(dir_okay=False), default=None,
+              help="This client's secret key file (NAME.key_secret), with --router-key.")
+@click.option("--router-key", type=click.Path(dir_okay=False), default=None,
+              help="The router's public key file (router.key).")
 def loadtest(router_addr, methods, service, rate, arrival, concurrency, duration, n_requests,
              warmup, payload, payload_size, payload_kind, timeout, priority, idempotent, procs,
-             inject, interval, seed, as_json, plot_path, progress) -> None:
+             inject, interval, seed, as_json, plot_path, progress, keys_dir, key,
+             router_key) -> None:
     """Offer load to a running pool and report throughput, latency percentiles, errors,
     requests without a reply and each worker's share.
 
@@ -105,11 +113,19 @@ def loadtest(router_addr, methods, service, rate, arrival, concurrency, duration
     Exit status: 0 when every request got a reply (errors are replies), 3 when some got
     none, 1 when the run could not start, 2 for bad flags or a missing part of the extra.
     """
+    from ipc.curve import KeyFileError, peer_files
     from workerpool.loadtest.payload import LoadTestError
     from workerpool.loadtest.spec import LoadSpec, parse_inject, parse_method, parse_payload
 
     try:
+        files = peer_files(keys=keys_dir, key=key, router_key=router_key)
+        admin = peer_files(keys=keys_dir, role="admin") if keys_dir else None
+    except KeyFileError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
         spec = LoadSpec(
+            key=str(files[0]) if files else None, router_key=str(files[1]) if files else None,
+            admin_key=str(admin[0]) if admin else None,
             router=router_addr,
             methods=[parse_method(m, service) for m in methods] or [parse_method("echo", service)],
             rate=rate, arrival=arrival, concurrency=concurrency, duration=duration,

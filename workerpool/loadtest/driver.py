@@ -97,7 +97,7 @@ class Generator:
         self.seed = seed
         self.payload = make_payload(spec, seed)
         self.recording = Recording(spec.bucket(), spec.warmup, [m.label for m in spec.methods])
-        self.client = Client(spec.router)
+        self.client = Client(spec.router, **spec.client_keys())
         self.t0 = 0.0
         self.error: BaseException | None = None
         self._pick = MethodPicker(spec.methods, seed, share)

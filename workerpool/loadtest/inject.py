@@ -70,13 +70,15 @@ class Monitor:
     """Polls the router's status through a run; injects ``faults`` at their offsets."""
 
     def __init__(self, router: str, faults: list[Fault], seed: int,
-                 services: frozenset[str] | None) -> None:
+                 services: frozenset[str] | None, keys: dict | None = None) -> None:
         self.results = [FaultResult(f.kind, f.at) for f in faults]
-        self.samples: list[tuple[float, int, int]] = []  # (offset, serving, slots)
+        # (offset, serving, slots, utilization): the last is the mean busy fraction of the
+        # serving workers that reported one (None before any did).
+        self.samples: list[tuple[float, int, int, float | None]] = []
         self.poll_errors = 0
         self._services = services
         self._rng = random.Random(f"{seed}/faults")
-        self._client = Client(router)
+        self._client = Client(router, **(keys or {}))
         self._stop = threading.Event()
         self._stopped: list[tuple[int, str]] = []  # (pid, /proc start time) we SIGSTOPped
         self._t0 = 0.0
@@ -103,7 +105,7 @@ class Monitor:
     @property
     def serving(self) -> tuple[int, int] | None:
         """(serving workers, slots) at the last poll."""
-        return self.samples[-1][1:] if self.samples else None
+        return self.samples[-1][1:3] if self.samples else None
 
     # -- the loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -139,7 +141,9 @@ class Monitor:
     def _observe(self, st: dict, now: float) -> None:
         workers = st.get("workers", [])
         serving = [w for w in workers if w["state"] in SERVING]
-        self.samples.append((round(now, 3), len(serving), len(workers)))
+        busy = [u for w in serving if (u := w.get("utilization")) is not None]
+        util = round(sum(busy) / len(busy), 3) if busy else None
+        self.samples.append((round(now, 3), len(serving), len(workers), util))
         rows = {w["id"]: w for w in workers}
         for r in self.results:
             if r.injected_at_s is None or r.pool_recovered_s is not None or r.error:

@@ -94,6 +94,13 @@ def render(report: dict[str, Any], path: str) -> None:
         ax_w.set_ylim(-0.2, top + 0.6)
         ax_w.axhline(top, color="#bbbbbb", ls=":", lw=0.8)
     ax_w.set_ylabel("workers\nserving")
+    util = tl.get("utilization") or []
+    if util:  # the serving workers' busy fraction, on its own 0-100% scale
+        ax_u = ax_w.twinx()
+        ax_u.plot([u[0] for u in util], [u[1] * 100 for u in util], color="#9467bd", lw=1.2)
+        ax_u.set_ylim(0, 105)
+        ax_u.set_ylabel("busy %", color="#9467bd")
+        ax_u.tick_params(axis="y", colors="#9467bd")
     ax_w.set_xlabel("seconds since the start of the run")
     ax_w.grid(alpha=0.3)
 
@@ -121,7 +128,8 @@ def _clip(report: dict[str, Any]) -> dict[str, Any]:
         return tl
     end = cfg["warmup_s"] + cfg["duration_s"]
     n = sum(1 for t in tl["t"] if t < end - 1e-9)
-    return {k: (v[:n] if isinstance(v, list) and k != "workers_serving" else v)
+    return {k: (v[:n] if isinstance(v, list) and k not in ("workers_serving", "utilization")
+                else v)
             for k, v in tl.items()}
 
 

@@ -28,7 +28,8 @@ BASELINE_MIN = 20  # requests before the first fault needed to judge latency rec
 
 
 def build(spec: LoadSpec, seed: int, rec: Recording, *, faults: list[dict],
-          serving: list[tuple[float, int, int]], known_workers: list[str], started_at: str,
+          serving: list[tuple[float, int, int, float | None]], known_workers: list[str],
+          started_at: str,
           elapsed: float, interrupted: bool, notes: list[str]) -> dict[str, Any]:
     """The report of one run (schema_version 1)."""
     c = rec.counts
@@ -58,6 +59,7 @@ def build(spec: LoadSpec, seed: int, rec: Recording, *, faults: list[dict],
                         "latency_ms": summarize(rec.method_latency(m))} for m in rec.methods},
         "workers": _workers(rec, known_workers),
         "faults": faults,
+        "utilization": _utilization(serving, spec.warmup),
         "timeline": _timeline(rec, serving),
         "warnings": [],
     }
@@ -123,7 +125,19 @@ def _balance(workers: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
             "cv": round(statistics.pstdev(counts) / mean, 3)}
 
 
-def _timeline(rec: Recording, serving: list[tuple[float, int, int]]) -> dict[str, Any]:
+def _utilization(serving: list[tuple[float, int, int, float | None]],
+                 warmup: float) -> dict[str, float] | None:
+    """The serving workers' busy fraction (status ``utilization``) over the measured part
+    of the run, from the status polls: how much of the pool's time the handlers ran."""
+    util = [u for t, _, _, u in serving if u is not None and t >= warmup]
+    if not util:
+        return None
+    return {"mean": round(statistics.fmean(util), 3), "min": min(util), "max": max(util),
+            "samples": len(util)}
+
+
+def _timeline(rec: Recording, serving: list[tuple[float, int, int, float | None]]
+              ) -> dict[str, Any]:
     b = rec.bucket
     last = max(rec.timeline, default=-1)
     out: dict[str, list] = {k: [] for k in ("t", "sent", "ok", "errors", "unanswered", "failed",
@@ -141,7 +155,8 @@ def _timeline(rec: Recording, serving: list[tuple[float, int, int]]) -> dict[str
         for p in ("p50", "p90", "p99", "max"):
             out[f"{p}_ms"].append(s[p] if s else None)
     return {"interval_s": b, **out,
-            "workers_serving": [[t, n, slots] for t, n, slots in serving]}
+            "workers_serving": [[t, n, slots] for t, n, slots, _ in serving],
+            "utilization": [[t, u] for t, _, _, u in serving if u is not None]}
 
 
 def _service_recovery(report: dict, rec: Recording, spec: LoadSpec) -> None:
@@ -276,6 +291,10 @@ def format_summary(r: dict[str, Any]) -> str:
         bal = r["balance"]
         lines.append(f"workers     {shares}"
                      + (f"   (max/mean {bal['max_over_mean']:.2f}, cv {bal['cv']:.2f})" if bal else ""))
+    if r.get("utilization"):
+        u = r["utilization"]
+        lines.append(f"utilization {u['mean']:.0%} mean (min {u['min']:.0%}, max {u['max']:.0%}): "
+                     "the share of time the serving workers' handlers ran")
     for f in r["faults"]:
         lines.append("fault       " + _fault_line(f))
     for w in r["warnings"]:

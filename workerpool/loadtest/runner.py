@@ -42,7 +42,7 @@ def run(spec: LoadSpec, *, progress: bool | None = None) -> dict[str, Any]:
     """
     seed = spec.seed if spec.seed is not None else int.from_bytes(os.urandom(4), "big")
     make_payload(spec, seed)  # a payload that cannot be sent fails before anything starts
-    status = probe(spec.router)
+    status = probe(spec.router, spec.client_keys())
     services = None if any(m.service is None for m in spec.methods) else frozenset(
         m.service for m in spec.methods)
     known = [w["id"] for w in status.get("workers", [])
@@ -53,7 +53,7 @@ def run(spec: LoadSpec, *, progress: bool | None = None) -> dict[str, Any]:
     started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
     sources: list[Any] = []
-    monitor = Monitor(spec.router, spec.faults, seed, services)
+    monitor = Monitor(spec.router, spec.faults, seed, services, spec.client_keys(admin=True))
     interrupted = False
     try:
         if spec.procs == 1:
@@ -100,9 +100,9 @@ def run(spec: LoadSpec, *, progress: bool | None = None) -> dict[str, Any]:
                          elapsed=elapsed, interrupted=interrupted, notes=notes)
 
 
-def probe(router: str) -> dict:
+def probe(router: str, keys: dict | None = None) -> dict:
     """The router's status, or LoadTestError when it does not answer."""
-    with Client(router) as c:
+    with Client(router, **(keys or {})) as c:
         try:
             return c.status(timeout=PROBE_TIMEOUT)
         except WorkerPoolError as exc:

@@ -130,6 +130,16 @@ class LoadSpec(BaseModel):
     interval: float | None = Field(None, gt=0, le=60,
                                    description="Timeline bucket in seconds (default: about 1/60 of the run).")
     seed: int | None = None
+    key: str | None = Field(None, description="This client's .key_secret (CURVE), with router_key.")
+    router_key: str | None = Field(None, description="The router's public .key (CURVE).")
+    admin_key: str | None = Field(
+        None, description="An admin .key_secret for the fault monitor's ADMIN restarts "
+        "(default: key).")
+
+    def client_keys(self, admin: bool = False) -> dict:
+        """Keyword arguments of ``Client`` for this run's keys (none: plain)."""
+        own = (self.admin_key or self.key) if admin else self.key
+        return {} if own is None else {"key": own, "router_key": self.router_key}
 
     @field_validator("router")
     @classmethod
