@@ -110,22 +110,86 @@ def pack_meta(meta: dict | None) -> bytes:
 
 MAX_META_BYTES = 655360
 """The default bound on a meta frame: above any real meta (a request's is tens of bytes, the
-largest client ping 65,536 ids of at most 9 bytes), and what bounds the cost of decoding
-one: a map of empty containers costs about 64 bytes per byte sent."""
+largest client ping 65,536 ids of at most 9 bytes)."""
+META_CONTAINERS = 256
+META_BYTES_PER_CONTAINER = 32
+"""A meta may hold at most ``META_CONTAINERS`` maps and arrays, plus one per
+``META_BYTES_PER_CONTAINER`` bytes of frame. Containers are what make decoding dear: an
+empty array is 1 byte sent and 64 bytes decoded, an empty map 72, so a meta of nothing
+else costs 64-72 times its size. Real metas hold a few (a ping's id list; a HELLO's map per
+slot, 50 bytes or more each), so the bound never refuses one. With it, decoding costs at
+most about 20 times the frame's size: what the cheapest scalars that Python does not share
+(2-character strings, small negative ints, 2 or 3 bytes each) cost anyway."""
+MAX_REQUEST_META_BYTES = 16384
+"""The bound on the meta of a REQUEST, CANCEL, STATUS or ADMIN wherever a receiver bounds
+metas (``MetaCache``): theirs are tens of bytes (a method, a service, a timeout), and only
+a ping's list of held ids needs ``max_meta_bytes``. It keeps what one request's meta can
+cost small: decoding it on the router and again on the worker, and holding it while the
+request waits in a queue (at most 16 KiB instead of 640 KiB a record)."""
+REQUEST_META_KINDS = frozenset({Kind.REQUEST, Kind.CANCEL, Kind.STATUS, Kind.ADMIN})
 CACHED_META_BYTES = 256
 """Only meta frames this small are cached: real ones are, and the cache stays small
 however many distinct metas a peer invents."""
 
 
+class _TooManyContainers(Exception):
+    pass
+
+
+class _ContainerBudget:
+    """msgpack's list and map hook: counts containers as they are built, and stops the
+    decoding once there are too many, before most of them are."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+
+    def take(self, obj: object) -> object:
+        self.left -= 1
+        if self.left < 0:
+            raise _TooManyContainers
+        return obj
+
+
+def _no_ext(code: int, data: bytes) -> object:
+    # No meta carries one; decoded, each would be a tuple and a bytes object (27x its size).
+    raise _ExtInMeta(code)
+
+
+class _ExtInMeta(Exception):
+    pass
+
+
+def max_meta_containers(size: int) -> int:
+    """How many maps and arrays a meta frame of ``size`` bytes may hold."""
+    return META_CONTAINERS + size // META_BYTES_PER_CONTAINER
+
+
 def unpack_meta(frame: bytes, req_id: int | None = None,
                 max_bytes: int | None = None) -> dict:
+    """Decode a meta frame, at a cost in time and memory bounded by a small multiple of its
+    size (``META_BYTES_PER_CONTAINER``). Raises FrameError for anything that is not a
+    string-keyed map within the limits."""
     if not frame:
         return {}
     if max_bytes is not None and len(frame) > max_bytes:
         raise FrameError("meta-too-large",
                          f"meta frame is {len(frame)} bytes, over the limit of {max_bytes}", req_id)
     try:
-        meta = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+        if len(frame) <= META_CONTAINERS:  # cannot hold more: spare small metas the hooks
+            meta = msgpack.unpackb(frame, raw=False, strict_map_key=True, ext_hook=_no_ext)
+        else:
+            budget = _ContainerBudget(max_meta_containers(len(frame)))
+            meta = msgpack.unpackb(frame, raw=False, strict_map_key=True, ext_hook=_no_ext,
+                                   list_hook=budget.take, object_hook=budget.take)
+    except _TooManyContainers:
+        raise FrameError("bad-meta", f"meta frame holds over {max_meta_containers(len(frame))} "
+                         f"maps and arrays (at most {META_CONTAINERS}, plus one per "
+                         f"{META_BYTES_PER_CONTAINER} bytes)", req_id) from None
+    except _ExtInMeta as exc:
+        raise FrameError("bad-meta", f"meta frame holds msgpack extension type {exc.args[0]}; "
+                         "metas carry none", req_id) from None
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise FrameError("bad-meta", f"meta frame is not msgpack: {exc}", req_id) from None
     if not isinstance(meta, dict):
@@ -141,17 +205,24 @@ class MetaCache:
     byte-identical meta, so hot paths skip msgpack entirely. Returned maps are shared:
     callers must not mutate them. Bounded: at most ``size`` frames of at most
     ``CACHED_META_BYTES`` each (cleared when full); larger metas are decoded every time,
-    and none larger than ``max_bytes``."""
+    and none larger than ``max_bytes``. A peer that invents distinct metas to fill it keeps
+    at most about 6 KiB per entry here (a 256-byte frame decodes to at most ~20 times that,
+    plus the frame): 3 MiB at the default size, where real traffic uses a few entries."""
 
-    def __init__(self, size: int = 4096, max_bytes: int | None = MAX_META_BYTES) -> None:
+    def __init__(self, size: int = 512, max_bytes: int | None = MAX_META_BYTES) -> None:
         self._size = size
         self.max_bytes = max_bytes
         self._maps: dict[bytes, dict] = {}
 
-    def unpack(self, frame: bytes, req_id: int | None = None) -> dict:
+    def unpack(self, frame: bytes, req_id: int | None = None, kind: Kind | None = None) -> dict:
+        """The meta of a message of ``kind`` (bounded by ``MAX_REQUEST_META_BYTES`` for the
+        kinds that never need more)."""
         meta = self._maps.get(frame)
         if meta is None:
-            meta = unpack_meta(frame, req_id, self.max_bytes)
+            limit = self.max_bytes
+            if limit is not None and kind in REQUEST_META_KINDS:
+                limit = min(limit, MAX_REQUEST_META_BYTES)
+            meta = unpack_meta(frame, req_id, limit)
             if len(frame) <= CACHED_META_BYTES:
                 if len(self._maps) >= self._size:
                     self._maps.clear()
@@ -181,5 +252,6 @@ def decode(frames: list, cache: MetaCache | None = None) -> Message:
             "too-few-frames", f"message has {len(frames)} frames, expected at least 3", req_id
         )
     kind, req_id = unpack_header(frames[0])
-    meta = cache.unpack(frames[1], req_id) if cache is not None else unpack_meta(frames[1], req_id)
+    meta = cache.unpack(frames[1], req_id, kind) if cache is not None else \
+        unpack_meta(frames[1], req_id)
     return Message(kind, req_id, meta, frames[2], frames[3:])

@@ -73,6 +73,13 @@ log = logging.getLogger("workerpool.router")
 EMPTY_META = b""
 RESERVED_ID = 0  # the id of replies the router cannot attribute; no request may use it
 LARGE_META = 65536  # bytes of meta past which its decoding is worth giving memory back after
+LARGE_META_INTERVAL = 0.5
+"""A client connection's metas over LARGE_META (only pings holding thousands of ids need
+them) are decoded at most once per this many seconds; sooner ones are refused undecoded
+(``meta-too-often``). Decoding one takes milliseconds, receiving one microseconds: a
+client sending them back to back would otherwise fill the router's memory with the
+backlog. The Python clients ping at most once per ``TIMINGS.ping_interval`` (1 s)."""
+LARGE_META_CLIENTS = 4096  # connections whose last large meta is remembered (cleared when full)
 
 
 class Outbox(Protocol):
@@ -101,6 +108,7 @@ class RouterCore:
         self._warned: Counter[str] = Counter()
         self.instance = f"{os.getpid()}-{time.time_ns()}"  # changes when the router restarts
         self._meta_cache = protocol.MetaCache(max_bytes=config.max_meta_bytes)
+        self._large_metas: dict[bytes, float] = {}  # client -> when its last large meta came
         self.started = clock()
         # Set when a client's message made this process allocate a lot at once (a huge frame
         # count, an oversized meta): the loop then gives the freed memory back.
@@ -138,7 +146,16 @@ class RouterCore:
         if type(frames) is Truncated:
             self._refuse_truncated(client, frames)
             return
+        if len(frames) > 4 and self._oversized(frames):
+            self._refuse_oversized(client, frames)
+            return
+        large = len(frames) > 3 and len(frames[2]) > LARGE_META
+        if large:
+            # Received (and maybe decoded), it made this process allocate a lot, refused or not.
+            self.release_memory = True
         try:
+            if large:
+                self._check_large_meta(client, frames)
             msg = protocol.decode(frames[1:], self._meta_cache)
         except FrameError as exc:
             self.stats["bad_frames_frontend"] += 1
@@ -149,8 +166,6 @@ class RouterCore:
                                                                              code=exc.code))
             return
         kind = msg.kind
-        if len(frames[2]) > LARGE_META:
-            self.release_memory = True  # decoding it allocated much more than it carried
         if kind is Kind.HEARTBEAT:
             self._on_client_ping(client, msg)
             return
@@ -219,6 +234,45 @@ class RouterCore:
             f"{3 + self.config.max_buffer_frames} (max_buffer_frames="
             f"{self.config.max_buffer_frames})", code="too-many-frames"))
 
+    def _check_large_meta(self, client: bytes, frames: list) -> None:
+        """Raises FrameError ``meta-too-often`` for a meta over LARGE_META that comes within
+        LARGE_META_INTERVAL of the connection's last one. The checks before it in the order
+        of protocol.md 9.1 (header, size) come first, as decode makes them."""
+        _, req_id = protocol.unpack_header(frames[1])
+        if len(frames[2]) > self.config.max_meta_bytes:
+            return  # decode refuses it: meta-too-large
+        now = self.clock()
+        last = self._large_metas.get(client)
+        if last is not None and now - last < LARGE_META_INTERVAL:
+            raise FrameError("meta-too-often", f"a meta over {LARGE_META} bytes is decoded at "
+                             f"most once per {LARGE_META_INTERVAL:g}s per connection; this one "
+                             f"came {now - last:.3f}s after the last", req_id)
+        if len(self._large_metas) >= LARGE_META_CLIENTS:
+            self._large_metas.clear()
+        self._large_metas[client] = now
+
+    def _oversized(self, frames: list) -> int:
+        """The bytes of a message's body and buffer frames if over ``max_message_bytes``,
+        else 0. ZeroMQ bounds each frame (MAXMSGSIZE), not their sum: a message of many
+        large frames is refused here rather than queued or forwarded."""
+        total = 0
+        for frame in frames[3:]:
+            total += len(frame)
+        return total if total > self.config.max_message_bytes else 0
+
+    def _refuse_oversized(self, client: bytes, frames: list) -> None:
+        self.stats["bad_frames_frontend"] += 1
+        self.release_memory = True
+        total = self._oversized(frames)
+        try:
+            _, req_id = protocol.unpack_header(frames[1])
+        except FrameError:
+            req_id = RESERVED_ID
+        self.warn("too-large", "client %r sent a message of %d bytes", client, total)
+        self.reply_error(client, req_id, ProtocolError(
+            f"message body and buffers are {total} bytes, over the router's "
+            f"max_message_bytes={self.config.max_message_bytes}", code="too-large"))
+
     def _on_client_ping(self, client: bytes, msg: protocol.Message) -> None:
         """Who am I, and which of the requests it waits for I do not hold. FIFO per
         connection: whatever the client sent before the ping is already here."""
@@ -239,7 +293,14 @@ class RouterCore:
             self._drop_unauthorized(ident, role)
             return
         if type(frames) is Truncated:
-            self._drop_truncated(ident, frames)
+            total = len(frames) - 1 + frames.dropped
+            self._drop_oversized(ident, frames, f"{total} frames", "a message of %d frames",
+                                 total, f"limit of {3 + self.config.max_buffer_frames} "
+                                 f"(max_buffer_frames={self.config.max_buffer_frames})")
+            return
+        if len(frames) > 4 and (total := self._oversized(frames)):
+            self._drop_oversized(ident, frames, f"{total} bytes", "a message of %d bytes",
+                                 total, f"max_message_bytes={self.config.max_message_bytes}")
             return
         try:
             if len(frames) < 4:
@@ -297,14 +358,15 @@ class RouterCore:
             except IllegalTransition as exc:  # its requests were answered all the same
                 self.warn("transition", "%s", exc)
 
-    def _drop_truncated(self, ident: bytes, frames: Truncated) -> None:
-        """A backend message with more frames than ``max_buffer_frames`` allows: dropped.
-        A worker's reply of that size still ends its request, with a PayloadError, so the
-        caller is not left waiting for a reply that will never be forwarded."""
+    def _drop_oversized(self, ident: bytes, frames: list, size: str, fmt: str, n: int,
+                        limit: str) -> None:
+        """A backend message over a limit (``max_buffer_frames``, or ``max_message_bytes``
+        for its body and buffers together): dropped. A worker's reply of that size still
+        ends its request, with a PayloadError, so the caller is not left waiting for a
+        reply that will never be forwarded."""
         self.stats["bad_frames_backend"] += 1
         self.release_memory = True
-        total = len(frames) - 1 + frames.dropped
-        self.warn("too-many-frames", "backend peer %r sent a message of %d frames", ident, total)
+        self.warn("oversized", "backend peer %r sent " + fmt, ident, n)
         conn = self.registry.conns.get(ident)
         try:
             kind, rid = protocol.unpack_header(frames[1])
@@ -316,9 +378,8 @@ class RouterCore:
         if rec.phase is Phase.RUNNING:
             conn.slot.errored += 1
             self.services[rec.service].errored += 1
-        err = PayloadError(f"the worker's reply has {total} frames, over the router's limit of "
-                           f"{3 + self.config.max_buffer_frames} (max_buffer_frames="
-                           f"{self.config.max_buffer_frames})", worker=conn.slot.id)
+        err = PayloadError(f"the worker's reply has {size}, over the router's {limit}",
+                           worker=conn.slot.id)
         if kind is Kind.PARTIAL:
             self.requests.fail(rec, err)  # the worker still owes its final reply: orphaned
             return

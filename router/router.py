@@ -39,6 +39,11 @@ from workerpool.config import DEFAULT_BACKEND, RouterConfig, SecurityConfig
 log = logging.getLogger("workerpool.router")
 
 BATCH = 512  # messages taken from one socket before looking at the other
+BATCH_SECONDS = 0.005
+"""...or fewer, once taking them has lasted this long. Most messages cost microseconds, so
+this rarely cuts a batch short; a client's costly ones (a meta just under max_meta_bytes
+takes milliseconds to decode) would otherwise hold the loop for seconds, leave workers'
+heartbeats unread, and have them declared hung."""
 KEY_CHECK_INTERVAL = 2.0  # seconds between stats of the key folders: revocation within 10 s
 
 
@@ -179,9 +184,11 @@ class Router:
 
     def _drain_socket(self, sock: zmq.Socket, handler: Callable[..., None],
                       max_parts: int | None = None) -> bool:
-        """Handle up to BATCH waiting messages; True if more may be waiting. With keys,
-        each message goes with its key's role now (None: no longer allowed)."""
+        """Handle up to BATCH waiting messages, for up to about BATCH_SECONDS; True if more
+        may be waiting. With keys, each message goes with its key's role now (None: no
+        longer allowed)."""
         keys = self.keys
+        until = time.monotonic() + BATCH_SECONDS
         for _ in range(BATCH):
             try:
                 if keys is None:  # routing id, then the message
@@ -199,4 +206,6 @@ class Router:
             except Exception:  # a bug must cost one message, never the router
                 self.core.stats["internal_errors"] += 1
                 log.exception("internal error handling a message; message dropped")
+            if time.monotonic() > until:
+                break
         return True

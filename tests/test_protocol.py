@@ -115,3 +115,4 @@ def test_unknown_error_type_keeps_its_name():
 
 def test_timeout_error_is_also_builtin_timeout():
     assert issubclass(errors.RequestTimeoutError, TimeoutError)
+
