@@ -185,7 +185,7 @@ def test_timeout_while_queued(procs, prefetch, where):
 
 
 def test_cancel_a_queued_request(procs):
-    pool = procs.pool(workers=1)
+    pool = procs.pool("--prefetch", "0", workers=1)  # queued in the router, not held ahead
     with Client(pool.address, timeout=10) as c:
         slow = c.submit("sleep", {"seconds": 0.5})
         pool.wait_for(lambda st: st["workers"][0]["in_flight"] == 1, what="sleep running")

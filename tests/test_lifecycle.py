@@ -26,7 +26,7 @@ def test_signal_drains_in_flight_then_exits_0(procs, sig):
     try:
         running = [c.submit("sleep", {"seconds": 1.0}) for _ in range(2)]
         queued = [c.submit("echo", i) for i in range(3)]
-        pool.wait_for(lambda st: st["services"][0]["in_flight"] == 2, what="2 running")
+        pool.wait_for(lambda st: st["services"][0]["in_flight"] >= 2, what="2 running")
         pids = [w["pid"] for w in pool.status()["workers"]]
         if sig == signal.SIGINT:
             os.killpg(pool.pgid, sig)  # what Ctrl-C in a terminal does
