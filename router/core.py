@@ -113,6 +113,8 @@ class RouterCore:
         # Set when a client's message made this process allocate a lot at once (a huge frame
         # count, an oversized meta): the loop then gives the freed memory back.
         self.release_memory = False
+        # When the caller's loop last turned to its sockets (None: now; tests): see tick.
+        self.backend_read_at: float | None = None
         self.draining = False
         self._drain_deadline = 0.0
         self._drained = False
@@ -413,7 +415,10 @@ class RouterCore:
             self._guarded(self.registry.check_waiting, now)
         self._guarded(self.requests.expire, now)
         self._guarded(self.clients.expire, now)
-        self._guarded(self.liveness.check, now)
+        # Silence is judged as of the loop's last turn to its sockets: a loop that spent
+        # seconds on one client's message has simply not read the heartbeats yet.
+        heard = now if self.backend_read_at is None else min(now, self.backend_read_at)
+        self._guarded(self.liveness.check, heard)
         self._guarded(self.liveness.stop_drained_workers)
         self._guarded(self.registry.apply_deaths, deaths_by)
         if self.supervisors.draining:

@@ -157,6 +157,10 @@ class Router:
             while not core.finished:
                 timeout = 0 if busy else int(core.next_wakeup() * 1000) + 1
                 events = dict(poller.poll(timeout))
+                # Heartbeats sent before now are read in this pass (or queued behind more
+                # than a pass's worth): the core judges silence as of now, however long a
+                # client's message then takes (a million frames, a costly meta).
+                core.backend_read_at = time.monotonic()
                 if self._wakeup.fileno() in events:
                     self._wakeup.drain()
                 self.check_keys(time.monotonic())

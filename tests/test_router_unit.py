@@ -480,3 +480,20 @@ def test_a_backend_message_with_too_many_frames_is_dropped_and_its_request_answe
     h.core.on_backend(huge(Kind.HEARTBEAT, 0))  # anything else: dropped
     assert h.core.stats["bad_frames_backend"] == 3 and len(h.out.to(C)) == 2
     assert h.core.stats["late_replies"] == 1
+
+
+def test_a_stalled_loop_does_not_take_its_own_stall_for_silent_workers():
+    """One client message may keep the loop from the backend for seconds (a million
+    frames): heartbeats sent meanwhile are unread, not missing. Silence counts from the
+    loop's last turn to its sockets."""
+    h = Harness()
+    h.hello(workers=1)
+    ident = h.ready("default/0")
+    h.backend(b"sup", Kind.HEARTBEAT, {})
+    h.core.backend_read_at = h.clock()  # the loop turned to its sockets...
+    h.tick(30)  # ...then spent 30 s on one message
+    assert h.core.registry.conns[ident].kill_sent is None
+    assert h.core.supervisors.connected(b"sup")
+    h.core.backend_read_at = h.clock()  # it reads again, and still hears nothing
+    h.tick(0.2)
+    assert not h.core.supervisors.connected(b"sup") and ident not in h.core.registry.conns
