@@ -162,7 +162,7 @@ def test_status_and_call_commands(pool):
                       "COMPLETED", "ERRORED", "RESTARTS", "UPTIME"]
     rows = [line.split() for line in out.output.splitlines()[1:5]]
     assert [r[0] for r in rows] == [f"default/{i}" for i in range(4)]
-    assert all("0/1" in r for r in rows), rows  # IN_FLIGHT is held/capacity
+    assert all("0/1+1" in r for r in rows), rows  # IN_FLIGHT: held/capacity+prefetch
     out = runner.invoke(main, ["call", "echo", '{"x": 1}', "--router", pool.address])
     assert out.exit_code == 0, out.output
     assert json.loads(out.output) == {"x": 1}
