@@ -23,7 +23,7 @@ import msgpack
 from ipc.errors import FrameError
 
 MAGIC = b"WP"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("!2sBBQ")
 HEADER_SIZE = HEADER.size  # 12
 MAX_REQUEST_ID = 2**64 - 1
