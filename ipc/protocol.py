@@ -23,7 +23,7 @@ import msgpack
 from ipc.errors import FrameError
 
 MAGIC = b"WP"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("!2sBBQ")
 HEADER_SIZE = HEADER.size  # 12
 MAX_REQUEST_ID = 2**64 - 1
@@ -52,6 +52,8 @@ class Kind(enum.IntEnum):
 
     # router -> worker
     SHUTDOWN = 0x30  # finish what you hold, send GOODBYE, exit
+    RECLAIM = 0x31  # router -> worker: give this unstarted request back; worker -> router:
+    #                 meta {"returned": bool}, whether it did (else it had started it)
 
     # supervisor <-> router
     HELLO = 0x40  # supervisor -> router: the slots and services it runs

@@ -325,6 +325,11 @@ class RouterCore:
             self.stats["bad_frames_backend"] += 1
             self.warn("bad-backend", "dropped bad meta from backend peer %r: %s", ident, exc)
             return
+        if kind is Kind.RECLAIM:  # the answer of a worker's heartbeat thread (requests.py)
+            conn = self.registry.conns.get(ident.removesuffix(protocol.HEARTBEAT_SUFFIX))
+            if conn is not None and ident.endswith(protocol.HEARTBEAT_SUFFIX):
+                self.requests.on_reclaimed(conn, rid, meta)
+            return
         handler = self._backend_handlers.get(kind)
         if handler is None:
             self.stats["bad_frames_backend"] += 1
@@ -500,7 +505,7 @@ class RouterCore:
             svc.configure(settings)
             for conn in self.registry.conns.values():  # spares too: they are not in svc.conns
                 if conn.slot.service == name:
-                    conn.capacity = svc.capacity_for(conn.declared)
+                    svc.set_capacity(conn, conn.declared)
                     self.registry.tell_capacity(conn)
         svc.configured = config is not None
         return svc

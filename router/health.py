@@ -56,8 +56,8 @@ class Conn:
     """One live, registered worker incarnation on the backend socket."""
 
     __slots__ = ("busy", "busy_since", "capacity", "declared", "identity", "in_flight", "incarnation",
-                 "kill_sent", "last_beat", "memory", "methods", "pid", "slot", "started", "told",
-                 "unreachable_until")
+                 "kill_sent", "last_beat", "limit", "memory", "methods", "pid", "reclaiming",
+                 "sent", "slot", "started", "told", "unreachable_until")
 
     def __init__(self, identity: bytes, slot: Slot, incarnation: int, pid: int,
                  capacity: int, methods: frozenset[str], now: float | None = None) -> None:
@@ -67,7 +67,10 @@ class Conn:
         self.pid = pid
         self.declared = capacity  # what the worker said it can hold
         self.told = capacity  # the capacity the worker knows it has (see WorkerRegistry.tell_capacity)
-        self.capacity = capacity  # what the router will send it: min(declared, service cap)
+        self.capacity = capacity  # what it runs at once: min(declared, service max_inflight)
+        self.limit = capacity  # what the router sends it: capacity plus the service's prefetch
+        self.reclaiming: set[int] = set()  # requests asked back (RECLAIM), not answered yet
+        self.sent = 0  # REQUESTs sent to it: each carries its number (Record.seq) for RECLAIM
         self.methods = methods
         self.in_flight: dict[int, Record] = {}
         self.started: set[int] = set()  # ids of a batch it said it is running (STARTED)
@@ -127,6 +130,7 @@ class Slot:
             "state": str(self.state),
             "in_flight": len(self.conn.in_flight) if self.conn else 0,
             "capacity": self.conn.capacity if self.conn else None,
+            "prefetch": self.conn.limit - self.conn.capacity if self.conn else None,
             "completed": self.completed,
             "errored": self.errored,
             "restarts": self.restarts,

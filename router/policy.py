@@ -1,8 +1,10 @@
 """Dispatch policies: which of a service's workers gets the next request.
 
-A policy returns a worker that is registered and has room (``in_flight < capacity``),
-or None when every worker is full (the request then waits in the service's queue).
-Workers are ordered by slot id. Which to choose:
+A policy returns a worker that is registered and has room (``in_flight < limit``), or
+None when every worker is full (the request then waits in the service's queue). A worker
+with room to *run* another request (``in_flight < capacity``) always comes before one that
+would only hold it ahead (``prefetch``): a request never waits behind another while some
+worker could start it. Workers are ordered by slot id. Which to choose:
 
 - ``round-robin``: requests of similar cost, workers of similar speed; the spread is
   exactly even when no worker is full. Blind to how busy a worker is.
@@ -32,12 +34,16 @@ class RoundRobin:
 
     def pick(self, conns: Sequence[Conn]) -> Conn | None:
         n = len(conns)
-        for i in range(n):
-            c = conns[(self._next + i) % n]
-            if len(c.in_flight) < c.capacity:
-                self._next = (self._next + i + 1) % n
-                return c
+        for ahead in (False, True):
+            for i in range(n):
+                c = conns[(self._next + i) % n]
+                if len(c.in_flight) < (c.limit if ahead else c.capacity):
+                    self._next = (self._next + i + 1) % n
+                    return c
         return None
+
+
+_AHEAD = 1 << 32  # sorts a worker that could only hold a request ahead after any that runs it
 
 
 class LeastLoaded:
@@ -48,11 +54,14 @@ class LeastLoaded:
 
     def pick(self, conns: Sequence[Conn]) -> Conn | None:
         best: Conn | None = None
-        best_load = 0
+        best_key = 0
         for c in conns:  # conns are sorted by slot id, so the first minimum wins ties
             load = len(c.in_flight)
-            if load < c.capacity and (best is None or load < best_load):
-                best, best_load = c, load
+            if load < c.limit:
+                # Room to run first, then the fewest held (an int key: this is per request).
+                key = load if load < c.capacity else load + _AHEAD
+                if best is None or key < best_key:
+                    best, best_key = c, key
         return best
 
 
@@ -65,7 +74,8 @@ class PowerOfTwo:
         self.rng = rng or random.Random()
 
     def pick(self, conns: Sequence[Conn]) -> Conn | None:
-        room = [c for c in conns if len(c.in_flight) < c.capacity]
+        room = ([c for c in conns if len(c.in_flight) < c.capacity]
+                or [c for c in conns if len(c.in_flight) < c.limit])
         if len(room) < 2:
             return room[0] if room else None
         a, b = self.rng.sample(room, 2)

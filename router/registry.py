@@ -116,7 +116,7 @@ class WorkerRegistry:
         now = core.clock()
         conn = Conn(ident, slot, incarnation, pid, capacity,
                     frozenset(str(m) for m in meta.get("methods", ())), now)
-        conn.capacity = svc.capacity_for(capacity)
+        svc.set_capacity(conn, capacity)
         self.tell_capacity(conn)
         spare = core.scaling.holds_back(svc)
         slot.transition(WorkerState.SPARE if spare else WorkerState.READY)

@@ -23,7 +23,7 @@ import msgpack
 
 from ipc import protocol
 from ipc.errors import RequestTimeoutError, WorkerPoolError
-from ipc.protocol import FINAL_REPLY_KINDS, Kind
+from ipc.protocol import FINAL_REPLY_KINDS, HEARTBEAT_SUFFIX, Kind
 from router.timers import DEADLINE, MAX_WAIT, TimerHeap
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ class Record:
         "phase",
         "priority",
         "rid",
+        "seq",
         "service",
         "starts",
         "streamed",
@@ -80,6 +81,7 @@ class Record:
         self.streamed = False  # partial replies went out: it can no longer be retried
         self.wait_until = 0.0  # max_wait deadline of its current stay in the queue
         self.dispatched_at = 0.0
+        self.seq = 0  # which request to its worker this is (1, 2, ...): RECLAIM names it
         self.phase = Phase.QUEUED
         self.conn: Conn | None = None
 
@@ -155,6 +157,8 @@ class RequestTable:
             return
         rec.phase = Phase.RUNNING
         rec.conn = conn
+        conn.sent += 1
+        rec.seq = conn.sent
         rec.dispatched_at = core.clock()
         if not conn.in_flight:
             conn.busy_since = rec.dispatched_at
@@ -162,15 +166,76 @@ class RequestTable:
         conn.slot.refresh_busy()
 
     def pump(self, svc: Service) -> None:
-        """Move queued requests onto workers with room, in queue order."""
+        """Move queued requests onto workers with room, in queue order. With the queue
+        empty, a worker that could run more while another holds requests ahead that it has
+        not started asks for one of those back (``hand_back``)."""
         while svc.queued:
             conn = svc.pick()
             if conn is None:
                 return
             rec = svc.queue.pop()
             if rec is None:
-                return
+                break
             self.dispatch(rec, conn)
+        if svc.settings.prefetch:
+            self.hand_back(svc)
+
+    def hand_back(self, svc: Service) -> None:
+        """Requests held ahead (beyond what their worker runs) wait behind its current one.
+        While another worker has room to run, ask for one back, newest first, one per free
+        run slot: RECLAIM, which the worker answers (``on_reclaimed``). Nothing is taken
+        back on a guess: only the worker knows whether it has started a request."""
+        free = 0
+        asked = 0
+        for c in svc.conns:
+            held = len(c.in_flight)
+            if held < c.capacity:
+                free += c.capacity - held
+            asked += len(c.reclaiming)
+        free -= asked
+        if free <= 0:
+            return
+        for c in svc.conns:
+            ahead = len(c.in_flight) - c.capacity - len(c.reclaiming)
+            if ahead <= 0:
+                continue
+            for rid in reversed(c.in_flight):  # the newest: it would start last
+                rec = c.in_flight[rid]
+                if rid in c.reclaiming or rid in c.started or rec.phase is not Phase.RUNNING:
+                    continue
+                c.reclaiming.add(rid)
+                # To its heartbeat thread: the main thread is busy running a handler.
+                self.core.to_backend(c.identity + HEARTBEAT_SUFFIX, Kind.RECLAIM,
+                                     {"seq": rec.seq}, rid)
+                self.core.stats["reclaims_asked"] += 1
+                free -= 1
+                ahead -= 1
+                if free <= 0:
+                    return
+                if ahead <= 0:
+                    break
+
+    def on_reclaimed(self, conn: Conn, rid: int, meta: dict) -> None:
+        """A worker's answer to RECLAIM: ``returned``, it gave the request back unstarted
+        and will never run it (it runs elsewhere now); otherwise it had started it and
+        its reply follows as usual. Exactly one of the two, decided by the worker."""
+        conn.reclaiming.discard(rid)
+        rec = conn.in_flight.get(rid)
+        if meta.get("returned") is not True or rec is None:
+            return
+        self.core.stats["reclaimed"] += 1
+        del conn.in_flight[rid]
+        conn.started.discard(rid)
+        conn.slot.refresh_busy()
+        rec.conn = None
+        svc = self.core.services[rec.service]
+        if rec.phase is Phase.ORPHANED:  # answered meanwhile (timeout, cancel): done
+            rec.phase = Phase.DONE
+            self.records.pop(rid, None)
+        else:
+            rec.phase = Phase.QUEUED
+            self.enqueue(svc, rec, again=True)  # keeps its place among its client's
+        self.pump(svc)
 
     def finish(self, rec: Record, reply: tuple | None, from_worker: bool = False) -> None:
         """Send ``rec``'s final reply (``(kind, meta, body, buffers)``; None: send nothing).
@@ -223,6 +288,7 @@ class RequestTable:
         if conn is not None:
             conn.in_flight.pop(rec.rid, None)
             conn.started.discard(rec.rid)
+            conn.reclaiming.discard(rec.rid)  # its answer to RECLAIM, if any, is moot now
             conn.busy_since = self.core.clock()  # progress: the next one starts now
             conn.slot.refresh_busy()
         rec.phase = Phase.DONE
@@ -293,7 +359,13 @@ class RequestTable:
                     svc, f"waited max_wait={svc.settings.max_wait}s in the queue"))
                 continue
             svc.expired += 1
-            where = "in the queue" if rec.phase is Phase.QUEUED else f"on worker {rec.conn.slot.id}"
+            if rec.phase is Phase.QUEUED:
+                where = "in the queue"
+            elif next(iter(rec.conn.in_flight)) != rid and rid not in rec.conn.started:
+                # Held ahead behind the request its worker runs (prefetch): not started.
+                where = f"held ahead on worker {rec.conn.slot.id}, not started"
+            else:
+                where = f"on worker {rec.conn.slot.id}"
             self.fail(rec, RequestTimeoutError(
                 f"deadline passed after {now - rec.admitted_at:.3f}s {where}",
                 worker=rec.conn.slot.id if rec.conn else None))

@@ -36,6 +36,7 @@ class ServiceSettings:
     idempotent: bool = False
     max_attempts: int = 3
     poison_threshold: int = 2
+    prefetch: int = 1
 
 
 class Service:
@@ -65,9 +66,12 @@ class Service:
         self.settings = settings
         self.policy = make_policy(settings.policy)
 
-    def capacity_for(self, declared: int) -> int:
+    def set_capacity(self, conn: Conn, declared: int) -> None:
+        """What ``conn`` runs (its declared capacity, capped by ``max_inflight``) and what
+        it is sent (``limit``: that plus ``prefetch``, held ahead unstarted)."""
         cap = self.settings.max_inflight
-        return min(declared, cap) if cap else declared
+        conn.capacity = min(declared, cap) if cap else declared
+        conn.limit = conn.capacity + self.settings.prefetch
 
     # -- workers ---------------------------------------------------------------------------
     def add_conn(self, conn: Conn) -> None:

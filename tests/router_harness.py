@@ -90,6 +90,9 @@ class Harness:
 
     def hello(self, service: str = "default", workers: int = 2, spares: int = 0,
               sup: bytes = b"sup", **settings: object) -> None:
+        """The supervisor's HELLO. Without ``prefetch`` among ``settings``, 0: a worker is
+        sent only what it runs, so most tests count dispatches without the one held ahead."""
+        settings.setdefault("prefetch", 0)
         slots = [{"slot": f"{service}/{i}", "service": service} for i in range(workers + spares)]
         self.backend(sup, Kind.HELLO, {"services": [{"name": service, "workers": workers,
                                                      "spares": spares, **settings}],

@@ -30,8 +30,8 @@ def _error(peer: RawPeer, timeout: float = 5.0) -> tuple[int, dict]:
     [
         ([b"garbage"], "too-few-frames", 0),
         ([b"\x00" * 12, b"", b""], "bad-magic", 0),
-        ([b"WP\x02\x01" + (5).to_bytes(8, "big"), b"", b""], "bad-version", 5),
-        ([b"WP\x01\x7f" + (6).to_bytes(8, "big"), b"", b""], "bad-kind", 6),
+        ([b"WP\x09\x01" + (5).to_bytes(8, "big"), b"", b""], "bad-version", 5),
+        ([b"WP\x02\x7f" + (6).to_bytes(8, "big"), b"", b""], "bad-kind", 6),
         ([HDR(Kind.REQUEST, 7), b"\xc1\xc1", b""], "bad-meta", 7),
         ([HDR(Kind.REQUEST, 8), msgpack.packb("not a map"), b""], "bad-meta", 8),
         ([HDR(Kind.REQUEST, 9), msgpack.packb({"method": 5}), b""], "bad-meta", 9),

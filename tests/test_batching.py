@@ -445,10 +445,9 @@ class _FakeReplies:
 
 class _FakeHost:
     def __init__(self):
-        from collections import OrderedDict
-
+        from workerpool.backlog import Backlog
         from workerpool.context import WorkerStats
-        self.backlog = OrderedDict()
+        self.backlog = Backlog()
         self.stats = WorkerStats()
         self.replies = _FakeReplies()
         self.busy = BusyMeter()
@@ -457,8 +456,8 @@ class _FakeHost:
     def add(self, rid, method, payload, **meta):
         from ipc import codec
         body, buffers = codec.dumps(payload)
-        self.backlog[rid] = protocol.decode(protocol.encode(
-            Kind.REQUEST, rid, {"method": method, **meta}, body, buffers))
+        self.backlog.put(protocol.decode(protocol.encode(
+            Kind.REQUEST, rid, {"method": method, **meta}, body, buffers)))
 
     def more_may_come(self):
         return False  # flush at once: nothing else is coming
@@ -477,7 +476,7 @@ class _FakeHost:
 def _run(host, fn, max_batch_size=3):
     from workerpool.batching import BatchRunner, BatchSpec
     runner = BatchRunner(host)
-    first = host.backlog.pop(next(iter(host.backlog)))
+    first = host.backlog.pop_oldest()
     runner.run(first, None, BatchSpec(max_batch_size=max_batch_size), fn)
     assert runner.held() == 0 and not runner.gathering
     return runner
@@ -489,7 +488,7 @@ def test_batch_runner_takes_matching_requests_oldest_first_up_to_the_batch_size(
         host.add(rid, method, {"i": rid})
     _run(host, lambda payloads: calls.append(payloads) or [p["i"] * 10 for p in payloads])
     assert calls == [[{"i": 1}, {"i": 3}, {"i": 4}]]
-    assert list(host.backlog) == [2, 5]  # the other method, and what did not fit
+    assert host.backlog.ids() == [2, 5]  # the other method, and what did not fit
     assert host.replies.sent == [("started", 0, {"ids": [1, 3, 4]}), ("result", 1, 10),
                                  ("result", 3, 30), ("result", 4, 40)]
     assert (host.stats.batches, host.stats.batched_requests) == (1, 3)

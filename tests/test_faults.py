@@ -167,12 +167,16 @@ def test_hung_handler_with_timeout(procs):
     assert pool.status()["router"]["requests"] == 0
 
 
-def test_timeout_while_queued(procs):
-    pool = procs.pool(workers=1)
+@pytest.mark.parametrize("prefetch,where", [("0", "in the queue"),
+                                            ("1", "held ahead on worker default/0, not started")])
+def test_timeout_while_queued(procs, prefetch, where):
+    """Behind a running request, in the router's queue (prefetch 0) or held ahead on the
+    worker (prefetch 1): the deadline answers it, and it never runs."""
+    pool = procs.pool("--prefetch", prefetch, workers=1)
     with Client(pool.address) as c:
         slow = c.submit("sleep", {"seconds": 1.0})
         pool.wait_for(lambda st: st["workers"][0]["in_flight"] == 1, what="sleep running")
-        with pytest.raises(RequestTimeoutError, match="in the queue"):
+        with pytest.raises(RequestTimeoutError, match=where):
             c.call("echo", 1, timeout=0.2)
         assert slow.result(5) == {"seconds": 1.0}
         st = pool.status()
@@ -181,7 +185,7 @@ def test_timeout_while_queued(procs):
 
 
 def test_cancel_a_queued_request(procs):
-    pool = procs.pool(workers=1)
+    pool = procs.pool("--prefetch", "0", workers=1)  # queued in the router, not held ahead
     with Client(pool.address, timeout=10) as c:
         slow = c.submit("sleep", {"seconds": 0.5})
         pool.wait_for(lambda st: st["workers"][0]["in_flight"] == 1, what="sleep running")

@@ -108,7 +108,7 @@ _bodies = st.one_of(st.just(b""), _values.map(_packb), st.binary(max_size=48), _
                     st.lists(_bogus_arrays, min_size=1, max_size=3).map(
                         lambda xs: bytes([0x90 | len(xs)]) + b"".join(xs)))
 _headers = st.one_of(
-    st.builds(lambda kind, rid: protocol.HEADER.pack(b"WP", 1, kind, rid),
+    st.builds(lambda kind, rid: protocol.HEADER.pack(b"WP", protocol.VERSION, kind, rid),
               st.sampled_from([k.value for k in Kind]) | st.integers(0, 255),
               st.sampled_from([0, 1, 2**64 - 1]) | st.integers(0, 2**64 - 1)),
     st.binary(min_size=12, max_size=12),  # bad magic and versions, mostly

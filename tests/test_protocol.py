@@ -14,7 +14,7 @@ from workerpool import errors
 
 def test_header_round_trip():
     frames = protocol.encode(Kind.REQUEST, 2**64 - 1, {"method": "echo"}, b"\x01")
-    assert frames[0] == b"WP\x01\x01" + b"\xff" * 8
+    assert frames[0] == b"WP\x02\x01" + b"\xff" * 8
     msg = protocol.decode(frames)
     assert (msg.kind, msg.req_id, msg.meta, msg.body, msg.buffers) == (
         Kind.REQUEST, 2**64 - 1, {"method": "echo"}, b"\x01", [])
@@ -30,14 +30,14 @@ def test_buffers_are_kept_in_order():
     ("frames", "code"),
     [
         ([], "too-few-frames"),
-        ([b"WP\x01\x01" + bytes(8)], "too-few-frames"),
+        ([b"WP\x02\x01" + bytes(8)], "too-few-frames"),
         ([b"short", b"", b""], "bad-header"),
         ([b"XX\x01\x01" + bytes(8), b"", b""], "bad-magic"),
         ([b"WP\x09\x01" + bytes(8), b"", b""], "bad-version"),
-        ([b"WP\x01\xee" + bytes(8), b"", b""], "bad-kind"),
-        ([b"WP\x01\x01" + bytes(8), b"\xc1", b""], "bad-meta"),  # 0xc1 is never valid msgpack
-        ([b"WP\x01\x01" + bytes(8), msgpack.packb([1, 2]), b""], "bad-meta"),
-        ([b"WP\x01\x01" + bytes(8), b"\x81", b""], "bad-meta"),  # truncated map
+        ([b"WP\x02\xee" + bytes(8), b"", b""], "bad-kind"),
+        ([b"WP\x02\x01" + bytes(8), b"\xc1", b""], "bad-meta"),  # 0xc1 is never valid msgpack
+        ([b"WP\x02\x01" + bytes(8), msgpack.packb([1, 2]), b""], "bad-meta"),
+        ([b"WP\x02\x01" + bytes(8), b"\x81", b""], "bad-meta"),  # truncated map
     ],
 )
 def test_malformed_frames_raise_frame_error(frames, code):

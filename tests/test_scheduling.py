@@ -35,7 +35,8 @@ def _queued(pool, n):
 
 
 def test_priority_order_under_contention_and_fifo_within(procs):
-    pool = procs.pool(handler=REC, workers=1)
+    # --prefetch 0: the order is the queue's (one sent ahead has left the queue already).
+    pool = procs.pool("--prefetch", "0", handler=REC, workers=1)
     with Client(pool.address, timeout=30) as c:
         first = _busy(pool, c)
         futs = []
@@ -51,7 +52,7 @@ def test_priority_order_under_contention_and_fifo_within(procs):
 
 
 def test_queue_full_rejects_with_retry_after(procs):
-    pool = procs.pool("--queue-capacity", "3", handler=REC, workers=1)
+    pool = procs.pool("--queue-capacity", "3", "--prefetch", "0", handler=REC, workers=1)
     with Client(pool.address, timeout=30) as c:
         first = _busy(pool, c, 0.3)
         queued = [c.submit("record", {"i": i}) for i in range(3)]
@@ -67,7 +68,7 @@ def test_queue_full_rejects_with_retry_after(procs):
 
 
 def test_retry_after_grows_with_the_queue_and_service_time(procs):
-    pool = procs.pool("--queue-capacity", "1", handler=REC, workers=1)
+    pool = procs.pool("--queue-capacity", "1", "--prefetch", "0", handler=REC, workers=1)
     with Client(pool.address, timeout=30) as c:
         for _ in range(3):  # teach the router the service time (~0.2 s)
             c.call("record", {"sleep": 0.2})
@@ -83,7 +84,7 @@ def test_retry_after_grows_with_the_queue_and_service_time(procs):
 
 
 def test_higher_priority_displaces_the_newest_low_priority_when_full(procs):
-    pool = procs.pool("--queue-capacity", "2", handler=REC, workers=1)
+    pool = procs.pool("--queue-capacity", "2", "--prefetch", "0", handler=REC, workers=1)
     with Client(pool.address, timeout=30) as c:
         first = _busy(pool, c)
         low_old = c.submit("record", {"i": "old"}, priority=0)
@@ -105,8 +106,8 @@ def test_higher_priority_displaces_the_newest_low_priority_when_full(procs):
 
 
 def test_reject_policy_never_queues(procs):
-    pool = procs.pool("--capacity-policy", "reject", "--max-inflight", "1", handler=REC,
-                      workers=2)
+    pool = procs.pool("--capacity-policy", "reject", "--max-inflight", "1", "--prefetch", "0",
+                      handler=REC, workers=2)
     with Client(pool.address, timeout=30) as c:
         a = c.submit("record", {"sleep": 0.4})
         b = c.submit("record", {"sleep": 0.4})
@@ -123,7 +124,7 @@ def test_reject_policy_never_queues(procs):
 
 
 def test_max_wait_sheds_requests_that_waited_too_long(procs):
-    pool = procs.pool("--max-wait", "0.3", handler=REC, workers=1)
+    pool = procs.pool("--max-wait", "0.3", "--prefetch", "0", handler=REC, workers=1)
     with Client(pool.address, timeout=30) as c:
         first = _busy(pool, c, 1.5)
         t0 = time.monotonic()
@@ -193,9 +194,12 @@ def test_leaving_a_stream_stops_the_worker_generating(procs):
         assert c.call("whoami")["stats"]["cancelled"] == 1
 
 
-@pytest.mark.parametrize("policy", ["round-robin", "least-loaded", "power-of-two"])
-def test_max_inflight_never_exceeded_from_the_worker_side(procs, policy):
-    pool = procs.pool("--max-inflight", "3", "--policy", policy, workers=2)
+@pytest.mark.parametrize("policy,prefetch", [("round-robin", 1), ("least-loaded", 1),
+                                             ("power-of-two", 1), ("least-loaded", 0)])
+def test_max_inflight_never_exceeded_from_the_worker_side(procs, policy, prefetch):
+    """A worker holds at most max_inflight plus the requests sent to it ahead (prefetch)."""
+    pool = procs.pool("--max-inflight", "3", "--prefetch", str(prefetch), "--policy", policy,
+                      workers=2)
     with Client(pool.address, timeout=60) as c:
         futs = [c.submit("sleep", {"seconds": 0.01}) for _ in range(300)]
         [f.result() for f in futs]
@@ -207,7 +211,7 @@ def test_max_inflight_never_exceeded_from_the_worker_side(procs, policy):
                 break
     assert len(seen) == 2
     for stats in seen.values():
-        assert stats["max_outstanding"] <= 3, seen
+        assert stats["max_outstanding"] <= 3 + prefetch, seen
     # The burst did stack requests on a worker. (Exactly 3 needs the next request to
     # arrive before the worker reads its socket right after a reply: a race, not a rule.)
     assert max(s["max_outstanding"] for s in seen.values()) >= 2

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ipc import codec
 from ipc.protocol import Kind, Message
 from workerpool import faults
+from workerpool.backlog import Backlog
 from workerpool.busy import BusyMeter
 from workerpool.context import WorkerStats
 from workerpool.errors import PayloadError, RequestTimeoutError, WorkerPoolError
@@ -99,7 +100,7 @@ def check_results(method: str, results: Any, n: int) -> list:
 class BatchHost(Protocol):
     """What a ``BatchRunner`` needs from the worker that holds the requests."""
 
-    backlog: OrderedDict[int, Message]  # received, not started, oldest first
+    backlog: Backlog  # received, not started, oldest first
     stats: WorkerStats
     replies: Replies
     busy: BusyMeter  # the handler's running time, for utilization
@@ -182,10 +183,9 @@ class BatchRunner:
         room = limit - len(self.gathering)
         if room <= 0:
             return
-        backlog = self.host.backlog
-        for rid in [rid for rid, m in backlog.items() if m.meta.get("method") == method
-                    ][:room]:
-            self.gathering[rid] = backlog.pop(rid)
+        for msg in self.host.backlog.take_matching(method, room):
+            rid = msg.req_id
+            self.gathering[rid] = msg
             arrived_at[rid] = self.arrived.pop(rid, time.monotonic())
 
     def _execute(self, method: str, method_fn: Callable[[list], Any], msgs: list[Message],

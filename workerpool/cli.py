@@ -92,6 +92,9 @@ def _service_options(f):
         click.option("--max-inflight", type=int, default=None,
                      help="Requests one worker may hold at once (default: 1, or twice the largest "
                      "max_batch_size of the handler's @batched methods)."),
+        click.option("--prefetch", type=int, default=None,
+                     help="Requests sent to a worker beyond --max-inflight and held ahead, so "
+                          "the next is there when one finishes (default 1; 0: none)."),
         click.option("--queue-capacity", type=int, default=None,
                      help="Requests queued per service before BackpressureError (default 10000)."),
         click.option("--capacity-policy", type=click.Choice(["queue", "reject"]), default=None,
@@ -237,8 +240,8 @@ def _pydantic_message(exc: ValidationError) -> str:
 @_insecure_option
 @_service_options
 def up(frontend, backend, drain_timeout, keys_dir, insecure, config_path, service, handler,
-       workers, spares, devices, workers_per_device, policy, max_inflight, queue_capacity,
-       capacity_policy, max_wait, handler_options) -> None:
+       workers, spares, devices, workers_per_device, policy, max_inflight, prefetch,
+       queue_capacity, capacity_policy, max_wait, handler_options) -> None:
     """Run a whole pool: a router and a supervised set of workers, in the foreground.
 
     Ctrl-C or SIGTERM drains: no new requests are admitted, in-flight ones finish, every
@@ -252,7 +255,7 @@ def up(frontend, backend, drain_timeout, keys_dir, insecure, config_path, servic
         {"frontend": frontend, "backend": backend, "drain_timeout": drain_timeout},
         {"handler": handler, "workers": workers, "spares": spares, "devices": devices,
          "workers_per_device": workers_per_device, "policy": policy,
-         "max_inflight": max_inflight, "queue_capacity": queue_capacity,
+         "max_inflight": max_inflight, "prefetch": prefetch, "queue_capacity": queue_capacity,
          "capacity_policy": capacity_policy, "max_wait": max_wait}, handler_options)
     sec = _security(keys_dir, insecure=insecure, base=cfg.security)
     _check_binds(cfg.router.frontend, cfg.router.backend, sec)
@@ -345,8 +348,8 @@ def router_cmd(frontend, backend, config_path, policy, drain_timeout, keys_dir,
 @_peer_key_options
 @_service_options
 def worker(router_addr, node, keys_dir, key, router_key, config_path, service, handler,
-           workers, spares, devices, workers_per_device, policy, max_inflight, queue_capacity,
-           capacity_policy, max_wait, handler_options) -> None:
+           workers, spares, devices, workers_per_device, policy, max_inflight, prefetch,
+           queue_capacity, capacity_policy, max_wait, handler_options) -> None:
     """Run a supervisor and its workers for a router elsewhere (same code as `up`)."""
     from workerpool.supervisor import Supervisor
 
@@ -354,7 +357,7 @@ def worker(router_addr, node, keys_dir, key, router_key, config_path, service, h
         config_path, service, {},
         {"handler": handler, "workers": workers, "spares": spares, "devices": devices,
          "workers_per_device": workers_per_device, "policy": policy,
-         "max_inflight": max_inflight, "queue_capacity": queue_capacity,
+         "max_inflight": max_inflight, "prefetch": prefetch, "queue_capacity": queue_capacity,
          "capacity_policy": capacity_policy, "max_wait": max_wait}, handler_options)
     worker_keys = _peer_keys(_security(keys_dir, key, router_key, base=cfg.security), "worker")
     node = node or f"{socket.gethostname()}-{os.getpid()}"
@@ -437,7 +440,8 @@ def _cell(value: Any, column: str, row: dict) -> str:
     if value is None:
         return "-"
     if column == "in_flight" and row.get("capacity") is not None:
-        return f"{value}/{row['capacity']}"  # a worker stuck at its capacity stands out
+        ahead = f"+{row['prefetch']}" if row.get("prefetch") else ""
+        return f"{value}/{row['capacity']}{ahead}"  # one stuck at its limit stands out
     if column == "uptime":
         return f"{value:.1f}s"
     if column == "utilization":

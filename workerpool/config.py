@@ -73,6 +73,11 @@ class ServiceConfig(_Model):
         None, ge=1, le=65536, description="Requests the router sends one worker at once. "
         "None (auto): 1, or for a handler with @batched methods twice their largest "
         "max_batch_size, so that the next batch gathers in the worker while one runs.")
+    prefetch: int = Field(
+        1, ge=0, le=64, description="Requests the router sends a worker beyond max_inflight, "
+        "held unstarted so the next one is already there when one finishes (no idle gap "
+        "between requests). One held ahead is taken back and run elsewhere when another "
+        "worker would otherwise sit idle. 0: none.")
     queue_capacity: int = Field(
         10000, ge=0, le=10_000_000,
         description="Requests the router holds for this service while every worker is full; "
@@ -202,8 +207,8 @@ TIMINGS = Timings()
 
 
 #: Service fields the router applies (the rest only matter to the supervisor).
-ROUTED_FIELDS = ("policy", "queue_capacity", "max_inflight", "capacity_policy", "max_wait",
-                 "exec_timeout", "idempotent", "max_attempts", "poison_threshold")
+ROUTED_FIELDS = ("policy", "queue_capacity", "max_inflight", "prefetch", "capacity_policy",
+                 "max_wait", "exec_timeout", "idempotent", "max_attempts", "poison_threshold")
 
 
 def routed_defaults() -> dict[str, Any]:

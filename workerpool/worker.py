@@ -28,7 +28,6 @@ import sys
 import threading
 import time
 import traceback
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,6 +45,7 @@ from workerpool._proc import (
     setup_logging,
     slot_logger,
 )
+from workerpool.backlog import Backlog
 from workerpool.batching import BatchRunner, BatchSpec, batch_spec
 from workerpool.busy import BusyMeter
 from workerpool.context import WorkerContext, WorkerStats
@@ -142,7 +142,7 @@ class Worker:
         self.capacity = spec.capacity or 1  # settled once setup() has shown the methods
         self.declared = self.capacity  # what it tells the router; capacity: what the router allows
         self._meta_cache = protocol.MetaCache()
-        self.backlog: OrderedDict[int, protocol.Message] = OrderedDict()  # received, not run
+        self.backlog = Backlog()  # received, not run; shared with the heartbeat thread
         self._batches = BatchRunner(self)  # the requests of @batched methods, as batches form
         self._running = 0  # 1 while a request of a plain method runs
         self._poller = zmq.Poller()
@@ -176,7 +176,7 @@ class Worker:
             return EXIT_SETUP_FAILED
         self._send(Kind.READY, 0, self._ready_meta())
         self.busy = BusyMeter()  # its wall time counts from here: setup() is not idle time
-        self._heart = _Heartbeat(self._ctx, self.spec, self.busy)
+        self._heart = _Heartbeat(self._ctx, self.spec, self.busy, self.backlog)
         self._heart.start()
         stopped = False
         try:
@@ -303,8 +303,8 @@ class Worker:
             # With a backlog this runs once per request and mostly finds nothing.
             if not backlog or transport.readable(self._sock):
                 self._read_socket()
-            if backlog:
-                _, msg = backlog.popitem(last=False)
+            msg = backlog.pop_oldest() if backlog else None
+            if msg is not None:
                 arrived = self._batches.arrived.pop(msg.req_id, None)
                 method = msg.meta.get("method")
                 spec = self._batched.get(method) if isinstance(method, str) else None
@@ -361,7 +361,8 @@ class Worker:
                 self.replies.error(exc.req_id, ProtocolError(str(exc), code=exc.code))
             return
         if msg.kind is Kind.REQUEST:
-            self.backlog[msg.req_id] = msg
+            if not self.backlog.put(msg):
+                return  # the router took it back before it was read: it runs elsewhere
             if self._batched:
                 self._batches.arrived[msg.req_id] = time.monotonic()
             self.stats.received += 1
@@ -378,7 +379,7 @@ class Worker:
     def _on_cancel(self, req_id: int) -> None:
         """The router gave up on a request (timeout, client cancel). Not started: skip it.
         Streaming: stop after the current item. Running otherwise: it runs to the end."""
-        queued = self.backlog.pop(req_id, None) is not None
+        queued = self.backlog.pop(req_id) is not None
         if self._batches.cancel(req_id) or queued:
             self.stats.cancelled += 1
             self.replies.error(req_id, RequestCancelledError("cancelled before it started"))
@@ -498,7 +499,8 @@ class Worker:
 
 
 class _Heartbeat(threading.Thread):
-    """Tells the router this process is alive, from its own thread and socket.
+    """Tells the router this process is alive, from its own thread and socket; and answers
+    the router's RECLAIM, which asks for a request held ahead back while a handler runs.
 
     A handler that merely runs long keeps beating (the GIL is released every few ms); a
     process that is stopped (SIGSTOP), or stuck in native code holding the GIL, goes
@@ -506,13 +508,16 @@ class _Heartbeat(threading.Thread):
     service's ``exec_timeout`` instead.
     """
 
-    def __init__(self, ctx: zmq.Context, spec: WorkerSpec, busy: BusyMeter) -> None:
+    def __init__(self, ctx: zmq.Context, spec: WorkerSpec, busy: BusyMeter,
+                 backlog: Backlog) -> None:
         super().__init__(name="workerpool-heartbeat", daemon=True)
         self._ctx = ctx
         self._spec = spec
         self._busy = busy
+        self._backlog = backlog
         self._keys = spec.curve_keys()  # read here: a bad file fails the worker at start
         self._halt = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()  # stop() wakes the poll at once
         self.register_again = threading.Event()  # a restarted router does not know us
 
     def run(self) -> None:
@@ -521,23 +526,34 @@ class _Heartbeat(threading.Thread):
         sock.setsockopt(zmq.LINGER, 0)
         curve.secure_client(sock, self._keys)
         sock.connect(self._spec.backend)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         meta = {"of": self._spec.identity}
+        interval = self._spec.heartbeat_interval
         try:
             n = 0
             while not self._halt.is_set():
                 n += 1
                 meta["mem"] = memory_use()
                 meta["busy"] = list(self._busy.sample())
-                try:
-                    transport.send(sock, protocol.encode(Kind.HEARTBEAT, n, meta),
-                                   transport.NOBLOCK)
-                except zmq.ZMQError:
-                    pass  # router unreachable right now: the next beat tries again
-                if self._halt.wait(self._spec.heartbeat_interval):
-                    break  # stop() returns at once, not after a beat
-                self._read(sock)
+                self._send(sock, Kind.HEARTBEAT, n, meta)
+                next_beat = time.monotonic() + interval
+                while not self._halt.is_set():
+                    wait = next_beat - time.monotonic()
+                    if wait <= 0:
+                        break
+                    if poller.poll(wait * 1000):
+                        self._read(sock)
         finally:
             sock.close(0)
+
+    @staticmethod
+    def _send(sock: zmq.Socket, kind: Kind, req_id: int, meta: dict) -> None:
+        try:
+            transport.send(sock, protocol.encode(kind, req_id, meta), transport.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # router unreachable right now: a beat tries again; a RECLAIM is lost with it
 
     def _read(self, sock: zmq.Socket) -> None:
         while True:
@@ -549,13 +565,21 @@ class _Heartbeat(threading.Thread):
                 msg = protocol.decode(frames)
             except FrameError:
                 continue
-            if msg.kind is Kind.HEARTBEAT and msg.meta.get("register"):
+            if msg.kind is Kind.RECLAIM:
+                seq = msg.meta.get("seq")
+                returned = type(seq) is int and self._backlog.give_back(msg.req_id, seq)
+                self._send(sock, Kind.RECLAIM, msg.req_id, {"returned": returned})
+            elif msg.kind is Kind.HEARTBEAT and msg.meta.get("register"):
                 self.register_again.set()
 
     def stop(self) -> None:
         self._halt.set()
+        os.write(self._wake_w, b"x")
         if self.is_alive():
             self.join(2)
+        if not self.is_alive():  # closed only once nothing polls them
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
 
 def main() -> int:
