@@ -98,7 +98,8 @@ class WorkerRegistry:
                 core.to_backend(ident, Kind.SHUTDOWN)
                 return
             case vouching.Verdict.WAIT:
-                if not self.waiting.park(ident, meta, core.clock() + TIMINGS.vouch_wait):
+                if not self.waiting.park(ident, Kind.READY, meta,
+                                         core.clock() + TIMINGS.vouch_wait):
                     core.stats["unvouched_ready"] += 1
                 return
         assert slot is not None  # ACCEPT: its supervisor described it and vouched for this
@@ -143,20 +144,23 @@ class WorkerRegistry:
         if incarnation > slot.incarnation:
             slot.incarnation = incarnation
             slot.pid = pid if type(pid) is int else None
-        for ident, meta in self.waiting.take(slot.id):
+        for ident, kind, meta in self.waiting.take(slot.id):
             try:
-                self.on_ready(ident, meta)
+                if kind is Kind.READY:
+                    self.on_ready(ident, meta)
+                else:
+                    self.on_goodbye(ident, meta)
             except ValueError as exc:  # checked once it could be: it names another service
                 self.core.stats["bad_frames_backend"] += 1
                 self.core.warn("bad-backend", "bad READY from %r: %r", ident, exc)
 
     def check_waiting(self, now: float) -> None:
-        """READYs no supervisor vouched for in time are forgotten (see router.vouching)."""
-        for ident, meta in self.waiting.expire(now):
-            self.core.stats["unvouched_ready"] += 1
-            self.core.warn("unvouched", "READY from %r for slot %.80r incarnation %.20r: no "
-                           "supervisor vouched for it within %gs; ignored", ident,
-                           meta.get("slot"), meta.get("incarnation"), TIMINGS.vouch_wait)
+        """Messages no supervisor vouched for in time are forgotten (router.vouching)."""
+        for ident, kind, meta in self.waiting.expire(now):
+            self.core.stats["unvouched_ready" if kind is Kind.READY else "unvouched_goodbye"] += 1
+            self.core.warn("unvouched", "%s from %r for slot %.80r: no supervisor vouched for "
+                           "it within %gs; ignored", kind.name, ident, meta.get("slot"),
+                           TIMINGS.vouch_wait)
 
     def tell_capacity(self, conn: Conn) -> None:
         """A worker batches from what it holds and flushes early once it holds its capacity,
@@ -171,12 +175,18 @@ class WorkerRegistry:
         if conn is None:
             # A worker whose setup failed leaves before it ever registered (perhaps even
             # before its supervisor's HELLO arrived: the GOODBYE names its slot itself).
-            slot = self.slots.get(meta.get("slot"))  # type: ignore[arg-type]
+            slot_id = meta.get("slot")
+            if reason != GoodbyeReason.SETUP_FAILED or not isinstance(slot_id, str):
+                return
+            slot = self.slots.get(slot_id)
             # Only from the incarnation its supervisor vouched for: the routing id says it.
-            if (reason == GoodbyeReason.SETUP_FAILED and slot is not None
-                    and ident == f"{slot.id}#{slot.incarnation}".encode()):
+            # It may come before that word (or the slot): then it waits for it, as a READY.
+            if slot is not None and ident == f"{slot.id}#{slot.incarnation}".encode():
                 slot.setup_error = str(meta.get("error", reason))[-ERROR_TAIL:]
                 slot.last_error = slot.setup_error
+            elif slot is None or ident.startswith(f"{slot.id}#".encode()):
+                self.waiting.park(ident, Kind.GOODBYE, meta,
+                                  self.core.clock() + TIMINGS.vouch_wait)
             return
         slot = conn.slot
         if reason == GoodbyeReason.CONTEXT_POISONED:

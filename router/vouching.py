@@ -7,13 +7,17 @@ incarnation (and pid) runs there: with SLOT ``started`` as it spawns one, or in 
 for the processes it already runs (a restarted router learns them that way). A READY is
 accepted when it matches what the owner said. One that comes first (the two sockets race)
 waits here until the vouch arrives, for ``TIMINGS.vouch_wait`` at most; then it is
-forgotten, and a real worker is asked to register again by its next heartbeat.
+forgotten, and a real worker is asked to register again by its next heartbeat. A worker
+whose ``setup()`` failed never registers: its GOODBYE, which carries the traceback, waits
+here the same way.
 """
 
 from __future__ import annotations
 
 from enum import Enum
 from typing import TYPE_CHECKING
+
+from ipc.protocol import Kind
 
 if TYPE_CHECKING:
     from router.health import Slot
@@ -39,32 +43,35 @@ def verdict(slot: Slot | None, incarnation: int, pid: int) -> Verdict:
 
 
 class Waiting:
-    """READYs waiting for their supervisor's vouch, bounded in number and time."""
+    """READYs (and setup-failed GOODBYEs) waiting for their supervisor's vouch, bounded in
+    number and time."""
 
     def __init__(self) -> None:
-        self._by_ident: dict[bytes, tuple[float, dict]] = {}  # ident -> (expires at, meta)
+        # ident -> (expires at, kind, meta)
+        self._by_ident: dict[bytes, tuple[float, Kind, dict]] = {}
 
     def __len__(self) -> int:
         return len(self._by_ident)
 
-    def park(self, ident: bytes, meta: dict, until: float) -> bool:
-        """Hold ``ident``'s READY; False when full (the READY is dropped)."""
+    def park(self, ident: bytes, kind: Kind, meta: dict, until: float) -> bool:
+        """Hold ``ident``'s message; False when full (it is dropped)."""
         if ident not in self._by_ident and len(self._by_ident) >= MAX_WAITING:
             return False
-        self._by_ident[ident] = (until, meta)
+        self._by_ident[ident] = (until, kind, meta)
         return True
 
-    def take(self, slot_id: str) -> list[tuple[bytes, dict]]:
-        """The READYs waiting for ``slot_id``: a vouch for it came."""
-        out = [(ident, meta) for ident, (_, meta) in self._by_ident.items()
+    def take(self, slot_id: str) -> list[tuple[bytes, Kind, dict]]:
+        """The messages waiting for ``slot_id``: a vouch for it came."""
+        out = [(ident, kind, meta) for ident, (_, kind, meta) in self._by_ident.items()
                if meta.get("slot") == slot_id]
-        for ident, _ in out:
+        for ident, _, _ in out:
             del self._by_ident[ident]
         return out
 
-    def expire(self, now: float) -> list[tuple[bytes, dict]]:
-        """The READYs whose vouch never came, forgotten."""
-        out = [(ident, meta) for ident, (until, meta) in self._by_ident.items() if until <= now]
-        for ident, _ in out:
+    def expire(self, now: float) -> list[tuple[bytes, Kind, dict]]:
+        """The messages whose vouch never came, forgotten."""
+        out = [(ident, kind, meta) for ident, (until, kind, meta) in self._by_ident.items()
+               if until <= now]
+        for ident, _, _ in out:
             del self._by_ident[ident]
         return out

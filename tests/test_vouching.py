@@ -137,6 +137,21 @@ def test_heartbeats_count_only_from_the_workers_own_heartbeat_socket():
     assert conn.last_beat > before
 
 
+def test_a_setup_failure_that_overtakes_the_hello_waits_for_the_vouch():
+    """The worker's socket may connect before its supervisor's: its setup-failed GOODBYE,
+    with the traceback, comes before the router knows the slot at all."""
+    h = Harness()
+    h.backend(b"default/0#1", Kind.GOODBYE, {"reason": "setup-failed", "slot": "default/0",
+                                             "error": "ImportError: no cupy"})
+    h.hello(workers=1)
+    assert h.core.registry.slots["default/0"].setup_error is None  # not vouched yet
+    h.slot_event("default/0", "started", incarnation=1, pid=1001)
+    h.slot_event("default/0", "failed", reason="setup() failed; process exited with code 78")
+    slot = h.core.registry.slots["default/0"]
+    assert slot.setup_error == "ImportError: no cupy"
+    assert slot.last_error == "setup() failed; process exited with code 78\nImportError: no cupy"
+
+
 def test_a_setup_failure_is_recorded_only_from_the_vouched_incarnation():
     h = Harness()
     h.hello(workers=1)
