@@ -22,7 +22,6 @@ waits for the other.
 from __future__ import annotations
 
 import enum
-import ipaddress
 import logging
 import os
 import re
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import zmq
 from zmq.auth.certs import create_certificates, load_certificate
+
+from ipc import transport
 
 
 class Role(enum.Enum):
@@ -282,29 +283,12 @@ def start_authenticator(ctx: zmq.Context, store: KeyStore):
 
 
 # -- binding: who can reach the router --------------------------------------------------------
-def is_loopback(endpoint: str) -> bool:
-    """An endpoint only this host can reach: ipc://, inproc://, tcp on a loopback address
-    or ``localhost``. ``*``, 0.0.0.0, a host name or IP, or an interface name are not."""
-    scheme, _, rest = endpoint.partition("://")
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    host = rest.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_exposure(endpoints: list[str], keys: bool, insecure: bool) -> None:
     """Refuse to bind a socket others can reach with no keys, unless ``insecure``.
     Raises KeyFileError saying why and naming ``--insecure``."""
     if keys or insecure:
         return
-    exposed = [e for e in endpoints if e and not is_loopback(e)]
+    exposed = [e for e in endpoints if e and not transport.is_loopback(e)]
     if exposed:
         raise KeyFileError(
             f"refusing to bind {', '.join(exposed)} without keys: anyone who reaches it could "

@@ -9,6 +9,8 @@ frames) — on the router's hot path that is most of a request's budget.
 
 from __future__ import annotations
 
+import ipaddress
+
 import zmq
 from zmq.backend import Socket as _CSocket
 
@@ -108,3 +110,20 @@ def readable(sock: zmq.Socket) -> bool:
     (pyzmq builds a ``zmq.Again``); this costs under 1 µs, so a loop that usually finds
     nothing asks first."""
     return bool(_get(sock, _EVENTS) & _POLLIN)
+
+
+def is_loopback(endpoint: str) -> bool:
+    """An endpoint only this host can reach: ipc://, inproc://, tcp on a loopback address
+    or ``localhost``. ``*``, 0.0.0.0, a host name or IP, or an interface name are not."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -9,7 +9,7 @@ import stat
 import msgpack
 import pytest
 
-from ipc import curve, protocol
+from ipc import curve, protocol, transport
 from ipc.curve import Role
 from ipc.lifecycle import AdminOp
 from ipc.protocol import Kind
@@ -188,7 +188,7 @@ def test_security_section_of_the_config(tmp_path):
     ("tcp://*:5555", False), ("tcp://10.1.2.3:5555", False), ("tcp://eth0:5555", False),
     ("tcp://example.com:5", False)])
 def test_loopback_endpoints(endpoint, local):
-    assert curve.is_loopback(endpoint) is local
+    assert transport.is_loopback(endpoint) is local
 
 
 def test_exposed_binds_need_keys_or_insecure():

@@ -26,7 +26,7 @@ from typing import Any
 
 import zmq
 
-from ipc import codec, curve, protocol
+from ipc import codec, curve, protocol, transport
 from ipc import shm as segments
 from ipc.protocol import FrameError, Kind
 from workerpool.client._replies import Pending
@@ -51,13 +51,7 @@ HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED
 
 def is_local(address: str) -> bool:
     """Whether a router at ``address`` runs on this host (ipc://, inproc://, loopback tcp)."""
-    scheme, _, rest = address.partition("://")
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    host = rest.rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
+    return transport.is_loopback(address)
 
 
 class BaseClient:
