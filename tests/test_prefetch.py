@@ -34,6 +34,18 @@ def _answer(h: Harness, ident: bytes, rid: int, returned: bool) -> None:
     h.backend(ident + b"#hb", Kind.RECLAIM, {"returned": returned}, req_id=rid)
 
 
+def _b_idle_while_a_holds_one_ahead() -> tuple[Harness, bytes, bytes, list[int]]:
+    """Four requests on two workers (two each), then b finishes both: b is idle while a
+    runs its first and holds its second ahead. Returns (h, a, b, a's requests)."""
+    h, (a, b) = _pool()
+    for rid in range(1, 5):
+        h.request(C, rid)
+    on_a, on_b = h.dispatched_to(a), h.dispatched_to(b)
+    h.reply(b, on_b[0], "fast")
+    h.reply(b, on_b[1], "fast")
+    return h, a, b, on_a
+
+
 @pytest.mark.parametrize("policy", ["least-loaded", "round-robin", "power-of-two"])
 def test_each_worker_holds_one_ahead_and_idle_workers_come_first(policy):
     h, (a, b) = _pool(policy)
@@ -49,12 +61,7 @@ def test_each_worker_holds_one_ahead_and_idle_workers_come_first(policy):
 
 
 def test_a_request_held_ahead_behind_a_slow_one_is_taken_back_for_an_idle_worker():
-    h, (a, b) = _pool()
-    for rid in range(1, 5):
-        h.request(C, rid)
-    on_a, on_b = h.dispatched_to(a), h.dispatched_to(b)
-    h.reply(b, on_b[0], "fast")
-    h.reply(b, on_b[1], "fast")  # b is idle; a still runs its first and holds one ahead
+    h, a, b, on_a = _b_idle_while_a_holds_one_ahead()
     assert _reclaims(h, a) == [on_a[1]]
     _reclaims_before = len(h.out.sent)
     h.tick(0.5)  # a second ask for the same request would be a second hand-back
@@ -71,12 +78,7 @@ def test_a_request_held_ahead_behind_a_slow_one_is_taken_back_for_an_idle_worker
 
 
 def test_a_hand_back_that_lost_the_race_leaves_the_request_where_it_runs():
-    h, (a, b) = _pool()
-    for rid in range(1, 5):
-        h.request(C, rid)
-    on_a, on_b = h.dispatched_to(a), h.dispatched_to(b)
-    h.reply(b, on_b[0])
-    h.reply(b, on_b[1])
+    h, a, b, on_a = _b_idle_while_a_holds_one_ahead()
     h.reply(a, on_a[0])  # a finished its first and started the one held ahead...
     _answer(h, a, on_a[1], returned=False)  # ...so it could not give it back
     assert on_a[1] not in h.dispatched_to(b)
@@ -86,12 +88,7 @@ def test_a_hand_back_that_lost_the_race_leaves_the_request_where_it_runs():
 
 
 def test_an_answer_for_a_request_already_answered_changes_nothing():
-    h, (a, b) = _pool()
-    for rid in range(1, 5):
-        h.request(C, rid)
-    on_a, on_b = h.dispatched_to(a), h.dispatched_to(b)
-    h.reply(b, on_b[0])
-    h.reply(b, on_b[1])
+    h, a, _, on_a = _b_idle_while_a_holds_one_ahead()
     h.reply(a, on_a[0])
     h.reply(a, on_a[1])  # its reply overtook the answer to RECLAIM
     _answer(h, a, on_a[1], returned=True)  # cannot be: a worker gives back only unstarted
@@ -100,12 +97,7 @@ def test_an_answer_for_a_request_already_answered_changes_nothing():
 
 
 def test_a_request_cancelled_while_being_taken_back_is_dropped_once():
-    h, (a, b) = _pool()
-    for rid in range(1, 5):
-        h.request(C, rid)
-    on_a, on_b = h.dispatched_to(a), h.dispatched_to(b)
-    h.reply(b, on_b[0])
-    h.reply(b, on_b[1])
+    h, a, b, on_a = _b_idle_while_a_holds_one_ahead()
     client_rid = h.core.requests.records[on_a[1]].client_rid
     h.client_msg(C, Kind.CANCEL, client_rid)
     rec = h.core.requests.records[on_a[1]]
