@@ -5,8 +5,8 @@ answer with a real Worker object; the whole path with a live pool."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
-import time
 
 import pytest
 
@@ -15,7 +15,6 @@ from ipc.protocol import Kind
 from router.requests import Phase
 from tests.router_harness import Harness
 from workerpool import Client
-from workerpool.errors import RequestCancelledError
 
 C = b"client-1"
 
@@ -190,34 +189,33 @@ def test_start_and_give_back_race_and_exactly_one_wins():
 
 # -- live ---------------------------------------------------------------------------------------
 def test_a_slow_request_does_not_hold_up_the_one_behind_it(procs):
-    """Two workers; the first request sleeps 3 s. Quick requests behind it all finish long
-    before it: the one sent to its worker ahead was handed back to the idle worker."""
+    """Two workers; the first request sleeps 3 s. Quick requests behind it all finish
+    before it: the one sent ahead to the sleeping worker was handed back to the other."""
     pool = procs.pool(workers=2, handler="workerpool.handlers:Echo")
     with Client(pool.address, timeout=30) as c:
         slow = c.submit("sleep", {"seconds": 3.0})
         quick = [c.submit("echo", i) for i in range(20)]
-        t0 = time.monotonic()
         assert [f.result() for f in quick] == list(range(20))
-        assert time.monotonic() - t0 < 2.5 and not slow.done()  # not behind the sleep
+        assert not slow.done()  # none of them waited behind the sleep
         assert slow.result() == {"seconds": 3.0}
     counters = pool.status()["router"]["counters"]
-    assert counters.get("reclaims_asked", 0) >= counters.get("reclaimed", 0) >= 0
+    assert counters["reclaimed"] >= 1 and counters["reclaims_asked"] >= counters["reclaimed"]
 
 
 def test_cancel_of_a_request_held_ahead(procs):
+    """A request held ahead on a busy worker, cancelled: it never runs; the worker and the
+    client go on."""
     pool = procs.pool(workers=1, handler="workerpool.handlers:Echo")
     with Client(pool.address, timeout=30) as c:
         running = c.submit("sleep", {"seconds": 1.0})
-        deadline = time.monotonic() + 10
-        while pool.status()["workers"][0]["in_flight"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        pool.wait_for(lambda st: st["workers"][0]["in_flight"] == 1, what="sleep running")
         ahead = c.submit("echo", "x")
-        while pool.status()["workers"][0]["in_flight"] < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert pool.status()["workers"][0]["in_flight"] == 2  # held ahead on the worker
-        ahead.cancel()
-        with pytest.raises((RequestCancelledError, Exception)):
+        pool.wait_for(lambda st: st["workers"][0]["in_flight"] == 2, what="one held ahead")
+        assert ahead.cancel()
+        with pytest.raises(concurrent.futures.CancelledError):
             ahead.result(timeout=5)
         assert running.result() == {"seconds": 1.0}
         assert c.call("echo", "after") == "after"
-    threading.Event().wait(0)  # nothing left running
+    st = pool.status()
+    assert st["workers"][0]["completed"] == 2  # the sleep and "after": x never ran
+    assert st["services"][0]["cancelled"] == 1
