@@ -18,6 +18,7 @@ demo: $(BIN)/workerpool
 	$(BIN)/python bin/demo
 
 test: $(BIN)/workerpool
+	bin/system-packages
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
