@@ -3,13 +3,19 @@
 Every message, in every direction, is one ZeroMQ multipart message::
 
     [routing id...]              added/stripped by ROUTER sockets, never seen by codecs
-    frame 0  header  12 bytes    b"WP" | version u8 | kind u8 | request id u64 (big-endian)
-    frame 1  meta    msgpack map (may be empty bytes = {})   small, read by the router
-    frame 2  body    msgpack value (may be empty bytes = nil) opaque to the router
-    frame 3+ buffers raw bytes referenced from the body by index (large arrays, later)
+    frame 0  head    header (20 bytes) | meta | body
+             header  b"WP" | version u8 | kind u8 | request id u64 | meta length u32 |
+                     body length u32 (all big-endian)
+             meta    msgpack map (0 bytes = {})           small, read by the router
+             body    msgpack value (0 bytes = nil)        opaque to the router
+    frame 1  body    only when the body length is BODY_IN_FRAME: a large body travels in a
+                     frame of its own, so that no peer copies it into the head
+    then     buffers raw bytes referenced from the body by index (large arrays)
 
-The header is fixed-size so the router can route on it without decoding msgpack; the
-body is forwarded byte-for-byte. docs/protocol.md is the normative description.
+One frame for what most messages carry: every frame costs each peer a ZeroMQ call, and
+with CURVE an encryption, so the small parts share one. The header is fixed-size so the
+router can route on it without decoding msgpack; the body is forwarded byte-for-byte.
+docs/protocol.md is the normative description.
 """
 
 from __future__ import annotations
@@ -23,10 +29,16 @@ import msgpack
 from ipc.errors import FrameError
 
 MAGIC = b"WP"
-VERSION = 2
-HEADER = struct.Struct("!2sBBQ")
-HEADER_SIZE = HEADER.size  # 12
+VERSION = 3
+HEADER = struct.Struct("!2sBBQII")
+HEADER_SIZE = HEADER.size  # 20
+_ID_PART = struct.Struct("!2sBBQ")  # the first 12 bytes: enough to answer under the id
 MAX_REQUEST_ID = 2**64 - 1
+BODY_IN_FRAME = 0xFFFFFFFF
+"""The body length that says: the body is frame 1, not in the head."""
+BODY_FRAME_MIN = 65536
+"""Bodies at least this large travel in a frame of their own: below it, copying the body
+into the head costs less than a frame does; above it, the copy costs more."""
 
 
 class Kind(enum.IntEnum):
@@ -81,15 +93,13 @@ class Message:
     buffers: list = field(default_factory=list)
 
 
-def pack_header(kind: Kind, req_id: int) -> bytes:
-    return HEADER.pack(MAGIC, VERSION, kind, req_id)
-
-
 def unpack_header(frame: bytes) -> tuple[Kind, int]:
-    """Decode frame 0, raising FrameError for any deviation."""
-    if len(frame) != HEADER_SIZE:
-        raise FrameError("bad-header", f"header frame is {len(frame)} bytes, expected 12")
-    magic, version, kind, req_id = HEADER.unpack(frame)
+    """The kind and request id of a head (frame 0), raising FrameError if its first 12
+    bytes are not a header: what a peer needs to answer a message it cannot read."""
+    if len(frame) < HEADER_SIZE:
+        raise FrameError("bad-header", f"head frame is {len(frame)} bytes, shorter than the "
+                         f"{HEADER_SIZE}-byte header")
+    magic, version, kind, req_id = _ID_PART.unpack_from(frame)
     if magic != MAGIC:
         raise FrameError("bad-magic", f"header starts with {magic!r}, expected b'WP'")
     if version != VERSION:
@@ -239,19 +249,50 @@ def encode(
 ) -> list:
     """Build the frames of one message. ``meta`` may be pre-packed bytes (hot paths)."""
     meta_frame = meta if isinstance(meta, bytes) else pack_meta(meta)
-    return [pack_header(kind, req_id), meta_frame, body, *buffers]
+    if len(body) < BODY_FRAME_MIN:
+        return [HEADER.pack(MAGIC, VERSION, kind, req_id, len(meta_frame), len(body))
+                + meta_frame + body, *buffers]
+    return [HEADER.pack(MAGIC, VERSION, kind, req_id, len(meta_frame), BODY_IN_FRAME)
+            + meta_frame, body, *buffers]
+
+
+def split(frames: list, at: int = 0) -> tuple[Kind, int, bytes, bytes, list]:
+    """The kind, request id, meta frame, body and buffer frames of the message whose head
+    is ``frames[at]`` (routing ids come before it). Checks the header and that its lengths
+    match the frames; raises FrameError otherwise. Decodes no msgpack."""
+    head = frames[at]
+    kind, req_id = unpack_header(head)
+    meta_len, body_len = _LENGTHS.unpack_from(head, 12)
+    end = HEADER_SIZE + meta_len
+    if body_len == BODY_IN_FRAME:
+        if len(head) != end:
+            raise FrameError("bad-length", f"head is {len(head)} bytes; its header says "
+                             f"{end} (header and a {meta_len}-byte meta, body in frame 1)",
+                             req_id)
+        if len(frames) < at + 2:
+            raise FrameError("too-few-frames", "the header puts the body in frame 1, and "
+                             "the message has no frame 1", req_id)
+        return kind, req_id, head[HEADER_SIZE:end], frames[at + 1], frames[at + 2:]
+    if len(head) != end + body_len:
+        raise FrameError("bad-length", f"head is {len(head)} bytes; its header says "
+                         f"{end + body_len} (header, {meta_len}-byte meta, {body_len}-byte "
+                         f"body)", req_id)
+    if meta_len:
+        return kind, req_id, head[HEADER_SIZE:end], head[end:], frames[at + 1:]
+    return kind, req_id, b"", head[end:] if body_len else b"", frames[at + 1:]
+
+
+_LENGTHS = struct.Struct("!II")
+
+
+def meta_length(head: bytes) -> int:
+    """The meta length a head's header claims (0 for a head too short to say)."""
+    return _LENGTHS.unpack_from(head, 12)[0] if len(head) >= HEADER_SIZE else 0
 
 
 def decode(frames: list, cache: MetaCache | None = None) -> Message:
     """Decode a message (routing ids already stripped). Total: returns or raises FrameError."""
-    if len(frames) < 3:
-        req_id = None
-        if frames and len(frames[0]) == HEADER_SIZE:
-            req_id = HEADER.unpack(frames[0])[3]
-        raise FrameError(
-            "too-few-frames", f"message has {len(frames)} frames, expected at least 3", req_id
-        )
-    kind, req_id = unpack_header(frames[0])
-    meta = cache.unpack(frames[1], req_id, kind) if cache is not None else \
-        unpack_meta(frames[1], req_id)
-    return Message(kind, req_id, meta, frames[2], frames[3:])
+    kind, req_id, meta_frame, body, buffers = split(frames)
+    meta = cache.unpack(meta_frame, req_id, kind) if cache is not None else \
+        unpack_meta(meta_frame, req_id)
+    return Message(kind, req_id, meta, body, buffers)

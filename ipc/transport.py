@@ -51,15 +51,16 @@ class Truncated(list):
     dropped = 0
 
 
-def recv(sock: zmq.Socket, flags: int = 0, buffers_from: int = 3,
+def recv(sock: zmq.Socket, flags: int = 0, buffers_from: int = 1,
          max_parts: int | None = None) -> list:
     """Receive one whole message as a list of frames. Raises ``zmq.Again`` under NOBLOCK
     when nothing is waiting.
 
-    Parts before index ``buffers_from`` (header, meta, body; 4 on a ROUTER socket, where the
-    routing id comes first) are ``bytes``. Buffer frames after them are ``zmq.Frame``: not
-    copied out of ZeroMQ, writable, and sent on again without a copy. A message of more than
-    ``max_parts`` parts comes back as ``Truncated``: a peer's frame count costs nothing kept.
+    Parts before index ``buffers_from`` (the head; 2 on a ROUTER socket, where the routing
+    id comes first) are ``bytes``. The frames after them (a large body, buffers) are
+    ``zmq.Frame``: not copied out of ZeroMQ, writable, and sent on again without a copy.
+    A message of more than ``max_parts`` parts comes back as ``Truncated``: a peer's frame
+    count costs nothing kept.
     """
     # Received as frames, whose ``more`` is a cheap check; asking the socket for RCVMORE
     # converts the option to an enum on every call (measured: 1.1 µs less per 4-part
@@ -68,7 +69,7 @@ def recv(sock: zmq.Socket, flags: int = 0, buffers_from: int = 3,
     return _rest(sock, flags, frame, buffers_from, max_parts)
 
 
-def recv_from(sock: zmq.Socket, flags: int = 0, buffers_from: int = 3,
+def recv_from(sock: zmq.Socket, flags: int = 0, buffers_from: int = 1,
               max_parts: int | None = None) -> tuple[list, bytes | None]:
     """``recv``, and the authenticated identity the message came with: the ``User-Id``
     the ZAP handler gave its connection (a CURVE peer's z85 public key), None on a socket

@@ -139,8 +139,8 @@ class RouterCore:
 
     # -- frontend: clients -----------------------------------------------------------------------
     def on_frontend(self, frames: list, role: Role | None = Role.ADMIN) -> None:
-        """One message from a client: ``[routing id, header, meta, body, *buffers]``, sent
-        with a key of ``role`` (None: a key that is no longer allowed)."""
+        """One message from a client: ``[routing id, head, *frames]``, sent with a key of
+        ``role`` (None: a key that is no longer allowed)."""
         client = frames[0]
         if role is not Role.ADMIN and role is not Role.CLIENT:
             self._refuse_key(client, frames, role)
@@ -148,17 +148,19 @@ class RouterCore:
         if type(frames) is Truncated:
             self._refuse_truncated(client, frames)
             return
-        if len(frames) > 4 and self._oversized(frames):
+        if len(frames) > 2 and self._oversized(frames):
             self._refuse_oversized(client, frames)
             return
-        large = len(frames) > 3 and len(frames[2]) > LARGE_META
+        large = protocol.meta_length(frames[1]) > LARGE_META
         if large:
             # Received (and maybe decoded), it made this process allocate a lot, refused or not.
             self.release_memory = True
         try:
             if large:
                 self._check_large_meta(client, frames)
-            msg = protocol.decode(frames[1:], self._meta_cache)
+            kind, rid, meta_frame, body, buffers = protocol.split(frames, 1)
+            msg = protocol.Message(kind, rid, self._meta_cache.unpack(meta_frame, rid, kind),
+                                   body, buffers)
         except FrameError as exc:
             self.stats["bad_frames_frontend"] += 1
             if exc.code == "meta-too-large":
@@ -183,7 +185,7 @@ class RouterCore:
                     f"{kind.name} needs another id", code="bad-request-id"))
             return
         if kind is Kind.REQUEST:
-            self.admission.on_request(client, msg, frames[2])
+            self.admission.on_request(client, msg, meta_frame)
         elif kind is Kind.CANCEL:
             self.requests.cancel(client, msg.req_id)
         elif (client, msg.req_id) in self.requests.by_client:
@@ -233,7 +235,7 @@ class RouterCore:
         self.warn("too-many-frames", "client %r sent a message of %d frames", client, total)
         self.reply_error(client, req_id, ProtocolError(
             f"message has {total} frames, over the limit of "
-            f"{3 + self.config.max_buffer_frames} (max_buffer_frames="
+            f"{2 + self.config.max_buffer_frames} (max_buffer_frames="
             f"{self.config.max_buffer_frames})", code="too-many-frames"))
 
     def _check_large_meta(self, client: bytes, frames: list) -> None:
@@ -241,7 +243,7 @@ class RouterCore:
         LARGE_META_INTERVAL of the connection's last one. The checks before it in the order
         of protocol.md 9.1 (header, size) come first, as decode makes them."""
         _, req_id = protocol.unpack_header(frames[1])
-        if len(frames[2]) > self.config.max_meta_bytes:
+        if protocol.meta_length(frames[1]) > self.config.max_meta_bytes:
             return  # decode refuses it: meta-too-large
         now = self.clock()
         last = self._large_metas.get(client)
@@ -254,11 +256,12 @@ class RouterCore:
         self._large_metas[client] = now
 
     def _oversized(self, frames: list) -> int:
-        """The bytes of a message's body and buffer frames if over ``max_message_bytes``,
-        else 0. ZeroMQ bounds each frame (MAXMSGSIZE), not their sum: a message of many
-        large frames is refused here rather than queued or forwarded."""
-        total = 0
-        for frame in frames[3:]:
+        """The bytes of a message's body and buffers if over ``max_message_bytes``, else 0.
+        ZeroMQ bounds each frame (MAXMSGSIZE), not their sum: a message of many large
+        frames is refused here rather than queued or forwarded."""
+        head = frames[1]
+        total = len(head) - protocol.HEADER_SIZE - protocol.meta_length(head)
+        for frame in frames[2:]:
             total += len(frame)
         return total if total > self.config.max_message_bytes else 0
 
@@ -288,8 +291,8 @@ class RouterCore:
 
     # -- backend: workers and supervisors -------------------------------------------------------
     def on_backend(self, frames: list, role: Role | None = Role.WORKER) -> None:
-        """One message from a worker or supervisor: ``[routing id, header, meta, body, ...]``,
-        sent with a key of ``role`` (None: a key that is no longer allowed)."""
+        """One message from a worker or supervisor: ``[routing id, head, *frames]``, sent
+        with a key of ``role`` (None: a key that is no longer allowed)."""
         ident = frames[0]
         if role is not Role.WORKER:
             self._drop_unauthorized(ident, role)
@@ -297,17 +300,15 @@ class RouterCore:
         if type(frames) is Truncated:
             total = len(frames) - 1 + frames.dropped
             self._drop_oversized(ident, frames, f"{total} frames", "a message of %d frames",
-                                 total, f"limit of {3 + self.config.max_buffer_frames} "
+                                 total, f"limit of {2 + self.config.max_buffer_frames} "
                                  f"(max_buffer_frames={self.config.max_buffer_frames})")
             return
-        if len(frames) > 4 and (total := self._oversized(frames)):
+        if len(frames) > 2 and (total := self._oversized(frames)):
             self._drop_oversized(ident, frames, f"{total} bytes", "a message of %d bytes",
                                  total, f"max_message_bytes={self.config.max_message_bytes}")
             return
         try:
-            if len(frames) < 4:
-                raise FrameError("too-few-frames", f"{len(frames) - 1} frames, expected >= 3")
-            kind, rid = protocol.unpack_header(frames[1])
+            kind, rid, meta_frame, body, buffers = protocol.split(frames, 1)
         except FrameError as exc:
             self.stats["bad_frames_backend"] += 1
             self.warn("bad-backend", "dropped bad frame from backend peer %r: %s", ident, exc)
@@ -317,10 +318,10 @@ class RouterCore:
             if conn is None:
                 self.stats["replies_from_unknown_worker"] += 1
                 return
-            self.requests.on_reply(conn, kind, rid, frames[2], frames[3], frames[4:])
+            self.requests.on_reply(conn, kind, rid, meta_frame, body, buffers)
             return
         try:
-            meta = protocol.unpack_meta(frames[2], rid, self.config.max_meta_bytes)
+            meta = protocol.unpack_meta(meta_frame, rid, self.config.max_meta_bytes)
         except FrameError as exc:
             self.stats["bad_frames_backend"] += 1
             self.warn("bad-backend", "dropped bad meta from backend peer %r: %s", ident, exc)
@@ -531,8 +532,8 @@ class RouterCore:
     # -- sending ------------------------------------------------------------------------------------
     def to_client(self, client: bytes, kind: Kind, client_rid: int, meta: bytes, body: bytes,
                   buffers: Iterable = ()) -> None:
-        result = self.out.to_client(client, [protocol.pack_header(kind, client_rid), meta, body,
-                                             *buffers])
+        result = self.out.to_client(client, protocol.encode(kind, client_rid, meta, body,
+                                                            buffers))
         if result is not Delivery.SENT and not result:  # an outbox may answer a plain bool
             self.stats["unroutable_replies"] += 1
             self.clients.undelivered(client, result)

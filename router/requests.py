@@ -144,9 +144,8 @@ class RequestTable:
 
     def dispatch(self, rec: Record, conn: Conn) -> None:
         core = self.core
-        if not core.out.to_backend(conn.identity, [
-                protocol.pack_header(Kind.REQUEST, rec.rid), rec.meta_frame, rec.body,
-                *rec.buffers]):
+        if not core.out.to_backend(conn.identity, protocol.encode(
+                Kind.REQUEST, rec.rid, rec.meta_frame, rec.body, rec.buffers)):
             # Unreachable: the process is gone and its death notice is still on its way.
             # The request never reached it, so it is safe to queue again, at the front.
             core.stats["dispatch_unroutable"] += 1

@@ -107,8 +107,8 @@ class Router:
         self.core = RouterCore(config, service_defaults, _Sockets(self.frontend, self.backend),
                                time.monotonic, (self.frontend_address, self.backend_address))
         self._wakeup = SignalWakeup()
-        # A message's parts: routing id, header, meta, body, then its buffer frames.
-        self._max_parts = 4 + config.max_buffer_frames
+        # A message's parts: routing id, head, a body frame, then its buffer frames.
+        self._max_parts = 3 + config.max_buffer_frames
 
     def _bind(self, address: str, sndhwm: int, domain: str) -> zmq.Socket:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -196,9 +196,9 @@ class Router:
         for _ in range(BATCH):
             try:
                 if keys is None:  # routing id, then the message
-                    frames = transport.recv(sock, NOBLOCK, 4, max_parts)
+                    frames = transport.recv(sock, NOBLOCK, 2, max_parts)
                 else:
-                    frames, user = transport.recv_from(sock, NOBLOCK, 4, max_parts)
+                    frames, user = transport.recv_from(sock, NOBLOCK, 2, max_parts)
                     role = keys.role(user)
             except zmq.Again:
                 return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import time
 
 import msgpack
@@ -9,6 +10,24 @@ import zmq
 
 from ipc import protocol
 from ipc.protocol import FINAL_REPLY_KINDS, Kind
+
+ID_HEADER = struct.Struct("!2sBBQ")  # a header's first 12 bytes: magic, version, kind, id
+
+
+def HDR(kind: int, rid: int, version: int = protocol.VERSION) -> bytes:
+    """The first 12 bytes of a header; ``wire`` adds the lengths."""
+    return ID_HEADER.pack(b"WP", version, kind, rid)
+
+
+def wire(parts: list) -> list:
+    """``[12 header bytes, meta, body, *buffers]`` as the message a peer sends: one head of
+    header, lengths, meta and body, then the buffers, so that a test states the parts
+    without building heads by hand. Fewer than 3 parts are sent as they are (malformed on
+    purpose)."""
+    if len(parts) < 3:
+        return list(parts)
+    header, meta, body, *buffers = parts
+    return [header + struct.pack("!II", len(meta), len(body)) + meta + body, *buffers]
 
 
 class RawPeer:

@@ -49,9 +49,9 @@ class RecordingOutbox:
             return Delivery.GONE
         if peer in self.not_reading:
             return Delivery.FULL
-        kind, req_id = protocol.unpack_header(frames[0])
-        meta = protocol.unpack_meta(frames[1])
-        body = msgpack.unpackb(frames[2]) if frames[2] else None
+        kind, req_id, meta_frame, body_frame, _ = protocol.split(frames)
+        meta = protocol.unpack_meta(meta_frame)
+        body = msgpack.unpackb(body_frame) if body_frame else None
         self.sent.append(Sent(side, peer, kind, req_id, meta, body))
         return Delivery.SENT
 

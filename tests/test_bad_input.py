@@ -13,10 +13,8 @@ import zmq
 
 from ipc import protocol
 from ipc.protocol import Kind
-from tests.raw import RawPeer
+from tests.raw import HDR, RawPeer, wire
 from workerpool import Client, PayloadError, ServiceUnavailableError, UnknownMethodError
-
-HDR = protocol.pack_header
 
 
 def _error(peer: RawPeer, timeout: float = 5.0) -> tuple[int, dict]:
@@ -28,21 +26,24 @@ def _error(peer: RawPeer, timeout: float = 5.0) -> tuple[int, dict]:
 @pytest.mark.parametrize(
     ("frames", "code", "rid"),
     [
-        ([b"garbage"], "too-few-frames", 0),
-        ([b"\x00" * 12, b"", b""], "bad-magic", 0),
-        ([b"WP\x09\x01" + (5).to_bytes(8, "big"), b"", b""], "bad-version", 5),
-        ([b"WP\x02\x7f" + (6).to_bytes(8, "big"), b"", b""], "bad-kind", 6),
-        ([HDR(Kind.REQUEST, 7), b"\xc1\xc1", b""], "bad-meta", 7),
-        ([HDR(Kind.REQUEST, 8), msgpack.packb("not a map"), b""], "bad-meta", 8),
-        ([HDR(Kind.REQUEST, 9), msgpack.packb({"method": 5}), b""], "bad-meta", 9),
-        ([HDR(Kind.REQUEST, 10), msgpack.packb({"method": "echo", "timeout": -1}), b""],
+        ([b"garbage"], "bad-header", 0),
+        ([b"\x00" * 20], "bad-magic", 0),
+        (wire([HDR(Kind.REQUEST, 5, version=9), b"", b""]), "bad-version", 5),
+        (wire([HDR(Kind.REQUEST, 6, version=2), b"", b""]), "bad-version", 6),
+        (wire([HDR(0x7F, 6), b"", b""]), "bad-kind", 6),
+        (wire([HDR(Kind.REQUEST, 7), b"\xc1\xc1", b""]), "bad-meta", 7),
+        (wire([HDR(Kind.REQUEST, 8), msgpack.packb("not a map"), b""]), "bad-meta", 8),
+        (wire([HDR(Kind.REQUEST, 9), msgpack.packb({"method": 5}), b""]), "bad-meta", 9),
+        (wire([HDR(Kind.REQUEST, 10), msgpack.packb({"method": "echo", "timeout": -1}), b""]),
          "bad-meta", 10),
-        ([HDR(Kind.REQUEST, 11), msgpack.packb({"method": "echo", "timeout": "soon"}), b""],
-         "bad-meta", 11),
-        ([HDR(Kind.REQUEST, 14), msgpack.packb({"method": "echo", "idempotent": "yes"}), b""],
-         "bad-meta", 14),
-        ([HDR(Kind.READY, 12), b"", b""], "bad-kind", 12),  # a worker's kind on the frontend
-        ([HDR(Kind.REQUEST, 13)], "too-few-frames", 13),
+        (wire([HDR(Kind.REQUEST, 11), msgpack.packb({"method": "echo", "timeout": "soon"}),
+               b""]), "bad-meta", 11),
+        (wire([HDR(Kind.REQUEST, 14), msgpack.packb({"method": "echo", "idempotent": "yes"}),
+               b""]), "bad-meta", 14),
+        (wire([HDR(Kind.READY, 12), b"", b""]), "bad-kind", 12),  # a worker's kind, frontend
+        ([HDR(Kind.REQUEST, 13)], "bad-header", 0),  # a version-2 header: too short to read
+        ([wire([HDR(Kind.REQUEST, 15), b"", b"\xc0"])[0][:-1]], "bad-length", 15),
+        ([HDR(Kind.REQUEST, 16) + b"\x00\x00\x00\x00\xff\xff\xff\xff"], "too-few-frames", 16),
     ],
 )
 def test_malformed_client_frames_get_protocol_errors(pool, frames, code, rid):
@@ -140,10 +141,10 @@ def test_backend_garbage_is_dropped(procs):
     rogue.connect(backend)
     try:
         rogue.send_multipart([b"junk"])
-        rogue.send_multipart([b"\x00" * 12, b"", b""])
+        rogue.send_multipart([b"\x00" * 20])
         rogue.send_multipart(protocol.encode(Kind.RESULT, 1, None, msgpack.packb("forged")))
         rogue.send_multipart(protocol.encode(Kind.READY, 0, {"slot": "x/0"}))  # missing fields
-        rogue.send_multipart([HDR(Kind.SLOT, 0), b"\xc1", b""])
+        rogue.send_multipart(wire([HDR(Kind.SLOT, 0), b"\xc1", b""]))
         rogue.send_multipart(protocol.encode(Kind.REQUEST, 1, {"method": "echo"}))
         time.sleep(0.3)
         with Client(pool.address, timeout=5) as c:
@@ -208,18 +209,18 @@ def test_memory_bombs_cost_the_router_nothing_it_keeps(pool):
         before = _rss_mib(router_pid)
         peer = RawPeer(pool.address)
         try:
-            peer.send([HDR(Kind.REQUEST, 21), msgpack.packb({"method": "echo"}), b"",
-                       *([b""] * 1_000_000)])
+            peer.send(wire([HDR(Kind.REQUEST, 21), msgpack.packb({"method": "echo"}), b"",
+                            *([b""] * 1_000_000)]))
             rid, body = _error(peer, timeout=60)
             assert (rid, body["code"]) == (21, "too-many-frames")
             assert good.call("echo", 2) == 2
-            peer.send([HDR(Kind.REQUEST, 22), b"\x80" * (16 * 2**20), b""])
+            peer.send(wire([HDR(Kind.REQUEST, 22), b"\x80" * (16 * 2**20), b""]))
             rid, body = _error(peer, timeout=30)
             assert (rid, body["code"]) == (22, "meta-too-large")
             for i in range(8):  # just under the limit, each different: none is cached
                 meta = msgpack.packb({"method": "echo", "i": i,
                                       "pad": [[] for _ in range(600_000)]})
-                peer.send([HDR(Kind.REQUEST, 100 + i), meta, msgpack.packb(i)])
+                peer.send(wire([HDR(Kind.REQUEST, 100 + i), meta, msgpack.packb(i)]))
             replies = [peer.reply(timeout=60) for _ in range(8)]
             assert sorted(r[1] for r in replies) == list(range(100, 108))
             assert good.call("echo", 3) == 3

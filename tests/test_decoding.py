@@ -80,7 +80,7 @@ def test_real_metas_are_within_the_container_bound():
 )
 def test_metas_beyond_the_bounds_are_bad_meta(meta, match):
     with pytest.raises(FrameError, match=match) as info:
-        protocol.decode([protocol.pack_header(Kind.REQUEST, 3), msgpack.packb(meta), b""],
+        protocol.decode(protocol.encode(Kind.REQUEST, 3, msgpack.packb(meta)),
                         protocol.MetaCache())
     assert (info.value.code, info.value.req_id) == ("bad-meta", 3)
 
@@ -114,8 +114,8 @@ def test_request_metas_are_bounded_tighter_than_pings():
     h.ready("default/0")
     pad = "x" * protocol.MAX_REQUEST_META_BYTES
     for kind, rid in ((Kind.REQUEST, 5), (Kind.STATUS, 6), (Kind.ADMIN, 7), (Kind.CANCEL, 8)):
-        h.core.on_frontend([C, protocol.pack_header(kind, rid),
-                            msgpack.packb({"method": "echo", "op": "scale", "pad": pad}), b""])
+        h.core.on_frontend([C, *protocol.encode(
+            kind, rid, msgpack.packb({"method": "echo", "op": "scale", "pad": pad}))])
     errors = [(s.req_id, s.body["code"]) for s in h.out.take() if s.kind is Kind.ERROR]
     assert errors == [(5, "meta-too-large"), (6, "meta-too-large"), (7, "meta-too-large"),
                       (8, "meta-too-large")]
@@ -183,7 +183,7 @@ def test_large_metas_are_decoded_at_most_once_per_interval_per_connection():
     assert LARGE_META < len(ping) <= protocol.MAX_META_BYTES
 
     def send(client: bytes, rid: int, meta: bytes = ping) -> tuple[Kind, int, object]:
-        h.core.on_frontend([client, protocol.pack_header(Kind.HEARTBEAT, rid), meta, b""])
+        h.core.on_frontend([client, *protocol.encode(Kind.HEARTBEAT, rid, meta)])
         [reply] = h.out.take()
         return reply.kind, reply.req_id, (reply.body or {}).get("code")
 

@@ -315,7 +315,7 @@ class _SilentRouter:
             ident, header, *_ = self.sock.recv_multipart()
             kind, rid = protocol.unpack_header(header)
             if kind is Kind.STATUS:
-                self.sock.send_multipart([ident, protocol.pack_header(Kind.RESULT, rid), b"", table])
+                self.sock.send_multipart([ident, *protocol.encode(Kind.RESULT, rid, None, table)])
 
     def close(self) -> None:
         self.stop.set()

@@ -12,9 +12,19 @@ from ipc.protocol import FrameError, Kind
 from workerpool import errors
 
 
+def _head(meta: bytes = b"", body: bytes = b"", *, version: int = 3, kind: int = 1,
+          rid: int = 0, meta_len: int | None = None, body_len: int | None = None) -> bytes:
+    """A head frame built by hand, lengths overridable: the bytes protocol.md 2.1 shows."""
+    return struct.pack("!2sBBQII", b"WP", version, kind, rid,
+                       len(meta) if meta_len is None else meta_len,
+                       len(body) if body_len is None else body_len) + meta + body
+
+
 def test_header_round_trip():
     frames = protocol.encode(Kind.REQUEST, 2**64 - 1, {"method": "echo"}, b"\x01")
-    assert frames[0] == b"WP\x02\x01" + b"\xff" * 8
+    meta = msgpack.packb({"method": "echo"})
+    assert frames == [b"WP\x03\x01" + b"\xff" * 8 + bytes([0, 0, 0, len(meta), 0, 0, 0, 1])
+                      + meta + b"\x01"]
     msg = protocol.decode(frames)
     assert (msg.kind, msg.req_id, msg.meta, msg.body, msg.buffers) == (
         Kind.REQUEST, 2**64 - 1, {"method": "echo"}, b"\x01", [])
@@ -24,20 +34,35 @@ def test_buffers_are_kept_in_order():
     msg = protocol.decode(protocol.encode(Kind.RESULT, 7, None, b"", [b"a", b"bb"]))
     assert msg.buffers == [b"a", b"bb"]
     assert msg.meta == {}
+    assert msg.body == b""
+
+
+def test_a_large_body_travels_in_its_own_frame():
+    body = b"\xc4" + bytes(protocol.BODY_FRAME_MIN)
+    frames = protocol.encode(Kind.RESULT, 7, {"a": 1}, body, [b"x"])
+    assert len(frames) == 3 and frames[1] is body  # not copied into the head
+    assert frames[0][16:20] == b"\xff\xff\xff\xff"
+    msg = protocol.decode(frames)
+    assert (msg.meta, msg.body, msg.buffers) == ({"a": 1}, body, [b"x"])
 
 
 @pytest.mark.parametrize(
     ("frames", "code"),
     [
-        ([], "too-few-frames"),
-        ([b"WP\x02\x01" + bytes(8)], "too-few-frames"),
-        ([b"short", b"", b""], "bad-header"),
-        ([b"XX\x01\x01" + bytes(8), b"", b""], "bad-magic"),
-        ([b"WP\x09\x01" + bytes(8), b"", b""], "bad-version"),
-        ([b"WP\x02\xee" + bytes(8), b"", b""], "bad-kind"),
-        ([b"WP\x02\x01" + bytes(8), b"\xc1", b""], "bad-meta"),  # 0xc1 is never valid msgpack
-        ([b"WP\x02\x01" + bytes(8), msgpack.packb([1, 2]), b""], "bad-meta"),
-        ([b"WP\x02\x01" + bytes(8), b"\x81", b""], "bad-meta"),  # truncated map
+        ([b"WP\x03\x01" + bytes(8)], "bad-header"),  # a version 2 header: too short
+        ([b"short"], "bad-header"),
+        ([_head()[:19]], "bad-header"),
+        ([b"XX" + _head()[2:]], "bad-magic"),
+        ([_head(version=2)], "bad-version"),
+        ([_head(kind=0xEE)], "bad-kind"),
+        ([_head(b"\xc1")], "bad-meta"),  # 0xc1 is never valid msgpack
+        ([_head(msgpack.packb([1, 2]))], "bad-meta"),
+        ([_head(b"\x81")], "bad-meta"),  # truncated map
+        ([_head(b"", b"\xc0", body_len=2)], "bad-length"),  # says more than it has
+        ([_head(b"\x80", b"", meta_len=0)], "bad-length"),  # has more than it says
+        ([_head(b"", b"", meta_len=2**32 - 2)], "bad-length"),
+        ([_head(b"", b"\xc0", body_len=protocol.BODY_IN_FRAME)], "bad-length"),
+        ([_head(b"", b"", body_len=protocol.BODY_IN_FRAME)], "too-few-frames"),
     ],
 )
 def test_malformed_frames_raise_frame_error(frames, code):
@@ -47,10 +72,10 @@ def test_malformed_frames_raise_frame_error(frames, code):
 
 
 def test_frame_error_keeps_request_id_when_header_is_readable():
-    header = struct.pack("!2sBBQ", b"WP", 9, 1, 42)
-    with pytest.raises(FrameError) as info:
-        protocol.decode([header, b"", b""])
-    assert info.value.req_id == 42
+    for head in (_head(version=9, rid=42), _head(b"", b"", body_len=5, rid=42)):
+        with pytest.raises(FrameError) as info:
+            protocol.decode([head])
+        assert info.value.req_id == 42
 
 
 def test_every_kind_has_a_distinct_byte():

@@ -416,7 +416,7 @@ def test_a_meta_frame_over_the_limit_is_refused_before_it_is_decoded():
 
     h = Harness(max_meta_bytes=1024)
     big = msgpack.packb({"method": "echo", "pad": [[] for _ in range(2000)]})
-    h.core.on_frontend([C, protocol.pack_header(Kind.REQUEST, 5), big, b""])
+    h.core.on_frontend([C, *protocol.encode(Kind.REQUEST, 5, big)])
     [err] = h.out.errors_to(C)
     assert err.code == "meta-too-large" and h.out.to(C)[0].req_id == 5
     assert not h.core._meta_cache._maps  # nothing of it kept
@@ -441,7 +441,7 @@ def test_a_message_with_too_many_frames_is_refused_under_its_id():
     h = Harness(max_buffer_frames=2)
     frames = Truncated([C, *protocol.encode(Kind.REQUEST, 9, {"method": "echo"}, b"\xc0",
                                             [b"", b""])])
-    frames.dropped = 999_995  # 5 kept + 999,995 let go
+    frames.dropped = 999_997  # 3 kept (head and 2 buffers) + 999,997 let go
     h.core.on_frontend(frames)
     [err] = h.out.errors_to(C)
     assert err.code == "too-many-frames" and h.out.to(C)[0].req_id == 9
@@ -470,7 +470,7 @@ def test_a_backend_message_with_too_many_frames_is_dropped_and_its_request_answe
 
     h.core.on_backend(huge(Kind.RESULT, first))  # a final reply: the request ends here
     [err] = h.out.errors_to(C)
-    assert err.type == "PayloadError" and "10005 frames" in err.message
+    assert err.type == "PayloadError" and "10003 frames" in err.message
     assert first not in h.core.registry.conns[w].in_flight
     h.core.on_backend(huge(Kind.PARTIAL, second))  # an item: the client is answered, and
     assert len(h.out.errors_to(C)) == 2             # the worker still owes its final reply

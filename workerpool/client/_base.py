@@ -133,7 +133,6 @@ class BaseClient:
                 raise PayloadError(f"request is {exc}") from None
             raise PayloadError(f"payload cannot be sent: {exc}") from None
         meta = self._meta_frame(method, service, timeout, priority, idempotent)
-        frames = [protocol.pack_header(Kind.REQUEST, rid), meta, body, *buffers]
         size = protocol.HEADER_SIZE + len(meta) + len(body)
         if buffers:
             size += sum(len(b) for b in buffers)
@@ -141,7 +140,7 @@ class BaseClient:
             self._finished(rid)
             raise PayloadError(f"request is {size} bytes, over max_message_bytes="
                                f"{self.max_message_bytes}")
-        return rid, frames
+        return rid, protocol.encode(Kind.REQUEST, rid, meta, body, buffers)
 
     def _meta_frame(self, method: str, service: str | None, timeout: float | None,
                     priority: int, idempotent: bool | None) -> bytes:
@@ -199,25 +198,23 @@ class BaseClient:
             self._shm.close()
 
     # -- replies ----------------------------------------------------------------------------
-    def _parse_reply(self, frames: list) -> tuple[Kind, int, Any]:
-        """(kind, request id, value-or-error). Raises FrameError on a malformed reply."""
-        if len(frames) < 3:
-            raise FrameError("too-few-frames", f"reply has {len(frames)} frames")
-        kind, rid = protocol.unpack_header(frames[0])  # replies' meta is not needed here
+    def _parse_reply(self, frames: list) -> tuple[Kind, int, Any, bytes]:
+        """(kind, request id, value-or-error, meta frame). Raises FrameError on a malformed
+        reply."""
+        kind, rid, meta, body, buffers = protocol.split(frames)
         if kind not in protocol.REPLY_KINDS:
             raise FrameError("bad-kind", f"unexpected {kind.name} from router", rid)
-        body, buffers = frames[2], frames[3:]
         if kind is Kind.ERROR:
             try:
                 err = codec.loads(body, buffers)
             except codec.PayloadError as exc:
-                return kind, rid, ProtocolError(f"undecodable error reply: {exc}")
-            return kind, rid, from_wire(err)
+                return kind, rid, ProtocolError(f"undecodable error reply: {exc}"), meta
+            return kind, rid, from_wire(err), meta
         try:
             return kind, rid, codec.loads(body, buffers, mapper=self._mapper,
-                                          max_bytes=self.max_message_bytes)
+                                          max_bytes=self.max_message_bytes), meta
         except codec.PayloadError as exc:
-            return Kind.ERROR, rid, PayloadError(f"undecodable reply: {exc}")
+            return Kind.ERROR, rid, PayloadError(f"undecodable reply: {exc}"), meta
 
 
 class HandshakeWatch:
@@ -289,8 +286,14 @@ class RouterWatch:
                                                                                   MAX_PING_IDS))})
 
     @staticmethod
-    def is_pong(frames: list) -> bool:
-        return len(frames) >= 3 and frames[0][:4] == _PONG_PREFIX
+    def pong_body(frames: list) -> bytes | None:
+        """The body of a pong (the router's HEARTBEAT answer); None for any other message."""
+        if frames[0][:4] != _PONG_PREFIX:
+            return None
+        try:
+            return protocol.split(frames)[3]
+        except FrameError:
+            return b""  # a pong all the same: nothing to learn from it
 
     def lost(self, body: bytes, now: float) -> list[int]:
         """From a pong: the request ids lost with an old router (none if it is the same)."""

@@ -283,20 +283,20 @@ class AsyncClient(BaseClient):
             while True:
                 parts = await self._sock.recv_multipart(copy=False)
                 # Buffer frames stay zmq.Frame (no copy, writable), as in transport.recv.
-                frames = [p.bytes for p in parts[:3]] + parts[3:]
-                if watch.is_pong(frames):
-                    for rid in watch.lost(frames[2], time.monotonic()):
+                frames = [parts[0].bytes, *parts[1:]]
+                if (pong := watch.pong_body(frames)) is not None:
+                    for rid in watch.lost(pong, time.monotonic()):
                         replies.fail(rid, router_restarted())
                     continue
                 try:
-                    kind, rid, value = self._parse_reply(frames)
+                    kind, rid, value, meta = self._parse_reply(frames)
                 except FrameError:
                     continue  # a reply we cannot attribute to any request
-                request = replies.apply(kind, rid, value, frames[1])
+                request = replies.apply(kind, rid, value, meta)
                 if request is not None:  # its worker cannot map our segments: send frames
                     again = self._resend_frames(rid, request)
                     if again is None:
-                        replies.apply(kind, rid, value, frames[1])
+                        replies.apply(kind, rid, value, meta)
                     else:
                         await self._sock.send_multipart(again, copy=False)
         except asyncio.CancelledError:

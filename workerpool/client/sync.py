@@ -350,18 +350,18 @@ def _read_replies(client: Client, sock: zmq.Socket, replies: Replies,
             frames = transport.recv(sock, transport.NOBLOCK)
         except zmq.Again:
             return
-        if watch.is_pong(frames):
-            for rid in watch.lost(frames[2], time.monotonic()):
+        if (pong := watch.pong_body(frames)) is not None:
+            for rid in watch.lost(pong, time.monotonic()):
                 replies.fail(rid, router_restarted())
             continue
         try:
-            kind, rid, value = client._parse_reply(frames)
+            kind, rid, value, meta = client._parse_reply(frames)
         except FrameError:
             continue  # a reply we cannot attribute to any request
-        request = replies.apply(kind, rid, value, frames[1])
+        request = replies.apply(kind, rid, value, meta)
         if request is not None:  # its worker cannot map our segments: send it in frames
             again = client._resend_frames(rid, request)
             if again is None:
-                replies.apply(kind, rid, value, frames[1])
+                replies.apply(kind, rid, value, meta)
             else:
                 transport.send(sock, again)
