@@ -10,9 +10,11 @@ applied here.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, NamedTuple
 
 from ipc.lifecycle import WorkerState, check
 
@@ -52,12 +54,116 @@ class BusySamples:
         return None if wall <= 0 else round(min(1.0, busy / wall), 3)
 
 
+class BatchSizes:
+    """A worker's batch sizes per ``@batched`` method, from its heartbeats (8.3 ``batches``,
+    workerpool.batching.BatchSizeMeter): cumulative since it became ready, so each report
+    replaces the method's figures. A beat carries only the methods that moved.
+
+    Bounded, as a worker's bytes must not grow the router: at most ``MAX_METHODS``
+    methods, each one the worker announced in its READY, and ``MAX_BUCKETS`` buckets each.
+    """
+
+    MAX_METHODS = 32
+    MAX_BUCKETS = 32  # a worker sends at most 18 (size_edges)
+
+    __slots__ = ("figures",)
+
+    def __init__(self) -> None:
+        # method -> {"count", "sum", "mean", "buckets"}: the STATUS form, replaced whole
+        self.figures: dict[str, dict] = {}
+
+    def add(self, report: object, methods: frozenset[str]) -> int:
+        """Take one beat's ``batches``; returns how many entries it ignored (a field that
+        is not a map, or names more than ``MAX_METHODS`` methods, counts once)."""
+        if not isinstance(report, dict) or len(report) > self.MAX_METHODS:
+            return 1
+        ignored = 0
+        for method, entry in report.items():
+            kept = self.figures.get(method)
+            if kept is None and (method not in methods or len(self.figures) >= self.MAX_METHODS):
+                ignored += 1
+                continue
+            figures = _batch_figures(entry)
+            # Cumulative within one incarnation: one going back is not to be believed.
+            if figures is None or (kept is not None and figures["count"] < kept["count"]):
+                ignored += 1
+                continue
+            self.figures[method] = figures
+        return ignored
+
+
+def _batch_figures(entry: object) -> dict | None:
+    """One method's figures from a heartbeat in their STATUS form, or None if malformed:
+    ``count`` >= 1 batches holding ``sum`` requests, and 1 to ``MAX_BUCKETS`` buckets of
+    rising upper bounds with non-decreasing cumulative counts, the last holding them all."""
+    if not isinstance(entry, dict):
+        return None
+    count, total, buckets = entry.get("count"), entry.get("sum"), entry.get("buckets")
+    if not (_natural(count) and _natural(total) and 1 <= count <= total
+            and isinstance(buckets, list) and 1 <= len(buckets) <= BatchSizes.MAX_BUCKETS):
+        return None
+    le = cumulative = 0
+    for bucket in buckets:
+        if not (isinstance(bucket, list) and len(bucket) == 2
+                and _natural(bucket[0]) and _natural(bucket[1])
+                and bucket[0] > le and bucket[1] >= cumulative):
+            return None
+        le, cumulative = bucket
+    if cumulative != count or total > count * le:  # a batch outside the largest bucket
+        return None
+    return {"count": count, "sum": total, "mean": round(total / count, 3),
+            "buckets": [list(b) for b in buckets]}
+
+
+def _natural(x: object) -> bool:
+    return type(x) is int and x >= 0
+
+
+class Histogram(NamedTuple):
+    """What a Prometheus histogram needs: bucket upper bounds with cumulative counts,
+    ending with ``(inf, count)``, the count of observations and their sum."""
+
+    buckets: list[tuple[float, int]]
+    count: int
+    sum: float
+
+
+def batch_histogram(figures: Iterable[Mapping]) -> Histogram:
+    """One histogram of batch sizes from the figures of one method on any number of
+    workers (STATUS ``batches`` entries: ``count``, ``sum``, ``buckets``).
+
+    An upper bound is kept only where it is exact for every worker: one of its own bounds,
+    or at least its largest, which holds every batch it ran. Workers of one handler share
+    their bounds, so nothing is lost; ones with a different ``max_batch_size`` still
+    share the powers of two.
+    """
+    figures = list(figures)
+    bounds = sorted({le for f in figures for le, _ in f["buckets"]})
+    out: list[tuple[float, int]] = []
+    for le in bounds:
+        at = [_cumulative_at(f["buckets"], le) for f in figures]
+        if None not in at:
+            out.append((float(le), sum(at)))
+    count = sum(f["count"] for f in figures)
+    out.append((math.inf, count))
+    return Histogram(out, count, float(sum(f["sum"] for f in figures)))
+
+
+def _cumulative_at(buckets: list, le: int) -> int | None:
+    """The batches of one worker's figures at most ``le`` long, if its buckets tell."""
+    for bound, cumulative in buckets:
+        if bound == le:
+            return cumulative
+    last_bound, last = buckets[-1]
+    return last if le >= last_bound else None
+
+
 class Conn:
     """One live, registered worker incarnation on the backend socket."""
 
-    __slots__ = ("busy", "busy_since", "capacity", "declared", "identity", "in_flight", "incarnation",
-                 "kill_sent", "last_beat", "limit", "memory", "methods", "pid", "reclaiming",
-                 "sent", "slot", "started", "told", "unreachable_until")
+    __slots__ = ("batches", "busy", "busy_since", "capacity", "declared", "identity", "in_flight",
+                 "incarnation", "kill_sent", "last_beat", "limit", "memory", "methods", "pid",
+                 "reclaiming", "sent", "slot", "started", "told", "unreachable_until")
 
     def __init__(self, identity: bytes, slot: Slot, incarnation: int, pid: int,
                  capacity: int, methods: frozenset[str], now: float | None = None) -> None:
@@ -80,6 +186,7 @@ class Conn:
         self.kill_sent: float | None = None  # when the router asked for it to be killed
         self.memory: dict[str, int] = {}  # from its last heartbeat (workerpool.memory)
         self.busy = BusySamples()  # from its heartbeats (workerpool.busy)
+        self.batches = BatchSizes()  # from its heartbeats (workerpool.batching)
         # Set when a send to it failed: the time its requests are answered anyway if no
         # death notice came by then.
         self.unreachable_until: float | None = None
@@ -139,6 +246,7 @@ class Slot:
             "memory": self.conn.memory if self.conn else {},
             "utilization": self.conn.busy.recent() if self.conn else None,
             "utilization_since_start": self.conn.busy.since_start() if self.conn else None,
+            "batches": dict(self.conn.batches.figures) if self.conn else {},
             "uptime": round(now - self.ready_at, 3) if self.ready_at and self.conn else 0.0,
         }
 

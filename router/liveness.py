@@ -55,6 +55,9 @@ class Liveness:
             if conn is not None:
                 conn.last_beat = now
                 conn.busy.add(meta.get("busy"))
+                batches = meta.get("batches")
+                if batches is not None and (ignored := conn.batches.add(batches, conn.methods)):
+                    core.stats["batch_reports_ignored"] += ignored
                 mem = meta.get("mem")
                 if isinstance(mem, dict):  # shown as is in status: keep only well-formed
                     conn.memory = {k: v for k, v in list(mem.items())[:MEMORY_KEYS]

@@ -6,13 +6,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from pydantic import ValidationError
 
 from ipc import protocol
 from ipc.protocol import Kind
+from tests.conftest import _env
 from tests.raw import RawPeer
 from tests.router_harness import Harness
 from workerpool import (
@@ -23,7 +27,7 @@ from workerpool import (
     WorkerCrashedError,
     batched,
 )
-from workerpool.batching import batch_spec
+from workerpool.batching import BatchSizeMeter, batch_spec
 from workerpool.busy import BusyMeter
 from workerpool.errors import ResourceExhaustedError
 
@@ -91,6 +95,39 @@ def test_full_batches_and_one_reply_each(procs):
         assert c.call("batch_log") == [list(range(8)), list(range(8, 16))]
         stats = c.call("whoami")["stats"]
         assert stats["batches"] == 2 and stats["batched_requests"] == 16
+
+
+def test_status_shows_the_sizes_of_the_batches_each_worker_ran(procs):
+    # Three clients send at once while the gate holds the worker: 18 requests wait, and
+    # run as batches of 8, 8 and 2, which the worker reports in its heartbeats.
+    pool = _pool(procs)
+    with Client(pool.address, timeout=30) as c:
+        gate = _Gate(procs, pool, c)
+
+        def send(k: int) -> list:
+            with Client(pool.address, timeout=30) as mine:
+                futs = [mine.submit("work", {"i": 6 * k + j}) for j in range(6)]
+                return [f.result()["i"] for f in futs]
+
+        with ThreadPoolExecutor(3) as ex:
+            senders = [ex.submit(send, k) for k in range(3)]
+            gate.open(19)
+            served = sorted(i for s in senders for i in s.result())
+        assert served == list(range(18))
+        sizes = [len(b) for b in c.call("batch_log")]
+    assert sizes == [8, 8, 2]
+    st = pool.wait_for(lambda st: st["workers"][0]["batches"].get("work", {}).get("count") == 3,
+                       what="the batch sizes in status")
+    work = st["workers"][0]["batches"]["work"]
+    assert work == {"count": 3, "sum": 18, "mean": 6.0,
+                    "buckets": [[1, 0], [2, 1], [4, 1], [7, 1], [8, 3]]}
+    assert set(st["workers"][0]["batches"]) == {"work"}  # `patient` never ran a batch
+    table = subprocess.run([sys.executable, "-m", "workerpool.cli", "status", "--router",
+                            pool.address], capture_output=True, text=True, timeout=30,
+                           env=_env())
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()[:2]
+    assert row[header.index(" BATCH ") + 1:].split()[0] == "6.0"  # the mean batch size
 
 
 def test_max_inflight_left_unset_follows_max_batch_size(procs, pool):
@@ -451,6 +488,7 @@ class _FakeHost:
         self.stats = WorkerStats()
         self.replies = _FakeReplies()
         self.busy = BusyMeter()
+        self.sizes = BatchSizeMeter({"work": 8})
         self.failed: list[tuple] = []
 
     def add(self, rid, method, payload, **meta):
@@ -492,6 +530,8 @@ def test_batch_runner_takes_matching_requests_oldest_first_up_to_the_batch_size(
     assert host.replies.sent == [("started", 0, {"ids": [1, 3, 4]}), ("result", 1, 10),
                                  ("result", 3, 30), ("result", 4, 40)]
     assert (host.stats.batches, host.stats.batched_requests) == (1, 3)
+    assert host.sizes.report()["work"] == {"count": 1, "sum": 3, "buckets": [
+        [1, 0], [2, 0], [4, 1], [7, 1], [8, 1]]}
 
 
 def test_batch_runner_answers_per_item_errors_and_leaves_out_expired_requests():
@@ -508,6 +548,7 @@ def test_batch_runner_answers_per_item_errors_and_leaves_out_expired_requests():
         ("error", 2, "RequestTimeoutError", "timeout=0s passed before its batch ran"),
         ("started", 0, {"ids": [1, 3]}), ("result", 3, 3)]
     assert host.failed == [([1], "ValueError")]  # only its caller hears of it
+    assert host.sizes.report()["work"]["sum"] == 2  # the size as run: the expired one left out
 
 
 def test_batch_runner_fails_every_caller_when_the_method_raises_or_breaks_its_contract():

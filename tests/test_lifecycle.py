@@ -159,7 +159,7 @@ def test_status_and_call_commands(pool):
     assert out.exit_code == 0, out.output
     header = out.output.splitlines()[0].split()
     assert header == ["ID", "PID", "DEVICE", "MEMORY", "STATE", "IN_FLIGHT", "UTILIZATION",
-                      "COMPLETED", "ERRORED", "RESTARTS", "UPTIME"]
+                      "BATCH", "COMPLETED", "ERRORED", "RESTARTS", "UPTIME"]
     rows = [line.split() for line in out.output.splitlines()[1:5]]
     assert [r[0] for r in rows] == [f"default/{i}" for i in range(4)]
     assert all("0/1+1" in r for r in rows), rows  # IN_FLIGHT: held/capacity+prefetch

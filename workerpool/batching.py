@@ -18,7 +18,9 @@ waited ``max_delay_ms``, or at once when the router will send it nothing more (i
 
 The runner takes requests out of the worker's backlog and answers them through its
 ``Replies``; it reads the socket (through the worker) only while a batch forms, so that a
-CANCEL can still take a request out of it.
+CANCEL can still take a request out of it. It counts the size of each batch it runs in a
+``BatchSizeMeter``, which the heartbeat thread reports to the router (``batches``,
+docs/protocol.md 8.3) for ``workerpool status``.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from __future__ import annotations
 import inspect
 import math
 import time
+from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from itertools import accumulate
 from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -97,6 +101,67 @@ def check_results(method: str, results: Any, n: int) -> list:
     return list(results)
 
 
+def size_edges(max_batch_size: int) -> tuple[int, ...]:
+    """The bucket upper bounds a method's batch sizes are counted into: the powers of two
+    below ``max_batch_size``, then ``max_batch_size - 1`` and ``max_batch_size``.
+
+    Powers of two keep the count small (18 at most) and line up across methods and
+    workers with different limits, so their histograms merge exactly; the last two bounds
+    set full batches apart from the rest, the figure that says whether batches flush on
+    size or on ``max_delay_ms``.
+    """
+    edges = {1 << k for k in range(max_batch_size.bit_length()) if 1 << k < max_batch_size}
+    edges.update(e for e in (max_batch_size - 1, max_batch_size) if e >= 1)
+    return tuple(sorted(edges))
+
+
+class BatchSizeMeter:
+    """How many batches of each size every ``@batched`` method ran since the worker became
+    ready, counted into the buckets of ``size_edges``.
+
+    The main thread records; the heartbeat thread reads ``report`` and marks what it sent.
+    Like ``BusyMeter`` it needs no lock: the methods are fixed at construction, and each
+    one's figures are one tuple, replaced whole (an atomic store under the GIL).
+    """
+
+    def __init__(self, max_sizes: Mapping[str, int]) -> None:
+        self._edges = {m: size_edges(n) for m, n in max_sizes.items()}
+        # per method: (batches per bucket, batches, requests)
+        self._figures: dict[str, tuple[tuple[int, ...], int, int]] = {
+            m: ((0,) * len(edges), 0, 0) for m, edges in self._edges.items()}
+        self._reported: dict[str, int] = {}  # the heartbeat thread's: batches last sent
+
+    def record(self, method: str, size: int) -> None:
+        """One batch of ``size`` requests of ``method`` ran."""
+        counts, n, total = self._figures[method]
+        i = min(bisect_left(self._edges[method], size), len(counts) - 1)
+        self._figures[method] = ((*counts[:i], counts[i] + 1, *counts[i + 1:]),
+                                 n + 1, total + size)
+
+    def report(self) -> dict[str, dict]:
+        """The cumulative figures of each method that ran a batch since the last report
+        marked ``sent``: ``{method: {"count", "sum", "buckets": [[le, cumulative], ...]}}``
+        (``count`` batches holding ``sum`` requests). Empty when nothing changed."""
+        out = {}
+        for method, (counts, n, total) in self._figures.items():
+            if n != self._reported.get(method, 0):
+                out[method] = {"count": n, "sum": total,
+                               "buckets": [[le, c] for le, c in
+                                           zip(self._edges[method], accumulate(counts),
+                                               strict=True)]}
+        return out
+
+    def sent(self, report: Mapping[str, dict]) -> None:
+        """``report`` reached the socket: the next one leaves out what has not moved since."""
+        for method, figures in report.items():
+            self._reported[method] = figures["count"]
+
+    def resend(self) -> None:
+        """The router lost what it was sent (it restarted, or gave up this connection):
+        the next report carries every method that ever ran a batch."""
+        self._reported.clear()
+
+
 class BatchHost(Protocol):
     """What a ``BatchRunner`` needs from the worker that holds the requests."""
 
@@ -104,6 +169,7 @@ class BatchHost(Protocol):
     stats: WorkerStats
     replies: Replies
     busy: BusyMeter  # the handler's running time, for utilization
+    sizes: BatchSizeMeter  # the sizes of the batches run, for status
 
     def more_may_come(self) -> bool:
         """The router may send more: the worker holds less than it may, and is not stopping."""
@@ -221,6 +287,7 @@ class BatchRunner:
             replies.send(Kind.STARTED, 0, {"ids": ids})
         host.stats.batches += 1
         host.stats.batched_requests += len(ids)
+        host.sizes.record(method, len(ids))
         replies.wait_unsent()  # the handler may reuse memory an earlier reply is still sent from
         busy = host.busy
         busy.begin()

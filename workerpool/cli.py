@@ -372,8 +372,8 @@ def worker(router_addr, node, keys_dir, key, router_key, config_path, service, h
 
 
 # -- status -------------------------------------------------------------------------------------
-_COLUMNS = ("id", "pid", "device", "memory", "state", "in_flight", "utilization", "completed",
-            "errored", "restarts", "uptime")
+_COLUMNS = ("id", "pid", "device", "memory", "state", "in_flight", "utilization", "batch",
+            "completed", "errored", "restarts", "uptime")
 
 
 @main.command()
@@ -437,6 +437,8 @@ def _percent(value: float | None) -> str:
 def _cell(value: Any, column: str, row: dict) -> str:
     if column == "memory":
         return _memory(value or {})
+    if column == "batch":
+        return _mean_batch(row.get("batches") or {})
     if value is None:
         return "-"
     if column == "in_flight" and row.get("capacity") is not None:
@@ -447,6 +449,12 @@ def _cell(value: Any, column: str, row: dict) -> str:
     if column == "utilization":
         return _percent(value)
     return str(value)
+
+
+def _mean_batch(batches: dict) -> str:
+    """The mean size of the batches its ``@batched`` methods ran, all methods together."""
+    count = sum(f["count"] for f in batches.values())
+    return f"{sum(f['sum'] for f in batches.values()) / count:.1f}" if count else "-"
 
 
 def _memory(mem: dict) -> str:

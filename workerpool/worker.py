@@ -46,7 +46,7 @@ from workerpool._proc import (
     slot_logger,
 )
 from workerpool.backlog import Backlog
-from workerpool.batching import BatchRunner, BatchSpec, batch_spec
+from workerpool.batching import BatchRunner, BatchSizeMeter, BatchSpec, batch_spec
 from workerpool.busy import BusyMeter
 from workerpool.context import WorkerContext, WorkerStats
 from workerpool.devices import CPU, device_label
@@ -151,6 +151,7 @@ class Worker:
         self._heart: _Heartbeat | None = None
         self.stats = WorkerStats()
         self.busy = BusyMeter()  # restarted when the worker is ready (see run)
+        self.sizes = BatchSizeMeter({})  # made for the @batched methods once they are known
         self._handler: Any = None
         # Shared memory with clients on this host: requests whose meta "shm" names our host
         # may carry segment handles, and get their large arrays back the same way.
@@ -176,7 +177,9 @@ class Worker:
             return EXIT_SETUP_FAILED
         self._send(Kind.READY, 0, self._ready_meta())
         self.busy = BusyMeter()  # its wall time counts from here: setup() is not idle time
-        self._heart = _Heartbeat(self._ctx, self.spec, self.busy, self.backlog)
+        self.sizes = BatchSizeMeter({name: spec.max_batch_size
+                                     for name, spec in self._batched.items()})
+        self._heart = _Heartbeat(self._ctx, self.spec, self.busy, self.sizes, self.backlog)
         self._heart.start()
         stopped = False
         try:
@@ -509,11 +512,12 @@ class _Heartbeat(threading.Thread):
     """
 
     def __init__(self, ctx: zmq.Context, spec: WorkerSpec, busy: BusyMeter,
-                 backlog: Backlog) -> None:
+                 sizes: BatchSizeMeter, backlog: Backlog) -> None:
         super().__init__(name="workerpool-heartbeat", daemon=True)
         self._ctx = ctx
         self._spec = spec
         self._busy = busy
+        self._sizes = sizes
         self._backlog = backlog
         self._keys = spec.curve_keys()  # read here: a bad file fails the worker at start
         self._halt = threading.Event()
@@ -537,7 +541,13 @@ class _Heartbeat(threading.Thread):
                 n += 1
                 meta["mem"] = memory_use()
                 meta["busy"] = list(self._busy.sample())
-                self._send(sock, Kind.HEARTBEAT, n, meta)
+                # Only the methods whose batches moved: most beats carry none.
+                batches = self._sizes.report()
+                if batches:
+                    meta["batches"] = batches
+                if self._send(sock, Kind.HEARTBEAT, n, meta) and batches:
+                    self._sizes.sent(batches)
+                meta.pop("batches", None)
                 next_beat = time.monotonic() + interval
                 while not self._halt.is_set():
                     wait = next_beat - time.monotonic()
@@ -549,11 +559,13 @@ class _Heartbeat(threading.Thread):
             sock.close(0)
 
     @staticmethod
-    def _send(sock: zmq.Socket, kind: Kind, req_id: int, meta: dict) -> None:
+    def _send(sock: zmq.Socket, kind: Kind, req_id: int, meta: dict) -> bool:
+        """True once the message is queued for the router."""
         try:
             transport.send(sock, protocol.encode(kind, req_id, meta), transport.NOBLOCK)
         except zmq.ZMQError:
-            pass  # router unreachable right now: a beat tries again; a RECLAIM is lost with it
+            return False  # router unreachable now: a beat tries again; a RECLAIM is lost with it
+        return True
 
     def _read(self, sock: zmq.Socket) -> None:
         while True:
@@ -570,6 +582,9 @@ class _Heartbeat(threading.Thread):
                 returned = type(seq) is int and self._backlog.give_back(msg.req_id, seq)
                 self._send(sock, Kind.RECLAIM, msg.req_id, {"returned": returned})
             elif msg.kind is Kind.HEARTBEAT and msg.meta.get("register"):
+                # Asked at each beat a router cannot place, so a beat soon after we
+                # register again carries every method's batch figures anew.
+                self._sizes.resend()
                 self.register_again.set()
 
     def stop(self) -> None:
