@@ -156,9 +156,9 @@ class RouterCore:
             # Received (and maybe decoded), it made this process allocate a lot, refused or not.
             self.release_memory = True
         try:
-            if large:
-                self._check_large_meta(client, frames)
             kind, rid, meta_frame, body, buffers = protocol.split(frames, 1)
+            if large:
+                self._check_large_meta(client, rid, meta_frame)
             msg = protocol.Message(kind, rid, self._meta_cache.unpack(meta_frame, rid, kind),
                                    body, buffers)
         except FrameError as exc:
@@ -238,12 +238,11 @@ class RouterCore:
             f"{2 + self.config.max_buffer_frames} (max_buffer_frames="
             f"{self.config.max_buffer_frames})", code="too-many-frames"))
 
-    def _check_large_meta(self, client: bytes, frames: list) -> None:
+    def _check_large_meta(self, client: bytes, req_id: int, meta_frame: bytes) -> None:
         """Raises FrameError ``meta-too-often`` for a meta over LARGE_META that comes within
         LARGE_META_INTERVAL of the connection's last one. The checks before it in the order
-        of protocol.md 9.1 (header, size) come first, as decode makes them."""
-        _, req_id = protocol.unpack_header(frames[1])
-        if protocol.meta_length(frames[1]) > self.config.max_meta_bytes:
+        of protocol.md 9.1 (head, size) come first, as decode makes them."""
+        if len(meta_frame) > self.config.max_meta_bytes:
             return  # decode refuses it: meta-too-large
         now = self.clock()
         last = self._large_metas.get(client)
