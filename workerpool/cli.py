@@ -20,6 +20,7 @@ import click
 from pydantic import ValidationError
 
 from workerpool._proc import LOG_LEVEL_ENV, setup_logging
+from workerpool.cells import cell, error_line, ms, percent, router_line
 from workerpool.config import (
     DEFAULT_BACKEND,
     DEFAULT_FRONTEND,
@@ -400,7 +401,7 @@ def status(router_addr, as_json, timeout, keys_dir, key, router_key) -> None:
 
 
 def format_status(st: dict) -> str:
-    rows = [[_cell(w.get(c), c, w) for c in _COLUMNS] for w in st["workers"]]
+    rows = [[cell(w.get(c), c, w) for c in _COLUMNS] for w in st["workers"]]
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
               for i, c in enumerate(_COLUMNS)]
     out = ["  ".join(c.upper().ljust(w) for c, w in zip(_COLUMNS, widths, strict=True))]
@@ -410,58 +411,16 @@ def format_status(st: dict) -> str:
             f"service {s['name']}: policy={s['policy']} workers={s['workers']} "
             f"spares={s.get('spares', 0)} "
             f"queued={s['queued']}/{s['queue_capacity']} in_flight={s['in_flight']} "
-            f"utilization={_percent(s.get('utilization'))} "
+            f"utilization={percent(s.get('utilization'))} "
             f"completed={s['completed']} errored={s['errored']} "
             f"rejected_backpressure={s['rejected_backpressure']} expired={s['expired']} "
-            f"cancelled={s['cancelled']} service_time_ms p50={_ms(s['service_time_p50_ms'])} "
-            f"p99={_ms(s['service_time_p99_ms'])}")
-    r = st["router"]
-    out.append(f"router pid {r['pid']} up {r['uptime']:.0f}s at {r['frontend']}"
-               + (f" clients {r['clients']}" if "clients" in r else "")
-               + (f" cut off {r['clients_cut_off']}" if r.get("clients_cut_off") else "")
-               + (" (draining)" if r["draining"] else ""))
+            f"cancelled={s['cancelled']} service_time_ms p50={ms(s['service_time_p50_ms'])} "
+            f"p99={ms(s['service_time_p99_ms'])}")
+    out.append(router_line(st["router"]))
     for w in st["workers"]:
         if w.get("last_error") and w["state"] in ("dead", "failed", "restarting"):
-            out.append(f"{w['id']} last error: {w['last_error'].strip().splitlines()[-1]}")
+            out.append(f"{w['id']} last error: {error_line(w['last_error'])}")
     return "\n".join(out)
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"
-
-
-def _cell(value: Any, column: str, row: dict) -> str:
-    if column == "memory":
-        return _memory(value or {})
-    if value is None:
-        return "-"
-    if column == "in_flight" and row.get("capacity") is not None:
-        ahead = f"+{row['prefetch']}" if row.get("prefetch") else ""
-        return f"{value}/{row['capacity']}{ahead}"  # one stuck at its limit stands out
-    if column == "uptime":
-        return f"{value:.1f}s"
-    if column == "utilization":
-        return _percent(value)
-    return str(value)
-
-
-def _memory(mem: dict) -> str:
-    """GPU memory held by the worker's allocator (and the device's size), else its RSS."""
-    if "gpu_reserved" in mem:
-        total = f"/{_bytes(mem['gpu_total'])}" if "gpu_total" in mem else ""
-        return f"{_bytes(mem['gpu_reserved'])}{total} gpu"
-    return f"{_bytes(mem['rss'])} rss" if "rss" in mem else "-"
-
-
-def _bytes(n: int) -> str:
-    for unit, size in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n}B"
 
 
 # -- restart ----------------------------------------------------------------------------------
