@@ -176,12 +176,18 @@ def _peer_keys(sec: SecurityConfig, role: str) -> tuple[str, str] | None:
 def _client(router_addr: str, keys_dir: str | None, key: str | None, router_key: str | None,
             role: str = "client"):
     """A Client with the peer key flags: --key/--router-key, else --keys DIR's ``role``."""
+    return _connector(router_addr, keys_dir, key, router_key, role)()
+
+
+def _connector(router_addr: str, keys_dir: str | None, key: str | None,
+               router_key: str | None, role: str = "client"):
+    """What makes such Clients, one per call; the key flags are checked now."""
     from workerpool.client import Client
 
     files = _peer_keys(_security(keys_dir, key, router_key), role)
     if files is None:
-        return Client(router_addr)
-    return Client(router_addr, key=files[0], router_key=files[1])
+        return lambda: Client(router_addr)
+    return lambda: Client(router_addr, key=files[0], router_key=files[1])
 
 
 def _check_binds(frontend: str, backend: str | None, sec: SecurityConfig) -> None:
@@ -382,12 +388,23 @@ _COLUMNS = ("id", "pid", "device", "memory", "state", "in_flight", "utilization"
               help="The router's client (frontend) address.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status object as JSON.")
 @click.option("--timeout", type=float, default=5.0, show_default=True,
-              help="Seconds to wait for the router.")
+              help="Seconds to wait for the router (with --watch: for one poll, at most).")
+@click.option("--watch", is_flag=True,
+              help="A live view redrawn every --interval until Ctrl-C; it waits out a router "
+                   "that does not answer.")
+@click.option("--interval", type=click.FloatRange(0.1, 3600), default=None,
+              help="Seconds between the polls of --watch  [default: 1].")
 @_peer_key_options
-def status(router_addr, as_json, timeout, keys_dir, key, router_key) -> None:
+def status(router_addr, as_json, timeout, watch, interval, keys_dir, key, router_key) -> None:
     """Show every worker's health and every service's load."""
     from workerpool.errors import WorkerPoolError
 
+    if watch:
+        _watch(router_addr, as_json, timeout, 1.0 if interval is None else interval,
+               (keys_dir, key, router_key))
+        return
+    if interval is not None:
+        raise click.UsageError("--interval needs --watch")
     with _client(router_addr, keys_dir, key, router_key) as c:
         try:
             st = c.status(timeout=timeout)
@@ -398,6 +415,27 @@ def status(router_addr, as_json, timeout, keys_dir, key, router_key) -> None:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
     click.echo(format_status(st))
+
+
+class _MissingRich(click.ClickException):
+    """One line, ``Error: status --watch needs rich ...: pip install ...``, exit status 2."""
+
+    exit_code = 2
+
+
+def _watch(router_addr: str, as_json: bool, timeout: float, interval: float,
+           keys: tuple) -> None:
+    """``status --watch``: the live view (workerpool/watch_term.py) until Ctrl-C, exit 0."""
+    from workerpool.loadtest.extra import MissingExtra
+    from workerpool.watch_term import check_rich, run
+
+    if as_json:
+        raise click.UsageError("--json and --watch cannot be combined")
+    try:
+        check_rich()
+    except MissingExtra as exc:
+        raise _MissingRich(str(exc)) from None
+    run(_connector(router_addr, *keys), router_addr, interval, timeout)
 
 
 def format_status(st: dict) -> str:
