@@ -20,6 +20,7 @@ import click
 from pydantic import ValidationError
 
 from workerpool._proc import LOG_LEVEL_ENV, setup_logging
+from workerpool.cells import cell, error_line, ms, percent, router_line
 from workerpool.config import (
     DEFAULT_BACKEND,
     DEFAULT_FRONTEND,
@@ -175,12 +176,18 @@ def _peer_keys(sec: SecurityConfig, role: str) -> tuple[str, str] | None:
 def _client(router_addr: str, keys_dir: str | None, key: str | None, router_key: str | None,
             role: str = "client"):
     """A Client with the peer key flags: --key/--router-key, else --keys DIR's ``role``."""
+    return _connector(router_addr, keys_dir, key, router_key, role)()
+
+
+def _connector(router_addr: str, keys_dir: str | None, key: str | None,
+               router_key: str | None, role: str = "client"):
+    """What makes such Clients, one per call; the key flags are checked now."""
     from workerpool.client import Client
 
     files = _peer_keys(_security(keys_dir, key, router_key), role)
     if files is None:
-        return Client(router_addr)
-    return Client(router_addr, key=files[0], router_key=files[1])
+        return lambda: Client(router_addr)
+    return lambda: Client(router_addr, key=files[0], router_key=files[1])
 
 
 def _check_binds(frontend: str, backend: str | None, sec: SecurityConfig) -> None:
@@ -381,12 +388,23 @@ _COLUMNS = ("id", "pid", "device", "memory", "state", "in_flight", "utilization"
               help="The router's client (frontend) address.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status object as JSON.")
 @click.option("--timeout", type=float, default=5.0, show_default=True,
-              help="Seconds to wait for the router.")
+              help="Seconds to wait for the router (with --watch: for one poll, at most).")
+@click.option("--watch", is_flag=True,
+              help="A live view redrawn every --interval until Ctrl-C; it waits out a router "
+                   "that does not answer.")
+@click.option("--interval", type=click.FloatRange(0.1, 3600), default=None,
+              help="Seconds between the polls of --watch  [default: 1].")
 @_peer_key_options
-def status(router_addr, as_json, timeout, keys_dir, key, router_key) -> None:
+def status(router_addr, as_json, timeout, watch, interval, keys_dir, key, router_key) -> None:
     """Show every worker's health and every service's load."""
     from workerpool.errors import WorkerPoolError
 
+    if watch:
+        _watch(router_addr, as_json, timeout, 1.0 if interval is None else interval,
+               (keys_dir, key, router_key))
+        return
+    if interval is not None:
+        raise click.UsageError("--interval needs --watch")
     with _client(router_addr, keys_dir, key, router_key) as c:
         try:
             st = c.status(timeout=timeout)
@@ -399,8 +417,29 @@ def status(router_addr, as_json, timeout, keys_dir, key, router_key) -> None:
     click.echo(format_status(st))
 
 
+class _MissingRich(click.ClickException):
+    """One line, ``Error: status --watch needs rich ...: pip install ...``, exit status 2."""
+
+    exit_code = 2
+
+
+def _watch(router_addr: str, as_json: bool, timeout: float, interval: float,
+           keys: tuple) -> None:
+    """``status --watch``: the live view (workerpool/watch_term.py) until Ctrl-C, exit 0."""
+    from workerpool.loadtest.extra import MissingExtra
+    from workerpool.watch_term import check_rich, run
+
+    if as_json:
+        raise click.UsageError("--json and --watch cannot be combined")
+    try:
+        check_rich()
+    except MissingExtra as exc:
+        raise _MissingRich(str(exc)) from None
+    run(_connector(router_addr, *keys), router_addr, interval, timeout)
+
+
 def format_status(st: dict) -> str:
-    rows = [[_cell(w.get(c), c, w) for c in _COLUMNS] for w in st["workers"]]
+    rows = [[cell(w.get(c), c, w) for c in _COLUMNS] for w in st["workers"]]
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
               for i, c in enumerate(_COLUMNS)]
     out = ["  ".join(c.upper().ljust(w) for c, w in zip(_COLUMNS, widths, strict=True))]
@@ -410,66 +449,16 @@ def format_status(st: dict) -> str:
             f"service {s['name']}: policy={s['policy']} workers={s['workers']} "
             f"spares={s.get('spares', 0)} "
             f"queued={s['queued']}/{s['queue_capacity']} in_flight={s['in_flight']} "
-            f"utilization={_percent(s.get('utilization'))} "
+            f"utilization={percent(s.get('utilization'))} "
             f"completed={s['completed']} errored={s['errored']} "
             f"rejected_backpressure={s['rejected_backpressure']} expired={s['expired']} "
-            f"cancelled={s['cancelled']} service_time_ms p50={_ms(s['service_time_p50_ms'])} "
-            f"p99={_ms(s['service_time_p99_ms'])}")
-    r = st["router"]
-    out.append(f"router pid {r['pid']} up {r['uptime']:.0f}s at {r['frontend']}"
-               + (f" clients {r['clients']}" if "clients" in r else "")
-               + (f" cut off {r['clients_cut_off']}" if r.get("clients_cut_off") else "")
-               + (" (draining)" if r["draining"] else ""))
+            f"cancelled={s['cancelled']} service_time_ms p50={ms(s['service_time_p50_ms'])} "
+            f"p99={ms(s['service_time_p99_ms'])}")
+    out.append(router_line(st["router"]))
     for w in st["workers"]:
         if w.get("last_error") and w["state"] in ("dead", "failed", "restarting"):
-            out.append(f"{w['id']} last error: {w['last_error'].strip().splitlines()[-1]}")
+            out.append(f"{w['id']} last error: {error_line(w['last_error'])}")
     return "\n".join(out)
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"
-
-
-def _cell(value: Any, column: str, row: dict) -> str:
-    if column == "memory":
-        return _memory(value or {})
-    if column == "batch":
-        return _mean_batch(row.get("batches") or {})
-    if value is None:
-        return "-"
-    if column == "in_flight" and row.get("capacity") is not None:
-        ahead = f"+{row['prefetch']}" if row.get("prefetch") else ""
-        return f"{value}/{row['capacity']}{ahead}"  # one stuck at its limit stands out
-    if column == "uptime":
-        return f"{value:.1f}s"
-    if column == "utilization":
-        return _percent(value)
-    return str(value)
-
-
-def _mean_batch(batches: dict) -> str:
-    """The mean size of the batches its ``@batched`` methods ran, all methods together."""
-    count = sum(f["count"] for f in batches.values())
-    return f"{sum(f['sum'] for f in batches.values()) / count:.1f}" if count else "-"
-
-
-def _memory(mem: dict) -> str:
-    """GPU memory held by the worker's allocator (and the device's size), else its RSS."""
-    if "gpu_reserved" in mem:
-        total = f"/{_bytes(mem['gpu_total'])}" if "gpu_total" in mem else ""
-        return f"{_bytes(mem['gpu_reserved'])}{total} gpu"
-    return f"{_bytes(mem['rss'])} rss" if "rss" in mem else "-"
-
-
-def _bytes(n: int) -> str:
-    for unit, size in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n}B"
 
 
 # -- restart ----------------------------------------------------------------------------------

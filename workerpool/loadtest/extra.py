@@ -18,9 +18,10 @@ class MissingExtra(ImportError):
     """A module of the loadtest extra cannot be imported; the message says what to do."""
 
 
-def require(module: str, package: str, needed_by: str, alternative: str | None = None) -> None:
+def require(module: str, package: str, needed_by: str, alternative: str | None = None,
+            install: str = INSTALL) -> None:
     """Import ``module`` (of the distribution ``package``) or raise MissingExtra:
-    "``needed_by`` needs ``package``, which is not installed: pip install ..."."""
+    "``needed_by`` needs ``package``, which is not installed: ``install``"."""
     try:
         importlib.import_module(module)
     except ImportError as exc:
@@ -30,4 +31,4 @@ def require(module: str, package: str, needed_by: str, alternative: str | None =
         else:  # installed but broken, e.g. hdrhistogram without its compiled module
             why = "which cannot be imported (" + " ".join(str(exc).split()) + ")"
         hint = f" (or {alternative})" if alternative else ""
-        raise MissingExtra(f"{needed_by} needs {package}, {why}: {INSTALL}{hint}") from exc
+        raise MissingExtra(f"{needed_by} needs {package}, {why}: {install}{hint}") from exc
