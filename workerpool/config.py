@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from workerpool.logs import LogFormat
+
 Policy = Literal["round-robin", "least-loaded", "power-of-two"]
 POLICIES: tuple[str, ...] = ("round-robin", "least-loaded", "power-of-two")
 CapacityPolicy = Literal["queue", "reject"]
@@ -339,6 +341,14 @@ class SecurityConfig(_Model):
         return peer_files(keys=self.keys, role=role) if self.keys else None
 
 
+class LoggingConfig(_Model):
+    """How every process of the command logs to stderr (workerpool/logs.py)."""
+
+    format: LogFormat = Field(
+        "text", description="'text': one human-readable line per record (tracebacks on the "
+        "lines after it); 'json': one JSON object per line, with the record's fields.")
+
+
 class PoolConfig(_Model):
     """Everything `workerpool up` runs: one router, one supervisor, its services."""
 
@@ -346,6 +356,7 @@ class PoolConfig(_Model):
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
     services: list[ServiceConfig] = Field(default_factory=lambda: [ServiceConfig()])
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
     def _unique_services(self) -> PoolConfig:

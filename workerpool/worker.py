@@ -38,13 +38,7 @@ from ipc import codec, curve, protocol, shm, transport
 from ipc.lifecycle import GoodbyeReason
 from ipc.protocol import FrameError, Kind
 from workerpool import faults
-from workerpool._proc import (
-    EXIT_POISONED,
-    EXIT_SETUP_FAILED,
-    die_with_parent,
-    setup_logging,
-    slot_logger,
-)
+from workerpool._proc import EXIT_POISONED, EXIT_SETUP_FAILED, die_with_parent
 from workerpool.backlog import Backlog
 from workerpool.batching import BatchRunner, BatchSpec, batch_spec
 from workerpool.busy import BusyMeter
@@ -60,6 +54,7 @@ from workerpool.errors import (
     WorkerCrashedError,
 )
 from workerpool.faults import Fate
+from workerpool.logs import setup_logging, slot_logger
 from workerpool.memory import memory_use
 from workerpool.replies import Replies, UnencodableResult
 
@@ -583,13 +578,15 @@ class _Heartbeat(threading.Thread):
 
 
 def main() -> int:
-    setup_logging()  # first: everything below, the handler's import and setup() included, logs
+    # First: everything below, the handler's import and setup() included, logs.
+    setup_logging(role="worker")
     raw = os.environ.get(SPEC_ENV)
     if not raw:
         log.error("%s is not set; workers are started by the supervisor (workerpool up / "
                   "workerpool worker)", SPEC_ENV)
         return 2
     spec = WorkerSpec.model_validate_json(raw)
+    setup_logging(role="worker", worker=spec.slot)  # every line says which worker wrote it
     die_with_parent(spec.parent_pid)
     return Worker(spec).run()
 
