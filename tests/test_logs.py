@@ -16,6 +16,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
+from ipc.protocol import Kind
 from tests.conftest import ROOT
 from workerpool import logs
 from workerpool.cli import main
@@ -221,3 +222,126 @@ def test_setup_logging_leaves_a_root_logger_someone_else_configured_alone(fmt, m
     assert handlers  # pytest's own capture
     logs.setup_logging(fmt=fmt, role="cli")
     assert root.handlers == handlers and logs.log_format() == "text"
+
+
+# -- what the router logs: the core, driven with plain frames and a fake clock ----------------
+C = b"\x00client1"
+
+
+def _events(caplog, event: str) -> list[dict]:
+    """The records of ``event``, each as the JSON line the router would write."""
+    fmt = JsonFormatter("router")
+    return [json.loads(fmt.format(r)) for r in caplog.records
+            if getattr(r, "event", None) == event]
+
+
+def _pool(caplog, **settings):
+    from tests.router_harness import Harness
+
+    caplog.set_level(logging.INFO, logger="workerpool.router")
+    h = Harness()
+    h.hello(workers=2, max_inflight=2, **settings)
+    return h, h.ready("default/0", capacity=2)
+
+
+def test_a_worker_death_is_one_line_with_how_it_died_and_what_it_held(caplog):
+    h, w = _pool(caplog)
+    h.request(C, 7, method="echo")  # the oldest: running when it died, not idempotent
+    h.request(C, 8, method="echo")  # held, never started: back to the queue
+    assert len(h.dispatched_to(w)) == 2
+    h.slot_event("default/0", "died", reason="was killed by SIGKILL", exitcode=-9,
+                 cause="SIGKILL", pid=1001)
+    h.tick(0.01)
+    [death] = _events(caplog, "worker-died")
+    assert {k: death[k] for k in ("worker", "worker_pid", "device", "service", "incarnation",
+                                  "cause", "exitcode", "signal", "held", "outcomes")} == {
+        "worker": "default/0", "worker_pid": 1001, "device": "?", "service": "default",
+        "incarnation": 1, "cause": "SIGKILL", "exitcode": None, "signal": 9, "held": 2,
+        "outcomes": {"crashed": 1, "requeued": 1}}
+    assert death["requests"] == [
+        {"id": 7, "client": C.hex(), "method": "echo", "outcome": "crashed"},
+        {"id": 8, "client": C.hex(), "method": "echo", "outcome": "requeued"}]
+    assert death["level"] == "WARNING" and death["role"] == "router"
+    assert death["message"] == ("worker default/0 (pid 1001) was killed by SIGKILL; it held 2 "
+                                "requests (1 crashed, 1 requeued)")
+    h.tick(1)
+    assert len(_events(caplog, "worker-died")) == 1
+
+
+def test_a_death_notice_without_a_cause_gets_one_from_its_exit_status(caplog):
+    h, _ = _pool(caplog)
+    h.ready("default/1")
+    h.slot_event("default/0", "died", reason="was killed by SIGSEGV", exitcode=-11, pid=1001)
+    h.slot_event("default/1", "died", reason="exited with code 3", exitcode=3, pid=1001)
+    h.tick(0.01)
+    deaths = {d["worker"]: d for d in _events(caplog, "worker-died")}
+    assert [(d["cause"], d["exitcode"], d["signal"], d["held"]) for d in deaths.values()] == [
+        ("SIGSEGV", None, 11, 0), ("exit", 3, None, 0)]
+
+
+def test_a_poisoned_worker_dies_in_one_line_with_what_it_held_when_it_said_goodbye(caplog):
+    h, w = _pool(caplog)
+    h.request(C, 1)
+    h.request(C, 2)
+    h.backend(w, Kind.GOODBYE, {"reason": "context-poisoned", "error": "CUDA error"})
+    assert not _events(caplog, "worker-died")  # not yet: its supervisor says how it ended
+    h.slot_event("default/0", "died", reason="exited with code 75", exitcode=75,
+                 cause="context-poisoned", pid=1001)
+    h.tick(0.01)
+    [death] = _events(caplog, "worker-died")
+    assert (death["cause"], death["exitcode"], death["held"]) == ("context-poisoned", 75, 2)
+    assert [r["id"] for r in death["requests"]] == [1, 2]
+
+
+def test_a_hung_worker_declared_dead_is_one_line_even_if_its_notice_comes_late(caplog):
+    h, _ = _pool(caplog)
+    h.request(C, 5)
+    for _ in range(20):  # silent for 10 s: killed, and declared dead after kill_grace
+        h.backend(b"sup", Kind.HEARTBEAT, {"ping": 1})
+        h.tick(0.5)
+    [hung] = _events(caplog, "worker-hung")
+    assert (hung["worker"], hung["worker_pid"]) == ("default/0", 1001)
+    [death] = _events(caplog, "worker-died")
+    assert (death["cause"], death["signal"], death["worker_pid"], death["held"]) == (
+        "hung", None, 1001, 1)
+    h.slot_event("default/0", "died", reason="was killed (SIGKILL) as hung", exitcode=-9,
+                 cause="hung", pid=1001)
+    h.tick(0.01)
+    assert len(_events(caplog, "worker-died")) == 1
+
+
+def test_shedding_is_summed_per_service_never_one_line_per_request(caplog):
+    h, w = _pool(caplog, capacity_policy="reject", prefetch=0)
+    h.request(C, 1)
+    h.request(C, 2)
+    for i in range(3, 53):  # the worker holds 2: 50 refused at once
+        h.request(C, i)
+    h.tick(0.01)
+    [first] = _events(caplog, "backpressure-shed")
+    assert (first["service"], first["refused"], first["refused_total"], first["workers"],
+            first["capacity_policy"]) == ("default", 50, 50, 1, "reject")
+    for i in range(53, 63):
+        h.request(C, i)
+        h.backend(b"sup", Kind.HEARTBEAT, {"ping": 1})
+        h.backend(w + b"#hb", Kind.HEARTBEAT, {"of": w})
+        h.tick(0.5)  # 10 more over 5 s: within the interval, no line
+    assert len(_events(caplog, "backpressure-shed")) == 1
+    h.backend(b"sup", Kind.HEARTBEAT, {"ping": 1})
+    h.backend(w + b"#hb", Kind.HEARTBEAT, {"of": w})
+    h.tick(6)
+    second = _events(caplog, "backpressure-shed")[1]
+    assert (second["refused"], second["refused_total"]) == (10, 60)
+    assert second["seconds"] >= 10
+
+
+def test_the_shed_log_decides_from_plain_values():
+    from router.admission import ShedLog
+
+    shed = ShedLog(started=100.0, every=10.0)
+    assert shed.due(101.0, {"a": 0, "b": 0}) == []
+    assert shed.due(102.0, {"a": 5, "b": 0}) == [("a", 5, 2.0)]
+    assert shed.due(105.0, {"a": 9, "b": 1}) == [("b", 1, 5.0)]  # a: its last line is recent
+    assert shed.due(112.0, {"a": 9, "b": 1}) == [("a", 4, 10.0)]
+    assert shed.due(130.0, {"a": 9, "b": 1}) == []  # nothing new
+    assert shed.due(131.0, {"a": 2, "b": 1}) == []  # a was made again: counted anew
+    assert shed.due(142.0, {"a": 3, "b": 1}) == [("a", 1, 11.0)]

@@ -38,6 +38,17 @@ def exit_cause(returncode: int, hung: bool = False) -> str:
     return "context-poisoned" if returncode == EXIT_POISONED else "exit"
 
 
+def exit_status(returncode: int | None) -> dict[str, int | None]:
+    """``returncode`` as the two fields logs carry: ``exitcode`` for a process that
+    exited, ``signal`` (its number) for one a signal killed; None for the other, and
+    for both when it is not known."""
+    if returncode is None:
+        return {"exitcode": None, "signal": None}
+    if returncode < 0:
+        return {"exitcode": None, "signal": -returncode}
+    return {"exitcode": returncode, "signal": None}
+
+
 def die_with_parent(parent_pid: int | None) -> None:
     """Ask Linux to SIGKILL this process when its parent dies (PR_SET_PDEATHSIG), so
     nothing outlives a pool whose supervisor was killed with -9."""

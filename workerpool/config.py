@@ -176,6 +176,12 @@ class Timings:
     requests it waits for."""
     unreachable_poll: float = 0.05
     """Between two checks while a worker is unreachable and its death notice awaited."""
+    shed_log_every: float = 10.0
+    """Requests a service refuses for capacity (BackpressureError) are summed in one log
+    line at most this often, never one line per request: a flood must not become a log
+    storm. The first refusals after a quiet spell are logged within ``shed_check``."""
+    shed_check: float = 1.0
+    """Between two looks at the services' refusal counters for that line."""
     vouch_wait: float = 5.0
     """How long a worker's READY waits for its supervisor to vouch for it (SLOT started, or
     a HELLO): the supervisor's socket may be behind the worker's, most of all when the
