@@ -159,16 +159,25 @@ class Worker:
     def run(self) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        began = time.monotonic()
         try:
             self._setup()
         except Exception:
             tb = traceback.format_exc()
-            self._log.error("setup failed:\n%s", tb.rstrip())
+            self._log.error("setup failed:", exc_info=True, extra={"event": "setup-failed"})
             self._send(Kind.GOODBYE, 0, {"reason": GoodbyeReason.SETUP_FAILED,
                                          "error": tb[-4000:], "slot": self.spec.slot,
                                          "service": self.spec.service})
             self._close()
             return EXIT_SETUP_FAILED
+        took = time.monotonic() - began
+        self._log.info("set up in %.2fs: %s on %s, holding up to %d request(s)", took,
+                       self.spec.handler, device_label(self.spec.device), self.capacity,
+                       extra={"event": "worker-setup", "seconds": round(took, 3),
+                              "handler": self.spec.handler,
+                              "device": device_label(self.spec.device),
+                              "incarnation": self.spec.incarnation,
+                              "capacity": self.capacity})
         self._send(Kind.READY, 0, self._ready_meta())
         self.busy = BusyMeter()  # its wall time counts from here: setup() is not idle time
         self._heart = _Heartbeat(self._ctx, self.spec, self.busy, self.backlog)
@@ -458,7 +467,7 @@ class Worker:
         text = f"{type(exc).__name__}: {exc}"
         tb = "".join(traceback.format_exception(exc))
         if fate is Fate.POISONED:
-            self._leave_poisoned(req_ids, text, tb)
+            self._leave_poisoned(req_ids, text, tb, exc)
         if fate is Fate.EXHAUSTED:
             faults.release_cached_memory()
         for req_id in req_ids:
@@ -470,9 +479,11 @@ class Worker:
                 self.replies.error(req_id, HandlerError(text, remote_type=type(exc).__name__,
                                                         traceback=tb))
 
-    def _leave_poisoned(self, req_ids: list[int], text: str, tb: str) -> None:
+    def _leave_poisoned(self, req_ids: list[int], text: str, tb: str,
+                        exc: BaseException) -> None:
         """Answer, say why, and exit without running any cleanup that could touch CUDA."""
-        self._log.error("CUDA context poisoned; exiting:\n%s", tb.rstrip())
+        self._log.error("CUDA context poisoned; exiting:", exc_info=exc,
+                        extra={"event": "context-poisoned"})
         for req_id in req_ids:
             self.replies.error(req_id, WorkerCrashedError(
                 f"worker {self.spec.slot} hit a sticky CUDA error and is being replaced: {text}",
