@@ -345,3 +345,23 @@ def test_the_shed_log_decides_from_plain_values():
     assert shed.due(130.0, {"a": 9, "b": 1}) == []  # nothing new
     assert shed.due(131.0, {"a": 2, "b": 1}) == []  # a was made again: counted anew
     assert shed.due(142.0, {"a": 3, "b": 1}) == [("a", 1, 11.0)]
+
+
+def test_how_a_process_ended_in_one_word_and_two_fields():
+    from router.registry import death_fields
+    from workerpool._proc import EXIT_POISONED, exit_cause, exit_status
+
+    assert [exit_cause(rc) for rc in (-9, -11, -6, -65, 0, 1, 78, EXIT_POISONED)] == [
+        "SIGKILL", "SIGSEGV", "SIGABRT", "signal 65", "exit", "exit", "exit",
+        "context-poisoned"]
+    assert exit_cause(-9, hung=True) == exit_cause(0, hung=True) == "hung"
+    assert exit_status(-9) == {"exitcode": None, "signal": 9}
+    assert exit_status(3) == {"exitcode": 3, "signal": None}
+    assert exit_status(None) == {"exitcode": None, "signal": None}
+    # From a SLOT died: the supervisor's word wins; else the status says; else unknown.
+    assert death_fields({"exitcode": -9, "cause": "hung", "pid": 7}) == {
+        "cause": "hung", "exitcode": None, "signal": 9, "worker_pid": 7}
+    assert death_fields({"exitcode": 75})["cause"] == "context-poisoned"
+    assert death_fields({"exitcode": "9", "cause": 3, "pid": True}) == {
+        "cause": "unknown", "exitcode": None, "signal": None, "worker_pid": None}
+    assert death_fields({"cause": "x" * 1000})["cause"] == "x" * 64
