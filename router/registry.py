@@ -348,7 +348,7 @@ class WorkerRegistry:
         """The one line that says a worker died: who, how (``fields``: cause, exitcode,
         signal, worker_pid), and what became of the requests it held when it was lost
         (now, or earlier: a poisoned context's GOODBYE). Once per incarnation."""
-        if slot.death_logged >= incarnation:
+        if slot.death_logged == incarnation:
             return
         slot.death_logged = incarnation
         lost = slot.lost[1] if slot.lost is not None and slot.lost[0] == incarnation \
