@@ -11,8 +11,9 @@ import os
 import sys
 
 from router.router import Router
-from workerpool._proc import die_with_parent, setup_logging
+from workerpool._proc import die_with_parent
 from workerpool.config import RouterConfig, SecurityConfig
+from workerpool.logs import setup_logging
 
 
 def main(argv: list[str]) -> int:
@@ -22,7 +23,7 @@ def main(argv: list[str]) -> int:
         return 2
     parent = os.environ.get("WORKERPOOL_PARENT_PID")
     die_with_parent(int(parent) if parent else None)  # `up` killed with -9: no orphan router
-    setup_logging()
+    setup_logging(role="router")
     config = RouterConfig.model_validate_json(argv[0])
     defaults = json.loads(argv[1]) if len(argv) > 1 else {}
     security = SecurityConfig.model_validate_json(argv[2]) if len(argv) > 2 else None

@@ -14,6 +14,8 @@ supervisors and workers all register again within about a heartbeat.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ipc import protocol
@@ -26,11 +28,12 @@ from ipc.errors import (
 )
 from router.requests import Record
 from router.service import Service
-from workerpool.config import MAX_PRIORITY, MAX_TIMEOUT, MIN_PRIORITY, ServiceConfig
+from workerpool.config import MAX_PRIORITY, MAX_TIMEOUT, MIN_PRIORITY, TIMINGS, ServiceConfig
 
 if TYPE_CHECKING:
     from router.core import RouterCore
 
+log = logging.getLogger("workerpool.router")
 MAX_GRACE_SERVICES = 256  # services requests may name before any supervisor described them
 
 
@@ -56,10 +59,37 @@ def check_meta(meta: dict) -> ProtocolError | None:
     return None
 
 
+class ShedLog:
+    """When to log a service's refusals for capacity: one line per service at most every
+    ``every`` seconds, with the refusals since its last line. Plain values in and out: the
+    caller passes the time and the services' running totals."""
+
+    def __init__(self, started: float, every: float = TIMINGS.shed_log_every) -> None:
+        self.started = started
+        self.every = every
+        self._last: dict[str, tuple[int, float]] = {}  # service -> (total, when) at its last line
+
+    def due(self, now: float, totals: Mapping[str, int]) -> list[tuple[str, int, float]]:
+        """``(service, refused since its last line, seconds since then)`` for each service
+        whose total grew and whose last line, if any, is ``every`` seconds old; the first
+        line of a service counts from ``started``."""
+        out = []
+        for name, total in totals.items():
+            last, when = self._last.get(name, (0, None))
+            if total > last and (when is None or now - when >= self.every):
+                out.append((name, total - last, now - (self.started if when is None else when)))
+                self._last[name] = (total, now)
+            elif total < last:  # the service was forgotten and made again: count anew
+                self._last[name] = (total, now)
+        return out
+
+
 class Admission:
     def __init__(self, core: RouterCore) -> None:
         self.core = core
         self.grace_until: float | None = core.clock() + core.config.registration_grace
+        self.shed = ShedLog(core.clock())
+        self._shed_check = 0.0
 
     def on_request(self, client: bytes, msg: protocol.Message, meta_frame: bytes) -> None:
         core = self.core
@@ -163,6 +193,28 @@ class Admission:
                 return svc, ""  # named by an earlier request in the grace: wait as it does
             return None, f"service {svc.name!r} has no live workers (all failed or stopped)"
         return svc, ""
+
+    def log_shedding(self, now: float) -> None:
+        """Every ``TIMINGS.shed_check``: the services that refused requests for capacity
+        (BackpressureError ``service-full``: a full queue, ``reject``, ``max_wait``) get
+        their summary line, as ``ShedLog`` decides."""
+        if now < self._shed_check:
+            return
+        self._shed_check = now + TIMINGS.shed_check
+        services = self.core.services
+        totals = {name: svc.rejected_backpressure for name, svc in services.items()}
+        for name, refused, seconds in self.shed.due(now, totals):
+            svc = services[name]
+            log.warning("service %s refused %d requests for capacity in %.1fs (queue %d/%d, "
+                        "%d workers serving)", name, refused, seconds, svc.queued,
+                        svc.settings.queue_capacity, len(svc.conns),
+                        extra={"event": "backpressure-shed", "service": name,
+                               "refused": refused, "seconds": round(seconds, 3),
+                               "refused_total": svc.rejected_backpressure,
+                               "queued": svc.queued,
+                               "queue_capacity": svc.settings.queue_capacity,
+                               "capacity_policy": svc.settings.capacity_policy,
+                               "workers": len(svc.conns)})
 
     def check_grace(self, now: float) -> None:
         """Registration grace is over: what still waits for an undescribed service fails."""

@@ -356,7 +356,7 @@ class RouterCore:
         if conn is not None:
             reason = f"lost its key (it {why})"
             try:
-                self.registry.declare_dead(conn, reason, reason)
+                self.registry.declare_dead(conn, reason, reason, "key-revoked")
             except IllegalTransition as exc:  # its requests were answered all the same
                 self.warn("transition", "%s", exc)
 
@@ -415,6 +415,7 @@ class RouterCore:
             self._guarded(self.registry.check_waiting, now)
         self._guarded(self.requests.expire, now)
         self._guarded(self.clients.expire, now)
+        self._guarded(self.admission.log_shedding, now)
         # Silence is judged as of the loop's last turn to its sockets: a loop that spent
         # seconds on one client's message has simply not read the heartbeats yet.
         heard = now if self.backend_read_at is None else min(now, self.backend_read_at)
@@ -467,7 +468,10 @@ class RouterCore:
         """Stop admitting; finish what was admitted; then stop workers and exit."""
         if self.draining:
             return
-        log.info("draining (%s): %d requests to finish", why, self.requests.live())
+        live = self.requests.live()
+        log.info("draining (%s): %d requests to finish", why, live,
+                 extra={"event": "drain-start", "reason": why, "requests": live,
+                        "drain_timeout": self.config.drain_timeout})
         self.draining = True
         self._drain_deadline = self.clock() + self.config.drain_timeout
 
@@ -476,6 +480,7 @@ class RouterCore:
             return
         if self.requests.live() and now < self._drain_deadline:
             return
+        unfinished = self.requests.live()
         for rec in list(self.requests.records.values()):
             self.requests.fail(rec, ServiceUnavailableError(
                 "the pool shut down before this request finished (drain_timeout)"))
@@ -485,7 +490,11 @@ class RouterCore:
             self.to_backend(ident, Kind.DRAINED)
         self._drained = True
         self._exit_at = now + TIMINGS.drain_linger
-        log.info("drained; workers told to stop")
+        log.info("drained; workers told to stop",
+                 extra={"event": "drained", "unfinished": unfinished,
+                        "workers": len(self.registry.conns),
+                        "seconds": round(now - self._drain_deadline
+                                         + self.config.drain_timeout, 3)})
 
     # -- services -----------------------------------------------------------------------------------
     def service(self, name: str, config: dict | None = None) -> Service:

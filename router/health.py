@@ -214,6 +214,10 @@ class Slot:
         self.owner: bytes | None = None  # the supervisor that runs it, from its HELLO
         self.left_cleanly = False  # its current incarnation said GOODBYE: its exit is no error
         self.retiring = False  # scaled away: drains, then leaves the table for good
+        # (incarnation, what became of the requests it held) from its last loss, for the
+        # death line; and the incarnation whose death was logged, so it is logged once.
+        self.lost: tuple[int, dict] | None = None
+        self.death_logged = 0
         self.sort_key = _sort_key(slot_id)
 
     def transition(self, new: WorkerState) -> None:

@@ -98,7 +98,7 @@ class Liveness:
                 why = conn.slot.leave_reason or "hung"
                 conn.slot.leave_reason = None
                 core.registry.declare_dead(conn, f"was declared dead ({why})",
-                                           f"{why}; no death notice came: declared dead")
+                                           f"{why}; no death notice came: declared dead", "hung")
             return
         silent = now - conn.last_beat
         if silent > limit:
@@ -125,7 +125,9 @@ class Liveness:
         what it held. No supervisor to ask: it is declared dead here and now."""
         core = self.core
         slot = conn.slot
-        log.warning("worker %s (pid %s) %s: killing it", slot.id, conn.pid, reason)
+        log.warning("worker %s (pid %s) %s: killing it", slot.id, conn.pid, reason,
+                    extra={"event": "worker-hung", "worker": slot.id, "worker_pid": conn.pid,
+                           "reason": reason})
         core.stats["hung_workers_killed"] += 1
         slot.leave_reason = f"hung: {reason}"
         core.scaling.unroute(conn)  # no new work for it; a spare, if any, takes its place
@@ -135,7 +137,8 @@ class Liveness:
                                                      "incarnation": conn.incarnation,
                                                      "reason": reason})
         else:
-            core.registry.declare_dead(conn, f"was declared dead: {reason}", f"hung: {reason}")
+            core.registry.declare_dead(conn, f"was declared dead: {reason}", f"hung: {reason}",
+                                       "hung")
 
     def stop_drained_workers(self) -> None:
         """A draining worker that holds nothing any more is told to stop."""

@@ -15,6 +15,7 @@ still be queued behind it.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from ipc.errors import PoisonedRequestError, WorkerCrashedError
@@ -22,7 +23,8 @@ from ipc.lifecycle import LIVE, GoodbyeReason, WorkerState
 from ipc.protocol import Kind
 from router import recovery, vouching
 from router.health import Conn, Slot
-from router.requests import Phase
+from router.requests import Phase, Record
+from workerpool._proc import exit_cause, exit_status
 from workerpool.config import TIMINGS
 
 if TYPE_CHECKING:
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("workerpool.router")
 ERROR_TAIL = 4000  # characters of an error kept for status
+LOGGED_REQUESTS = 32  # held requests a death line lists one by one (it counts them all)
 
 
 class WorkerRegistry:
@@ -40,7 +43,8 @@ class WorkerRegistry:
         # Slots that left the table with a supervisor that drained away: a worker of theirs
         # that registers late is told to stop.
         self.departed_owner: dict[str, bytes] = {}
-        self._deaths: list[tuple[float, Slot, int, str]] = []  # (when due, slot, inc, how)
+        # (when due, slot, incarnation, how, death_fields(...) of the notice)
+        self._deaths: list[tuple[float, Slot, int, str, dict]] = []
         self.waiting = vouching.Waiting()  # READYs not vouched for yet
 
     # -- lookups -------------------------------------------------------------------------------
@@ -133,7 +137,10 @@ class WorkerRegistry:
         if not spare:
             svc.add_conn(conn)
         log.info("worker %s registered (pid %s, %s, incarnation %d)%s", slot_id, conn.pid,
-                 slot.device, incarnation, " as a spare" if spare else "")
+                 slot.device, incarnation, " as a spare" if spare else "",
+                 extra={"event": "worker-ready", "worker": slot_id, "service": service,
+                        "worker_pid": conn.pid, "device": slot.device,
+                        "incarnation": incarnation, "capacity": capacity, "spare": spare})
         if slot.owner is not None:  # tell its supervisor: it reports readiness and recovery
             core.to_backend(slot.owner, Kind.READY, {"slot": slot_id, "incarnation": incarnation})
         core.requests.pump(svc)
@@ -230,15 +237,19 @@ class WorkerRegistry:
         started = recovery.running_when_lost(held, conn.started, crashed, running)
         where = f"worker {slot.id} (pid {conn.pid}) {reason} while running this request"
         requeued = False
+        outcomes: list[tuple[Record, str]] = []  # what became of each, for the death line
         for rec in held:
             if rec.phase is not Phase.RUNNING:  # its client was already answered
+                outcomes.append((rec, "answered"))
                 requests.release(rec)
                 continue
             if rec.rid in started:
                 rec.starts += 1
                 outcome = recovery.crash_outcome(rec, settings, where, slot.id)
                 if outcome is not None:
-                    if svc is not None and isinstance(outcome, PoisonedRequestError):
+                    poisoned = isinstance(outcome, PoisonedRequestError)
+                    outcomes.append((rec, "poisoned" if poisoned else "crashed"))
+                    if svc is not None and poisoned:
                         svc.poisoned += 1
                     slot.errored += 1
                     if svc is not None:
@@ -250,24 +261,34 @@ class WorkerRegistry:
             conn.in_flight.pop(rec.rid, None)
             rec.conn = None
             if svc is None:
+                outcomes.append((rec, "crashed"))
                 requests.fail(rec, WorkerCrashedError(
                     f"worker {slot.id} {reason}", worker=slot.id))
                 requests.records.pop(rec.rid, None)
                 continue
+            outcomes.append((rec, "retried" if rec.rid in started else "requeued"))
             if rec.rid in started:
                 svc.retried += 1
             requests.enqueue(svc, rec, again=True)
             requeued = True
+        slot.lost = (conn.incarnation, held_fields(outcomes))
         if svc is not None:
             if requeued:
                 requests.pump(svc)
             core.fail_if_unservable(svc)
 
-    def declare_dead(self, conn: Conn, why: str, last_error: str) -> None:
-        """No death notice will come (or it came too late): answer what it held now."""
-        self.lose(conn, why)
+    def declare_dead(self, conn: Conn, why: str, last_error: str, cause: str) -> None:
+        """No death notice will come (or it came too late): answer what it held now.
+        ``cause``: one word for the death line (``hung``, ``disconnected``...)."""
+        self.lose_dead(conn, why, cause)
         conn.slot.last_error = last_error
         conn.slot.transition(WorkerState.DEAD)
+
+    def lose_dead(self, conn: Conn, why: str, cause: str) -> None:
+        """``lose`` a worker known dead without its supervisor's word, and log its death."""
+        self.lose(conn, why)
+        self.log_death(conn.slot, conn.incarnation, why,
+                       {"cause": cause, **exit_status(None), "worker_pid": conn.pid})
 
     def quarantine(self, conn: Conn) -> None:
         """The worker's socket is gone but its death notice has not arrived yet.
@@ -287,12 +308,14 @@ class WorkerRegistry:
         for conn in list(self.conns.values()):
             if conn.unreachable_until is not None and conn.unreachable_until <= now:
                 why = "disconnected (no death notice from its supervisor)"
-                self.declare_dead(conn, why, why)
+                self.declare_dead(conn, why, why, "disconnected")
 
     # -- death notices -------------------------------------------------------------------------
-    def note_death(self, slot: Slot, incarnation: int, how: str) -> None:
-        """A supervisor says the process died; acted on after ``TIMINGS.death_grace``."""
-        self._deaths.append((self.core.clock() + TIMINGS.death_grace, slot, incarnation, how))
+    def note_death(self, slot: Slot, incarnation: int, how: str, fields: dict) -> None:
+        """A supervisor says the process died; acted on after ``TIMINGS.death_grace``.
+        ``fields``: ``death_fields`` of its notice."""
+        self._deaths.append((self.core.clock() + TIMINGS.death_grace, slot, incarnation, how,
+                             fields))
 
     def next_death(self) -> float | None:
         return min((d[0] for d in self._deaths), default=None)
@@ -306,10 +329,11 @@ class WorkerRegistry:
         if not due:
             return
         self._deaths = [d for d in self._deaths if d[0] > now]
-        for _, slot, incarnation, how in due:
+        for _, slot, incarnation, how, fields in due:
             conn = slot.conn
             if conn is not None and conn.incarnation == incarnation:
                 self.lose(conn, how)
+            self.log_death(slot, incarnation, how, fields)
             if incarnation != slot.incarnation or slot.state in (WorkerState.FAILED,
                                                                  WorkerState.STOPPED):
                 continue  # a newer incarnation registered, or the slot's fate is settled
@@ -319,3 +343,54 @@ class WorkerRegistry:
                 slot.last_error = f"{why}; {how}" if why and why[-40:] not in how else how
             slot.leave_reason = None
             slot.transition(WorkerState.DEAD)
+
+    def log_death(self, slot: Slot, incarnation: int, how: str, fields: dict) -> None:
+        """The one line that says a worker died: who, how (``fields``: cause, exitcode,
+        signal, worker_pid), and what became of the requests it held when it was lost
+        (now, or earlier: a poisoned context's GOODBYE). Once per incarnation."""
+        if slot.death_logged == incarnation:
+            return
+        slot.death_logged = incarnation
+        lost = slot.lost[1] if slot.lost is not None and slot.lost[0] == incarnation \
+            else held_fields([])
+        slot.lost = None
+        pid = fields.get("worker_pid")
+        if pid is None and incarnation == slot.incarnation:
+            pid = slot.pid
+        tally = ", ".join(f"{n} {o}" for o, n in sorted(lost["outcomes"].items()))
+        log.log(logging.INFO if fields.get("cause") == "restart" else logging.WARNING,
+                "worker %s (pid %s) %s; it held %d requests%s", slot.id, pid, how,
+                lost["held"], f" ({tally})" if tally else "",
+                extra={"event": "worker-died", "worker": slot.id, "service": slot.service,
+                       "incarnation": incarnation, "device": slot.device, "reason": how,
+                       **fields, "worker_pid": pid, **lost})
+
+
+def held_fields(outcomes: list[tuple[Record, str]]) -> dict:
+    """The death line's account of the requests a worker held: ``held`` (how many),
+    ``outcomes`` (how many of each), and the first LOGGED_REQUESTS as ``requests``: the
+    client's request id, the client connection, the method, and what became of it
+    (``requeued``: it had not started; ``retried``: run again; ``crashed`` or
+    ``poisoned``: answered with that error; ``answered``: its client had its reply
+    already, a timeout or a cancel)."""
+    return {
+        "held": len(outcomes),
+        "outcomes": dict(Counter(outcome for _, outcome in outcomes)),
+        "requests": [{"id": rec.client_rid, "client": rec.client.hex()[:32],
+                      "method": rec.method[:64], "outcome": outcome}
+                     for rec, outcome in outcomes[:LOGGED_REQUESTS]],
+    }
+
+
+def death_fields(meta: dict) -> dict:
+    """How a worker died, from its supervisor's SLOT ``died``: ``cause`` (the
+    supervisor's word for it, else one derived from the exit status), ``exitcode``,
+    ``signal`` and ``worker_pid`` (None where the notice does not say)."""
+    rc = meta.get("exitcode")
+    rc = rc if type(rc) is int else None
+    cause = meta.get("cause")
+    if not isinstance(cause, str) or not cause:
+        cause = "unknown" if rc is None else exit_cause(rc)
+    pid = meta.get("pid")
+    return {"cause": cause[:64], **exit_status(rc), "worker_pid": pid if type(pid) is int else None}
+

@@ -151,7 +151,10 @@ class Router:
         poller.register(self.backend, zmq.POLLIN)
         poller.register(self._wakeup, zmq.POLLIN)
         log.info("router listening: frontend %s, backend %s",
-                 self.frontend_address, self.backend_address)
+                 self.frontend_address, self.backend_address,
+                 extra={"event": "router-start", "frontend": self.frontend_address,
+                        "backend": self.backend_address, "instance": core.instance,
+                        "keys": self.keys is not None})
         busy = False
         try:
             while not core.finished:
@@ -176,6 +179,10 @@ class Router:
                     core.release_memory = False
                     release_memory()
         finally:
+            uptime = core.clock() - core.started
+            log.info("router stopped after %.1fs", uptime,
+                     extra={"event": "router-stop", "uptime": round(uptime, 3),
+                            "drained": core.finished, "counters": dict(core.stats)})
             self.close()
 
     def close(self) -> None:

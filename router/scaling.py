@@ -70,7 +70,9 @@ class Scaling:
             svc.add_conn(slot.conn)
             core.stats["spares_promoted"] += 1
             promoted = True
-            log.info("spare %s (pid %s) now serves %s", slot.id, slot.pid, svc.name)
+            log.info("spare %s (pid %s) now serves %s", slot.id, slot.pid, svc.name,
+                     extra={"event": "spare-promoted", "worker": slot.id,
+                            "worker_pid": slot.pid, "service": svc.name})
         if target is not None and len(svc.conns) > target:
             for conn in sorted((c for c in svc.conns if not c.in_flight),
                                key=lambda c: c.slot.sort_key, reverse=True):

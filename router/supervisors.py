@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from ipc.errors import ServiceUnavailableError
 from ipc.lifecycle import SlotEvent, WorkerState
 from ipc.protocol import Kind
-from router.registry import ERROR_TAIL
+from router.registry import ERROR_TAIL, death_fields
 from router.requests import Phase
 from workerpool.config import ROUTED_FIELDS, ServiceConfig
 
@@ -80,7 +80,8 @@ class Supervisors:
         self._departed.discard(ident)
         if ident in self._lost:
             self._lost.discard(ident)
-            log.warning("supervisor %r, declared lost, is back: taking its workers back", ident)
+            log.warning("supervisor %r, declared lost, is back: taking its workers back", ident,
+                        extra={"event": "supervisor-back", "supervisor": ident})
         for s in services:
             core.service(str(s["name"]), s)
             if "workers" in s:
@@ -129,7 +130,8 @@ class Supervisors:
                 slot.transition(WorkerState.RESTARTING if incarnation > 1 else WorkerState.STARTING)
                 registry.vouch(slot, incarnation, meta.get("pid"))
         elif event is SlotEvent.DIED:
-            registry.note_death(slot, incarnation, str(meta.get("reason", "died")))
+            registry.note_death(slot, incarnation, str(meta.get("reason", "died")),
+                                death_fields(meta))
         elif event is SlotEvent.FAILED:
             reason = str(meta.get("reason", "failed"))
             if slot.conn is not None:
@@ -172,7 +174,8 @@ class Supervisors:
         self.draining[ident] = core.clock() + core.config.drain_timeout
         for conn in core.registry.conns_of(ident):
             core.scaling.unroute(conn)  # no new work; what it holds finishes
-        log.info("supervisor %r is leaving: draining its workers", ident)
+        log.info("supervisor %r is leaving: draining its workers", ident,
+                 extra={"event": "supervisor-drain", "supervisor": ident})
 
     # -- timers --------------------------------------------------------------------------------
     def check_drains(self, now: float) -> None:
@@ -216,14 +219,15 @@ class Supervisors:
         """A supervisor stopped answering: its host is gone or cut off. Its workers cannot
         be reached or respawned from here: answer what they held and mark them failed."""
         core = self.core
-        log.error("supervisor %r silent for %.1fs: its workers are lost", ident, silent)
+        log.error("supervisor %r silent for %.1fs: its workers are lost", ident, silent,
+                  extra={"event": "supervisor-lost", "supervisor": ident, "silent": silent})
         core.stats["supervisors_lost"] += 1
         del self.known[ident]
         self._lost.add(ident)
         for slot in core.registry.owned_by(ident):
             reason = f"its supervisor was silent for {silent:.1f}s (host lost?)"
             if slot.conn is not None:
-                core.registry.lose(slot.conn, reason)
+                core.registry.lose_dead(slot.conn, reason, "supervisor-lost")
             slot.last_error = reason
             if slot.state is not WorkerState.STOPPED:
                 slot.transition(WorkerState.FAILED)

@@ -1,9 +1,9 @@
-"""Process plumbing shared by every process workerpool starts."""
+"""Process plumbing shared by every process workerpool starts (their logging set-up is
+workerpool/logs.py)."""
 
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import signal
 import socket
@@ -13,12 +13,40 @@ import sys
 # segment owners needs it, because ipc sits below workerpool; imported here for the rest.
 from ipc.shm import process_alive as process_alive
 
-LOG_LEVEL_ENV = "WORKERPOOL_LOG_LEVEL"
-
 # A worker's exit statuses that mean something to its supervisor (workerpool/respawn.py).
 EXIT_SETUP_FAILED = 78  # EX_CONFIG: setup() failed; the slot is marked failed, not respawned
 EXIT_POISONED = 75  # EX_TEMPFAIL: left on purpose after a sticky CUDA error; respawn me
-LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def signal_name(signum: int) -> str:
+    """``SIGKILL`` for 9; ``signal N`` for a number with no name."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def exit_cause(returncode: int, hung: bool = False) -> str:
+    """How a worker process ended, in one word for logs and metrics: the name of the
+    signal that killed it (``SIGKILL``, ``SIGSEGV``), ``context-poisoned`` for
+    EXIT_POISONED, ``exit`` for any other exit status, or ``hung`` when it was killed
+    because it hung (whatever the signal)."""
+    if hung:
+        return "hung"
+    if returncode < 0:
+        return signal_name(-returncode)
+    return "context-poisoned" if returncode == EXIT_POISONED else "exit"
+
+
+def exit_status(returncode: int | None) -> dict[str, int | None]:
+    """``returncode`` as the two fields logs carry: ``exitcode`` for a process that
+    exited, ``signal`` (its number) for one a signal killed; None for the other, and
+    for both when it is not known."""
+    if returncode is None:
+        return {"exitcode": None, "signal": None}
+    if returncode < 0:
+        return {"exitcode": None, "signal": -returncode}
+    return {"exitcode": returncode, "signal": None}
 
 
 def die_with_parent(parent_pid: int | None) -> None:
@@ -81,20 +109,3 @@ def release_memory() -> None:
 
 
 _malloc_trim = None
-
-
-def setup_logging(level: str | None = None) -> None:
-    """Log to stderr at ``level`` (default: $WORKERPOOL_LOG_LEVEL, else INFO)."""
-    level = (level or os.environ.get(LOG_LEVEL_ENV) or "INFO").upper()
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
-
-
-class _SlotLog(logging.LoggerAdapter):
-    def process(self, msg, kwargs):
-        return f"[{self.extra['slot']}] {msg}", kwargs
-
-
-def slot_logger(logger: logging.Logger, slot: str) -> logging.LoggerAdapter:
-    """``logger`` with every message prefixed ``[slot] ``: a pool's workers share the
-    supervisor's stderr, and their log lines must say which worker wrote them."""
-    return _SlotLog(logger, {"slot": slot})

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from workerpool._proc import EXIT_POISONED
+from workerpool._proc import EXIT_POISONED, signal_name
 from workerpool.config import TIMINGS
 from workerpool.devices import worker_env
 from workerpool.worker import SPEC_ENV, WorkerSpec
@@ -29,11 +29,7 @@ from workerpool.worker import SPEC_ENV, WorkerSpec
 def describe_exit(returncode: int) -> str:
     """How a child ended, in words: ``was killed by SIGKILL``, ``exited with code 1``."""
     if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"was killed by {name}"
+        return f"was killed by {signal_name(-returncode)}"
     if returncode == EXIT_POISONED:
         return f"exited with code {returncode} (its CUDA context was poisoned)"
     return f"exited with code {returncode}"

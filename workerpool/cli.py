@@ -14,12 +14,11 @@ import socket
 import sys
 import tempfile
 import tomllib
-from typing import Any
+from typing import Any, get_args
 
 import click
 from pydantic import ValidationError
 
-from workerpool._proc import LOG_LEVEL_ENV, setup_logging
 from workerpool.cells import cell, error_line, ms, percent, router_line
 from workerpool.config import (
     DEFAULT_BACKEND,
@@ -30,6 +29,7 @@ from workerpool.config import (
     ServiceConfig,
 )
 from workerpool.loadtest.command import loadtest
+from workerpool.logs import LOG_FORMAT_ENV, LOG_LEVEL_ENV, LogFormat, setup_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -115,6 +115,21 @@ def _service_options(f):
     ]):
         f = opt(f)
     return f
+
+
+def _log_format_option(f):
+    return click.option(
+        "--log-format", type=click.Choice(get_args(LogFormat)), default=None,
+        help="How this process and the ones it starts log to stderr: text, or one JSON "
+             "object per line (default: the file's [logging] format, else text).")(f)
+
+
+def _start_logging(flag: str | None, cfg: PoolConfig, role: str) -> None:
+    """Log in the format the flag (else the file) names, as ``role``; the processes this
+    one starts inherit it, as they do the level."""
+    fmt = flag or cfg.logging.format
+    os.environ[LOG_FORMAT_ENV] = fmt
+    setup_logging(fmt=fmt, role=role)
 
 
 def _keys_option(f):
@@ -245,9 +260,10 @@ def _pydantic_message(exc: ValidationError) -> str:
               help="On Ctrl-C/SIGTERM, seconds in-flight requests may still run (default 30).")
 @_keys_option
 @_insecure_option
+@_log_format_option
 @_service_options
-def up(frontend, backend, drain_timeout, keys_dir, insecure, config_path, service, handler,
-       workers, spares, devices, workers_per_device, policy, max_inflight, prefetch,
+def up(frontend, backend, drain_timeout, keys_dir, insecure, log_format, config_path, service,
+       handler, workers, spares, devices, workers_per_device, policy, max_inflight, prefetch,
        queue_capacity, capacity_policy, max_wait, handler_options) -> None:
     """Run a whole pool: a router and a supervised set of workers, in the foreground.
 
@@ -264,6 +280,7 @@ def up(frontend, backend, drain_timeout, keys_dir, insecure, config_path, servic
          "workers_per_device": workers_per_device, "policy": policy,
          "max_inflight": max_inflight, "prefetch": prefetch, "queue_capacity": queue_capacity,
          "capacity_policy": capacity_policy, "max_wait": max_wait}, handler_options)
+    _start_logging(log_format, cfg, "supervisor")
     sec = _security(keys_dir, insecure=insecure, base=cfg.security)
     _check_binds(cfg.router.frontend, cfg.router.backend, sec)
     # The router reads the directory; the supervisor and its workers use the worker pair.
@@ -320,8 +337,9 @@ def up(frontend, backend, drain_timeout, keys_dir, insecure, config_path, servic
               help="On SIGTERM, seconds in-flight requests may still run (default 30).")
 @_keys_option
 @_insecure_option
+@_log_format_option
 def router_cmd(frontend, backend, config_path, policy, drain_timeout, keys_dir,
-               insecure) -> None:
+               insecure, log_format) -> None:
     """Run only the router; start workers elsewhere with `workerpool worker --router`.
 
     With --keys, SIGHUP reads the key folders again at once (they are also checked every
@@ -332,6 +350,7 @@ def router_cmd(frontend, backend, config_path, policy, drain_timeout, keys_dir,
     cfg = _build_config(config_path, None,
                         {"frontend": frontend, "backend": backend,
                          "drain_timeout": drain_timeout}, {})
+    _start_logging(log_format, cfg, "router")
     if cfg.router.backend is None:
         cfg.router.backend = DEFAULT_BACKEND
     sec = _security(keys_dir, insecure=insecure, base=cfg.security)
@@ -353,10 +372,11 @@ def router_cmd(frontend, backend, config_path, policy, drain_timeout, keys_dir,
               help="Name for this supervisor in worker ids (SERVICE/NODE/N) "
                    "[default: HOSTNAME-PID]; must be unique per router.")
 @_peer_key_options
+@_log_format_option
 @_service_options
-def worker(router_addr, node, keys_dir, key, router_key, config_path, service, handler,
-           workers, spares, devices, workers_per_device, policy, max_inflight, prefetch,
-           queue_capacity, capacity_policy, max_wait, handler_options) -> None:
+def worker(router_addr, node, keys_dir, key, router_key, log_format, config_path, service,
+           handler, workers, spares, devices, workers_per_device, policy, max_inflight,
+           prefetch, queue_capacity, capacity_policy, max_wait, handler_options) -> None:
     """Run a supervisor and its workers for a router elsewhere (same code as `up`)."""
     from workerpool.supervisor import Supervisor
 
@@ -366,6 +386,7 @@ def worker(router_addr, node, keys_dir, key, router_key, config_path, service, h
          "workers_per_device": workers_per_device, "policy": policy,
          "max_inflight": max_inflight, "prefetch": prefetch, "queue_capacity": queue_capacity,
          "capacity_policy": capacity_policy, "max_wait": max_wait}, handler_options)
+    _start_logging(log_format, cfg, "supervisor")
     worker_keys = _peer_keys(_security(keys_dir, key, router_key, base=cfg.security), "worker")
     node = node or f"{socket.gethostname()}-{os.getpid()}"
     sup = Supervisor(cfg.services, router_addr, cfg.supervisor,

@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from workerpool.logs import LogFormat
+
 Policy = Literal["round-robin", "least-loaded", "power-of-two"]
 POLICIES: tuple[str, ...] = ("round-robin", "least-loaded", "power-of-two")
 CapacityPolicy = Literal["queue", "reject"]
@@ -174,6 +176,12 @@ class Timings:
     requests it waits for."""
     unreachable_poll: float = 0.05
     """Between two checks while a worker is unreachable and its death notice awaited."""
+    shed_log_every: float = 10.0
+    """Requests a service refuses for capacity (BackpressureError) are summed in one log
+    line at most this often, never one line per request: a flood must not become a log
+    storm. The first refusals after a quiet spell are logged within ``shed_check``."""
+    shed_check: float = 1.0
+    """Between two looks at the services' refusal counters for that line."""
     vouch_wait: float = 5.0
     """How long a worker's READY waits for its supervisor to vouch for it (SLOT started, or
     a HELLO): the supervisor's socket may be behind the worker's, most of all when the
@@ -339,6 +347,14 @@ class SecurityConfig(_Model):
         return peer_files(keys=self.keys, role=role) if self.keys else None
 
 
+class LoggingConfig(_Model):
+    """How every process of the command logs to stderr (workerpool/logs.py)."""
+
+    format: LogFormat = Field(
+        "text", description="'text': one human-readable line per record (tracebacks on the "
+        "lines after it); 'json': one JSON object per line, with the record's fields.")
+
+
 class PoolConfig(_Model):
     """Everything `workerpool up` runs: one router, one supervisor, its services."""
 
@@ -346,6 +362,7 @@ class PoolConfig(_Model):
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
     services: list[ServiceConfig] = Field(default_factory=lambda: [ServiceConfig()])
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
     def _unique_services(self) -> PoolConfig:

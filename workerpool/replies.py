@@ -21,9 +21,9 @@ import zmq
 
 from ipc import codec, protocol, shm, transport
 from ipc.protocol import Kind
-from workerpool._proc import slot_logger
 from workerpool.config import TIMINGS
 from workerpool.errors import WorkerPoolError
+from workerpool.logs import slot_logger
 
 
 class UnencodableResult(Exception):

@@ -34,7 +34,7 @@ from ipc import curve, protocol, shm, transport
 from ipc.errors import IllegalTransition
 from ipc.lifecycle import AdminOp, SlotEvent, WorkerState
 from ipc.protocol import FrameError, Kind
-from workerpool._proc import SignalWakeup
+from workerpool._proc import SignalWakeup, exit_cause, exit_status
 from workerpool.children import (
     RouterProcess,
     describe_exit,
@@ -150,7 +150,8 @@ class Supervisor:
         """Begin a graceful stop: the router drains, then workers and router exit."""
         if self._stopping:
             return
-        log.info("stopping (%s): draining in-flight requests", why)
+        log.info("stopping (%s): draining in-flight requests", why,
+                 extra={"event": "drain-start", "reason": why})
         self._stopping = True
         self._stop_deadline = time.monotonic() + self.drain_timeout + self.config.stop_timeout
         # Owning the router (`up`), we stop the whole pool; otherwise only our workers leave.
@@ -235,7 +236,8 @@ class Supervisor:
     def _startup_timed_out(self) -> None:
         missing = sorted(w.slot for w in self.workers.values() if not _settled(w))
         log.error("workers %s did not become ready within supervisor.startup_timeout="
-                  "%.0fs; stopping", ", ".join(missing), self.config.startup_timeout)
+                  "%.0fs; stopping", ", ".join(missing), self.config.startup_timeout,
+                  extra={"event": "startup-timeout", "workers": missing})
         self.exit_code = 1
         self.stop("startup timeout")
 
@@ -309,18 +311,21 @@ class Supervisor:
             if (meta.get("incarnation") == w.life.incarnation and w.life.running
                     and w.proc.poll() is None):
                 w.kill_reason = str(meta.get("reason", "hung"))
-                log.warning("killing worker %s (pid %d): %s", w.slot, w.proc.pid, w.kill_reason)
+                _log_kill(w)
                 send_signal(w.proc, signal.SIGKILL)
             return
         if self._stopping:
             return
         if op is AdminOp.DRAIN:
+            fields = {"event": "operator-drain", "worker": w.slot}
             if w.life.drain():
-                log.info("operator drain of %s: it will not be respawned", w.slot)
+                log.info("operator drain of %s: it will not be respawned", w.slot, extra=fields)
             else:
-                log.info("operator drain of %s ignored: it is %s", w.slot, w.life.state)
+                log.info("operator drain of %s ignored: it is %s", w.slot, w.life.state,
+                         extra=fields)
         elif op is AdminOp.RESTART:
-            log.info("operator restart of %s", w.slot)
+            log.info("operator restart of %s", w.slot,
+                     extra={"event": "operator-restart", "worker": w.slot})
             # Running: it finishes what it holds (SIGTERM), then is respawned at once.
             self._carry_out(w, w.life.restart())
 
@@ -343,7 +348,9 @@ class Supervisor:
         if svc is None:
             log.warning("scale of unknown service %r ignored", service)
             return
-        log.info("scaling %s: %d -> %d workers", service, svc.workers, workers)
+        log.info("scaling %s: %d -> %d workers", service, svc.workers, workers,
+                 extra={"event": "scale", "service": service, "workers_before": svc.workers,
+                        "workers": workers, "retire": retire})
         svc.workers = workers
         for slot in retire:
             w = self.workers.get(slot)
@@ -393,8 +400,7 @@ class Supervisor:
                     w.stopped_since = now
                 elif now - w.stopped_since > limit:
                     w.kill_reason = f"stopped (SIGSTOP) for {now - w.stopped_since:.1f}s"
-                    log.warning("killing worker %s (pid %d): %s", w.slot, w.proc.pid,
-                                w.kill_reason)
+                    _log_kill(w)
                     send_signal(w.proc, signal.SIGKILL)
             else:
                 w.stopped_since = None
@@ -405,8 +411,10 @@ class Supervisor:
         if w is None or not w.life.registered_now(incarnation):
             return
         if w.life.incarnation > 1:
-            log.info("worker %s back: ready %.0f ms after its predecessor died", slot,
-                     (time.monotonic() - w.life.died_at) * 1000)
+            ms = (time.monotonic() - w.life.died_at) * 1000
+            log.info("worker %s back: ready %.0f ms after its predecessor died", slot, ms,
+                     extra={"event": "worker-back", "worker": slot, "worker_pid": w.proc.pid,
+                            "incarnation": w.life.incarnation, "recovery_ms": round(ms)})
         self._check_all_ready()
 
     def _check_all_ready(self) -> None:
@@ -430,13 +438,15 @@ class Supervisor:
             return
         if self._router.could_not_start(rc):
             log.error("router process %s within %.0fs of starting; stopping the pool",
-                      describe_exit(rc), TIMINGS.router_min_uptime)
+                      describe_exit(rc), TIMINGS.router_min_uptime,
+                      extra={"event": "router-failed", **exit_status(rc)})
             self.exit_code = 1
             self.stop("router could not start")
             return
         # The pool outlives its router: start another at the same addresses. Workers and
         # this supervisor register with it again; clients see their old requests fail.
-        log.error("router process %s; starting a new one", describe_exit(rc))
+        log.error("router process %s; starting a new one", describe_exit(rc),
+                  extra={"event": "router-restart", "cause": exit_cause(rc), **exit_status(rc)})
         self.router_restarts += 1
         self._router.start()
         self._poller_needs_router = True
@@ -466,25 +476,34 @@ class Supervisor:
         w.pidfd = None
         shm.unlink_owned_by(w.proc.pid)  # what a crashed worker lent is gone with it
         how = describe_exit(rc)
-        if w.kill_reason:
+        hung = w.kill_reason is not None
+        if hung:
             how = f"was killed (SIGKILL) as hung: {w.kill_reason}"
             w.kill_reason = None
         end = w.life.exited(rc, how, time.monotonic(), self._stopping)
+        # One word for how it ended, for the router's death line and for these logs.
+        cause = "restart" if end.next is Next.RESPAWN else exit_cause(rc, hung)
         if end.next is Next.REMOVE:
             del self.workers[w.slot]
         for event, reason in end.events:
             if event is SlotEvent.REMOVED:
                 self._report(w, event, reason=reason, exitcode=rc)
             else:
-                self._report(w, event, pid=w.proc.pid, exitcode=rc, reason=reason)
+                self._report(w, event, pid=w.proc.pid, exitcode=rc, reason=reason, cause=cause)
+        fields = {"worker": w.slot, "worker_pid": w.proc.pid, "incarnation": w.life.incarnation,
+                  "device": device_label(w.device), "cause": cause, **exit_status(rc)}
         if end.next is Next.FAIL:
-            log.error("worker %s %s", w.slot, end.why)
+            log.error("worker %s %s", w.slot, end.why,
+                      extra={"event": "worker-failed", "reason": end.why, **fields})
             self._check_all_ready()
         elif end.next is Next.RESPAWN:
+            log.info("worker %s (pid %d) %s; respawning it now (operator restart)", w.slot,
+                     w.proc.pid, how, extra={"event": "worker-respawn", "delay": 0.0, **fields})
             self._spawn(w)
         elif end.next is Next.BACKOFF:
             log.warning("worker %s (pid %d) %s; respawning in %.2fs", w.slot, w.proc.pid, how,
-                        end.delay)
+                        end.delay, extra={"event": "worker-respawn",
+                                          "delay": round(end.delay, 3), **fields})
             heapq.heappush(self._timers, (w.life.died_at + end.delay, w.slot))
 
     def _run_timers(self) -> None:
@@ -521,6 +540,12 @@ class Supervisor:
             transport.send(self._sock, protocol.encode(kind, 0, meta), transport.NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("could not tell the router %s: %s", kind.name, exc)
+
+
+def _log_kill(w: WorkerProc) -> None:
+    log.warning("killing worker %s (pid %d): %s", w.slot, w.proc.pid, w.kill_reason,
+                extra={"event": "worker-kill", "worker": w.slot, "worker_pid": w.proc.pid,
+                       "reason": w.kill_reason})
 
 
 def _settled(w: WorkerProc) -> bool:

@@ -38,13 +38,7 @@ from ipc import codec, curve, protocol, shm, transport
 from ipc.lifecycle import GoodbyeReason
 from ipc.protocol import FrameError, Kind
 from workerpool import faults
-from workerpool._proc import (
-    EXIT_POISONED,
-    EXIT_SETUP_FAILED,
-    die_with_parent,
-    setup_logging,
-    slot_logger,
-)
+from workerpool._proc import EXIT_POISONED, EXIT_SETUP_FAILED, die_with_parent
 from workerpool.backlog import Backlog
 from workerpool.batching import BatchRunner, BatchSizeMeter, BatchSpec, batch_spec
 from workerpool.busy import BusyMeter
@@ -60,6 +54,7 @@ from workerpool.errors import (
     WorkerCrashedError,
 )
 from workerpool.faults import Fate
+from workerpool.logs import setup_logging, slot_logger
 from workerpool.memory import memory_use
 from workerpool.replies import Replies, UnencodableResult
 
@@ -165,16 +160,25 @@ class Worker:
     def run(self) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        began = time.monotonic()
         try:
             self._setup()
         except Exception:
             tb = traceback.format_exc()
-            self._log.error("setup failed:\n%s", tb.rstrip())
+            self._log.error("setup failed:", exc_info=True, extra={"event": "setup-failed"})
             self._send(Kind.GOODBYE, 0, {"reason": GoodbyeReason.SETUP_FAILED,
                                          "error": tb[-4000:], "slot": self.spec.slot,
                                          "service": self.spec.service})
             self._close()
             return EXIT_SETUP_FAILED
+        took = time.monotonic() - began
+        self._log.info("set up in %.2fs: %s on %s, holding up to %d request(s)", took,
+                       self.spec.handler, device_label(self.spec.device), self.capacity,
+                       extra={"event": "worker-setup", "seconds": round(took, 3),
+                              "handler": self.spec.handler,
+                              "device": device_label(self.spec.device),
+                              "incarnation": self.spec.incarnation,
+                              "capacity": self.capacity})
         self._send(Kind.READY, 0, self._ready_meta())
         self.busy = BusyMeter()  # its wall time counts from here: setup() is not idle time
         self.sizes = BatchSizeMeter({name: spec.max_batch_size
@@ -466,7 +470,7 @@ class Worker:
         text = f"{type(exc).__name__}: {exc}"
         tb = "".join(traceback.format_exception(exc))
         if fate is Fate.POISONED:
-            self._leave_poisoned(req_ids, text, tb)
+            self._leave_poisoned(req_ids, text, tb, exc)
         if fate is Fate.EXHAUSTED:
             faults.release_cached_memory()
         for req_id in req_ids:
@@ -478,9 +482,11 @@ class Worker:
                 self.replies.error(req_id, HandlerError(text, remote_type=type(exc).__name__,
                                                         traceback=tb))
 
-    def _leave_poisoned(self, req_ids: list[int], text: str, tb: str) -> None:
+    def _leave_poisoned(self, req_ids: list[int], text: str, tb: str,
+                        exc: BaseException) -> None:
         """Answer, say why, and exit without running any cleanup that could touch CUDA."""
-        self._log.error("CUDA context poisoned; exiting:\n%s", tb.rstrip())
+        self._log.error("CUDA context poisoned; exiting:", exc_info=exc,
+                        extra={"event": "context-poisoned"})
         for req_id in req_ids:
             self.replies.error(req_id, WorkerCrashedError(
                 f"worker {self.spec.slot} hit a sticky CUDA error and is being replaced: {text}",
@@ -598,13 +604,15 @@ class _Heartbeat(threading.Thread):
 
 
 def main() -> int:
-    setup_logging()  # first: everything below, the handler's import and setup() included, logs
+    # First: everything below, the handler's import and setup() included, logs.
+    setup_logging(role="worker")
     raw = os.environ.get(SPEC_ENV)
     if not raw:
         log.error("%s is not set; workers are started by the supervisor (workerpool up / "
                   "workerpool worker)", SPEC_ENV)
         return 2
     spec = WorkerSpec.model_validate_json(raw)
+    setup_logging(role="worker", worker=spec.slot)  # every line says which worker wrote it
     die_with_parent(spec.parent_pid)
     return Worker(spec).run()
 
