@@ -183,6 +183,7 @@ def drive_one(system: str, call: Callable[[int], BaseException | None], warmup: 
 
 
 def echoed(payload: Any, result: Any) -> BaseException | None:
+    """None when ``result`` is ``payload`` echoed, else the error to count."""
     return None if result == payload else BenchError(f"wrong reply {result!r} to {payload!r}")
 
 
