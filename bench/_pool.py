@@ -2,10 +2,11 @@
 
 ::
 
-    pool(workdir, name, handler=..., workers=..., flags=[...], config="...")
+    pool(workdir, name, handler=..., workers=..., flags=[...], config="...", frontend=...)
         -> `python -m workerpool.cli up ...` in its own session, "workerpool ready" awaited
         -> yields (Popen, frontend address, argv); always stops the whole process group
     process_group(argv, ready_prefix, workdir, name)   the same for any other program
+    free_tcp_port()                a loopback port nothing listens on now
     measure(work, prefix)          a script's measuring part: SIGTERM as Ctrl-C, a workdir
     start_executor(n)              a ProcessPoolExecutor (the baseline) whose workers ignore Ctrl-C
     stop_executor(ex, finished)    a ProcessPoolExecutor stopped with nothing left behind
@@ -23,6 +24,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -138,14 +140,15 @@ def process_group(argv: list[str], ready_prefix: str, workdir: str, name: str,
 
 @contextlib.contextmanager
 def pool(workdir: str, name: str, *, handler: str = "workerpool.handlers:Echo", workers: int = 2,
-         flags: list[str] | tuple[str, ...] = (), config: str | None = None
-         ) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
-    """``workerpool up`` on a private ipc frontend; yields (process, frontend, argv).
+         flags: list[str] | tuple[str, ...] = (), config: str | None = None,
+         frontend: str | None = None) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
+    """``workerpool up`` on ``frontend`` (default: a private ipc address); yields
+    (process, frontend, argv).
 
     ``config`` is TOML text for ``--config`` (e.g. ``[supervisor]`` settings no flag has).
     """
     sockdir = tempfile.mkdtemp(prefix=f"{name}-", dir=workdir)
-    frontend = f"ipc://{sockdir}/front"
+    frontend = frontend or f"ipc://{sockdir}/front"
     argv = [sys.executable, "-m", "workerpool.cli", "up", "--frontend", frontend,
             "--handler", handler, "--workers", str(workers), *flags]
     if config is not None:
@@ -155,6 +158,14 @@ def pool(workdir: str, name: str, *, handler: str = "workerpool.handlers:Echo", 
         argv[4:4] = ["--config", path]
     with process_group(argv, "workerpool ready", workdir, name) as proc:
         yield proc, frontend, argv
+
+
+def free_tcp_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (the kernel's pick), for a server
+    that needs a TCP address; another program could still take it before the server does."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:

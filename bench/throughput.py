@@ -160,17 +160,20 @@ class Stamps:
 # -- drivers ---------------------------------------------------------------------------------------
 def drive_futures(system: str, submit: Callable[[Any], concurrent.futures.Future],
                   payload: Callable[[int], Any], outstanding: int, warmup: float,
-                  duration: float) -> Result:
+                  duration: float, check: Callable[[Any, Any], bool] | None = None) -> Result:
     """Closed loop over a Future-returning submit: at most ``outstanding`` in flight; each
-    done-callback stamps the reply and returns a permit."""
+    done-callback stamps the reply and returns a permit. ``check(payload, result)``, if
+    given, says whether a result is the right one; a wrong one counts as an error."""
     stamps = Stamps()
     permits = threading.Semaphore(outstanding)
 
-    def on_done(fut: concurrent.futures.Future, t_send: float) -> None:
+    def on_done(fut: concurrent.futures.Future, t_send: float, sent: Any) -> None:
         try:
             exc = fut.exception()
         except concurrent.futures.CancelledError as e:
             exc = e
+        if exc is None and check is not None and not check(sent, fut.result()):
+            exc = BenchError(f"wrong reply {fut.result()!r} to {sent!r}")
         stamps.done(t_send, exc)
         permits.release()
 
@@ -183,14 +186,15 @@ def drive_futures(system: str, submit: Callable[[Any], concurrent.futures.Future
         if not permits.acquire(timeout=min(0.5, t_end - now)):
             stamps.check_stall(system)
             continue
+        p = payload(i)
         t_send = time.perf_counter()
         try:
-            fut = submit(payload(i))
+            fut = submit(p)
         except BaseException:
             permits.release()
             raise
         i += 1
-        fut.add_done_callback(lambda f, t=t_send: on_done(f, t))
+        fut.add_done_callback(lambda f, t=t_send, p=p: on_done(f, t, p))
     drain_deadline = time.monotonic() + DRAIN_TIMEOUT
     got = 0
     while got < outstanding:
@@ -390,28 +394,54 @@ def ratios(results: dict[str, Result]) -> list[dict[str, Any]]:
         if not name.startswith("workerpool"):
             continue
         if direct and direct.req_per_s:
-            out.append(_ratio(name, "req/s vs zmq echo", r.req_per_s / direct.req_per_s))
+            out.append(goal_ratio(name, "req/s vs zmq echo", r.req_per_s / direct.req_per_s))
         if direct and direct.p50_ms and r.completed:
-            out.append(_ratio(name, "p50 vs zmq echo", r.p50_ms / direct.p50_ms))
+            out.append(goal_ratio(name, "p50 vs zmq echo", r.p50_ms / direct.p50_ms))
         if broker and broker.req_per_s:
-            out.append(_ratio(name, "req/s vs broker", r.req_per_s / broker.req_per_s,
-                              ">=", GOAL_VS_BROKER_RPS))
+            out.append(goal_ratio(name, "req/s vs broker", r.req_per_s / broker.req_per_s,
+                                  ">=", GOAL_VS_BROKER_RPS))
         if broker and broker.p50_ms and r.completed:
-            out.append(_ratio(name, "p50 vs broker", r.p50_ms / broker.p50_ms, "<=",
-                              GOAL_VS_BROKER_P50))
+            out.append(goal_ratio(name, "p50 vs broker", r.p50_ms / broker.p50_ms, "<=",
+                                  GOAL_VS_BROKER_P50))
         if ppe and ppe.req_per_s:
-            out.append(_ratio(name, "req/s vs ProcessPoolExecutor", r.req_per_s / ppe.req_per_s,
-                              ">=", GOAL_VS_PPE_RPS))
+            out.append(goal_ratio(name, "req/s vs ProcessPoolExecutor",
+                                  r.req_per_s / ppe.req_per_s, ">=", GOAL_VS_PPE_RPS))
         if ppe and ppe.p50_ms and r.completed:
-            out.append(_ratio(name, "p50 vs ProcessPoolExecutor", r.p50_ms / ppe.p50_ms))
+            out.append(goal_ratio(name, "p50 vs ProcessPoolExecutor", r.p50_ms / ppe.p50_ms))
     return out
 
 
-def _ratio(system: str, what: str, value: float, op: str | None = None,
-           goal: float | None = None) -> dict[str, Any]:
+def goal_ratio(system: str, what: str, value: float, op: str | None = None,
+               goal: float | None = None) -> dict[str, Any]:
+    """One line of a ratio table: ``value`` and, with a goal (``op`` ">=" or "<="), whether
+    it is met."""
     met = None if goal is None else (value >= goal if op == ">=" else value <= goal)
     return {"system": system, "ratio": what, "value": round(value, 3),
             "goal": None if goal is None else f"{op} {goal}", "met": met}
+
+
+def text_table(cols: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
+    """The lines of a plain-text table: the first ``left`` columns aligned left, the rest
+    right, a rule under the header."""
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(v.ljust(w) if i < left else v.rjust(w)
+                         for i, (v, w) in enumerate(zip(cells, widths, strict=True)))
+
+    return [line(cols), "  ".join("-" * w for w in widths), *(line(row) for row in rows)]
+
+
+def format_ratios(rats: list[dict[str, Any]]) -> list[str]:
+    """One line per ``goal_ratio``: its value and, where it has one, whether the goal is met."""
+    width = max(len(f"{x['system']} {x['ratio']}") for x in rats)
+    lines = []
+    for x in rats:
+        label = f"{x['system']} {x['ratio']}"
+        goal = "" if x["goal"] is None else (
+            f"   goal {x['goal']}x  {'met' if x['met'] else 'NOT met'}")
+        lines.append(f"{label.ljust(width)}  {x['value']:6.2f}x{goal}")
+    return lines
 
 
 def format_table(results: dict[str, Result], rats: list[dict[str, Any]],
@@ -426,21 +456,9 @@ def format_table(results: dict[str, Result], rats: list[dict[str, Any]],
         if payload_size:
             row.insert(2, f"{r.req_per_s * payload_size / 2**20:,.1f}")
         rows.append(row)
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(cols, widths, strict=True)))]
-    lines.append("  ".join("-" * w for w in widths))
-    for row in rows:
-        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                               for i, (v, w) in enumerate(zip(row, widths, strict=True))))
+    lines = text_table(cols, rows)
     if rats:
-        lines.append("")
-        width = max(len(f"{x['system']} {x['ratio']}") for x in rats)
-        for x in rats:
-            label = f"{x['system']} {x['ratio']}"
-            goal = "" if x["goal"] is None else (
-                f"   goal {x['goal']}x  {'met' if x['met'] else 'NOT met'}")
-            lines.append(f"{label.ljust(width)}  {x['value']:6.2f}x{goal}")
+        lines += ["", *format_ratios(rats)]
     for r in results.values():
         if r.first_error:
             lines.append(f"{r.system}: {r.errors} errors, first: {r.first_error}")

@@ -3,6 +3,7 @@ helpers, and a refactor must not leave one broken until someone needs its figure
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -28,6 +29,9 @@ CASES = {
     "fuzz": ["--duration", "0.5", "--warmup", "0.2", "--flooders", "1", "--json"],
     "curve": ["--rounds", "1", "--duration", "0.3", "--warmup", "0.1", "--outstanding", "16",
               "--json"],
+    # mosec is a benchmark-only dependency (not installed in CI): workerpool's legs only.
+    "peers": ["--systems", "workerpool", "--rounds", "1", "--duration", "0.2", "--warmup",
+              "0.1", "--outstanding", "16", "--json"],
 }
 
 
@@ -37,3 +41,39 @@ def test_bench_script_runs(script):
                          env=_env(), capture_output=True, text=True, timeout=110)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout)  # a JSON object with figures in it
+
+
+def test_peers_without_mosec_says_how_to_install_it(tmp_path):
+    shadow = tmp_path / "mosec"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('no mosec in this test')\n")
+    env = _env()
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    out = subprocess.run([sys.executable, "bench/peers.py", "--rounds", "1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "benchmark-only" in out.stderr and "pip install mosec==" in out.stderr
+    assert "--systems workerpool" in out.stderr
+
+
+@pytest.fixture
+def peers(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    return importlib.import_module("peers")
+
+
+def test_peers_frames_http_responses(peers):
+    reply = b"HTTP/1.1 200 OK\r\nserver: mosec\r\ncontent-length: 8\r\n\r\n{\"i\": 3}"
+    assert peers.parse_response(reply) == (200, b'{"i": 3}', len(reply))
+    assert peers.parse_response(reply[:-1]) is None  # the body is not all there yet
+    assert peers.parse_response(reply[:20]) is None  # nor the head
+    two = reply + b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 0\r\n\r\n"
+    assert peers.parse_response(two)[2] == len(reply)  # the first one only
+    assert peers.parse_response(two[len(reply):]) == (429, b"", len(two) - len(reply))
+
+
+def test_peers_refuses_responses_it_cannot_frame(peers):
+    with pytest.raises(peers.BenchError, match="content-length"):
+        peers.parse_response(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc")
+    with pytest.raises(peers.BenchError, match="not an HTTP"):
+        peers.parse_response(b"SSH-2.0-OpenSSH\r\n\r\n")

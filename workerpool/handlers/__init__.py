@@ -3,7 +3,8 @@
 A handler is a class; the worker instantiates it with no arguments, calls ``setup(ctx)``
 once (load weights there), then calls its public methods by name with the request's
 payload. A method that returns a generator streams: each item is one PARTIAL reply; a
-method declared ``@batched`` gets a list of payloads (workerpool/batching.py).
+method declared ``@batched`` gets a list of payloads (workerpool/batching.py), as
+``BatchedEcho.echo`` does.
 
 Handlers that do real work live in their own modules, which import their framework only
 in ``setup()``: ``workerpool.handlers.torch_mlp:TorchMLP`` (PyTorch) and
@@ -19,6 +20,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from workerpool.batching import batched
 from workerpool.context import WorkerContext
 
 
@@ -61,6 +63,15 @@ class Echo(Handler):
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "stats": dataclasses.asdict(ctx.stats) if ctx else None,
         }
+
+
+class BatchedEcho(Echo):
+    """``Echo`` whose ``echo`` is ``@batched`` (16 requests, 2 ms): the no-op that shows what
+    batching itself costs (bench/peers.py)."""
+
+    @batched(max_batch_size=16, max_delay_ms=2)
+    def echo(self, payloads: list) -> list:
+        return payloads
 
 
 class Faulty(Echo):
