@@ -201,6 +201,8 @@ class Router:
         keys = self.keys
         until = time.monotonic() + BATCH_SECONDS
         for _ in range(BATCH):
+            if not transport.readable(sock):  # cheaper than the zmq.Again of an empty recv
+                return False
             try:
                 if keys is None:  # routing id, then the message
                     frames = transport.recv(sock, NOBLOCK, 2, max_parts)

@@ -351,9 +351,12 @@ class Worker:
             self._read_socket()
 
     def _read_socket(self) -> None:
-        while True:
+        sock = self._sock
+        # Asked first: a NOBLOCK recv on an empty socket costs a zmq.Again, and this runs
+        # once per request.
+        while transport.readable(sock):
             try:
-                frames = transport.recv(self._sock, transport.NOBLOCK)
+                frames = transport.recv(sock, transport.NOBLOCK)
             except zmq.Again:
                 return
             self._on_message(frames)

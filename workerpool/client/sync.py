@@ -346,6 +346,8 @@ def _send_or_refuse(sock: zmq.Socket, frames: list) -> list | None:
 def _read_replies(client: Client, sock: zmq.Socket, replies: Replies,
                   watch: RouterWatch) -> None:
     for _ in range(4096):  # then time for the outbox, pings and deadlines
+        if not transport.readable(sock):  # cheaper than the zmq.Again of an empty recv
+            return
         try:
             frames = transport.recv(sock, transport.NOBLOCK)
         except zmq.Again:
