@@ -283,7 +283,9 @@ class AsyncClient(BaseClient):
             self._unsent.append(frames)
             self._pump_later()  # it tries again, and otherwise the FD tells when to
             return True
-        if transport.readable(sock):  # the send may have consumed the FD's signal
+        # The send may have consumed the FD's signal for waiting replies (a pump already
+        # due drains them anyway).
+        if not self._pump_soon and transport.readable(sock):
             self._pump_later()
         return True
 
