@@ -278,10 +278,10 @@ class AsyncClient(BaseClient):
         try:
             transport.send(sock, frames, transport.NOBLOCK)
         except zmq.Again:
+            self._pump_later()  # replies still count; unsent frames: it tries again
             if self._monitor is not None:
                 return False
-            self._unsent.append(frames)
-            self._pump_later()  # it tries again, and otherwise the FD tells when to
+            self._unsent.append(frames)  # and if the socket still refuses, its FD tells when
             return True
         # The send may have consumed the FD's signal for waiting replies (a pump already
         # due drains them anyway).
