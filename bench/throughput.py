@@ -17,6 +17,9 @@ Systems (2 worker processes each):
 - ``zmq broker (baseline)``: bench/baseline_broker.py, a minimal ROUTER/ROUTER broker with
   2 echo workers (two hops, a little bookkeeping).
 - ``ProcessPoolExecutor(2)``: ``submit(noop, payload)``.
+- ``wp64f`` and ``wp64a``: the ``max_inflight=64`` pool driven by a bare ``submit`` loop,
+  like the executor: ``Client.submit`` from a thread, ``AsyncClient.submit`` from a
+  coroutine (``--outstanding 64 --systems wp64f,wp64a`` compares the two clients).
 
 ``--payload-size N`` sends N random bytes instead of ``{"i": n}`` (not to the broker,
 whose protocol is one msgpack map); bench/large_payload.py runs the large sizes.
@@ -30,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import contextlib
 import json
@@ -54,7 +58,7 @@ if REPO not in sys.path:
 import _pool  # noqa: E402  (bench/ is the script's directory, first on sys.path)
 from _pool import READY_TIMEOUT, BenchError  # noqa: E402
 
-from workerpool import Client  # noqa: E402
+from workerpool import AsyncClient, Client  # noqa: E402
 from workerpool.loadtest import LoadSpec, MethodMix, run  # noqa: E402
 from workerpool.loadtest.recorder import Outcome, Recording, summarize  # noqa: E402
 
@@ -66,10 +70,12 @@ WP1 = "workerpool (max_inflight=1)"
 WP64 = "workerpool (max_inflight=64)"
 WP64NP = "workerpool (max_inflight=64), numpy array payload"
 WP64F = "workerpool (max_inflight=64), Client.submit loop"
+WP64A = "workerpool (max_inflight=64), AsyncClient.submit loop"
 DIRECT = "zmq echo (no broker)"
 BROKER = "zmq broker (baseline)"
 PPE = "ProcessPoolExecutor(2)"
-SYSTEMS = {"wp1": WP1, "wp64": WP64, "wp64f": WP64F, "wp64np": WP64NP, "direct": DIRECT,
+SYSTEMS = {"wp1": WP1, "wp64": WP64, "wp64f": WP64F, "wp64a": WP64A,
+           "wp64np": WP64NP, "direct": DIRECT,
            "broker": BROKER, "ppe": PPE}
 
 # The goals of the throughput issue, compared with every workerpool variant.
@@ -204,6 +210,54 @@ def drive_futures(system: str, submit: Callable[[Any], concurrent.futures.Future
     res = stamps.result(system, warmup, duration)
     res.notes["submitted"] = i
     res.notes["unfinished_at_exit"] = outstanding - got
+    return res
+
+
+async def drive_async(system: str, submit: Callable[[Any], Any], payload: Callable[[int], Any],
+                      outstanding: int, warmup: float, duration: float) -> Result:
+    """``drive_futures`` for a coroutine returning an asyncio Future (``AsyncClient.submit``),
+    in the running loop; a watchdog task abandons the run when replies stop."""
+    stamps = Stamps()
+    permits = asyncio.Semaphore(outstanding)
+    counts = {"submitted": 0, "done": 0}
+
+    def on_done(fut: asyncio.Future, t_send: float) -> None:
+        exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        stamps.done(t_send, exc)
+        counts["done"] += 1
+        permits.release()
+
+    async def closed_loop() -> None:
+        t_end = stamps.start + warmup + duration
+        i = 0
+        while time.perf_counter() < t_end:
+            await permits.acquire()
+            t_send = time.perf_counter()
+            fut = await submit(payload(i))
+            i += 1
+            fut.add_done_callback(lambda f, t=t_send: on_done(f, t))
+        counts["submitted"] = i
+        drain_deadline = time.perf_counter() + DRAIN_TIMEOUT
+        while counts["done"] < i and time.perf_counter() < drain_deadline:
+            await asyncio.sleep(0.01)
+
+    async def watchdog() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            stamps.check_stall(system)
+
+    main, guard = asyncio.ensure_future(closed_loop()), asyncio.ensure_future(watchdog())
+    try:
+        await asyncio.wait({main, guard}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        guard.cancel()
+        main.cancel()
+    if guard.done() and not guard.cancelled():
+        guard.result()  # the watchdog's BenchError
+    main.result()
+    res = stamps.result(system, warmup, duration)
+    res.notes["submitted"] = counts["submitted"]
+    res.notes["unfinished_at_exit"] = counts["submitted"] - counts["done"]
     return res
 
 
@@ -358,6 +412,23 @@ def run_workerpool_futures(args: argparse.Namespace, workdir: str) -> Result:
     return res
 
 
+def run_workerpool_async(args: argparse.Namespace, workdir: str) -> Result:
+    """``wp64f`` with ``AsyncClient``: the same pool and closed loop, in one event loop."""
+    body = random_payload(args.payload_size) if args.payload_size else None
+
+    async def drive(frontend: str) -> Result:
+        async with AsyncClient(frontend) as client:
+            return await drive_async(WP64A, lambda p: client.submit("echo", p),
+                                     (lambda i: body) if body is not None else (lambda i: {"i": i}),
+                                     args.outstanding, args.warmup, args.duration)
+
+    with _pool.pool(workdir, "wp64a", workers=WORKERS, flags=["--max-inflight", "64"]) as (
+            _, frontend, argv):
+        res = asyncio.run(drive(frontend))
+    res.notes["command"] = _pool.command_line(argv)
+    return res
+
+
 def run_ppe(args: argparse.Namespace, workdir: str) -> Result:
     ex = _pool.start_executor(WORKERS)
     body = random_payload(args.payload_size) if args.payload_size else None
@@ -378,6 +449,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, str], Result]] = {
     "wp64": lambda a, d: run_workerpool(64, a, d),
     "wp64np": lambda a, d: run_workerpool(64, a, d, kind="numpy"),
     "wp64f": run_workerpool_futures,
+    "wp64a": run_workerpool_async,
     "direct": run_direct,
     "broker": run_broker,
     "ppe": run_ppe,

@@ -534,7 +534,8 @@ def test_client_size_limit_counts_shared_memory(tpool):
 
 def test_worker_on_another_host_gets_frames(tpool):
     """A worker that cannot map the client's segments answers shm-unreachable; the client
-    sends the request again with frames, and keeps doing so for that service."""
+    sends the request again with frames, and keeps doing so for that service. Both
+    clients."""
     a = random_numpy("float64", (512, 512))
     with Client(tpool.address, timeout=30) as c:
         c.shm_host = "elsewhere"  # as a client on another host looks to the workers
@@ -543,6 +544,14 @@ def test_worker_on_another_host_gets_frames(tpool):
         created = c._pool.created
         assert same(a, c.call("echo", a))
         assert c._pool.created == created  # no segment for this service any more
+
+    async def main():  # the same from AsyncClient, which sends it again from its reader
+        async with AsyncClient(tpool.address, timeout=30) as ac:
+            ac.shm_host = "elsewhere"
+            assert same(a, await ac.call("echo", a))
+            assert ac._frames_only == {None}
+
+    asyncio.run(main())
 
 
 def test_the_array_example_of_docs_handlers_md(procs, monkeypatch):

@@ -4,7 +4,7 @@ The user-facing package: the client library, the handler base class, configurati
 errors, and (as modules) the worker runtime, the supervisor and the CLI.
 
 Names are imported on first use (PEP 562), so a process that needs one submodule (the
-router needs ``workerpool.config``) does not load the client, asyncio and zmq.asyncio.
+router needs ``workerpool.config``) does not load the client and asyncio.
 """
 
 from __future__ import annotations

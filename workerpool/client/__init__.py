@@ -3,7 +3,7 @@
 ::
 
     Client (sync.py)                        AsyncClient (aio.py)
-      user threads -> outbox -> I/O thread    coroutines -> reader task + one loop timer
+      user threads -> outbox -> I/O thread    coroutines -> loop reader + one loop timer
                    |                                         |
                    +--> BaseClient (_base.py): request frames, reply values; no I/O
                    +--> Replies (_replies.py): outstanding requests, deadlines, outcomes

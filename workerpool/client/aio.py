@@ -2,30 +2,41 @@
 
 ::
 
-    submit/call/stream/admin -> _RequestFuture + Pending -> Replies.add -> DEALER -> router
-                                                                                       |
-    await Future / async-for stream queue <-- Replies.apply <-- _read_loop <-- DEALER <-+
+    submit/call/stream/admin -> _RequestFuture + Pending -> Replies.add
+                             -> transport.send(NOBLOCK) -> DEALER -> router
+                                                                      |
+    await Future / async-for stream queue <-- Replies.apply <-- _pump <-+
+        (loop.add_reader on the DEALER's FD, or call_soon after a send found replies)
     _on_timer (a loop timer, set to the next deadline or ping):
         Replies.expire -> CANCEL each;  RouterWatch ping while requests are outstanding
 
-Everything runs in the loop's thread, so ``Replies`` is used as the sync client's I/O
-thread uses it. Deadlines and pings are one ``call_later`` handle, moved only when a new
-request's deadline comes before it, instead of a task or a timer per request.
+Everything runs in the loop's thread, so the socket and ``Replies`` are used as the sync
+client's I/O thread uses them, with the same raw ``ipc/transport.py`` calls: a request is
+sent from ``submit`` itself, and each wake-up drains every waiting reply. pyzmq's asyncio
+socket would cost a Future and a loop round per message each way.
+
+ZeroMQ's FD signals only a change: any send or receive may consume the signal for replies
+that are already waiting. So after every send the client asks the socket whether a reply
+waits (``transport.readable``) and, if so, drains it soon; a drain goes on until the
+socket is empty, or yields to the loop after ``_PUMP_BATCH`` replies and continues.
+
+Deadlines and pings are one ``call_later`` handle, moved only when a new request's
+deadline comes before it, instead of a task or a timer per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import zmq
-import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
-from ipc import curve, protocol
+from ipc import curve, protocol, transport
 from ipc import shm as segments
 from ipc.lifecycle import AdminOp
 from ipc.protocol import FrameError, Kind
@@ -40,6 +51,10 @@ from workerpool.client._base import (
 from workerpool.client._replies import Pending, Replies
 from workerpool.config import DEFAULT_FRONTEND
 from workerpool.errors import ClientClosedError
+
+#: Replies handled in one loop callback; then the drain continues after the loop's other
+#: ready callbacks, so a flood of replies cannot starve the application's tasks.
+_PUMP_BATCH = 256
 
 
 class _RequestFuture(asyncio.Future):
@@ -75,7 +90,7 @@ class AsyncClient(BaseClient):
         super().__init__(address, timeout=timeout, max_message_bytes=max_message_bytes,
                          shm=shm, shm_pool_bytes=shm_pool_bytes, key=key,
                          router_key=router_key, keys=keys, role=role)
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 0)
@@ -88,8 +103,11 @@ class AsyncClient(BaseClient):
         self._replies = Replies(self._pool)
         self._watch = RouterWatch()
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first request
-        self._reader: asyncio.Task | None = None
-        self._handshakes: asyncio.Task | None = None  # reads self._monitor, with keys
+        self._fds: list[int] = []  # the loop watches these: the DEALER's, the monitor's
+        self._pump_soon = False  # a _pump is scheduled with call_soon
+        # Requests a send could not take yet (no keys, no connection yet), sent in order
+        # by _pump once the socket can; normally empty, a DEALER queues until it connects.
+        self._unsent: collections.deque[list] = collections.deque()
         self._handshake = HandshakeWatch(address)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf  # time.monotonic() at which _timer fires
@@ -118,7 +136,7 @@ class AsyncClient(BaseClient):
         rid, frames, entry = self._new_request(fut, None, method, payload, service, priority,
                                                timeout, idempotent)
         fut.rid = rid
-        await self._send(rid, entry, frames)
+        self._send(rid, entry, frames)
         return fut
 
     async def call(self, method: str, payload: Any = None, *, service: str | None = None,
@@ -137,7 +155,7 @@ class AsyncClient(BaseClient):
         items: asyncio.Queue = asyncio.Queue()
         rid, frames, entry = self._new_request(None, items.put_nowait, method, payload,
                                                service, priority, timeout, idempotent)
-        await self._send(rid, entry, frames)
+        self._send(rid, entry, frames)
         done = False
         try:
             while True:
@@ -180,7 +198,7 @@ class AsyncClient(BaseClient):
     async def _admin(self, kind: Kind, meta: dict | None, timeout: float) -> dict:
         fut = _RequestFuture(self, self._start())
         rid, frames, entry = self._control(kind, meta, fut, timeout)
-        await self._send(rid, entry, frames)
+        self._send(rid, entry, frames)
         return await fut
 
     async def close(self) -> None:
@@ -190,13 +208,8 @@ class AsyncClient(BaseClient):
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
-        for task in (self._reader, self._handshakes):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
+        self._unwatch()
+        self._unsent.clear()
         self._replies.fail_all(ClientClosedError("client closed with this request outstanding"))
         if self._monitor is not None:
             self._sock.disable_monitor()
@@ -207,19 +220,39 @@ class AsyncClient(BaseClient):
 
     # -- plumbing ---------------------------------------------------------------------------
     def _start(self) -> asyncio.AbstractEventLoop:
-        """The running loop; on the first request, start reading replies in it."""
+        """The running loop; on the first request, the loop starts watching the sockets.
+        Raises RuntimeError in any other loop: the socket and Futures belong to that one."""
         if self._closed:
             raise ClientClosedError("client is closed")
         if self._error is not None:
             raise ClientClosedError(f"client reader failed: {self._error!r}")
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-            self._reader = self._loop.create_task(self._read_loop())
-            if self._monitor is not None:
-                self._handshakes = self._loop.create_task(self._watch_handshakes())
-        return self._loop
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            if self._loop is not None:
+                raise RuntimeError("this AsyncClient belongs to the event loop of its first "
+                                   "request; use one client per event loop")
+            self._watch_sockets(loop)
+        return loop
 
-    async def _send(self, rid: int, entry: Pending, frames: list) -> None:
+    def _watch_sockets(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        fd = self._sock.getsockopt(zmq.FD)
+        loop.add_reader(fd, self._pump)
+        self._fds.append(fd)
+        if self._monitor is not None:
+            fd = self._monitor.getsockopt(zmq.FD)
+            loop.add_reader(fd, self._on_monitor)
+            self._fds.append(fd)
+            self._on_monitor()  # events from before now; and the FD signals from here on
+
+    def _unwatch(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            for fd in self._fds:
+                loop.remove_reader(fd)
+        self._fds.clear()
+
+    def _send(self, rid: int, entry: Pending, frames: list) -> None:
         """Track the request, make sure the timer covers its deadline, send it."""
         self._replies.add(rid, entry)
         if self._handshake.refused is not None:
@@ -230,25 +263,36 @@ class AsyncClient(BaseClient):
             when = entry.deadline
         if when < self._timer_at:
             self._set_timer(when)
-        if self._monitor is None:
-            await self._sock.send_multipart(frames, copy=False)
-            return
-        # ZeroMQ drops a refused connection for good: a send would wait forever.
-        try:
-            await self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
+        if not self._put(frames):
             self._replies.fail(rid, self._handshake.refused or self._handshake.unsendable())
+
+    def _put(self, frames: list) -> bool:
+        """Send ``frames`` now, without waiting. False: with keys, there is no connection
+        to send on (ZeroMQ drops a refused one for good: a send would wait forever).
+        Without keys a DEALER queues until it connects; should it refuse all the same,
+        the frames wait in ``_unsent`` for ``_pump``."""
+        sock = self._sock
+        if self._unsent:
+            self._unsent.append(frames)  # behind those already waiting: order is kept
+            return True
+        try:
+            transport.send(sock, frames, transport.NOBLOCK)
+        except zmq.Again:
+            self._pump_later()  # replies still count; unsent frames: it tries again
+            if self._monitor is not None:
+                return False
+            self._unsent.append(frames)  # and if the socket still refuses, its FD tells when
+            return True
+        # The send may have consumed the FD's signal for waiting replies (a pump already
+        # due drains them anyway).
+        if not self._pump_soon and transport.readable(sock):
+            self._pump_later()
+        return True
 
     def _cancel(self, rid: int) -> None:
         """The caller gave up on ``rid`` (a cancelled Future, a stream left early)."""
         if self._replies.forget(rid) and not self._closed:
-            self._send_nowait(protocol.encode(Kind.CANCEL, rid))
-
-    def _send_nowait(self, frames: list) -> None:
-        """Send from plain code (a cancel, the timer). The DEALER has no send limit, so
-        this normally completes at once; otherwise pyzmq finishes it from the loop."""
-        fut = self._sock.send_multipart(frames)
-        fut.add_done_callback(_retrieve)
+            self._put(protocol.encode(Kind.CANCEL, rid))
 
     def _set_timer(self, when: float) -> None:
         if self._timer is not None:
@@ -266,9 +310,9 @@ class AsyncClient(BaseClient):
         try:
             now = time.monotonic()
             for rid in replies.expire(now):
-                self._send_nowait(protocol.encode(Kind.CANCEL, rid))
+                self._put(protocol.encode(Kind.CANCEL, rid))
             if replies and self._watch.due(now):
-                self._send_nowait(self._watch.ping(replies))
+                self._put(self._watch.ping(replies))
         finally:  # whatever failed, deadlines keep being enforced
             deadline = replies.next_deadline()
             when = math.inf if deadline is None else deadline
@@ -277,13 +321,27 @@ class AsyncClient(BaseClient):
             if when < math.inf:
                 self._set_timer(when)
 
-    async def _read_loop(self) -> None:
-        replies, watch = self._replies, self._watch
+    def _pump_later(self) -> None:
+        if not self._pump_soon:
+            self._pump_soon = True
+            self._loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """Send what waits in ``_unsent``, then handle every waiting reply: until the
+        socket has none (its FD then signals the next), or ``_PUMP_BATCH`` of them, when
+        the rest follow after the loop's other ready callbacks."""
+        self._pump_soon = False
+        if self._closed:
+            return
+        sock, replies, watch = self._sock, self._replies, self._watch
         try:
-            while True:
-                parts = await self._sock.recv_multipart(copy=False)
-                # Buffer frames stay zmq.Frame (no copy, writable), as in transport.recv.
-                frames = [parts[0].bytes, *parts[1:]]
+            if self._unsent:
+                self._flush()
+            for _ in range(_PUMP_BATCH):
+                try:
+                    frames = transport.recv(sock, transport.NOBLOCK)
+                except zmq.Again:
+                    return
                 if (pong := watch.pong_body(frames)) is not None:
                     for rid in watch.lost(pong, time.monotonic()):
                         replies.fail(rid, router_restarted())
@@ -297,27 +355,33 @@ class AsyncClient(BaseClient):
                     again = self._resend_frames(rid, request)
                     if again is None:
                         replies.apply(kind, rid, value, meta)
-                    else:
-                        await self._sock.send_multipart(again, copy=False)
-        except asyncio.CancelledError:
-            raise
+                    elif not self._put(again):
+                        replies.fail(rid, self._handshake.refused
+                                     or self._handshake.unsendable())
+            self._pump_later()
         except Exception as exc:  # surface to callers instead of dying silently
             self._error = exc
+            self._unwatch()
             replies.fail_all(ClientClosedError(f"client reader failed: {exc!r}"))
             raise
 
+    def _flush(self) -> None:
+        """Send ``_unsent`` in order, as far as the socket takes it now."""
+        unsent, sock = self._unsent, self._sock
+        while unsent:
+            try:
+                transport.send(sock, unsent[0], transport.NOBLOCK)
+            except zmq.Again:
+                return
+            unsent.popleft()
 
-    async def _watch_handshakes(self) -> None:
+    def _on_monitor(self) -> None:
         """The router refused our key: fail what is outstanding now, not at its timeout."""
-        while True:
-            event = (await recv_monitor_message(self._monitor))["event"]
+        while not self._closed:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
             refused = self._handshake.on_event(event)
             if refused is not None:
                 self._replies.fail_all(refused)
-
-
-def _retrieve(fut: asyncio.Future) -> None:
-    """A send nobody awaits: read its outcome, so a failed one is not logged as an
-    exception never retrieved (the request's own deadline still ends it)."""
-    if not fut.cancelled():
-        fut.exception()
