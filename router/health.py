@@ -99,6 +99,7 @@ class Slot:
         self.completed = 0
         self.errored = 0
         self.restarts = 0
+        self.deaths: dict[str, int] = {}  # SLOT died reports, by cause (router.metrics.death_cause)
         self.last_error: str | None = None
         self.ready_at: float | None = None  # monotonic time the current incarnation registered
         self.setup_error: str | None = None  # traceback from a worker whose setup() failed

@@ -22,6 +22,7 @@ from ipc.lifecycle import LIVE, GoodbyeReason, WorkerState
 from ipc.protocol import Kind
 from router import recovery, vouching
 from router.health import Conn, Slot
+from router.metrics import ServiceMeter
 from router.requests import Phase
 from workerpool.config import TIMINGS
 
@@ -49,7 +50,9 @@ class WorkerRegistry:
         slot = self.slots.get(slot_id)
         if slot is None:
             slot = self.slots[slot_id] = Slot(slot_id, service, device)
-            self.core.service(service)
+            svc = self.core.service(service)
+            if svc.meter is None and self.core.meters is not None:
+                svc.meter = ServiceMeter()
         elif device != "?":
             slot.device = device
         return slot

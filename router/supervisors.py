@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from ipc.errors import ServiceUnavailableError
 from ipc.lifecycle import SlotEvent, WorkerState
 from ipc.protocol import Kind
+from router.metrics import death_cause
 from router.registry import ERROR_TAIL
 from router.requests import Phase
 from workerpool.config import ROUTED_FIELDS, ServiceConfig
@@ -129,7 +130,10 @@ class Supervisors:
                 slot.transition(WorkerState.RESTARTING if incarnation > 1 else WorkerState.STARTING)
                 registry.vouch(slot, incarnation, meta.get("pid"))
         elif event is SlotEvent.DIED:
-            registry.note_death(slot, incarnation, str(meta.get("reason", "died")))
+            reason = str(meta.get("reason", "died"))
+            cause = death_cause(meta.get("exitcode"), reason)
+            slot.deaths[cause] = slot.deaths.get(cause, 0) + 1
+            registry.note_death(slot, incarnation, reason)
         elif event is SlotEvent.FAILED:
             reason = str(meta.get("reason", "failed"))
             if slot.conn is not None:
