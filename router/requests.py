@@ -250,8 +250,11 @@ class RequestTable:
         """
         if rec.phase in (Phase.DONE, Phase.ORPHANED):
             return
-        if self.core.meters is not None:
-            self._count(rec, outcome, reply is not None, now)
+        meters = self.core.meters
+        if meters is not None:
+            meters.request_ended(
+                self.core.services.get(rec.service), rec.method, outcome, None if reply is None
+                else (self.core.clock() if now is None else now) - rec.admitted_at)
         self.by_client.pop((rec.client, rec.client_rid), None)
         held = self.per_client.get(rec.client)
         if held is not None:
@@ -270,13 +273,6 @@ class RequestTable:
         if reply is not None:
             kind, meta, body, buffers = reply
             self.core.to_client(rec.client, kind, rec.client_rid, meta, body, buffers)
-
-    def _count(self, rec: Record, outcome: str, replied: bool, now: float | None) -> None:
-        core = self.core
-        duration = None
-        if replied:
-            duration = (core.clock() if now is None else now) - rec.admitted_at
-        core.meters.request_ended(core.services.get(rec.service), rec.method, outcome, duration)
 
     def drop_client(self, client: bytes) -> tuple[int, int]:
         """Forget everything ``client`` waits for, sending it nothing: its queued requests

@@ -28,6 +28,8 @@ CASES = {
     "fuzz": ["--duration", "0.5", "--warmup", "0.2", "--flooders", "1", "--json"],
     "curve": ["--rounds", "1", "--duration", "0.3", "--warmup", "0.1", "--outstanding", "16",
               "--json"],
+    "metrics_scrape": ["--rounds", "1", "--duration", "0.3", "--warmup", "0.1", "--outstanding",
+                       "16", "--scrape-interval", "0.1", "--json"],
 }
 
 
