@@ -202,6 +202,19 @@ def test_prometheus_reads_back_exactly_what_the_pool_did(procs, prometheus):
     assert prom.value("workerpool_unknown_service_requests_total") == 0
 
 
+def test_the_alert_rules_in_the_runbook_are_valid(tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("no promtool program (Debian's prometheus package has it)")
+    runbook = (ROOT / "docs" / "operations.md").read_text()
+    rules = runbook.split("**Alert rules**", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "rules.yml").write_text(rules)
+    out = subprocess.run([promtool, "check", "rules", str(tmp_path / "rules.yml")],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS: 6 rules found" in out.stdout
+
+
 # -- a taken port -----------------------------------------------------------------------------
 def _held_port() -> socket.socket:
     s = socket.socket()

@@ -394,3 +394,18 @@ def test_a_reply_read_before_the_death_notice_counts_once_as_itself():
     h.reply(w, rid, "its last words")  # read before the death notice is applied: it counts
     h.tick(0.01)
     assert _requests(_scrape(h)) == {("echo", "ok", "default"): 1}
+
+
+def test_without_prometheus_client_the_listener_says_what_to_install():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import sys; sys.modules['prometheus_client'] = None\n"
+            "from router.metrics import ListenerError, listener_module\n"
+            "try:\n    listener_module()\nexcept ListenerError as exc:\n    print(exc)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.startswith("--metrics needs prometheus-client (")
+    assert out.stdout.rstrip().endswith("pip install 'workerpool[metrics]'")
