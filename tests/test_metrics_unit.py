@@ -409,3 +409,67 @@ def test_without_prometheus_client_the_listener_says_what_to_install():
                          timeout=60, check=True)
     assert out.stdout.startswith("--metrics needs prometheus-client (")
     assert out.stdout.rstrip().endswith("pip install 'workerpool[metrics]'")
+
+
+# -- the flag and the config key --------------------------------------------------------------
+class _RecordingSupervisor:
+    """Stands in for `up`'s supervisor: keeps the router's command line, starts nothing."""
+
+    argv: list[str] = []
+
+    def __init__(self, services, backend, config, router_argv=None, **kwargs):
+        _RecordingSupervisor.argv = router_argv
+        self.on_ready = None
+
+    def install_signal_handlers(self) -> None:
+        pass
+
+    def run(self) -> int:
+        return 0
+
+
+@pytest.fixture
+def up(monkeypatch, tmp_path):
+    """Runs `workerpool up ARGS` without starting anything; returns (exit code, output,
+    the router config's `metrics`)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from workerpool.cli import main
+
+    monkeypatch.setattr("workerpool.supervisor.Supervisor", _RecordingSupervisor)
+
+    def run(*args: str, toml: str | None = None) -> tuple[int, str, str | None]:
+        _RecordingSupervisor.argv = []
+        if toml is not None:
+            (tmp_path / "pool.toml").write_text(toml)
+            args = ("--config", str(tmp_path / "pool.toml"), *args)
+        out = CliRunner().invoke(main, ["up", *args])
+        argv = _RecordingSupervisor.argv
+        return out.exit_code, out.output, json.loads(argv[3])["metrics"] if argv else None
+
+    return run
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_up_hands_the_metrics_address_to_its_router(up):
+    p, q = _port(), _port()
+    assert up() == (0, "", None)
+    assert up("--metrics", str(p))[2] == f"127.0.0.1:{p}"
+    assert up(toml=f'[router]\nmetrics = ":{p}"\n')[2] == f"127.0.0.1:{p}"
+    assert up("--metrics", f"127.0.0.1:{q}", toml=f'[router]\nmetrics = ":{p}"\n')[2] \
+        == f"127.0.0.1:{q}"  # the flag over the file
+
+
+def test_up_refuses_a_bad_metrics_address_before_starting(up):
+    code, output, metrics = up("--metrics", "localhost")
+    assert code == 2 and metrics is None
+    assert "metrics: Value error, 'localhost' is not HOST:PORT, :PORT or PORT" in output
