@@ -55,7 +55,7 @@ from router import status as status_report
 from router.admission import Admission
 from router.clients import ClientLimits, Delivery
 from router.liveness import Liveness
-from router.metrics import Meters
+from router.metrics import Meters, ServiceMeter
 from router.registry import WorkerRegistry
 from router.requests import Phase, RequestTable, error_body, error_reply
 from router.scaling import Scaling
@@ -512,6 +512,12 @@ class RouterCore:
                     self.registry.tell_capacity(conn)
         svc.configured = config is not None
         return svc
+
+    def described(self, svc: Service) -> None:
+        """A supervisor described ``svc`` (in its HELLO, or a slot of it): with --metrics,
+        its name may now be a label value (router.metrics)."""
+        if svc.meter is None and self.meters is not None:
+            svc.meter = ServiceMeter()
 
     def fail_if_unservable(self, svc: Service | None) -> None:
         """Queued requests of a service that has no live worker left would wait forever."""

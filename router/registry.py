@@ -22,7 +22,6 @@ from ipc.lifecycle import LIVE, GoodbyeReason, WorkerState
 from ipc.protocol import Kind
 from router import recovery, vouching
 from router.health import Conn, Slot
-from router.metrics import ServiceMeter
 from router.requests import Phase
 from workerpool.config import TIMINGS
 
@@ -50,9 +49,7 @@ class WorkerRegistry:
         slot = self.slots.get(slot_id)
         if slot is None:
             slot = self.slots[slot_id] = Slot(slot_id, service, device)
-            svc = self.core.service(service)
-            if svc.meter is None and self.core.meters is not None:
-                svc.meter = ServiceMeter()
+            self.core.described(self.core.service(service))
         elif device != "?":
             slot.device = device
         return slot

@@ -87,16 +87,8 @@ class Router:
         backend = config.backend or DEFAULT_BACKEND
         curve.check_exposure([config.frontend, backend], bool(security.keys), security.insecure)
         self._wakeup = SignalWakeup()
-        # --metrics: bound first, so that a taken port fails before any socket is bound.
         self.loop_meter: LoopMeter | None = None
         self.listener = None
-        if config.metrics:
-            try:
-                self.listener = listener_module().Listener(config.metrics, self._wakeup.wake)
-            except ListenerError:
-                self._wakeup.close()
-                raise
-            self.loop_meter = LoopMeter()
         self._ctx = zmq.Context()
         self.keys: curve.KeyStore | None = None
         self._auth = None
@@ -106,11 +98,14 @@ class Router:
         self._next_key_check = 0.0
         self._reload_keys = False  # set by SIGHUP
         try:
+            if config.metrics:  # first: a taken port fails before either socket is bound
+                self.listener = listener_module().Listener(config.metrics, self._wakeup.wake)
+                self.loop_meter = LoopMeter()
             # Per connection: past it a client counts as not reading and is cut off.
             self.frontend = self._bind(config.frontend, config.max_unread_replies,
                                        curve.FRONTEND_DOMAIN)
             self.backend = self._bind(backend, 0, curve.BACKEND_DOMAIN)
-        except zmq.ZMQError:
+        except (zmq.ZMQError, ListenerError):
             if self._auth is not None:  # its thread would hold the context open
                 self._auth.stop()
             if self.listener is not None:

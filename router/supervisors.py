@@ -83,7 +83,7 @@ class Supervisors:
             self._lost.discard(ident)
             log.warning("supervisor %r, declared lost, is back: taking its workers back", ident)
         for s in services:
-            core.service(str(s["name"]), s)
+            core.described(core.service(str(s["name"]), s))
             if "workers" in s:
                 core.scaling.set_target(str(s["name"]), ident, worker_count(s["workers"]),
                                         worker_count(s.get("spares", 0)))

@@ -473,3 +473,11 @@ def test_up_refuses_a_bad_metrics_address_before_starting(up):
     code, output, metrics = up("--metrics", "localhost")
     assert code == 2 and metrics is None
     assert "metrics: Value error, 'localhost' is not HOST:PORT, :PORT or PORT" in output
+
+
+def test_a_service_described_without_slots_is_a_label():
+    h = Harness(metrics="127.0.0.1:1")
+    h.tick()  # the registration grace is over
+    h.hello(service="later", workers=0)  # scaled to 0: no slot
+    h.request(C, 1, service="later")  # refused: no live workers
+    assert _requests(_scrape(h)) == {("", "ServiceUnavailableError", "later"): 1}  # no methods
