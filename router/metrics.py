@@ -2,14 +2,13 @@
 
 ::
 
-    poll loop (Router)                         HTTP thread (router.listener)
-      LoopMeter: messages, lag  --+
-    RequestTable.finish --------> ServiceMeter (on Service.meter): outcomes, durations
-    Service.observe ------------> ServiceMeter: queue wait, service time
-    SLOT died ------------------> Slot.deaths (death_cause)
-                                  |
-      take_snapshot(core, loop) --+--> Snapshot (immutable) ----> router.exposition.render
-                                                             \\--> /api/status (its status)
+    in the poll loop (Router, RouterCore)                      in the listener thread
+    Router._drain_socket ------------> LoopMeter: messages, lag
+    RequestTable.finish, refusals ---> ServiceMeter: outcomes, durations
+    Service.observe -----------------> ServiceMeter: queue wait, service time
+    SLOT died -----------------------> Slot.deaths, by death_cause
+    take_snapshot(core, loop) -------> Snapshot (immutable) --> router.exposition: /metrics
+                                                            --> its status as JSON: /api/status
 
 Counting happens in the loop, on the request path, so it is a list index and an add:
 each histogram is a preallocated list of bucket counts (``Histogram.observe``), never a

@@ -45,8 +45,8 @@ class Service:
         self.name = name
         self.conns: list[Conn] = []  # registered workers, sorted by slot id
         self.configured = False  # True once a supervisor's HELLO has set the settings
-        # With --metrics, once a supervisor described a slot of it: only then is its name
-        # a label (a client may name any service; router.metrics).
+        # With --metrics, once a supervisor described it (RouterCore.described): only then
+        # is its name a label value (a client may name any service; router.metrics).
         self.meter: ServiceMeter | None = None
         self.configure(settings)
         self.methods: frozenset[str] = frozenset()
