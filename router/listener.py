@@ -44,6 +44,8 @@ SNAPSHOT_WAIT = 1.0
 """How long a request waits for the loop's next snapshot before it takes the last one."""
 REQUEST_TIMEOUT = 5.0
 """Seconds a connection may take to send its request: the thread serves one at a time."""
+CLOSE_WAIT = 0.5
+"""When the router exits, how long it waits for the listener's request in hand."""
 
 Reply = tuple[int, str, bytes]  # HTTP status, content type, body
 Route = Callable[[Snapshot, float], Reply]  # (snapshot, its age in seconds) -> reply
@@ -167,10 +169,13 @@ class Listener:
         log.info("metrics: http://%s/metrics and /api/status", self.address)
 
     def close(self) -> None:
+        """Stop serving; waits at most CLOSE_WAIT for the request in hand."""
         self.snapshots.stop()
         if self._thread is not None:
-            self._server.shutdown()  # returns once the request in hand is answered
-            self._thread.join()
+            # shutdown() returns once the request in hand is done, and a client that sends
+            # nothing holds it for REQUEST_TIMEOUT: the router is leaving, so wait less.
+            threading.Thread(target=self._server.shutdown, daemon=True).start()
+            self._thread.join(CLOSE_WAIT)
         self._server.server_close()
 
     def answer(self, req: BaseHTTPRequestHandler, head: bool) -> None:

@@ -4,6 +4,10 @@ and the hand-over between the loop and the listener thread."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import time
+
 import msgpack
 import pytest
 
@@ -481,3 +485,34 @@ def test_a_service_described_without_slots_is_a_label():
     h.hello(service="later", workers=0)  # scaled to 0: no slot
     h.request(C, 1, service="later")  # refused: no live workers
     assert _requests(_scrape(h)) == {("", "ServiceUnavailableError", "later"): 1}  # no methods
+
+
+def test_the_listener_serves_its_pages_and_a_silent_client_does_not_hold_its_close():
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from router.listener import Listener
+
+    def loop_wakes() -> None:  # what the loop does when woken: publish a fresh copy
+        listener.snapshots.publish(dataclasses.replace(_plain_snapshot(),
+                                                       taken_at=time.monotonic()))
+
+    listener = Listener("127.0.0.1:" + str(_port()), loop_wakes)
+    listener.start()
+    base = f"http://{listener.address}"
+    try:
+        with urllib.request.urlopen(f"{base}/api/status?x=1", timeout=5) as resp:
+            assert resp.headers["Content-Type"] == "application/json"
+            assert json.loads(resp.read())["workers"][0]["id"] == "svc/0"
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as resp:
+            assert b'workerpool_queue_depth{service="svc"} 7.0' in resp.read()
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{base}/nope", timeout=5)
+        assert err.value.code == 404 and b"pages: /api/status, /metrics" in err.value.read()
+        silent = socket.create_connection(listener.address.rsplit(":", 1))  # sends nothing
+    finally:
+        t = time.monotonic()
+        listener.close()
+        assert time.monotonic() - t < 2  # not the 5 s the silent client may take
+    silent.close()
