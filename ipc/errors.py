@@ -216,6 +216,10 @@ _BY_NAME: dict[str, type[WorkerPoolError]] = {
 }
 
 
+WIRE_TYPES: frozenset[str] = frozenset(_BY_NAME)
+"""The ``type`` names an ERROR body may carry that this version knows."""
+
+
 class RemoteTraceback(Exception):
     """Carries a remote traceback's text as an exception's ``__cause__``."""
 

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from router.metrics import ListenerError
 from router.router import Router
 from workerpool._proc import die_with_parent
 from workerpool.config import RouterConfig, SecurityConfig
@@ -27,7 +28,11 @@ def main(argv: list[str]) -> int:
     config = RouterConfig.model_validate_json(argv[0])
     defaults = json.loads(argv[1]) if len(argv) > 1 else {}
     security = SecurityConfig.model_validate_json(argv[2]) if len(argv) > 2 else None
-    router = Router(config, defaults, security)
+    try:
+        router = Router(config, defaults, security)
+    except ListenerError as exc:  # said in one line: `up` stops the pool and exits 1
+        sys.stderr.write(f"router: {exc}\n")
+        return 1
     router.install_signal_handlers()
     router.run()
     return 0

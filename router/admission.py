@@ -107,7 +107,8 @@ class Admission:
                 victim = svc.queue.eviction_candidate(priority)
             svc.rejected_backpressure += 1
             if victim is None:
-                core.reply_error(client, msg.req_id, self.backpressure(svc))
+                core.reply_error(client, msg.req_id,
+                                 self._refused(svc, meta["method"], self.backpressure(svc)))
                 return
             # The queue is full of lower-priority work: the newest of it makes room.
             core.requests.fail(victim, self.backpressure(
@@ -134,14 +135,26 @@ class Admission:
                                  "connection", code="duplicate-id")
         if core.draining:
             return ServiceUnavailableError("the pool is shutting down and admits no new requests")
-        svc, why = self.resolve(msg.meta.get("service"))
-        if svc is None:
-            return ServiceUnavailableError(why)
+        name = msg.meta.get("service")
         method = msg.meta["method"]
+        svc, why = self.resolve(name)
+        if svc is None:
+            # Counted under the service if it is a described one without live workers.
+            known = core.services.get(name) if isinstance(name, str) else None
+            return self._refused(known, method, ServiceUnavailableError(why))
         if svc.methods and method not in svc.methods:
-            return UnknownMethodError(f"service {svc.name!r} has no method {method!r}; "
-                                      f"it has: {', '.join(sorted(svc.methods))}")
-        return core.clients.refusal(client, svc) or svc
+            return self._refused(svc, method, UnknownMethodError(
+                f"service {svc.name!r} has no method {method!r}; "
+                f"it has: {', '.join(sorted(svc.methods))}"))
+        refusal = core.clients.refusal(client, svc)
+        return svc if refusal is None else self._refused(svc, method, refusal)
+
+    def _refused(self, svc: Service | None, method: str, err: WorkerPoolError) -> WorkerPoolError:
+        """``err``, counted as the outcome of a request for ``svc`` refused at admission."""
+        meters = self.core.meters
+        if meters is not None:
+            meters.request_ended(svc, method, err.type, None)
+        return err
 
     def backpressure(self, svc: Service, why: str = "") -> BackpressureError:
         s = svc.settings

@@ -55,6 +55,7 @@ from router import status as status_report
 from router.admission import Admission
 from router.clients import ClientLimits, Delivery
 from router.liveness import Liveness
+from router.metrics import Meters, ServiceMeter
 from router.registry import WorkerRegistry
 from router.requests import Phase, RequestTable, error_body, error_reply
 from router.scaling import Scaling
@@ -105,6 +106,8 @@ class RouterCore:
         self._defaults = {**routed_defaults(), **(service_defaults or {})}
         self.services: dict[str, Service] = {}
         self.stats: Counter[str] = Counter()
+        # With --metrics: what is counted for it on the request path (router.metrics).
+        self.meters: Meters | None = Meters() if config.metrics else None
         self._warned: Counter[str] = Counter()
         self.instance = f"{os.getpid()}-{time.time_ns()}"  # changes when the router restarts
         self._meta_cache = protocol.MetaCache(max_bytes=config.max_meta_bytes)
@@ -385,7 +388,7 @@ class RouterCore:
         if kind is Kind.PARTIAL:
             self.requests.fail(rec, err)  # the worker still owes its final reply: orphaned
             return
-        self.requests.finish(rec, error_reply(err), from_worker=True)
+        self.requests.finish(rec, error_reply(err), from_worker=True, outcome=err.type)
         self.requests.release(rec)
         self.requests.pump(self.services[rec.service])
 
@@ -518,6 +521,12 @@ class RouterCore:
                     self.registry.tell_capacity(conn)
         svc.configured = config is not None
         return svc
+
+    def described(self, svc: Service) -> None:
+        """A supervisor described ``svc`` (in its HELLO, or a slot of it): with --metrics,
+        its name may now be a label value (router.metrics)."""
+        if svc.meter is None and self.meters is not None:
+            svc.meter = ServiceMeter()
 
     def fail_if_unservable(self, svc: Service | None) -> None:
         """Queued requests of a service that has no live worker left would wait forever."""

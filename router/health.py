@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
 from ipc.lifecycle import WorkerState, check
@@ -72,9 +72,12 @@ class BatchSizes:
         # method -> {"count", "sum", "mean", "buckets"}: the STATUS form, replaced whole
         self.figures: dict[str, dict] = {}
 
-    def add(self, report: object, methods: frozenset[str]) -> int:
+    def add(self, report: object, methods: frozenset[str],
+            moved: Callable[[str, dict | None, dict], None] | None = None) -> int:
         """Take one beat's ``batches``; returns how many entries it ignored (a field that
-        is not a map, or names more than ``MAX_METHODS`` methods, counts once)."""
+        is not a map, or names more than ``MAX_METHODS`` methods, counts once). ``moved``
+        is told each method's figures before and after (the metrics count the batches
+        in between)."""
         if not isinstance(report, dict) or len(report) > self.MAX_METHODS:
             return 1
         ignored = 0
@@ -89,6 +92,8 @@ class BatchSizes:
                 ignored += 1
                 continue
             self.figures[method] = figures
+            if moved is not None:
+                moved(method, kept, figures)
         return ignored
 
 
@@ -206,6 +211,7 @@ class Slot:
         self.completed = 0
         self.errored = 0
         self.restarts = 0
+        self.deaths: dict[str, int] = {}  # SLOT died reports, by cause (router.metrics.death_cause)
         self.last_error: str | None = None
         self.ready_at: float | None = None  # monotonic time the current incarnation registered
         self.setup_error: str | None = None  # traceback from a worker whose setup() failed

@@ -56,7 +56,11 @@ class Liveness:
                 conn.last_beat = now
                 conn.busy.add(meta.get("busy"))
                 batches = meta.get("batches")
-                if batches is not None and (ignored := conn.batches.add(batches, conn.methods)):
+                meter = core.services[conn.slot.service].meter \
+                    if conn.slot.service in core.services else None
+                moved = meter.batches if meter is not None else None
+                if batches is not None and (ignored := conn.batches.add(batches, conn.methods,
+                                                                       moved)):
                     core.stats["batch_reports_ignored"] += ignored
                 mem = meta.get("mem")
                 if isinstance(mem, dict):  # shown as is in status: keep only well-formed

@@ -53,7 +53,7 @@ class WorkerRegistry:
         slot = self.slots.get(slot_id)
         if slot is None:
             slot = self.slots[slot_id] = Slot(slot_id, service, device)
-            self.core.service(service)
+            self.core.described(self.core.service(service))
         elif device != "?":
             slot.device = device
         return slot

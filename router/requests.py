@@ -24,6 +24,7 @@ import msgpack
 from ipc import protocol
 from ipc.errors import RequestTimeoutError, WorkerPoolError
 from ipc.protocol import FINAL_REPLY_KINDS, HEARTBEAT_SUFFIX, Kind
+from router.metrics import CANCELLED, DROPPED, OK, error_type
 from router.timers import DEADLINE, MAX_WAIT, TimerHeap
 
 if TYPE_CHECKING:
@@ -236,16 +237,23 @@ class RequestTable:
             self.enqueue(svc, rec, again=True)  # keeps its place among its client's
         self.pump(svc)
 
-    def finish(self, rec: Record, reply: tuple | None, from_worker: bool = False) -> None:
+    def finish(self, rec: Record, reply: tuple | None, from_worker: bool = False,
+               outcome: str = OK, now: float | None = None) -> None:
         """Send ``rec``'s final reply (``(kind, meta, body, buffers)``; None: send nothing).
 
         A record still running on a worker stays attached to it as ORPHANED, holding its
         capacity until the worker's own reply arrives (then dropped and counted), and the
         worker is told to skip it. ``from_worker``: the reply is the worker's own, so the
-        worker is done with it and the caller releases it.
+        worker is done with it and the caller releases it. ``outcome`` (``ok``, an error
+        type, ``cancelled``, ``dropped``) is what the metrics count it as, at ``now``.
         """
         if rec.phase in (Phase.DONE, Phase.ORPHANED):
             return
+        meters = self.core.meters
+        if meters is not None:
+            meters.request_ended(
+                self.core.services.get(rec.service), rec.method, outcome, None if reply is None
+                else (self.core.clock() if now is None else now) - rec.admitted_at)
         self.by_client.pop((rec.client, rec.client_rid), None)
         held = self.per_client.get(rec.client)
         if held is not None:
@@ -274,12 +282,12 @@ class RequestTable:
             return 0, 0
         queued = sum(1 for rec in held.values() if rec.phase is Phase.QUEUED)
         for rec in held.values():
-            self.finish(rec, None)
+            self.finish(rec, None, outcome=DROPPED)
         return queued, len(held) - queued
 
     def fail(self, rec: Record, err: WorkerPoolError) -> None:
         """Finish ``rec`` with ``err`` as its final reply."""
-        self.finish(rec, error_reply(err))
+        self.finish(rec, error_reply(err), outcome=err.type)
 
     def release(self, rec: Record) -> None:
         """The worker is done with ``rec`` (it replied or died): free its capacity."""
@@ -298,7 +306,7 @@ class RequestTable:
         if rec is None:
             return  # already answered: cancel is idempotent and never replied to
         self.core.services[rec.service].cancelled += 1
-        self.finish(rec, None)
+        self.finish(rec, None, outcome=CANCELLED)
 
     def on_reply(self, conn: Conn, kind: Kind, rid: int, meta: bytes, body: bytes,
                  buffers: list) -> None:
@@ -321,15 +329,18 @@ class RequestTable:
             core.to_client(rec.client, kind, rec.client_rid, meta, body, buffers)
             return
         slot = conn.slot
+        outcome = OK
         if kind is Kind.ERROR:
             slot.errored += 1
             svc.errored += 1
+            if svc.meter is not None:
+                outcome = error_type(body)
         else:
             slot.completed += 1
             svc.completed += 1
         now = core.clock()
         svc.observe(now, now - rec.dispatched_at, rec.dispatched_at - rec.admitted_at)
-        self.finish(rec, (kind, meta, body, buffers), from_worker=True)
+        self.finish(rec, (kind, meta, body, buffers), from_worker=True, outcome=outcome, now=now)
         self.release(rec)
         self.pump(svc)
 

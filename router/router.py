@@ -33,6 +33,7 @@ import zmq
 from ipc import curve, transport
 from ipc.transport import NOBLOCK
 from router.core import Delivery, RouterCore
+from router.metrics import ListenerError, LoopMeter, listener_module, take_snapshot
 from workerpool._proc import SignalWakeup, release_memory
 from workerpool.config import DEFAULT_BACKEND, RouterConfig, SecurityConfig
 
@@ -85,6 +86,9 @@ class Router:
         security = security or SecurityConfig()
         backend = config.backend or DEFAULT_BACKEND
         curve.check_exposure([config.frontend, backend], bool(security.keys), security.insecure)
+        self._wakeup = SignalWakeup()
+        self.loop_meter: LoopMeter | None = None
+        self.listener = None
         self._ctx = zmq.Context()
         self.keys: curve.KeyStore | None = None
         self._auth = None
@@ -94,13 +98,19 @@ class Router:
         self._next_key_check = 0.0
         self._reload_keys = False  # set by SIGHUP
         try:
+            if config.metrics:  # first: a taken port fails before either socket is bound
+                self.listener = listener_module().Listener(config.metrics, self._wakeup.wake)
+                self.loop_meter = LoopMeter()
             # Per connection: past it a client counts as not reading and is cut off.
             self.frontend = self._bind(config.frontend, config.max_unread_replies,
                                        curve.FRONTEND_DOMAIN)
             self.backend = self._bind(backend, 0, curve.BACKEND_DOMAIN)
-        except zmq.ZMQError:
+        except (zmq.ZMQError, ListenerError):
             if self._auth is not None:  # its thread would hold the context open
                 self._auth.stop()
+            if self.listener is not None:
+                self.listener.close()
+            self._wakeup.close()
             raise
         self.frontend_address = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_address = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -156,6 +166,9 @@ class Router:
                         "backend": self.backend_address, "instance": core.instance,
                         "keys": self.keys is not None})
         busy = False
+        listener = self.listener
+        if listener is not None:
+            listener.start()
         try:
             while not core.finished:
                 timeout = 0 if busy else int(core.next_wakeup() * 1000) + 1
@@ -163,21 +176,25 @@ class Router:
                 # Heartbeats sent before now are read in this pass (or queued behind more
                 # than a pass's worth): the core judges silence as of now, however long a
                 # client's message then takes (a million frames, a costly meta).
-                core.backend_read_at = time.monotonic()
+                polled = core.backend_read_at = time.monotonic()
                 if self._wakeup.fileno() in events:
                     self._wakeup.drain()
                 self.check_keys(time.monotonic())
                 busy = False
                 if self.backend in events:
-                    busy |= self._drain_socket(self.backend, core.on_backend, self._max_parts)
+                    busy |= self._drain_socket(self.backend, core.on_backend, self._max_parts,
+                                               polled)
                 if self.frontend in events:
-                    busy |= self._drain_socket(self.frontend, core.on_frontend, self._max_parts)
+                    busy |= self._drain_socket(self.frontend, core.on_frontend, self._max_parts,
+                                               polled)
                 if core.deaths_due():  # the dead worker's last words
-                    self._drain_socket(self.backend, core.on_backend, self._max_parts)
+                    self._drain_socket(self.backend, core.on_backend, self._max_parts, polled)
                 core.tick()
                 if core.release_memory:
                     core.release_memory = False
                     release_memory()
+                if listener is not None and listener.snapshots.wanted:
+                    self.publish_snapshot()
         finally:
             uptime = core.clock() - core.started
             log.info("router stopped after %.1fs", uptime,
@@ -185,7 +202,19 @@ class Router:
                             "drained": core.finished, "counters": dict(core.stats)})
             self.close()
 
+    def publish_snapshot(self) -> None:
+        """Hand the listener thread a copy of the figures (it asked through ``wanted``)."""
+        snapshots = self.listener.snapshots
+        try:
+            snapshots.publish(take_snapshot(self.core, self.loop_meter, time.monotonic()))
+        except Exception:  # a bug must cost the scrape, never the router
+            snapshots.give_up()
+            self.core.stats["internal_errors"] += 1
+            log.exception("internal error taking a metrics snapshot")
+
     def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
         self.frontend.close()
         self.backend.close()
         if self._auth is not None:
@@ -194,31 +223,47 @@ class Router:
         self._wakeup.close()
 
     def _drain_socket(self, sock: zmq.Socket, handler: Callable[..., None],
-                      max_parts: int | None = None) -> bool:
+                      max_parts: int | None = None, polled: float = 0.0) -> bool:
         """Handle up to BATCH waiting messages, for up to about BATCH_SECONDS; True if more
         may be waiting. With keys, each message goes with its key's role now (None: no
-        longer allowed)."""
+        longer allowed). With --metrics, each message's lag (from ``polled``, when the poll
+        returned, to the loop turning to it) and the count handled go to the loop meter."""
         keys = self.keys
-        until = time.monotonic() + BATCH_SECONDS
-        for _ in range(BATCH):
-            if not transport.readable(sock):  # cheaper than the zmq.Again of an empty recv
-                return False
-            try:
-                if keys is None:  # routing id, then the message
-                    frames = transport.recv(sock, NOBLOCK, 2, max_parts)
+        meter = self.loop_meter
+        lag = meter.lag if meter is not None else None
+        turned = time.monotonic()
+        until = turned + BATCH_SECONDS
+        handled = 0
+        try:
+            for _ in range(BATCH):
+                if not transport.readable(sock):  # cheaper than the zmq.Again of an empty recv
+                    return False
+                try:
+                    if keys is None:  # routing id, then the message
+                        frames = transport.recv(sock, NOBLOCK, 2, max_parts)
+                    else:
+                        frames, user = transport.recv_from(sock, NOBLOCK, 2, max_parts)
+                        role = keys.role(user)
+                except zmq.Again:
+                    return False
+                if lag is not None:
+                    lag.observe(turned - polled)
+                    handled += 1
+                try:
+                    if keys is None:
+                        handler(frames)
+                    else:
+                        handler(frames, role)
+                except Exception:  # a bug must cost one message, never the router
+                    self.core.stats["internal_errors"] += 1
+                    log.exception("internal error handling a message; message dropped")
+                turned = time.monotonic()
+                if turned > until:
+                    break
+            return True
+        finally:
+            if meter is not None:
+                if sock is self.frontend:
+                    meter.frontend += handled
                 else:
-                    frames, user = transport.recv_from(sock, NOBLOCK, 2, max_parts)
-                    role = keys.role(user)
-            except zmq.Again:
-                return False
-            try:
-                if keys is None:
-                    handler(frames)
-                else:
-                    handler(frames, role)
-            except Exception:  # a bug must cost one message, never the router
-                self.core.stats["internal_errors"] += 1
-                log.exception("internal error handling a message; message dropped")
-            if time.monotonic() > until:
-                break
-        return True
+                    meter.backend += handled

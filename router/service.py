@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from router.health import Conn
+from router.metrics import ServiceMeter
 from router.policy import make_policy
 from router.queue import RequestQueue
 
@@ -44,6 +45,9 @@ class Service:
         self.name = name
         self.conns: list[Conn] = []  # registered workers, sorted by slot id
         self.configured = False  # True once a supervisor's HELLO has set the settings
+        # With --metrics, once a supervisor described it (RouterCore.described): only then
+        # is its name a label value (a client may name any service; router.metrics).
+        self.meter: ServiceMeter | None = None
         self.configure(settings)
         self.methods: frozenset[str] = frozenset()
         self.queue = RequestQueue()
@@ -105,6 +109,8 @@ class Service:
         self._queue_waits.append(queue_wait)
         m = self._mean_service
         self._mean_service = service_time if not m else 0.9 * m + 0.1 * service_time
+        if self.meter is not None:
+            self.meter.served(service_time, queue_wait)
 
     def completion_rate(self, now: float) -> float | None:
         """Final replies per second over the last ``RATE_WINDOW`` seconds (at most the last

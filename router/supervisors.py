@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from ipc.errors import ServiceUnavailableError
 from ipc.lifecycle import SlotEvent, WorkerState
 from ipc.protocol import Kind
+from router.metrics import death_cause
 from router.registry import ERROR_TAIL, death_fields
 from router.requests import Phase
 from workerpool.config import ROUTED_FIELDS, ServiceConfig
@@ -83,7 +84,7 @@ class Supervisors:
             log.warning("supervisor %r, declared lost, is back: taking its workers back", ident,
                         extra={"event": "supervisor-back", "supervisor": ident})
         for s in services:
-            core.service(str(s["name"]), s)
+            core.described(core.service(str(s["name"]), s))
             if "workers" in s:
                 core.scaling.set_target(str(s["name"]), ident, worker_count(s["workers"]),
                                         worker_count(s.get("spares", 0)))
@@ -130,8 +131,11 @@ class Supervisors:
                 slot.transition(WorkerState.RESTARTING if incarnation > 1 else WorkerState.STARTING)
                 registry.vouch(slot, incarnation, meta.get("pid"))
         elif event is SlotEvent.DIED:
-            registry.note_death(slot, incarnation, str(meta.get("reason", "died")),
-                                death_fields(meta))
+            reason = str(meta.get("reason", "died"))
+            fields = death_fields(meta)
+            cause = death_cause(meta.get("exitcode"), reason, said=fields["cause"])
+            slot.deaths[cause] = slot.deaths.get(cause, 0) + 1
+            registry.note_death(slot, incarnation, reason, fields)
         elif event is SlotEvent.FAILED:
             reason = str(meta.get("reason", "failed"))
             if slot.conn is not None:

@@ -32,6 +32,8 @@ CASES = {
     # mosec is a benchmark-only dependency (not installed in CI): workerpool's legs only.
     "peers": ["--systems", "workerpool", "--rounds", "1", "--duration", "0.2", "--warmup",
               "0.1", "--outstanding", "16", "--json"],
+    "metrics_scrape": ["--rounds", "1", "--duration", "0.3", "--warmup", "0.1", "--outstanding",
+                       "16", "--scrape-interval", "0.1", "--json"],
 }
 
 

@@ -22,6 +22,19 @@ def test_router_loads_neither_client_nor_asyncio():
     assert "asyncio" not in loaded
 
 
+def test_the_router_loads_the_metrics_listener_only_with_metrics():
+    import socket
+
+    start = ("from workerpool.config import RouterConfig as C; from router.router import Router; "
+             "Router(C(frontend='inproc://f', backend='inproc://b'{})).close()")
+    listener = {"prometheus_client", "http.server", "router.listener"}
+    assert not listener & _modules_after(start.format(""))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert listener <= _modules_after(start.format(f", metrics='127.0.0.1:{port}'"))
+
+
 def test_ipc_imports_nothing_above_it():
     loaded = _modules_after("import ipc, ipc.codec, ipc.lifecycle, ipc.transport, ipc.shm")
     above = sorted(m for m in loaded if m.split(".")[0] in ("workerpool", "router"))

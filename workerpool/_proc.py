@@ -65,8 +65,9 @@ def die_with_parent(parent_pid: int | None) -> None:
 
 class SignalWakeup:
     """A socket pair that signals write to (``signal.set_wakeup_fd``), so a process's one
-    poll loop wakes at once on SIGTERM/SIGINT instead of at its next timeout. Register
-    ``fileno()`` in the poller; call ``drain()`` when it is readable."""
+    poll loop wakes at once on SIGTERM/SIGINT instead of at its next timeout; another
+    thread wakes it with ``wake()``. Register ``fileno()`` in the poller; call ``drain()``
+    when it is readable."""
 
     def __init__(self) -> None:
         self._r, self._w = socket.socketpair()
@@ -81,6 +82,13 @@ class SignalWakeup:
         signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: on_signal())
+
+    def wake(self) -> None:
+        """Make the poll return (from any thread; never blocks: a full buffer already wakes it)."""
+        try:
+            self._w.send(b"\0")
+        except OSError:  # full (BlockingIOError), or closed as the process stops
+            pass
 
     def drain(self) -> None:
         try:

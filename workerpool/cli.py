@@ -205,6 +205,25 @@ def _connector(router_addr: str, keys_dir: str | None, key: str | None,
     return lambda: Client(router_addr, key=files[0], router_key=files[1])
 
 
+def _metrics_option(f):
+    return click.option(
+        "--metrics", default=None, metavar="HOST:PORT",
+        help="Serve GET /metrics (Prometheus) and GET /api/status over HTTP on HOST:PORT "
+             "(:PORT or PORT: on 127.0.0.1); unauthenticated and read-only. Default: off.")(f)
+
+
+def _check_metrics(address: str | None) -> None:
+    """Exit 1 now, before anything starts, when the metrics listener could not bind."""
+    if address is None:
+        return
+    from router.metrics import ListenerError, listener_module
+
+    try:
+        listener_module().probe(address)
+    except ListenerError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def _check_binds(frontend: str, backend: str | None, sec: SecurityConfig) -> None:
     from ipc.curve import KeyFileError, check_exposure
 
@@ -258,12 +277,13 @@ def _pydantic_message(exc: ValidationError) -> str:
               help="Address workers connect to (default: a private ipc:// socket).")
 @click.option("--drain-timeout", type=float, default=None,
               help="On Ctrl-C/SIGTERM, seconds in-flight requests may still run (default 30).")
+@_metrics_option
 @_keys_option
 @_insecure_option
 @_log_format_option
 @_service_options
-def up(frontend, backend, drain_timeout, keys_dir, insecure, log_format, config_path, service,
-       handler, workers, spares, devices, workers_per_device, policy, max_inflight, prefetch,
+def up(frontend, backend, drain_timeout, metrics, keys_dir, insecure, log_format, config_path,
+       service, handler, workers, spares, devices, workers_per_device, policy, max_inflight, prefetch,
        queue_capacity, capacity_policy, max_wait, handler_options) -> None:
     """Run a whole pool: a router and a supervised set of workers, in the foreground.
 
@@ -275,7 +295,8 @@ def up(frontend, backend, drain_timeout, keys_dir, insecure, log_format, config_
 
     cfg = _build_config(
         config_path, service,
-        {"frontend": frontend, "backend": backend, "drain_timeout": drain_timeout},
+        {"frontend": frontend, "backend": backend, "drain_timeout": drain_timeout,
+         "metrics": metrics},
         {"handler": handler, "workers": workers, "spares": spares, "devices": devices,
          "workers_per_device": workers_per_device, "policy": policy,
          "max_inflight": max_inflight, "prefetch": prefetch, "queue_capacity": queue_capacity,
@@ -283,6 +304,8 @@ def up(frontend, backend, drain_timeout, keys_dir, insecure, log_format, config_
     _start_logging(log_format, cfg, "supervisor")
     sec = _security(keys_dir, insecure=insecure, base=cfg.security)
     _check_binds(cfg.router.frontend, cfg.router.backend, sec)
+    # The router child binds it; a taken port is said here, before any process starts.
+    _check_metrics(cfg.router.metrics)
     # The router reads the directory; the supervisor and its workers use the worker pair.
     worker_keys = None
     if sec.keys:
@@ -335,21 +358,23 @@ def up(frontend, backend, drain_timeout, keys_dir, insecure, log_format, config_
               help="Policy for services whose supervisor does not name one.")
 @click.option("--drain-timeout", type=float, default=None,
               help="On SIGTERM, seconds in-flight requests may still run (default 30).")
+@_metrics_option
 @_keys_option
 @_insecure_option
 @_log_format_option
-def router_cmd(frontend, backend, config_path, policy, drain_timeout, keys_dir,
+def router_cmd(frontend, backend, config_path, policy, drain_timeout, metrics, keys_dir,
                insecure, log_format) -> None:
     """Run only the router; start workers elsewhere with `workerpool worker --router`.
 
     With --keys, SIGHUP reads the key folders again at once (they are also checked every
     few seconds)."""
     from ipc.curve import KeyFileError
+    from router.metrics import ListenerError
     from router.router import Router
 
     cfg = _build_config(config_path, None,
                         {"frontend": frontend, "backend": backend,
-                         "drain_timeout": drain_timeout}, {})
+                         "drain_timeout": drain_timeout, "metrics": metrics}, {})
     _start_logging(log_format, cfg, "router")
     if cfg.router.backend is None:
         cfg.router.backend = DEFAULT_BACKEND
@@ -360,6 +385,8 @@ def router_cmd(frontend, backend, config_path, policy, drain_timeout, keys_dir,
         r = Router(cfg.router, defaults, sec)
     except KeyFileError as exc:
         raise click.UsageError(str(exc)) from None
+    except ListenerError as exc:
+        raise click.ClickException(str(exc)) from None
     r.install_signal_handlers()
     r.run()
 

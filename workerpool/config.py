@@ -41,6 +41,31 @@ _HANDLER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
+def parse_http_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPv6]:PORT``, ``:PORT`` or ``PORT`` as ``(host, port)``; no host
+    means 127.0.0.1. Raises ValueError saying what is wrong."""
+    text = text.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not host or not set(host) <= set("0123456789abcdefABCDEF:."):
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address")
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 host in brackets, e.g. [::1]:9464")
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT, :PORT or PORT with a port in 1..65535")
+    if any(c.isspace() for c in host):
+        raise ValueError(f"{text!r}: the host has spaces in it")
+    return host or "127.0.0.1", int(port)
+
+
+def format_http_address(host: str, port: int) -> str:
+    """``(host, port)`` as ``parse_http_address`` reads it back."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _check_endpoint(value: str) -> str:
     if not _ENDPOINT.match(value):
         raise ValueError(
@@ -284,10 +309,20 @@ class RouterConfig(_Model):
         "a service no supervisor or worker has described yet waits in its queue instead of "
         "failing: after a router restart they all register again within about a heartbeat.")
 
+    metrics: str | None = Field(
+        None, description="HOST:PORT (or :PORT, PORT: on 127.0.0.1) where the router serves "
+        "GET /metrics (Prometheus) and GET /api/status over HTTP, unauthenticated and "
+        "read-only. None: no listener.")
+
     @field_validator("frontend", "backend")
     @classmethod
     def _endpoint(cls, v: str | None) -> str | None:
         return None if v is None else _check_endpoint(v)
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: str | None) -> str | None:
+        return None if v is None else format_http_address(*parse_http_address(v))
 
 
 class SupervisorConfig(_Model):

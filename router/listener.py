@@ -1,0 +1,210 @@
+"""The router's HTTP listener (``--metrics HOST:PORT``): its own thread, fed snapshots.
+
+::
+
+    Prometheus, curl, a browser --GET--> Listener thread (http.server, one request at a time)
+                                            | Snapshots.get(): the latest, if fresh; else
+                                            | wanted = True, wake the loop, wait for the next
+    Router.run (the poll loop) <--wake fd---+
+        snapshots.wanted? -> publish(take_snapshot(...))   (attribute stores: no lock)
+                                            | ROUTES[path](snapshot) -> status, type, body
+                                            v
+                                          reply
+
+The loop never waits for the thread: it copies its figures into an immutable ``Snapshot``
+only when asked, at most every ``MAX_AGE`` seconds however many scrapes come, and
+rendering (text format, JSON) happens here. A scrape that gets no new snapshot within
+``SNAPSHOT_WAIT`` (the loop is busy for that long) is answered from the last one, whose
+age ``workerpool_snapshot_age_seconds`` shows.
+
+A page is one entry of ``ROUTES``: a path and a function from a snapshot to the reply.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+from router import exposition
+from router.metrics import ListenerError, Snapshot
+from workerpool.config import format_http_address, parse_http_address
+
+log = logging.getLogger("workerpool.router")
+
+MAX_AGE = 0.1
+"""A snapshot at most this old (seconds) answers a request without asking the loop."""
+SNAPSHOT_WAIT = 1.0
+"""How long a request waits for the loop's next snapshot before it takes the last one."""
+REQUEST_TIMEOUT = 5.0
+"""Seconds a connection may take to send its request: the thread serves one at a time."""
+CLOSE_WAIT = 0.5
+"""When the router exits, how long it waits for the listener's request in hand."""
+
+Reply = tuple[int, str, bytes]  # HTTP status, content type, body
+Route = Callable[[Snapshot, float], Reply]  # (snapshot, its age in seconds) -> reply
+
+
+def metrics_page(snap: Snapshot, age: float) -> Reply:
+    return 200, exposition.CONTENT_TYPE, exposition.render(snap, age)
+
+
+def status_page(snap: Snapshot, age: float) -> Reply:
+    """The STATUS body (docs/protocol.md, section 6) as JSON."""
+    return 200, "application/json", json.dumps(snap.status, sort_keys=True).encode()
+
+
+ROUTES: dict[str, Route] = {
+    "/metrics": metrics_page,
+    "/api/status": status_page,
+}
+
+
+class Snapshots:
+    """The one hand-over between the loop and the listener thread. The loop reads
+    ``wanted`` each pass and calls ``publish``; the thread calls ``get``."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self.wanted = False  # set by the thread, cleared by the loop's publish
+        self._stopped = False  # the loop has ended: nothing more will be published
+        self._latest: Snapshot | None = None
+        self._published: queue.SimpleQueue[None] = queue.SimpleQueue()
+
+    def publish(self, snap: Snapshot) -> None:
+        """Loop thread: make ``snap`` the latest. Never blocks (SimpleQueue.put)."""
+        self._latest = snap
+        self.wanted = False
+        self._published.put(None)
+
+    def stop(self) -> None:
+        """The loop has ended: requests take the last snapshot without waiting."""
+        self._stopped = True
+        self._published.put(None)
+
+    def give_up(self) -> None:
+        """Loop thread: no snapshot this time (building one failed): stop asking."""
+        self.wanted = False
+
+    def get(self, max_age: float = MAX_AGE, wait: float = SNAPSHOT_WAIT) -> Snapshot | None:
+        """Listener thread: a snapshot at most ``max_age`` old, asking the loop for one if
+        need be; the last one if none comes within ``wait``; None before the first."""
+        snap = self._latest
+        if self._stopped or (snap is not None and time.monotonic() - snap.taken_at <= max_age):
+            return snap
+        while True:  # tokens of earlier publishes: not the answer to this request
+            try:
+                self._published.get_nowait()
+            except queue.Empty:
+                break
+        self.wanted = True
+        self._wake()
+        try:
+            self._published.get(timeout=wait)
+        except queue.Empty:
+            pass
+        return self._latest
+
+
+class _Server(HTTPServer):
+    allow_reuse_address = True  # a port in TIME_WAIT from a previous run is still free
+
+    def __init__(self, host: str, port: int, listener: Listener) -> None:
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = listener
+        super().__init__((host, port), _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host's fully qualified name (DNS): not needed.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "workerpool"
+    protocol_version = "HTTP/1.0"  # one request per connection: the thread is not held open
+    timeout = REQUEST_TIMEOUT
+
+    def do_GET(self) -> None:
+        self.server.listener.answer(self, head=False)
+
+    def do_HEAD(self) -> None:
+        self.server.listener.answer(self, head=True)
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("metrics listener: " + format, *args)
+
+
+class Listener:
+    """An HTTP server on ``address`` (``HOST:PORT``), serving ``routes`` from the
+    snapshots the loop publishes; ``wake`` makes the loop's poll return.
+
+    Binding happens here, so a taken address fails before anything else starts; the
+    thread starts with ``start``. Raises ListenerError when the address cannot be bound.
+    """
+
+    def __init__(self, address: str, wake: Callable[[], None],
+                 routes: dict[str, Route] | None = None) -> None:
+        host, port = parse_http_address(address)
+        self.routes = dict(ROUTES if routes is None else routes)
+        self.snapshots = Snapshots(wake)
+        try:
+            self._server = _Server(host, port, self)
+        except OSError as exc:
+            raise ListenerError(f"cannot serve metrics on {address}: {exc.strerror or exc}") \
+                from None
+        self.address = format_http_address(*self._server.server_address[:2])
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.1,),
+                                        name="metrics-listener", daemon=True)
+        self._thread.start()
+        log.info("metrics: http://%s/metrics and /api/status", self.address)
+
+    def close(self) -> None:
+        """Stop serving; waits at most CLOSE_WAIT for the request in hand."""
+        self.snapshots.stop()
+        if self._thread is not None:
+            # shutdown() returns once the request in hand is done, and a client that sends
+            # nothing holds it for REQUEST_TIMEOUT: the router is leaving, so wait less.
+            threading.Thread(target=self._server.shutdown, daemon=True).start()
+            self._thread.join(CLOSE_WAIT)
+        self._server.server_close()
+
+    def answer(self, req: BaseHTTPRequestHandler, head: bool) -> None:
+        """One request: its route's reply from a fresh snapshot, or 404 / 503."""
+        route = self.routes.get(req.path.partition("?")[0])
+        if route is None:
+            code, ctype, body = 404, "text/plain; charset=utf-8", (
+                f"no page {req.path[:200]!r}; pages: {', '.join(sorted(self.routes))}\n").encode()
+        else:
+            snap = self.snapshots.get()
+            if snap is None:
+                code, ctype, body = 503, "text/plain; charset=utf-8", \
+                    b"the router has not published its figures yet\n"
+            else:
+                try:
+                    code, ctype, body = route(snap, time.monotonic() - snap.taken_at)
+                except Exception:  # a bug costs this page, never the listener
+                    log.exception("metrics listener: rendering %s failed", req.path)
+                    code, ctype, body = 500, "text/plain; charset=utf-8", b"internal error\n"
+        req.send_response(code)
+        req.send_header("Content-Type", ctype)
+        req.send_header("Content-Length", str(len(body)))
+        req.send_header("Cache-Control", "no-store")
+        req.end_headers()
+        if not head:
+            req.wfile.write(body)
+
+
+def probe(address: str) -> None:
+    """Raise ListenerError now if ``address`` cannot be bound (``up`` checks before it
+    starts anything); the port is free again on return."""
+    Listener(address, lambda: None).close()
