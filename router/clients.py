@@ -4,7 +4,8 @@
 
     admission ---refusal(client)---> ClientLimits ---> BackpressureError or None
     core.to_client ---GONE / FULL---> ClientLimits.undelivered ---> requests.drop_client
-    tick(now) ---> ClientLimits.expire
+    requests.overrun ---an ended stream's ERROR---> ClientLimits.owe
+    tick(now) ---> ClientLimits.expire, ClientLimits.pay_owed
 
 A client connection may hold ``max_client_inflight`` requests (queued or running); one
 more is refused with ``BackpressureError`` code ``client-limit``, so one connection
@@ -21,6 +22,11 @@ socket owner):
   refused (code ``not-reading``), so it cannot keep workers busy producing replies it
   never takes. The replies already queued to it stay there until it reads or leaves;
   the router holds at most ``max_unread_replies`` of them for it.
+
+A stream's item that meets a full queue ends only that stream (``requests.overrun``): its
+reader reads, only slower than its worker produces. The final ERROR of such a stream is
+owed to the client and sent once its queue has room (``pay_owed``, each tick); at most one
+per request it had in flight, so at most ``max_client_inflight`` per connection.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from ipc.errors import BackpressureError
+from ipc.protocol import Kind, encode
 
 if TYPE_CHECKING:
     from router.core import RouterCore
@@ -56,6 +63,8 @@ class ClientLimits:
         self.cut_off_until: dict[bytes, float] = {}  # client -> when it may send again
         # (until, client) in cut-off order; with one cut-off length that is time order.
         self._expiry: deque[tuple[float, bytes]] = deque()
+        # client -> final replies (client's request id, ERROR body) still to be sent to it
+        self.owed: dict[bytes, deque[tuple[int, bytes]]] = {}
 
     def refusal(self, client: bytes, svc: Service) -> BackpressureError | None:
         """The error refusing a new request from ``client`` for ``svc``, or None."""
@@ -89,6 +98,7 @@ class ClientLimits:
 
     def gone(self, client: bytes) -> None:
         """``client`` disconnected: nothing it waits for can reach it any more."""
+        self.owed.pop(client, None)
         queued, running = self.core.requests.drop_client(client)
         if queued or running:
             stats = self.core.stats
@@ -111,6 +121,32 @@ class ClientLimits:
             core.stats["dropped_queued"] += queued
             core.stats["dropped_running"] += running
             core.release_memory = True  # the dropped requests' payloads were freed
+
+    def owe(self, client: bytes, client_rid: int, error: bytes) -> None:
+        """``client`` is owed the final ERROR ``error`` of its request ``client_rid``: sent
+        now if its queue takes it, else by ``pay_owed`` in order."""
+        owed = self.owed.get(client)
+        if owed is None:
+            owed = self.owed[client] = deque()
+        owed.append((client_rid, error))
+        self.pay_owed()
+
+    def pay_owed(self) -> None:
+        """Send what is owed, oldest first, to each client whose queue has room; a client
+        that left is owed nothing more."""
+        out = self.core.out
+        for client in list(self.owed):
+            owed = self.owed[client]
+            while owed:
+                rid, body = owed[0]
+                result = out.to_client(client, encode(Kind.ERROR, rid, b"", body))
+                if result is Delivery.FULL:
+                    break  # still full: next tick
+                owed.popleft()
+                if not result:  # gone: nothing can reach it
+                    owed.clear()
+            if not owed:
+                del self.owed[client]
 
     def expire(self, now: float) -> None:
         """Cut-offs that are over: those clients may send again."""

@@ -418,6 +418,8 @@ class RouterCore:
             self._guarded(self.registry.check_waiting, now)
         self._guarded(self.requests.expire, now)
         self._guarded(self.clients.expire, now)
+        if self.clients.owed:
+            self._guarded(self.clients.pay_owed)
         self._guarded(self.admission.log_shedding, now)
         # Silence is judged as of the loop's last turn to its sockets: a loop that spent
         # seconds on one client's message has simply not read the heartbeats yet.
@@ -548,12 +550,20 @@ class RouterCore:
 
     # -- sending ------------------------------------------------------------------------------------
     def to_client(self, client: bytes, kind: Kind, client_rid: int, meta: bytes, body: bytes,
-                  buffers: Iterable = ()) -> None:
+                  buffers: Iterable = ()) -> Delivery:
+        """Send one reply. A reply the client's queue is too full to take cuts the client
+        off (``ClientLimits``), except a stream's item (PARTIAL): its caller ends that
+        stream instead (``RequestTable.on_reply``), since a reader slower than its stream
+        still reads."""
         result = self.out.to_client(client, protocol.encode(kind, client_rid, meta, body,
                                                             buffers))
         if result is not Delivery.SENT and not result:  # an outbox may answer a plain bool
+            if result is Delivery.FULL and kind is Kind.PARTIAL:
+                return result
             self.stats["unroutable_replies"] += 1
             self.clients.undelivered(client, result)
+            return result if isinstance(result, Delivery) else Delivery.GONE
+        return Delivery.SENT
 
     def reply_error(self, client: bytes, client_rid: int, err: WorkerPoolError) -> None:
         self.to_client(client, Kind.ERROR, client_rid, EMPTY_META, error_body(err))

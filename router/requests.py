@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING
 import msgpack
 
 from ipc import protocol
-from ipc.errors import RequestTimeoutError, WorkerPoolError
+from ipc.errors import BackpressureError, RequestTimeoutError, WorkerPoolError
 from ipc.protocol import FINAL_REPLY_KINDS, HEARTBEAT_SUFFIX, Kind
+from router.clients import Delivery
 from router.metrics import CANCELLED, DROPPED, OK, error_type
 from router.timers import DEADLINE, MAX_WAIT, TimerHeap
 
@@ -285,6 +286,22 @@ class RequestTable:
             self.finish(rec, None, outcome=DROPPED)
         return queued, len(held) - queued
 
+    def overrun(self, rec: Record, svc: Service) -> None:
+        """``rec``'s stream produced items faster than its client reads them, until
+        ``max_unread_replies`` waited for it: the stream ends here (its worker is told to
+        stop), and its final ERROR goes out once the client's queue has room. The
+        connection itself is not cut off: it reads, only slower."""
+        core = self.core
+        core.stats["streams_overrun"] += 1
+        svc.errored += 1
+        err = BackpressureError(
+            f"the stream produced items faster than this connection read them, until "
+            f"max_unread_replies={core.config.max_unread_replies} waited unread; it was "
+            "stopped", code="stream-overrun")
+        client, client_rid = rec.client, rec.client_rid
+        self.finish(rec, None, outcome=err.type)
+        core.clients.owe(client, client_rid, error_body(err))
+
     def fail(self, rec: Record, err: WorkerPoolError) -> None:
         """Finish ``rec`` with ``err`` as its final reply."""
         self.finish(rec, error_reply(err), outcome=err.type)
@@ -326,7 +343,9 @@ class RequestTable:
             return
         if kind is Kind.PARTIAL:
             rec.streamed = True
-            core.to_client(rec.client, kind, rec.client_rid, meta, body, buffers)
+            if core.to_client(rec.client, kind, rec.client_rid, meta, body,
+                              buffers) is Delivery.FULL:
+                self.overrun(rec, svc)
             return
         slot = conn.slot
         outcome = OK

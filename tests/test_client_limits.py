@@ -195,6 +195,50 @@ def test_a_client_that_does_not_read_is_cut_off_then_let_back():
     assert not h.out.errors_to(A)
 
 
+def test_a_stream_faster_than_its_reader_ends_and_the_connection_stays():
+    """A PARTIAL meeting a full queue ends that stream: its worker is told to stop, its
+    final ERROR (stream-overrun) goes out once the queue has room, and the connection is
+    not cut off: it reads, only slower than the stream."""
+    h, [w] = _ready_pool(capacity=2)
+    h.request(A, 1)
+    h.request(A, 2)
+    stream, other = h.dispatched_to(w)
+    h.out.take()
+    h.backend(w, Kind.PARTIAL, req_id=stream, body=b"\x00")
+    assert [s.kind for s in h.out.take()] == [Kind.PARTIAL]
+    h.out.not_reading.add(A)  # max_unread_replies wait for it
+    h.backend(w, Kind.PARTIAL, req_id=stream, body=b"\x01")
+    assert [(s.kind, s.req_id) for s in h.out.take()] == [(Kind.CANCEL, stream)]
+    assert h.core.stats["streams_overrun"] == 1 and "clients_cut_off" not in h.core.stats
+    h.backend(w, Kind.PARTIAL, req_id=stream, body=b"\x02")  # on its way before the CANCEL
+    h.tick(0.1)
+    assert not h.out.take()  # still full: the ERROR waits, the late item is dropped
+    h.out.not_reading.discard(A)
+    h.tick(0.1)
+    [err] = h.out.errors_to(A)
+    assert isinstance(err, BackpressureError) and err.code == "stream-overrun"
+    assert h.out.to(A)[0].req_id == 1 and not h.core.clients.owed
+    # The connection is served as before: its other request, and new ones.
+    h.out.take()
+    h.reply(w, other)
+    h.request(A, 3)
+    assert [s.req_id for s in h.out.to(A)] == [2] and not h.out.errors_to(A)
+    assert h.dispatched_to(w)
+
+
+def test_an_owed_stream_error_is_forgotten_when_its_client_leaves():
+    h, [w] = _ready_pool()
+    h.request(A, 1)
+    [stream] = h.dispatched_to(w)
+    h.out.not_reading.add(A)
+    h.backend(w, Kind.PARTIAL, req_id=stream, body=b"\x00")
+    assert h.core.clients.owed
+    h.out.not_reading.discard(A)
+    h.out.unreachable.add(A)
+    h.tick(0.1)
+    assert not h.core.clients.owed
+
+
 def test_repeated_failed_sends_to_a_cut_off_client_count_one_cut_off():
     h, [w] = _ready_pool(capacity=4)
     for i in range(1, 5):
