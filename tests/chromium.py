@@ -115,7 +115,8 @@ class Chromium:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 15.0, what: str = "") -> object:
-        """Evaluate ``expression`` every 0.1 s until it is truthy; return that value."""
+        """Evaluate ``expression`` every 0.1 s until its value is truthy in Python (a DOM node
+        comes back as ``{}``: compare it with null); return that value."""
         deadline = time.monotonic() + timeout
         while True:
             value = self.evaluate(expression)
