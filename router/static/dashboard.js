@@ -235,7 +235,7 @@ function timeWindow(history) {
 function drawChart(figure, series, [t0, t1], deaths, interval, integers = false) {
   const svg = figure.querySelector("svg");
   const width = svg.clientWidth || 600;
-  const height = svg.clientHeight || 190;
+  const height = svg.clientHeight || 205;
   const m = { l: 46, r: 10, t: 8, b: 20 };
   const plotW = width - m.l - m.r;
   const plotH = height - m.t - m.b;
@@ -264,6 +264,7 @@ function drawChart(figure, series, [t0, t1], deaths, interval, integers = false)
   }
   for (const t of timeTicks(t0, t1)) {
     nodes.push(svgEl("line", { class: "axis", x1: x(t), x2: x(t), y1: m.t + plotH, y2: m.t + plotH + 4 }));
+    if (x(t) + 26 > width) continue; // its label would be cut off at the right edge
     nodes.push(svgText(clock(new Date(t * 1000), t1 - t0 >= 300), x(t), height - 4, "middle"));
   }
   nodes.push(svgEl("line", { class: "axis", x1: m.l, x2: width - m.r, y1: m.t + plotH, y2: m.t + plotH }));
