@@ -210,10 +210,10 @@ class Listener:
             self._thread.join()
         self._server.server_close()
 
-    def sample(self) -> None:
+    def sample(self, now: float | None = None) -> None:
         """Listener thread, between requests: once every SAMPLE_INTERVAL, a snapshot into
-        the history (a scrape's, when one is fresh enough)."""
-        now = time.monotonic()
+        the history (a scrape's, when one is fresh enough). ``now``: time.monotonic()."""
+        now = time.monotonic() if now is None else now
         if now < self._next_sample:
             return
         self._next_sample = now + SAMPLE_INTERVAL

@@ -237,10 +237,12 @@ def test_the_listener_samples_the_loop_at_most_once_an_interval():
 
     listener.snapshots.get = get  # the loop's answer
     try:
-        listener.sample()
-        listener.sample()  # not due yet: nothing asked, nothing recorded
+        listener.sample(now=10.0)
+        listener.sample(now=10.9)  # not due yet: nothing asked, nothing recorded
         assert asked == [MIN_GAP]  # a scrape's snapshot will do if it is fresh enough
         samples = json.loads(listener.pages["/api/history"]()[2])["samples"]
         assert len(samples) == 1 and samples[0]["services"]["svc"]["queued"] == 4
+        listener.sample(now=11.0)
+        assert asked == [MIN_GAP, MIN_GAP]
     finally:
         listener.close()
