@@ -18,10 +18,16 @@ rendering (text format, JSON) happens here. A scrape that gets no new snapshot w
 age ``workerpool_snapshot_age_seconds`` shows.
 
 A page is one entry of ``ROUTES``: a path and a function from a snapshot to the reply.
+The dashboard's pages need no snapshot of their own (``Listener.pages``): its files are
+fixed, and ``/api/history`` is read from the ring (router.history) that the same thread
+fills between requests, one snapshot every ``SAMPLE_INTERVAL`` from the moment it starts
+(``Listener.sample``). One thread asks for every snapshot, so requests and samples never
+wait on each other's hand-over.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -31,8 +37,10 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 from router import exposition
+from router.history import MIN_GAP, SAMPLE_INTERVAL, History
 from router.metrics import ListenerError, Snapshot
 from workerpool.config import format_http_address, parse_http_address
 
@@ -49,6 +57,12 @@ CLOSE_WAIT = 0.5
 
 Reply = tuple[int, str, bytes]  # HTTP status, content type, body
 Route = Callable[[Snapshot, float], Reply]  # (snapshot, its age in seconds) -> reply
+Page = Callable[[], Reply]  # a page that needs no snapshot
+
+DASHBOARD = Path(__file__).with_name("static")
+"""The dashboard's files, served as they are: the page at ``/``, the others by name."""
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".css": "text/css; charset=utf-8"}
 
 
 def metrics_page(snap: Snapshot, age: float) -> Reply:
@@ -64,6 +78,20 @@ ROUTES: dict[str, Route] = {
     "/metrics": metrics_page,
     "/api/status": status_page,
 }
+
+
+def dashboard_pages(history: History, folder: Path = DASHBOARD) -> dict[str, Page]:
+    """The dashboard: ``/`` (``index.html``), its other files, and ``/api/history``. The
+    files are read now, so a page never touches the disk."""
+    pages: dict[str, Page] = {}
+    for path in sorted(folder.iterdir()):
+        ctype = STATIC_TYPES.get(path.suffix)
+        if ctype is not None:
+            reply = (200, ctype, path.read_bytes())
+            pages["/" if path.name == "index.html" else f"/{path.name}"] = lambda r=reply: r
+    pages["/api/history"] = lambda: (200, "application/json", json.dumps(
+        history.export(time.time()), separators=(",", ":")).encode())
+    return pages
 
 
 class Snapshots:
@@ -120,6 +148,10 @@ class _Server(HTTPServer):
         self.listener = listener
         super().__init__((host, port), _Handler)
 
+    def service_actions(self) -> None:
+        # serve_forever calls this after each request and each idle poll_interval.
+        self.listener.sample()
+
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's fully qualified name (DNS): not needed.
         socketserver.TCPServer.server_bind(self)
@@ -154,6 +186,10 @@ class Listener:
         host, port = parse_http_address(address)
         self.routes = dict(ROUTES if routes is None else routes)
         self.snapshots = Snapshots(wake)
+        self.history = History()
+        self.pages = dashboard_pages(self.history)
+        self._next_sample = 0.0  # monotonic time the history is next due a sample
+        self._history_failed = False
         try:
             self._server = _Server(host, port, self)
         except OSError as exc:
@@ -166,7 +202,8 @@ class Listener:
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.1,),
                                         name="metrics-listener", daemon=True)
         self._thread.start()
-        log.info("metrics: http://%s/metrics and /api/status", self.address)
+        log.info("metrics: http://%s/metrics and /api/status; dashboard at http://%s/",
+                 self.address, self.address)
 
     def close(self) -> None:
         """Stop serving; waits at most CLOSE_WAIT for the request in hand."""
@@ -178,23 +215,45 @@ class Listener:
             self._thread.join(CLOSE_WAIT)
         self._server.server_close()
 
+    def sample(self, now: float | None = None) -> None:
+        """Listener thread, between requests: once every SAMPLE_INTERVAL, a snapshot into
+        the history (a scrape's, when one is fresh enough). ``now``: time.monotonic()."""
+        now = time.monotonic() if now is None else now
+        if now < self._next_sample:
+            return
+        self._next_sample = now + SAMPLE_INTERVAL
+        snap = self.snapshots.get(max_age=MIN_GAP)
+        if snap is None:
+            return
+        try:
+            self.history.record(snap, time.time() - (time.monotonic() - snap.taken_at))
+        except Exception:  # a bug costs the history, never the listener
+            if not self._history_failed:
+                log.exception("metrics listener: recording the history failed")
+            self._history_failed = True
+
     def answer(self, req: BaseHTTPRequestHandler, head: bool) -> None:
-        """One request: its route's reply from a fresh snapshot, or 404 / 503."""
-        route = self.routes.get(req.path.partition("?")[0])
-        if route is None:
-            code, ctype, body = 404, "text/plain; charset=utf-8", (
-                f"no page {req.path[:200]!r}; pages: {', '.join(sorted(self.routes))}\n").encode()
-        else:
+        """One request: its page, or its route's reply from a fresh snapshot; or 404 / 503."""
+        path = req.path.partition("?")[0]
+        page = self.pages.get(path)
+        route = self.routes.get(path)
+        if page is None and route is not None:
             snap = self.snapshots.get()
-            if snap is None:
-                code, ctype, body = 503, "text/plain; charset=utf-8", \
-                    b"the router has not published its figures yet\n"
-            else:
-                try:
-                    code, ctype, body = route(snap, time.monotonic() - snap.taken_at)
-                except Exception:  # a bug costs this page, never the listener
-                    log.exception("metrics listener: rendering %s failed", req.path)
-                    code, ctype, body = 500, "text/plain; charset=utf-8", b"internal error\n"
+            if snap is not None:
+                page = functools.partial(route, snap, time.monotonic() - snap.taken_at)
+        if page is not None:
+            try:
+                code, ctype, body = page()
+            except Exception:  # a bug costs this page, never the listener
+                log.exception("metrics listener: rendering %s failed", req.path)
+                code, ctype, body = 500, "text/plain; charset=utf-8", b"internal error\n"
+        elif route is None:
+            code, ctype, body = 404, "text/plain; charset=utf-8", (
+                f"no page {req.path[:200]!r}; pages: "
+                f"{', '.join(sorted([*self.routes, *self.pages]))}\n").encode()
+        else:
+            code, ctype, body = 503, "text/plain; charset=utf-8", \
+                b"the router has not published its figures yet\n"
         req.send_response(code)
         req.send_header("Content-Type", ctype)
         req.send_header("Content-Length", str(len(body)))

@@ -208,8 +208,9 @@ def _connector(router_addr: str, keys_dir: str | None, key: str | None,
 def _metrics_option(f):
     return click.option(
         "--metrics", default=None, metavar="HOST:PORT",
-        help="Serve GET /metrics (Prometheus) and GET /api/status over HTTP on HOST:PORT "
-             "(:PORT or PORT: on 127.0.0.1); unauthenticated and read-only. Default: off.")(f)
+        help="Serve GET /metrics (Prometheus), GET /api/status and the dashboard (GET /) over "
+             "HTTP on HOST:PORT (:PORT or PORT: on 127.0.0.1); unauthenticated and read-only. "
+             "Default: off.")(f)
 
 
 def _check_metrics(address: str | None) -> None:

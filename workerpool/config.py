@@ -311,8 +311,8 @@ class RouterConfig(_Model):
 
     metrics: str | None = Field(
         None, description="HOST:PORT (or :PORT, PORT: on 127.0.0.1) where the router serves "
-        "GET /metrics (Prometheus) and GET /api/status over HTTP, unauthenticated and "
-        "read-only. None: no listener.")
+        "GET /metrics (Prometheus), GET /api/status and the dashboard (GET /) over HTTP, "
+        "unauthenticated and read-only. None: no listener.")
 
     @field_validator("frontend", "backend")
     @classmethod
