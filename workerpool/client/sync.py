@@ -9,10 +9,14 @@
       Future.result() / stream queue <--- Replies.apply(parsed reply) <-- DEALER <-+
                                           Replies.expire / RouterWatch pings, each pass
 
-ZeroMQ sockets are not thread-safe, so user threads never touch the socket: they put
-frames in the outbox and the I/O thread sends them. The ``Replies`` table is the I/O
-thread's alone. The thread holds only a weak reference to the ``Client``, so a dropped
-client is collected and its thread ends.
+ZeroMQ sockets are not thread-safe: the socket and the ``Replies`` table belong to
+whoever holds ``_io_lock``. That is the I/O thread while anything is outstanding. A
+``call`` made while nothing is (one request at a time, the common case of a sequential
+caller) takes the lock itself, sends, and reads its own reply for up to ``DIRECT_WAIT``,
+then hands whatever is left to the I/O thread: that saves two thread wake-ups per call,
+about a third of a no-op call's time. The I/O thread, when idle, polls only its wake-up
+socket. It holds only a weak reference to the ``Client``, so a dropped client is
+collected and its thread ends.
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ from workerpool.client._base import (
 from workerpool.client._replies import Pending, Replies
 from workerpool.config import DEFAULT_FRONTEND, TIMINGS
 from workerpool.errors import ClientClosedError
+
+DIRECT_WAIT = 0.05
+"""How long a ``call`` made while nothing is outstanding waits for its reply on the
+socket itself before the I/O thread takes over (pings and deadlines are the I/O
+thread's, and it waits for the lock meanwhile)."""
 
 
 class _RequestFuture(concurrent.futures.Future):
@@ -95,10 +104,17 @@ class Client(BaseClient):
             if self._curve else None
         self._sock.connect(address)
         self._replies = Replies(self._pool)
+        self._io_lock = threading.Lock()  # the socket and self._replies are its holder's
+        self._handshake = HandshakeWatch(address)
+        self._watch = RouterWatch()
+        self._direct_calls = 0  # calls answered without the I/O thread (tests read it)
         self._outbox: collections.deque = collections.deque()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._direct_poller = zmq.Poller()  # a direct call's: its reply, or work pushed
+        self._direct_poller.register(self._sock, zmq.POLLIN)
+        self._direct_poller.register(self._wake_r, zmq.POLLIN)
         self._woken = True  # the I/O thread is not polling yet: no wake-up byte needed
         self._closed = False
         self._error: BaseException | None = None
@@ -136,10 +152,54 @@ class Client(BaseClient):
              idempotent: bool | None = None) -> Any:
         """Send a request and wait for its result."""
         timeout = self.timeout if timeout is None else timeout
-        fut = self.submit(method, payload, service=service, priority=priority, timeout=timeout,
-                          idempotent=idempotent)
+        fut = _RequestFuture(self)
+        rid, frames, entry = self._new_request(fut, None, method, payload, service, priority,
+                                               timeout, idempotent)
+        fut.rid = rid
+        if not self._call_directly(rid, entry, frames, fut):
+            self._push(rid, entry, frames)
         # The I/O thread enforces the deadline; the margin only guards against its death.
         return fut.result(None if timeout is None else timeout + TIMINGS.local_grace + 5)
+
+    def _call_directly(self, rid: int, entry: Pending, frames: list,
+                       fut: concurrent.futures.Future) -> bool:
+        """Send ``frames`` and read the reply on this thread, if nothing else is
+        outstanding and the I/O thread is not using the socket; False otherwise (the
+        caller pushes the request as usual). Past DIRECT_WAIT, or as soon as another
+        thread pushes work, the request is the I/O thread's like any other."""
+        lock = self._io_lock
+        if self._outbox or self._replies or not lock.acquire(blocking=False):
+            return False
+        replies, sock = self._replies, self._sock
+        try:
+            if self._outbox or replies or self._closed or self._error is not None \
+                    or self._handshake.refused is not None:
+                return False
+            send = _send_or_refuse if self._monitor is not None else transport.send
+            replies.add(rid, entry)
+            if send(sock, frames) is None:  # no connection (keys): the I/O thread says why
+                replies.fail(rid, self._handshake.refused or self._handshake.unsendable())
+                return True
+            poller = self._direct_poller
+            end = time.monotonic() + DIRECT_WAIT
+            if entry.deadline is not None and entry.deadline < end:
+                end = entry.deadline
+            while not fut.done():
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                events = dict(poller.poll(left * 1000))
+                if sock in events:
+                    _read_replies(self, sock, replies, self._watch)
+                if self._wake_r.fileno() in events:
+                    break  # another thread pushed work: the I/O thread takes over now
+            if fut.done():
+                self._direct_calls += 1
+            return True
+        finally:
+            lock.release()
+            if not fut.done():
+                self._wake()  # the I/O thread polls the socket from now on
 
     def stream(self, method: str, payload: Any = None, *, service: str | None = None,
                priority: int = 0, timeout: float | None = None,
@@ -256,18 +316,23 @@ def _io_loop(ref: weakref.ref, replies: Replies, sock: zmq.Socket, wake_r: socke
     if client is None:
         return
     outbox = client._outbox
-    poller = zmq.Poller()
+    lock = client._io_lock
+    poller = zmq.Poller()  # with requests outstanding: replies, pushed work, the monitor
     poller.register(sock, zmq.POLLIN)
     poller.register(wake_r, zmq.POLLIN)
+    idle = zmq.Poller()  # with none: the socket is left to a direct call (Client.call)
+    idle.register(wake_r, zmq.POLLIN)
     if monitor is not None:
         poller.register(monitor, zmq.POLLIN)
-    handshake = HandshakeWatch(client.address)
+        idle.register(monitor, zmq.POLLIN)
+    handshake = client._handshake
     # With keys, ZeroMQ drops the connection for good once the router refuses the key,
     # and a blocking send on a DEALER with no connection would wait forever: sends do
     # not wait then, and a request that cannot be sent fails with the refusal.
     send = _send_or_refuse if monitor is not None else transport.send
-    watch = RouterWatch()
+    watch = client._watch
     ping_ms = int(TIMINGS.ping_interval * 1000)
+    lock.acquire()
     try:
         while True:
             timeout = 1000
@@ -282,8 +347,16 @@ def _io_loop(ref: weakref.ref, replies: Replies, sock: zmq.Socket, wake_r: socke
             client._woken = False
             if outbox:
                 timeout = 0
+            busy = bool(replies) or bool(outbox)
             del client
-            events = dict(poller.poll(timeout))
+            if busy:
+                events = dict(poller.poll(timeout))
+            else:  # the socket is free for a direct call until this thread wakes
+                lock.release()
+                try:
+                    events = dict(idle.poll(timeout))
+                finally:
+                    lock.acquire()
             client = ref()
             if client is None or client._closed:
                 break
@@ -326,6 +399,7 @@ def _io_loop(ref: weakref.ref, replies: Replies, sock: zmq.Socket, wake_r: socke
     finally:
         replies.fail_all(ClientClosedError("client closed with this request outstanding"))
         outbox.clear()
+        lock.release()
         if monitor is not None:
             sock.disable_monitor()
             monitor.close(linger=0)
