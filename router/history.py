@@ -137,7 +137,7 @@ class History:
         services = {}
         for row in snap.status.get("services", ()):
             name = row["name"]
-            point = {"queued": row["queued"], "in_flight": row["in_flight"],
+            point = {"queued": row.get("queued"), "in_flight": row.get("in_flight"),
                      "requests_per_s": None, "errors_per_s": None, "p50_s": None, "p99_s": None}
             fig = figures.get(name)
             if fig is not None:
