@@ -69,7 +69,7 @@ def test_closing_during_a_direct_call_fails_it_as_closed(pool):
 
     def call() -> None:
         try:
-            result.append(c.call("sleep", {"seconds": 5}))
+            result.append(c.call("sleep", {"seconds": 1}))
         except Exception as exc:
             result.append(exc)
 
