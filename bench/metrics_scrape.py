@@ -5,13 +5,19 @@ order that turns each round:
 
 - ``off``: no ``--metrics``;
 - ``on``: ``--metrics`` (the router counts every request and message), nobody scrapes;
-- ``scraped``: ``--metrics``, and a thread GETs ``/metrics`` and ``/api/status`` every
-  ``--scrape-interval`` seconds (1), as Prometheus and a dashboard would.
+- ``scraped``: ``--metrics``, and a thread GETs ``--pages`` (``/metrics``: what Prometheus
+  fetches; add ``/api/status`` for what the dashboard fetches too) every
+  ``--scrape-interval`` seconds (1).
 
 For each, a bare ``Client.submit`` loop keeps ``--outstanding`` requests in flight for
 ``--duration`` seconds (after ``--warmup``); the figure is completed requests per second,
-the median over ``--rounds``. The ratios are over ``off`` (below 1 is the cost). Run it
-with nothing else on the machine::
+the median over ``--rounds``. The ratios are over ``off`` (below 1 is the cost).
+
+Separate pools differ by several per cent from one start to the next on a small machine,
+more than a scrape costs. So ``scraped`` is also measured paired: in its own pool,
+``--window``-second windows alternate between scraping and not, and ``scrape cost`` is the
+ratio of the two sums (the same pool, the same minutes). Run it with nothing else on the
+machine::
 
     .venv/bin/python bench/metrics_scrape.py --rounds 5 --duration 10
 """
@@ -46,6 +52,10 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the three (default 3)")
     ap.add_argument("--scrape-interval", type=float, default=1.0,
                     help="seconds between scrapes in 'scraped' (default 1)")
+    ap.add_argument("--window", type=float, default=1.0,
+                    help="seconds per paired window in the scraped pool (default 1)")
+    ap.add_argument("--pages", default="/metrics",
+                    help="comma-separated pages each scrape GETs (default /metrics)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     return ap.parse_args()
 
@@ -57,14 +67,16 @@ def _free_port() -> int:
 
 
 class Scraper:
-    """GET /metrics and /api/status every ``interval`` seconds on its own thread."""
+    """GET ``pages`` every ``interval`` seconds on its own thread."""
 
-    def __init__(self, port: int, interval: float) -> None:
-        self.urls = [f"http://127.0.0.1:{port}/metrics", f"http://127.0.0.1:{port}/api/status"]
+    def __init__(self, port: int, interval: float, pages: list[str]) -> None:
+        self.urls = [f"http://127.0.0.1:{port}{page}" for page in pages]
         self.interval = interval
         self.scrapes = 0
         self.seconds = 0.0  # spent waiting for answers, in all
         self.error: Exception | None = None
+        self.active = threading.Event()  # scrapes only while set
+        self.active.set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -80,6 +92,8 @@ class Scraper:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
+            if not self.active.is_set():
+                continue
             t = time.perf_counter()
             try:
                 for url in self.urls:
@@ -99,10 +113,19 @@ def _run_one(workdir: str, system: str, args: argparse.Namespace) -> dict:
         _throughput(c, args.outstanding, args.warmup)
         if system != "scraped":
             return {"throughput_rps": _throughput(c, args.outstanding, args.duration)}
-        with Scraper(port, args.scrape_interval) as scraper:
+        with Scraper(port, args.scrape_interval, args.pages.split(",")) as scraper:
             rps = _throughput(c, args.outstanding, args.duration)
+            paired = {True: [], False: []}  # scraping -> req/s of each window
+            for i in range(2 * max(1, round(args.duration / args.window))):
+                scraping = i % 4 in (1, 2)  # off, on, on, off: neither side always first
+                if scraping:
+                    scraper.active.set()
+                else:
+                    scraper.active.clear()
+                paired[scraping].append(_throughput(c, args.outstanding, args.window))
         return {"throughput_rps": rps, "scrapes": scraper.scrapes,
-                "scrape_ms": 1000 * scraper.seconds / max(1, scraper.scrapes)}
+                "scrape_ms": 1000 * scraper.seconds / max(1, scraper.scrapes),
+                "paired_ratio": sum(paired[True]) / sum(paired[False])}
 
 
 def _work(args: argparse.Namespace):
@@ -114,7 +137,8 @@ def _work(args: argparse.Namespace):
                 rounds[system].append(_run_one(workdir, system, args))
         median = {s: statistics.median(r["throughput_rps"] for r in rounds[s]) for s in SYSTEMS}
         return {"rounds": rounds, "median_rps": median,
-                "ratio": {s: median[s] / median["off"] for s in SYSTEMS if s != "off"}}
+                "ratio": {s: median[s] / median["off"] for s in SYSTEMS if s != "off"},
+                "scrape_cost": statistics.median(r["paired_ratio"] for r in rounds["scraped"])}
     return run
 
 
@@ -132,8 +156,11 @@ def main() -> int:
         print(f"{system:8} {rps:>10.0f} {rps / result['median_rps']['off']:>7.3f}")
     scraped = result["rounds"]["scraped"]
     ms = statistics.median(r["scrape_ms"] for r in scraped)
+    print(f"scrape cost, paired in one pool: req/s scraped / not scraped = "
+          f"{result['scrape_cost']:.3f}")
     print(f"(median of {args.rounds} rounds, {args.outstanding} outstanding; a scrape of "
-          f"/metrics and /api/status took {ms:.1f} ms, every {args.scrape_interval:g}s)")
+          f"{' and '.join(args.pages.split(','))} took {ms:.1f} ms, every "
+          f"{args.scrape_interval:g}s)")
     return 0
 
 
