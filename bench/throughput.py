@@ -71,10 +71,11 @@ WP64 = "workerpool (max_inflight=64)"
 WP64NP = "workerpool (max_inflight=64), numpy array payload"
 WP64F = "workerpool (max_inflight=64), Client.submit loop"
 WP64A = "workerpool (max_inflight=64), AsyncClient.submit loop"
+WPCALL = "workerpool (defaults), Client.call from one thread"
 DIRECT = "zmq echo (no broker)"
 BROKER = "zmq broker (baseline)"
 PPE = "ProcessPoolExecutor(2)"
-SYSTEMS = {"wp1": WP1, "wp64": WP64, "wp64f": WP64F, "wp64a": WP64A,
+SYSTEMS = {"wp1": WP1, "wp64": WP64, "wp64f": WP64F, "wp64a": WP64A, "wpcall": WPCALL,
            "wp64np": WP64NP, "direct": DIRECT,
            "broker": BROKER, "ppe": PPE}
 
@@ -412,6 +413,30 @@ def run_workerpool_futures(args: argparse.Namespace, workdir: str) -> Result:
     return res
 
 
+def run_workerpool_call(args: argparse.Namespace, workdir: str) -> Result:
+    """A sequential caller: one thread, ``Client.call`` after ``Client.call``, against a
+    pool with the defaults (``--outstanding`` is ignored: always one). Compare it with
+    ``broker`` run with ``--outstanding 1``, whose client is one raw DEALER thread."""
+    with _pool.pool(workdir, "wpcall", workers=WORKERS) as (_, frontend, argv), \
+            Client(frontend) as client:
+        body = random_payload(args.payload_size) if args.payload_size else None
+        stamps = Stamps()
+        t_end = stamps.start + args.warmup + args.duration
+        i = 0
+        while time.perf_counter() < t_end:
+            t_send = time.perf_counter()
+            try:
+                client.call("echo", body if body is not None else {"i": i})
+                err = None
+            except Exception as exc:  # counted, as the other drivers do
+                err = exc
+            stamps.done(t_send, err)
+            i += 1
+        res = stamps.result(WPCALL, args.warmup, args.duration)
+    res.notes["command"] = _pool.command_line(argv)
+    return res
+
+
 def run_workerpool_async(args: argparse.Namespace, workdir: str) -> Result:
     """``wp64f`` with ``AsyncClient``: the same pool and closed loop, in one event loop."""
     body = random_payload(args.payload_size) if args.payload_size else None
@@ -450,6 +475,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, str], Result]] = {
     "wp64np": lambda a, d: run_workerpool(64, a, d, kind="numpy"),
     "wp64f": run_workerpool_futures,
     "wp64a": run_workerpool_async,
+    "wpcall": run_workerpool_call,
     "direct": run_direct,
     "broker": run_broker,
     "ppe": run_ppe,
@@ -585,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration <= 0 or args.warmup < 0 or args.outstanding < 1 or args.payload_size < 0:
         ap.error("--duration must be > 0, --warmup >= 0, --outstanding >= 1, --payload-size >= 0")
     # The numpy leg needs --payload-size (bench/large_payload.py runs it by default).
-    default = [k for k in SYSTEMS if k != "wp64np" and not (args.payload_size and k == "broker")]
+    default = [k for k in SYSTEMS if k not in ("wp64np", "wpcall")
+               and not (args.payload_size and k == "broker")]
     chosen = parse_systems(ap, args.systems) if args.systems else default
 
     results, code = _pool.measure(lambda wd: run_systems(chosen, args, args.json, wd),
