@@ -510,7 +510,8 @@ def test_the_listener_serves_its_pages_and_a_silent_client_does_not_hold_its_clo
             assert b'workerpool_queue_depth{service="svc"} 7.0' in resp.read()
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(f"{base}/nope", timeout=5)
-        assert err.value.code == 404 and b"/api/status, /dashboard.css, /dashboard.js, /metrics" in err.value.read()
+        assert err.value.code == 404
+        assert b"/api/status, /dashboard.css, /dashboard.js, /metrics" in err.value.read()
         silent = socket.create_connection(listener.address.rsplit(":", 1))  # sends nothing
     finally:
         t = time.monotonic()
