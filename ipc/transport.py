@@ -113,6 +113,19 @@ def readable(sock: zmq.Socket) -> bool:
     return bool(_get(sock, _EVENTS) & _POLLIN)
 
 
+TRANSPORTS = ("tcp", "ipc", "inproc")
+
+
+def check_endpoint(endpoint: str) -> None:
+    """Raise ValueError, saying what an address looks like, unless ``endpoint`` names one of
+    TRANSPORTS (ZeroMQ's own error for ``foo`` is a bare "Invalid argument")."""
+    scheme, sep, rest = endpoint.partition("://") if isinstance(endpoint, str) else ("", "", "")
+    if not sep or not rest or scheme not in TRANSPORTS or (
+            scheme == "tcp" and not rest.rpartition(":")[2].isdigit() and rest[-1:] != "*"):
+        raise ValueError(f"{endpoint!r} is not an address: use tcp://HOST:PORT, ipc://PATH "
+                         "or inproc://NAME")
+
+
 def is_loopback(endpoint: str) -> bool:
     """An endpoint only this host can reach: ipc://, inproc://, tcp on a loopback address
     or ``localhost``. ``*``, 0.0.0.0, a host name or IP, or an interface name are not."""

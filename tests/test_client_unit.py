@@ -214,3 +214,25 @@ def test_router_watch_knows_a_restart_that_happened_before_its_first_pong():
     fresh = RouterWatch()  # a client whose first ping reached a router up for a while
     assert fresh.due(100.0)
     assert fresh.lost(_pong("a", [3], 30.0), 100.001) == []
+
+
+@pytest.mark.parametrize("address", ["foo", "tcp://", "tcp://127.0.0.1", "http://x:1", "ipc://",
+                                     "localhost:5555"])
+def test_an_address_that_is_not_one_is_a_value_error_saying_what_one_looks_like(address):
+    from workerpool import AsyncClient, Client
+
+    for make in (Client, AsyncClient):
+        with pytest.raises(ValueError, match="tcp://HOST:PORT, ipc://PATH or inproc://NAME"):
+            make(address)
+
+
+def test_the_cli_refuses_an_address_that_is_not_one_as_a_usage_error():
+    from click.testing import CliRunner
+
+    from workerpool.cli import main
+
+    for args in (["status", "--router", "foo"], ["status", "--watch", "--router", "foo"],
+                 ["call", "echo", "1", "--router", "tcp://nohost"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "is not an address" in result.output and "Traceback" not in result.output

@@ -197,8 +197,13 @@ def _client(router_addr: str, keys_dir: str | None, key: str | None, router_key:
 def _connector(router_addr: str, keys_dir: str | None, key: str | None,
                router_key: str | None, role: str = "client"):
     """What makes such Clients, one per call; the key flags are checked now."""
+    from ipc.transport import check_endpoint
     from workerpool.client import Client
 
+    try:
+        check_endpoint(router_addr)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--router'") from None
     files = _peer_keys(_security(keys_dir, key, router_key), role)
     if files is None:
         return lambda: Client(router_addr)

@@ -90,6 +90,7 @@ class Client(BaseClient):
                  shm_pool_bytes: int = segments.POOL_BYTES, key: str | None = None,
                  router_key: str | None = None, keys: str | None = None,
                  role: str = "client") -> None:
+        transport.check_endpoint(address)  # before anything is made that must be closed
         super().__init__(address, timeout=timeout, max_message_bytes=max_message_bytes,
                          shm=shm, shm_pool_bytes=shm_pool_bytes, key=key,
                          router_key=router_key, keys=keys, role=role)
