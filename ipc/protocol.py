@@ -29,10 +29,11 @@ import msgpack
 from ipc.errors import FrameError
 
 MAGIC = b"WP"
-VERSION = 3
+VERSION = 4
 HEADER = struct.Struct("!2sBBQII")
 HEADER_SIZE = HEADER.size  # 20
 _ID_PART = struct.Struct("!2sBBQ")  # the first 12 bytes: enough to answer under the id
+_LENGTHS = struct.Struct("!II")  # the last 8: meta and body lengths
 MAX_REQUEST_ID = 2**64 - 1
 BODY_IN_FRAME = 0xFFFFFFFF
 """The body length that says: the body is frame 1, not in the head."""
@@ -73,6 +74,9 @@ class Kind(enum.IntEnum):
     DRAIN = 0x42  # supervisor -> router: stop admitting, finish in-flight, then SHUTDOWN workers
     DRAINED = 0x43  # router -> supervisor: every admitted request has had its final reply
 
+    # any peer -> any peer
+    BUNDLE = 0x50  # id: how many messages; body: that many one-frame messages, end to end
+
 
 FINAL_REPLY_KINDS = frozenset({Kind.RESULT, Kind.ERROR, Kind.END})
 REPLY_KINDS = FINAL_REPLY_KINDS | {Kind.PARTIAL}
@@ -80,6 +84,13 @@ REPLY_KINDS = FINAL_REPLY_KINDS | {Kind.PARTIAL}
 # heartbeat ``of`` a worker only from that worker's own heartbeat socket.
 HEARTBEAT_SUFFIX = b"#hb"
 _KINDS = {k.value: k for k in Kind}
+BUNDLE_MAX = 256
+"""The most messages one BUNDLE may hold. A receiver handles a bundle's messages in one
+go, so this bounds how long one message can hold its loop (and a hostile one costs what
+256 separate messages would)."""
+BUNDLE_BYTES = BODY_FRAME_MIN
+"""Senders close a bundle before it passes this many bytes, for the reason a body this
+large gets a frame of its own: past it, copying costs more than a frame does."""
 
 
 @dataclass(slots=True)
@@ -282,7 +293,7 @@ def split(frames: list, at: int = 0) -> tuple[Kind, int, bytes, bytes, list]:
     return kind, req_id, b"", head[end:] if body_len else b"", frames[at + 1:]
 
 
-_LENGTHS = struct.Struct("!II")
+
 
 
 def meta_length(head: bytes) -> int:
@@ -296,3 +307,77 @@ def decode(frames: list, cache: MetaCache | None = None) -> Message:
     meta = cache.unpack(meta_frame, req_id, kind) if cache is not None else \
         unpack_meta(meta_frame, req_id)
     return Message(kind, req_id, meta, body, buffers)
+
+
+def pack(heads: list[bytes]) -> list[bytes]:
+    """The heads of one-frame messages for one peer, as few messages as the bounds allow:
+    each element is one frame to send as one message, a BUNDLE or a head alone (a lone
+    message, or one of ``BUNDLE_BYTES`` or more, goes as itself). Order is kept."""
+    if len(heads) == 1:
+        return heads
+    out: list[bytes] = []
+    group: list[bytes] = []
+    size = 0
+    for head in heads:
+        if len(head) >= BUNDLE_BYTES:
+            _close(out, group)
+            group, size = [], 0
+            out.append(head)
+            continue
+        if len(group) == BUNDLE_MAX or size + len(head) > BUNDLE_BYTES:
+            _close(out, group)
+            group, size = [], 0
+        group.append(head)
+        size += len(head)
+    _close(out, group)
+    return out
+
+
+def _close(out: list[bytes], group: list[bytes]) -> None:
+    if len(group) == 1:
+        out.append(group[0])
+    elif group:
+        body = b"".join(group)
+        out.append(HEADER.pack(MAGIC, VERSION, Kind.BUNDLE, len(group), 0, len(body)) + body)
+
+
+def unbundle(head: bytes) -> list[bytes]:
+    """The messages in a BUNDLE's head (already checked by ``split``), in order, each a
+    head of its own. All or nothing: raises FrameError ``bad-bundle`` (id 0) unless the
+    count is 1 to BUNDLE_MAX and matches, and every message is a whole one-frame message
+    of another kind that ends where the next begins. Magic, version and kind of each
+    are checked when it is handled, as for any message."""
+    count = _ID_PART.unpack_from(head)[3]
+    meta_len, body_len = _LENGTHS.unpack_from(head, 12)
+    if not 1 <= count <= BUNDLE_MAX:
+        raise FrameError("bad-bundle", f"a BUNDLE holds 1 to {BUNDLE_MAX} messages; its "
+                         f"header says {count}")
+    if meta_len:
+        raise FrameError("bad-bundle", f"a BUNDLE has no meta; its header says {meta_len} "
+                         "bytes")
+    end = len(head)
+    at = HEADER_SIZE
+    out = []
+    while at < end:
+        if end - at < HEADER_SIZE:
+            raise FrameError("bad-bundle", f"message {len(out) + 1} of the BUNDLE is "
+                             f"{end - at} bytes, shorter than a header")
+        kind = head[at + 3]
+        inner_meta, inner_body = _LENGTHS.unpack_from(head, at + 12)
+        if kind == Kind.BUNDLE or inner_body == BODY_IN_FRAME:
+            raise FrameError("bad-bundle", f"message {len(out) + 1} of the BUNDLE is "
+                             + ("a BUNDLE" if kind == Kind.BUNDLE else
+                                "not a one-frame message (its body is in a frame of its own)"))
+        stop = at + HEADER_SIZE + inner_meta + inner_body
+        if stop > end:
+            raise FrameError("bad-bundle", f"message {len(out) + 1} of the BUNDLE runs "
+                             f"{stop - end} bytes past its end")
+        if len(out) == count:
+            break
+        out.append(head[at:stop])
+        at = stop
+    if len(out) != count or at != end:
+        raise FrameError("bad-bundle", f"the BUNDLE's header says {count} messages in "
+                         f"{body_len} bytes; it holds {len(out)}"
+                         + ("" if at == end else f" and {end - at} bytes more"))
+    return out
