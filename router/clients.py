@@ -134,19 +134,21 @@ class ClientLimits:
     def pay_owed(self) -> None:
         """Send what is owed, oldest first, to each client whose queue has room; a client
         that left is owed nothing more."""
-        out = self.core.out
+        outgoing = self.core.outgoing
         for client in list(self.owed):
-            owed = self.owed[client]
+            owed = self.owed.get(client)
             while owed:
                 rid, body = owed[0]
-                result = out.to_client(client, encode(Kind.ERROR, rid, b"", body))
+                # At once, to see FULL; after what waits for the client, which may find it
+                # gone (then it is owed nothing more).
+                result = outgoing.to_client(client, encode(Kind.ERROR, rid, b"", body), now=True)
                 if result is Delivery.FULL:
                     break  # still full: next tick
                 owed.popleft()
                 if not result:  # gone: nothing can reach it
                     owed.clear()
             if not owed:
-                del self.owed[client]
+                self.owed.pop(client, None)
 
     def expire(self, now: float) -> None:
         """Cut-offs that are over: those clients may send again."""

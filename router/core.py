@@ -33,7 +33,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from contextlib import AbstractContextManager
 
 import msgpack
 
@@ -56,6 +56,7 @@ from router.admission import Admission
 from router.clients import ClientLimits, Delivery
 from router.liveness import Liveness
 from router.metrics import Meters, ServiceMeter
+from router.outgoing import Outbox, Outgoing
 from router.registry import WorkerRegistry
 from router.requests import Phase, RequestTable, error_body, error_reply
 from router.scaling import Scaling
@@ -83,16 +84,6 @@ backlog. The Python clients ping at most once per ``TIMINGS.ping_interval`` (1 s
 LARGE_META_CLIENTS = 4096  # connections whose last large meta is remembered (cleared when full)
 
 
-class Outbox(Protocol):
-    """Where the core's messages go. A send to a client says what became of it
-    (``Delivery``: sent, the client is gone, or its send queue is full); a send to the
-    backend is False when the peer is unreachable. The core decides what that means."""
-
-    def to_client(self, client: bytes, frames: list) -> Delivery: ...
-
-    def to_backend(self, ident: bytes, frames: list) -> bool: ...
-
-
 class RouterCore:
     """Admits client requests, dispatches them to workers and keeps the health table."""
 
@@ -100,12 +91,12 @@ class RouterCore:
                  clock: Callable[[], float] = time.monotonic,
                  addresses: tuple[str, str] = ("", "")) -> None:
         self.config = config
-        self.out = out
         self.clock = clock
         self.addresses = addresses  # (frontend, backend) as bound, for status
         self._defaults = {**routed_defaults(), **(service_defaults or {})}
         self.services: dict[str, Service] = {}
         self.stats: Counter[str] = Counter()
+        self.outgoing = Outgoing(out, self.stats, self._undelivered)
         # With --metrics: what is counted for it on the request path (router.metrics).
         self.meters: Meters | None = Meters() if config.metrics else None
         self._warned: Counter[str] = Counter()
@@ -160,6 +151,9 @@ class RouterCore:
             self.release_memory = True
         try:
             kind, rid, meta_frame, body, buffers = protocol.split(frames, 1)
+            if kind is Kind.BUNDLE:
+                self._on_client_bundle(client, protocol.unbundle(frames[1]), role)
+                return
             if large:
                 self._check_large_meta(client, rid, meta_frame)
             msg = protocol.Message(kind, rid, self._meta_cache.unpack(meta_frame, rid, kind),
@@ -207,16 +201,32 @@ class RouterCore:
         else:
             admin.on_admin(self, client, msg.req_id, msg.meta)
 
+    def _on_client_bundle(self, client: bytes, heads: list[bytes], role: Role | None) -> None:
+        """A well-formed BUNDLE: each message handled as if it had come alone, in order; a
+        bug in one costs that one only. What they send to one peer goes together."""
+        self.stats["bundles_received"] += 1
+        with self.outgoing.batch():
+            for head in heads:
+                self._guarded(self.on_frontend, [client, head], role)
+
     def _refuse_key(self, client: bytes, frames: list, role: Role | None) -> None:
         """A frontend message whose key is no longer allowed there (revoked, or moved to
         the workers' folder): refused unread but for its header, so the caller is told
-        instead of waiting out its timeout. A CANCEL is never answered."""
-        self.stats["permission_denied"] += 1
+        instead of waiting out its timeout. A CANCEL is never answered. A BUNDLE's
+        messages are refused each under its own id (one ERROR under 0 if malformed)."""
         try:
             kind, req_id = protocol.unpack_header(frames[1]) if len(frames) > 1 \
                 else (None, RESERVED_ID)
+            if kind is Kind.BUNDLE:
+                req_id = RESERVED_ID
+                heads = protocol.unbundle(frames[1])
+                with self.outgoing.batch():
+                    for head in heads:
+                        self._refuse_key(client, [client, head], role)
+                return
         except FrameError:
             kind, req_id = None, RESERVED_ID
+        self.stats["permission_denied"] += 1
         if kind is Kind.CANCEL:
             return
         why = "was revoked" if role is None else f"is a {role.value} key"
@@ -311,9 +321,17 @@ class RouterCore:
             return
         try:
             kind, rid, meta_frame, body, buffers = protocol.split(frames, 1)
+            if kind is Kind.BUNDLE:
+                heads = protocol.unbundle(frames[1])
         except FrameError as exc:
             self.stats["bad_frames_backend"] += 1
             self.warn("bad-backend", "dropped bad frame from backend peer %r: %s", ident, exc)
+            return
+        if kind is Kind.BUNDLE:  # each message as if it had come alone, in order
+            self.stats["bundles_received"] += 1
+            with self.outgoing.batch():
+                for head in heads:
+                    self._guarded(self.on_backend, [ident, head], role)
             return
         if kind in REPLY_KINDS:
             conn = self.registry.conns.get(ident)
@@ -408,29 +426,30 @@ class RouterCore:
         """Everything that happens with time: call after each poll. Death notices due must
         be preceded by one more read of the backend (``deaths_due``): those that came due
         after the last ``deaths_due`` wait for the next pass (a caller that never asks,
-        such as a test, has every notice due by now applied)."""
-        now = self.clock()
-        deaths_by = now if self._deaths_asked is None else self._deaths_asked
-        self._deaths_asked = None
-        self._guarded(self.admission.check_grace, now)
-        self._guarded(self.registry.check_unreachable, now)
-        if self.registry.waiting:
-            self._guarded(self.registry.check_waiting, now)
-        self._guarded(self.requests.expire, now)
-        self._guarded(self.clients.expire, now)
-        if self.clients.owed:
-            self._guarded(self.clients.pay_owed)
-        self._guarded(self.admission.log_shedding, now)
-        # Silence is judged as of the loop's last turn to its sockets: a loop that spent
-        # seconds on one client's message has simply not read the heartbeats yet.
-        heard = now if self.backend_read_at is None else min(now, self.backend_read_at)
-        self._guarded(self.liveness.check, heard)
-        self._guarded(self.liveness.stop_drained_workers)
-        self._guarded(self.registry.apply_deaths, deaths_by)
-        if self.supervisors.draining:
-            self._guarded(self.supervisors.check_drains, now)
-        if self.draining:
-            self._guarded(self._check_drained, now)
+        such as a test, has every notice due by now applied). Its sends are one batch."""
+        with self.outgoing.batch():  # what it sends to one peer goes as one message
+            now = self.clock()
+            deaths_by = now if self._deaths_asked is None else self._deaths_asked
+            self._deaths_asked = None
+            self._guarded(self.admission.check_grace, now)
+            self._guarded(self.registry.check_unreachable, now)
+            if self.registry.waiting:
+                self._guarded(self.registry.check_waiting, now)
+            self._guarded(self.requests.expire, now)
+            self._guarded(self.clients.expire, now)
+            if self.clients.owed:
+                self._guarded(self.clients.pay_owed)
+            self._guarded(self.admission.log_shedding, now)
+            # Silence is judged as of the loop's last turn to its sockets: a loop that spent
+            # seconds on one client's message has simply not read the heartbeats yet.
+            heard = now if self.backend_read_at is None else min(now, self.backend_read_at)
+            self._guarded(self.liveness.check, heard)
+            self._guarded(self.liveness.stop_drained_workers)
+            self._guarded(self.registry.apply_deaths, deaths_by)
+            if self.supervisors.draining:
+                self._guarded(self.supervisors.check_drains, now)
+            if self.draining:
+                self._guarded(self._check_drained, now)
 
     def deaths_due(self) -> bool:
         """Whether a death notice is due: read the backend once more before ``tick``, so the
@@ -549,29 +568,50 @@ class RouterCore:
             self.requests.fail(rec, ServiceUnavailableError(why))
 
     # -- sending ------------------------------------------------------------------------------------
+    def batch(self) -> AbstractContextManager[None]:
+        """A block whose one-frame messages to each peer are sent together at its end (the
+        loop's batch of messages; ``tick`` opens its own): ``Outgoing``."""
+        return self.outgoing.batch()
+
     def to_client(self, client: bytes, kind: Kind, client_rid: int, meta: bytes, body: bytes,
-                  buffers: Iterable = ()) -> Delivery:
-        """Send one reply. A reply the client's queue is too full to take cuts the client
-        off (``ClientLimits``), except a stream's item (PARTIAL): its caller ends that
-        stream instead (``RequestTable.on_reply``), since a reader slower than its stream
-        still reads."""
-        result = self.out.to_client(client, protocol.encode(kind, client_rid, meta, body,
-                                                            buffers))
-        if result is not Delivery.SENT and not result:  # an outbox may answer a plain bool
-            if result is Delivery.FULL and kind is Kind.PARTIAL:
-                return result
-            self.stats["unroutable_replies"] += 1
-            self.clients.undelivered(client, result)
-            return result if isinstance(result, Delivery) else Delivery.GONE
-        return Delivery.SENT
+                  buffers: Iterable = ()) -> Delivery | None:
+        """Send one reply; None while it waits for the end of the batch. A reply the
+        client's queue is too full to take cuts the client off (``ClientLimits``), except
+        a stream's item (PARTIAL), which goes at once: its caller ends that stream instead
+        (``RequestTable.on_reply``), since a reader slower than its stream still reads."""
+        partial = kind is Kind.PARTIAL
+        result = self.outgoing.to_client(
+            client, protocol.encode(kind, client_rid, meta, body, buffers), now=partial)
+        if result is None or result is Delivery.SENT or (result is Delivery.FULL and partial):
+            return result
+        self._not_delivered(client, 1, result)
+        return result
 
     def reply_error(self, client: bytes, client_rid: int, err: WorkerPoolError) -> None:
         self.to_client(client, Kind.ERROR, client_rid, EMPTY_META, error_body(err))
 
     def to_backend(self, ident: bytes, kind: Kind, meta: dict | None = None,
                    req_id: int = 0) -> None:
-        if not self.out.to_backend(ident, protocol.encode(kind, req_id, meta)):
+        if self.outgoing.to_backend(ident, protocol.encode(kind, req_id, meta)) is Delivery.GONE:
             self.stats["unroutable_backend"] += 1
+
+    def _undelivered(self, to_client: bool, peer: bytes, tags: list, why: Delivery) -> None:
+        """Messages collected for ``peer`` that could not be sent at the end of a batch, in
+        order; each means what it would have meant had it failed at once: a reply, the
+        client gone or not reading; a dispatched request (its tag), back to the queue; any
+        other backend message, counted."""
+        if to_client:
+            self._guarded(self._not_delivered, peer, len(tags), why)
+            return
+        for rec in tags:
+            if rec is None:
+                self.stats["unroutable_backend"] += 1
+            else:
+                self._guarded(self.requests.undispatched, rec, peer)
+
+    def _not_delivered(self, client: bytes, count: int, why: Delivery) -> None:
+        self.stats["unroutable_replies"] += count
+        self.clients.undelivered(client, why)
 
     # -- observability ------------------------------------------------------------------------------
     def status(self) -> dict:

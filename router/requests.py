@@ -145,17 +145,9 @@ class RequestTable:
             self.timers.push(rec.wait_until, rec.rid, MAX_WAIT, len(self.records))
 
     def dispatch(self, rec: Record, conn: Conn) -> None:
+        """Send ``rec`` to ``conn``. It counts as running there from now; a send found to
+        have failed (at once, or at the end of the batch) undoes that (``undispatched``)."""
         core = self.core
-        if not core.out.to_backend(conn.identity, protocol.encode(
-                Kind.REQUEST, rec.rid, rec.meta_frame, rec.body, rec.buffers)):
-            # Unreachable: the process is gone and its death notice is still on its way.
-            # The request never reached it, so it is safe to queue again, at the front.
-            core.stats["dispatch_unroutable"] += 1
-            core.registry.quarantine(conn)
-            svc = core.services[rec.service]
-            self.enqueue(svc, rec, again=True)  # keeps its place among its client's
-            self.pump(svc)  # another worker may have room now
-            return
         rec.phase = Phase.RUNNING
         rec.conn = conn
         conn.sent += 1
@@ -165,6 +157,37 @@ class RequestTable:
             conn.busy_since = rec.dispatched_at
         conn.in_flight[rec.rid] = rec
         conn.slot.refresh_busy()
+        if core.outgoing.to_backend(conn.identity, protocol.encode(
+                Kind.REQUEST, rec.rid, rec.meta_frame, rec.body, rec.buffers),
+                rec) is Delivery.GONE:
+            self.undispatched(rec, conn.identity)
+
+    def undispatched(self, rec: Record, ident: bytes) -> None:
+        """The REQUEST of ``rec`` could not be sent to ``ident``: the process is gone and
+        its death notice is still on its way. The worker leaves dispatch; the request never
+        reached it, so it is safe to queue again, at the front, unless it was answered
+        meanwhile (timeout, cancel: then it is only let go) or its worker already lost."""
+        core = self.core
+        core.stats["dispatch_unroutable"] += 1
+        conn = core.registry.conns.get(ident)
+        if conn is None:
+            return  # lost meanwhile: its requests were dealt with then
+        core.registry.quarantine(conn)
+        if rec.conn is not conn or conn.in_flight.get(rec.rid) is not rec:
+            return
+        svc = core.services[rec.service]
+        if rec.phase is Phase.ORPHANED:
+            self.release(rec)
+        else:
+            del conn.in_flight[rec.rid]
+            conn.started.discard(rec.rid)
+            conn.reclaiming.discard(rec.rid)
+            conn.sent -= 1  # RECLAIM names requests by the worker's count of those it got
+            conn.slot.refresh_busy()
+            rec.conn = None
+            rec.phase = Phase.QUEUED
+            self.enqueue(svc, rec, again=True)  # keeps its place among its client's
+        self.pump(svc)  # another worker may have room now
 
     def pump(self, svc: Service) -> None:
         """Move queued requests onto workers with room, in queue order. With the queue
@@ -343,8 +366,10 @@ class RequestTable:
             return
         if kind is Kind.PARTIAL:
             rec.streamed = True
+            # Sent at once, after what waits for the client: sending that may have found it
+            # gone or cut off, which already ended this stream with its others.
             if core.to_client(rec.client, kind, rec.client_rid, meta, body,
-                              buffers) is Delivery.FULL:
+                              buffers) is Delivery.FULL and rec.phase is Phase.RUNNING:
                 self.overrun(rec, svc)
             return
         slot = conn.slot

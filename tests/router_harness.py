@@ -37,10 +37,12 @@ class Sent:
 
 @dataclass
 class RecordingOutbox:
-    """Every message the core sends, decoded. Peers in ``unreachable`` are gone; clients
-    in ``not_reading`` have a full send queue."""
+    """Every message the core sends, decoded, a BUNDLE's one by one; ``wire`` has one
+    ``(side, peer, messages)`` per message that went on the wire. Peers in
+    ``unreachable`` are gone; clients in ``not_reading`` have a full send queue."""
 
     sent: list[Sent] = field(default_factory=list)
+    wire: list[tuple[str, bytes, int]] = field(default_factory=list)
     unreachable: set[bytes] = field(default_factory=set)
     not_reading: set[bytes] = field(default_factory=set)
 
@@ -49,11 +51,21 @@ class RecordingOutbox:
             return Delivery.GONE
         if peer in self.not_reading:
             return Delivery.FULL
+        if protocol.unpack_header(frames[0])[0] is Kind.BUNDLE:
+            assert len(frames) == 1
+            messages = [[head] for head in protocol.unbundle(frames[0])]
+        else:
+            messages = [frames]
+        self.wire.append((side, peer, len(messages)))
+        for message in messages:
+            self._decode(side, peer, message)
+        return Delivery.SENT
+
+    def _decode(self, side: str, peer: bytes, frames: list) -> None:
         kind, req_id, meta_frame, body_frame, _ = protocol.split(frames)
         meta = protocol.unpack_meta(meta_frame)
         body = msgpack.unpackb(body_frame) if body_frame else None
         self.sent.append(Sent(side, peer, kind, req_id, meta, body))
-        return Delivery.SENT
 
     def to_client(self, client: bytes, frames: list) -> Delivery:
         return self._record("client", client, frames)
@@ -75,9 +87,9 @@ class RecordingOutbox:
 class Harness:
     """A router core with one supervisor ``sup`` and helpers that speak its protocol."""
 
-    def __init__(self, **config: object) -> None:
+    def __init__(self, outbox: RecordingOutbox | None = None, **config: object) -> None:
         self.clock = FakeClock()
-        self.out = RecordingOutbox()
+        self.out = RecordingOutbox() if outbox is None else outbox
         cfg = {"frontend": "tcp://127.0.0.1:1", "backend": "tcp://127.0.0.1:2",
                "registration_grace": 0.0, **config}
         self.core = RouterCore(RouterConfig(**cfg), None, self.out, self.clock)
