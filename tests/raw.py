@@ -40,6 +40,8 @@ class RawPeer:
         self.sock.connect(address)
         self.finals: dict[int, list] = {}  # request id -> final replies (must be exactly one)
         self.partials: dict[int, int] = {}
+        self.received = 0  # messages on the wire: a BUNDLE counts once
+        self._waiting: list[list] = []  # the rest of the last BUNDLE's messages
 
     def send(self, frames: list) -> None:
         self.sock.send_multipart(frames)
@@ -49,9 +51,18 @@ class RawPeer:
         self.send(protocol.encode(Kind.REQUEST, rid, {"method": method, **meta}, body))
 
     def recv(self, timeout: float = 5.0) -> list | None:
-        if self.sock.poll(int(timeout * 1000)):
-            return self.sock.recv_multipart()
-        return None
+        """The next message, or None on silence; a BUNDLE's messages (protocol.md 2.6) come
+        one at a time, each as if it had come alone."""
+        if self._waiting:
+            return self._waiting.pop(0)
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        frames = self.sock.recv_multipart()
+        self.received += 1
+        if len(frames[0]) >= protocol.HEADER_SIZE and frames[0][3] == Kind.BUNDLE:
+            self._waiting = [[head] for head in protocol.unbundle(frames[0])]
+            return self._waiting.pop(0)
+        return frames
 
     def reply(self, timeout: float = 5.0) -> tuple[Kind, int, object]:
         """The next reply as (kind, id, decoded body); fails the test on silence."""
