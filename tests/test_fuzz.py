@@ -4,7 +4,8 @@
 
     hypothesis: base messages + seed --mutations--> batches --> hostile DEALERs --+--> frontend
     hand-made: huge length prefixes, deep nesting, 1 and 10,000 frames,          +--> backend
-               a 100 MB frame, 80 MiB in 8 MiB frames, worst-case metas, many connections
+               a 100 MB frame, 80 MiB in 8 MiB frames, worst-case metas, many connections,
+               BUNDLEs: 256 worst-case metas, nested, truncated, counts that do not match
     Watch: a Client calling echo all along; router RSS; worker pids and restarts
 
 hypothesis draws the structure of each batch (frame counts, headers with every kind byte,
@@ -352,10 +353,13 @@ class Hostile:
                         frames = s.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    kind, rid, meta, _, _ = protocol.split(frames)
-                    if kind is Kind.HEARTBEAT:
-                        token = protocol.unpack_meta(meta).get("pong") if backend else rid
-                        waiting.discard((i, token))
+                    heads = protocol.unbundle(frames[0]) \
+                        if protocol.unpack_header(frames[0])[0] is Kind.BUNDLE else [frames[0]]
+                    for head in heads:  # the router may bundle its answers (2.6)
+                        kind, rid, meta, _, _ = protocol.split([head])
+                        if kind is Kind.HEARTBEAT:
+                            token = protocol.unpack_meta(meta).get("pong") if backend else rid
+                            waiting.discard((i, token))
             if waiting:
                 self._wait(100)
 
@@ -440,7 +444,36 @@ def _hand_made(backend: bool) -> list[list]:
             for _ in range(5):
                 out.append([HDR(kind, rid), meta, msgpack.packb(i)])
                 rid += 1
-    return [wire(m) for m in out]
+    return [wire(m) for m in out] + _hand_made_bundles(kinds)
+
+
+def _raw_bundle(count: int, heads: list[bytes]) -> bytes:
+    """A BUNDLE saying ``count`` messages around ``heads``, whatever they are, at any size."""
+    body = b"".join(heads)
+    return protocol.HEADER.pack(b"WP", protocol.VERSION, Kind.BUNDLE, count, 0,
+                                len(body)) + body
+
+
+def _hand_made_bundles(kinds: tuple) -> list[list]:
+    """BUNDLEs (protocol.md 2.6): 256 messages of worst-case request metas (4 MiB, each
+    decoded), nested, truncated, counts that do not match, and one with a frame after it."""
+    metas = _worst_metas(protocol.MAX_REQUEST_META_BYTES)
+    worst = [wire([HDR(kinds[i % len(kinds)], 100 + i), metas[i % len(metas)],
+                   msgpack.packb(i)])[0] for i in range(protocol.BUNDLE_MAX)]
+    small = [wire([HDR(kind, 500 + i), ECHO_META, msgpack.packb(i)])[0]
+             for i, kind in enumerate(kinds)]
+    whole = _raw_bundle(len(small), small)
+    return [[frame] for frame in (
+        _raw_bundle(len(worst), worst),
+        _raw_bundle(2, [small[0], whole]),  # nested
+        whole[:-1],  # truncated: shorter than its header says
+        _raw_bundle(len(small), [*small[:-1], small[-1][:-1]]),  # its last message cut
+        _raw_bundle(len(small) + 1, small),
+        _raw_bundle(len(small) - 1, small),
+        _raw_bundle(0, small),
+        _raw_bundle(2**64 - 1, small),
+        _raw_bundle(protocol.BUNDLE_MAX + 1, [small[0]] * (protocol.BUNDLE_MAX + 1)),
+    )] + [[whole, b"a frame after a BUNDLE"]]
 
 
 @pytest.mark.timeout(300)
