@@ -13,7 +13,9 @@
         recovery (retry and poison rule)         status (the STATUS body)
 
 The core takes decoded messages and the time from its caller (``clock``), and sends
-through an ``Outbox`` whose sends report whether the peer was reachable. Tests drive it
+through an ``Outbox`` whose sends report whether the peer was reachable; while a batch is
+open (``batch``: the loop's batch of messages, a tick, a BUNDLE taken in) one-frame
+messages wait in ``Outgoing`` and go to each peer together at its end. Tests drive it
 with plain frames, a recording outbox and a fake clock. Bytes from the network never
 raise out of it: every frame sequence decodes or becomes a typed ``ProtocolError`` reply
 (clients) or a counted, logged drop (backend).

@@ -9,9 +9,10 @@
 
 Each pass polls both sockets and a signal wake-up fd, drains each socket in bounded
 batches (so one busy side cannot starve the other), then lets the core act on the time
-(``tick``). Nothing here blocks: sends are NOBLOCK with ``ROUTER_MANDATORY``, so an
-unroutable peer is a failed send the core decides about, not a silent drop. This is the
-only router module that touches ZeroMQ.
+(``tick``). What a batch or a tick sends to one peer leaves as one message at its end.
+Nothing here blocks: sends are NOBLOCK with ``ROUTER_MANDATORY``, so an unroutable peer is
+a failed send the core decides about, not a silent drop. This is the only router module
+that touches ZeroMQ.
 
 With keys (``SecurityConfig.keys``) both sockets are CURVE servers: a ZAP thread
 (ipc.curve) lets only known keys complete a handshake, and each message's key is looked up
