@@ -154,7 +154,7 @@ class RouterCore:
         try:
             kind, rid, meta_frame, body, buffers = protocol.split(frames, 1)
             if kind is Kind.BUNDLE:
-                self._on_client_bundle(client, protocol.unbundle(frames[1]), role)
+                self._on_bundle(self.on_frontend, client, protocol.unbundle(frames[1]), role)
                 return
             if large:
                 self._check_large_meta(client, rid, meta_frame)
@@ -203,13 +203,15 @@ class RouterCore:
         else:
             admin.on_admin(self, client, msg.req_id, msg.meta)
 
-    def _on_client_bundle(self, client: bytes, heads: list[bytes], role: Role | None) -> None:
-        """A well-formed BUNDLE: each message handled as if it had come alone, in order; a
-        bug in one costs that one only. What they send to one peer goes together."""
+    def _on_bundle(self, handler: Callable[[list, Role | None], None], peer: bytes,
+                   heads: list[bytes], role: Role | None) -> None:
+        """A well-formed BUNDLE's messages, each handled by ``handler`` as if it had come
+        alone from ``peer`` with ``role``, in order; a bug in one costs that one only.
+        What they send to one peer goes together."""
         self.stats["bundles_received"] += 1
         with self.outgoing.batch():
             for head in heads:
-                self._guarded(self.on_frontend, [client, head], role)
+                self._guarded(handler, [peer, head], role)
 
     def _refuse_key(self, client: bytes, frames: list, role: Role | None) -> None:
         """A frontend message whose key is no longer allowed there (revoked, or moved to
@@ -220,7 +222,6 @@ class RouterCore:
             kind, req_id = protocol.unpack_header(frames[1]) if len(frames) > 1 \
                 else (None, RESERVED_ID)
             if kind is Kind.BUNDLE:
-                req_id = RESERVED_ID
                 heads = protocol.unbundle(frames[1])
                 with self.outgoing.batch():
                     for head in heads:
@@ -329,11 +330,8 @@ class RouterCore:
             self.stats["bad_frames_backend"] += 1
             self.warn("bad-backend", "dropped bad frame from backend peer %r: %s", ident, exc)
             return
-        if kind is Kind.BUNDLE:  # each message as if it had come alone, in order
-            self.stats["bundles_received"] += 1
-            with self.outgoing.batch():
-                for head in heads:
-                    self._guarded(self.on_backend, [ident, head], role)
+        if kind is Kind.BUNDLE:
+            self._on_bundle(self.on_backend, ident, heads, role)
             return
         if kind in REPLY_KINDS:
             conn = self.registry.conns.get(ident)
