@@ -466,6 +466,7 @@ def test_a_worker_takes_its_cap_from_the_router_and_ignores_bad_ones(tmp_path, c
 class _FakeReplies:
     def __init__(self):
         self.sent: list[tuple] = []
+        self.flushed = 0
 
     def error(self, rid, err):
         self.sent.append(("error", rid, err.type, err.message))
@@ -478,6 +479,9 @@ class _FakeReplies:
 
     def wait_unsent(self):
         pass
+
+    def flush(self):
+        self.flushed = len(self.sent)  # how many replies were out at the last flush
 
 
 class _FakeHost:

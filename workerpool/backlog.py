@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 
 from ipc.protocol import Message
 
@@ -61,6 +62,13 @@ class Backlog:
     def pop(self, req_id: int) -> Message | None:
         with self._lock:
             return self._msgs.pop(req_id, None)
+
+    def take_oldest(self, how_many: Callable[[Iterator[Message]], int]) -> list[Message]:
+        """The oldest requests out of the backlog at once: ``how_many`` reads them, oldest
+        first, as far as it needs to, and says how many to take."""
+        with self._lock:
+            n = how_many(iter(self._msgs.values()))
+            return [self._msgs.popitem(last=False)[1] for _ in range(min(n, len(self._msgs)))]
 
     def take_matching(self, method: str, limit: int) -> list[Message]:
         """Up to ``limit`` requests for ``method``, oldest first, out of the backlog."""

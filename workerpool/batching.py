@@ -15,6 +15,8 @@ waited ``max_delay_ms``, or at once when the router will send it nothing more (i
 ``max_inflight`` allows it, so batches hold at most ``max_inflight`` requests. Left unset,
 ``max_inflight`` is twice the largest ``max_batch_size`` of the handler's batched methods
 (``workerpool/worker.py: Worker._capacity``); set explicitly, keep it >= that.
+A batch's final replies leave together as one BUNDLE (or a few, past the bundle bounds),
+after its STARTED when it sends one (docs/protocol.md 7.1).
 
 The runner takes requests out of the worker's backlog and answers them through its
 ``Replies``; it reads the socket (through the worker) only while a batch forms, so that a
@@ -243,6 +245,7 @@ class BatchRunner:
             self._execute(method, method_fn, msgs, arrived_at, first.req_id)
         finally:
             self.running = 0
+        host.replies.flush()  # a batch travels, and is answered, as a batch: one BUNDLE
 
     def _take_matching(self, method: str, limit: int, arrived_at: dict[int, float]) -> None:
         """Move requests for ``method`` from the backlog into the batch, oldest first."""

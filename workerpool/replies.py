@@ -9,11 +9,19 @@ Used by the worker's loop (workerpool/worker.py) and its batch runner
 (workerpool/batching.py). Zero-copy frames are read by ZeroMQ after ``send`` returns, so
 ``wait_unsent`` is called before a handler runs again: it may refill the array it
 returned last time.
+
+A final reply of one frame (RESULT, ERROR, END) is *held* until ``flush``, which sends
+everything held as few messages as ``protocol.pack`` makes (BUNDLEs, docs/protocol.md
+2.6). The worker decides when to flush (workerpool/holding.py); any other message (a
+PARTIAL, a reply of several frames, READY, GOODBYE, a pong, STARTED) goes out at once,
+after what is held, so the order of messages to the router never changes.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -34,7 +42,8 @@ class Replies:
     """Sends one worker's replies; every reply's meta names the worker's slot."""
 
     def __init__(self, sock: zmq.Socket, slot: str, max_message_bytes: int,
-                 pool: shm.SegmentPool | None = None) -> None:
+                 pool: shm.SegmentPool | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._sock = sock
         self.slot = slot
         self._limit = max_message_bytes
@@ -43,10 +52,46 @@ class Replies:
         self._meta = protocol.pack_meta({"worker": slot})
         self._unsent: list[zmq.MessageTracker] = []  # zero-copy frames ZeroMQ still reads
         self._log = slot_logger(logging.getLogger("workerpool.worker"), slot)
+        self._clock = clock
+        self.held: list[bytes] = []  # one-frame final replies not sent yet, oldest first
+        self.held_bytes = 0
+        self.held_since = 0.0  # when the oldest of them was held (clock)
 
     def send(self, kind: Kind, req_id: int, meta: dict | bytes | None = None,
              body: bytes = b"", buffers: list | tuple = ()) -> None:
-        transport.send(self._sock, protocol.encode(kind, req_id, meta, body, buffers))
+        """A message that is not a final reply (READY, GOODBYE, a pong, STARTED): sent now,
+        after what is held."""
+        self._send_now(protocol.encode(kind, req_id, meta, body, buffers))
+
+    def flush(self) -> None:
+        """Send every held reply now, in order, as few messages as the bundle bounds allow."""
+        if not self.held:
+            return
+        held = self.held
+        self.held = []
+        self.held_bytes = 0
+        sock = self._sock
+        for message in protocol.pack(held):
+            transport.send(sock, [message])
+
+    def _final(self, frames: list) -> None:
+        """A final reply: held when it is one frame, else sent now."""
+        if len(frames) != 1:
+            self._send_now(frames)
+            return
+        if not self.held:
+            self.held_since = self._clock()
+        self.held.append(frames[0])
+        self.held_bytes += len(frames[0])
+
+    def _send_now(self, frames: list, track: bool = False) -> list[zmq.MessageTracker]:
+        if self.held:
+            if len(frames) == 1:  # it travels in the same bundle, after them
+                self.held.append(frames[0])
+                self.flush()
+                return []
+            self.flush()
+        return transport.send(self._sock, frames, track=track)
 
     def value(self, kind: Kind, req_id: int, value: Any, shm_ok: bool = False) -> None:
         """RESULT or PARTIAL carrying ``value``; raises UnencodableResult (nothing sent)."""
@@ -63,21 +108,28 @@ class Replies:
             raise UnencodableResult(f"handler returned {size} bytes, over max_message_bytes="
                                     f"{self._limit}")
         frames = protocol.encode(kind, req_id, self._meta, body, buffers)
-        self._unsent += transport.send(self._sock, frames, track=bool(buffers))
+        if kind is Kind.RESULT and len(frames) == 1:
+            self._final(frames)
+        else:  # a PARTIAL goes now; buffers are tracked (zero-copy)
+            self._unsent += self._send_now(frames, track=bool(buffers))
 
     def end(self, req_id: int) -> None:
         """END: the stream ``req_id`` has no more items."""
-        self.send(Kind.END, req_id, self._meta)
+        self._final(protocol.encode(Kind.END, req_id, self._meta))
 
     def error(self, req_id: int, err: WorkerPoolError) -> None:
         err.worker = self.slot
-        self.send(Kind.ERROR, req_id, self._meta,
-                  msgpack.packb(err.to_wire(), use_bin_type=True, default=str))
+        self._final(protocol.encode(Kind.ERROR, req_id, self._meta,
+                                    msgpack.packb(err.to_wire(), use_bin_type=True,
+                                                  default=str)))
 
     def wait_unsent(self) -> None:
         """Block until ZeroMQ has finished reading the zero-copy frames sent so far, so a
         handler that refills the array it returned last time cannot change a reply that is
-        still on its way."""
+        still on its way. What is held is sent first: it must not wait while this does."""
+        if not self._unsent:
+            return
+        self.flush()
         for tracker in self._unsent:
             try:
                 tracker.wait(TIMINGS.unsent_wait)

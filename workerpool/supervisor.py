@@ -45,6 +45,7 @@ from workerpool.children import (
 )
 from workerpool.config import ROUTED_FIELDS, TIMINGS, RouterConfig, ServiceConfig, SupervisorConfig
 from workerpool.devices import device_label, parse_devices
+from workerpool.inbox import messages
 from workerpool.respawn import Action, Next, SlotLife
 from workerpool.worker import WorkerSpec
 
@@ -254,17 +255,28 @@ class Supervisor:
             except zmq.Again:
                 return
             try:
-                msg = protocol.decode(frames)
-            except FrameError as exc:
-                log.warning("dropped bad frame from router: %s", exc)
+                inner = messages(frames)
+            except FrameError as exc:  # the router is trusted: a bad bundle is its bug
+                log.warning("dropped malformed bundle from router (none of it acted on): "
+                            "%s", exc)
                 continue
-            try:
-                self._on_router_message(msg)
-            except IllegalTransition as exc:  # a bug here, not the router's: keep supervising
-                log.error("refused: %s", exc)
-            except (KeyError, TypeError, ValueError) as exc:  # a field missing or malformed
-                log.warning("dropped malformed %s from router: %r (%s)", msg.kind.name,
-                            msg.meta, exc)
+            for one in inner:
+                self._on_frames(one)
+
+    def _on_frames(self, frames: list) -> None:
+        """One message from the router, alone or out of a BUNDLE."""
+        try:
+            msg = protocol.decode(frames)
+        except FrameError as exc:
+            log.warning("dropped bad frame from router: %s", exc)
+            return
+        try:
+            self._on_router_message(msg)
+        except IllegalTransition as exc:  # a bug here, not the router's: keep supervising
+            log.error("refused: %s", exc)
+        except (KeyError, TypeError, ValueError) as exc:  # a field missing or malformed
+            log.warning("dropped malformed %s from router: %r (%s)", msg.kind.name,
+                        msg.meta, exc)
 
     def _on_router_message(self, msg: protocol.Message) -> None:
         if msg.kind is Kind.READY:

@@ -11,7 +11,10 @@ The worker is started by the supervisor as a fresh interpreter
 one request at a time, in order; the router decides how many it may hold (``capacity``).
 A method declared ``@batched`` instead runs once for the requests of that method the
 worker holds, up to its ``max_batch_size`` (``BatchRunner``, workerpool/batching.py);
-replies are built and sent by ``Replies`` (workerpool/replies.py). A handler's exception is a
+replies are built and sent by ``Replies`` (workerpool/replies.py). A worker ahead of its
+work runs the quick requests waiting as a group and sends their replies as one BUNDLE
+(``ReplyHold``, workerpool/holding.py; docs/protocol.md 7.1); the router's bundles are
+taken apart by ``inbox.messages``. A handler's exception is a
 domain error: it is answered as ``HandlerError`` and the worker keeps serving. If
 ``setup()`` fails the worker reports why and exits with ``EXIT_SETUP_FAILED`` so the
 supervisor does not respawn it in a loop.
@@ -28,7 +31,9 @@ import sys
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Iterator
+from itertools import chain
 from typing import Any
 
 import zmq
@@ -54,6 +59,8 @@ from workerpool.errors import (
     WorkerCrashedError,
 )
 from workerpool.faults import Fate
+from workerpool.holding import ReplyHold
+from workerpool.inbox import messages
 from workerpool.logs import setup_logging, slot_logger
 from workerpool.memory import memory_use
 from workerpool.replies import Replies, UnencodableResult
@@ -142,6 +149,8 @@ class Worker:
         self._running = 0  # 1 while a request of a plain method runs
         self._poller = zmq.Poller()
         self._current: int | None = None  # request id running now (not batched)
+        self._hold = ReplyHold()  # which quick requests run as a group, replies held
+        self._group: OrderedDict[int, protocol.Message] = OrderedDict()  # started, not run
         self._cancel_current = False
         self._heart: _Heartbeat | None = None
         self.stats = WorkerStats()
@@ -190,6 +199,7 @@ class Worker:
             self._serve()
             stopped = True
         finally:
+            self.replies.flush()  # what it answered leaves before a teardown that may be slow
             self._teardown()  # still beating: a slow teardown is not a hang
             self._heart.stop()
             if stopped:
@@ -297,35 +307,75 @@ class Worker:
 
         Reading the socket dry before each request is what lets a CANCEL overtake the
         request it names. Whatever was received is answered before the worker stops.
+        Final replies are held only while the rest of a group of quick requests runs
+        (``_next``), and are sent before the loop waits on its socket.
         """
         poller = self._poller
         poller.register(self._sock, zmq.POLLIN)
         backlog = self.backlog
-        while not self._stopping or backlog:
+        group = self._group
+        while not self._stopping or backlog or group:
             if self._heart is not None and self._heart.register_again.is_set():
                 self._register_again()
             self._trim_shm()
-            if not backlog and not poller.poll(200):
-                continue
-            # With a backlog this runs once per request and mostly finds nothing.
-            if not backlog or transport.readable(self._sock):
+            if not backlog and not group:
+                self.replies.flush()  # nothing to start: what is held would wait for the socket
+                if not poller.poll(200):
+                    continue
+            # With work waiting this runs once per request and mostly finds nothing.
+            if not (backlog or group) or transport.readable(self._sock):
                 self._read_socket()
-            msg = backlog.pop_oldest() if backlog else None
-            if msg is not None:
-                arrived = self._batches.arrived.pop(msg.req_id, None)
-                method = msg.meta.get("method")
-                spec = self._batched.get(method) if isinstance(method, str) else None
-                try:
-                    if spec is not None:
-                        self._batches.run(msg, arrived, spec, self._methods[method])
-                    else:
-                        self._current = msg.req_id
-                        self._running = 1
-                        self._on_request(msg)
-                finally:
-                    self._current = None
-                    self._running = 0
-                    self.stats.running = 0
+            msg = self._next()
+            if msg is None:
+                continue
+            arrived = self._batches.arrived.pop(msg.req_id, None)
+            method = msg.meta.get("method")
+            spec = self._batched.get(method) if isinstance(method, str) else None
+            began = time.monotonic()
+            try:
+                if spec is not None:
+                    self._batches.run(msg, arrived, spec, self._methods[method])
+                else:
+                    self._current = msg.req_id
+                    self._running = 1
+                    self._on_request(msg)
+            finally:
+                self._current = None
+                self._running = 0
+                self.stats.running = 0
+            if spec is None and method in self._methods:
+                self._hold.times.record(method, time.monotonic() - began)
+
+    def _next(self) -> protocol.Message | None:
+        """The request to start now. The next of a group runs after the replies held
+        unless they waited long enough (``ReplyHold.keep``). Otherwise the oldest waiting
+        starts, with the quick ones behind it as a group when there are any (STARTED, and
+        their replies held); else alone, after every reply held, so that it is the oldest
+        request the router sees this worker hold (4.6)."""
+        replies = self.replies
+        group = self._group
+        if group:
+            if replies.held and not self._hold.keep(len(replies.held), replies.held_bytes,
+                                                    replies.held_since, time.monotonic()):
+                replies.flush()
+            return group.popitem(last=False)[1]
+        msg = self.backlog.pop_oldest()
+        if msg is None:
+            return None
+        hold = self._hold
+        method = msg.meta.get("method")
+        rest = self.backlog.take_oldest(lambda ahead: hold.plan(
+            chain([method], (m.meta.get("method") for m in ahead))) - 1) \
+            if hold.quick(method) else ()
+        if rest:
+            group.update((m.req_id, m) for m in rest)
+            # They all run from now on, not only the oldest: if this process dies, the
+            # router answers each as started, not as never run (4.6, 8.10). What is held
+            # travels with it.
+            replies.send(Kind.STARTED, 0, {"ids": [msg.req_id, *group]})
+        else:
+            replies.flush()
+        return msg
 
     def _trim_shm(self) -> None:
         """Give back segments that sat unused, and mappings of segments their owner left."""
@@ -346,9 +396,13 @@ class Worker:
         return not self._stopping and self._outstanding() < self.capacity
 
     def receive(self, wait_ms: int) -> None:
-        """Wait up to ``wait_ms`` for messages, then take in all that arrived."""
-        if wait_ms <= 0 or self._poller.poll(wait_ms):
-            self._read_socket()
+        """Wait up to ``wait_ms`` for messages, then take in all that arrived. Nothing is
+        held while it waits."""
+        if wait_ms > 0:
+            self.replies.flush()
+            if not self._poller.poll(wait_ms):
+                return
+        self._read_socket()
 
     def _read_socket(self) -> None:
         sock = self._sock
@@ -359,7 +413,15 @@ class Worker:
                 frames = transport.recv(sock, transport.NOBLOCK)
             except zmq.Again:
                 return
-            self._on_message(frames)
+            try:
+                inner = messages(frames)
+            except FrameError as exc:
+                # The router is trusted and builds bundles with protocol.pack: a bad one is
+                # its bug. None of it is acted on (2.6), and its id is a count: no answer.
+                self._log.warning("dropped malformed bundle from the router: %s", exc)
+                continue
+            for message in inner:
+                self._on_message(message)
 
     def _on_message(self, frames: list) -> None:
         try:
@@ -389,7 +451,8 @@ class Worker:
     def _on_cancel(self, req_id: int) -> None:
         """The router gave up on a request (timeout, client cancel). Not started: skip it.
         Streaming: stop after the current item. Running otherwise: it runs to the end."""
-        queued = self.backlog.pop(req_id) is not None
+        queued = (self.backlog.pop(req_id) is not None
+                  or self._group.pop(req_id, None) is not None)
         if self._batches.cancel(req_id) or queued:
             self.stats.cancelled += 1
             self.replies.error(req_id, RequestCancelledError("cancelled before it started"))
@@ -398,7 +461,7 @@ class Worker:
 
     def _outstanding(self) -> int:
         """Requests received and not yet answered (the router keeps this <= capacity)."""
-        return len(self.backlog) + self._batches.held() + self._running
+        return len(self.backlog) + len(self._group) + self._batches.held() + self._running
 
     def _on_request(self, msg: protocol.Message) -> None:
         self.stats.running = 1
@@ -445,9 +508,11 @@ class Worker:
             self.fail([msg.req_id], exc)
 
     def _timed(self, stream: Iterator) -> Iterator:
-        """A streaming handler runs while it makes each item, not while its items travel."""
+        """A streaming handler runs while it makes each item, not while its items travel.
+        No reply is held while it runs: an item may take long."""
         busy = self.busy
         while True:
+            self.replies.flush()
             busy.begin()
             try:
                 item = next(stream)
@@ -573,28 +638,47 @@ class _Heartbeat(threading.Thread):
         try:
             transport.send(sock, protocol.encode(kind, req_id, meta), transport.NOBLOCK)
         except zmq.ZMQError:
-            return False  # router unreachable now: a beat tries again; a RECLAIM is lost with it
+            return False  # router unreachable now: the next beat tries again
         return True
 
     def _read(self, sock: zmq.Socket) -> None:
+        """Take in every message waiting; the RECLAIM answers they ask for leave together,
+        as one BUNDLE when there are several."""
+        answers: list[bytes] = []
         while True:
             try:
                 frames = transport.recv(sock, transport.NOBLOCK)
             except zmq.Again:
-                return
+                break
             try:
-                msg = protocol.decode(frames)
-            except FrameError:
+                inner = messages(frames)
+            except FrameError as exc:  # the router's bug (it is trusted): none of it acted on
+                log.warning("[%s] heartbeat thread dropped a malformed bundle from the "
+                            "router: %s", self._spec.slot, exc)
                 continue
-            if msg.kind is Kind.RECLAIM:
-                seq = msg.meta.get("seq")
-                returned = type(seq) is int and self._backlog.give_back(msg.req_id, seq)
-                self._send(sock, Kind.RECLAIM, msg.req_id, {"returned": returned})
-            elif msg.kind is Kind.HEARTBEAT and msg.meta.get("register"):
-                # Asked at each beat a router cannot place, so a beat soon after we
-                # register again carries every method's batch figures anew.
-                self._sizes.resend()
-                self.register_again.set()
+            for one in inner:
+                self._on_message(one, answers)
+        for message in protocol.pack(answers):
+            try:
+                transport.send(sock, [message], transport.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # router unreachable now: the RECLAIMs are lost with it, as one alone
+
+    def _on_message(self, frames: list, answers: list[bytes]) -> None:
+        try:
+            msg = protocol.decode(frames)
+        except FrameError:
+            return
+        if msg.kind is Kind.RECLAIM:
+            seq = msg.meta.get("seq")
+            returned = type(seq) is int and self._backlog.give_back(msg.req_id, seq)
+            answers.append(protocol.encode(Kind.RECLAIM, msg.req_id,
+                                           {"returned": returned})[0])
+        elif msg.kind is Kind.HEARTBEAT and msg.meta.get("register"):
+            # Asked at each beat a router cannot place, so a beat soon after we
+            # register again carries every method's batch figures anew.
+            self._sizes.resend()
+            self.register_again.set()
 
     def stop(self) -> None:
         self._halt.set()
