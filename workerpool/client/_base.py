@@ -6,8 +6,10 @@
       -> BaseClient._new_request -> rid, frames, Pending  -> the client sends the frames
            header + cached meta frame + codec body/buffer frames  (Replies.add the entry)
            (arrays lent from this client's shared-memory pool)
-    frames of a reply
-      -> BaseClient._parse_reply -> kind, rid, value or typed error  -> Replies.apply
+    frames of a reply (each message of a BUNDLE in turn, as if alone)
+      -> BaseClient._take -> _parse_reply -> kind, rid, value or typed error -> Replies.apply
+    (rid, frames) ready at the same moment
+      -> batched: runs of one-frame messages as BUNDLEs, others alone  -> the client sends
     RouterWatch: ping frames out while requests are outstanding; a pong from a new
                  router instance -> the ids lost with the old one  -> Replies.fail
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import zmq
@@ -29,7 +31,7 @@ import zmq
 from ipc import codec, curve, protocol, transport
 from ipc import shm as segments
 from ipc.protocol import FrameError, Kind
-from workerpool.client._replies import Pending
+from workerpool.client._replies import Pending, Replies
 from workerpool.config import MAX_PRIORITY, MAX_TIMEOUT, MIN_PRIORITY, TIMINGS
 from workerpool.errors import (
     PayloadError,
@@ -43,6 +45,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20  # body plus every array's bytes, wherev
 
 MAX_PING_IDS = 65536  # request ids one ping asks the router about
 _PONG_PREFIX = protocol.MAGIC + bytes([protocol.VERSION, Kind.HEARTBEAT])
+_BUNDLE_PREFIX = protocol.MAGIC + bytes([protocol.VERSION, Kind.BUNDLE])
 _META_CACHE_SIZE = 256  # distinct (method, service, timeout, priority, idempotent) kept packed
 #: What the socket monitor of a client with keys reports (see ``HandshakeWatch``).
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -80,6 +83,9 @@ class BaseClient:
         # requests carry arrays in frames from then on. Replies still use shm when they can.
         self._frames_only: set[str | None] = set()
         self._metas: dict[tuple, bytes] = {}  # see _meta_frame
+        self._replies = Replies(self._pool)
+        self._watch = RouterWatch()
+        self._handshake = HandshakeWatch(address)
 
     # -- requests ---------------------------------------------------------------------------
     def _new_request(self, future: Any, put: Any, method: str, payload: Any,
@@ -197,7 +203,57 @@ class BaseClient:
         if self._shm is not None:
             self._shm.close()
 
+    # -- sending ----------------------------------------------------------------------------
+    def _send_batched(self, items: list[tuple[int, list]],
+                      put: Callable[[list], bool]) -> None:
+        """Send ``items`` (see ``batched``) with ``put``, which returns False when there is
+        no connection to send on (keys): the requests that message carried fail then."""
+        for frames, rids in batched(items):
+            if not put(frames):
+                for rid in rids:
+                    self._replies.fail(rid, self._handshake.refused
+                                       or self._handshake.unsendable())
+
+    def _send_again(self, rid: int, frames: list) -> None:
+        """Send request ``rid`` again (``_resend_frames``); each client sends its own way."""
+        raise NotImplementedError
+
     # -- replies ----------------------------------------------------------------------------
+    def _take(self, frames: list) -> int:
+        """Handle one message from the router, a BUNDLE's messages in order, each exactly
+        as if it had arrived alone; returns how many that was. A malformed bundle is
+        dropped whole, as a reply that cannot be attributed to a request is."""
+        head = frames[0]
+        if head[:4] != _BUNDLE_PREFIX:
+            self._take_one(frames)
+            return 1
+        try:
+            protocol.split(frames)  # the bundle's own header and length
+            heads = protocol.unbundle(head)
+        except FrameError:
+            return 1
+        for head in heads:
+            self._take_one([head])
+        return len(heads)
+
+    def _take_one(self, frames: list) -> None:
+        replies, watch = self._replies, self._watch
+        if (pong := watch.pong_body(frames)) is not None:
+            for rid in watch.lost(pong, time.monotonic()):
+                replies.fail(rid, router_restarted())
+            return
+        try:
+            kind, rid, value, meta = self._parse_reply(frames)
+        except FrameError:
+            return  # a reply we cannot attribute to any request
+        request = replies.apply(kind, rid, value, meta)
+        if request is not None:  # its worker cannot map our segments: send it in frames
+            again = self._resend_frames(rid, request)
+            if again is None:
+                replies.apply(kind, rid, value, meta)
+            else:
+                self._send_again(rid, again)
+
     def _parse_reply(self, frames: list) -> tuple[Kind, int, Any, bytes]:
         """(kind, request id, value-or-error, meta frame). Raises FrameError on a malformed
         reply."""
@@ -215,6 +271,35 @@ class BaseClient:
                                           max_bytes=self.max_message_bytes), meta
         except codec.PayloadError as exc:
             return Kind.ERROR, rid, PayloadError(f"undecodable reply: {exc}"), meta
+
+
+def batched(items: list[tuple[int, list]]) -> list[tuple[list, list[int]]]:
+    """The messages to send for ``items``, the ``(request id, frames)`` of messages ready
+    at the same moment, in order (id 0: no request fails if it cannot be sent, as for a
+    CANCEL or a ping): each run of one-frame messages packed into as few as the bounds
+    allow (``protocol.pack``), a message of more frames alone between them, so the order
+    never changes. Each comes with the ids of the requests it carries."""
+    out: list[tuple[list, list[int]]] = []
+    heads: list[bytes] = []
+    rids: list[int] = []
+    for rid, frames in items:
+        if len(frames) == 1:
+            heads.append(frames[0])
+            rids.append(rid)
+            continue
+        _pack_into(out, heads, rids)
+        heads, rids = [], []
+        out.append((frames, [rid] if rid else []))
+    _pack_into(out, heads, rids)
+    return out
+
+
+def _pack_into(out: list, heads: list[bytes], rids: list[int]) -> None:
+    at = 0
+    for message in protocol.pack(heads):
+        n = protocol.unpack_header(message)[1] if message[3] == Kind.BUNDLE else 1
+        out.append(([message], [rid for rid in rids[at:at + n] if rid]))
+        at += n
 
 
 class HandshakeWatch:

@@ -39,20 +39,13 @@ from zmq.utils.monitor import recv_monitor_message
 from ipc import curve, protocol, transport
 from ipc import shm as segments
 from ipc.lifecycle import AdminOp
-from ipc.protocol import FrameError, Kind
-from workerpool.client._base import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    HANDSHAKE_EVENTS,
-    BaseClient,
-    HandshakeWatch,
-    RouterWatch,
-    router_restarted,
-)
-from workerpool.client._replies import Pending, Replies
+from ipc.protocol import Kind
+from workerpool.client._base import DEFAULT_MAX_MESSAGE_BYTES, HANDSHAKE_EVENTS, BaseClient
+from workerpool.client._replies import Pending
 from workerpool.config import DEFAULT_FRONTEND
 from workerpool.errors import ClientClosedError
 
-#: Replies handled in one loop callback; then the drain continues after the loop's other
+#: Replies handled in one loop callback (a bundle's each); then the drain continues after the loop's other
 #: ready callbacks, so a flood of replies cannot starve the application's tasks.
 _PUMP_BATCH = 256
 
@@ -101,15 +94,16 @@ class AsyncClient(BaseClient):
         self._monitor = self._sock.get_monitor_socket(HANDSHAKE_EVENTS) \
             if self._curve else None
         self._sock.connect(address)
-        self._replies = Replies(self._pool)
-        self._watch = RouterWatch()
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first request
         self._fds: list[int] = []  # the loop watches these: the DEALER's, the monitor's
         self._pump_soon = False  # a _pump is scheduled with call_soon
         # Requests a send could not take yet (no keys, no connection yet), sent in order
         # by _pump once the socket can; normally empty, a DEALER queues until it connects.
         self._unsent: collections.deque[list] = collections.deque()
-        self._handshake = HandshakeWatch(address)
+        # The first message of a loop turn goes at once; the rest of that turn's wait here,
+        # (request id, frames), and go bundled when the turn ends (_end_turn).
+        self._turn_open = False
+        self._later: list[tuple[int, list]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf  # time.monotonic() at which _timer fires
         self._closed = False
@@ -211,6 +205,7 @@ class AsyncClient(BaseClient):
             self._timer.cancel()
         self._unwatch()
         self._unsent.clear()
+        self._later.clear()
         self._replies.fail_all(ClientClosedError("client closed with this request outstanding"))
         if self._monitor is not None:
             self._sock.disable_monitor()
@@ -264,8 +259,26 @@ class AsyncClient(BaseClient):
             when = entry.deadline
         if when < self._timer_at:
             self._set_timer(when)
-        if not self._put(frames):
+        self._out(rid, frames)
+
+    def _out(self, rid: int, frames: list) -> None:
+        """Every message to the router goes here, so their order is kept: the first of a
+        loop turn is sent now (a lone request does not wait), the others when the turn
+        ends, bundled. ``rid`` fails if the message cannot be sent (0: nothing fails)."""
+        if self._turn_open:
+            self._later.append((rid, frames))
+            return
+        self._turn_open = True
+        self._loop.call_soon(self._end_turn)
+        if not self._put(frames) and rid:
             self._replies.fail(rid, self._handshake.refused or self._handshake.unsendable())
+
+    def _end_turn(self) -> None:
+        """Send what this loop turn added after its first message, bundled."""
+        self._turn_open = False
+        if self._later and not self._closed:
+            later, self._later = self._later, []
+            self._send_batched(later, self._put)
 
     def _put(self, frames: list) -> bool:
         """Send ``frames`` now, without waiting. False: with keys, there is no connection
@@ -293,7 +306,10 @@ class AsyncClient(BaseClient):
     def _cancel(self, rid: int) -> None:
         """The caller gave up on ``rid`` (a cancelled Future, a stream left early)."""
         if self._replies.forget(rid) and not self._closed:
-            self._put(protocol.encode(Kind.CANCEL, rid))
+            self._out(0, protocol.encode(Kind.CANCEL, rid))
+
+    def _send_again(self, rid: int, frames: list) -> None:
+        self._out(rid, frames)
 
     def _set_timer(self, when: float) -> None:
         if self._timer is not None:
@@ -311,9 +327,9 @@ class AsyncClient(BaseClient):
         try:
             now = time.monotonic()
             for rid in replies.expire(now):
-                self._put(protocol.encode(Kind.CANCEL, rid))
+                self._out(0, protocol.encode(Kind.CANCEL, rid))
             if replies and self._watch.due(now):
-                self._put(self._watch.ping(replies))
+                self._out(0, self._watch.ping(replies))
         finally:  # whatever failed, deadlines keep being enforced
             deadline = replies.next_deadline()
             when = math.inf if deadline is None else deadline
@@ -334,36 +350,22 @@ class AsyncClient(BaseClient):
         self._pump_soon = False
         if self._closed:
             return
-        sock, replies, watch = self._sock, self._replies, self._watch
+        sock = self._sock
         try:
             if self._unsent:
                 self._flush()
-            for _ in range(_PUMP_BATCH):
+            budget = _PUMP_BATCH
+            while budget > 0:
                 try:
                     frames = transport.recv(sock, transport.NOBLOCK)
                 except zmq.Again:
                     return
-                if (pong := watch.pong_body(frames)) is not None:
-                    for rid in watch.lost(pong, time.monotonic()):
-                        replies.fail(rid, router_restarted())
-                    continue
-                try:
-                    kind, rid, value, meta = self._parse_reply(frames)
-                except FrameError:
-                    continue  # a reply we cannot attribute to any request
-                request = replies.apply(kind, rid, value, meta)
-                if request is not None:  # its worker cannot map our segments: send frames
-                    again = self._resend_frames(rid, request)
-                    if again is None:
-                        replies.apply(kind, rid, value, meta)
-                    elif not self._put(again):
-                        replies.fail(rid, self._handshake.refused
-                                     or self._handshake.unsendable())
+                budget -= self._take(frames)
             self._pump_later()
         except Exception as exc:  # surface to callers instead of dying silently
             self._error = exc
             self._unwatch()
-            replies.fail_all(ClientClosedError(f"client reader failed: {exc!r}"))
+            self._replies.fail_all(ClientClosedError(f"client reader failed: {exc!r}"))
             raise
 
     def _flush(self) -> None:

@@ -37,15 +37,8 @@ from zmq.utils.monitor import recv_monitor_message
 from ipc import curve, protocol, transport
 from ipc import shm as segments
 from ipc.lifecycle import AdminOp
-from ipc.protocol import FrameError, Kind
-from workerpool.client._base import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    HANDSHAKE_EVENTS,
-    BaseClient,
-    HandshakeWatch,
-    RouterWatch,
-    router_restarted,
-)
+from ipc.protocol import Kind
+from workerpool.client._base import DEFAULT_MAX_MESSAGE_BYTES, HANDSHAKE_EVENTS, BaseClient
 from workerpool.client._replies import Pending, Replies
 from workerpool.config import DEFAULT_FRONTEND, TIMINGS
 from workerpool.errors import ClientClosedError
@@ -104,10 +97,7 @@ class Client(BaseClient):
         self._monitor = self._sock.get_monitor_socket(HANDSHAKE_EVENTS) \
             if self._curve else None
         self._sock.connect(address)
-        self._replies = Replies(self._pool)
         self._io_lock = threading.Lock()  # the socket and self._replies are its holder's
-        self._handshake = HandshakeWatch(address)
-        self._watch = RouterWatch()
         self._direct_calls = 0  # calls answered without the I/O thread (tests read it)
         self._outbox: collections.deque = collections.deque()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -191,7 +181,7 @@ class Client(BaseClient):
                     break
                 events = dict(poller.poll(left * 1000))
                 if sock in events:
-                    _read_replies(self, sock, replies, self._watch)
+                    _read_replies(self, sock)
                 if self._wake_r.fileno() in events:
                     break  # another thread pushed work: the I/O thread takes over now
             if fut.done():
@@ -285,6 +275,9 @@ class Client(BaseClient):
             except OSError:
                 pass
 
+    def _send_again(self, rid: int, frames: list) -> None:
+        transport.send(self._sock, frames)  # by the socket's holder, reading replies
+
     # -- handing work to the I/O thread ------------------------------------------------------
     def _push(self, rid: int, entry: Pending, frames: list) -> None:
         if self._closed or self._error is not None:
@@ -331,6 +324,10 @@ def _io_loop(ref: weakref.ref, replies: Replies, sock: zmq.Socket, wake_r: socke
     # and a blocking send on a DEALER with no connection would wait forever: sends do
     # not wait then, and a request that cannot be sent fails with the refusal.
     send = _send_or_refuse if monitor is not None else transport.send
+
+    def put(frames: list) -> bool:
+        return send(sock, frames) is not None
+
     watch = client._watch
     ping_ms = int(TIMINGS.ping_interval * 1000)
     lock.acquire()
@@ -367,29 +364,33 @@ def _io_loop(ref: weakref.ref, replies: Replies, sock: zmq.Socket, wake_r: socke
                     wake_r.recv(65536)  # one read empties it: at most one byte per wake-up
                 except BlockingIOError:
                     pass
-            while outbox:
-                rid, entry, frames = outbox.popleft()
-                if entry is None:  # a CANCEL: sent only if the request is still ours
-                    if replies.forget(rid):
-                        send(sock, frames)
-                    continue
-                replies.add(rid, entry)
-                if handshake.refused is not None:
-                    replies.fail(rid, handshake.refused)
-                    continue
-                if send(sock, frames) is None:
-                    replies.fail(rid, handshake.refused or handshake.unsendable())
+            if outbox:
+                # Everything pushed since the last pass goes now, bundled (protocol 2.6).
+                ready = []
+                while outbox:
+                    rid, entry, frames = outbox.popleft()
+                    if entry is None:  # a CANCEL: sent only if the request is still ours
+                        if replies.forget(rid):
+                            ready.append((0, frames))
+                        continue
+                    replies.add(rid, entry)
+                    if handshake.refused is not None:
+                        replies.fail(rid, handshake.refused)
+                        continue
+                    ready.append((rid, frames))
+                client._send_batched(ready, put)
             if sock in events:
-                _read_replies(client, sock, replies, watch)
+                _read_replies(client, sock)
             if monitor is not None and monitor in events:
                 refused = handshake.on_event(recv_monitor_message(monitor)["event"])
                 if refused is not None:
                     replies.fail_all(refused)
             now = time.monotonic()
-            if replies and watch.due(now):
-                send(sock, watch.ping(replies))
+            ready = [(0, watch.ping(replies))] if replies and watch.due(now) else []
             for rid in replies.expire(now):
-                send(sock, protocol.encode(Kind.CANCEL, rid))
+                ready.append((0, protocol.encode(Kind.CANCEL, rid)))
+            if ready:
+                client._send_batched(ready, put)
             client._trim_shm()
     except Exception as exc:  # surface to callers instead of dying silently
         client = ref()
@@ -418,27 +419,13 @@ def _send_or_refuse(sock: zmq.Socket, frames: list) -> list | None:
         return None
 
 
-def _read_replies(client: Client, sock: zmq.Socket, replies: Replies,
-                  watch: RouterWatch) -> None:
-    for _ in range(4096):  # then time for the outbox, pings and deadlines
+def _read_replies(client: Client, sock: zmq.Socket) -> None:
+    budget = 4096  # messages, a bundle's each; then time for the outbox, pings, deadlines
+    while budget > 0:
         if not transport.readable(sock):  # cheaper than the zmq.Again of an empty recv
             return
         try:
             frames = transport.recv(sock, transport.NOBLOCK)
         except zmq.Again:
             return
-        if (pong := watch.pong_body(frames)) is not None:
-            for rid in watch.lost(pong, time.monotonic()):
-                replies.fail(rid, router_restarted())
-            continue
-        try:
-            kind, rid, value, meta = client._parse_reply(frames)
-        except FrameError:
-            continue  # a reply we cannot attribute to any request
-        request = replies.apply(kind, rid, value, meta)
-        if request is not None:  # its worker cannot map our segments: send it in frames
-            again = client._resend_frames(rid, request)
-            if again is None:
-                replies.apply(kind, rid, value, meta)
-            else:
-                transport.send(sock, again)
+        budget -= client._take(frames)
