@@ -3,7 +3,8 @@
 ::
 
     submit/call/stream/admin -> _RequestFuture + Pending -> Replies.add
-                             -> transport.send(NOBLOCK) -> DEALER -> router
+                             -> _out: a loop turn's first message at once, the rest
+                                bundled when the turn ends -> DEALER -> router
                                                                       |
     await Future / async-for stream queue <-- Replies.apply <-- _pump <-+
         (loop.add_reader on the DEALER's FD, or call_soon after a send found replies)
@@ -12,7 +13,8 @@
 
 Everything runs in the loop's thread, so the socket and ``Replies`` are used as the sync
 client's I/O thread uses them, with the same raw ``ipc/transport.py`` calls: a request is
-sent from ``submit`` itself, and each wake-up drains every waiting reply. pyzmq's asyncio
+sent from ``submit`` itself (or, after the first of a loop turn, in that turn's bundle),
+and each wake-up drains every waiting reply. pyzmq's asyncio
 socket would cost a Future and a loop round per message each way.
 
 ZeroMQ's FD signals only a change: any send or receive may consume the signal for replies

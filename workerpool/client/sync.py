@@ -3,10 +3,10 @@
 ::
 
     user threads                                   I/O thread (_io_loop)
-      submit -> _RequestFuture + Pending   outbox
+      submit -> _RequestFuture + Pending   outbox              all at once, batched:
              -> (rid, Pending, frames) ---> deque --> Replies.add --> DEALER --> router
-      (wake-up byte only while it polls)                                           |
-      Future.result() / stream queue <--- Replies.apply(parsed reply) <-- DEALER <-+
+      (wake-up byte only while it polls)                BUNDLEs                    |
+      Future.result() / stream queue <--- Replies.apply(each reply) <---- DEALER <-+
                                           Replies.expire / RouterWatch pings, each pass
 
 ZeroMQ sockets are not thread-safe: the socket and the ``Replies`` table belong to
