@@ -243,10 +243,7 @@ class RouterCore:
         kept (``transport.recv``); answered under its id if its header reads."""
         self.stats["bad_frames_frontend"] += 1
         self.release_memory = True
-        try:
-            _, req_id = protocol.unpack_header(frames[1]) if len(frames) > 1 else (None, 0)
-        except FrameError:
-            req_id = RESERVED_ID
+        req_id = _answer_id(frames)
         total = len(frames) - 1 + frames.dropped
         self.warn("too-many-frames", "client %r sent a message of %d frames", client, total)
         self.reply_error(client, req_id, ProtocolError(
@@ -284,10 +281,7 @@ class RouterCore:
         self.stats["bad_frames_frontend"] += 1
         self.release_memory = True
         total = self._oversized(frames)
-        try:
-            _, req_id = protocol.unpack_header(frames[1])
-        except FrameError:
-            req_id = RESERVED_ID
+        req_id = _answer_id(frames)
         self.warn("too-large", "client %r sent a message of %d bytes", client, total)
         self.reply_error(client, req_id, ProtocolError(
             f"message body and buffers are {total} bytes, over the router's "
@@ -623,3 +617,14 @@ class RouterCore:
         n = self._warned[key]
         if n <= 10 or n % 1000 == 0:
             log.warning(fmt + (f" [{n} so far]" if n > 10 else ""), *args)
+
+
+def _answer_id(frames: list) -> int:
+    """The id to refuse a message under when only its header is read: the header's, or 0
+    when it has none that reads, or is a BUNDLE's (whose id is a count, not a request's)."""
+    try:
+        kind, req_id = protocol.unpack_header(frames[1]) if len(frames) > 1 \
+            else (None, RESERVED_ID)
+    except FrameError:
+        return RESERVED_ID
+    return RESERVED_ID if kind is Kind.BUNDLE else req_id

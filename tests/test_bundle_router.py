@@ -331,3 +331,16 @@ def test_outgoing_tells_which_backend_messages_failed():
         out.to_backend(b"w", [head(Kind.CANCEL, 2)])
     assert failed == [(False, b"w", ["rec-1", None], Delivery.GONE)]
 
+
+
+def test_a_bundle_over_the_frame_or_byte_limit_is_refused_under_id_0_not_its_count():
+    from ipc.transport import Truncated
+
+    h, [w] = pool(max_buffer_frames=2, max_message_bytes=1024)
+    frames = Truncated([C, bundle(req(1), req(2), req(3)), b"", b""])
+    frames.dropped = 5
+    h.core.on_frontend(frames)
+    h.core.on_frontend([C, bundle(req(4), req(5)), bytes(2000)])
+    errors = [(s.kind, s.req_id, s.body["code"]) for s in h.out.to(C)]
+    assert errors == [(Kind.ERROR, 0, "too-many-frames"), (Kind.ERROR, 0, "too-large")]
+    assert not h.dispatched_to(w)  # nothing in either was acted on
