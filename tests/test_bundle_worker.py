@@ -51,6 +51,8 @@ def test_a_group_is_the_run_of_quick_requests_within_the_time_and_count_bounds()
     assert hold.plan([]) == 1
     assert hold.plan(["echo"] * 100) == 8  # max_held
     assert hold.plan(["add"] * 100) == 8
+    assert hold.plan(["echo"] * 100, most=3) == 3  # half of what the worker may hold
+    assert hold.plan(["echo"] * 100, most=0) == 1
     assert hold.plan(iter(["echo"] * 100)) == 8  # reads only as far as it needs
     # Expected to take under max_wait together: 9 x 100 us would reach 1 ms.
     assert ReplyHold(HoldLimits(max_wait=1e-3)).plan([]) == 1

@@ -81,15 +81,16 @@ class ReplyHold:
         took = self.times.get(method)
         return took is not None and took < self.limits.quick
 
-    def plan(self, methods: Iterable[object]) -> int:
+    def plan(self, methods: Iterable[object], most: int = BUNDLE_MAX) -> int:
         """How many of the requests ready now, oldest first (``methods``: theirs, the first
         about to start), run as one group whose replies are held: the longest run of quick
-        ones, at most ``max_held``, expected to take under ``max_wait`` together. At least
-        1: the first starts anyway, and a group of one holds nothing for long."""
+        ones, at most ``max_held`` and ``most``, expected to take under ``max_wait``
+        together. At least 1: the first starts anyway, and a group of one holds nothing
+        for long."""
         limits = self.limits
         total = 0.0
         n = 0
-        for method in islice(methods, limits.max_held):  # read only as far as needed
+        for method in islice(methods, min(limits.max_held, most)):  # only as far as needed
             took = self.times.get(method)
             if took is None or took >= limits.quick:
                 break

@@ -364,9 +364,14 @@ class Worker:
             return None
         hold = self._hold
         method = msg.meta.get("method")
+        # The router sends more only as replies come back: replies held are requests it
+        # cannot send yet. A group takes at most half of what this worker may hold, so the
+        # rest keeps arriving while it runs (with max_inflight 1 there is no group at all:
+        # the request held ahead must be refilled while the other runs, 7.1).
+        most = self.capacity // 2
         rest = self.backlog.take_oldest(lambda ahead: hold.plan(
-            chain([method], (m.meta.get("method") for m in ahead))) - 1) \
-            if hold.quick(method) else ()
+            chain([method], (m.meta.get("method") for m in ahead)), most) - 1) \
+            if most > 1 and hold.quick(method) else ()
         if rest:
             group.update((m.req_id, m) for m in rest)
             # They all run from now on, not only the oldest: if this process dies, the
