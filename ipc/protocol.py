@@ -84,13 +84,16 @@ REPLY_KINDS = FINAL_REPLY_KINDS | {Kind.PARTIAL}
 # heartbeat ``of`` a worker only from that worker's own heartbeat socket.
 HEARTBEAT_SUFFIX = b"#hb"
 _KINDS = {k.value: k for k in Kind}
-BUNDLE_MAX = 256
+BUNDLE_MAX = 64
 """The most messages one BUNDLE may hold. A receiver handles a bundle's messages in one
-go, so this bounds how long one message can hold its loop (and a hostile one costs what
-256 separate messages would)."""
+go, while another peer's message waits behind them, so this bounds how long one message
+can hold its loop (the router: about 2 ms for 64 requests); most of what a bundle saves
+is saved by its first few dozen messages."""
 BUNDLE_BYTES = BODY_FRAME_MIN
-"""Senders close a bundle before it passes this many bytes, for the reason a body this
-large gets a frame of its own: past it, copying costs more than a frame does."""
+"""The most bytes a bundle's body may hold. Senders close a bundle before it passes this,
+for the reason a body this large gets a frame of its own (past it, copying costs more than
+a frame does); receivers refuse a larger one, so what decoding one bundle's metas can cost
+is bounded by this, as for one meta (``META_BYTES_PER_CONTAINER``)."""
 
 
 @dataclass(slots=True)
@@ -344,9 +347,9 @@ def _close(out: list[bytes], group: list[bytes]) -> None:
 def unbundle(head: bytes) -> list[bytes]:
     """The messages in a BUNDLE's head (already checked by ``split``), in order, each a
     head of its own. All or nothing: raises FrameError ``bad-bundle`` (id 0) unless the
-    count is 1 to BUNDLE_MAX and matches, and every message is a whole one-frame message
-    of another kind that ends where the next begins. Magic, version and kind of each
-    are checked when it is handled, as for any message."""
+    count is 1 to BUNDLE_MAX and matches, the body is at most BUNDLE_BYTES, and every
+    message is a whole one-frame message of another kind that ends where the next begins.
+    Magic, version and kind of each are checked when it is handled, as for any message."""
     count = _ID_PART.unpack_from(head)[3]
     meta_len, body_len = _LENGTHS.unpack_from(head, 12)
     if not 1 <= count <= BUNDLE_MAX:
@@ -355,6 +358,9 @@ def unbundle(head: bytes) -> list[bytes]:
     if meta_len:
         raise FrameError("bad-bundle", f"a BUNDLE has no meta; its header says {meta_len} "
                          "bytes")
+    if body_len > BUNDLE_BYTES:
+        raise FrameError("bad-bundle", f"a BUNDLE holds at most {BUNDLE_BYTES} bytes; its "
+                         f"header says {body_len}")
     end = len(head)
     at = HEADER_SIZE
     out = []

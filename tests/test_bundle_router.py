@@ -301,9 +301,10 @@ def test_outgoing_packs_up_to_bundle_max_and_fails_the_rest_after_a_failed_send(
         for h in heads:
             assert out.to_client(C, [h]) is None
         assert out.pending() == 300
-    assert [protocol.unbundle(f) for f in out.out.frames] == [heads[:256]]
+    assert [protocol.unbundle(f) for f in out.out.frames] == [heads[:protocol.BUNDLE_MAX]]
     [(to_client, peer, tags, why)] = failed
-    assert (to_client, peer, len(tags), why) == (True, C, 44, Delivery.FULL)
+    assert (to_client, peer, len(tags), why) == (True, C, 300 - protocol.BUNDLE_MAX,
+                                                  Delivery.FULL)
     assert stats["bundles_sent"] == 1 and out.pending() == 0
 
 

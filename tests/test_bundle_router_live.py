@@ -118,9 +118,9 @@ def test_a_worker_killed_under_a_bundle_loses_and_repeats_nothing(procs):
         victim = next(w["pid"] for w in pool.status()["workers"] if w["id"] == "default/0")
         os.kill(victim, signal.SIGKILL)
         ids = range(1, 201)
-        for first in (1, 101):  # the second while the router learns of the death
+        for first in (1, 51, 101, 151):  # the last while the router learns of the death
             peer.send([_bundle(*[_req(i, value=i, idempotent=True)
-                                 for i in range(first, first + 100)])])
+                                 for i in range(first, first + 50)])])
         peer.collect(ids, timeout=30)
         assert {rid: finals for rid, finals in peer.finals.items()} == \
             {i: [(Kind.RESULT, i)] for i in ids}

@@ -5,7 +5,7 @@
     hypothesis: base messages + seed --mutations--> batches --> hostile DEALERs --+--> frontend
     hand-made: huge length prefixes, deep nesting, 1 and 10,000 frames,          +--> backend
                a 100 MB frame, 80 MiB in 8 MiB frames, worst-case metas, many connections,
-               BUNDLEs: 256 worst-case metas, nested, truncated, counts that do not match
+               BUNDLEs: worst-case metas, nested, truncated, counts that do not match
     Watch: a Client calling echo all along; router RSS; worker pids and restarts
 
 hypothesis draws the structure of each batch (frame counts, headers with every kind byte,
@@ -28,6 +28,7 @@ loop to reading its backend while clients send costly metas.
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -455,15 +456,19 @@ def _raw_bundle(count: int, heads: list[bytes]) -> bytes:
 
 
 def _hand_made_bundles(kinds: tuple) -> list[list]:
-    """BUNDLEs (protocol.md 2.6): 256 messages of worst-case request metas (4 MiB, each
-    decoded), nested, truncated, counts that do not match, and one with a frame after it."""
+    """BUNDLEs (protocol.md 2.6): worst-case request metas, as many as the 64 KiB bound lets
+    be decoded and 64 of them (1 MiB, refused undecoded), nested, truncated, counts that do
+    not match, and one with a frame after it."""
     metas = _worst_metas(protocol.MAX_REQUEST_META_BYTES)
     worst = [wire([HDR(kinds[i % len(kinds)], 100 + i), metas[i % len(metas)],
                    msgpack.packb(i)])[0] for i in range(protocol.BUNDLE_MAX)]
     small = [wire([HDR(kind, 500 + i), ECHO_META, msgpack.packb(i)])[0]
              for i, kind in enumerate(kinds)]
     whole = _raw_bundle(len(small), small)
+    fits = [head for head, end in zip(worst, itertools.accumulate(map(len, worst)), strict=True)
+            if end <= protocol.BUNDLE_BYTES]
     return [[frame] for frame in (
+        _raw_bundle(len(fits), fits),
         _raw_bundle(len(worst), worst),
         _raw_bundle(2, [small[0], whole]),  # nested
         whole[:-1],  # truncated: shorter than its header says

@@ -164,7 +164,7 @@ def test_pack_sends_a_lone_message_as_itself_and_splits_at_the_bounds():
     assert protocol.pack([one]) == [one]
     many = [_one(Kind.RESULT, i) for i in range(1, protocol.BUNDLE_MAX + 2)]
     frames = protocol.pack(many)
-    assert len(frames) == 2 and frames[1] == many[-1]  # the 257th goes alone
+    assert len(frames) == 2 and frames[1] == many[-1]  # the 65th goes alone
     assert protocol.unbundle(frames[0]) == many[:-1]
     big = _one(Kind.RESULT, 9, None, msgpack.packb(bytes(protocol.BUNDLE_BYTES - 40)))
     frames = protocol.pack([one, big, one, one])
@@ -183,8 +183,10 @@ def _bundle(body: bytes, count: int, meta_len: int = 0) -> bytes:
 @pytest.mark.parametrize(
     ("frame", "says"),
     [
-        (_bundle(b"", 0), "1 to 256"),
-        (_bundle(_one(Kind.RESULT, 1) * 257, 257), "1 to 256"),
+        (_bundle(b"", 0), "1 to 64"),
+        (_bundle(_one(Kind.RESULT, 1) * 65, 65), "1 to 64"),
+        (_bundle(_one(Kind.RESULT, 1, None, msgpack.packb(bytes(33000))) * 2, 2),
+         "at most 65536 bytes"),
         (_bundle(_one(Kind.RESULT, 1) * 2, 3), "says 3 messages"),  # fewer than it says
         (_bundle(_one(Kind.RESULT, 1) * 3, 2), "and 20 bytes more"),  # more than it says
         (_bundle(_one(Kind.RESULT, 1) + b"WP\x04", 2), "shorter than a header"),
