@@ -21,6 +21,7 @@ SNDMORE = int(zmq.SNDMORE)
 NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
 COPY_THRESHOLD = 65536  # below this, copying a frame is cheaper than zero-copy bookkeeping
 
 Again = zmq.Again
@@ -111,6 +112,11 @@ def readable(sock: zmq.Socket) -> bool:
     (pyzmq builds a ``zmq.Again``); this costs under 1 µs, so a loop that usually finds
     nothing asks first."""
     return bool(_get(sock, _EVENTS) & _POLLIN)
+
+
+def writable(sock: zmq.Socket) -> bool:
+    """Whether a NOBLOCK send would be taken now."""
+    return bool(_get(sock, _EVENTS) & _POLLOUT)
 
 
 TRANSPORTS = ("tcp", "ipc", "inproc")

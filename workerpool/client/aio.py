@@ -361,6 +361,11 @@ class AsyncClient(BaseClient):
                 try:
                     frames = transport.recv(sock, transport.NOBLOCK)
                 except zmq.Again:
+                    # The socket's FD is edge-triggered, and this receive may have taken
+                    # its signal that a connection came up: frames still waiting would
+                    # then wait for the next reply, which may never come. Ask instead.
+                    if self._unsent and transport.writable(sock):
+                        self._pump_later()
                     return
                 budget -= self._take(frames)
             self._pump_later()
