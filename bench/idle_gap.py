@@ -21,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import sys
@@ -28,7 +29,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _pool import REPO, measure, pool
+from _pool import REPO, BenchError, measure, pool
 
 sys.path.insert(0, REPO)
 from workerpool import Client
@@ -56,17 +57,22 @@ def service_time(seconds: float, n: int = 400) -> float:
 def drive(address: str, payload: dict, outstanding: int, warmup: float,
           duration: float) -> int:
     """Requests completed in ``duration`` seconds after ``warmup``, ``outstanding`` kept
-    in flight by a closed loop."""
+    in flight by a closed loop. Raises BenchError if any failed: a failed request costs
+    the worker no handler time, so counting it would inflate the busy fraction (a worker
+    crashing at once looked 9x busy)."""
     done = 0
+    failed: list[BaseException] = []
     counting = False
     lock = threading.Lock()
     slots = threading.Semaphore(outstanding)
     stop = time.monotonic() + warmup + duration
     start_at = time.monotonic() + warmup
 
-    def finished(_fut: object) -> None:
+    def finished(fut: concurrent.futures.Future) -> None:
         nonlocal done
-        if counting:
+        if fut.exception() is not None:
+            failed.append(fut.exception())
+        elif counting:
             with lock:
                 done += 1
         slots.release()
@@ -83,6 +89,8 @@ def drive(address: str, payload: dict, outstanding: int, warmup: float,
         counting = False
         for _ in range(outstanding):
             slots.acquire()
+    if failed:
+        raise BenchError(f"{len(failed)} requests failed, the first with {failed[0]!r}")
     return done
 
 
