@@ -345,6 +345,8 @@ class Worker:
                 self.stats.running = 0
             if spec is None and method in self._methods:
                 self._hold.times.record(method, time.monotonic() - began)
+            if not group:  # a lone request, or a group's last: its replies leave now
+                self.replies.flush()
 
     def _next(self) -> protocol.Message | None:
         """The request to start now. The next of a group runs after the replies held
