@@ -204,6 +204,51 @@ def procs():
         p.cleanup()
 
 
+@dataclass
+class StandIn:
+    """A bound ROUTER socket playing the router's backend, for a heartbeat thread or a
+    supervisor under test, and its context (theirs may share it)."""
+
+    ctx: object
+    sock: object
+    address: str
+
+
+@pytest.fixture
+def standin_router(tmp_path):
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    address = f"ipc://{tmp_path}/backend"
+    sock.bind(address)
+    try:
+        yield StandIn(ctx, sock, address)
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+@pytest.fixture
+def standin_supervisor(standin_router):
+    """A Supervisor with no workers, connected to the stand-in router, its HELLO read:
+    (supervisor, the stand-in's socket, the supervisor's routing id there)."""
+    from ipc.protocol import Kind
+    from workerpool.supervisor import Supervisor
+
+    sup = Supervisor([], standin_router.address)
+    try:
+        sup._sock.connect(standin_router.address)
+        sup._send(Kind.HELLO, {})
+        ident = standin_router.sock.recv_multipart()[0]
+        yield sup, standin_router.sock, ident
+    finally:
+        sup._sock.close(0)
+        sup._ctx.term()
+        sup._wakeup.close()
+
+
 @pytest.fixture
 def pool(procs):
     """A running pool of 4 Faulty workers (Echo's methods plus fault injection)."""

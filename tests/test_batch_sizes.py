@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -64,13 +63,10 @@ def test_a_batch_over_the_largest_bound_stays_in_the_last_bucket():
     assert m.report()["work"]["buckets"] == [[1, 0], [2, 1]]
 
 
-def test_heartbeats_carry_the_figures_once_and_all_again_when_asked_to_register(tmp_path):
+def test_heartbeats_carry_the_figures_once_and_all_again_when_asked_to_register(
+        standin_router):
     """The real heartbeat thread against a ROUTER socket standing in for the router."""
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    address = f"ipc://{tmp_path}/backend"
-    router.bind(address)
+    ctx, router, address = standin_router.ctx, standin_router.sock, standin_router.address
     spec = WorkerSpec(slot="default/0", service="default", incarnation=1, handler="x:Y",
                       device="cpu", backend=address, heartbeat_interval=0.02)
     sizes = BatchSizeMeter({"work": 8})
@@ -104,8 +100,6 @@ def test_heartbeats_carry_the_figures_once_and_all_again_when_asked_to_register(
         assert heart.register_again.is_set()
     finally:
         heart.stop()
-        router.close(0)
-        ctx.term()
 
 
 # -- the router's record -------------------------------------------------------------------------

@@ -213,12 +213,8 @@ def test_messages_takes_a_bundle_apart_and_leaves_anything_else_alone():
         messages([protocol.pack([a, b])[0] + b"x"])
 
 
-def test_the_heartbeat_thread_answers_a_bundle_of_reclaims_with_one(tmp_path, caplog):
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    address = f"ipc://{tmp_path}/backend"
-    router.bind(address)
+def test_the_heartbeat_thread_answers_a_bundle_of_reclaims_with_one(standin_router, caplog):
+    ctx, router, address = standin_router.ctx, standin_router.sock, standin_router.address
     spec = WorkerSpec(slot="default/0", service="default", incarnation=1, handler="x:Y",
                       device="cpu", backend=address, heartbeat_interval=0.05)
     backlog = Backlog()
@@ -255,45 +251,26 @@ def test_the_heartbeat_thread_answers_a_bundle_of_reclaims_with_one(tmp_path, ca
         assert "dropped a malformed bundle" in caplog.text
     finally:
         heart.stop()
-        router.close(0)
-        ctx.term()
 
 
-def test_the_supervisor_takes_each_message_of_a_bundle_as_alone(tmp_path, caplog):
-    from workerpool.supervisor import Supervisor
-
-    addr = f"ipc://{tmp_path}/backend"
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.bind(addr)
-    sup = Supervisor([], addr)
-    try:
-        sup._sock.connect(addr)
-        sup._send(Kind.HELLO, {})
-        ident = router.recv_multipart()[0]
-        bad = bytearray(protocol.pack([_head(Kind.DRAINED, 0)] * 2)[0])
-        bad[11] = 5
-        transport.send(router, [ident, bytes(bad)])  # refused whole: no DRAINED acted on
-        transport.send(router, [ident, *protocol.pack([
-            _head(Kind.ADMIN, 0, {"op": "reboot"}),  # unknown op: logged, ignored
-            _head(Kind.ADMIN, 0, {"op": "scale", "service": "default"}),  # malformed
-            _head(Kind.HEARTBEAT, 0, {"router": "r1"}),
-            _head(Kind.READY, 0, {"slot": "nope/0", "incarnation": 1})])])
-        deadline = time.monotonic() + 5
-        while sup._router_instance is None and time.monotonic() < deadline:
-            sup._drain_socket()
-            time.sleep(0.01)
-        assert "dropped malformed bundle from router" in caplog.text
-        assert "ignored ADMIN with unknown op 'reboot'" in caplog.text
-        assert "dropped malformed ADMIN from router" in caplog.text
-        assert sup._router_instance == "r1" and not sup._drained and not sup._stopping
-    finally:
-        sup._sock.close(0)
-        sup._ctx.term()
-        sup._wakeup.close()
-        router.close(0)
-        ctx.term()
+def test_the_supervisor_takes_each_message_of_a_bundle_as_alone(standin_supervisor, caplog):
+    sup, router, ident = standin_supervisor
+    bad = bytearray(protocol.pack([_head(Kind.DRAINED, 0)] * 2)[0])
+    bad[11] = 5
+    transport.send(router, [ident, bytes(bad)])  # refused whole: no DRAINED acted on
+    transport.send(router, [ident, *protocol.pack([
+        _head(Kind.ADMIN, 0, {"op": "reboot"}),  # unknown op: logged, ignored
+        _head(Kind.ADMIN, 0, {"op": "scale", "service": "default"}),  # malformed
+        _head(Kind.HEARTBEAT, 0, {"router": "r1"}),
+        _head(Kind.READY, 0, {"slot": "nope/0", "incarnation": 1})])])
+    deadline = time.monotonic() + 5
+    while sup._router_instance is None and time.monotonic() < deadline:
+        sup._drain_socket()
+        time.sleep(0.01)
+    assert "dropped malformed bundle from router" in caplog.text
+    assert "ignored ADMIN with unknown op 'reboot'" in caplog.text
+    assert "dropped malformed ADMIN from router" in caplog.text
+    assert sup._router_instance == "r1" and not sup._drained and not sup._stopping
 
 
 def test_a_cancel_takes_a_request_out_of_a_group_before_it_starts(tmp_path):

@@ -165,35 +165,21 @@ def test_drain_a_worker_then_restart_it(procs):
         assert [c.call("echo", i) for i in range(4)] == list(range(4))
 
 
-def test_the_supervisor_drops_unknown_and_malformed_router_messages(tmp_path, caplog):
-    import zmq
-
+def test_the_supervisor_drops_unknown_and_malformed_router_messages(standin_supervisor,
+                                                                    caplog):
     from ipc import protocol, transport
     from ipc.protocol import Kind
-    from workerpool.supervisor import Supervisor
 
-    addr = f"ipc://{tmp_path}/backend"
-    router = zmq.Context.instance().socket(zmq.ROUTER)
-    router.bind(addr)
-    sup = Supervisor([], addr)
-    try:
-        sup._sock.connect(addr)
-        sup._send(Kind.HELLO, {})
-        ident = router.recv_multipart()[0]
-        for meta in ({"op": "reboot", "slot": "default/0"},  # unknown op: logged, ignored
-                     {"op": "scale", "service": "default"},  # no "workers"
-                     {"op": "scale", "service": "default", "workers": "many"},
-                     {"op": "restart", "slot": "nope/0"}):  # no such slot
-            transport.send(router, [ident, *protocol.encode(Kind.ADMIN, 0, meta)])
-        deadline = time.monotonic() + 5
-        while not caplog.text.count("from router") >= 2 and time.monotonic() < deadline:
-            sup._drain_socket()
-            time.sleep(0.01)
-        assert "ignored ADMIN with unknown op 'reboot'" in caplog.text
-        assert caplog.text.count("dropped malformed ADMIN from router") == 2
-        assert not sup._stopping and sup.workers == {}
-    finally:
-        sup._sock.close(0)
-        sup._ctx.term()
-        sup._wakeup.close()
-        router.close(0)
+    sup, router, ident = standin_supervisor
+    for meta in ({"op": "reboot", "slot": "default/0"},  # unknown op: logged, ignored
+                 {"op": "scale", "service": "default"},  # no "workers"
+                 {"op": "scale", "service": "default", "workers": "many"},
+                 {"op": "restart", "slot": "nope/0"}):  # no such slot
+        transport.send(router, [ident, *protocol.encode(Kind.ADMIN, 0, meta)])
+    deadline = time.monotonic() + 5
+    while not caplog.text.count("from router") >= 2 and time.monotonic() < deadline:
+        sup._drain_socket()
+        time.sleep(0.01)
+    assert "ignored ADMIN with unknown op 'reboot'" in caplog.text
+    assert caplog.text.count("dropped malformed ADMIN from router") == 2
+    assert not sup._stopping and sup.workers == {}
