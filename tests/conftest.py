@@ -170,14 +170,17 @@ class Processes:
                           address, "workerpool ready")
 
     def cleanup(self) -> None:
-        for p in self.procs:
+        # The last started first, each waited for: a node (`workerpool worker`) drains
+        # through its router, which must still be there to answer, as in a real shutdown.
+        # Stopped together, the nodes waited out their drain for a router already gone.
+        for p in reversed(self.procs):
             if p.popen.poll() is None:
                 p.popen.send_signal(signal.SIGTERM)
+                try:
+                    p.popen.wait(15)
+                except subprocess.TimeoutExpired:
+                    pass
         for p in self.procs:
-            try:
-                p.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
             if process_alive(p.pgid, group=True):
                 os.killpg(p.pgid, signal.SIGKILL)
             try:

@@ -288,8 +288,9 @@ def test_a_remote_worker_host_with_its_own_key(procs):
     front, back = procs.tcp(), procs.tcp()
     router = procs.spawn(["router", "--frontend", front, "--backend", back, "--keys", str(keys)],
                          front, None)
-    procs.node(router, back, "gpu-a", "--handler", "workerpool.handlers:Echo", "--workers", "1",
-               "--key", str(secret), "--router-key", str(keys / "router.key"))
+    node = procs.node(router, back, "gpu-a", "--handler", "workerpool.handlers:Echo",
+                      "--workers", "1", "--key", str(secret),
+                      "--router-key", str(keys / "router.key"))
     with Client(front, keys=str(keys)) as c:
         assert c.call("echo", "over tcp", timeout=30) == "over tcp"
         st = c.status(timeout=10)
@@ -303,6 +304,9 @@ def test_a_remote_worker_host_with_its_own_key(procs):
                "the revoked host's worker lost")
         with pytest.raises(ServiceUnavailableError):
             c.call("echo", 1, timeout=30)
+    # Nothing it sends counts, its DRAIN included: stopped gracefully, it would wait out
+    # its drain timeout (15 s of this test's teardown) for a DRAINED that cannot come.
+    os.killpg(node.pgid, signal.SIGKILL)
 
 
 def test_keys_from_the_config_file(procs):
