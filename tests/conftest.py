@@ -45,6 +45,7 @@ class Proc:
     log: Path
     lines: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    client: dict = field(default_factory=dict)  # Client keywords for status: keys=DIR
 
     @property
     def pgid(self) -> int:
@@ -70,7 +71,7 @@ class Proc:
             f"log:\n{self.log.read_text()[-4000:]}")
 
     def status(self, timeout: float = 5.0) -> dict:
-        with Client(self.address) as c:
+        with Client(self.address, **self.client) as c:
             return c.status(timeout=timeout)
 
     def workers(self) -> dict[str, dict]:
@@ -142,10 +143,14 @@ class Processes:
         path.write_text(toml)
         return str(path)
 
-    def spawn(self, args: list[str], address: str, ready_prefix: str | None) -> Proc:
+    def spawn(self, args: list[str], address: str, ready_prefix: str | None,
+              wrap: list[str] = (), module: str = "workerpool.cli") -> Proc:
+        """``python -m module args`` in a new process group, after the command prefix
+        ``wrap`` (``ip netns exec NS``: on another test host); once ``ready_prefix`` is on
+        its stdout, if given."""
         log = self.dir / f"proc{len(self.procs)}.log"
         popen = subprocess.Popen(
-            [sys.executable, "-m", "workerpool.cli", *args],
+            [*wrap, sys.executable, "-m", module, *args],
             stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,  # noqa: SIM115
             start_new_session=True, env=_env(), cwd=ROOT)
         proc = Proc(popen, address, log)

@@ -394,3 +394,12 @@ class Configured(Echo):
 
     def options(self, payload=None):
         return self.seen
+
+
+class Where(Echo):
+    """Says which worker ran a request: the multi-host tests tell hosts apart by it."""
+
+    def where(self, payload=None):
+        """Sleeps ``{"seconds": s}`` (default 0), then returns this worker's slot id."""
+        time.sleep(float((payload or {}).get("seconds", 0)))
+        return self.context.slot
