@@ -21,11 +21,19 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from workerpool import Client
 
 PREFIX = "wpt"  # every namespace made here: wpt<pid>-<host>
 SUBNET = "10.213.0"
 ROUTER_IP = f"{SUBNET}.1"
+HANDLER = "tests.handlers:Where"
+BACKEND_PORT = 5556  # free: the router host is a fresh network stack
+RELAY_PORT = 7000
 
 
 def unavailable() -> str | None:
@@ -141,3 +149,87 @@ class Hosts:
         """Namespaces of this run still present (none after ``close``)."""
         names = _ip("netns", "list", check=False).stdout.split()
         return [n for n in names if n.startswith(self._tag + "-")]
+
+
+@dataclass
+class Cluster:
+    """A router on host r, a node (supervisor and its workers) on each worker host, as
+    processes of a ``tests.conftest.Processes`` (which stops them)."""
+
+    procs: object
+    hosts: Hosts
+    config: str
+    keys: str
+    router: object = None
+
+    @property
+    def frontend(self) -> str:
+        return self.procs.ipc("front")
+
+    @property
+    def backend(self) -> str:
+        return f"tcp://{ROUTER_IP}:{BACKEND_PORT}"
+
+    def client(self, **kw) -> Client:
+        return Client(self.frontend, keys=self.keys, **kw)
+
+    def start_router(self):
+        self.router = self.procs.spawn(
+            ["router", "--frontend", self.frontend, "--backend", self.backend,
+             "--keys", self.keys, "--config", self.config],
+            self.frontend, None, wrap=self.hosts.wrap("r"))
+        self.router.client = {"keys": self.keys}
+        return self.router
+
+    def start_node(self, host: str, *args: str, via: str | None = None):
+        """``workerpool worker --node HOST`` on ``host``, pointed at the router's backend
+        or at ``via`` (a relay on that host)."""
+        return self.procs.spawn(
+            ["worker", "--router", via or self.backend, "--node", host, "--keys", self.keys,
+             "--config", self.config, "--handler", HANDLER, "--workers", "2", *args],
+            self.frontend, "workerpool worker ready", wrap=self.hosts.wrap(host))
+
+    def start_relay(self, host: str, delay: float):
+        """tests/relay.py on ``host``: its programs' path to the router, ``delay`` seconds
+        each way. Returns the address to give them."""
+        self.procs.spawn(["--listen", f"127.0.0.1:{RELAY_PORT}", "--to",
+                          f"{ROUTER_IP}:{BACKEND_PORT}", "--delay", str(delay)],
+                         self.frontend, "relay ready", wrap=self.hosts.wrap(host),
+                         module="tests.relay")
+        return f"tcp://127.0.0.1:{RELAY_PORT}"
+
+    def counters(self) -> dict:
+        return self.router.status()["router"]["counters"]
+
+
+@dataclass
+class Driven:
+    """What ``drive`` measured: requests a second, each result, each latency (seconds)."""
+
+    rate: float
+    results: list
+    latencies: list[float]
+
+
+def drive(client: Client, n: int, outstanding: int, seconds: float) -> Driven:
+    """``n`` calls of ``where`` (sleeping ``seconds``), a new one as soon as any of
+    ``outstanding`` is answered, so a slow host's requests never hold up the rest."""
+    room = threading.Semaphore(outstanding)
+    latencies: list[float] = []
+
+    def timed(sent: float):
+        def done(_) -> None:
+            latencies.append(time.monotonic() - sent)
+            room.release()
+        return done
+
+    t0 = time.monotonic()
+    futures = []
+    for _ in range(n):
+        room.acquire()
+        sent = time.monotonic()
+        f = client.submit("where", {"seconds": seconds})
+        f.add_done_callback(timed(sent))
+        futures.append(f)
+    results = [f.result(30) for f in futures]
+    return Driven(n / (time.monotonic() - t0), results, latencies)

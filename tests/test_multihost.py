@@ -13,71 +13,14 @@ import signal
 import threading
 import time
 from concurrent.futures import wait
-from dataclasses import dataclass
 
 import pytest
 
 from ipc.curve import init_keys
 from tests import netns
-from workerpool import Client
 from workerpool.errors import WorkerCrashedError
 
 pytestmark = pytest.mark.skipif(bool(why := netns.unavailable()), reason=why or "")
-
-HANDLER = "tests.handlers:Where"
-BACKEND_PORT = 5556  # free: the router host is a fresh network stack
-RELAY_PORT = 7000
-
-
-@dataclass
-class Cluster:
-    """A router on host r, a node (supervisor and its workers) on each worker host."""
-
-    procs: object
-    hosts: netns.Hosts
-    config: str
-    keys: str
-    router: object = None
-
-    @property
-    def frontend(self) -> str:
-        return self.procs.ipc("front")
-
-    @property
-    def backend(self) -> str:
-        return f"tcp://{netns.ROUTER_IP}:{BACKEND_PORT}"
-
-    def client(self, **kw) -> Client:
-        return Client(self.frontend, keys=self.keys, **kw)
-
-    def start_router(self):
-        self.router = self.procs.spawn(
-            ["router", "--frontend", self.frontend, "--backend", self.backend,
-             "--keys", self.keys, "--config", self.config],
-            self.frontend, None, wrap=self.hosts.wrap("r"))
-        self.router.client = {"keys": self.keys}
-        return self.router
-
-    def start_node(self, host: str, *args: str, via: str | None = None):
-        """``workerpool worker --node HOST`` on ``host``, pointed at the router's backend
-        or at ``via`` (a relay on that host)."""
-        return self.procs.spawn(
-            ["worker", "--router", via or self.backend, "--node", host, "--keys", self.keys,
-             "--config", self.config, "--handler", HANDLER, "--workers", "2", *args],
-            self.frontend, "workerpool worker ready", wrap=self.hosts.wrap(host))
-
-    def start_relay(self, host: str, delay: float):
-        """tests/relay.py on ``host``: its programs' path to the router, ``delay`` seconds
-        each way. Returns the address to give them."""
-        self.procs.spawn(["--listen", f"127.0.0.1:{RELAY_PORT}", "--to",
-                          f"{netns.ROUTER_IP}:{BACKEND_PORT}", "--delay", str(delay)],
-                         self.frontend, "relay ready", wrap=self.hosts.wrap(host),
-                         module="tests.relay")
-        return f"tcp://127.0.0.1:{RELAY_PORT}"
-
-    def counters(self) -> dict:
-        return self.router.status()["router"]["counters"]
-
 
 @pytest.fixture
 def cluster(procs):
@@ -86,12 +29,12 @@ def cluster(procs):
     removed, and none of this run's left."""
     netns.sweep()
     hosts = netns.Hosts(("a", "b"))
-    made: list[Cluster] = []
+    made: list[netns.Cluster] = []
 
-    def make(toml: str) -> Cluster:
+    def make(toml: str) -> netns.Cluster:
         keys = procs.dir / "keys"
         init_keys(keys)
-        c = Cluster(procs, hosts, procs.config(toml), str(keys))
+        c = netns.Cluster(procs, hosts, procs.config(toml), str(keys))
         c.start_router()
         made.append(c)
         return c
@@ -117,7 +60,7 @@ class Steady:
     """Calls from another thread, one at a time, all through the test: every one must be
     answered with its result (the healthy host keeps serving)."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client) -> None:
         self.client = client
         self.answered: list[str] = []
         self.failed: list[BaseException] = []
@@ -222,21 +165,6 @@ def test_a_partition_that_heals_in_time_loses_nothing(cluster):
     assert all(w["restarts"] == 0 for w in st["workers"])
 
 
-def _drive(client: Client, n: int, outstanding: int, seconds: float) -> tuple[float, list]:
-    """``n`` requests, a new one as soon as any of ``outstanding`` is answered (a slow
-    host's requests never hold up the rest); (req/s, results)."""
-    room = threading.Semaphore(outstanding)
-    t0 = time.monotonic()
-    futures = []
-    for _ in range(n):
-        room.acquire()
-        f = client.submit("where", {"seconds": seconds})
-        f.add_done_callback(lambda _: room.release())
-        futures.append(f)
-    results = [f.result(30) for f in futures]
-    return n / (time.monotonic() - t0), results
-
-
 @pytest.mark.skipif(bool(why_loss := netns.loss_unavailable()), reason=why_loss or "")
 def test_a_slow_lossy_link(cluster):
     """b's path to the router goes through tests/relay.py on b, which holds every byte
@@ -248,7 +176,7 @@ def test_a_slow_lossy_link(cluster):
     c.router.wait_for(lambda s: _ready(s) == 4, what="4 workers on 2 hosts")
     n = 600
     with c.client(timeout=30) as client:
-        clean_rate, clean = _drive(client, n, 8, 0.005)
+        clean = netns.drive(client, n, 8, 0.005)
         b.stop()
         c.router.wait_for(lambda s: _ready(s) == 2, what="b gone")
         via = c.start_relay("b", 0.05)
@@ -256,15 +184,15 @@ def test_a_slow_lossy_link(cluster):
         c.start_node("b", via=via)
         c.router.wait_for(lambda s: _ready(s) == 4, what="b back, through the relay")
         before = {w["id"]: w["completed"] for w in c.router.status()["workers"]}
-        slow_rate, slow = _drive(client, n, 8, 0.005)
+        slow = netns.drive(client, n, 8, 0.005)
         st = c.router.status()
     done = {w["id"]: w["completed"] - before.get(w["id"], 0) for w in st["workers"]}
     per_host = {h: sum(v for k, v in done.items() if f"/{h}/" in k) for h in ("a", "b")}
-    clean_hosts = {h: sum(r.split("/")[1] == h for r in clean) for h in ("a", "b")}
-    print(f"\nclean link: {clean_rate:.0f} req/s, by host {clean_hosts}; 50 ms each way and "
-          f"2% loss on b: {slow_rate:.0f} req/s ({slow_rate / clean_rate:.2f}x), by host "
+    clean_hosts = {h: sum(r.split("/")[1] == h for r in clean.results) for h in ("a", "b")}
+    print(f"\nclean link: {clean.rate:.0f} req/s, by host {clean_hosts}; 50 ms each way and "
+          f"2% loss on b: {slow.rate:.0f} req/s ({slow.rate / clean.rate:.2f}x), by host "
           f"{per_host}; counters {st['router']['counters']}")
-    assert len(slow) == n and sum(done.values()) == n  # every one answered, each ran once
+    assert len(slow.results) == n and sum(done.values()) == n  # each answered, ran once
     assert per_host["a"] > per_host["b"] > 0  # least-loaded sends less to the slow host
 
 
