@@ -351,9 +351,10 @@ def localize(args: list[str], mounts: list[str], root: Path) -> list[str]:
 
 
 def test_kubernetes_command_lines_parse_with_their_mounted_files(k8s, tmp_path):
-    """Every `workerpool` command line of both pods parses, and the keys and config it
-    names exist in the pod and load: the router's keys directory (its pair and the role
-    folders), the workers' pair, the probes' client key."""
+    """Every `workerpool` command line of both pods parses, and the files it names exist in
+    its pod and load: the config, the router's keys directory (its pair, a key in each
+    role folder), and each peer's pair, which the router admits in the role it needs."""
+    store = None
     for kind, name in (("Deployment", "workerpool-router"), ("DaemonSet", "workerpool-worker")):
         root = tmp_path / name
         mounts = pod_files(k8s, kind, name, root)
@@ -364,7 +365,7 @@ def test_kubernetes_command_lines_parse_with_their_mounted_files(k8s, tmp_path):
             line = localize(line, mounts, root)
             if line[0] == "python":  # node-probe.py, from the ConfigMap
                 assert Path(line[1]).is_file(), line
-                line = ["workerpool", "status", *line[3:]]  # the same key flags
+                line = ["workerpool", "status", *line[3:]]  # its key flags are status's
             ctx = parse_cli(line[1:])
             p = ctx.params
             if p.get("config_path"):
@@ -374,8 +375,11 @@ def test_kubernetes_command_lines_parse_with_their_mounted_files(k8s, tmp_path):
                 roles = {store.role(curve.load_public(f))
                          for f in Path(p["keys_dir"]).glob("*/*.key")}
                 assert roles == set(curve.Role), roles
-            elif p.get("key"):
-                curve.PeerKeys.from_files(p["key"], p["router_key"])
+            else:
+                keys = curve.PeerKeys.from_files(p["key"], p["router_key"])
+                assert keys.server == store.public, f"{line}: another router's key"
+                wanted = curve.Role.WORKER if ctx.info_name == "worker" else curve.Role.CLIENT
+                assert store.role(keys.public) is wanted, f"{line}: not a {wanted.value} key"
 
 
 def test_kubernetes_router_secret_key_stays_in_the_router_pod(k8s):
@@ -551,10 +555,13 @@ def marked(marker: str) -> list[int]:
     return pids
 
 
-def wait_status(address: str, keys: Path, predicate, what: str, timeout: float = 45.0) -> dict:
+def wait_status(job: subprocess.Popen, address: str, keys: Path, predicate, what: str,
+                timeout: float = 30.0) -> dict:
+    """The router's STATUS once ``predicate`` holds for it, while ``job`` runs."""
     deadline = time.monotonic() + timeout
     st: dict = {}
     while time.monotonic() < deadline:
+        assert job.poll() is None, f"the job exited ({job.returncode}) before {what}"
         try:
             with Client(address, keys=str(keys)) as c:
                 st = c.status(timeout=2)
@@ -603,7 +610,7 @@ def test_slurm_script_runs_a_pool_and_drains_on_sigterm(tmp_path):
         return {w["id"] for w in st["workers"] if w["state"] == "ready"} == nodes
 
     try:
-        st = wait_status(address, keys, both_ready, "a worker on node2 and node3")
+        st = wait_status(job, address, keys, both_ready, "a worker on node2 and node3")
         assert {w["id"] for w in st["workers"]} == nodes  # none on the router's node1
         steps = (tmp_path / "srun.log").read_text().splitlines()
         assert sorted(s.split()[0] for s in steps) == ["node2", "node3"]
@@ -629,7 +636,7 @@ def test_slurm_script_runs_a_pool_and_drains_on_sigterm(tmp_path):
 
         # A router that crashes is started again, and both nodes register with it.
         os.kill(st["router"]["pid"], signal.SIGKILL)
-        wait_status(address, keys, lambda s: s["router"]["pid"] != st["router"]["pid"]
+        wait_status(job, address, keys, lambda s: s["router"]["pid"] != st["router"]["pid"]
                     and both_ready(s), "both nodes back on a new router")
 
         job.send_signal(signal.SIGTERM)
