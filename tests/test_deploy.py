@@ -399,6 +399,16 @@ def test_kubernetes_router_secret_key_stays_in_the_router_pod(k8s):
     assert keys == {"router.key", "worker.key_secret", "probe.key_secret"}
 
 
+def test_kubernetes_pods_run_as_the_images_user(k8s):
+    """runAsNonRoot needs a numeric USER in the image, and the keys' fsGroup must be the
+    group that user runs with."""
+    uid, _, gid = next(a for i, a in dockerfile() if i == "USER").partition(":")
+    for kind, name in (("Deployment", "workerpool-router"), ("DaemonSet", "workerpool-worker")):
+        ctx = pod(k8s, kind, name)["spec"]["securityContext"]
+        assert ctx["runAsNonRoot"] and ctx["runAsUser"] == int(uid)
+        assert ctx["runAsGroup"] == ctx["fsGroup"] == int(gid)
+
+
 def load_node_probe():
     import importlib.util
 
