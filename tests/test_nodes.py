@@ -1,0 +1,136 @@
+"""Nodes, as the router sees them: each worker's node and host, each supervisor's round
+trip, a HELLO that comes again, and ``min_per_host`` in the split of a scale. Plain
+values and a fake clock (tests/router_harness.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ipc.protocol import Kind
+from tests.router_harness import Harness
+
+A, B = b"sup-a", b"sup-b"
+
+
+def _two_nodes(**settings: object) -> Harness:
+    h = Harness(heartbeat_interval=1.0, heartbeat_liveness=3)
+    h.hello(workers=1, sup=A, node="a", host="box", **settings)
+    h.hello(workers=2, sup=B, node="b", host="box", **settings)
+    for slot in ("default/a/0", "default/b/0", "default/b/1"):
+        h.ready(slot)
+    return h
+
+
+def _ping(h: Harness, sup: bytes, **meta: object) -> None:
+    h.backend(sup, Kind.HEARTBEAT, {"ping": 1, **meta})
+
+
+def test_each_worker_row_names_its_node_and_host():
+    h = _two_nodes()
+    rows = {w["id"]: (w["node"], w["host"]) for w in h.core.status()["workers"]}
+    assert rows == {"default/a/0": ("a", "box"), "default/b/0": ("b", "box"),
+                    "default/b/1": ("b", "box")}
+
+
+def test_without_a_node_name_the_node_is_the_host():
+    h = Harness()
+    h.hello(workers=1, host="gpu7")  # `up`: no node name
+    h.hello(service="other", workers=1, sup=b"sup-x")  # nor a host: its routing id
+    st = h.core.status()
+    assert [(w["id"], w["node"], w["host"]) for w in st["workers"]] == [
+        ("default/0", "gpu7", "gpu7"), ("other/0", "sup-x", None)]
+    assert [n["node"] for n in st["nodes"]] == ["gpu7", "sup-x"]
+
+
+def test_nodes_show_pid_workers_last_seen_and_the_round_trip_they_report():
+    h = _two_nodes()
+    h.backend(A, Kind.HELLO, {"pid": 41, "host": "box", "node": "a", "services": [],
+                              "slots": []})
+    h.tick(0.5)
+    _ping(h, A, rtt=0.25, srtt=0.3)
+    h.tick(0.2)
+    nodes = {n["node"]: n for n in h.core.status()["nodes"]}
+    assert nodes["a"] == {"node": "a", "host": "box", "pid": 41, "supervisor": "sup-a",
+                          "state": "connected", "slots": 1, "workers": 1, "seen": 0.2,
+                          "rtt_ms": 0.25, "rtt_smoothed_ms": 0.3}
+    assert (nodes["b"]["slots"], nodes["b"]["workers"], nodes["b"]["seen"],
+            nodes["b"]["rtt_ms"]) == (2, 2, 0.7, None)
+    for bad in ({"rtt": "1"}, {"rtt": True, "srtt": 1}, {"rtt": -1, "srtt": 1},
+                {"rtt": float("nan"), "srtt": 1}, {"rtt": 1e12, "srtt": 1}, {"rtt": 2}):
+        _ping(h, A, **bad)  # kept as it was: none of these is a pair of round trips
+    assert {n["node"]: n["rtt_ms"] for n in h.core.status()["nodes"]}["a"] == 0.25
+    assert h.core.stats.get("bad_frames_backend", 0) == 0
+
+
+def test_a_lost_node_keeps_its_name_and_shows_lost_until_it_is_back():
+    h = _two_nodes()
+    _ping(h, A, rtt=1.5, srtt=1.5)
+    for _ in range(4):  # only b beats
+        h.tick(1.0)
+        _ping(h, B)
+    st = h.core.status()
+    nodes = {n["node"]: n for n in st["nodes"]}
+    assert nodes["a"]["state"] == "lost" and nodes["a"]["workers"] == 0
+    assert nodes["a"]["seen"] == 4.0 and nodes["a"]["rtt_ms"] == 1.5
+    assert {w["id"]: w["node"] for w in st["workers"]}["default/a/0"] == "a"
+    assert st["router"]["supervisors"] == 1
+    h.hello(workers=1, sup=A, node="a", host="box")
+    assert {n["node"]: n["state"] for n in h.core.status()["nodes"]} == {
+        "a": "connected", "b": "connected"}
+
+
+def test_a_leaving_node_says_so():
+    h = _two_nodes()
+    h.backend(A, Kind.DRAIN, {"scope": "supervisor"})
+    assert {n["node"]: n["state"] for n in h.core.status()["nodes"]}["a"] == "leaving"
+
+
+@pytest.mark.parametrize("node", ["", 7, "x" * 256, ["a"]])
+def test_a_hello_with_a_bad_node_name_registers_nothing(node):
+    h = Harness()
+    h.backend(A, Kind.HELLO, {"node": node, "services": [{"name": "svc", "workers": 1}],
+                              "slots": [{"slot": "svc/0", "service": "svc"}]})
+    assert h.core.supervisors.known == {} and h.core.registry.slots == {}
+    assert h.core.stats["bad_frames_backend"] == 1
+
+
+def test_a_hello_from_a_supervisor_taken_back_again_changes_nothing():
+    """A returning supervisor may send HELLO more than once (a pong per queued ping, from
+    a supervisor of an older version): the slots, roles and counters stay as one made."""
+    h = Harness(heartbeat_interval=1.0, heartbeat_liveness=3)
+    h.hello(workers=1, spares=1, sup=A, node="a")
+    h.hello(workers=1, sup=B, node="b")
+    a0, _, b0 = (h.ready(s) for s in ("default/a/0", "default/a/1", "default/b/0"))
+    for _ in range(4):  # a is silent: lost, its workers given up, its targets dropped
+        h.tick(1.0)
+        _ping(h, B)
+        h.backend(b0 + b"#hb", Kind.HEARTBEAT, {"of": b0})
+    assert h.core.stats["supervisors_lost"] == 1
+    h.hello(workers=1, spares=1, sup=A, node="a")  # back
+    for slot in ("default/a/0", "default/a/1"):  # its workers register again, same incarnation
+        h.backend(f"{slot}#1".encode(), Kind.READY,
+                  {"slot": slot, "incarnation": 1, "service": "default", "capacity": 1,
+                   "pid": 1001, "methods": ["echo"]})
+    core = h.core
+    svc = core.services["default"]
+
+    def picture() -> tuple:
+        st = core.status()
+        return (sorted((w["id"], w["state"], w["incarnation"]) for w in st["workers"]),
+                [c.slot.id for c in svc.conns], dict(core.stats),
+                core.scaling.active_target("default"), st["router"]["supervisors"],
+                [(n["node"], n["state"], n["slots"], n["workers"]) for n in st["nodes"]],
+                st["services"][0]["workers"], st["services"][0]["spares"])
+
+    before = picture()
+    assert before[1] == ["default/a/0", "default/b/0"] and before[3] == 2
+    assert sorted(w[1] for w in before[0]) == ["ready", "ready", "spare"]
+    for _ in range(3):
+        h.hello(workers=1, spares=1, sup=A, node="a")
+        assert picture() == before
+    h.request(b"client", 1)
+    h.request(b"client", 2)
+    assert len(h.dispatched_to(a0)) == 1  # each serving worker once in the rotation
+
+
+# -- min_per_host ------------------------------------------------------------------------------
