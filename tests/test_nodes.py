@@ -12,8 +12,8 @@ from tests.router_harness import Harness
 A, B = b"sup-a", b"sup-b"
 
 
-def _two_nodes(**settings: object) -> Harness:
-    h = Harness(heartbeat_interval=1.0, heartbeat_liveness=3)
+def _two_nodes(metrics: str | None = None, **settings: object) -> Harness:
+    h = Harness(heartbeat_interval=1.0, heartbeat_liveness=3, metrics=metrics)
     h.hello(workers=1, sup=A, node="a", host="box", **settings)
     h.hello(workers=2, sup=B, node="b", host="box", **settings)
     for slot in ("default/a/0", "default/b/0", "default/b/1"):
@@ -131,6 +131,24 @@ def test_a_hello_from_a_supervisor_taken_back_again_changes_nothing():
     h.request(b"client", 1)
     h.request(b"client", 2)
     assert len(h.dispatched_to(a0)) == 1  # each serving worker once in the rotation
+
+
+def test_metrics_label_each_worker_with_its_node_and_give_each_nodes_round_trip():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from router import exposition
+    from router.metrics import LoopMeter, take_snapshot
+
+    h = _two_nodes(metrics="127.0.0.1:1")
+    _ping(h, A, rtt=2.0, srtt=2.5)
+    text = exposition.render(take_snapshot(h.core, LoopMeter(), h.clock()), 0.0).decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    in_flight = {dict(k[1])["worker"]: dict(k[1])["node"] for k in samples
+                 if k[0] == "workerpool_in_flight"}
+    assert in_flight == {"default/a/0": "a", "default/b/0": "b", "default/b/1": "b"}
+    rtt = {k[1]: v for k, v in samples.items() if k[0] == "workerpool_node_rtt_seconds"}
+    assert rtt == {(("host", "box"), ("node", "a")): 0.0025}  # b reported none yet
 
 
 # -- min_per_host ------------------------------------------------------------------------------
