@@ -19,7 +19,7 @@ from typing import Any, get_args
 import click
 from pydantic import ValidationError
 
-from workerpool.cells import cell, error_line, ms, percent, router_line
+from workerpool.cells import NODE_HEADERS, cell, error_line, ms, node_cells, percent, router_line
 from workerpool.config import (
     DEFAULT_BACKEND,
     DEFAULT_FRONTEND,
@@ -433,8 +433,8 @@ def worker(router_addr, node, keys_dir, key, router_key, log_format, config_path
 
 
 # -- status -------------------------------------------------------------------------------------
-_COLUMNS = ("id", "pid", "device", "memory", "state", "in_flight", "utilization", "batch",
-            "completed", "errored", "restarts", "uptime")
+_COLUMNS = ("id", "pid", "host", "device", "memory", "state", "in_flight", "utilization",
+            "batch", "completed", "errored", "restarts", "uptime")
 
 
 @main.command()
@@ -492,12 +492,19 @@ def _watch(router_addr: str, as_json: bool, timeout: float, interval: float,
     run(_connector(router_addr, *keys), router_addr, interval, timeout)
 
 
+def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Lines of a plain table: each column as wide as its widest cell."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    return ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+            for r in [headers, *rows]]
+
+
 def format_status(st: dict) -> str:
-    rows = [[cell(w.get(c), c, w) for c in _COLUMNS] for w in st["workers"]]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
-              for i, c in enumerate(_COLUMNS)]
-    out = ["  ".join(c.upper().ljust(w) for c, w in zip(_COLUMNS, widths, strict=True))]
-    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    out = _table(tuple(c.upper() for c in _COLUMNS),
+                 [tuple(cell(w.get(c), c, w) for c in _COLUMNS) for w in st["workers"]])
+    if st.get("nodes"):
+        out += _table(NODE_HEADERS, [node_cells(n) for n in st["nodes"]])
     for s in st["services"]:
         out.append(
             f"service {s['name']}: policy={s['policy']} workers={s['workers']} "
