@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 
 from ipc.protocol import Kind
+from router.scaling import plan_scale
 from tests.router_harness import Harness
 
-A, B = b"sup-a", b"sup-b"
+A, B, C = b"sup-a", b"sup-b", b"sup-c"
 
 
 def _two_nodes(metrics: str | None = None, **settings: object) -> Harness:
@@ -152,3 +153,46 @@ def test_metrics_label_each_worker_with_its_node_and_give_each_nodes_round_trip(
 
 
 # -- min_per_host ------------------------------------------------------------------------------
+def _plan(counts: dict[bytes, int], workers: int, min_per_host: int,
+          spares: dict[bytes, int] | None = None) -> dict[bytes, int]:
+    per = {o: (n, (spares or {}).get(o, 0)) for o, n in counts.items()}
+    plan = plan_scale("svc", per, {o: [] for o in counts}, workers, min_per_host)
+    return {o: n for o, (n, _) in plan.items()}
+
+
+def test_scaling_up_fills_the_hosts_below_the_minimum_first():
+    assert _plan({A: 3, B: 0}, 4, 2) == {A: 3, B: 1}
+    assert _plan({A: 3, B: 0}, 5, 2) == {A: 3, B: 2}
+    assert _plan({A: 3, B: 0}, 7, 2) == {A: 4, B: 3}  # then evenly
+    assert _plan({A: 5, B: 1, C: 0}, 9, 2) == {A: 5, B: 2, C: 2}
+
+
+def test_scaling_down_takes_no_host_below_the_minimum_it_has():
+    assert _plan({A: 3, B: 1}, 3, 2) == {A: 2, B: 1}  # b keeps its one, a its two
+    assert _plan({A: 3, B: 1}, 2, 0) == {A: 1, B: 1}  # without a minimum a goes lower
+    for workers in (2, 0):
+        with pytest.raises(ValueError, match=r"keeps min_per_host=2 on each supervisor that "
+                                             r"has them: it needs at least 3 workers"):
+            _plan({A: 3, B: 1}, workers, 2)
+    assert _plan({A: 4, B: 4}, 4, 2) == {A: 2, B: 2}
+    # A host that keeps spares keeps one worker whatever the minimum.
+    assert _plan({A: 2, B: 2}, 2, 0, spares={A: 1, B: 1}) == {A: 1, B: 1}
+    assert _plan({A: 1, B: 2}, 3, 3, spares={A: 1}) == {A: 1, B: 2}
+    with pytest.raises(ValueError, match="at least 3 workers"):
+        _plan({A: 1, B: 2}, 2, 3, spares={A: 1})
+
+
+def test_scale_honours_the_services_min_per_host():
+    h = Harness()
+    h.hello(workers=2, sup=A, node="a", min_per_host=2)
+    h.hello(workers=1, sup=B, node="b", min_per_host=2)
+    for slot in ("default/a/0", "default/a/1", "default/b/0"):
+        h.ready(slot)
+    assert h.core.status()["services"][0]["min_per_host"] == 2
+    h.client_msg(b"admin", Kind.ADMIN, 1, {"op": "scale", "service": "default", "workers": 2})
+    (err,) = h.out.errors_to(b"admin")
+    assert err.type == "AdminError" and "min_per_host=2" in err.message
+    h.client_msg(b"admin", Kind.ADMIN, 2, {"op": "scale", "service": "default", "workers": 5})
+    scales = {s.peer: s.meta["workers"] for s in h.out.take()
+              if s.kind is Kind.ADMIN and s.side == "backend"}
+    assert scales == {A: 3, B: 2}  # b, below the minimum, got the first new one

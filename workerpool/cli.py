@@ -90,6 +90,9 @@ def _service_options(f):
                      help="Workers on each device of --devices, instead of --workers."),
         click.option("--policy", type=click.Choice(POLICIES), default=None,
                      help="Dispatch policy (default least-loaded)."),
+        click.option("--min-per-host", type=int, default=None,
+                     help="`workerpool scale` keeps at least this many workers on each "
+                          "supervisor (host) that has them (default 0: no minimum)."),
         click.option("--max-inflight", type=int, default=None,
                      help="Requests one worker may hold at once (default: 1, or twice the largest "
                      "max_batch_size of the handler's @batched methods)."),
@@ -289,8 +292,9 @@ def _pydantic_message(exc: ValidationError) -> str:
 @_log_format_option
 @_service_options
 def up(frontend, backend, drain_timeout, metrics, keys_dir, insecure, log_format, config_path,
-       service, handler, workers, spares, devices, workers_per_device, policy, max_inflight, prefetch,
-       queue_capacity, capacity_policy, max_wait, handler_options) -> None:
+       service, handler, workers, spares, devices, workers_per_device, policy, min_per_host,
+       max_inflight, prefetch, queue_capacity, capacity_policy, max_wait,
+       handler_options) -> None:
     """Run a whole pool: a router and a supervised set of workers, in the foreground.
 
     Ctrl-C or SIGTERM drains: no new requests are admitted, in-flight ones finish, every
@@ -305,8 +309,9 @@ def up(frontend, backend, drain_timeout, metrics, keys_dir, insecure, log_format
          "metrics": metrics},
         {"handler": handler, "workers": workers, "spares": spares, "devices": devices,
          "workers_per_device": workers_per_device, "policy": policy,
-         "max_inflight": max_inflight, "prefetch": prefetch, "queue_capacity": queue_capacity,
-         "capacity_policy": capacity_policy, "max_wait": max_wait}, handler_options)
+         "min_per_host": min_per_host, "max_inflight": max_inflight, "prefetch": prefetch,
+         "queue_capacity": queue_capacity, "capacity_policy": capacity_policy,
+         "max_wait": max_wait}, handler_options)
     _start_logging(log_format, cfg, "supervisor")
     sec = _security(keys_dir, insecure=insecure, base=cfg.security)
     _check_binds(cfg.router.frontend, cfg.router.backend, sec)
@@ -408,8 +413,9 @@ def router_cmd(frontend, backend, config_path, policy, drain_timeout, metrics, k
 @_log_format_option
 @_service_options
 def worker(router_addr, node, keys_dir, key, router_key, log_format, config_path, service,
-           handler, workers, spares, devices, workers_per_device, policy, max_inflight,
-           prefetch, queue_capacity, capacity_policy, max_wait, handler_options) -> None:
+           handler, workers, spares, devices, workers_per_device, policy, min_per_host,
+           max_inflight, prefetch, queue_capacity, capacity_policy, max_wait,
+           handler_options) -> None:
     """Run a supervisor and its workers for a router elsewhere (same code as `up`)."""
     from workerpool.supervisor import Supervisor
 
@@ -417,8 +423,9 @@ def worker(router_addr, node, keys_dir, key, router_key, log_format, config_path
         config_path, service, {},
         {"handler": handler, "workers": workers, "spares": spares, "devices": devices,
          "workers_per_device": workers_per_device, "policy": policy,
-         "max_inflight": max_inflight, "prefetch": prefetch, "queue_capacity": queue_capacity,
-         "capacity_policy": capacity_policy, "max_wait": max_wait}, handler_options)
+         "min_per_host": min_per_host, "max_inflight": max_inflight, "prefetch": prefetch,
+         "queue_capacity": queue_capacity, "capacity_policy": capacity_policy,
+         "max_wait": max_wait}, handler_options)
     _start_logging(log_format, cfg, "supervisor")
     worker_keys = _peer_keys(_security(keys_dir, key, router_key, base=cfg.security), "worker")
     node = node or f"{socket.gethostname()}-{os.getpid()}"
