@@ -135,6 +135,8 @@ def test_a_hello_from_a_supervisor_taken_back_again_changes_nothing():
 
 
 def test_metrics_label_each_worker_with_its_node_and_give_each_nodes_round_trip():
+    pytest.importorskip("prometheus_client",
+                        reason="prometheus-client is not installed (the 'metrics' extra)")
     from prometheus_client.parser import text_string_to_metric_families
 
     from router import exposition
