@@ -198,3 +198,19 @@ def test_scale_honours_the_services_min_per_host():
     scales = {s.peer: s.meta["workers"] for s in h.out.take()
               if s.kind is Kind.ADMIN and s.side == "backend"}
     assert scales == {A: 3, B: 2}  # b, below the minimum, got the first new one
+
+
+def test_a_bad_min_per_host_is_refused_at_the_edge_and_in_a_hello():
+    from click.testing import CliRunner
+
+    from workerpool.cli import main
+
+    out = CliRunner().invoke(main, ["worker", "--router", "tcp://127.0.0.1:1",
+                                    "--min-per-host", "-1"])
+    assert out.exit_code == 2 and "min_per_host" in out.output
+    h = Harness()
+    for bad in (-1, 1025, "many"):
+        h.backend(A, Kind.HELLO, {"services": [{"name": "svc", "workers": 1,
+                                                "min_per_host": bad}],
+                                  "slots": [{"slot": "svc/0", "service": "svc"}]})
+    assert "svc" not in h.core.services and h.core.stats["bad_frames_backend"] == 3
