@@ -84,32 +84,40 @@ def families(snap: Snapshot, age: float) -> Iterator:
         rejected.add_metric([row["name"]], row["rejected_backpressure"])
     yield from (depth, rejected)
 
+    # `node` follows from `worker` (one supervisor runs a slot): it adds no series.
     in_flight = GaugeMetricFamily("workerpool_in_flight", "Requests the worker holds, running "
-                                  "or held ahead.", labels=["service", "worker"])
+                                  "or held ahead.", labels=["service", "worker", "node"])
     state = GaugeMetricFamily("workerpool_worker_state", "1 for the worker's current state, 0 "
-                              "for the others.", labels=["service", "worker", "state"])
+                              "for the others.", labels=["service", "worker", "node", "state"])
     utilization = GaugeMetricFamily(
         "workerpool_worker_utilization", "Fraction of the last few heartbeats' time the "
-        "handler ran.", labels=["service", "worker"])
+        "handler ran.", labels=["service", "worker", "node"])
     gpu = GaugeMetricFamily("workerpool_gpu_memory_bytes", "GPU memory the worker's "
                             "allocator holds (reserved), where it reports it.",
-                            labels=["worker", "device"])
+                            labels=["worker", "node", "device"])
+    node_of = {row["id"]: row.get("node") or "" for row in status["workers"]}
     for row in workers:
-        svc, slot = row["service"], row["id"]
-        in_flight.add_metric([svc, slot], row["in_flight"])
+        svc, slot, node = row["service"], row["id"], node_of[row["id"]]
+        in_flight.add_metric([svc, slot, node], row["in_flight"])
         for s in WorkerState:
-            state.add_metric([svc, slot, s.value], 1 if row["state"] == s.value else 0)
+            state.add_metric([svc, slot, node, s.value], 1 if row["state"] == s.value else 0)
         if row["utilization"] is not None:
-            utilization.add_metric([svc, slot], row["utilization"])
+            utilization.add_metric([svc, slot, node], row["utilization"])
         if GPU_MEMORY_KEY in row["memory"]:
-            gpu.add_metric([slot, row["device"]], row["memory"][GPU_MEMORY_KEY])
+            gpu.add_metric([slot, node, row["device"]], row["memory"][GPU_MEMORY_KEY])
     restarts = CounterMetricFamily(
         "workerpool_worker_restarts", "Worker deaths its supervisor reported (each followed by "
-        "a respawn), by cause.", labels=["service", "worker", "cause"])
+        "a respawn), by cause.", labels=["service", "worker", "node", "cause"])
     for svc, slot, cause, n in snap.restarts:
         if svc in labelled:
-            restarts.add_metric([svc, slot, cause], n)
-    yield from (in_flight, state, utilization, gpu, restarts)
+            restarts.add_metric([svc, slot, node_of.get(slot, ""), cause], n)
+    rtt = GaugeMetricFamily(
+        "workerpool_node_rtt_seconds", "Smoothed round trip of a connected supervisor's pings "
+        "to the router, as it measured them.", labels=["node", "host"])
+    for node in status.get("nodes", ()):
+        if node["state"] != "lost" and node["rtt_smoothed_ms"] is not None:
+            rtt.add_metric([node["node"], node["host"] or ""], node["rtt_smoothed_ms"] / 1000)
+    yield from (in_flight, state, utilization, gpu, restarts, rtt)
 
     messages = CounterMetricFamily("workerpool_router_messages", "Messages the router loop "
                                    "handled, by socket.", labels=["socket"])

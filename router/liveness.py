@@ -75,7 +75,7 @@ class Liveness:
                 self._unknown_beats[of] = now
                 core.to_backend(ident, Kind.HEARTBEAT, {"register": True, "router": core.instance})
             return  # otherwise worker heartbeats are one-way
-        core.supervisors.seen(ident, now)
+        core.supervisors.on_ping(ident, meta, now)
         if "ping" in meta:
             pong = {"pong": meta["ping"], "router": core.instance}
             if core.supervisors.is_lost(ident):

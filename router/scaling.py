@@ -101,7 +101,8 @@ class Scaling:
         for slot in sorted(core.registry.slots.values(), key=lambda s: s.sort_key, reverse=True):
             if slot.service == name and slot.owner in candidates and not slot.retiring:
                 candidates[slot.owner].append(slot)
-        plan = plan_scale(name, {o: per[o] for o in owners}, candidates, workers)
+        plan = plan_scale(name, {o: per[o] for o in owners}, candidates, workers,
+                          svc.settings.min_per_host)
         current = sum(per[o][0] for o in owners)
         retire = [slot for _, slots in plan.values() for slot in slots]
         for owner, (count, _) in plan.items():
@@ -137,22 +138,27 @@ def _retire_cost(slot: Slot) -> tuple[int, int]:
 
 
 def plan_scale(name: str, per: dict[bytes, tuple[int, int]],
-               candidates: dict[bytes, list[Slot]],
-               workers: int) -> dict[bytes, tuple[int, list[Slot]]]:
+               candidates: dict[bytes, list[Slot]], workers: int,
+               min_per_host: int = 0) -> dict[bytes, tuple[int, list[Slot]]]:
     """Split ``workers`` over the supervisors running ``name``: each supervisor's new count
     and the slots it retires.
 
     ``per``: each supervisor's (workers, spares); ``candidates``: its slots, highest id
-    first. Workers are added where there are fewest, and taken where there are most (ties:
-    where it stops the least), so hosts stay even; a supervisor that keeps spares keeps one
-    worker. Each supervisor ends with (its count + its spares) slots: the ones above that
-    retire, cheapest first. Raises ValueError when ``workers`` cannot be met."""
+    first. Workers are added to the supervisors below ``min_per_host`` first, then where
+    there are fewest, and taken where there are most (ties: where it stops the least), so
+    hosts stay even. None is taken from a supervisor at ``min_per_host`` or below it (it
+    keeps what it has), nor from one that keeps spares and has one worker. Each supervisor
+    ends with (its count + its spares) slots: the ones above that retire, cheapest first.
+    Raises ValueError when ``workers`` cannot be met."""
     owners = list(per)
     counts = {o: per[o][0] for o in owners}
     spares = {o: per[o][1] for o in owners}
-    floor = {o: 1 if spares[o] else 0 for o in owners}
+    floor = {o: max(1 if spares[o] else 0, min(min_per_host, counts[o])) for o in owners}
     held = sum(floor.values())
     if workers < held:
+        if any(floor[o] > (1 if spares[o] else 0) for o in owners):
+            raise ValueError(f"service {name!r} keeps min_per_host={min_per_host} on each "
+                             f"supervisor that has them: it needs at least {held} workers")
         if held == 1:
             raise ValueError(f"service {name!r} keeps {max(spares.values())} spares: it "
                              "needs at least one worker")
@@ -170,7 +176,7 @@ def plan_scale(name: str, per: dict[bytes, tuple[int, int]],
         return (0,) if k == 0 else (1, *_retire_cost(ordered[o][k - 1]))
 
     while sum(counts.values()) < workers:
-        counts[min(owners, key=lambda o: counts[o])] += 1
+        counts[min(owners, key=lambda o: (counts[o] >= min_per_host, counts[o]))] += 1
     while sum(counts.values()) > workers:
         owner = max((o for o in owners if counts[o] > floor[o]),
                     key=lambda o: (counts[o], tuple(-x for x in loss(o))))

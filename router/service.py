@@ -38,6 +38,7 @@ class ServiceSettings:
     max_attempts: int = 3
     poison_threshold: int = 2
     prefetch: int = 1
+    min_per_host: int = 0
 
 
 class Service:
@@ -154,6 +155,7 @@ class Service:
             "max_inflight": s.max_inflight,
             "max_wait": s.max_wait,
             "exec_timeout": s.exec_timeout,
+            "min_per_host": s.min_per_host,
             "workers": len(self.conns),
             "queued": self.queued,
             "queue_capacity": s.queue_capacity,

@@ -1,5 +1,5 @@
-"""The STATUS reply: the router's, each service's and each worker's figures as one map
-(docs/protocol.md, section 6, defines every field)."""
+"""The STATUS reply: the router's, each service's, each worker's and each node's
+figures as one map (docs/protocol.md, section 6, defines every field)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from ipc import protocol
 from ipc.lifecycle import WorkerState
+from router.health import Slot
 from router.service import Service
 
 if TYPE_CHECKING:
@@ -32,9 +33,16 @@ def status(core: RouterCore) -> dict:
         },
         "services": [_service_row(core, s) for s in sorted(core.services.values(),
                                                            key=lambda s: s.name)],
-        "workers": [s.row(now) for s in sorted(core.registry.slots.values(),
-                                              key=lambda s: s.sort_key)],
+        "workers": [_worker_row(core, s, now) for s in sorted(core.registry.slots.values(),
+                                                             key=lambda s: s.sort_key)],
+        "nodes": core.supervisors.rows(now),
     }
+
+
+def _worker_row(core: RouterCore, slot: Slot, now: float) -> dict:
+    row = slot.row(now)
+    row["node"], row["host"] = core.supervisors.placement(slot.owner)
+    return row
 
 
 def _service_row(core: RouterCore, svc: Service) -> dict:

@@ -5,16 +5,23 @@ SLOT, beats like a worker, and leaves with DRAIN (scope ``supervisor``). One tha
 silent for the liveness limit is *lost*: its workers cannot be reached or respawned from
 here, so what they held is answered and its slots are marked failed; if it speaks again
 it is taken back and describes itself anew.
+
+Each supervisor is a *node* to operators: its name (HELLO ``node``, else its host), its
+host, and the round trip of its pings as it measures them (``Peer``), shown per node in
+STATUS ``nodes`` and on each of its workers' rows.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ipc.errors import ServiceUnavailableError
 from ipc.lifecycle import SlotEvent, WorkerState
 from ipc.protocol import Kind
+from router.health import Slot
 from router.metrics import death_cause
 from router.registry import ERROR_TAIL, death_fields
 from router.requests import Phase
@@ -25,6 +32,45 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("workerpool.router")
 MAX_WORKERS = 1024  # per service and supervisor, as ServiceConfig.workers allows
+MAX_NAME = 255  # characters of a node or host name kept (a hostname has at most 253)
+MAX_RTT_MS = 3_600_000.0  # a reported round trip above an hour is not one
+
+
+@dataclass
+class Peer:
+    """One supervisor that described itself (HELLO), while connected or lost."""
+
+    pid: int | None
+    host: str | None  # its hostname, as it said
+    node: str  # its node name; else its host; else its routing id
+    seen: float  # when the router last heard from it (HELLO or heartbeat)
+    rtt: float | None = None  # ms: the last round trip of its pings, as it measured it
+    srtt: float | None = None  # ms: the same, smoothed
+
+    def row(self, ident: bytes, state: str, slots: list[Slot], now: float) -> dict:
+        """Its entry of STATUS ``nodes`` (docs/protocol.md 6.5)."""
+        return {"node": self.node, "host": self.host, "pid": self.pid,
+                "supervisor": ident.decode(errors="replace"), "state": state,
+                "slots": len(slots), "workers": sum(1 for s in slots if s.conn is not None),
+                "seen": round(now - self.seen, 3), "rtt_ms": self.rtt,
+                "rtt_smoothed_ms": self.srtt}
+
+
+def node_name(value: object) -> str | None:
+    """HELLO's ``node``: absent, or 1 to MAX_NAME characters; anything else is refused."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME:
+        raise ValueError(f"bad node name {str(value)[:80]!r}")
+    return value
+
+
+def _round_trip(value: object) -> float | None:
+    """A ping's ``rtt`` or ``srtt`` in ms, or None for anything that is not one."""
+    if type(value) not in (int, float) or not math.isfinite(value) \
+            or not 0 <= value <= MAX_RTT_MS:
+        return None
+    return round(float(value), 3)
 
 
 def worker_count(value: object) -> int:
@@ -45,10 +91,10 @@ def _running(slot: dict) -> tuple[int, object] | None:
 class Supervisors:
     def __init__(self, core: RouterCore) -> None:
         self.core = core
-        self.known: dict[bytes, dict] = {}  # connected supervisors: pid, host, last seen
+        self.known: dict[bytes, Peer] = {}  # connected supervisors
         self.draining: dict[bytes, float] = {}  # leaving supervisor -> drain deadline
         self._departed: set[bytes] = set()  # supervisors that drained and left
-        self._lost: set[bytes] = set()  # declared lost; taken back if they speak
+        self._lost: dict[bytes, Peer] = {}  # declared lost; taken back if they speak
 
     def connected(self, ident: bytes | None) -> bool:
         return ident is not None and ident in self.known
@@ -60,9 +106,33 @@ class Supervisors:
     def is_lost(self, ident: bytes) -> bool:
         return ident in self._lost
 
-    def seen(self, ident: bytes, now: float) -> None:
-        if ident in self.known:
-            self.known[ident]["seen"] = now
+    def on_ping(self, ident: bytes, meta: dict, now: float) -> None:
+        """A supervisor's HEARTBEAT: when it was heard, and the round trip it reports
+        (a value that is not a round trip keeps the one before)."""
+        peer = self.known.get(ident) or self._lost.get(ident)
+        if peer is None:
+            return
+        peer.seen = now
+        rtt, srtt = _round_trip(meta.get("rtt")), _round_trip(meta.get("srtt"))
+        if rtt is not None and srtt is not None:
+            peer.rtt, peer.srtt = rtt, srtt
+
+    def placement(self, ident: bytes | None) -> tuple[str | None, str | None]:
+        """(node, host) of the supervisor ``ident``, if it described itself and has not
+        left."""
+        peer = None if ident is None else self.known.get(ident) or self._lost.get(ident)
+        return (None, None) if peer is None else (peer.node, peer.host)
+
+    def rows(self, now: float) -> list[dict]:
+        """STATUS ``nodes``: every supervisor connected, leaving or lost, by node name."""
+        owned: dict[bytes | None, list[Slot]] = {}
+        for slot in self.core.registry.slots.values():
+            owned.setdefault(slot.owner, []).append(slot)
+        peers = [(i, p, "leaving" if i in self.draining else "connected")
+                 for i, p in self.known.items()]
+        peers += [(i, p, "lost") for i, p in self._lost.items()]
+        return sorted((p.row(i, state, owned.get(i, []), now) for i, p, state in peers),
+                      key=lambda r: (r["node"], r["supervisor"]))
 
     # -- messages ------------------------------------------------------------------------------
     def on_hello(self, ident: bytes, meta: dict) -> None:
@@ -76,11 +146,22 @@ class Supervisors:
             for key in ("workers", "spares"):
                 if key in s:
                     worker_count(s[key])
-        self.known[ident] = {"pid": meta.get("pid"), "host": meta.get("host"),
-                             "seen": core.clock()}
+        node = node_name(meta.get("node"))
+        host = meta.get("host")
+        host = host[:MAX_NAME] if isinstance(host, str) else None
+        pid = meta.get("pid")
+        # A HELLO again (a scale, a router that lost it, a return) keeps the round trips.
+        peer = self.known.get(ident) or self._lost.get(ident)
+        if peer is None:
+            peer = Peer(None, None, "", core.clock())
+        peer.pid = pid if type(pid) is int else None
+        peer.host = host
+        peer.node = node or host or ident.decode(errors="replace")
+        peer.seen = core.clock()
+        self.known[ident] = peer
         self._departed.discard(ident)
         if ident in self._lost:
-            self._lost.discard(ident)
+            del self._lost[ident]
             log.warning("supervisor %r, declared lost, is back: taking its workers back", ident,
                         extra={"event": "supervisor-back", "supervisor": ident})
         for s in services:
@@ -215,9 +296,9 @@ class Supervisors:
             core.fail_if_unservable(svc)
 
     def check_silent(self, now: float, limit: float) -> None:
-        for ident, sup in list(self.known.items()):
-            if now - sup["seen"] > limit:
-                self._declare_lost(ident, now - sup["seen"])
+        for ident, peer in list(self.known.items()):
+            if now - peer.seen > limit:
+                self._declare_lost(ident, now - peer.seen)
 
     def _declare_lost(self, ident: bytes, silent: float) -> None:
         """A supervisor stopped answering: its host is gone or cut off. Its workers cannot
@@ -226,8 +307,7 @@ class Supervisors:
         log.error("supervisor %r silent for %.1fs: its workers are lost", ident, silent,
                   extra={"event": "supervisor-lost", "supervisor": ident, "silent": silent})
         core.stats["supervisors_lost"] += 1
-        del self.known[ident]
-        self._lost.add(ident)
+        self._lost[ident] = self.known.pop(ident)
         for slot in core.registry.owned_by(ident):
             reason = f"its supervisor was silent for {silent:.1f}s (host lost?)"
             if slot.conn is not None:

@@ -101,12 +101,17 @@ class Harness:
         self.core.on_backend([ident, *protocol.encode(kind, req_id, meta, body)])
 
     def hello(self, service: str = "default", workers: int = 2, spares: int = 0,
-              sup: bytes = b"sup", **settings: object) -> None:
+              sup: bytes = b"sup", node: str | None = None, host: str | None = None,
+              **settings: object) -> None:
         """The supervisor's HELLO. Without ``prefetch`` among ``settings``, 0: a worker is
-        sent only what it runs, so most tests count dispatches without the one held ahead."""
+        sent only what it runs, so most tests count dispatches without the one held ahead.
+        With ``node``, its slots are ``service/node/i``, as under `workerpool worker`."""
         settings.setdefault("prefetch", 0)
-        slots = [{"slot": f"{service}/{i}", "service": service} for i in range(workers + spares)]
-        self.backend(sup, Kind.HELLO, {"services": [{"name": service, "workers": workers,
+        prefix = f"{service}/" if node is None else f"{service}/{node}/"
+        slots = [{"slot": f"{prefix}{i}", "service": service} for i in range(workers + spares)]
+        described = {k: v for k, v in (("node", node), ("host", host)) if v is not None}
+        self.backend(sup, Kind.HELLO, {**described,
+                                       "services": [{"name": service, "workers": workers,
                                                      "spares": spares, **settings}],
                                        "slots": slots})
 
@@ -122,7 +127,7 @@ class Harness:
                                                   "pid": 1000 + incarnation})
         self.incarnations[slot] = incarnation
         self.backend(ident, Kind.READY, {"slot": slot, "incarnation": incarnation,
-                                         "service": slot.rpartition("/")[0],
+                                         "service": slot.partition("/")[0],
                                          "capacity": capacity, "pid": 1000 + incarnation,
                                          "methods": list(methods)})
         return ident
@@ -130,7 +135,7 @@ class Harness:
     def slot_event(self, slot: str, event: str, incarnation: int | None = None,
                    sup: bytes = b"sup", **extra: object) -> None:
         inc = self.incarnations.get(slot, 1) if incarnation is None else incarnation
-        self.backend(sup, Kind.SLOT, {"slot": slot, "service": slot.rpartition("/")[0],
+        self.backend(sup, Kind.SLOT, {"slot": slot, "service": slot.partition("/")[0],
                                       "incarnation": inc, "event": event, **extra})
 
     def reply(self, ident: bytes, rid: int, value: object = None, kind: Kind = Kind.RESULT) -> None:

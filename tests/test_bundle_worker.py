@@ -264,13 +264,13 @@ def test_the_supervisor_takes_each_message_of_a_bundle_as_alone(standin_supervis
         _head(Kind.HEARTBEAT, 0, {"router": "r1"}),
         _head(Kind.READY, 0, {"slot": "nope/0", "incarnation": 1})])])
     deadline = time.monotonic() + 5
-    while sup._router_instance is None and time.monotonic() < deadline:
+    while sup._link.instance is None and time.monotonic() < deadline:
         sup._drain_socket()
         time.sleep(0.01)
     assert "dropped malformed bundle from router" in caplog.text
     assert "ignored ADMIN with unknown op 'reboot'" in caplog.text
     assert "dropped malformed ADMIN from router" in caplog.text
-    assert sup._router_instance == "r1" and not sup._drained and not sup._stopping
+    assert sup._link.instance == "r1" and not sup._drained and not sup._stopping
 
 
 def test_a_cancel_takes_a_request_out_of_a_group_before_it_starts(tmp_path):

@@ -177,6 +177,8 @@ def test_prometheus_reads_back_exactly_what_the_pool_did(procs, prometheus):
     os.kill(victim["pid"], signal.SIGKILL)
     pool.wait_for(lambda st: all(w["state"] == "ready" for w in st["workers"])
                   and st["workers"][1]["incarnation"] == 2, what="default/1 back")
+    pool.wait_for(lambda st: st["nodes"][0]["rtt_smoothed_ms"] is not None,
+                  what="the supervisor's round trip")
     done = time.time()
     deadline = time.monotonic() + 15
     # A scrape may be answered from a snapshot up to MAX_AGE old.
@@ -196,6 +198,10 @@ def test_prometheus_reads_back_exactly_what_the_pool_did(procs, prometheus):
     states = prom.query("workerpool_worker_state == 1")
     assert sorted((r["worker"], r["state"]) for r, _ in states) == [
         ("default/0", "ready"), ("default/1", "ready")]
+    host = socket.gethostname()  # `up`'s supervisor has no --node: its node is its host
+    assert {r["node"] for r, _ in states} == {host}
+    (rtt,) = prom.query("workerpool_node_rtt_seconds")
+    assert (rtt[0]["node"], rtt[0]["host"]) == (host, host) and 0 <= rtt[1] < 1
     assert prom.value("sum(workerpool_in_flight)") == 0
     assert prom.value('workerpool_queue_depth{service="default"}') == 0
     assert prom.value('workerpool_backpressure_rejections_total{service="default"}') == 0

@@ -213,10 +213,10 @@ def test_a_crash_counts_the_request_and_the_restart_by_cause():
     assert _requests(s) == {("echo", "WorkerCrashedError", "default"): 1}
     restarts = {k: v for k, v in s.items() if k[0] == "workerpool_worker_restarts_total"}
     assert restarts == {
-        ("workerpool_worker_restarts_total", ("cause", "SIGKILL"), ("service", "default"),
-         ("worker", "default/0")): 1,
-        ("workerpool_worker_restarts_total", ("cause", "SIGSEGV"), ("service", "default"),
-         ("worker", "default/0")): 1}
+        ("workerpool_worker_restarts_total", ("cause", "SIGKILL"), ("node", "sup"),
+         ("service", "default"), ("worker", "default/0")): 1,
+        ("workerpool_worker_restarts_total", ("cause", "SIGSEGV"), ("node", "sup"),
+         ("service", "default"), ("worker", "default/0")): 1}
     assert w not in h.core.registry.conns
 
 
@@ -230,11 +230,13 @@ def test_backpressure_is_counted_as_an_outcome_and_a_rejection():
     assert _requests(s)[("echo", "BackpressureError", "default")] == 1
     assert s[("workerpool_backpressure_rejections_total", ("service", "default"))] == 1
     assert s[("workerpool_queue_depth", ("service", "default"))] == 0
-    assert s[("workerpool_in_flight", ("service", "default"), ("worker", "default/0"))] == 1
-    assert s[("workerpool_worker_state", ("service", "default"), ("state", "busy"),
+    # node: the supervisor's routing id, as this HELLO names neither a node nor a host
+    assert s[("workerpool_in_flight", ("node", "sup"), ("service", "default"),
               ("worker", "default/0"))] == 1
-    assert s[("workerpool_worker_state", ("service", "default"), ("state", "ready"),
-              ("worker", "default/0"))] == 0
+    assert s[("workerpool_worker_state", ("node", "sup"), ("service", "default"),
+              ("state", "busy"), ("worker", "default/0"))] == 1
+    assert s[("workerpool_worker_state", ("node", "sup"), ("service", "default"),
+              ("state", "ready"), ("worker", "default/0"))] == 0
 
 
 def test_names_from_clients_never_become_labels():
@@ -277,9 +279,9 @@ def test_gpu_memory_and_utilization_come_from_the_heartbeat():
     h.backend(w + b"#hb", Kind.HEARTBEAT, {"of": w, "busy": [0.5, 1.0],
                                            "mem": {"rss": 10, "gpu_reserved": 2**30}})
     s = _scrape(h)
-    assert s[("workerpool_gpu_memory_bytes", ("device", "cuda:1"), ("worker", "default/0"))] \
-        == 2**30
-    assert s[("workerpool_worker_utilization", ("service", "default"),
+    assert s[("workerpool_gpu_memory_bytes", ("device", "cuda:1"), ("node", "sup"),
+              ("worker", "default/0"))] == 2**30
+    assert s[("workerpool_worker_utilization", ("node", "sup"), ("service", "default"),
               ("worker", "default/0"))] == 0.5
 
 
@@ -291,7 +293,12 @@ def _plain_snapshot() -> Snapshot:
             {"name": "svc", "queued": 7, "rejected_backpressure": 2},
             {"name": "undescribed", "queued": 1, "rejected_backpressure": 0}],
         "workers": [{"id": "svc/0", "service": "svc", "device": "cpu", "state": "spare",
-                     "in_flight": 0, "utilization": None, "memory": {"rss": 1}}]}
+                     "in_flight": 0, "utilization": None, "memory": {"rss": 1}, "node": "a",
+                     "host": "box"}],
+        "nodes": [{"node": "a", "host": "box", "state": "connected", "rtt_smoothed_ms": 1.5},
+                  {"node": "lost", "host": "box", "state": "lost", "rtt_smoothed_ms": 2.0},
+                  {"node": "new", "host": None, "state": "connected",
+                   "rtt_smoothed_ms": None}]}
     return Snapshot(
         taken_at=0.0, status=status,
         services=(ServiceFigures("svc", (("m", "ok", 4), ("m", "HandlerError", 1)),
@@ -317,10 +324,14 @@ def test_a_snapshot_renders_every_family_with_its_values():
     assert 'workerpool_batch_size_bucket{le="2.0",method="m",service="svc"} 3.0' in text
     assert 'workerpool_queue_depth{service="svc"} 7.0' in text
     assert 'workerpool_backpressure_rejections_total{service="svc"} 2.0' in text
-    assert 'workerpool_worker_state{service="svc",state="spare",worker="svc/0"} 1.0' in text
-    assert 'workerpool_worker_state{service="svc",state="ready",worker="svc/0"} 0.0' in text
-    assert 'workerpool_worker_restarts_total{cause="exit",service="svc",worker="svc/0"} 2.0' \
+    assert 'workerpool_worker_state{node="a",service="svc",state="spare",worker="svc/0"} 1.0' \
         in text
+    assert 'workerpool_worker_state{node="a",service="svc",state="ready",worker="svc/0"} 0.0' \
+        in text
+    assert 'workerpool_worker_restarts_total{cause="exit",node="a",service="svc",' \
+        'worker="svc/0"} 2.0' in text
+    assert 'workerpool_node_rtt_seconds{host="box",node="a"} 0.0015' in text
+    assert 'node="lost"' not in text  # a lost node's round trip is not current
     assert 'workerpool_router_messages_total{socket="backend"} 12.0' in text
     assert 'workerpool_router_loop_lag_seconds_count 1.0' in text
     assert 'workerpool_unknown_service_requests_total 3.0' in text

@@ -11,6 +11,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
+from workerpool.cells import node_cells
 from workerpool.cli import main
 from workerpool.errors import PermissionDeniedError, RequestTimeoutError
 from workerpool.watch import (
@@ -91,7 +92,8 @@ def test_a_worker_row_has_the_status_tables_cells_and_its_last_error_cut():
                             memory={"rss": 1, "gpu_reserved": 3 * 2**30, "gpu_total": 80 * 2**30},
                             utilization=0.123))
     cells = dict(zip(WORKER_HEADERS, row, strict=True))
-    assert cells == {"ID": "default/0", "STATE": "ready", "DEVICE": "cpu", "IN_FLIGHT": "1/2+1",
+    assert cells == {"ID": "default/0", "STATE": "ready", "HOST": "-", "DEVICE": "cpu",
+                     "IN_FLIGHT": "1/2+1",
                      "COMPLETED": "0", "ERRORED": "0", "RESTARTS": "3", "UPTIME": "5.2s",
                      "MEMORY": "3.0G/80.0G gpu", "UTIL": "12%", "BATCH": "-",
                      "LAST ERROR": "ValueError: " + "x" * 35 + "…"}
@@ -104,6 +106,23 @@ def test_a_worker_not_registered_shows_dashes():
     cells = dict(zip(WORKER_HEADERS, row, strict=True))
     assert (cells["IN_FLIGHT"], cells["MEMORY"], cells["UTIL"]) == ("0", "-", "-")
     assert cells["LAST ERROR"] == "was killed by SIGKILL"
+
+
+def test_a_worker_row_names_its_host_and_the_nodes_table_their_round_trips():
+    assert dict(zip(WORKER_HEADERS, worker_row(worker(host="gpu7")), strict=True))["HOST"] \
+        == "gpu7"
+    node = {"node": "a", "host": "gpu7", "pid": 41, "supervisor": "sup-gpu7-41",
+            "state": "connected", "slots": 3, "workers": 2, "seen": 0.25, "rtt_ms": 0.4567,
+            "rtt_smoothed_ms": 0.5}
+    assert node_cells(node) == ("a", "gpu7", "41", "connected", "2/3", "0.2s", "0.46", "0.50")
+    lost = {**node, "host": None, "pid": None, "state": "lost", "workers": 0, "seen": 12.0,
+            "rtt_ms": None, "rtt_smoothed_ms": None}
+    assert node_cells(lost) == ("a", "-", "-", "lost", "0/3", "12.0s", "-", "-")
+    w = Watch("a", 1.0)
+    w.polled({**status(1.0, [service()]), "nodes": [node, lost]}, T0)
+    assert w.frame().nodes == (node_cells(node), node_cells(lost))
+    w.polled(status(2.0, [service()]), T0 + 1)  # a router that lists no nodes
+    assert w.frame().nodes == ()
 
 
 def test_a_service_row_says_which_percentiles_and_dashes_what_is_not_known():
@@ -199,6 +218,13 @@ def test_render_draws_the_tables_and_only_the_banner_while_unreachable():
     text = out.getvalue()
     assert "LAST ERROR" in text and "SERVICE TIME p50/p99 ms" in text
     assert "default/1" in text and "dead" in text
+    assert "SRTT ms" not in text  # no nodes listed, no nodes table
+    w.polled({**status(2.0, [service()]), "nodes": [
+        {"node": "a", "host": "gpu7", "pid": 41, "state": "connected", "slots": 1,
+         "workers": 1, "seen": 0.1, "rtt_ms": 0.3, "rtt_smoothed_ms": 0.25}]}, T0)
+    out = io.StringIO()
+    Console(file=out, width=160).print(render(w.frame()))
+    assert "SRTT ms" in out.getvalue() and "gpu7" in out.getvalue()
     w.failed("RequestTimeoutError: no reply", T0 + 1)
     out = io.StringIO()
     Console(file=out, width=160).print(render(w.frame()))

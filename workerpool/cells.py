@@ -73,3 +73,15 @@ def error_line(text: str | None, width: int | None = None) -> str:
     if width is not None and len(line) > width:
         line = line[:max(0, width - 1)] + "…"
     return line
+
+
+NODE_HEADERS = ("NODE", "HOST", "PID", "STATE", "WORKERS", "SEEN", "RTT ms", "SRTT ms")
+"""The columns of the nodes table (docs/protocol.md 6.5): ``WORKERS`` is registered
+workers of its slots, ``SEEN`` how long ago the router last heard from it."""
+
+
+def node_cells(n: dict) -> tuple[str, ...]:
+    """The cells of one node (a ``nodes`` entry), in NODE_HEADERS order."""
+    return (n["node"], n.get("host") or "-", "-" if n.get("pid") is None else str(n["pid"]),
+            n["state"], f"{n['workers']}/{n['slots']}", f"{n['seen']:.1f}s",
+            ms(n.get("rtt_ms")), ms(n.get("rtt_smoothed_ms")))

@@ -19,7 +19,7 @@ from typing import Any, get_args
 import click
 from pydantic import ValidationError
 
-from workerpool.cells import cell, error_line, ms, percent, router_line
+from workerpool.cells import NODE_HEADERS, cell, error_line, ms, node_cells, percent, router_line
 from workerpool.config import (
     DEFAULT_BACKEND,
     DEFAULT_FRONTEND,
@@ -90,6 +90,9 @@ def _service_options(f):
                      help="Workers on each device of --devices, instead of --workers."),
         click.option("--policy", type=click.Choice(POLICIES), default=None,
                      help="Dispatch policy (default least-loaded)."),
+        click.option("--min-per-host", type=int, default=None,
+                     help="`workerpool scale` keeps at least this many workers on each "
+                          "supervisor (host) that has them (default 0: no minimum)."),
         click.option("--max-inflight", type=int, default=None,
                      help="Requests one worker may hold at once (default: 1, or twice the largest "
                      "max_batch_size of the handler's @batched methods)."),
@@ -289,8 +292,9 @@ def _pydantic_message(exc: ValidationError) -> str:
 @_log_format_option
 @_service_options
 def up(frontend, backend, drain_timeout, metrics, keys_dir, insecure, log_format, config_path,
-       service, handler, workers, spares, devices, workers_per_device, policy, max_inflight, prefetch,
-       queue_capacity, capacity_policy, max_wait, handler_options) -> None:
+       service, handler, workers, spares, devices, workers_per_device, policy, min_per_host,
+       max_inflight, prefetch, queue_capacity, capacity_policy, max_wait,
+       handler_options) -> None:
     """Run a whole pool: a router and a supervised set of workers, in the foreground.
 
     Ctrl-C or SIGTERM drains: no new requests are admitted, in-flight ones finish, every
@@ -305,8 +309,9 @@ def up(frontend, backend, drain_timeout, metrics, keys_dir, insecure, log_format
          "metrics": metrics},
         {"handler": handler, "workers": workers, "spares": spares, "devices": devices,
          "workers_per_device": workers_per_device, "policy": policy,
-         "max_inflight": max_inflight, "prefetch": prefetch, "queue_capacity": queue_capacity,
-         "capacity_policy": capacity_policy, "max_wait": max_wait}, handler_options)
+         "min_per_host": min_per_host, "max_inflight": max_inflight, "prefetch": prefetch,
+         "queue_capacity": queue_capacity, "capacity_policy": capacity_policy,
+         "max_wait": max_wait}, handler_options)
     _start_logging(log_format, cfg, "supervisor")
     sec = _security(keys_dir, insecure=insecure, base=cfg.security)
     _check_binds(cfg.router.frontend, cfg.router.backend, sec)
@@ -408,8 +413,9 @@ def router_cmd(frontend, backend, config_path, policy, drain_timeout, metrics, k
 @_log_format_option
 @_service_options
 def worker(router_addr, node, keys_dir, key, router_key, log_format, config_path, service,
-           handler, workers, spares, devices, workers_per_device, policy, max_inflight,
-           prefetch, queue_capacity, capacity_policy, max_wait, handler_options) -> None:
+           handler, workers, spares, devices, workers_per_device, policy, min_per_host,
+           max_inflight, prefetch, queue_capacity, capacity_policy, max_wait,
+           handler_options) -> None:
     """Run a supervisor and its workers for a router elsewhere (same code as `up`)."""
     from workerpool.supervisor import Supervisor
 
@@ -417,8 +423,9 @@ def worker(router_addr, node, keys_dir, key, router_key, log_format, config_path
         config_path, service, {},
         {"handler": handler, "workers": workers, "spares": spares, "devices": devices,
          "workers_per_device": workers_per_device, "policy": policy,
-         "max_inflight": max_inflight, "prefetch": prefetch, "queue_capacity": queue_capacity,
-         "capacity_policy": capacity_policy, "max_wait": max_wait}, handler_options)
+         "min_per_host": min_per_host, "max_inflight": max_inflight, "prefetch": prefetch,
+         "queue_capacity": queue_capacity, "capacity_policy": capacity_policy,
+         "max_wait": max_wait}, handler_options)
     _start_logging(log_format, cfg, "supervisor")
     worker_keys = _peer_keys(_security(keys_dir, key, router_key, base=cfg.security), "worker")
     node = node or f"{socket.gethostname()}-{os.getpid()}"
@@ -433,8 +440,8 @@ def worker(router_addr, node, keys_dir, key, router_key, log_format, config_path
 
 
 # -- status -------------------------------------------------------------------------------------
-_COLUMNS = ("id", "pid", "device", "memory", "state", "in_flight", "utilization", "batch",
-            "completed", "errored", "restarts", "uptime")
+_COLUMNS = ("id", "pid", "host", "device", "memory", "state", "in_flight", "utilization",
+            "batch", "completed", "errored", "restarts", "uptime")
 
 
 @main.command()
@@ -492,12 +499,19 @@ def _watch(router_addr: str, as_json: bool, timeout: float, interval: float,
     run(_connector(router_addr, *keys), router_addr, interval, timeout)
 
 
+def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Lines of a plain table: each column as wide as its widest cell."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    return ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+            for r in [headers, *rows]]
+
+
 def format_status(st: dict) -> str:
-    rows = [[cell(w.get(c), c, w) for c in _COLUMNS] for w in st["workers"]]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
-              for i, c in enumerate(_COLUMNS)]
-    out = ["  ".join(c.upper().ljust(w) for c, w in zip(_COLUMNS, widths, strict=True))]
-    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    out = _table(tuple(c.upper() for c in _COLUMNS),
+                 [tuple(cell(w.get(c), c, w) for c in _COLUMNS) for w in st["workers"]])
+    if st.get("nodes"):
+        out += _table(NODE_HEADERS, [node_cells(n) for n in st["nodes"]])
     for s in st["services"]:
         out.append(
             f"service {s['name']}: policy={s['policy']} workers={s['workers']} "

@@ -95,6 +95,10 @@ class ServiceConfig(_Model):
     workers_per_device: int | None = Field(
         None, ge=1, le=1024, description="Workers on each device of `devices` (instead of "
         "`workers`): 2 with devices '0,1' starts 4 workers, two on each GPU.")
+    min_per_host: int = Field(
+        0, ge=0, le=1024, description="`workerpool scale` keeps at least this many workers "
+        "of the service on each supervisor (host) that runs that many: scaling down takes "
+        "none below it, scaling up fills the supervisors below it first. 0: no minimum.")
     policy: Policy = Field("least-loaded", description="How the router picks a worker.")
     max_inflight: int | None = Field(
         None, ge=1, le=65536, description="Requests the router sends one worker at once. "
@@ -241,7 +245,8 @@ TIMINGS = Timings()
 
 #: Service fields the router applies (the rest only matter to the supervisor).
 ROUTED_FIELDS = ("policy", "queue_capacity", "max_inflight", "prefetch", "capacity_policy",
-                 "max_wait", "exec_timeout", "idempotent", "max_attempts", "poison_threshold")
+                 "max_wait", "exec_timeout", "idempotent", "max_attempts", "poison_threshold",
+                 "min_per_host")
 
 
 def routed_defaults() -> dict[str, Any]:

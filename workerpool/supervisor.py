@@ -46,6 +46,7 @@ from workerpool.children import (
 from workerpool.config import ROUTED_FIELDS, TIMINGS, RouterConfig, ServiceConfig, SupervisorConfig
 from workerpool.devices import device_label, parse_devices
 from workerpool.inbox import messages
+from workerpool.link import Register, RouterLink
 from workerpool.respawn import Action, Next, SlotLife
 from workerpool.worker import WorkerSpec
 
@@ -97,11 +98,12 @@ class Supervisor:
         self.heartbeat_interval = heartbeat_interval
         self._next_beat = 0.0
         self._next_sweep = 0.0
-        self._router_instance: str | None = None
+        self._link = RouterLink()  # pings, round trips, when to send HELLO again
         self.stopped_liveness = 3  # beats a child may stay stopped before it is killed
         self.router_restarts = 0
         self._poller_needs_router = False
         # Slot ids must be unique on the router: a remote supervisor adds its node name.
+        self.node = node
         self._prefix = "" if node is None else f"{node}/"
         self._next_index: dict[str, int] = {}
         for svc in services:
@@ -135,7 +137,7 @@ class Supervisor:
             if self._router is not None:
                 self._router.start()
             self._sock.connect(self.backend)
-            self._send(Kind.HELLO, self._hello())
+            self._send_hello()
             for w in self.workers.values():
                 self._spawn(w)
             self._check_all_ready()  # a pool of zero workers is ready at once
@@ -158,10 +160,15 @@ class Supervisor:
         # Owning the router (`up`), we stop the whole pool; otherwise only our workers leave.
         self._send(Kind.DRAIN, {"scope": "router" if self._router else "supervisor"})
 
+    def _send_hello(self) -> None:
+        self._send(Kind.HELLO, self._hello())
+        self._link.hello_sent()
+
     def _hello(self) -> dict:
         return {
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            **({"node": self.node} if self.node is not None else {}),
             # Only what was set explicitly (file or flag): the router's own defaults
             # (`workerpool router --policy`) apply to the rest.
             "services": [
@@ -221,9 +228,10 @@ class Supervisor:
                 return
 
     def _beat(self, now: float) -> None:
-        """Ping the router (it counts a silent supervisor as lost); check for stopped children."""
+        """Ping the router (it counts a silent supervisor as lost; the ping carries the
+        round trip measured so far); check for stopped children."""
         self._next_beat = now + self.heartbeat_interval
-        self._send(Kind.HEARTBEAT, {"ping": int(now * 1000)})
+        self._send(Kind.HEARTBEAT, self._link.ping(now))
         self._kill_stopped_children(now)
 
     def _sweep_segments(self, now: float) -> None:
@@ -284,20 +292,20 @@ class Supervisor:
         elif msg.kind is Kind.ADMIN:
             self._on_admin(msg.meta)
         elif msg.kind is Kind.HEARTBEAT and "router" in msg.meta:
-            instance = msg.meta["router"]
-            if msg.meta.get("hello"):
+            before = self._link.instance
+            register = self._link.pong(msg.meta, time.monotonic())
+            if register is Register.LOST:
                 log.warning("the router had given this supervisor up as lost (it was "
                             "silent too long): registering again")
-                self._send(Kind.HELLO, self._hello())
-            elif self._router_instance is not None and instance != self._router_instance:
-                log.warning("router restarted (%s -> %s): registering again",
-                            self._router_instance, instance)
-                self._send(Kind.HELLO, self._hello())
+                self._send_hello()
+            elif register is Register.RESTARTED:
+                log.warning("router restarted (%s -> %s): registering again", before,
+                            self._link.instance)
+                self._send_hello()
                 # The new router never heard they were scaled away: stop them here.
                 for w in self.workers.values():
                     if w.life.retiring and w.life.running:
                         send_signal(w.proc, signal.SIGTERM)
-            self._router_instance = instance
         elif msg.kind is Kind.DRAINED:
             self._drained = True
             if not self._stopping:  # the router is shutting down: so is its pool
@@ -377,7 +385,7 @@ class Supervisor:
             self._retire(w)
             mine.remove(w)
         added = self._add_slots(svc, max(0, svc.workers + svc.spares - len(mine)))
-        self._send(Kind.HELLO, self._hello())
+        self._send_hello()
         for w in added:
             self._spawn(w)
 

@@ -22,14 +22,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from workerpool.cells import cell, error_line, ms, percent, router_line
+from workerpool.cells import cell, error_line, ms, node_cells, percent, router_line
 
-WORKER_FIELDS = ("id", "state", "device", "in_flight", "completed", "errored", "restarts",
-                 "uptime", "memory", "utilization", "batch")
+WORKER_FIELDS = ("id", "state", "host", "device", "in_flight", "completed", "errored",
+                 "restarts", "uptime", "memory", "utilization", "batch")
 """The worker fields of the view, in column order (protocol.md 6.3); LAST ERROR follows."""
 
-WORKER_HEADERS = ("ID", "STATE", "DEVICE", "IN_FLIGHT", "COMPLETED", "ERRORED", "RESTARTS",
-                  "UPTIME", "MEMORY", "UTIL", "BATCH", "LAST ERROR")
+WORKER_HEADERS = ("ID", "STATE", "HOST", "DEVICE", "IN_FLIGHT", "COMPLETED", "ERRORED",
+                  "RESTARTS", "UPTIME", "MEMORY", "UTIL", "BATCH", "LAST ERROR")
 
 SERVICE_HEADERS = ("SERVICE", "WORKERS", "QUEUED", "IN_FLIGHT", "REQ/S", "ERR/S",
                    "SERVICE TIME p50/p99 ms", "QUEUE WAIT p50/p99 ms", "UTIL")
@@ -62,6 +62,7 @@ class Frame:
     unreachable: bool
     workers: tuple[tuple[str, ...], ...] = ()
     services: tuple[tuple[str, ...], ...] = ()
+    nodes: tuple[tuple[str, ...], ...] = ()  # cells.NODE_HEADERS; none from an older router
 
 
 def same_router(before: dict, after: dict) -> bool:
@@ -184,4 +185,5 @@ class Watch:
             "REQ/S and ERR/S since the previous poll; Ctrl-C quits",
             False,
             tuple(worker_row(w) for w in st["workers"]),
-            tuple(service_row(s, self._rates.get(s["name"])) for s in st["services"]))
+            tuple(service_row(s, self._rates.get(s["name"])) for s in st["services"]),
+            tuple(node_cells(n) for n in st.get("nodes", ())))

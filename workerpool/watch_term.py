@@ -19,6 +19,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
+from workerpool.cells import NODE_HEADERS
 from workerpool.errors import WorkerPoolError
 from workerpool.loadtest.extra import require
 from workerpool.watch import SERVICE_HEADERS, WORKER_HEADERS, Frame, Watch, pause, poll_timeout
@@ -97,9 +98,10 @@ def poll(client: Client, watch: Watch, wait: float) -> None:
 
 
 def render(frame: Frame) -> Any:
-    """The rich renderable of ``frame``: a title line, a detail line, the worker table
-    and the service table. Every cell is left-aligned under its header; a terminal too
-    narrow for a table cuts its cells with ``…``."""
+    """The rich renderable of ``frame``: a title line, a detail line, the worker table,
+    the service table and, when the router lists nodes, the nodes table. Every cell is
+    left-aligned under its header; a terminal too narrow for a table cuts its cells with
+    ``…``."""
     from rich import box
     from rich.console import Group
     from rich.table import Table
@@ -116,9 +118,14 @@ def render(frame: Frame) -> Any:
     for row in frame.workers:
         workers.add_row(*row[:state], Text(row[state], style=STATE_STYLES.get(row[state], "")),
                         *row[state + 1:])
-    services = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for header in SERVICE_HEADERS:
-        services.add_column(header, no_wrap=True, overflow="ellipsis")
-    for row in frame.services:
-        services.add_row(*row)
-    return Group(*parts, Text(""), workers, Text(""), services)
+    parts += [Text(""), workers]
+    for headers, rows in ((SERVICE_HEADERS, frame.services), (NODE_HEADERS, frame.nodes)):
+        if not rows and headers is NODE_HEADERS:
+            continue
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        for header in headers:
+            table.add_column(header, no_wrap=True, overflow="ellipsis")
+        for row in rows:
+            table.add_row(*row)
+        parts += [Text(""), table]
+    return Group(*parts)

@@ -1,0 +1,173 @@
+"""Two nodes (``workerpool worker --node``) on one router, for real: each worker's node
+and host, each node's round trip in STATUS, ``status`` and ``/metrics``; ``min_per_host``
+in a scale; and a link that goes down and heals bringing one HELLO, however many pings
+waited in it."""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import ROOT, _env
+from workerpool import Client
+from workerpool.errors import AdminError
+
+FAST = "[router]\nheartbeat_interval = 0.2\nheartbeat_liveness = 3\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _per_node(st: dict) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for w in st["workers"]:
+        if w["state"] in ("ready", "busy"):
+            counts[w["node"]] = counts.get(w["node"], 0) + 1
+    return counts
+
+
+def test_nodes_in_status_and_metrics_and_a_scale_that_keeps_min_per_host(procs):
+    pytest.importorskip("prometheus_client",
+                        reason="prometheus-client is not installed (the 'metrics' extra)")
+    cfg = procs.config(FAST)
+    front, back, port = procs.tcp(), procs.tcp(), _free_port()
+    router = procs.spawn(["router", "--config", cfg, "--frontend", front, "--backend", back,
+                          "--metrics", f"127.0.0.1:{port}"], front, None)
+    procs.node(router, back, "a", "--config", cfg, "--workers", "3", "--min-per-host", "2")
+    procs.node(router, back, "b", "--config", cfg, "--workers", "0", "--min-per-host", "2")
+    st = router.wait_for(lambda s: len(s["nodes"]) == 2 and _per_node(s) == {"a": 3}
+                         and all(n["rtt_ms"] is not None for n in s["nodes"]),
+                         what="3 workers on a, both nodes with a round trip")
+    host = socket.gethostname()
+    assert {(w["node"], w["host"]) for w in st["workers"]} == {("a", host)}
+    nodes = {n["node"]: n for n in st["nodes"]}
+    assert (nodes["a"]["workers"], nodes["a"]["slots"], nodes["b"]["slots"]) == (3, 3, 0)
+    for n in nodes.values():
+        assert n["state"] == "connected" and n["host"] == host and n["pid"] > 0
+        assert n["supervisor"].startswith("sup-") and 0 <= n["seen"] < 1.0
+        assert 0 <= n["rtt_ms"] < 1000 and 0 <= n["rtt_smoothed_ms"] < 1000
+    assert st["services"][0]["min_per_host"] == 2
+
+    with Client(front, timeout=20) as c:
+        out = c.scale("default", 4)  # b is below the minimum: it gets the new one
+        assert sorted(out["supervisors"].values()) == [1, 3]
+        router.wait_for(lambda s: _per_node(s) == {"a": 3, "b": 1}, what="a 3, b 1")
+        with pytest.raises(AdminError, match=r"min_per_host=2 .* at least 3 workers"):
+            c.scale("default", 2)
+        out = c.scale("default", 3)  # taken from a, which stays at its minimum
+        assert out["previous"] == 4 and len(out["retire"]) == 1
+        assert out["retire"][0].startswith("default/a/")
+        st = router.wait_for(lambda s: len(s["workers"]) == 3 and _per_node(s) == {"a": 2, "b": 1},
+                             what="a 2, b 1")
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    assert f'workerpool_node_rtt_seconds{{host="{host}",node="a"}}' in text
+    assert 'workerpool_in_flight{node="b",service="default",worker="default/b/0"}' in text
+
+    out = subprocess.run([sys.executable, "-m", "workerpool.cli", "status", "--router", front],
+                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=30)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:4] == ["ID", "PID", "HOST", "DEVICE"]
+    assert any(line.startswith("default/b/0") and f" {host} " in line for line in lines)
+    assert any(line.split()[:3] == ["NODE", "HOST", "PID"] for line in lines)
+    assert any(line.split()[:2] == ["b", host] and "connected" in line for line in lines)
+
+
+class Relay:
+    """A TCP relay from a loopback port to ``target`` that can stop carrying bytes without
+    closing anything: a link that goes down (what is sent waits in the kernel's buffers
+    and in ZeroMQ's queues) and later heals."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("tcp://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.carrying = threading.Event()
+        self.carrying.set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ)
+        peer: dict[socket.socket, socket.socket] = {}
+        try:
+            while not self._stop.is_set():
+                if not self.carrying.wait(0.05):
+                    continue
+                for key, _ in sel.select(0.05):
+                    if key.fileobj is self.listener:
+                        a, _ = self.listener.accept()
+                        try:
+                            b = socket.create_connection(self.target)
+                        except OSError:  # the router is not up yet: ZeroMQ tries again
+                            a.close()
+                            continue
+                        peer[a], peer[b] = b, a
+                        sel.register(a, selectors.EVENT_READ)
+                        sel.register(b, selectors.EVENT_READ)
+                        continue
+                    sock = key.fileobj
+                    data = sock.recv(1 << 16)
+                    if data:
+                        peer[sock].sendall(data)
+                        continue
+                    for s in (sock, peer.pop(sock)):
+                        sel.unregister(s)
+                        s.close()
+                    peer.pop(s, None)
+        finally:
+            for s in peer:
+                s.close()
+            sel.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.listener.close()
+
+
+def test_a_healed_link_brings_one_hello_however_many_pings_waited(procs):
+    cfg = procs.config(FAST)
+    front, back = procs.tcp(), procs.tcp()
+    router = procs.spawn(["router", "--config", cfg, "--frontend", front, "--backend", back],
+                         front, None)
+    relay = Relay(back)
+    node = None
+    try:
+        node = procs.node(router, relay.address, "a", "--config", cfg, "--workers", "1")
+        router.wait_ready(1)
+        relay.carrying.clear()  # the link is down: about 15 pings wait in it
+        router.wait_for(lambda s: s["router"]["counters"].get("supervisors_lost") == 1,
+                        what="the node declared lost")
+        time.sleep(2.5)
+        relay.carrying.set()
+        st = router.wait_for(lambda s: s["router"]["supervisors"] == 1
+                             and s["workers"][0]["state"] == "ready"
+                             and s["nodes"][0]["state"] == "connected", what="the node back")
+        time.sleep(1.0)  # every pong to a queued ping has come back by now
+        log = node.log.read_text()
+        assert log.count("given this supervisor up as lost") == 1, log
+        assert router.log.read_text().count("is back: taking its workers back") == 1
+        assert st["router"]["counters"]["supervisors_lost"] == 1
+        with Client(front, timeout=10) as c:
+            assert c.call("echo", 7) == 7
+    finally:
+        relay.carrying.set()
+        if node is not None and node.popen.poll() is None:
+            node.stop()  # through the relay, while it carries: it drains as usual
+        relay.close()

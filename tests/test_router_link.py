@@ -1,0 +1,146 @@
+"""A supervisor's pings of its router (workerpool/link.py): round trips, and one HELLO
+however many queued pings a healed link brings answers to."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from ipc import protocol, transport
+from ipc.protocol import Kind
+from workerpool.link import TRACKED, Register, RouterLink
+
+
+def test_tokens_grow_even_within_one_millisecond():
+    link = RouterLink()
+    tokens = [link.ping(5.0)["ping"] for _ in range(3)]
+    assert tokens == [5000, 5001, 5002]
+    assert link.ping(4.0)["ping"] == 5003  # never back, whatever the clock says
+
+
+def test_a_pong_measures_its_round_trip_and_the_next_ping_carries_it():
+    link = RouterLink()
+    assert set(link.ping(10.0)) == {"ping"}  # nothing measured yet
+    assert link.pong({"pong": 10000, "router": "r1"}, 10.004) is Register.NO
+    assert link.rtt == pytest.approx(4.0) and link.srtt == pytest.approx(4.0)
+    meta = link.ping(11.0)
+    assert meta["rtt"] == pytest.approx(4.0) and meta["srtt"] == pytest.approx(4.0)
+    link.pong({"pong": meta["ping"], "router": "r1"}, 11.012)
+    assert link.rtt == pytest.approx(12.0)
+    assert link.srtt == pytest.approx(4.0 + (12.0 - 4.0) / 8)  # smoothed, TCP's gain
+    # A pong echoed twice, or to a token never sent, measures nothing.
+    link.pong({"pong": meta["ping"], "router": "r1"}, 20.0)
+    link.pong({"pong": 7, "router": "r1"}, 20.0)
+    assert link.rtt == pytest.approx(12.0)
+
+
+def test_only_the_last_pings_are_measured():
+    link = RouterLink()
+    tokens = [link.ping(float(t))["ping"] for t in range(TRACKED + 2)]
+    link.pong({"pong": tokens[0], "router": "r1"}, 100.0)  # waited out an outage
+    assert link.rtt is None
+    link.pong({"pong": tokens[-1], "router": "r1"}, TRACKED + 1.5)
+    assert link.rtt == pytest.approx(500.0)
+
+
+def test_a_lost_supervisor_registers_again_once_for_all_the_queued_pings():
+    link = RouterLink()
+    link.hello_sent()  # at start, before any ping
+    first = link.ping(1.0)["ping"]
+    assert link.pong({"pong": first, "router": "r1"}, 1.001) is Register.NO
+    # The link goes down for 35 s: 35 pings queue, the router declares the supervisor
+    # lost, and when the link heals it answers each of them with "hello".
+    queued = [link.ping(2.0 + i)["ping"] for i in range(35)]
+    answers = []
+    for t in queued:
+        answers.append(link.pong({"pong": t, "router": "r1", "hello": True}, 37.5))
+        if answers[-1] is not Register.NO:
+            link.hello_sent()  # as the supervisor does
+    assert answers == [Register.LOST] + [Register.NO] * 34
+    # A ping sent after that HELLO, still answered with hello: the router wants another.
+    later = link.ping(38.0)["ping"]
+    assert link.pong({"pong": later, "router": "r1", "hello": True}, 38.1) is Register.LOST
+
+
+def test_a_restarted_router_is_registered_with_once():
+    link = RouterLink()
+    link.hello_sent()
+    link.pong({"pong": link.ping(1.0)["ping"], "router": "r1"}, 1.0)
+    queued = [link.ping(2.0 + i)["ping"] for i in range(5)]
+    assert link.pong({"pong": queued[0], "router": "r2"}, 7.0) is Register.RESTARTED
+    link.hello_sent()
+    # The old router's late pong, then the new one's: the HELLO answered both.
+    assert link.pong({"pong": queued[1], "router": "r1"}, 7.0) is Register.NO
+    assert [link.pong({"pong": t, "router": "r2"}, 7.0) for t in queued[2:]] == [Register.NO] * 3
+    assert link.instance == "r2"
+    assert link.pong({"pong": link.ping(8.0)["ping"], "router": "r2"}, 8.0) is Register.NO
+
+
+def test_a_pong_without_a_token_is_taken_as_it_comes():
+    link = RouterLink()
+    link.hello_sent()
+    assert link.pong({"router": "r1"}, 1.0) is Register.NO and link.instance == "r1"
+    assert link.pong({"router": "r2"}, 1.0) is Register.RESTARTED
+    assert link.pong({"pong": "x", "router": "r2", "hello": True}, 1.0) is Register.LOST
+    assert link.rtt is None
+
+
+def _answers(router, ident: bytes, metas: list[dict]) -> None:
+    for meta in metas:
+        transport.send(router, [ident, *protocol.encode(Kind.HEARTBEAT, 0, meta)])
+
+
+def _from_supervisor(router, timeout: float = 2.0) -> list[protocol.Message]:
+    out = []
+    while router.poll(int(timeout * 1000)):
+        out.append(protocol.decode(router.recv_multipart()[1:]))
+        timeout = 0.2
+    return out
+
+
+def _drain(sup, until, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not until() and time.monotonic() < deadline:
+        sup._drain_socket()
+        time.sleep(0.01)
+
+
+def test_35_pongs_with_hello_to_old_pings_bring_one_hello(standin_supervisor, caplog):
+    sup, router, ident = standin_supervisor
+    sup._link.hello_sent()  # the fixture sent the HELLO past the link
+    now = time.monotonic()
+    for i in range(35):  # a link down: the pings queue
+        sup._beat(now + i * 0.001)
+    pings = [m.meta["ping"] for m in _from_supervisor(router) if m.kind is Kind.HEARTBEAT]
+    assert len(pings) == 35
+    _answers(router, ident, [{"pong": p, "router": "r1", "hello": True} for p in pings])
+    _drain(sup, lambda: sup._link.instance == "r1" and "registering again" in caplog.text)
+    time.sleep(0.1)
+    sup._drain_socket()
+    got = _from_supervisor(router, 0.5)
+    assert [m.kind for m in got] == [Kind.HELLO]
+    assert caplog.text.count("registering again") == 1
+    assert got[0].meta["pid"] and "node" not in got[0].meta  # `up`'s: no node name
+    # The next ping, sent after that HELLO, carries the round trip measured meanwhile.
+    sup._beat(time.monotonic())
+    (ping,) = _from_supervisor(router, 1.0)
+    assert ping.kind is Kind.HEARTBEAT and ping.meta["rtt"] >= 0 and ping.meta["srtt"] >= 0
+
+
+def test_35_pongs_from_a_restarted_router_bring_one_hello(standin_supervisor, caplog):
+    sup, router, ident = standin_supervisor
+    sup._link.hello_sent()
+    sup._beat(time.monotonic())
+    (first,) = _from_supervisor(router)
+    _answers(router, ident, [{"pong": first.meta["ping"], "router": "old"}])
+    _drain(sup, lambda: sup._link.instance == "old")
+    for i in range(35):
+        sup._beat(time.monotonic() + i * 0.001)
+    pings = [m.meta["ping"] for m in _from_supervisor(router)]
+    _answers(router, ident, [{"pong": p, "router": "new"} for p in pings])
+    _drain(sup, lambda: "router restarted" in caplog.text)
+    time.sleep(0.1)
+    sup._drain_socket()
+    assert [m.kind for m in _from_supervisor(router, 0.5)] == [Kind.HELLO]
+    assert caplog.text.count("registering again") == 1 and sup._link.instance == "new"
