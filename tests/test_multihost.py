@@ -105,6 +105,7 @@ def test_a_node_lost_with_requests_in_flight_then_back(cluster):
             c.router.wait_for(lambda s: s["router"]["counters"].get("supervisors_lost") == 1,
                               timeout=limit + 10, what="b declared lost")
             detected = time.monotonic() - cut
+            nodes = {n["node"]: n["state"] for n in c.router.status()["nodes"]}
             wait(running + ahead, timeout=30)
             # A long outage: b's supervisor keeps pinging into the cut link meanwhile.
             time.sleep(max(0.0, cut + 4.0 - time.monotonic()))
@@ -129,6 +130,8 @@ def test_a_node_lost_with_requests_in_flight_then_back(cluster):
           f"{len(errors)} failed as lost; held ahead: {len(ahead)} answered (b's re-run on a); "
           f"counters {st['router']['counters']}")
     assert detected >= limit * 0.8  # not before the configured timeout
+    assert nodes == {"a": "connected", "b": "lost"}
+    assert {n["node"]: n["state"] for n in st["nodes"]} == {"a": "connected", "b": "connected"}
     assert steady.failed == [] and served_during_outage > 0
     assert sorted(r.split("/")[1] for r in results) == ["a", "a"]
     assert len(errors) == 2 and all(isinstance(e, WorkerCrashedError) for e in errors)
@@ -186,14 +189,21 @@ def test_a_slow_lossy_link(cluster):
         before = {w["id"]: w["completed"] for w in c.router.status()["workers"]}
         slow = netns.drive(client, n, 8, 0.005)
         st = c.router.status()
+    rtt = {x["node"]: x["rtt_smoothed_ms"] for x in st["nodes"]}
     done = {w["id"]: w["completed"] - before.get(w["id"], 0) for w in st["workers"]}
     per_host = {h: sum(v for k, v in done.items() if f"/{h}/" in k) for h in ("a", "b")}
     clean_hosts = {h: sum(r.split("/")[1] == h for r in clean.results) for h in ("a", "b")}
     print(f"\nclean link: {clean.rate:.0f} req/s, by host {clean_hosts}; 50 ms each way and "
           f"2% loss on b: {slow.rate:.0f} req/s ({slow.rate / clean.rate:.2f}x), by host "
-          f"{per_host}; counters {st['router']['counters']}")
+          f"{per_host}; smoothed round trip by node (ms) {rtt}; counters "
+          f"{st['router']['counters']}")
     assert len(slow.results) == n and sum(done.values()) == n  # each answered, ran once
     assert per_host["a"] > per_host["b"] > 0  # least-loaded sends less to the slow host
+    # status shows each worker's host and each node's round trip: b's holds the relay's
+    # 50 ms each way (a lower bound, not a timing threshold).
+    assert sorted(w["node"] for w in st["workers"] if w["state"] != "failed") == \
+        ["a", "a", "b", "b"]
+    assert rtt["b"] >= 100 and rtt["a"] < rtt["b"]
 
 
 def test_the_router_host_restarts(cluster):
