@@ -150,16 +150,16 @@ def test_status_and_call_commands(pool):
     st = json.loads(r.stdout)
     assert len(st["workers"]) == 4
     for w in st["workers"]:
-        for key in ("id", "pid", "service", "device", "state", "in_flight", "completed",
-                    "errored", "restarts", "uptime", "last_error"):
+        for key in ("id", "pid", "host", "node", "service", "device", "state", "in_flight",
+                    "completed", "errored", "restarts", "uptime", "last_error"):
             assert key in w
         assert w["device"] == "cpu"
     runner = CliRunner()
     out = runner.invoke(main, ["status", "--router", pool.address])
     assert out.exit_code == 0, out.output
     header = out.output.splitlines()[0].split()
-    assert header == ["ID", "PID", "DEVICE", "MEMORY", "STATE", "IN_FLIGHT", "UTILIZATION",
-                      "BATCH", "COMPLETED", "ERRORED", "RESTARTS", "UPTIME"]
+    assert header == ["ID", "PID", "HOST", "DEVICE", "MEMORY", "STATE", "IN_FLIGHT",
+                      "UTILIZATION", "BATCH", "COMPLETED", "ERRORED", "RESTARTS", "UPTIME"]
     rows = [line.split() for line in out.output.splitlines()[1:5]]
     assert [r[0] for r in rows] == [f"default/{i}" for i in range(4)]
     assert all("0/1+1" in r for r in rows), rows  # IN_FLIGHT: held/capacity+prefetch
