@@ -232,6 +232,18 @@ def _check_metrics(address: str | None) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+def _check_http(listen: str, insecure: bool | None) -> None:
+    """``up --http``: the gateway's address is checked (and free) before anything starts."""
+    from workerpool.gateway.server import GatewayError, check_installed, probe
+
+    _check_http_exposure(listen, None, bool(insecure))
+    try:
+        check_installed()
+        probe(listen)
+    except GatewayError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def _check_binds(frontend: str, backend: str | None, sec: SecurityConfig) -> None:
     from ipc.curve import KeyFileError, check_exposure
 
@@ -286,11 +298,15 @@ def _pydantic_message(exc: ValidationError) -> str:
 @click.option("--drain-timeout", type=float, default=None,
               help="On Ctrl-C/SIGTERM, seconds in-flight requests may still run (default 30).")
 @_metrics_option
+@click.option("--http", "http_listen", default=None, metavar="HOST:PORT",
+              help="Also run the HTTP gateway (`workerpool gateway`) there, supervised with "
+                   "the pool (:PORT or PORT: on 127.0.0.1). Default: off.")
 @_keys_option
 @_insecure_option
 @_log_format_option
 @_service_options
-def up(frontend, backend, drain_timeout, metrics, keys_dir, insecure, log_format, config_path,
+def up(frontend, backend, drain_timeout, metrics, http_listen, keys_dir, insecure, log_format,
+       config_path,
        service, handler, workers, spares, devices, workers_per_device, policy, max_inflight, prefetch,
        queue_capacity, capacity_policy, max_wait, handler_options) -> None:
     """Run a whole pool: a router and a supervised set of workers, in the foreground.
@@ -298,7 +314,7 @@ def up(frontend, backend, drain_timeout, metrics, keys_dir, insecure, log_format
     Ctrl-C or SIGTERM drains: no new requests are admitted, in-flight ones finish, every
     process stops, and the exit status is 0.
     """
-    from workerpool.children import router_argv
+    from workerpool.children import gateway_argv, router_argv
     from workerpool.supervisor import Supervisor
 
     cfg = _build_config(
@@ -314,6 +330,8 @@ def up(frontend, backend, drain_timeout, metrics, keys_dir, insecure, log_format
     _check_binds(cfg.router.frontend, cfg.router.backend, sec)
     # The router child binds it; a taken port is said here, before any process starts.
     _check_metrics(cfg.router.metrics)
+    if http_listen is not None:
+        _check_http(http_listen, insecure)
     # The router reads the directory; the supervisor and its workers use the worker pair.
     worker_keys = None
     if sec.keys:
@@ -324,6 +342,8 @@ def up(frontend, backend, drain_timeout, metrics, keys_dir, insecure, log_format
         except KeyFileError as exc:
             raise click.UsageError(str(exc)) from None
         worker_keys = _peer_keys(sec, "worker")
+    gateway = None if http_listen is None else gateway_argv(
+        cfg.router.frontend, http_listen, _peer_keys(sec, "client") if sec.keys else None)
     router_sec = SecurityConfig(keys=sec.keys, insecure=sec.insecure)
     tmpdir = None
     if cfg.router.backend is None:
@@ -334,6 +354,7 @@ def up(frontend, backend, drain_timeout, metrics, keys_dir, insecure, log_format
     sup = Supervisor(cfg.services, cfg.router.backend, cfg.supervisor,
                      router_argv=router_argv(cfg.router.model_dump_json(), None,
                                              router_sec.model_dump_json()),
+                     gateway_argv=gateway,
                      drain_timeout=cfg.router.drain_timeout,
                      max_message_bytes=cfg.router.max_message_bytes,
                      heartbeat_interval=cfg.router.heartbeat_interval, keys=worker_keys)
