@@ -293,6 +293,28 @@ def test_a_reader_that_does_not_read_costs_bounded_memory(gw):
     assert grown < 48 * 2**20, f"gateway peak RSS grew {grown / 2**20:.0f} MiB"
 
 
+# -- wrk -----------------------------------------------------------------------------------------
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '{"x": [1, 2, 3]}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def test_wrk(gw, tmp_path):
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (bin/system-packages installs it as root)")
+    script = tmp_path / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    out = subprocess.run(["wrk", "-t1", "-c8", "-d1s", "-s", str(script),
+                          f"{gw.url}/v1/default/echo"], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert "Requests/sec" in out, out
+    assert "Non-2xx" not in out and "Socket errors" not in out, out
+    done = int(out.split(" requests in ")[0].split()[-1])
+    assert done > 0
+
+
 # -- KServe v2 with Triton's own client ----------------------------------------------------------
 def test_kserve_v2_with_tritonclient(gw):
     httpclient = pytest.importorskip("tritonclient.http")
