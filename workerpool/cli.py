@@ -234,11 +234,13 @@ def _check_metrics(address: str | None) -> None:
 
 def _check_http(listen: str, insecure: bool | None) -> None:
     """``up --http``: the gateway's address is checked (and free) before anything starts."""
-    from workerpool.gateway.server import GatewayError, check_installed, probe
+    from workerpool.gateway import GatewayError, check_installed
 
     _check_http_exposure(listen, None, bool(insecure))
     try:
         check_installed()
+        from workerpool.gateway.server import probe
+
         probe(listen)
     except GatewayError as exc:
         raise click.ClickException(str(exc)) from None
@@ -452,8 +454,14 @@ def gateway(router_addr, listen, tokens_path, tls_cert, tls_key, timeout, max_bo
     client pair DIR/clients/client."""
     from ipc.transport import check_endpoint
     from workerpool import __version__
+    from workerpool.gateway import GatewayError, check_installed
+
+    try:
+        check_installed()
+    except GatewayError as exc:
+        raise click.ClickException(str(exc)) from None
     from workerpool.gateway.app import Settings
-    from workerpool.gateway.server import GatewayError, ServeOptions, serve
+    from workerpool.gateway.server import ServeOptions, serve
     from workerpool.gateway.tokens import TokenFileError, Tokens
 
     _start_logging(log_format, PoolConfig(), "gateway")

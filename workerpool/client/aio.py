@@ -110,12 +110,18 @@ class AsyncClient(BaseClient):
         self._timer_at = math.inf  # time.monotonic() at which _timer fires
         self._closed = False
         self._error: BaseException | None = None
+        self._overruns = 0
 
     @property
     def unmatched_replies(self) -> int:
         """Replies that matched no outstanding request: after a local timeout or cancel,
         or a duplicate."""
         return self._replies.unmatched
+
+    @property
+    def streams_overrun(self) -> int:
+        """Streams ended because their reader fell ``max_buffered`` items behind."""
+        return self._overruns
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -185,6 +191,7 @@ class AsyncClient(BaseClient):
         def put(pair: tuple) -> None:
             if pair[0] is Kind.PARTIAL and items.qsize() >= limit:
                 # Forgotten first, so the error below is the stream's one final outcome.
+                self._overruns += 1
                 self._cancel(rid())
                 items.put_nowait((Kind.ERROR, BackpressureError(
                     f"stream overrun: {limit} items received and not read yet",

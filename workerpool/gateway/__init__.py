@@ -18,3 +18,19 @@ talks to the router as one ordinary client.
 
 docs/http.md is the reference.
 """
+
+
+class GatewayError(RuntimeError):
+    """The gateway cannot start: its address cannot be bound, a file is unreadable, or
+    the ``http`` extra is not installed."""
+
+
+def check_installed() -> None:
+    """Raise GatewayError, saying what to install, without the ``http`` extra (uvicorn,
+    prometheus-client); imports neither for good when they are there."""
+    import importlib.util
+
+    missing = [m for m in ("uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise GatewayError(f"the HTTP gateway needs {' and '.join(missing)}: pip install "
+                           "'workerpool[http]'")

@@ -107,6 +107,7 @@ class Gateway:
             if msg["type"] == "lifespan.startup":
                 try:
                     self.client = self._make_client()
+                    self.metrics.overrun_count = lambda: self.client.streams_overrun
                 except Exception as exc:
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
@@ -217,8 +218,6 @@ class Gateway:
                                 "headers": sse.HEADERS})
                 await send({"type": "http.response.body", "body": event, "more_body": True})
         except WorkerPoolError as exc:
-            if exc.extra.get("code") == "stream-overrun":
-                self.metrics.overruns.inc()
             wire = exc.to_wire()
         except (TypeError, ValueError) as exc:  # an item with no JSON form
             wire = error_map("HandlerError", f"a streamed item cannot be written as JSON: "

@@ -8,6 +8,8 @@ request can add series. The pool's own figures are the router's (``--metrics`` o
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -16,6 +18,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -38,9 +41,8 @@ class GatewayMetrics:
         self.disconnects = Counter("workerpool_gateway_client_disconnects", "HTTP clients "
                                    "that left before their reply; the request was cancelled "
                                    "at the router.", registry=r)
-        self.overruns = Counter("workerpool_gateway_streams_overrun", "Event streams ended "
-                                "because their reader fell max_buffered items behind.",
-                                registry=r)
+        r.register(_Overruns(self))
+        self.overrun_count: Callable[[], int] = lambda: 0  # the client's count, once it exists
         self._children: dict[tuple[str, int], tuple] = {}
 
     def answered(self, endpoint: str, code: int, seconds: float) -> None:
@@ -55,3 +57,17 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Overruns:
+    """The client counts streams ended for overrun (it ends them, whether or not the
+    reader ever sees the error event); a scrape reads that count."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("workerpool_gateway_streams_overrun", "Event streams ended "
+                                  "because their reader fell max_buffered items behind; each "
+                                  "was cancelled at the router.",
+                                  value=self._metrics.overrun_count())

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from workerpool._proc import die_with_parent
 from workerpool.config import format_http_address, parse_http_address
+from workerpool.gateway import GatewayError, check_installed
 from workerpool.gateway.app import Gateway, Settings
 
 log = logging.getLogger("workerpool.gateway")
@@ -35,11 +36,6 @@ SHUTDOWN_TIMEOUT = 10.0
 BACKLOG = 2048
 
 
-class GatewayError(RuntimeError):
-    """The gateway cannot start: its address cannot be bound, a file is unreadable, or
-    the ``http`` extra is not installed."""
-
-
 @dataclass
 class ServeOptions:
     """What `workerpool gateway` was told, after the CLI checked it."""
@@ -51,15 +47,6 @@ class ServeOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     settings: Settings | None = None
-
-
-def check_installed() -> None:
-    """Raise GatewayError, saying what to install, without the ``http`` extra."""
-    try:
-        import uvicorn  # noqa: F401
-    except ImportError as exc:
-        raise GatewayError(f"the HTTP gateway needs uvicorn ({exc}): pip install "
-                           "'workerpool[http]'") from None
 
 
 def bind(listen: str) -> socket.socket:
