@@ -264,6 +264,27 @@ def test_client_leaving_mid_stream_cancels_at_the_router(gw):
     _wait(lambda: gw.service("default")["in_flight"] == 0, what="nothing in flight")
 
 
+def _metric(gw, name: str) -> float:
+    for line in gw.http.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_client_leaving_a_plain_call_cancels_it_at_the_router(gw):
+    before = gw.service("crashy")["cancelled"]
+    gone = _metric(gw, "workerpool_gateway_client_disconnects_total")
+    port = int(gw.url.rsplit(":", 1)[1])
+    body = b'{"seconds": 1.0}'
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/crashy/sleep HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
+                  % (len(body), body))
+        _wait(lambda: gw.service("crashy")["in_flight"] == 1, what="the call to run")
+    _wait(lambda: gw.service("crashy")["cancelled"] == before + 1, what="cancel at the router")
+    assert _metric(gw, "workerpool_gateway_client_disconnects_total") == gone + 1
+    _wait(lambda: gw.service("crashy")["in_flight"] == 0, what="the call to end")
+
+
 def _hwm(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
