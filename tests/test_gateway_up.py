@@ -69,3 +69,18 @@ def test_up_http_refuses_a_taken_port_before_starting_anything(procs):
         pool = procs.pool("--http", f"127.0.0.1:{port}", workers=1, wait=False)
         assert pool.popen.wait(30) == 1
     assert "cannot serve HTTP" in pool.log.read_text()
+
+
+def test_up_http_with_keys_gives_the_gateway_the_client_pair(procs):
+    """With CURVE keys the gateway is an ordinary client with its own key: calls work, and
+    a client key cannot send ADMIN, which no HTTP route asks for anyway."""
+    from ipc import curve
+
+    keys = procs.dir / "keys"
+    curve.init_keys(keys)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs.pool("--http", f"127.0.0.1:{port}", "--keys", str(keys), workers=1,
+               handler="workerpool.handlers:Echo")
+    assert _call_until_ok(f"http://127.0.0.1:{port}").json() == {"x": 1}
