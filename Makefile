@@ -11,7 +11,7 @@ $(BIN)/workerpool: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,torch,loadtest,metrics]'
+	$(BIN)/pip install -q -e '.[dev,torch,loadtest,metrics,http]'
 	touch $@
 
 demo: $(BIN)/workerpool

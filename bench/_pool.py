@@ -11,6 +11,7 @@
     start_executor(n)              a ProcessPoolExecutor (the baseline) whose workers ignore Ctrl-C
     stop_executor(ex, finished)    a ProcessPoolExecutor stopped with nothing left behind
     nearest_rank(sorted, q)        the q-quantile of a sorted sample
+    cpu_seconds(pid), group_pids(pgid)   CPU time so far of a process; a group's processes
 
 Every process runs in its own session and is stopped with SIGTERM, a grace period, then
 SIGKILL of the whole group, on success, errors and Ctrl-C alike.
@@ -158,6 +159,39 @@ def pool(workdir: str, name: str, *, handler: str = "workerpool.handlers:Echo", 
         argv[4:4] = ["--config", path]
     with process_group(argv, "workerpool ready", workdir, name) as proc:
         yield proc, frontend, argv
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of every thread of ``pid`` so far (0 if it is gone)."""
+    total = 0
+    try:
+        stats = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in stats:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICK
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The processes of process group ``pgid`` now."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) == pgid:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
 
 
 def free_tcp_port() -> int:

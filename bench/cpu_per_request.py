@@ -26,8 +26,6 @@ import threading
 import time
 from pathlib import Path
 
-TICK = os.sysconf("SC_CLK_TCK")
-
 
 def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,19 +43,9 @@ sys.path.insert(0, REPO)
 os.environ["PYTHONPATH"] = REPO + (os.pathsep + os.environ["PYTHONPATH"]
                                    if os.environ.get("PYTHONPATH") else "")
 
+import _pool  # noqa: E402  (bench/, beside this script)
+
 from workerpool import Client  # noqa: E402  (from --repo)
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of every thread of ``pid`` so far (0 if it is gone)."""
-    total = 0
-    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICK
 
 
 def _role(pid: int) -> str:
@@ -72,23 +60,11 @@ def _role(pid: int) -> str:
     return "supervisor"
 
 
-def _group(pgid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getpgid(int(entry.name)) == pgid:
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
-
-
 def _sample(pool_pids: list[int]) -> dict[str, float]:
-    out: dict[str, float] = {"client": _cpu_seconds(os.getpid())}
+    out: dict[str, float] = {"client": _pool.cpu_seconds(os.getpid())}
     for pid in pool_pids:
         role = _role(pid)
-        out[role] = out.get(role, 0.0) + _cpu_seconds(pid)
+        out[role] = out.get(role, 0.0) + _pool.cpu_seconds(pid)
     return out
 
 
@@ -121,7 +97,7 @@ def main() -> int:
                         client.submit("echo", {"i": 1}).add_done_callback(finished)
 
             drive(ARGS.warmup)
-            pids = _group(proc.pid)
+            pids = _pool.group_pids(proc.pid)
             before, n0, t0 = _sample(pids), done[0], time.monotonic()
             drive(ARGS.duration)
             after, n1, t1 = _sample(pids), done[0], time.monotonic()

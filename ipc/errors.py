@@ -93,9 +93,22 @@ class RouterRestartedError(WorkerPoolError):
 
 
 class ServiceUnavailableError(WorkerPoolError):
-    """No worker can take the request: unknown service, none registered, or shutting down."""
+    """No worker can take the request. ``code`` says why: ``unknown-service`` (no such
+    service, or none could be resolved), ``no-live-workers`` (a known service whose slots
+    all failed or stopped), ``shutting-down`` (the pool drains or drained), or
+    ``supervisor-left`` (the worker's supervisor left before the request finished)."""
 
     retryable_default = True
+
+    @property
+    def code(self) -> str | None:
+        return self.extra.get("code")
+
+
+UNKNOWN_SERVICE = "unknown-service"
+NO_LIVE_WORKERS = "no-live-workers"
+SHUTTING_DOWN = "shutting-down"
+SUPERVISOR_LEFT = "supervisor-left"
 
 
 class BackpressureError(WorkerPoolError):

@@ -20,6 +20,9 @@ from typing import TYPE_CHECKING
 
 from ipc import protocol
 from ipc.errors import (
+    NO_LIVE_WORKERS,
+    SHUTTING_DOWN,
+    UNKNOWN_SERVICE,
     BackpressureError,
     ProtocolError,
     ServiceUnavailableError,
@@ -134,14 +137,15 @@ class Admission:
             return ProtocolError(f"request id {msg.req_id} is already in flight on this "
                                  "connection", code="duplicate-id")
         if core.draining:
-            return ServiceUnavailableError("the pool is shutting down and admits no new requests")
+            return ServiceUnavailableError("the pool is shutting down and admits no new requests",
+                                           code=SHUTTING_DOWN)
         name = msg.meta.get("service")
         method = msg.meta["method"]
-        svc, why = self.resolve(name)
+        svc, why, code = self.resolve(name)
         if svc is None:
             # Counted under the service if it is a described one without live workers.
             known = core.services.get(name) if isinstance(name, str) else None
-            return self._refused(known, method, ServiceUnavailableError(why))
+            return self._refused(known, method, ServiceUnavailableError(why, code=code))
         if svc.methods and method not in svc.methods:
             return self._refused(svc, method, UnknownMethodError(
                 f"service {svc.name!r} has no method {method!r}; "
@@ -166,8 +170,9 @@ class Admission:
                                  code="service-full",
                                  retry_after=svc.retry_after(self.core.clock()))
 
-    def resolve(self, name: object) -> tuple[Service | None, str]:
-        """The service a request names (None: the only one, or 'default'), or why none."""
+    def resolve(self, name: object) -> tuple[Service | None, str, str]:
+        """The service a request names (None: the only one, or 'default'), or why none and
+        the ``code`` of that ServiceUnavailableError (``unknown-service``, ``no-live-workers``)."""
         core = self.core
         services = core.services
         registry = core.registry
@@ -178,34 +183,37 @@ class Admission:
             # themselves yet. The request waits for them; end_grace answers it otherwise.
             name = "default" if name is None else name
             if len(services) >= MAX_GRACE_SERVICES:
-                return None, f"unknown service {name!r} (too many undescribed services)"
+                return None, f"unknown service {name!r} (too many undescribed services)", \
+                    UNKNOWN_SERVICE
             try:
                 ServiceConfig(name=name)
             except ValueError:
-                return None, f"unknown service {name!r}; it is not a valid service name"
-            return core.service(name), ""
+                return None, f"unknown service {name!r}; it is not a valid service name", \
+                    UNKNOWN_SERVICE
+            return core.service(name), "", ""
         if name is None:
             if len(services) == 1:
                 svc = next(iter(services.values()))
             elif "default" in services:
                 svc = services["default"]
             elif not services:
-                return None, "no workers are registered with this router"
+                return None, "no workers are registered with this router", UNKNOWN_SERVICE
             else:
                 return None, ("request names no service and there is no 'default'; services: "
-                              + ", ".join(sorted(services)))
+                              + ", ".join(sorted(services))), UNKNOWN_SERVICE
         elif not isinstance(name, str):
-            return None, f"'service' must be a string, got {type(name).__name__}"
+            return None, f"'service' must be a string, got {type(name).__name__}", UNKNOWN_SERVICE
         else:
             svc = services.get(name)
             if svc is None:
                 known = ", ".join(sorted(services)) or "none"
-                return None, f"unknown service {name!r}; services: {known}"
+                return None, f"unknown service {name!r}; services: {known}", UNKNOWN_SERVICE
         if not svc.conns and not registry.has_live_slots(svc.name):
             if self.grace_until is not None and not registry.described(svc.name):
-                return svc, ""  # named by an earlier request in the grace: wait as it does
-            return None, f"service {svc.name!r} has no live workers (all failed or stopped)"
-        return svc, ""
+                return svc, "", ""  # named by an earlier request in the grace: wait as it does
+            return None, f"service {svc.name!r} has no live workers (all failed or stopped)", \
+                NO_LIVE_WORKERS
+        return svc, "", ""
 
     def log_shedding(self, now: float) -> None:
         """Every ``TIMINGS.shed_check``: the services that refused requests for capacity

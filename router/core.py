@@ -42,6 +42,9 @@ import msgpack
 from ipc import protocol
 from ipc.curve import Role
 from ipc.errors import (
+    NO_LIVE_WORKERS,
+    SHUTTING_DOWN,
+    UNKNOWN_SERVICE,
     FrameError,
     IllegalTransition,
     PayloadError,
@@ -501,7 +504,8 @@ class RouterCore:
         unfinished = self.requests.live()
         for rec in list(self.requests.records.values()):
             self.requests.fail(rec, ServiceUnavailableError(
-                "the pool shut down before this request finished (drain_timeout)"))
+                "the pool shut down before this request finished (drain_timeout)",
+                code=SHUTTING_DOWN))
         for ident in list(self.registry.conns):
             self.to_backend(ident, Kind.SHUTDOWN)
         for ident in self.supervisors.known:
@@ -556,10 +560,12 @@ class RouterCore:
             why = (f"unknown service {svc.name!r}; services: {known or 'none'} (no worker of "
                    f"it registered within registration_grace={self.config.registration_grace:g}s "
                    "of the router starting)")
+            code = UNKNOWN_SERVICE
         else:
             why = f"service {svc.name!r} has no live workers (all failed or stopped)"
+            code = NO_LIVE_WORKERS
         for rec in svc.queue.records():
-            self.requests.fail(rec, ServiceUnavailableError(why))
+            self.requests.fail(rec, ServiceUnavailableError(why, code=code))
 
     # -- sending ------------------------------------------------------------------------------------
     def batch(self) -> AbstractContextManager[None]:

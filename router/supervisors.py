@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ipc.errors import ServiceUnavailableError
+from ipc.errors import SUPERVISOR_LEFT, ServiceUnavailableError
 from ipc.lifecycle import SlotEvent, WorkerState
 from ipc.protocol import Kind
 from router.health import Slot
@@ -273,7 +273,8 @@ class Supervisors:
                 continue
             for rec in running:
                 core.requests.fail(rec, ServiceUnavailableError(
-                    "the worker's supervisor left before this request finished (drain_timeout)"))
+                    "the worker's supervisor left before this request finished (drain_timeout)",
+                    code=SUPERVISOR_LEFT))
             for conn in conns:
                 core.to_backend(conn.identity, Kind.SHUTDOWN)
             core.to_backend(ident, Kind.DRAINED)

@@ -403,3 +403,29 @@ class Where(Echo):
         """Sleeps ``{"seconds": s}`` (default 0), then returns this worker's slot id."""
         time.sleep(float((payload or {}).get("seconds", 0)))
         return self.context.slot
+
+
+class HttpModel(Faulty):
+    """For the HTTP gateway's tests: a KServe v2 model (``infer``, ``metadata``), a paced
+    stream and a fast stream of large items."""
+
+    def infer(self, inputs):
+        import numpy as np
+
+        x = inputs["x"]
+        return {"y": x * 2, "total": np.asarray([x.sum()], dtype=x.dtype)}
+
+    def metadata(self, payload=None):
+        return {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}],
+                "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1]},
+                            {"name": "total", "datatype": "FP32", "shape": [1]}]}
+
+    def ticks(self, payload):
+        for i in range(int(payload["n"])):
+            time.sleep(float(payload.get("every", 0.05)))
+            yield i
+
+    def blobs(self, payload):
+        item = "x" * int(payload["size"])
+        for _ in range(int(payload["n"])):
+            yield item

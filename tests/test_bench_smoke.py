@@ -33,6 +33,9 @@ CASES = {
     # mosec is a benchmark-only dependency (not installed in CI): workerpool's legs only.
     "peers": ["--systems", "workerpool", "--rounds", "1", "--duration", "0.2", "--warmup",
               "0.1", "--outstanding", "16", "--json"],
+    # wrk drives it (bin/system-packages); without wrk the script says so and skips it.
+    "http_gateway": ["--systems", "gateway", "--rounds", "1", "--duration", "1", "--warmup",
+                     "1", "--connections", "8", "--json"],
     "metrics_scrape": ["--rounds", "1", "--duration", "0.3", "--warmup", "0.1", "--outstanding",
                        "16", "--scrape-interval", "0.1", "--json"],
     "multihost": ["--requests", "40", "--json"],  # needs root (network namespaces)

@@ -20,6 +20,15 @@ def test_router_loads_neither_client_nor_asyncio():
     loaded = _modules_after("import router.router")
     assert "workerpool.client" not in loaded
     assert "asyncio" not in loaded
+    assert not {"workerpool.gateway", "uvicorn"} & loaded
+
+
+def test_the_http_server_loads_only_when_a_gateway_starts():
+    """The CLI and the gateway's modules load no HTTP server: gateway/server.py imports
+    uvicorn when it serves (the live tests), and checking the extra imports nothing."""
+    loaded = _modules_after("import workerpool.cli, workerpool.gateway.server as s; "
+                            "s.check_installed()")
+    assert not {"uvicorn", "httptools", "uvloop"} & loaded
 
 
 def test_the_router_loads_the_metrics_listener_only_with_metrics():
@@ -114,8 +123,9 @@ def test_no_import_cycles():
 
 
 def test_the_roles_do_not_import_each_other():
-    """Router, worker, supervisor and client sit side by side above the lower layers; only
-    the supervisor may build on the worker (it starts workers with their spec)."""
+    """Router, worker, supervisor, client and gateway sit side by side above the lower
+    layers; only the supervisor may build on the worker (it starts workers with their
+    spec), and only the gateway on the client (it is one)."""
     roles = {
         "router": "router",
         "workerpool.client": "client",
@@ -123,8 +133,9 @@ def test_the_roles_do_not_import_each_other():
         "workerpool.replies": "worker",
         "workerpool.supervisor": "supervisor", "workerpool.children": "supervisor",
         "workerpool.respawn": "supervisor",
+        "workerpool.gateway": "gateway",
     }
-    allowed = {("supervisor", "worker")}
+    allowed = {("supervisor", "worker"), ("gateway", "client")}
 
     def role(module: str) -> str | None:
         return next((r for k, r in roles.items() if module == k or module.startswith(k + ".")),

@@ -497,3 +497,23 @@ def test_a_stalled_loop_does_not_take_its_own_stall_for_silent_workers():
     h.core.backend_read_at = h.clock()  # it reads again, and still hears nothing
     h.tick(0.2)
     assert not h.core.supervisors.connected(b"sup") and ident not in h.core.registry.conns
+
+
+# -- ServiceUnavailableError says which case it is ------------------------------------------
+def test_service_unavailable_carries_a_code_for_each_case():
+    """An HTTP gateway answers an unknown service 404 and the others 503: the code tells."""
+    h = Harness()
+    h.hello("default", workers=1)
+    h.ready("default/0")
+    h.tick()  # the registration grace (0 s here) is over
+    h.request(C, 1, service="nope")
+    h.slot_event("default/0", "failed", reason="setup() failed")
+    h.backend(b"default/0#1", Kind.GOODBYE, {"reason": "setup-failed"})
+    h.request(C, 2, service="default")
+    h.core.begin_drain("test")
+    h.request(C, 3, service="default")
+    errs = h.out.errors_to(C)
+    assert [(e.type, e.code) for e in errs] == [
+        ("ServiceUnavailableError", "unknown-service"),
+        ("ServiceUnavailableError", "no-live-workers"),
+        ("ServiceUnavailableError", "shutting-down")]

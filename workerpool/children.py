@@ -4,7 +4,8 @@ signalled, waited for, and described when they end.
 ::
 
     Supervisor --start_worker(spec)--> python -m workerpool.worker   (CUDA_VISIBLE_DEVICES set)
-               --RouterProcess.start--> python -m router '<config>' '<defaults>'   (`up` only)
+               --HelperProcess.start--> python -m router '<config>' '<defaults>'   (`up` only)
+               --HelperProcess.start--> workerpool gateway --router ... --listen ... (`up --http`)
                <-- pidfd readable: the child exited; reap it, describe_exit(rc) says how
 
 Nothing here decides anything: what a worker's exit means is workerpool/respawn.py's, what
@@ -81,11 +82,21 @@ def router_argv(router_config_json: str, service_defaults: dict | None = None,
     return argv if security_json is None else [*argv, security_json]
 
 
-class RouterProcess:
-    """The router as a child of ``workerpool up``; ``pidfd`` is readable once it exits."""
+def gateway_argv(router: str, listen: str, keys: tuple[str, str] | None = None) -> list[str]:
+    """Command line that starts an HTTP gateway for the router at ``router`` (its frontend),
+    with a client key pair's files when the router requires keys."""
+    argv = [sys.executable, "-m", "workerpool.cli", "gateway", "--router", router,
+            "--listen", listen]
+    return argv if keys is None else [*argv, "--key", keys[0], "--router-key", keys[1]]
 
-    def __init__(self, argv: list[str]) -> None:
+
+class HelperProcess:
+    """A process ``workerpool up`` runs beside its workers (the router; the HTTP gateway
+    with ``--http``), started again when it dies; ``pidfd`` is readable once it exits."""
+
+    def __init__(self, argv: list[str], name: str = "router") -> None:
         self.argv = argv
+        self.name = name
         self.proc: subprocess.Popen | None = None
         self.pidfd: int | None = None
         self._started = 0.0

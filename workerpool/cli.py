@@ -27,6 +27,8 @@ from workerpool.config import (
     PoolConfig,
     SecurityConfig,
     ServiceConfig,
+    format_http_address,
+    parse_http_address,
 )
 from workerpool.loadtest.command import loadtest
 from workerpool.logs import LOG_FORMAT_ENV, LOG_LEVEL_ENV, LogFormat, setup_logging
@@ -233,6 +235,20 @@ def _check_metrics(address: str | None) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+def _check_http(listen: str, insecure: bool | None) -> None:
+    """``up --http``: the gateway's address is checked (and free) before anything starts."""
+    from workerpool.gateway import GatewayError, check_installed
+
+    _check_http_exposure(listen, None, bool(insecure))
+    try:
+        check_installed()
+        from workerpool.gateway.server import probe
+
+        probe(listen)
+    except GatewayError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def _check_binds(frontend: str, backend: str | None, sec: SecurityConfig) -> None:
     from ipc.curve import KeyFileError, check_exposure
 
@@ -287,20 +303,23 @@ def _pydantic_message(exc: ValidationError) -> str:
 @click.option("--drain-timeout", type=float, default=None,
               help="On Ctrl-C/SIGTERM, seconds in-flight requests may still run (default 30).")
 @_metrics_option
+@click.option("--http", "http_listen", default=None, metavar="HOST:PORT",
+              help="Also run the HTTP gateway (`workerpool gateway`) there, supervised with "
+                   "the pool (:PORT or PORT: on 127.0.0.1). Default: off.")
 @_keys_option
 @_insecure_option
 @_log_format_option
 @_service_options
-def up(frontend, backend, drain_timeout, metrics, keys_dir, insecure, log_format, config_path,
-       service, handler, workers, spares, devices, workers_per_device, policy, min_per_host,
-       max_inflight, prefetch, queue_capacity, capacity_policy, max_wait,
+def up(frontend, backend, drain_timeout, metrics, http_listen, keys_dir, insecure, log_format,
+       config_path, service, handler, workers, spares, devices, workers_per_device, policy,
+       min_per_host, max_inflight, prefetch, queue_capacity, capacity_policy, max_wait,
        handler_options) -> None:
     """Run a whole pool: a router and a supervised set of workers, in the foreground.
 
     Ctrl-C or SIGTERM drains: no new requests are admitted, in-flight ones finish, every
     process stops, and the exit status is 0.
     """
-    from workerpool.children import router_argv
+    from workerpool.children import gateway_argv, router_argv
     from workerpool.supervisor import Supervisor
 
     cfg = _build_config(
@@ -317,6 +336,8 @@ def up(frontend, backend, drain_timeout, metrics, keys_dir, insecure, log_format
     _check_binds(cfg.router.frontend, cfg.router.backend, sec)
     # The router child binds it; a taken port is said here, before any process starts.
     _check_metrics(cfg.router.metrics)
+    if http_listen is not None:
+        _check_http(http_listen, insecure)
     # The router reads the directory; the supervisor and its workers use the worker pair.
     worker_keys = None
     if sec.keys:
@@ -327,6 +348,8 @@ def up(frontend, backend, drain_timeout, metrics, keys_dir, insecure, log_format
         except KeyFileError as exc:
             raise click.UsageError(str(exc)) from None
         worker_keys = _peer_keys(sec, "worker")
+    gateway = None if http_listen is None else gateway_argv(
+        cfg.router.frontend, http_listen, _peer_keys(sec, "client") if sec.keys else None)
     router_sec = SecurityConfig(keys=sec.keys, insecure=sec.insecure)
     tmpdir = None
     if cfg.router.backend is None:
@@ -337,6 +360,7 @@ def up(frontend, backend, drain_timeout, metrics, keys_dir, insecure, log_format
     sup = Supervisor(cfg.services, cfg.router.backend, cfg.supervisor,
                      router_argv=router_argv(cfg.router.model_dump_json(), None,
                                              router_sec.model_dump_json()),
+                     gateway_argv=gateway,
                      drain_timeout=cfg.router.drain_timeout,
                      max_message_bytes=cfg.router.max_message_bytes,
                      heartbeat_interval=cfg.router.heartbeat_interval, keys=worker_keys)
@@ -400,6 +424,93 @@ def router_cmd(frontend, backend, config_path, policy, drain_timeout, metrics, k
         raise click.ClickException(str(exc)) from None
     r.install_signal_handlers()
     r.run()
+
+
+# -- gateway ------------------------------------------------------------------------------------
+@main.command()
+@click.option("--router", "router_addr", default=DEFAULT_FRONTEND, show_default=True,
+              help="The router's client (frontend) address.")
+@click.option("--listen", default="127.0.0.1:8000", show_default=True, metavar="HOST:PORT",
+              help="Where to serve HTTP (:PORT or PORT: on 127.0.0.1).")
+@click.option("--tokens", "tokens_path", type=click.Path(dir_okay=False), default=None,
+              help="File of allowed bearer tokens, one per line; without one, 401. Read "
+                   "again when it changes.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
+              help="PEM certificate (chain): serve HTTPS. Needs --tls-key.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None,
+              help="PEM private key of --tls-cert.")
+@click.option("--timeout", type=click.FloatRange(0, 86400, min_open=True), default=300.0,
+              show_default=True, help="Seconds a request may take when it gives no ?timeout=.")
+@click.option("--max-body-bytes", type=click.IntRange(1), default=64 * 2**20,
+              show_default=True, help="Larger request bodies are refused with 413.")
+@click.option("--max-buffered", type=click.IntRange(1), default=64, show_default=True,
+              help="Stream items a slow HTTP reader may fall behind before its stream ends "
+                   "(stream-overrun) and is cancelled.")
+@click.option("--insecure", is_flag=True, default=False,
+              help="Allow listening on a non-loopback address without --tokens.")
+@_peer_key_options
+@_log_format_option
+def gateway(router_addr, listen, tokens_path, tls_cert, tls_key, timeout, max_body_bytes,
+            max_buffered, insecure, keys_dir, key, router_key, log_format) -> None:
+    """Serve HTTP (and the KServe v2 protocol) in front of a router, as one of its clients.
+
+    POST /v1/SERVICE/METHOD calls a method; see docs/http.md. With --keys DIR it uses the
+    client pair DIR/clients/client."""
+    from ipc.transport import check_endpoint
+    from workerpool import __version__
+    from workerpool.gateway import GatewayError, check_installed
+
+    try:
+        check_installed()
+    except GatewayError as exc:
+        raise click.ClickException(str(exc)) from None
+    from workerpool.gateway.app import Settings
+    from workerpool.gateway.server import ServeOptions, serve
+    from workerpool.gateway.tokens import TokenFileError, Tokens
+
+    _start_logging(log_format, PoolConfig(), "gateway")
+    try:
+        check_endpoint(router_addr)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--router'") from None
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    _check_http_exposure(listen, tokens_path, insecure)
+    if tokens_path is not None:
+        try:
+            Tokens(tokens_path)
+        except TokenFileError as exc:
+            raise click.UsageError(str(exc)) from None
+    files = _peer_keys(_security(keys_dir, key, router_key), "client")
+    settings = Settings(max_body_bytes=max_body_bytes, max_buffered=max_buffered,
+                        tokens=os.path.abspath(tokens_path) if tokens_path else None,
+                        version=__version__)
+    opts = ServeOptions(router=router_addr, listen=listen, keys=files, timeout=timeout,
+                        tls_cert=tls_cert, tls_key=tls_key, settings=settings)
+
+    def ready(url: str) -> None:
+        click.echo(f"workerpool gateway ready: {url} -> {router_addr}")
+        sys.stdout.flush()
+
+    try:
+        sys.exit(serve(opts, on_ready=ready))
+    except GatewayError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _check_http_exposure(listen: str, tokens: str | None, insecure: bool) -> None:
+    """Refuse a non-loopback HTTP address without tokens unless --insecure."""
+    from ipc.transport import is_loopback
+
+    try:
+        host, _ = parse_http_address(listen)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--listen'") from None
+    if tokens is None and not insecure and not is_loopback(f"tcp://{format_http_address(host, 1)}"):
+        raise click.UsageError(
+            f"refusing to serve HTTP on {listen} without --tokens: anyone who reaches it could "
+            "call every service. Give --tokens FILE, listen on a loopback address, or pass "
+            "--insecure to accept that.")
 
 
 # -- worker -------------------------------------------------------------------------------------

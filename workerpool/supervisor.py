@@ -36,7 +36,7 @@ from ipc.lifecycle import AdminOp, SlotEvent, WorkerState
 from ipc.protocol import FrameError, Kind
 from workerpool._proc import SignalWakeup, exit_cause, exit_status
 from workerpool.children import (
-    RouterProcess,
+    HelperProcess,
     describe_exit,
     is_stopped,
     send_signal,
@@ -77,6 +77,7 @@ class Supervisor:
         backend: str,
         config: SupervisorConfig | None = None,
         router_argv: list[str] | None = None,
+        gateway_argv: list[str] | None = None,
         drain_timeout: float = 30.0,
         node: str | None = None,
         max_message_bytes: int | None = None,
@@ -92,7 +93,9 @@ class Supervisor:
         self.services = services
         self.drain_timeout = drain_timeout
         # Owning the router (`up`): started, restarted and stopped with the pool.
-        self._router = RouterProcess(router_argv) if router_argv is not None else None
+        self._router = HelperProcess(router_argv) if router_argv is not None else None
+        # `up --http`: the HTTP gateway, a client of that router, supervised alike.
+        self._gateway = HelperProcess(gateway_argv, "gateway") if gateway_argv else None
         self.workers: dict[str, WorkerProc] = {}
         self.max_message_bytes = max_message_bytes
         self.heartbeat_interval = heartbeat_interval
@@ -101,7 +104,7 @@ class Supervisor:
         self._link = RouterLink()  # pings, round trips, when to send HELLO again
         self.stopped_liveness = 3  # beats a child may stay stopped before it is killed
         self.router_restarts = 0
-        self._poller_needs_router = False
+        self._unwatched: list[HelperProcess] = []  # helpers (re)started: the poller adds them
         # Slot ids must be unique on the router: a remote supervisor adds its node name.
         self.node = node
         self._prefix = "" if node is None else f"{node}/"
@@ -134,8 +137,10 @@ class Supervisor:
     def run(self) -> int:
         """Start everything, supervise until stopped, stop everything. Returns an exit code."""
         try:
-            if self._router is not None:
-                self._router.start()
+            for helper in (self._router, self._gateway):
+                if helper is not None:
+                    helper.start()
+                    self._unwatched.append(helper)
             self._sock.connect(self.backend)
             self._send_hello()
             for w in self.workers.values():
@@ -157,6 +162,10 @@ class Supervisor:
                  extra={"event": "drain-start", "reason": why})
         self._stopping = True
         self._stop_deadline = time.monotonic() + self.drain_timeout + self.config.stop_timeout
+        if self._gateway is not None:
+            # It stops taking HTTP requests now and finishes those in flight while the
+            # router drains them.
+            self._gateway.signal(signal.SIGTERM)
         # Owning the router (`up`), we stop the whole pool; otherwise only our workers leave.
         self._send(Kind.DRAIN, {"scope": "router" if self._router else "supervisor"})
 
@@ -191,14 +200,15 @@ class Supervisor:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wakeup, zmq.POLLIN)
-        if self._router is not None:
-            poller.register(self._router.pidfd, zmq.POLLIN)
         registered: set[int] = set()
+        helpers: dict[int, HelperProcess] = {}
         startup_deadline = time.monotonic() + self.config.startup_timeout
         while True:
-            if self._poller_needs_router and self._router.pidfd is not None:
-                poller.register(self._router.pidfd, zmq.POLLIN)
-                self._poller_needs_router = False
+            while self._unwatched:
+                helper = self._unwatched.pop()
+                if helper.pidfd is not None:
+                    poller.register(helper.pidfd, zmq.POLLIN)
+                    helpers[helper.pidfd] = helper
             for fd in set(self._by_pidfd) - registered:
                 poller.register(fd, zmq.POLLIN)
                 registered.add(fd)
@@ -208,9 +218,9 @@ class Supervisor:
                     poller.unregister(fd)
                     registered.discard(fd)
                     self._reap(self._by_pidfd.pop(fd))
-                elif self._router is not None and fd == self._router.pidfd:
+                elif fd in helpers:
                     poller.unregister(fd)
-                    self._on_router_exit()
+                    self._on_helper_exit(helpers.pop(fd))
                 elif fd == self._wakeup.fileno():
                     self._wakeup.drain()
             if self._sock in events:
@@ -452,24 +462,29 @@ class Supervisor:
             self.on_ready()
 
     # -- children ---------------------------------------------------------------------------------
-    def _on_router_exit(self) -> None:
-        rc = self._router.reap()
+    def _on_helper_exit(self, helper: HelperProcess) -> None:
+        """The router or the gateway exited: start it again, or stop the pool if it could
+        not start at all."""
+        rc = helper.reap()
         if self._stopping:
             return
-        if self._router.could_not_start(rc):
-            log.error("router process %s within %.0fs of starting; stopping the pool",
+        name = helper.name
+        if helper.could_not_start(rc):
+            log.error("%s process %s within %.0fs of starting; stopping the pool", name,
                       describe_exit(rc), TIMINGS.router_min_uptime,
-                      extra={"event": "router-failed", **exit_status(rc)})
+                      extra={"event": f"{name}-failed", **exit_status(rc)})
             self.exit_code = 1
-            self.stop("router could not start")
+            self.stop(f"{name} could not start")
             return
         # The pool outlives its router: start another at the same addresses. Workers and
         # this supervisor register with it again; clients see their old requests fail.
-        log.error("router process %s; starting a new one", describe_exit(rc),
-                  extra={"event": "router-restart", "cause": exit_cause(rc), **exit_status(rc)})
-        self.router_restarts += 1
-        self._router.start()
-        self._poller_needs_router = True
+        # A gateway is a client: a new one serves at the same address.
+        log.error("%s process %s; starting a new one", name, describe_exit(rc),
+                  extra={"event": f"{name}-restart", "cause": exit_cause(rc), **exit_status(rc)})
+        if helper is self._router:
+            self.router_restarts += 1
+        helper.start()
+        self._unwatched.append(helper)
 
     def _router_gone(self) -> bool:
         return self._router is not None and self._router.gone()
@@ -552,6 +567,8 @@ class Supervisor:
         for p in procs:
             if p.returncode is not None:
                 shm.unlink_owned_by(p.pid)
+        if self._gateway is not None:
+            self._gateway.stop(self.config.stop_timeout)
         if self._router is not None:
             self._router.stop(self.config.stop_timeout)
 

@@ -45,7 +45,7 @@ from ipc.protocol import Kind
 from workerpool.client._base import DEFAULT_MAX_MESSAGE_BYTES, HANDSHAKE_EVENTS, BaseClient
 from workerpool.client._replies import Pending
 from workerpool.config import DEFAULT_FRONTEND
-from workerpool.errors import ClientClosedError
+from workerpool.errors import BackpressureError, ClientClosedError
 
 #: Replies handled in one loop callback (a bundle's each); then the drain continues after the loop's other
 #: ready callbacks, so a flood of replies cannot starve the application's tasks.
@@ -110,12 +110,18 @@ class AsyncClient(BaseClient):
         self._timer_at = math.inf  # time.monotonic() at which _timer fires
         self._closed = False
         self._error: BaseException | None = None
+        self._overruns = 0
 
     @property
     def unmatched_replies(self) -> int:
         """Replies that matched no outstanding request: after a local timeout or cancel,
         or a duplicate."""
         return self._replies.unmatched
+
+    @property
+    def streams_overrun(self) -> int:
+        """Streams ended because their reader fell ``max_buffered`` items behind."""
+        return self._overruns
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -145,12 +151,22 @@ class AsyncClient(BaseClient):
 
     async def stream(self, method: str, payload: Any = None, *, service: str | None = None,
                      priority: int = 0, timeout: float | None = None,
-                     idempotent: bool | None = None) -> AsyncIterator[Any]:
+                     idempotent: bool | None = None,
+                     max_buffered: int | None = None) -> AsyncIterator[Any]:
         """Async-iterate a streaming method's items; ``timeout`` bounds the whole stream.
-        Leaving the loop early cancels the request."""
+        Leaving the loop early cancels the request.
+
+        Items arrive as fast as the worker makes them, whatever the reader's pace. With
+        ``max_buffered``, an item that finds that many received and not yet read ends the
+        stream: the request is cancelled at the router, and after the items already
+        received the loop raises BackpressureError code ``stream-overrun``. Without it, a
+        reader that falls behind holds every item in memory."""
         self._start()
         items: asyncio.Queue = asyncio.Queue()
-        rid, frames, entry = self._new_request(None, items.put_nowait, method, payload,
+        put = items.put_nowait
+        if max_buffered is not None:
+            put = self._bounded_put(items, max_buffered, lambda: rid)
+        rid, frames, entry = self._new_request(None, put, method, payload,
                                                service, priority, timeout, idempotent)
         self._send(rid, entry, frames)
         done = False
@@ -169,6 +185,20 @@ class AsyncClient(BaseClient):
         finally:
             if not done:
                 self._cancel(rid)
+
+    def _bounded_put(self, items: asyncio.Queue, limit: int, rid: Any) -> Any:
+        """A stream's ``put`` that overruns at ``limit`` unread items (see ``stream``)."""
+        def put(pair: tuple) -> None:
+            if pair[0] is Kind.PARTIAL and items.qsize() >= limit:
+                # Forgotten first, so the error below is the stream's one final outcome.
+                self._overruns += 1
+                self._cancel(rid())
+                items.put_nowait((Kind.ERROR, BackpressureError(
+                    f"stream overrun: {limit} items received and not read yet",
+                    code="stream-overrun")))
+                return
+            items.put_nowait(pair)
+        return put
 
     async def status(self, timeout: float = 5.0) -> dict:
         """The router's health table: what ``workerpool status --json`` prints."""

@@ -1,0 +1,36 @@
+"""The HTTP gateway: `workerpool gateway`, a process that answers HTTP (and KServe v2) and
+talks to the router as one ordinary client.
+
+::
+
+    curl, browsers, tritonclient --HTTP--> gateway process --ZeroMQ (one DEALER)--> router
+
+- ``app.py``: the ASGI application; routes and moving bytes.
+- ``statuses.py``: error type (and code) to HTTP status and headers, a table.
+- ``bodies.py``: JSON and msgpack bodies, the size limit.
+- ``sse.py``: server-sent events for streaming methods.
+- ``kserve.py``: the KServe v2 inference protocol in and out of plain values.
+- ``health.py``: readiness from the router's STATUS, and its cache.
+- ``tokens.py``: bearer tokens.
+- ``metrics.py``: the gateway's own Prometheus metrics.
+- ``openapi.py``: ``/openapi.json``.
+- ``server.py``: binding, uvicorn, TLS; the only module that imports uvicorn.
+
+docs/http.md is the reference.
+"""
+
+
+class GatewayError(RuntimeError):
+    """The gateway cannot start: its address cannot be bound, a file is unreadable, or
+    the ``http`` extra is not installed."""
+
+
+def check_installed() -> None:
+    """Raise GatewayError, saying what to install, without the ``http`` extra (uvicorn,
+    prometheus-client); imports neither for good when they are there."""
+    import importlib.util
+
+    missing = [m for m in ("uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise GatewayError(f"the HTTP gateway needs {' and '.join(missing)}: pip install "
+                           "'workerpool[http]'")

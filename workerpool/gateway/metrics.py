@@ -1,0 +1,73 @@
+"""The gateway's own Prometheus metrics (``GET /metrics``), through prometheus_client.
+
+Labels come from a fixed set: the endpoint (``v1``, ``v1-stream``, ``v2-infer``, ...) and
+the status code the gateway answered, never a service or method name from a URL, so no
+request can add series. The pool's own figures are the router's (``--metrics`` of `up` or
+`router`); these say what HTTP callers saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class GatewayMetrics:
+    """The counters of one gateway process, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.requests = Counter("workerpool_gateway_requests", "HTTP requests answered, by "
+                                "endpoint and status code.", ["endpoint", "code"], registry=r)
+        self.duration = Histogram("workerpool_gateway_request_duration_seconds", "From the "
+                                  "request's arrival to its reply's last byte.", ["endpoint"],
+                                  buckets=SECONDS_BUCKETS, registry=r)
+        self.in_flight = Gauge("workerpool_gateway_in_flight", "HTTP requests being "
+                               "answered now.", registry=r)
+        self.disconnects = Counter("workerpool_gateway_client_disconnects", "HTTP clients "
+                                   "that left before their reply; the request was cancelled "
+                                   "at the router.", registry=r)
+        r.register(_Overruns(self))
+        self.overrun_count: Callable[[], int] = lambda: 0  # the client's count, once it exists
+        self._children: dict[tuple[str, int], tuple] = {}
+
+    def answered(self, endpoint: str, code: int, seconds: float) -> None:
+        """One request of ``endpoint`` answered ``code`` after ``seconds``."""
+        key = (endpoint, code)
+        pair = self._children.get(key)
+        if pair is None:  # labels() costs a lock and a lookup; keep the children
+            pair = self._children[key] = (self.requests.labels(endpoint, str(code)),
+                                          self.duration.labels(endpoint))
+        pair[0].inc()
+        pair[1].observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Overruns:
+    """The client counts streams ended for overrun (it ends them, whether or not the
+    reader ever sees the error event); a scrape reads that count."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("workerpool_gateway_streams_overrun", "Event streams ended "
+                                  "because their reader fell max_buffered items behind; each "
+                                  "was cancelled at the router.",
+                                  value=self._metrics.overrun_count())
