@@ -20,7 +20,7 @@ demo: $(BIN)/workerpool
 test: $(BIN)/workerpool
 	bin/system-packages
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 lint: $(BIN)/workerpool
 	$(BIN)/ruff check .

@@ -27,6 +27,12 @@ from workerpool._proc import process_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# pytest-xdist's workers run with COLUMNS=80 and LINES=24, which every program the tests
+# start would take over its real terminal (a 160-column tmux pane shows an 80-column
+# table). The tests' programs size themselves, as they do for a user.
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
+
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
