@@ -302,6 +302,12 @@ def test_scrapes_answer_while_the_pool_drains(procs):
 def test_scrapes_during_a_worker_crash_are_consistent_and_end_exact(procs):
     port = _free_port()
     pool = procs.pool("--metrics", str(port), workers=2)
+    # A snapshot lives up to MAX_AGE: the first scrapes after `ready` may show one taken
+    # before the workers registered (no worker series at all). Start from one that has them.
+    deadline = time.monotonic() + 10
+    while not any(k[0] == "workerpool_worker_state" for k in _scrape(port)):
+        assert time.monotonic() < deadline, "no scrape showed the workers"
+        time.sleep(0.02)
     scrapes: list[dict] = []
     stop = threading.Event()
 
