@@ -153,6 +153,7 @@ class Service:
             "policy": self.policy.name,
             "capacity_policy": s.capacity_policy,
             "max_inflight": s.max_inflight,
+            "prefetch": s.prefetch,
             "max_wait": s.max_wait,
             "exec_timeout": s.exec_timeout,
             "min_per_host": s.min_per_host,

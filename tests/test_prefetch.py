@@ -138,6 +138,10 @@ def test_no_hand_back_while_requests_wait_in_the_queue_or_with_prefetch_0():
     for rid in range(1, 4):
         h2.request(C, rid)
     assert len(h2.dispatched_to(a2)) == len(h2.dispatched_to(b2)) == 1  # none held ahead
+    # STATUS says it, per service (protocol.md 6.2) and per worker (6.3).
+    assert [s["prefetch"] for s in h.core.status()["services"]] == [1]
+    assert [s["prefetch"] for s in h2.core.status()["services"]] == [0]
+    assert [w["prefetch"] for w in h2.core.status()["workers"]] == [0, 0]
 
 
 # -- the worker's side --------------------------------------------------------------------------
