@@ -74,9 +74,21 @@ def status_page(snap: Snapshot, age: float) -> Reply:
     return 200, "application/json", json.dumps(snap.status, sort_keys=True).encode()
 
 
+def health_page(snap: Snapshot, age: float) -> Reply:
+    """Live (200) while the loop hands over a snapshot within ``SNAPSHOT_WAIT`` of being
+    asked; 503 once it has not (it is stuck: a liveness probe should restart it). This
+    thread answers whatever the loop does, so the age of what it got is the test."""
+    live = age < SNAPSHOT_WAIT
+    body = {"live": live, "snapshot_age": round(age, 3)}
+    if not live:
+        body["why"] = f"the router's loop has not answered for {age:.1f}s"
+    return (200 if live else 503), "application/json", json.dumps(body).encode()
+
+
 ROUTES: dict[str, Route] = {
     "/metrics": metrics_page,
     "/api/status": status_page,
+    "/healthz": health_page,
 }
 
 

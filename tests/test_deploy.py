@@ -266,10 +266,8 @@ def test_kubernetes_router_is_wired_to_its_service_probes_and_scrapes(k8s):
 
     ready = c["readinessProbe"]["httpGet"]
     assert ports[ready["port"]] == metrics_port and ready["path"] in ROUTES
-    alive = argv({"name": "probe", "command": c["livenessProbe"]["exec"]["command"]})
-    assert alive[:2] == ["workerpool", "status"]
-    assert tcp_port(flag(alive, "--router")) == ports["frontend"]
-    assert c["livenessProbe"]["timeoutSeconds"] > float(flag(alive, "--timeout"))
+    alive = c["livenessProbe"]["httpGet"]
+    assert ports[alive["port"]] == metrics_port and alive["path"] == "/healthz" in ROUTES
 
     cfg = config_of(k8s)
     drain = cfg.router.drain_timeout + cfg.supervisor.stop_timeout
@@ -634,7 +632,6 @@ def test_slurm_script_runs_a_pool_and_drains_on_sigterm(tmp_path):
                  "/keys/router.key": str(keys / "router.key"), "python": sys.executable,
                  "/etc/workerpool/node-probe.py": str(K8S / "node-probe.py")}
         for manifest, mode, node, healthy in (
-                ("router.yaml", "livenessProbe", None, True),
                 ("workers.yaml", "readinessProbe", "node2", True),
                 ("workers.yaml", "readinessProbe", "node9", False),
                 ("workers.yaml", "livenessProbe", "node9", False)):

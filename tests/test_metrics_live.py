@@ -292,6 +292,8 @@ def test_scrapes_answer_while_the_pool_drains(procs):
         scrape = _scrape(port)
         assert _total(scrape, "workerpool_in_flight") == 2
         assert _total(scrape, "workerpool_worker_state", state="busy") == 2
+        code, body = _get(f"http://127.0.0.1:{port}/healthz")  # a draining loop still turns
+        assert code == 200 and json.loads(body)["live"] is True
         _check_consistent(scrape)
         with pytest.raises(Exception, match="shutting down"):
             c.call("echo", 1)  # refused while draining

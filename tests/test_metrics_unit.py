@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 
 import msgpack
@@ -522,13 +523,52 @@ def test_the_listener_serves_its_pages_and_a_silent_client_does_not_hold_its_clo
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(f"{base}/nope", timeout=5)
         assert err.value.code == 404
-        assert b"/api/status, /dashboard.css, /dashboard.js, /metrics" in err.value.read()
+        assert b"/api/status, /dashboard.css, /dashboard.js, /healthz, /metrics" in \
+            err.value.read()
+        with urllib.request.urlopen(f"{base}/healthz", timeout=5) as resp:
+            assert json.loads(resp.read())["live"] is True
         silent = socket.create_connection(listener.address.rsplit(":", 1))  # sends nothing
     finally:
         t = time.monotonic()
         listener.close()
         assert time.monotonic() - t < 2  # not the 5 s the silent client may take
     silent.close()
+
+
+def test_healthz_fails_once_the_loop_stops_handing_over_snapshots():
+    """The listener's thread answers whatever the loop does: /api/status would serve the
+    last figures of a stuck loop; /healthz says 503 once a snapshot asked for does not
+    come within SNAPSHOT_WAIT, so a liveness probe needs no key and no frontend."""
+    import urllib.error
+    import urllib.request
+
+    from router.listener import SNAPSHOT_WAIT, Listener, health_page
+
+    assert health_page(_plain_snapshot(), 0.05)[0] == 200
+    code, _, body = health_page(_plain_snapshot(), SNAPSHOT_WAIT + 2)
+    assert code == 503 and "has not answered for 3.0s" in json.loads(body)["why"]
+    stuck = threading.Event()
+
+    def loop_wakes() -> None:  # answers until it is stuck
+        if not stuck.is_set():
+            listener.snapshots.publish(dataclasses.replace(_plain_snapshot(),
+                                                           taken_at=time.monotonic()))
+
+    listener = Listener("127.0.0.1:" + str(_port()), loop_wakes)
+    listener.start()
+    base = f"http://{listener.address}"
+    try:
+        with urllib.request.urlopen(f"{base}/healthz", timeout=5) as resp:
+            assert resp.status == 200
+        stuck.set()
+        time.sleep(0.2)  # older than MAX_AGE: the next request asks the loop
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{base}/healthz", timeout=5)
+        assert err.value.code == 503 and json.loads(err.value.read())["live"] is False
+        with urllib.request.urlopen(f"{base}/api/status", timeout=5) as resp:
+            assert resp.status == 200  # the last figures: why /healthz is the probe
+    finally:
+        listener.close()
 
 
 def test_batch_sizes_come_from_the_workers_cumulative_reports():
