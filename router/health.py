@@ -248,6 +248,7 @@ class Slot:
             "in_flight": len(self.conn.in_flight) if self.conn else 0,
             "capacity": self.conn.capacity if self.conn else None,
             "prefetch": self.conn.limit - self.conn.capacity if self.conn else None,
+            "started": len(self.conn.started) if self.conn else 0,
             "completed": self.completed,
             "errored": self.errored,
             "restarts": self.restarts,
