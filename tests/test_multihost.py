@@ -18,7 +18,7 @@ import pytest
 
 from ipc.curve import init_keys
 from tests import netns
-from workerpool.errors import WorkerCrashedError
+from workerpool.errors import RouterRestartedError, WorkerCrashedError
 
 pytestmark = pytest.mark.skipif(bool(why := netns.unavailable()), reason=why or "")
 
@@ -213,6 +213,8 @@ def test_the_router_host_restarts(cluster):
     old = c.router.wait_for(lambda s: _ready(s) == 4, what="4 workers on 2 hosts")
     with c.client(timeout=30) as client:
         assert client.call("where").startswith("default/")
+        held = [client.submit("where", {"seconds": 2.0}) for _ in range(2)]
+        c.router.wait_for(lambda s: s["router"]["requests"] == 2, what="2 held")
         c.router.popen.send_signal(signal.SIGKILL)
         c.router.popen.wait(10)
         t0 = time.monotonic()
@@ -220,6 +222,10 @@ def test_the_router_host_restarts(cluster):
         st = c.router.wait_for(lambda s: _ready(s) == 4, timeout=30,
                                what="both hosts registered with the new router")
         again = time.monotonic() - t0
+        # As on one host: what the old router held fails, retryable, and nothing hangs.
+        for f in held:
+            with pytest.raises(RouterRestartedError):
+                f.result(15)
         seen = [client.submit("where", {"seconds": 0.05}) for _ in range(16)]
         hosts_served = {f.result(10).split("/")[1] for f in seen}
     print(f"\nrouter host restart: both hosts registered again {again:.2f} s after it started")
