@@ -51,6 +51,9 @@ class EchoRouter:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        # A ROUTER drops what would pass its send high-water mark (1000 by default): a
+        # client slow to read on a loaded machine lost replies, and its calls hung.
+        sock.setsockopt(zmq.SNDHWM, 0)
         sock.bind(self.address)
         self._bound.set()
         try:
