@@ -20,7 +20,8 @@ demo: $(BIN)/workerpool
 test: $(BIN)/workerpool
 	bin/system-packages
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 -m 'not alone'
+	$(BIN)/python -m pytest -q -m alone
 
 lint: $(BIN)/workerpool
 	$(BIN)/ruff check .

@@ -13,6 +13,7 @@ from workerpool import Client, PayloadError, ServiceUnavailableError, WorkerCras
 from workerpool.errors import AdminError
 
 
+@pytest.mark.alone
 def test_one_failed_setup_among_healthy_workers(procs):
     pool = procs.pool(handler="tests.handlers:FailFirstSlot", workers=2)
     st = pool.wait_for(lambda s: {w["state"] for w in s["workers"]} == {"failed", "ready"},
