@@ -241,13 +241,15 @@ class MetaCache:
     def unpack(self, frame: bytes, req_id: int | None = None, kind: Kind | None = None) -> dict:
         """The meta of a message of ``kind`` (bounded by ``MAX_REQUEST_META_BYTES`` for the
         kinds that never need more)."""
-        meta = self._maps.get(frame)
+        small = len(frame) <= CACHED_META_BYTES
+        # Only a small frame is looked up: hashing one of 640 KiB would take 0.2 ms.
+        meta = self._maps.get(frame) if small else None
         if meta is None:
             limit = self.max_bytes
             if limit is not None and kind in REQUEST_META_KINDS:
                 limit = min(limit, MAX_REQUEST_META_BYTES)
             meta = unpack_meta(frame, req_id, limit)
-            if len(frame) <= CACHED_META_BYTES:
+            if small:
                 if len(self._maps) >= self._size:
                     self._maps.clear()
                 self._maps[bytes(frame)] = meta

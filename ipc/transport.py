@@ -14,6 +14,8 @@ import ipaddress
 import zmq
 from zmq.backend import Socket as _CSocket
 
+from ipc.native import frame_dropper
+
 _send = _CSocket.send
 _recv = _CSocket.recv
 _get = _CSocket.get
@@ -22,6 +24,7 @@ NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
+_drop = frame_dropper()
 COPY_THRESHOLD = 65536  # below this, copying a frame is cheaper than zero-copy bookkeeping
 
 Again = zmq.Again
@@ -101,7 +104,13 @@ def _rest(sock: zmq.Socket, flags: int, frame: zmq.Frame, buffers_from: int,
 def _drop_rest(sock: zmq.Socket, flags: int, parts: list, frame: zmq.Frame) -> Truncated:
     out = Truncated(parts)
     out.dropped = 1
-    while frame.more:
+    if frame.more and _drop is not None:
+        # In C: a peer picks the frame count, and from Python each costs 1-2 µs.
+        dropped, error = _drop(sock, flags)
+        out.dropped += dropped
+        if not error:
+            return out
+    while frame.more:  # no C helper, or it stopped: pyzmq raises what it met
         frame = _recv(sock, flags, False, False)
         out.dropped += 1
     return out

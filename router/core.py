@@ -337,6 +337,13 @@ class RouterCore:
                 return
             self.requests.on_reply(conn, kind, rid, meta_frame, body, buffers)
             return
+        if len(meta_frame) > LARGE_META and kind is not Kind.HELLO and not self._known(ident):
+            # Decoding it would take milliseconds: only a peer that registered (a worker's
+            # STARTED for a large batch, a supervisor) may make the router spend them.
+            self.stats["bad_frames_backend"] += 1
+            self.warn("bad-backend", "dropped a %s with a meta of %d bytes from backend peer "
+                      "%r, which has not registered", kind.name, len(meta_frame), ident)
+            return
         try:
             meta = protocol.unpack_meta(meta_frame, rid, self.config.max_meta_bytes)
         except FrameError as exc:
@@ -361,6 +368,14 @@ class RouterCore:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             self.stats["bad_frames_backend"] += 1
             self.warn("bad-backend", "bad %s from %r: %r", kind.name, ident, exc)
+
+    def _known(self, ident: bytes) -> bool:
+        """Whether a backend peer registered: a worker (or its heartbeat socket) or a
+        supervisor."""
+        conns = self.registry.conns
+        return ident in conns or self.supervisors.connected(ident) or (
+            ident.endswith(protocol.HEARTBEAT_SUFFIX)
+            and ident.removesuffix(protocol.HEARTBEAT_SUFFIX) in conns)
 
     def _drop_unauthorized(self, ident: bytes, role: Role | None) -> None:
         """A backend message whose key is no longer a worker key: dropped unread. A worker

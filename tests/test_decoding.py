@@ -196,3 +196,43 @@ def test_large_metas_are_decoded_at_most_once_per_interval_per_connection():
     h.clock.advance(LARGE_META_INTERVAL)
     assert send(C, 6) == (Kind.HEARTBEAT, 6, None)
     assert h.core.stats["bad_frames_frontend"] == 2
+
+
+def test_large_backend_metas_are_decoded_only_for_peers_that_registered(monkeypatch):
+    """Decoding a meta over LARGE_META takes milliseconds. On the backend only a worker or
+    a supervisor that registered may make the router spend them (a STARTED naming a large
+    batch, a supervisor's HELLO of many slots); anyone else's is dropped undecoded."""
+    from router.core import LARGE_META
+
+    h = Harness()
+    h.hello(workers=1, max_inflight=4)
+    a = h.ready("default/0", capacity=4)
+    h.request(C, 1)
+    [rid] = h.dispatched_to(a)
+    h.out.take()
+    pad = "x" * (LARGE_META + 1)  # unknown keys are ignored: only the size matters here
+    decoded = []
+    unpack = protocol.unpack_meta
+    monkeypatch.setattr(protocol, "unpack_meta",
+                        lambda frame, *args: decoded.append(len(frame)) or unpack(frame, *args))
+    beat = a + protocol.HEARTBEAT_SUFFIX
+
+    for stranger in (b"stranger", b"stranger" + protocol.HEARTBEAT_SUFFIX):
+        h.backend(stranger, Kind.HEARTBEAT, {"of": stranger, "ping": 1, "pad": pad})
+        h.backend(stranger, Kind.STARTED, {"ids": [rid], "pad": pad})
+    assert decoded == [] and h.out.take() == []
+    assert h.core.stats["bad_frames_backend"] == 4
+    assert not h.core.registry.conns[a].started
+
+    h.clock.advance(0.5)
+    h.backend(beat, Kind.HEARTBEAT, {"of": a, "pad": pad})  # its worker registered
+    assert h.core.registry.conns[a].last_beat == h.clock()
+    h.backend(a, Kind.STARTED, {"ids": [rid], "pad": pad})
+    assert rid in h.core.registry.conns[a].started
+    h.backend(b"sup", Kind.HEARTBEAT, {"ping": 7, "pad": pad})  # a supervisor that said HELLO
+    assert [s.meta.get("pong") for s in h.out.take() if s.peer == b"sup"] == [7]
+    h.hello(sup=b"sup-2", service="other", workers=1, pad=pad)  # a HELLO registers: decoded
+    assert "other" in h.core.services
+    assert len([n for n in decoded if n > LARGE_META]) == 4
+    assert h.core.stats["bad_frames_backend"] == 4
+    assert h.core.stats["internal_errors"] == 0

@@ -44,6 +44,7 @@ from ipc.errors import FrameError
 from ipc.protocol import Kind
 from tests.raw import HDR, ID_HEADER, wire
 from workerpool import Client
+from workerpool.config import RouterConfig
 
 HANDLER = "workerpool.handlers:Echo"
 WORKERS = 2
@@ -64,6 +65,7 @@ HUGE_PREFIXES = (b"\xdb\xff\xff\xff\xff", b"\xc6\xff\xff\xff\xff", b"\xdd\xff\xf
 DEEP_ARRAYS = b"\x91" * 10_000 + b"\xc0"
 DEEP_MAPS = b"\x81\xa1a" * 10_000 + b"\xc0"
 ECHO_META = protocol.pack_meta({"method": "echo"})
+MOST_FRAMES = RouterConfig().max_buffer_frames  # the most buffer frames a message may have
 
 
 # -- strategies ----------------------------------------------------------------------------
@@ -436,7 +438,7 @@ def _hand_made(backend: bool) -> list[list]:
         out.append([HDR(kind, rid + 2), ECHO_META, DEEP_ARRAYS])
         out.append([HDR(kind, rid + 3), ECHO_META, DEEP_MAPS])
         out.append([HDR(kind, rid + 4), ECHO_META, msgpack.packb(None), *[b""] * 9_997])
-        out.append([HDR(kind, rid + 5), ECHO_META, msgpack.packb([1]), *[b"x"] * 4_096])
+        out.append([HDR(kind, rid + 5), ECHO_META, msgpack.packb([1]), *[b"x"] * MOST_FRAMES])
         rid += 6
     # A ping may carry a meta this large (its held ids); a request may not, and is refused
     # before its meta is decoded (MAX_REQUEST_META_BYTES).
