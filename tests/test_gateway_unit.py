@@ -297,6 +297,14 @@ def test_tokens(tmp_path):
     assert tokens.allows("Bearer c" + "3" * 20, 10.0)
     path.write_text("short\n")  # a bad edit keeps the last good set
     assert tokens.allows("Bearer c" + "3" * 20, 20.0)
+    path.write_text("# every token revoked\n")  # emptied on purpose: no one gets in
+    assert not tokens.allows("Bearer c" + "3" * 20, 30.0)
+    path.write_text("d" + "4" * 20 + "\n")
+    assert tokens.allows("Bearer d" + "4" * 20, 40.0)
+    path.unlink()  # removed: the same
+    assert not tokens.allows("Bearer d" + "4" * 20, 50.0)
+    path.write_text("d" + "4" * 20 + "\n")
+    assert tokens.allows("Bearer d" + "4" * 20, 60.0)
     assert bearer("Bearer   ") is None
     for text in ("", "# only a comment\n", "short\n"):
         path.write_text(text)

@@ -4,7 +4,9 @@ The file holds one token per line; blank lines and lines starting with ``#`` are
 Tokens are kept as SHA-256 digests and a header's token is looked up by its digest, so
 the comparison takes the same time whatever prefix of a valid token it shares. The file
 is read again when it changes (checked at most every ``RELOAD_CHECK`` seconds): a token
-deleted from it is refused from then on.
+deleted from it is refused from then on, and a file emptied or removed refuses every
+token (revoking all must work). A file that cannot be read or holds a malformed token
+(a write caught halfway) keeps the last good set.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def read_tokens(path: str) -> frozenset[bytes]:
-    """The digests of the tokens in ``path``. Raises TokenFileError."""
+def read_tokens(path: str, allow_none: bool = False) -> frozenset[bytes]:
+    """The digests of the tokens in ``path``. Raises TokenFileError, and for a file with
+    no token unless ``allow_none``."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
@@ -41,7 +44,7 @@ def read_tokens(path: str) -> frozenset[bytes]:
     if short:
         raise TokenFileError(f"{path}: {len(short)} token(s) shorter than {MIN_LENGTH} "
                              "characters or with spaces in them")
-    if not tokens:
+    if not tokens and not allow_none:
         raise TokenFileError(f"{path} holds no token (one per line; # starts a comment)")
     return frozenset(_digest(t) for t in tokens)
 
@@ -83,9 +86,17 @@ class Tokens:
         if stamp == self._seen:
             return
         self._seen = stamp
+        if stamp is None:  # removed: as deliberate as emptying it
+            self._digests = frozenset()
+            log.warning("token file %s is gone: every request is refused (401)", self.path)
+            return
         try:
-            self._digests = read_tokens(self.path)
+            self._digests = read_tokens(self.path, allow_none=True)
         except TokenFileError as exc:  # keep the last good set: one bad edit locks no one out
             log.warning("token file not reloaded: %s", exc)
             return
-        log.info("token file reloaded: %d tokens", len(self._digests))
+        if self._digests:
+            log.info("token file reloaded: %d tokens", len(self._digests))
+        else:
+            log.warning("token file %s holds no token: every request is refused (401)",
+                        self.path)
