@@ -245,5 +245,7 @@ class Admission:
         core = self.core
         for svc in list(core.services.values()):
             core.fail_if_unservable(svc)
-            if not svc.queued and not core.registry.described(svc.name):
-                del core.services[svc.name]  # only a request named it: forget it again
+            if not svc.queued and not svc.configured and not core.registry.described(svc.name):
+                # Only a request named it: forget it again. A service a supervisor described
+                # with no worker (scaled to 0) stays: it is known, and may be scaled up.
+                del core.services[svc.name]

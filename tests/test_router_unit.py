@@ -517,3 +517,20 @@ def test_service_unavailable_carries_a_code_for_each_case():
         ("ServiceUnavailableError", "unknown-service"),
         ("ServiceUnavailableError", "no-live-workers"),
         ("ServiceUnavailableError", "shutting-down")]
+
+
+def test_a_service_described_with_no_worker_outlives_the_registration_grace():
+    """A supervisor's HELLO for a service scaled to 0 makes it known: after the grace it
+    is still in status, and a request is told it has no live worker (not that it is
+    unknown). A service only a request named during the grace is forgotten."""
+    h = Harness(registration_grace=5.0)
+    h.hello(service="later", workers=0)
+    h.request(C, 1, service="nobody")  # waits out the grace, then fails as unknown
+    h.tick(6.0)
+    assert "later" in h.core.services and "nobody" not in h.core.services
+    assert [s["name"] for s in h.core.status()["services"]] == ["later"]
+    h.out.take()
+    h.request(C, 2, service="later")
+    [reply] = [s for s in h.out.take() if s.peer == C]
+    assert reply.body["type"] == "ServiceUnavailableError"
+    assert reply.body["code"] == "no-live-workers"
