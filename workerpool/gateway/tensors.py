@@ -27,8 +27,9 @@ from ipc.errors import ArrayError
 BYTES = "BYTES"
 BF16 = "BF16"
 MAX_EMPTY_LISTS = 65536
-"""At most this many lists hold a BYTES tensor with no elements (shape ``[N, 0]`` is N
-empty lists): the nested form of an empty tensor costs memory the body never paid for."""
+"""In a BYTES tensor with no elements, the dimensions before the first 0 multiply to at
+most this (shape ``[N, 0]`` is N empty lists): that nested form costs memory the body
+never paid for."""
 
 _LENGTH = struct.Struct("<I")
 
@@ -96,7 +97,7 @@ def nest(flat: list[Any], shape: list[int]) -> Any:
         rows = math.prod(shape[:shape.index(0)])
         if rows > MAX_EMPTY_LISTS:
             raise TensorError(f"shape {shape} has no elements but would take {rows} "
-                              f"lists; at most {MAX_EMPTY_LISTS}")
+                              f"empty lists; at most {MAX_EMPTY_LISTS}")
 
     def build(start: int, dims: list[int]) -> list[Any]:
         if len(dims) == 1:
