@@ -42,20 +42,22 @@ class TensorError(ValueError):
 def unpack_bytes(buf: bytes | memoryview, count: int) -> list[bytes]:
     """The ``count`` elements of a binary BYTES tensor: each a 4-byte little-endian length
     and that many bytes, filling ``buf`` exactly. Raises TensorError otherwise."""
+    buf = bytes(buf)  # one copy: slicing bytes then makes each element directly
     out: list[bytes] = []
     at, end = 0, len(buf)
+    unpack = _LENGTH.unpack_from
     while at < end:
         if len(out) == count:
             raise TensorError(f"{end - at} bytes are left after its {count} elements")
         if at + 4 > end:
             raise TensorError(f"element {len(out)}'s 4-byte length is cut off at byte {at} "
                               f"of {end}")
-        (n,) = _LENGTH.unpack_from(buf, at)
+        (n,) = unpack(buf, at)
         at += 4
         if at + n > end:
             raise TensorError(f"element {len(out)}'s length {n} runs past the data "
                               f"({end - at} bytes left of {end})")
-        out.append(bytes(buf[at:at + n]))
+        out.append(buf[at:at + n])
         at += n
     if len(out) != count:
         raise TensorError(f"{len(out)} elements, but its shape holds {count}")
