@@ -165,6 +165,7 @@ def test_bad_binary_bytes_inputs_are_400(spec, blob, says):
     ([["a"], ["b"], ["c"]], [2, 2], "3 values for shape"),
     (["a", 1], [2], "must be strings"),
     ([{"a": "b"}], [1], "must be strings"),
+    (["\ud800"], [1], "not Unicode text"),  # a lone surrogate: JSON escapes it
 ])
 def test_bad_json_bytes_inputs_are_400(data, shape, says):
     body, _ = _request({"name": "t", "datatype": "BYTES", "shape": shape, "data": data})

@@ -131,6 +131,9 @@ def _from_json(name: str, kind: str, shape: list[int], count: int, data: Any) ->
             raise _bad(f"input {name!r}: {len(flat)} values for shape {shape}")
         try:
             return tensors.nest([v.encode() for v in flat], shape)
+        except UnicodeEncodeError:  # JSON may escape a lone surrogate: "\ud800"
+            raise _bad(f"input {name!r}: BYTES data holds a string that is not "
+                       f"Unicode text") from None
         except TensorError as exc:
             raise _bad(f"input {name!r} ({kind}): {exc}") from None
     try:
