@@ -410,15 +410,31 @@ class HttpModel(Faulty):
     stream and a fast stream of large items."""
 
     def infer(self, inputs):
+        """``x`` (numeric): ``y`` = 2x and its ``total``; ``text`` (BYTES, nested lists of
+        bytes): ``upper``, and each element's ``lengths`` in its shape; ``h`` (BF16, a
+        torch.bfloat16 tensor): ``h2`` = 2h."""
         import numpy as np
 
-        x = inputs["x"]
-        return {"y": x * 2, "total": np.asarray([x.sum()], dtype=x.dtype)}
+        out = {}
+        if "x" in inputs:
+            x = inputs["x"]
+            out.update(y=x * 2, total=np.asarray([x.sum()], dtype=x.dtype))
+        if "text" in inputs:
+            out["upper"] = _each(bytes.upper, inputs["text"])
+            out["lengths"] = np.asarray(_each(len, inputs["text"]), dtype=np.int32)
+        if "h" in inputs:
+            out["h2"] = inputs["h"] * 2
+        return out
 
     def metadata(self, payload=None):
-        return {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}],
+        return {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]},
+                           {"name": "text", "datatype": "BYTES", "shape": [-1, -1]},
+                           {"name": "h", "datatype": "BF16", "shape": [-1]}],
                 "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1]},
-                            {"name": "total", "datatype": "FP32", "shape": [1]}]}
+                            {"name": "total", "datatype": "FP32", "shape": [1]},
+                            {"name": "upper", "datatype": "BYTES", "shape": [-1, -1]},
+                            {"name": "lengths", "datatype": "INT32", "shape": [-1, -1]},
+                            {"name": "h2", "datatype": "BF16", "shape": [-1]}]}
 
     def ticks(self, payload):
         for i in range(int(payload["n"])):
@@ -429,3 +445,8 @@ class HttpModel(Faulty):
         item = "x" * int(payload["size"])
         for _ in range(int(payload["n"])):
             yield item
+
+
+def _each(fn, nested):
+    """``fn`` of every element of lists nested to any depth, in the same nesting."""
+    return [_each(fn, v) for v in nested] if isinstance(nested, list) else fn(nested)

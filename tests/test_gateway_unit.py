@@ -202,7 +202,7 @@ def test_infer_binary_tensors_round_trip():
 @pytest.mark.parametrize(("body", "hl"), [
     (b"{bad", None),
     (b'{"inputs": 3}', None),
-    (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]}]}', None),
+    (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES", "data": ["a", 2]}]}', None),
     (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP33", "data": [1, 2]}]}', None),
     (b'{"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2]}]}', None),
     (b'{"inputs": [{"name": "x", "shape": [-1], "datatype": "FP32", "data": []}]}', None),
@@ -225,7 +225,7 @@ def test_infer_results_that_do_not_fit():
         kserve.infer_reply("m", req, {"y": np.zeros(1)})
     assert statuses.status_of(e.value.error)[0] == 400
     req = kserve.parse_infer(b'{"inputs": []}', None)
-    for result in ([1, 2], {"y": np.zeros(1, np.complex64)}, {"y": ["text"]}):
+    for result in ([1, 2], {"y": np.zeros(1, np.complex64)}, {"y": ["text", 1]}):
         with pytest.raises(BodyError) as e:
             kserve.infer_reply("m", req, result)
         assert statuses.status_of(e.value.error)[0] == 500
