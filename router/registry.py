@@ -189,8 +189,12 @@ class WorkerRegistry:
             # Only from the incarnation its supervisor vouched for: the routing id says it.
             # It may come before that word (or the slot): then it waits for it, as a READY.
             if slot is not None and ident == f"{slot.id}#{slot.incarnation}".encode():
+                # Its supervisor's SLOT failed travels on another connection and may have
+                # come first: its reason (last_error now) stays in front of the traceback.
+                failed = slot.state is WorkerState.FAILED and slot.setup_error is None
                 slot.setup_error = str(meta.get("error", reason))[-ERROR_TAIL:]
-                slot.last_error = slot.setup_error
+                slot.last_error = failure_error(slot.last_error if failed else None,
+                                                slot.setup_error)
             elif slot is None or ident.startswith(f"{slot.id}#".encode()):
                 self.waiting.park(ident, Kind.GOODBYE, meta,
                                   self.core.clock() + TIMINGS.vouch_wait)
@@ -364,6 +368,12 @@ class WorkerRegistry:
                 extra={"event": "worker-died", "worker": slot.id, "service": slot.service,
                        "incarnation": incarnation, "device": slot.device, "reason": how,
                        **fields, "worker_pid": pid, **lost})
+
+
+def failure_error(reason: str | None, traceback: str | None) -> str:
+    """A failed slot's ``last_error``: why it failed (its supervisor's SLOT ``failed``)
+    and then its ``setup()`` traceback (its worker's GOODBYE), each when known."""
+    return "\n".join(filter(None, (reason, traceback))).strip()[-ERROR_TAIL:]
 
 
 def held_fields(outcomes: list[tuple[Record, str]]) -> dict:

@@ -23,7 +23,7 @@ from ipc.lifecycle import SlotEvent, WorkerState
 from ipc.protocol import Kind
 from router.health import Slot
 from router.metrics import death_cause
-from router.registry import ERROR_TAIL, death_fields
+from router.registry import death_fields, failure_error
 from router.requests import Phase
 from workerpool.config import ROUTED_FIELDS, ServiceConfig
 
@@ -222,8 +222,7 @@ class Supervisors:
             if slot.conn is not None:
                 registry.lose(slot.conn, reason)
             # Keep the traceback its GOODBYE carried: it says *why* setup() failed.
-            detail = slot.setup_error if slot.setup_error else ""
-            slot.last_error = f"{reason}\n{detail}".strip()[-ERROR_TAIL:]
+            slot.last_error = failure_error(reason, slot.setup_error)
             slot.transition(WorkerState.FAILED)
             core.fail_if_unservable(core.services.get(slot.service))
         elif event is SlotEvent.STOPPED:

@@ -1,5 +1,6 @@
 """Chaos: sustained load while workers are SIGKILLed, SIGSTOPped and poisoned (a real
-torch.AcceleratorError with a sticky CUDA code), and the router is killed once. Required:
+torch.AcceleratorError with a sticky CUDA code), and the router is killed once and comes
+back late (its pool is held stopped a while, as on a loaded machine). Required:
 every request gets exactly one reply (a result or a typed error), none is left without
 one, no duplicates, and the pool ends at full strength. bench/chaos.py runs it longer (--seconds)."""
 
@@ -10,6 +11,7 @@ import concurrent.futures
 import os
 import random
 import signal
+import threading
 import time
 
 import pytest
@@ -22,6 +24,10 @@ pytest.importorskip("torch", reason="the poison fault raises torch.AcceleratorEr
 # that reach a freshly restarted router before any worker has registered with it again.
 ALLOWED = {"WorkerCrashedError", "RouterRestartedError", "PoisonedRequestError",
            "RequestTimeoutError", "ServiceUnavailableError"}
+# How long the pool (`up`) is held stopped when its router is killed, so that the new
+# router comes up late: requests wait in the client's socket meanwhile, and status calls
+# time out (on a loaded machine a restart once took that long, and more).
+ROUTER_OUTAGE = 2.0
 
 
 def run_chaos(procs, seconds: float, rate: float, seed: int) -> dict:
@@ -31,9 +37,23 @@ def run_chaos(procs, seconds: float, rate: float, seed: int) -> dict:
         "[supervisor]\nmax_restarts = 10000\nrestart_backoff = 0.02\n"
         '[[services]]\nname = "default"\nhandler = "tests.handlers:Chaos"\n'
         "workers = 4\nmax_inflight = 4\npoison_threshold = 2\n")
+    resume = threading.Timer(ROUTER_OUTAGE, _kill, (pool.popen.pid, signal.SIGCONT))
+    try:
+        return _load(pool, resume, seconds, rate, rng)
+    finally:
+        resume.cancel()
+        _kill(pool.popen.pid, signal.SIGCONT)  # whatever happened, the pool runs on
+
+
+def _load(pool, resume: threading.Timer, seconds: float, rate: float,
+          rng: random.Random) -> dict:
     faults: collections.Counter = collections.Counter()
     futs: list[concurrent.futures.Future] = []
-    with Client(pool.address, timeout=60) as c:
+    # Status calls go through a client of their own: one that times out locally while the
+    # router is away is still answered by the next router, a late reply that
+    # ``unmatched_replies`` counts. The load's client gives up on nothing, so each reply
+    # it cannot match is a duplicate.
+    with Client(pool.address, timeout=60) as c, Client(pool.address) as control:
         t0 = time.monotonic()
         next_fault = t0 + 0.5
         router_killed = False
@@ -51,9 +71,12 @@ def run_chaos(procs, seconds: float, rate: float, seed: int) -> dict:
                 if not router_killed and now > t0 + seconds / 2:
                     router_killed = True
                     faults["router_kill"] += 1
-                    _kill(c.status(timeout=5)["router"]["pid"], signal.SIGKILL)
+                    router_pid = control.status(timeout=5)["router"]["pid"]
+                    _kill(pool.popen.pid, signal.SIGSTOP)
+                    resume.start()
+                    _kill(router_pid, signal.SIGKILL)
                     continue
-                workers = [w for w in _status(c)["workers"] if w["state"] in ("ready", "busy")]
+                workers = [w for w in _status(control)["workers"] if w["state"] in ("ready", "busy")]
                 kind = rng.choice(["kill", "stop", "poison"])
                 if kind == "poison":
                     futs.append(c.submit("illegal_access", idempotent=rng.random() < 0.5))
@@ -70,7 +93,7 @@ def run_chaos(procs, seconds: float, rate: float, seed: int) -> dict:
             exc = f.exception()
             outcomes["result" if exc is None else type(exc).__name__] += 1
         t_load_end = time.monotonic()
-        st = _wait_full_strength(c, 4, 30)
+        st = _wait_full_strength(control, 4, 30)
         full_after = time.monotonic() - t_load_end
         duplicates = c.unmatched_replies
     return {"sent": sent, "faults": dict(faults), "outcomes": dict(outcomes),

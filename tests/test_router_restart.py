@@ -10,8 +10,10 @@ import time
 
 import pytest
 
+from ipc.protocol import Kind
+from tests.test_bundle_client import FakeRouter, _head
 from workerpool import AsyncClient, Client
-from workerpool.errors import RouterRestartedError
+from workerpool.errors import RequestTimeoutError, RouterRestartedError
 
 
 def test_router_killed_and_restarted(procs):
@@ -119,3 +121,27 @@ def test_requests_sent_while_the_router_restarts_are_served(procs):
     first_ok = outcomes.index(True)
     assert all(o is True for o in outcomes[first_ok:]), outcomes
     assert "lost" not in outcomes[first_ok:]
+
+
+def test_a_call_given_up_while_the_router_is_down_is_answered_late_by_the_next(tmp_path):
+    """A STATUS that timed out locally while no router listened waits in the client's
+    socket, reaches the router that comes up, and is answered: the caller keeps its one
+    outcome (RequestTimeoutError) and the reply is counted in ``unmatched_replies``. That
+    count is no duplicate; the chaos test once read it as one (its status calls time out
+    while the router restarts slowly), so its status calls have a client of their own."""
+    address = f"ipc://{tmp_path}/front"
+    with Client(address, shm=False) as c:
+        with pytest.raises(RequestTimeoutError):
+            c.status(timeout=0.2)
+        router = FakeRouter(address)
+        try:
+            router.wait(2)
+            [(status, rid), (cancel, cancelled)] = router.received()
+            assert (status, cancel, cancelled) == (Kind.STATUS, Kind.CANCEL, rid)
+            router.send(_head(Kind.RESULT, rid, {"router": {}}))  # the router's answer
+            fut = c.submit("echo", 1)  # a client with nothing outstanding reads nothing
+            [echo] = router.wait(3)
+            router.send(_head(Kind.RESULT, echo, 1))
+            assert fut.result(5) == 1 and c.unmatched_replies == 1
+        finally:
+            router.close()

@@ -4,6 +4,8 @@ plays a rogue backend peer against the router's core with a fake clock."""
 
 from __future__ import annotations
 
+import pytest
+
 from ipc.lifecycle import WorkerState
 from ipc.protocol import Kind
 from router import vouching
@@ -162,3 +164,25 @@ def test_a_setup_failure_is_recorded_only_from_the_vouched_incarnation():
     h.backend(b"default/0#1", Kind.GOODBYE, {"reason": "setup-failed", "slot": "default/0",
                                              "error": "ImportError: no torch"})
     assert h.core.registry.slots["default/0"].setup_error == "ImportError: no torch"
+
+
+@pytest.mark.parametrize("notice_first", [False, True], ids=["goodbye-first", "notice-first"])
+def test_a_setup_failure_keeps_its_reason_and_its_traceback_in_either_order(notice_first):
+    """The worker's GOODBYE (the traceback) and its supervisor's SLOT failed (the reason)
+    travel on two connections; under load the notice can come first. Either way the slot
+    ends failed with the reason, then the traceback."""
+    h = Harness()
+    h.hello(workers=1)
+    h.slot_event("default/0", "started", incarnation=1, pid=1001)
+    reason = "setup() failed; process exited with code 78"
+    messages = [
+        lambda: h.backend(b"default/0#1", Kind.GOODBYE, {
+            "reason": "setup-failed", "slot": "default/0",
+            "error": "Traceback ...\nFileNotFoundError: weights not found"}),
+        lambda: h.slot_event("default/0", "failed", reason=reason),
+    ]
+    for message in reversed(messages) if notice_first else messages:
+        message()
+    row = h.core.registry.slots["default/0"].row(h.clock())
+    assert row["state"] == "failed"
+    assert row["last_error"] == f"{reason}\nTraceback ...\nFileNotFoundError: weights not found"
