@@ -129,7 +129,7 @@ def _wait_full_strength(c: Client, n: int, timeout: float) -> dict:
     raise AssertionError(f"pool not back at full strength: {st.get('workers')}")
 
 
-@pytest.mark.alone
+@pytest.mark.alone  # kills and stalls the router, for 16 s: its CPU is its own
 def test_chaos(procs):
     report = run_chaos(procs, seconds=10, rate=150, seed=1)
     print(report)

@@ -13,7 +13,6 @@ from workerpool import Client, PayloadError, ServiceUnavailableError, WorkerCras
 from workerpool.errors import AdminError
 
 
-@pytest.mark.alone
 def test_one_failed_setup_among_healthy_workers(procs):
     pool = procs.pool(handler="tests.handlers:FailFirstSlot", workers=2)
     # The traceback (the worker's GOODBYE) and the failure (its supervisor's notice) come
