@@ -17,7 +17,7 @@ from ipc.protocol import Kind
 from workerpool import AsyncClient, Client
 from workerpool.client import reply_meta
 from workerpool.client._base import batched
-from workerpool.errors import HandlerError, RouterRestartedError
+from workerpool.errors import HandlerError, ProtocolError, RouterRestartedError
 
 META = protocol.pack_meta({"worker": "default/0"})
 
@@ -258,5 +258,36 @@ def test_a_cancel_in_the_same_turn_follows_its_request(router):
             assert router.received() == [(Kind.REQUEST, first.rid), (Kind.REQUEST, second.rid),
                                          (Kind.CANCEL, second.rid)]
             assert router.sent_apart() == 2  # the first at once, then a bundle of two
+
+    asyncio.run(main())
+
+
+def test_a_malformed_reply_fails_its_request_at_once_and_is_counted(router):
+    """A reply that does not decode but names its request fails that request with
+    ProtocolError at once (it would otherwise wait out its timeout); one that names none
+    (no header, a malformed BUNDLE) is only counted. ``malformed_replies`` counts all."""
+    with Client(_address(router), shm=False, timeout=30) as c:
+        a, b = c.submit("echo", 1), c.submit("echo", 2)
+        ra, rb = router.wait(2)
+        router.send(_head(Kind.RESULT, ra, 1)[:-1])  # shorter than its header says
+        with pytest.raises(ProtocolError, match="malformed reply from the router") as info:
+            a.result(5)
+        assert info.value.code == "bad-length"
+        router.send(b"WP", protocol.HEADER.pack(b"WP", protocol.VERSION, Kind.BUNDLE, 2, 0, 3)
+                    + b"abc")
+        router.send(_head(Kind.RESULT, rb, 2))
+        assert b.result(5) == 2
+        assert c.malformed_replies == 3 and c.unmatched_replies == 0
+
+
+def test_the_async_client_counts_malformed_replies_too(router):
+    async def main() -> None:
+        async with AsyncClient(_address(router), shm=False, timeout=30) as c:
+            task = asyncio.ensure_future(c.call("echo", 1))
+            [rid] = await router.wait_async(1)
+            router.send(_head(Kind.RESULT, rid, 1)[:-1])
+            with pytest.raises(ProtocolError):
+                await task
+            assert c.malformed_replies == 1
 
     asyncio.run(main())

@@ -231,6 +231,7 @@ class BaseClient:
             protocol.split(frames)  # the bundle's own header and length
             heads = protocol.unbundle(head)
         except FrameError:
+            self._replies.malformed += 1
             return 1
         for head in heads:
             self._take_one([head])
@@ -244,8 +245,12 @@ class BaseClient:
             return
         try:
             kind, rid, value, meta = self._parse_reply(frames)
-        except FrameError:
-            return  # a reply we cannot attribute to any request
+        except FrameError as exc:
+            replies.malformed += 1
+            if exc.req_id:  # its request would otherwise wait out its timeout
+                replies.fail(exc.req_id, ProtocolError(
+                    f"malformed reply from the router: {exc}", code=exc.code))
+            return
         request = replies.apply(kind, rid, value, meta)
         if request is not None:  # its worker cannot map our segments: send it in frames
             again = self._resend_frames(rid, request)

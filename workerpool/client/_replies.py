@@ -65,6 +65,8 @@ class Replies:
         #: Replies that matched no outstanding request: after a local timeout or cancel,
         #: or a duplicate. With neither, it must stay 0 (the chaos test checks it).
         self.unmatched = 0
+        #: Messages from the router that did not decode (a malformed reply or BUNDLE).
+        self.malformed = 0
 
     def __len__(self) -> int:
         return len(self._table)

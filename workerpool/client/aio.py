@@ -119,6 +119,13 @@ class AsyncClient(BaseClient):
         return self._replies.unmatched
 
     @property
+    def malformed_replies(self) -> int:
+        """Messages from the router that did not decode. A malformed reply that names its
+        request fails that request with ``ProtocolError`` at once; either way it is counted
+        here, and it stays 0 with a healthy router."""
+        return self._replies.malformed
+
+    @property
     def streams_overrun(self) -> int:
         """Streams ended because their reader fell ``max_buffered`` items behind."""
         return self._overruns

@@ -122,6 +122,13 @@ class Client(BaseClient):
         or a duplicate. With neither, it stays 0 (the chaos test checks it)."""
         return self._replies.unmatched
 
+    @property
+    def malformed_replies(self) -> int:
+        """Messages from the router that did not decode. A malformed reply that names its
+        request fails that request with ``ProtocolError`` at once; either way it is counted
+        here, and it stays 0 with a healthy router."""
+        return self._replies.malformed
+
     # -- public API -------------------------------------------------------------------------
     def submit(self, method: str, payload: Any = None, *, service: str | None = None,
                priority: int = 0, timeout: float | None = None,
