@@ -103,10 +103,11 @@ class Router:
             if config.metrics:  # first: a taken port fails before either socket is bound
                 self.listener = listener_module().Listener(config.metrics, self._wakeup.wake)
                 self.loop_meter = LoopMeter()
-            # Per connection: past it a client counts as not reading and is cut off.
+            # Per connection: past the send mark a client counts as not reading and is cut
+            # off; past the receive mark ZeroMQ stops reading it until the loop catches up.
             self.frontend = self._bind(config.frontend, config.max_unread_replies,
-                                       curve.FRONTEND_DOMAIN)
-            self.backend = self._bind(backend, 0, curve.BACKEND_DOMAIN)
+                                       config.max_unread_messages, curve.FRONTEND_DOMAIN)
+            self.backend = self._bind(backend, 0, 0, curve.BACKEND_DOMAIN)
         except (zmq.ZMQError, ListenerError):
             if self._auth is not None:  # its thread would hold the context open
                 self._auth.stop()
@@ -122,7 +123,7 @@ class Router:
         # A message's parts: routing id, head, a body frame, then its buffer frames.
         self._max_parts = 3 + config.max_buffer_frames
 
-    def _bind(self, address: str, sndhwm: int, domain: str) -> zmq.Socket:
+    def _bind(self, address: str, sndhwm: int, rcvhwm: int, domain: str) -> zmq.Socket:
         sock = self._ctx.socket(zmq.ROUTER)
         if self.keys is not None:
             curve.secure_server(sock, self.keys, domain)
@@ -130,7 +131,7 @@ class Router:
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         sock.setsockopt(zmq.SNDHWM, sndhwm)
-        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)
         sock.bind(address)
         return sock
 

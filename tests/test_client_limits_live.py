@@ -5,6 +5,7 @@ replies is cut off with the router's memory bounded (router.clients)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import msgpack
 import zmq
@@ -146,3 +147,44 @@ def test_a_client_that_never_reads_is_cut_off_and_router_memory_stays_bounded(pr
     assert after["VmHWM"] - before["VmRSS"] < 64 * 1024, (before, after)
     assert counters["dropped_queued"] + counters["dropped_running"] > 0
     assert counters.get("refused_not_reading", 0) + counters["dropped_queued"] > 300, counters
+
+
+def test_a_client_that_sends_faster_than_the_router_reads_waits_in_its_own_memory(procs):
+    """20,000 STATUS requests of 16 KiB each, sent as fast as ZeroMQ takes them, while the
+    router needs about 0.1 ms to answer each: the router holds at most
+    ``max_unread_messages`` of them (ZeroMQ stops reading the connection past it), the
+    rest wait in the sender, so the router's memory does not grow with the backlog (it
+    grew by about 300 MiB when it read without limit). Every request is answered."""
+    pool = _pool(procs, "max_client_inflight = 20")
+    with Client(pool.address, timeout=30) as c:
+        pid = c.status()["router"]["pid"]
+    before = _memory_kib(pid)["VmRSS"]
+    n, pad = 20_000, b"x" * 16_384
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(pool.address)
+    sent = answered = 0
+    deadline = time.monotonic() + 90
+    try:
+        while answered < n:
+            assert time.monotonic() < deadline, f"{sent} sent, {answered} answered"
+            events = sock.poll(100, zmq.POLLIN | (zmq.POLLOUT if sent < n else 0))
+            while sent < n and events & zmq.POLLOUT:
+                try:
+                    sock.send(protocol.encode(Kind.STATUS, sent + 1, None, pad)[0], zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                sent += 1
+            while True:
+                try:
+                    [head] = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                kind, count = protocol.unpack_header(head)
+                answered += count if kind is Kind.BUNDLE else 1
+        peak = _memory_kib(pid)["VmHWM"]
+    finally:
+        sock.close(0)
+        ctx.term()
+    assert (peak - before) * 1024 < 64 * MiB, f"router RSS {before} KiB -> peak {peak} KiB"

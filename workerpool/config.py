@@ -296,6 +296,13 @@ class RouterConfig(_Model):
         "reading: 4 MiB for 1 KiB replies, 4 GiB for 1 MiB ones, so lower it for services "
         "with large replies. The Python clients read into their own memory at once, so "
         "only a stopped or hostile process reaches it.")
+    max_unread_messages: int = Field(
+        1000, ge=1, le=10_000_000, description="Messages from one client connection that "
+        "wait for the router to read them (its frontend receive high-water mark); past it "
+        "ZeroMQ stops reading that connection and the client's sends wait in its own "
+        "memory, so a client sending faster than the router reads does not grow the "
+        "router's. A BUNDLE counts as one. Workers and supervisors are not limited: their "
+        "replies must never wait behind a client's.")
     slow_client_cutoff: float = Field(
         10.0, ge=0, le=3600, description="Seconds a client that did not read its replies "
         "(max_unread_replies) has every request refused with BackpressureError code "
