@@ -340,13 +340,14 @@ class Supervisors:
         self._unroute_all(old)
         reason = f"its supervisor was replaced (node {node} registered again)"
         for slot in core.registry.owned_by(old):
+            # Its processes stop if they still run. If its host vanished and came back at
+            # the same address, the router's side of the old connections, whose routing ids
+            # the new workers' (from incarnation 1 again) may repeat, is reset.
+            idents = {f"{slot.id}#{slot.incarnation}".encode()} if slot.incarnation else set()
             if slot.conn is not None:  # given up before its slot goes: nothing is unservable yet
+                idents.add(slot.conn.identity)
                 core.registry.lose_dead(slot.conn, reason, "supervisor-replaced")
-            if slot.incarnation:
-                # Its last process stops if it still runs. If its host vanished and came back
-                # at the same address, the router's side of the old connections, which the
-                # new workers' routing ids (from incarnation 1 again) may repeat, is reset.
-                ident = f"{slot.id}#{slot.incarnation}".encode()
+            for ident in sorted(idents):
                 core.to_backend(ident, Kind.SHUTDOWN)
                 core.to_backend(ident + HEARTBEAT_SUFFIX, Kind.SHUTDOWN)
             core.registry.slots.pop(slot.id, None)
