@@ -78,8 +78,8 @@ class Liveness:
         core.supervisors.on_ping(ident, meta, now)
         if "ping" in meta:
             pong = {"pong": meta["ping"], "router": core.instance}
-            if core.supervisors.is_lost(ident):
-                pong["hello"] = True  # its host is back: have it describe itself again
+            if core.supervisors.asks_hello(ident):
+                pong["hello"] = True  # lost, forgotten or never heard: have it describe itself
             core.to_backend(ident, Kind.HEARTBEAT, pong)
 
     def check(self, now: float) -> None:

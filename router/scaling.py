@@ -60,7 +60,8 @@ class Scaling:
         target = self.active_target(svc.name)
         spares = sorted((s for s in core.registry.slots.values()
                          if s.service == svc.name and s.state is WorkerState.SPARE
-                         and s.conn is not None and s.owner not in core.supervisors.draining),
+                         and s.conn is not None and core.supervisors.connected(s.owner)
+                         and s.owner not in core.supervisors.draining),
                         key=lambda s: s.sort_key)
         promoted = False
         for slot in spares:

@@ -8,7 +8,14 @@ it is taken back and describes itself anew.
 
 Each supervisor is a *node* to operators: its name (HELLO ``node``, else its host), its
 host, and the round trip of its pings as it measures them (``Peer``), shown per node in
-STATUS ``nodes`` and on each of its workers' rows.
+STATUS ``nodes`` and on each of its workers' rows. A lost node that stays silent for
+``TIMINGS.forget_lost_node`` is forgotten, slots and all.
+
+A node name belongs to one supervisor at a time. A HELLO that names the node of another
+supervisor (``workerpool worker --node`` restarted: a Kubernetes pod, a systemd unit)
+*replaces* it: the old one's workers are given up as for a lost node, its slots leave the
+table, and it is told to stop (DRAINED) in case it still runs. The new one's HELLO then
+describes the slots afresh, so the incarnations it vouches for count from 1 again.
 """
 
 from __future__ import annotations
@@ -20,12 +27,12 @@ from typing import TYPE_CHECKING
 
 from ipc.errors import SUPERVISOR_LEFT, ServiceUnavailableError
 from ipc.lifecycle import SlotEvent, WorkerState
-from ipc.protocol import Kind
+from ipc.protocol import HEARTBEAT_SUFFIX, Kind
 from router.health import Slot
 from router.metrics import death_cause
 from router.registry import death_fields, failure_error
 from router.requests import Phase
-from workerpool.config import ROUTED_FIELDS, ServiceConfig
+from workerpool.config import ROUTED_FIELDS, TIMINGS, ServiceConfig
 
 if TYPE_CHECKING:
     from router.core import RouterCore
@@ -46,6 +53,7 @@ class Peer:
     seen: float  # when the router last heard from it (HELLO or heartbeat)
     rtt: float | None = None  # ms: the last round trip of its pings, as it measured it
     srtt: float | None = None  # ms: the same, smoothed
+    named: bool = False  # its HELLO gave ``node``: a successor under that name replaces it
 
     def row(self, ident: bytes, state: str, slots: list[Slot], now: float) -> dict:
         """Its entry of STATUS ``nodes`` (docs/protocol.md 6.5)."""
@@ -103,8 +111,10 @@ class Supervisors:
         """Whether ``ident`` drains or drained away (its workers must not register)."""
         return ident in self.draining or ident in self._departed
 
-    def is_lost(self, ident: bytes) -> bool:
-        return ident in self._lost
+    def asks_hello(self, ident: bytes) -> bool:
+        """Whether a ping from ``ident`` is answered with ``hello``: it is not connected and
+        did not leave or get replaced (a lost supervisor, one forgotten, one never heard)."""
+        return ident not in self.known and ident not in self._departed
 
     def on_ping(self, ident: bytes, meta: dict, now: float) -> None:
         """A supervisor's HEARTBEAT: when it was heard, and the round trip it reports
@@ -150,6 +160,10 @@ class Supervisors:
         host = meta.get("host")
         host = host[:MAX_NAME] if isinstance(host, str) else None
         pid = meta.get("pid")
+        replaced = [i for i, p in [*self.known.items(), *self._lost.items()]
+                    if node is not None and p.named and p.node == node and i != ident]
+        for old in replaced:
+            self._replace(old, ident, node)
         # A HELLO again (a scale, a router that lost it, a return) keeps the round trips.
         peer = self.known.get(ident) or self._lost.get(ident)
         if peer is None:
@@ -157,6 +171,7 @@ class Supervisors:
         peer.pid = pid if type(pid) is int else None
         peer.host = host
         peer.node = node or host or ident.decode(errors="replace")
+        peer.named = node is not None
         peer.seen = core.clock()
         self.known[ident] = peer
         self._departed.discard(ident)
@@ -184,6 +199,9 @@ class Supervisors:
                                 {"slot": slot.id, "incarnation": slot.conn.incarnation})
         for s in services:
             core.scaling.rebalance(core.services[str(s["name"])])
+        if replaced:  # only now: until its slots were listed, a service had none left
+            for svc in core.services.values():
+                core.fail_if_unservable(svc)
         if core.draining:
             core.to_backend(ident, Kind.DRAINED)
 
@@ -278,27 +296,85 @@ class Supervisors:
                 core.to_backend(conn.identity, Kind.SHUTDOWN)
             core.to_backend(ident, Kind.DRAINED)
             del self.draining[ident]
-            self._forget(ident, "its supervisor left")
+            self._forget(ident, "its supervisor left", departed=True)
 
-    def _forget(self, ident: bytes, reason: str) -> None:
-        """A supervisor left on purpose: its slots leave the table with it (a worker of
-        its that registers late is told to stop), and admin commands no longer go to it."""
+    def _forget(self, ident: bytes, reason: str, departed: bool) -> None:
+        """A supervisor left on purpose (``departed``: a worker of its that registers late
+        is told to stop), or was lost too long ago to keep: its slots leave the table with
+        it, and admin commands no longer go to it."""
         core = self.core
         self.known.pop(ident, None)
-        self._departed.add(ident)
+        self._lost.pop(ident, None)
+        if departed:
+            self._departed.add(ident)
         for slot in core.registry.owned_by(ident):
             core.registry.slots.pop(slot.id, None)
-            core.registry.departed_owner[slot.id] = ident
+            if departed:
+                core.registry.departed_owner[slot.id] = ident
             if slot.conn is not None:
                 core.registry.lose(slot.conn, reason, crashed=False)
         core.scaling.drop_targets(ident)
         for svc in core.services.values():
             core.fail_if_unservable(svc)
 
+    def _replace(self, old: bytes, new: bytes, node: str) -> None:
+        """``new`` said HELLO as node ``node``, which ``old`` held: ``old`` is taken for the
+        same node's previous process (killed, its container restarted). Its workers are
+        given up as for a lost node and told to stop; its slots leave the table, for
+        ``new``'s HELLO to describe afresh; ``old`` is told to stop too, should it still run.
+        The caller fails what became unservable once the new slots are in."""
+        core = self.core
+        state = "lost" if old in self._lost else "leaving" if old in self.draining \
+            else "connected"
+        log.warning("supervisor %r registers as node %r, which supervisor %r (%s) held: "
+                    "taking the node over; the old supervisor's workers are given up",
+                    new, node, old, state,
+                    extra={"event": "supervisor-replaced", "supervisor": old,
+                           "successor": new, "node": node})
+        core.stats["supervisors_replaced"] += 1
+        self.known.pop(old, None)
+        self._lost.pop(old, None)
+        self.draining.pop(old, None)
+        self._departed.add(old)  # not asked for HELLO again: it must not take the name back
+        self._unroute_all(old)
+        reason = f"its supervisor was replaced (node {node} registered again)"
+        for slot in core.registry.owned_by(old):
+            # Its processes stop if they still run. If its host vanished and came back at
+            # the same address, the router's side of the old connections, whose routing ids
+            # the new workers' (from incarnation 1 again) may repeat, is reset.
+            idents = {f"{slot.id}#{slot.incarnation}".encode()} if slot.incarnation else set()
+            if slot.conn is not None:  # given up before its slot goes: nothing is unservable yet
+                idents.add(slot.conn.identity)
+                core.registry.lose_dead(slot.conn, reason, "supervisor-replaced")
+            for ident in sorted(idents):
+                core.to_backend(ident, Kind.SHUTDOWN)
+                core.to_backend(ident + HEARTBEAT_SUFFIX, Kind.SHUTDOWN)
+            core.registry.slots.pop(slot.id, None)
+            core.registry.departed_owner.pop(slot.id, None)
+        core.scaling.drop_targets(old)
+        core.to_backend(old, Kind.DRAINED, {"reason": f"replaced: another supervisor "
+                                                      f"registered as node {node!r}"})
+
+    def _unroute_all(self, ident: bytes) -> None:
+        """Take every worker of ``ident``, no longer connected, out of dispatch before any is
+        given up: a request requeued from one must not be sent to the next, to be lost with
+        it as if it had run (nor are its spares promoted: only a connected owner's are)."""
+        for conn in self.core.registry.conns_of(ident):
+            self.core.scaling.unroute(conn)
+
     def check_silent(self, now: float, limit: float) -> None:
+        """Declare silent supervisors lost, and forget those lost for too long."""
         for ident, peer in list(self.known.items()):
             if now - peer.seen > limit:
                 self._declare_lost(ident, now - peer.seen)
+        for ident, peer in list(self._lost.items()):
+            if now - peer.seen > TIMINGS.forget_lost_node:
+                log.warning("node %r (supervisor %r) lost for %.0fs: forgotten", peer.node,
+                            ident, now - peer.seen,
+                            extra={"event": "supervisor-forgotten", "supervisor": ident,
+                                   "node": peer.node})
+                self.core.stats["supervisors_forgotten"] += 1
+                self._forget(ident, "its supervisor was lost and forgotten", departed=False)
 
     def _declare_lost(self, ident: bytes, silent: float) -> None:
         """A supervisor stopped answering: its host is gone or cut off. Its workers cannot
@@ -308,6 +384,7 @@ class Supervisors:
                   extra={"event": "supervisor-lost", "supervisor": ident, "silent": silent})
         core.stats["supervisors_lost"] += 1
         self._lost[ident] = self.known.pop(ident)
+        self._unroute_all(ident)
         for slot in core.registry.owned_by(ident):
             reason = f"its supervisor was silent for {silent:.1f}s (host lost?)"
             if slot.conn is not None:

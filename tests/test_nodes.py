@@ -1,16 +1,26 @@
 """Nodes, as the router sees them: each worker's node and host, each supervisor's round
-trip, a HELLO that comes again, and ``min_per_host`` in the split of a scale. Plain
-values and a fake clock (tests/router_harness.py)."""
+trip, a HELLO that comes again, a node restarted under its name, a lost node forgotten,
+and ``min_per_host`` in the split of a scale. Plain values and a fake clock
+(tests/router_harness.py)."""
 
 from __future__ import annotations
 
+import os
+import re
+import socket
+
 import pytest
 
+from ipc.lifecycle import WorkerState
 from ipc.protocol import Kind
 from router.scaling import plan_scale
 from tests.router_harness import Harness
+from workerpool.config import TIMINGS
+from workerpool.supervisor import routing_id
 
 A, B, C = b"sup-a", b"sup-b", b"sup-c"
+A2 = b"sup-a-restarted"  # node a's supervisor after a restart: a new process, a new routing id
+CLIENT = b"client"
 
 
 def _two_nodes(metrics: str | None = None, **settings: object) -> Harness:
@@ -152,6 +162,202 @@ def test_metrics_label_each_worker_with_its_node_and_give_each_nodes_round_trip(
     assert in_flight == {"default/a/0": "a", "default/b/0": "b", "default/b/1": "b"}
     rtt = {k[1]: v for k, v in samples.items() if k[0] == "workerpool_node_rtt_seconds"}
     assert rtt == {(("host", "box"), ("node", "a")): 0.0025}  # b reported none yet
+
+
+# -- a node restarted under its name ----------------------------------------------------------
+def _beat(h: Harness, seconds: float, *sups: bytes) -> None:
+    """Let ``seconds`` pass in steps of 1 s with ``sups`` and every registered worker beating."""
+    for _ in range(int(seconds)):
+        h.tick(1.0)
+        for sup in sups:
+            _ping(h, sup)
+        for ident in list(h.core.registry.conns):
+            h.backend(ident + b"#hb", Kind.HEARTBEAT, {"of": ident})
+
+
+def _finals(h: Harness) -> dict[int, list[str]]:
+    """The client's final answers by its request id: the kind, or the error's type."""
+    out: dict[int, list[str]] = {}
+    for s in h.out.to(CLIENT):
+        if s.kind in (Kind.RESULT, Kind.ERROR):
+            out.setdefault(s.req_id, []).append(s.body["type"] if s.kind is Kind.ERROR
+                                                else "result")
+    return out
+
+
+@pytest.mark.parametrize("old_state", ["connected", "lost", "leaving"])
+def test_a_node_restarted_under_its_name_takes_its_slots_over_from_incarnation_1(old_state):
+    """`workerpool worker --node a` killed and started again (its pod's container restarted)
+    while its slot was at incarnation 3: the new supervisor's first workers register at once,
+    nothing is refused as stale, and what the old one's worker held is answered once."""
+    h = _two_nodes()
+    slot = h.core.registry.slots["default/a/0"]
+    old = h.ready("default/a/0", incarnation=3)  # two respawns behind it
+    h.request(CLIENT, 1)
+    h.request(CLIENT, 2)
+    assert h.dispatched_to(old) and slot.conn.in_flight
+    if old_state == "lost":
+        _beat(h, 4, B)
+        assert list(_finals(h).values()) == [["WorkerCrashedError"]]  # answered as it was lost
+    elif old_state == "leaving":
+        h.backend(A, Kind.DRAIN, {"scope": "supervisor"})
+    h.out.take()
+    held = {r.client_rid for r in slot.conn.in_flight.values()} if slot.conn else set()
+    assert held or old_state == "lost"
+
+    h.hello(workers=1, sup=A2, node="a", host="box")
+    sent = h.out.take()
+    assert [(s.peer, s.kind) for s in sent if s.peer in (A, old, old + b"#hb")] == [
+        (old, Kind.SHUTDOWN), (old + b"#hb", Kind.SHUTDOWN), (A, Kind.DRAINED)]
+    drained = next(s for s in sent if s.peer == A)
+    assert drained.meta["reason"] == "replaced: another supervisor registered as node 'a'"
+    answered = [s for s in sent if s.peer == CLIENT and s.kind is Kind.ERROR]
+    assert sorted(s.req_id for s in answered) == sorted(held)  # those it still held, once
+    for s in answered:
+        assert "its supervisor was replaced (node a registered again)" in s.body["message"]
+    assert h.core.stats["supervisors_replaced"] == 1
+    st = h.core.status()
+    assert [(n["node"], n["supervisor"], n["state"], n["slots"]) for n in st["nodes"]] == [
+        ("a", A2.decode(), "connected", 1), ("b", "sup-b", "connected", 2)]
+    new_slot = h.core.registry.slots["default/a/0"]
+    assert (new_slot.owner, new_slot.incarnation, new_slot.conn) == (A2, 0, None)
+
+    new = h.ready("default/a/0", incarnation=1)  # vouched for by A2's SLOT started
+    assert new_slot.conn.identity == new and new_slot.state is WorkerState.READY
+    row = {w["id"]: w for w in h.core.status()["workers"]}["default/a/0"]
+    assert (row["incarnation"], row["restarts"], row["node"]) == (1, 0, "a")
+    assert "stale_ready" not in h.core.stats and "stale_slot_events" not in h.core.stats
+    assert all(len(v) == 1 for v in _finals(h).values())  # no request answered twice
+    h.request(CLIENT, 3)
+    h.request(CLIENT, 4)
+    assert h.dispatched_to(new)
+
+
+def test_the_replaced_supervisor_cannot_take_anything_back():
+    h = _two_nodes()
+    old = h.ready("default/a/0", incarnation=3)
+    h.hello(workers=1, sup=A2, node="a")
+    new = h.ready("default/a/0", incarnation=1)
+    h.out.take()
+    # Its late word on the slot, its worker registering again, its pings, a DRAIN.
+    h.slot_event("default/a/0", "died", incarnation=3, sup=A, reason="was killed by SIGKILL")
+    h.slot_event("default/a/0", "started", incarnation=4, sup=A, pid=99)
+    h.backend(old, Kind.READY, {"slot": "default/a/0", "incarnation": 3, "service": "default",
+                                "capacity": 1, "pid": 1003, "methods": ["echo"]})
+    _ping(h, A)
+    h.backend(A, Kind.DRAIN, {"scope": "supervisor"})
+    _beat(h, TIMINGS.vouch_wait + 1, A2, B)
+    slot = h.core.registry.slots["default/a/0"]
+    assert (slot.owner, slot.incarnation, slot.conn.identity) == (A2, 1, new)
+    assert h.core.stats["slot_events_not_owner"] == 2 and h.core.stats["drains_refused"] == 1
+    assert h.core.stats["unvouched_ready"] == 1
+    pong = next(s for s in h.out.to(A) if s.kind is Kind.HEARTBEAT)
+    assert "hello" not in pong.meta  # it must not describe itself again: the name is taken
+    assert [n["supervisor"] for n in h.core.status()["nodes"]] == [A2.decode(), "sup-b"]
+
+
+def test_a_restarted_node_with_fewer_slots_keeps_the_queue_and_drops_the_rest():
+    """Its queued requests are not failed in the moment between the old slots leaving and
+    the new ones coming: they wait for the new workers. A slot the new one does not run
+    (the old one had been scaled up) leaves the table."""
+    h = Harness(heartbeat_interval=1.0, heartbeat_liveness=3)
+    h.hello(workers=2, sup=A, node="a")
+    h.ready("default/a/0")
+    h.ready("default/a/1")
+    for rid in range(1, 6):
+        h.request(CLIENT, rid)
+    h.hello(workers=1, sup=A2, node="a")
+    assert sorted(h.core.registry.slots) == ["default/a/0"]
+    finals = _finals(h)
+    assert sorted(finals) == [1, 2] and {v[0] for v in finals.values()} == {
+        "WorkerCrashedError"}  # the two that were running; 3, 4 and 5 wait
+    h.out.take()  # the old worker's routing id was "default/a/0#1" too
+    new = h.ready("default/a/0", incarnation=1)
+    assert len(h.dispatched_to(new)) == 1
+    h.reply(new, h.dispatched_to(new)[0], "ok")
+    assert len(h.dispatched_to(new)) == 2
+    assert sorted(_finals(h)) == [3]
+
+
+def test_only_a_named_node_is_replaced():
+    """A supervisor without a node name (``up``'s) is not taken for a node's predecessor,
+    even when its host is another supervisor's node name."""
+    h = Harness()
+    h.hello(workers=1, sup=A, host="gpu1")
+    h.ready("default/0")
+    h.hello(service="other", workers=1, sup=B, node="gpu1")
+    assert h.core.registry.slots["default/0"].conn is not None
+    assert "supervisors_replaced" not in h.core.stats
+    assert [(n["node"], n["supervisor"]) for n in h.core.status()["nodes"]] == [
+        ("gpu1", "sup-a"), ("gpu1", "sup-b")]
+
+
+def test_a_lost_nodes_requeued_request_is_not_lost_again_with_its_next_worker():
+    """Its workers are given up one after another: a request held ahead and requeued from
+    the first must not be sent to the second, to fail with it as if it had run."""
+    h = Harness(heartbeat_interval=1.0, heartbeat_liveness=3)
+    h.hello(workers=2, sup=A, node="a", prefetch=1)
+    h.hello(workers=1, sup=B, node="b", prefetch=1)
+    a0, b0 = h.ready("default/a/0"), h.ready("default/b/0")
+    for rid in range(1, 5):  # each worker runs one and holds one ahead
+        h.request(CLIENT, rid)
+    a1 = h.ready("default/a/1")  # idle
+    assert len(h.dispatched_to(a0)) == 2
+    _beat(h, 4, B)
+    assert h.core.stats["supervisors_lost"] == 1
+    assert h.dispatched_to(a1) == []
+    assert h.core.stats["crashed_requests"] == 1  # only the one that ran on a0
+    assert h.core.stats.get("spares_promoted", 0) == 0
+    h.reply(b0, h.dispatched_to(b0)[0], "ok")
+    assert len(h.dispatched_to(b0)) == 3  # a0's unstarted one runs on b
+
+
+def test_a_supervisors_routing_id_is_new_for_every_process_even_with_the_same_pid():
+    """Containers share a host name and each has pid 1: the nonce keeps their routing ids
+    apart, and makes a supervisor restarted with the same pid a new peer to the router."""
+    ids = {routing_id() for _ in range(50)}
+    assert len(ids) == 50
+    pattern = rf"sup-{re.escape(socket.gethostname())}-{os.getpid()}-[0-9a-f]{{8}}"
+    assert all(re.fullmatch(pattern, i.decode()) for i in ids)
+
+
+# -- a lost node forgotten ---------------------------------------------------------------------
+def test_a_lost_node_is_forgotten_after_ten_minutes_and_may_still_come_back():
+    h = _two_nodes()
+    a0 = h.core.registry.slots["default/a/0"].conn.identity
+    _beat(h, 4, B)
+    assert {n["node"]: n["state"] for n in h.core.status()["nodes"]}["a"] == "lost"
+    _beat(h, TIMINGS.forget_lost_node - 5, B)
+    assert [n["node"] for n in h.core.status()["nodes"]] == ["a", "b"]
+    _beat(h, 2, B)
+    st = h.core.status()
+    assert [n["node"] for n in st["nodes"]] == ["b"]
+    assert sorted(w["id"] for w in st["workers"]) == ["default/b/0", "default/b/1"]
+    assert h.core.stats["supervisors_forgotten"] == 1
+    # It speaks again (a partition of 11 minutes healed): asked to describe itself, it does,
+    # vouching for the worker it still runs, which registers again.
+    h.out.take()
+    _ping(h, A)
+    assert h.out.to(A)[-1].meta.get("hello") is True
+    h.backend(A, Kind.HELLO, {"node": "a", "services": [{"name": "default", "workers": 1}],
+                              "slots": [{"slot": "default/a/0", "service": "default",
+                                         "incarnation": 1, "pid": 1001}]})
+    h.backend(a0, Kind.READY, {"slot": "default/a/0", "incarnation": 1, "service": "default",
+                               "capacity": 1, "pid": 1001, "methods": ["echo"]})
+    assert {n["node"]: n["state"] for n in h.core.status()["nodes"]} == {
+        "a": "connected", "b": "connected"}
+    assert h.core.registry.slots["default/a/0"].conn.identity == a0
+
+
+def test_a_ping_asks_for_hello_unless_the_sender_is_connected_or_left():
+    h = Harness()
+    h.hello(workers=1, sup=A, node="a")
+    h.hello(workers=0, sup=B, node="b")
+    h.backend(B, Kind.DRAIN, {"scope": "supervisor"})  # nothing to wait for: it left at once
+    for sup in (A, B, C):  # connected, departed, never heard of
+        _ping(h, sup)
+    hello = {s.peer: s.meta.get("hello", False) for s in h.out.sent if s.kind is Kind.HEARTBEAT}
+    assert hello == {A: False, B: False, C: True}
 
 
 # -- min_per_host ------------------------------------------------------------------------------

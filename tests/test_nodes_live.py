@@ -1,11 +1,13 @@
 """Two nodes (``workerpool worker --node``) on one router, for real: each worker's node
 and host, each node's round trip in STATUS, ``status`` and ``/metrics``; ``min_per_host``
-in a scale; and a link that goes down and heals bringing one HELLO, however many pings
-waited in it."""
+in a scale; a link that goes down and heals bringing one HELLO, however many pings
+waited in it; and a node killed and started again under its name."""
 
 from __future__ import annotations
 
+import os
 import selectors
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import ROOT, _env
-from workerpool import Client
+from workerpool import Client, WorkerCrashedError
 from workerpool.errors import AdminError
 
 FAST = "[router]\nheartbeat_interval = 0.2\nheartbeat_liveness = 3\n"
@@ -171,3 +173,43 @@ def test_a_healed_link_brings_one_hello_however_many_pings_waited(procs):
         if node is not None and node.popen.poll() is None:
             node.stop()  # through the relay, while it carries: it drains as usual
         relay.close()
+
+
+def test_a_node_killed_and_started_again_under_its_name_serves_at_once(procs):
+    """A Kubernetes GPU pod's container restarting: its supervisor and workers die at once
+    (SIGKILL), and a new supervisor starts under the same --node while the router still
+    remembers the slot at incarnation 3. Its worker registers at incarnation 1, with no
+    death counted; the request the old one was running gets its one answer."""
+    cfg = procs.config(FAST)
+    front, back = procs.tcp(), procs.tcp()
+    router = procs.spawn(["router", "--config", cfg, "--frontend", front, "--backend", back],
+                         front, None)
+    args = ["--config", cfg, "--workers", "1", "--handler", "workerpool.handlers:Faulty"]
+    old = procs.node(router, back, "a", *args)
+    router.wait_ready(1)
+    with Client(front, timeout=30) as c:
+        for _ in range(2):
+            with pytest.raises(WorkerCrashedError):
+                c.call("exit", {"code": 1})
+            router.wait_ready(1)
+        st = router.wait_for(lambda s: s["workers"][0]["incarnation"] == 3, what="incarnation 3")
+        old_supervisor = st["nodes"][0]["supervisor"]
+        running = c.submit("sleep", {"seconds": 60})
+        router.wait_for(lambda s: s["workers"][0]["in_flight"] == 1, what="the request running")
+        os.killpg(old.pgid, signal.SIGKILL)
+        old.popen.wait(10)
+        new = procs.node(router, back, "a", *args)
+        with pytest.raises(WorkerCrashedError):
+            running.result(timeout=30)
+        st = router.wait_for(lambda s: [w["state"] for w in s["workers"]] == ["ready"],
+                             what="the new worker ready")
+        worker = st["workers"][0]
+        assert (worker["id"], worker["incarnation"], worker["restarts"]) == ("default/a/0", 1, 0)
+        (node,) = st["nodes"]
+        assert node["node"] == "a" and node["state"] == "connected"
+        assert node["supervisor"] != old_supervisor and node["pid"] == new.popen.pid
+        counters = st["router"]["counters"]
+        assert counters["supervisors_replaced"] == 1
+        assert "stale_ready" not in counters and "stale_slot_events" not in counters
+        assert c.call("echo", 5) == 5
+    assert "respawning" not in new.log.read_text()  # no death of the new one's worker

@@ -1,8 +1,10 @@
 """A supervisor's pings of its router (workerpool/link.py): round trips, and one HELLO
-however many queued pings a healed link brings answers to."""
+however many queued pings a healed link brings answers to; and a supervisor the router
+replaced stopping."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -144,3 +146,17 @@ def test_35_pongs_from_a_restarted_router_bring_one_hello(standin_supervisor, ca
     sup._drain_socket()
     assert [m.kind for m in _from_supervisor(router, 0.5)] == [Kind.HELLO]
     assert caplog.text.count("registering again") == 1 and sup._link.instance == "new"
+
+
+def test_a_replaced_supervisor_stops_without_a_drain_of_its_own(standin_supervisor, caplog):
+    """Another supervisor registered under its node: the router says so in DRAINED, and the
+    supervisor stops, logging why, and asks the router for nothing more."""
+    sup, router, ident = standin_supervisor
+    caplog.set_level(logging.INFO, logger="workerpool.supervisor")
+    transport.send(router, [ident, *protocol.encode(
+        Kind.DRAINED, 0, {"reason": "replaced: another supervisor registered as node 'a'"})])
+    _drain(sup, lambda: sup._stopping)
+    assert sup._drained
+    assert "stopping (router drained: replaced: another supervisor registered as node 'a')" \
+        in caplog.text
+    assert _from_supervisor(router, 0.5) == []

@@ -216,6 +216,11 @@ class Timings:
     a HELLO): the supervisor's socket may be behind the worker's, most of all when the
     router restarted. A real worker whose READY expired registers again on its next
     heartbeat."""
+    forget_lost_node: float = 600.0
+    """How long the router keeps a lost supervisor (STATUS ``nodes``) and its failed slots
+    after it last heard from it. Long enough to see what happened and for a partition to
+    heal; short enough that nodes gone for good (a scaled-down cluster) leave the tables.
+    One that speaks after that is asked to describe itself again, as a new one."""
 
     # -- client -------------------------------------------------------------------------------
     ping_interval: float = 1.0

@@ -117,7 +117,7 @@ class Supervisor:
         self._timers: list[tuple[float, str]] = []  # (when, slot) respawns
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.IDENTITY, f"sup-{socket.gethostname()}-{os.getpid()}".encode())
+        self._sock.setsockopt(zmq.IDENTITY, routing_id())
         self._sock.setsockopt(zmq.LINGER, 1000)
         curve.secure_client(self._sock, creds)
         self._stopping = False
@@ -167,7 +167,9 @@ class Supervisor:
             # router drains them.
             self._gateway.signal(signal.SIGTERM)
         # Owning the router (`up`), we stop the whole pool; otherwise only our workers leave.
-        self._send(Kind.DRAIN, {"scope": "router" if self._router else "supervisor"})
+        # Told DRAINED, there is nothing left to ask: the router is done with us.
+        if not self._drained:
+            self._send(Kind.DRAIN, {"scope": "router" if self._router else "supervisor"})
 
     def _send_hello(self) -> None:
         self._send(Kind.HELLO, self._hello())
@@ -318,8 +320,10 @@ class Supervisor:
                         send_signal(w.proc, signal.SIGTERM)
         elif msg.kind is Kind.DRAINED:
             self._drained = True
-            if not self._stopping:  # the router is shutting down: so is its pool
-                self.stop("router drained")
+            if not self._stopping:  # the router is shutting down, or replaced us: we stop
+                reason = msg.meta.get("reason")
+                self.stop(f"router drained: {reason[:300]}" if isinstance(reason, str)
+                          else "router drained")
 
     def _on_admin(self, meta: dict) -> None:
         try:
@@ -577,6 +581,14 @@ class Supervisor:
             transport.send(self._sock, protocol.encode(kind, 0, meta), transport.NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("could not tell the router %s: %s", kind.name, exc)
+
+
+def routing_id() -> bytes:
+    """This supervisor's routing id on the backend, ``sup-<hostname>-<pid>-<nonce>``: the
+    random nonce keeps it unique where processes share a host name and a pid (containers,
+    each with its own PID namespace), and tells the router that a restarted supervisor is
+    a new process even when it comes back with the same pid."""
+    return f"sup-{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}".encode()
 
 
 def _log_kill(w: WorkerProc) -> None:
