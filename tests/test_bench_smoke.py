@@ -114,3 +114,16 @@ def test_peers_refuses_responses_it_cannot_frame(peers):
         peers.parse_response(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc")
     with pytest.raises(peers.BenchError, match="not an HTTP"):
         peers.parse_response(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+
+def test_peers_ratios_are_against_the_best_peer(peers):
+    def row(system, mode, driver, rps, p50):
+        return {"system": system, "mode": mode, "driver": driver, "req_per_s": rps,
+                "p50_ms": p50, "completed": 100}
+    rows = [row("workerpool", "plain", "one", 3000, 0.3), row("mosec", "plain", "one", 6000, 0.2),
+            row("litserve", "plain", "one", 1000, 0.1), row("litserve", "batched", "one", 500, 2.0)]
+    rats = {r["ratio"]: r for r in peers.ratios(rows, 64)}
+    vs_rps = rats["1 outstanding: workerpool Client.call / mosec req/s"]
+    assert vs_rps["value"] == 0.5 and vs_rps["met"] is False  # the most req/s: mosec
+    assert rats["1 outstanding: workerpool / litserve p50"]["value"] == 3.0  # the lowest p50
+    assert len(rats) == 2  # no workerpool row for batched: no ratio
