@@ -6,20 +6,23 @@ LitServe where installed: a no-op echo on 2 workers each, side by side in one ru
     gateway:   wrk --HTTP/1.1 keep-alive--> workerpool gateway --ipc--> router --> 2 Echo workers
     client:    Client (in this process) ------------------------------> router --> 2 Echo workers
     mosec:     wrk --HTTP/1.1--> mosec's Rust front --> 2 Python workers (bench/mosec_server.py)
-    litserve:  wrk --HTTP/1.1--> LitServe (uvicorn) --> 2 Python workers
+    litserve:  wrk --HTTP/1.1--> 2 uvicorn processes --> 2 Python workers (bench/litserve_server.py)
 
 The HTTP systems are driven by ``wrk`` (Debian's; a Lua script makes the POST) at 1 and
 ``--connections`` (64) keep-alive connections, one request at a time on each: req/s and
 p50/p99 from wrk's own latency report, non-2xx replies counted as errors. The Client runs
 bench/peers.py's drivers against the gateway's pool (``Client.call`` one at a time;
 ``Client.submit`` with 64 outstanding). CPU per request: the CPU time of the server's
-whole process group (gateway, router, workers, supervisor; or mosec's front and workers)
-and of the load generator (wrk, or this process for the Client), over the measured
+whole process group (gateway, router, workers, supervisor; or an HTTP peer's front and
+workers) and of the load generator (wrk, or this process for the Client), over the measured
 window, divided by the requests answered in it.
 
 Each system is started fresh for each round, in its own process group, always stopped
 as a whole. Rounds alternate the order; each figure is the median over ``--rounds``.
-Ratios: gateway / best HTTP peer req/s (the issue's goal: >= 1), and gateway / Client.
+Ratios: gateway / best HTTP peer req/s (the peer with the most req/s at that many
+connections, named; the issue's goal: >= 1), and gateway / Client. mosec and LitServe are
+benchmark-only dependencies, each skipped with the command that installs it where it is
+missing (bench/peers.py says which versions).
 
 Usage (on an otherwise idle machine)::
 
@@ -59,7 +62,6 @@ wrk.method = "POST"
 wrk.body = '{BODY}'
 wrk.headers["Content-Type"] = "application/json"
 """
-LITSERVE_SCRIPT = os.path.join(BENCH, "litserve_server.py")
 
 
 def _seconds(text: str) -> float:
@@ -123,8 +125,8 @@ def run_client(frontend: str, connections: int, args: argparse.Namespace,
 @contextlib.contextmanager
 def serve(system: str, workdir: str) -> Iterator[tuple[Any, int]]:
     """Start ``system``; yield (its URL or frontend, its process group id)."""
-    port = _pool.free_tcp_port()
     if system in ("gateway", "client"):
+        port = _pool.free_tcp_port()
         with _pool.pool(workdir, system, workers=WORKERS,
                         flags=["--http", f"127.0.0.1:{port}"]) as (proc, frontend, _):
             url = f"http://127.0.0.1:{port}/v1/default/echo"
@@ -136,30 +138,16 @@ def serve(system: str, workdir: str) -> Iterator[tuple[Any, int]]:
                 time.sleep(0.1)
             yield (url if system == "gateway" else frontend), proc.pid
         return
-    if system == "mosec":
-        argv = [sys.executable, peers.MOSEC_SCRIPT, "--workers", str(WORKERS), "--port",
-                str(port), "--path", os.path.join(workdir, f"mosec-{port}")]
-        with _pool.process_group(argv, "mosec ready", workdir, "mosec") as proc:
-            yield f"http://127.0.0.1:{port}/inference", proc.pid
-        return
-    argv = [sys.executable, LITSERVE_SCRIPT, "--workers", str(WORKERS), "--port", str(port)]
-    with _pool.process_group(argv, "litserve ready", workdir, "litserve") as proc:
-        yield f"http://127.0.0.1:{port}/predict", proc.pid
+    with peers.http_peer(system, "plain", workdir) as ((host, port, path), _, proc):
+        yield f"http://{host}:{port}{path}", proc.pid
 
 
 def available(system: str) -> str | None:
     """Why ``system`` cannot run here, or None."""
     if system != "client" and shutil.which("wrk") is None:
         return "wrk is not installed (apt-get install wrk)"
-    if system == "mosec":
-        return peers.mosec_missing()
-    if system == "litserve":
-        try:
-            import litserve  # noqa: F401
-        except ImportError:
-            return "litserve is not installed (pip install litserve)"
-        if not os.path.exists(LITSERVE_SCRIPT):
-            return "no bench/litserve_server.py"
+    if system in peers.HTTP_PEERS:
+        return peers.peer_missing(system)
     return None
 
 
@@ -214,10 +202,12 @@ def ratios(rows: list[dict]) -> list[dict]:
         gw = by.get(("gateway", conns))
         if gw is None:
             continue
-        peers_rps = [by[(s, conns)]["req_per_s"] for s in ("mosec", "litserve") if (s, conns) in by]
-        if peers_rps:
-            out.append({"connections": conns, "ratio": "gateway / best HTTP peer req/s",
-                        "value": round(gw["req_per_s"] / max(peers_rps), 2)})
+        rivals = [by[(s, conns)] for s in peers.HTTP_PEERS if (s, conns) in by]
+        best = max(rivals, key=lambda r: r["req_per_s"], default=None)
+        if best and best["req_per_s"]:
+            out.append({"connections": conns,
+                        "ratio": f"gateway / best HTTP peer ({best['system']}) req/s",
+                        "value": round(gw["req_per_s"] / best["req_per_s"], 2)})
         if ("client", conns) in by:
             out.append({"connections": conns, "ratio": "gateway / Client req/s",
                         "value": round(gw["req_per_s"] / by[("client", conns)]["req_per_s"], 2)})

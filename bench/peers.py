@@ -1,31 +1,37 @@
-"""workerpool against mosec, side by side in one run: a no-op echo on 2 workers each.
+"""workerpool against mosec and LitServe, side by side in one run: a no-op echo on 2
+workers each.
 
 ::
 
     workerpool:  Client / AsyncClient --tcp 127.0.0.1--> router --> 2 Echo workers
     mosec:       HTTP/1.1 keep-alive client --tcp 127.0.0.1--> Rust front --> 2 Python workers
+    LitServe:    HTTP/1.1 keep-alive client --tcp 127.0.0.1--> 2 uvicorn processes
+                 --multiprocessing queues--> 2 Python workers
 
 Each system runs in two modes, each started fresh in its own process group (always stopped
 as a whole, on errors and Ctrl-C too):
 
 - ``plain``: ``workerpool up --frontend tcp://127.0.0.1:PORT --handler
   workerpool.handlers:Echo --workers 2`` (every other setting default, so ``max_inflight``
-  1); mosec: ``bench/mosec_server.py --workers 2``, whose worker echoes the body's bytes.
+  1); mosec: ``bench/mosec_server.py --workers 2``, whose worker echoes the body's bytes;
+  LitServe: ``bench/litserve_server.py --workers 2``, whose ``predict`` returns its input.
 - ``batched``, dynamic batching of up to 16 requests waiting at most 2 ms:
   ``--handler workerpool.handlers:BatchedEcho`` (its ``echo`` is ``@batched(16, 2 ms)``,
-  ``max_inflight`` then defaults to 32); mosec: ``--max-batch-size 16 --max-wait-ms 2``.
+  ``max_inflight`` then defaults to 32); mosec and LitServe: ``--max-batch-size 16
+  --max-wait-ms 2``.
 
-Drivers, the same shape for both systems; request n carries ``{"i": n}`` (msgpack for
-workerpool, the JSON text as the HTTP body for mosec) and every reply is checked: the same
-value back (workerpool), or status 200 with the same body (mosec). A failed or wrong reply
-counts as an error.
+Drivers, the same shape for every system; request n carries ``{"i": n}`` (msgpack for
+workerpool; for the HTTP peers the JSON text ``{"i":n}`` as ``application/json``, written
+as FastAPI writes JSON, so LitServe's reply can be compared byte for byte) and every
+reply is checked: the same value back (workerpool), or status 200 with the same body (the
+HTTP peers). A failed or wrong reply counts as an error.
 
 - ``1 outstanding``: one request at a time (``Client.call``; one raw keep-alive HTTP
   connection): req/s, p50, p99.
 - ``64 outstanding`` (``--outstanding``), closed loop, each reply making room for the next:
   ``Client.submit`` with a done-callback (bench/throughput.py ``drive_futures``);
-  ``AsyncClient``, 64 asyncio tasks awaiting ``call`` in turn on one client; mosec, 64
-  keep-alive HTTP/1.1 connections with one request each (no pipelining), driven by one
+  ``AsyncClient``, 64 asyncio tasks awaiting ``call`` in turn on one client; an HTTP peer,
+  64 keep-alive HTTP/1.1 connections with one request each (no pipelining), driven by one
   thread over epoll, the request bytes built and the response parsed by hand (status
   line, content-length): no header objects, no event-loop layers, no thread hand-off per
   request. One at a time, http.client managed 0.6x the req/s of the loop by hand (3.9k
@@ -37,20 +43,22 @@ counts as an error.
 Each leg runs ``--warmup`` seconds uncounted, then counts the requests sent in the next
 ``--duration`` seconds (req/s = those answered / duration; latency from just before the
 send to the reply, in the HDR histograms of ``workerpool loadtest``). Rounds alternate
-which system goes first; each figure is the median over ``--rounds``. Ratios:
-workerpool/mosec req/s for each mode and driver (goals: >= 1.0 one at a time, and with
-batching at 64 outstanding), p50 one at a time, and AsyncClient/Client at 64 outstanding
-(goal >= 0.9).
+the systems' order (forward, then reversed); each figure is the median over ``--rounds``.
+Ratios, each against the best peer in the run (the HTTP peer with the most req/s, or the
+lowest p50, for that mode and driver, named in the line): workerpool req/s for each mode
+and driver (goals: >= 1.0 one at a time, and with batching at 64 outstanding), p50 one at
+a time, and AsyncClient/Client at 64 outstanding (goal >= 0.9).
 
-mosec is a benchmark-only dependency, not one of the project's::
+mosec and LitServe are benchmark-only dependencies, not the project's (a missing one is
+named with this command; leave it out with ``--systems``)::
 
-    .venv/bin/pip install mosec==0.9.8
+    .venv/bin/pip install mosec==0.9.8 litserve==0.2.19
 
 Usage (on an otherwise idle machine)::
 
     .venv/bin/python bench/peers.py --rounds 3 --duration 5          # table and ratios
     .venv/bin/python bench/peers.py --rounds 3 --duration 5 --json   # one JSON object
-    .venv/bin/python bench/peers.py --systems workerpool             # without mosec
+    .venv/bin/python bench/peers.py --systems workerpool,mosec       # without LitServe
 """
 
 from __future__ import annotations
@@ -66,11 +74,12 @@ import os
 import select
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
@@ -84,18 +93,36 @@ from _pool import BenchError  # noqa: E402
 
 from workerpool import AsyncClient, Client  # noqa: E402
 
-MOSEC_SCRIPT = os.path.join(BENCH, "mosec_server.py")
-MOSEC_VERSION = "0.9.8"
 WORKERS = 2
 BATCH_SIZE = 16
 BATCH_WAIT_MS = 2
 REQUEST_TIMEOUT = 30.0  # seconds: a request never waits longer, so no leg can hang
-SYSTEMS = ("workerpool", "mosec")
 MODES = ("plain", "batched")
 HANDLERS = {"plain": "workerpool.handlers:Echo", "batched": "workerpool.handlers:BatchedEcho"}
-DRIVERS = {"workerpool": ("one", "many", "many_async"), "mosec": ("one", "many")}
-GOAL_VS_MOSEC = 1.0  # workerpool req/s >= mosec's, one at a time and batched at 64
+GOAL_VS_PEERS = 1.0  # workerpool req/s >= the best peer's, one at a time and batched at 64
 GOAL_ASYNC_VS_SYNC = 0.9  # AsyncClient req/s >= 0.9x Client's at 64 outstanding
+
+
+class HttpPeer(NamedTuple):
+    """An HTTP server measured beside workerpool: its bench script (which takes ``--port``,
+    ``--workers``, ``--max-batch-size`` and ``--max-wait-ms``) and how to reach it."""
+
+    package: str  # what it imports, and the distribution to install
+    version: str  # the version measured and named in the install hint
+    script: str
+    ready: str  # the script's stdout line once it serves
+    path: str  # the endpoint taking the JSON body
+
+
+HTTP_PEERS = {
+    "mosec": HttpPeer("mosec", "0.9.8", os.path.join(BENCH, "mosec_server.py"), "mosec ready",
+                      "/inference"),
+    "litserve": HttpPeer("litserve", "0.2.19", os.path.join(BENCH, "litserve_server.py"),
+                         "litserve ready", "/predict"),
+}
+SYSTEMS = ("workerpool", *HTTP_PEERS)
+DRIVERS = {"workerpool": ("one", "many", "many_async"),
+           **{peer: ("one", "many") for peer in HTTP_PEERS}}
 
 
 def driver_label(system: str, driver: str, outstanding: int) -> str:
@@ -111,7 +138,7 @@ def driver_label(system: str, driver: str, outstanding: int) -> str:
 def parse_response(buf: bytes) -> tuple[int, bytes, int] | None:
     """The first complete HTTP/1.1 response in ``buf``: (status, body, bytes it took), or
     None while it is incomplete. Raises ``BenchError`` for a response this client cannot
-    frame (no content-length: mosec always sends one for a plain reply)."""
+    frame (no content-length: mosec and uvicorn always send one for a plain reply)."""
     end = buf.find(b"\r\n\r\n")
     if end < 0:
         return None
@@ -129,19 +156,29 @@ def parse_response(buf: bytes) -> tuple[int, bytes, int] | None:
     return int(head[9:12]), buf[end + 4:total], total
 
 
+class HttpAddress(NamedTuple):
+    """Where an HTTP peer takes the benchmark's POSTs."""
+
+    host: str
+    port: int
+    path: str
+
+
 class HttpLane:
     """One keep-alive HTTP/1.1 connection carrying at most one request at a time."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, address: HttpAddress) -> None:
+        host, port, path = address
         self.sock = socket.create_connection((host, port), timeout=REQUEST_TIMEOUT)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.prefix = f"POST /inference HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: ".encode()
+        self.prefix = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                       "Content-Type: application/json\r\nContent-Length: ").encode()
         self.buf = b""
         self.body = b""  # the body in flight, which the reply must echo
         self.t_send = 0.0
 
     def send(self, n: int) -> None:
-        self.body = b'{"i": %d}' % n
+        self.body = b'{"i":%d}' % n
         self.t_send = time.perf_counter()
         self.sock.sendall(b"%s%d\r\n\r\n%s" % (self.prefix, len(self.body), self.body))
 
@@ -150,7 +187,7 @@ class HttpLane:
         the connection broke."""
         data = self.sock.recv(65536)
         if not data:
-            raise ConnectionResetError("mosec closed the connection")
+            raise ConnectionResetError("the server closed the connection")
         self.buf += data
         reply = parse_response(self.buf)
         if reply is None:
@@ -222,12 +259,12 @@ def workerpool_many_async(system: str, frontend: str, args: argparse.Namespace) 
     return asyncio.run(run())
 
 
-def mosec_one(system: str, address: tuple[str, int], args: argparse.Namespace) -> tp.Result:
+def http_one(system: str, address: HttpAddress, args: argparse.Namespace) -> tp.Result:
     lane: list[HttpLane] = []  # the connection, reopened after one broke
 
     def call(n: int) -> BaseException | None:
         if not lane:
-            lane.append(HttpLane(*address))
+            lane.append(HttpLane(address))
         try:
             lane[0].send(n)
             while True:
@@ -245,7 +282,7 @@ def mosec_one(system: str, address: tuple[str, int], args: argparse.Namespace) -
             conn.close()
 
 
-def http_lanes(system: str, address: tuple[str, int], count: int, numbers: Iterator[int],
+def http_lanes(system: str, address: HttpAddress, count: int, numbers: Iterator[int],
                stamps: tp.Stamps, t_end: float) -> int:
     """``count`` connections, one request on each, read by one thread whichever is ready
     (epoll) until ``t_end``, then drained; a broken connection counts an error and is
@@ -254,7 +291,7 @@ def http_lanes(system: str, address: tuple[str, int], count: int, numbers: Itera
     lanes: dict[int, HttpLane] = {}  # fd -> connection with a request in flight
 
     def start(lane: HttpLane | None = None) -> None:
-        lane = lane or HttpLane(*address)
+        lane = lane or HttpLane(address)
         if lane.sock.fileno() not in lanes:
             poller.register(lane.sock.fileno(), select.EPOLLIN)
             lanes[lane.sock.fileno()] = lane
@@ -303,14 +340,14 @@ def http_lanes(system: str, address: tuple[str, int], count: int, numbers: Itera
                     start()
         return len(lanes)
     except ConnectionRefusedError as exc:
-        raise BenchError(f"{system}: mosec stopped accepting connections: {exc}") from exc
+        raise BenchError(f"{system}: the server stopped accepting connections: {exc}") from exc
     finally:
         for lane in lanes.values():
             lane.close()
         poller.close()
 
 
-def mosec_many(system: str, address: tuple[str, int], args: argparse.Namespace) -> tp.Result:
+def http_many(system: str, address: HttpAddress, args: argparse.Namespace) -> tp.Result:
     """``--outstanding`` connections shared out over ``--http-threads`` threads, each
     running ``http_lanes`` on its share (the first in this thread)."""
     stamps = tp.Stamps()
@@ -345,27 +382,40 @@ RUNNERS: dict[tuple[str, str], Callable[[str, Any, argparse.Namespace], tp.Resul
     ("workerpool", "one"): workerpool_one,
     ("workerpool", "many"): workerpool_many,
     ("workerpool", "many_async"): workerpool_many_async,
-    ("mosec", "one"): mosec_one,
-    ("mosec", "many"): mosec_many,
+    **{(peer, "one"): http_one for peer in HTTP_PEERS},
+    **{(peer, "many"): http_many for peer in HTTP_PEERS},
 }
 
 
 # -- the servers ------------------------------------------------------------------------------
 @contextlib.contextmanager
+def http_peer(system: str, mode: str, workdir: str
+              ) -> Iterator[tuple[HttpAddress, list[str], subprocess.Popen]]:
+    """Start the HTTP peer ``system`` in ``mode`` on a free loopback port, in its own process
+    group; yield (its address, its argv, its process: the group's leader). The whole group
+    is stopped on the way out, on errors and Ctrl-C too."""
+    peer = HTTP_PEERS[system]
+    port = _pool.free_tcp_port()
+    argv = [sys.executable, peer.script, "--workers", str(WORKERS), "--port", str(port)]
+    if system == "mosec":
+        argv += ["--path", os.path.join(workdir, f"mosec-{port}")]  # its unix sockets
+    if mode == "batched":
+        argv += ["--max-batch-size", str(BATCH_SIZE), "--max-wait-ms", str(BATCH_WAIT_MS)]
+    with _pool.process_group(argv, peer.ready, workdir, f"{system}-{mode}") as proc:
+        yield HttpAddress("127.0.0.1", port, peer.path), argv, proc
+
+
+@contextlib.contextmanager
 def serve(system: str, mode: str, workdir: str) -> Iterator[tuple[Any, list[str]]]:
     """Start ``system`` in ``mode``; yield (where the drivers reach it, its argv)."""
-    port = _pool.free_tcp_port()
     if system == "workerpool":
+        port = _pool.free_tcp_port()
         with _pool.pool(workdir, f"workerpool-{mode}", handler=HANDLERS[mode], workers=WORKERS,
                         frontend=f"tcp://127.0.0.1:{port}") as (_, frontend, argv):
             yield frontend, argv
         return
-    argv = [sys.executable, MOSEC_SCRIPT, "--workers", str(WORKERS), "--port", str(port),
-            "--path", os.path.join(workdir, f"mosec-{port}")]
-    if mode == "batched":
-        argv += ["--max-batch-size", str(BATCH_SIZE), "--max-wait-ms", str(BATCH_WAIT_MS)]
-    with _pool.process_group(argv, "mosec ready", workdir, f"mosec-{mode}"):
-        yield ("127.0.0.1", port), argv
+    with http_peer(system, mode, workdir) as (address, argv, _):
+        yield address, argv
 
 
 def run_rounds(systems: list[str], args: argparse.Namespace, workdir: str
@@ -412,25 +462,30 @@ def summarize(results: dict[tuple[str, str, str], list[tp.Result]], outstanding:
 
 
 def ratios(rows: list[dict[str, Any]], outstanding: int) -> list[dict[str, Any]]:
-    """workerpool over mosec for each mode and driver, and AsyncClient over Client."""
+    """workerpool over the best HTTP peer for each mode and driver (the most req/s; the
+    lowest p50), and AsyncClient over Client."""
     at = {(r["system"], r["mode"], r["driver"]): r for r in rows}
     out = []
     for mode in MODES:
         for driver, vs in (("one", "one"), ("many", "many"), ("many_async", "many")):
-            wp, mo = at.get(("workerpool", mode, driver)), at.get(("mosec", mode, vs))
-            if not (wp and mo and mo["req_per_s"]):
+            wp = at.get(("workerpool", mode, driver))
+            rivals = [r for p in HTTP_PEERS if (r := at.get((p, mode, vs))) and r["completed"]]
+            if not (wp and rivals):
                 continue
-            goal = GOAL_VS_MOSEC if (mode, driver) in (("plain", "one"), ("batched", "many")) \
+            best = max(rivals, key=lambda r: r["req_per_s"])
+            goal = GOAL_VS_PEERS if (mode, driver) in (("plain", "one"), ("batched", "many")) \
                 else None
             what = "Client.call" if driver == "one" else (
                 "Client.submit" if driver == "many" else "AsyncClient")
             n = 1 if driver == "one" else outstanding
-            out.append(tp.goal_ratio(mode, f"{n} outstanding: workerpool {what} / mosec req/s",
-                                     wp["req_per_s"] / mo["req_per_s"],
-                                     ">=" if goal else None, goal))
-            if driver == "one" and mo["p50_ms"] and wp["completed"]:
-                out.append(tp.goal_ratio(mode, "1 outstanding: workerpool / mosec p50",
-                                         wp["p50_ms"] / mo["p50_ms"]))
+            out.append(tp.goal_ratio(
+                mode, f"{n} outstanding: workerpool {what} / {best['system']} req/s",
+                wp["req_per_s"] / best["req_per_s"], ">=" if goal else None, goal))
+            if driver == "one" and wp["completed"]:
+                fastest = min(rivals, key=lambda r: r["p50_ms"])
+                out.append(tp.goal_ratio(
+                    mode, f"1 outstanding: workerpool / {fastest['system']} p50",
+                    wp["p50_ms"] / fastest["p50_ms"]))
         sync, aio = at.get(("workerpool", mode, "many")), at.get(("workerpool", mode, "many_async"))
         if sync and aio and sync["req_per_s"]:
             out.append(tp.goal_ratio(mode, f"{outstanding} outstanding: AsyncClient / Client "
@@ -454,14 +509,15 @@ def format_report(rows: list[dict[str, Any]], rats: list[dict[str, Any]]) -> str
 
 
 # -- main -------------------------------------------------------------------------------------
-def mosec_missing() -> str | None:
-    """Why mosec cannot run here, or None when it can."""
+def peer_missing(system: str) -> str | None:
+    """Why the HTTP peer ``system`` cannot run here (its package does not import), with the
+    command that installs it, or None when it can."""
+    peer = HTTP_PEERS[system]
     try:
-        import mosec  # noqa: F401  (only to see that it imports)
+        importlib.import_module(peer.package)
     except ImportError as exc:
-        return (f"mosec is not installed ({exc}). It is a benchmark-only dependency: "
-                f"`.venv/bin/pip install mosec=={MOSEC_VERSION}`, or leave it out with "
-                "`--systems workerpool`.")
+        return (f"{system} is not installed ({exc}). It is a benchmark-only dependency: "
+                f"`.venv/bin/pip install {peer.package}=={peer.version}`.")
     return None
 
 
@@ -473,10 +529,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="requests in flight in the concurrent legs (default 64)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     ap.add_argument("--http-threads", type=int, default=1,
-                    help="threads sharing mosec's connections in the concurrent legs "
+                    help="threads sharing an HTTP peer's connections in the concurrent legs "
                          "(default 1; see the docstring)")
     ap.add_argument("--systems", default=",".join(SYSTEMS),
-                    help="comma-separated subset of workerpool,mosec (default both)")
+                    help=f"comma-separated subset of {','.join(SYSTEMS)} (default all)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -486,8 +542,14 @@ def main(argv: list[str] | None = None) -> int:
                                                     args.http_threads) < 1:
         ap.error("--duration must be > 0, --warmup >= 0, --outstanding, --rounds and "
                  "--http-threads >= 1")
-    if "mosec" in systems and (why := mosec_missing()):
-        print(f"error: {why}", file=sys.stderr)
+    missing = {s: why for s in systems if s in HTTP_PEERS and (why := peer_missing(s))}
+    if missing:
+        for why in missing.values():
+            print(f"error: {why}", file=sys.stderr)
+        rest = [s for s in systems if s not in missing]
+        if rest:
+            print(f"To run without {' and '.join(missing)}: `--systems {','.join(rest)}`.",
+                  file=sys.stderr)
         return 2
 
     env = tp.environment()  # the load average before anything started
@@ -497,8 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     results, commands = out
     rows = summarize(results, args.outstanding)
     rats = ratios(rows, args.outstanding)
-    if "mosec" in systems:
-        env["mosec"] = importlib.metadata.version("mosec")
+    for peer in HTTP_PEERS:
+        if peer in systems:
+            env[peer] = importlib.metadata.version(HTTP_PEERS[peer].package)
     if args.json:
         print(json.dumps({"config": {"duration_s": args.duration, "warmup_s": args.warmup,
                                      "outstanding": args.outstanding, "rounds": args.rounds,

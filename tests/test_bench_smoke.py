@@ -7,6 +7,7 @@ import importlib
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -52,23 +53,50 @@ def test_bench_script_runs(script):
     assert json.loads(out.stdout)  # a JSON object with figures in it
 
 
-def test_peers_without_mosec_says_how_to_install_it(tmp_path):
-    shadow = tmp_path / "mosec"
+@pytest.mark.parametrize("peer", ["mosec", "litserve"])
+def test_peers_without_a_peer_says_how_to_install_it(tmp_path, peer):
+    shadow = tmp_path / peer
     shadow.mkdir()
-    (shadow / "__init__.py").write_text("raise ImportError('no mosec in this test')\n")
+    (shadow / "__init__.py").write_text(f"raise ImportError('no {peer} in this test')\n")
     env = _env()
     env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
-    out = subprocess.run([sys.executable, "bench/peers.py", "--rounds", "1"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "bench/peers.py", "--systems", f"workerpool,{peer}",
+                          "--rounds", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60)
     assert out.returncode == 2
-    assert "benchmark-only" in out.stderr and "pip install mosec==" in out.stderr
-    assert "--systems workerpool" in out.stderr
+    assert "benchmark-only" in out.stderr and f"pip install {peer}==" in out.stderr
+    assert "`--systems workerpool`" in out.stderr
 
 
 @pytest.fixture
 def peers(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     return importlib.import_module("peers")
+
+
+def test_litserve_serves_the_echo_and_stops_as_a_whole(peers, tmp_path):
+    """bench/litserve_server.py in the batched mode: a few requests at once, each echoed,
+    then nothing of its process group left (LitServe is benchmark-only: CI skips this)."""
+    if why := peers.peer_missing("litserve"):
+        pytest.skip(why)
+    with peers.http_peer("litserve", "batched", str(tmp_path)) as (address, _, proc):
+        lanes = [peers.HttpLane(address) for _ in range(4)]
+        try:
+            for n in range(2):  # twice on each connection: keep-alive
+                for k, lane in enumerate(lanes):
+                    lane.send(4 * n + k)
+                for lane in lanes:
+                    complete, err = False, None
+                    while not complete:
+                        complete, err = lane.read()
+                    assert err is None
+        finally:
+            for lane in lanes:
+                lane.close()
+    deadline = time.monotonic() + 5  # the leader is reaped; its children by init, soon
+    while peers._pool.group_pids(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not peers._pool.group_pids(proc.pid)
 
 
 def test_peers_frames_http_responses(peers):
@@ -86,3 +114,16 @@ def test_peers_refuses_responses_it_cannot_frame(peers):
         peers.parse_response(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc")
     with pytest.raises(peers.BenchError, match="not an HTTP"):
         peers.parse_response(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+
+def test_peers_ratios_are_against_the_best_peer(peers):
+    def row(system, mode, driver, rps, p50):
+        return {"system": system, "mode": mode, "driver": driver, "req_per_s": rps,
+                "p50_ms": p50, "completed": 100}
+    rows = [row("workerpool", "plain", "one", 3000, 0.3), row("mosec", "plain", "one", 6000, 0.2),
+            row("litserve", "plain", "one", 1000, 0.1), row("litserve", "batched", "one", 500, 2.0)]
+    rats = {r["ratio"]: r for r in peers.ratios(rows, 64)}
+    vs_rps = rats["1 outstanding: workerpool Client.call / mosec req/s"]
+    assert vs_rps["value"] == 0.5 and vs_rps["met"] is False  # the most req/s: mosec
+    assert rats["1 outstanding: workerpool / litserve p50"]["value"] == 3.0  # the lowest p50
+    assert len(rats) == 2  # no workerpool row for batched: no ratio
