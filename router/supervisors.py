@@ -96,13 +96,26 @@ def _running(slot: dict) -> tuple[int, object] | None:
     return inc, slot.get("pid")
 
 
+MAX_DEPARTED = 4096
+"""Departed supervisors remembered (their late workers told to stop, never asked for HELLO)."""
+
+
 class Supervisors:
     def __init__(self, core: RouterCore) -> None:
         self.core = core
         self.known: dict[bytes, Peer] = {}  # connected supervisors
         self.draining: dict[bytes, float] = {}  # leaving supervisor -> drain deadline
-        self._departed: set[bytes] = set()  # supervisors that drained and left
+        # Supervisors that drained and left, or were replaced: the newest MAX_DEPARTED, in
+        # order (each restart of a node adds one; the oldest are long gone).
+        self._departed: dict[bytes, None] = {}
         self._lost: dict[bytes, Peer] = {}  # declared lost; taken back if they speak
+
+    def _depart(self, ident: bytes) -> None:
+        departed = self._departed
+        departed.pop(ident, None)
+        departed[ident] = None
+        if len(departed) > MAX_DEPARTED:
+            del departed[next(iter(departed))]
 
     def connected(self, ident: bytes | None) -> bool:
         return ident is not None and ident in self.known
@@ -174,7 +187,7 @@ class Supervisors:
         peer.named = node is not None
         peer.seen = core.clock()
         self.known[ident] = peer
-        self._departed.discard(ident)
+        self._departed.pop(ident, None)
         if ident in self._lost:
             del self._lost[ident]
             log.warning("supervisor %r, declared lost, is back: taking its workers back", ident,
@@ -306,7 +319,7 @@ class Supervisors:
         self.known.pop(ident, None)
         self._lost.pop(ident, None)
         if departed:
-            self._departed.add(ident)
+            self._depart(ident)
         for slot in core.registry.owned_by(ident):
             core.registry.slots.pop(slot.id, None)
             if departed:
@@ -335,7 +348,7 @@ class Supervisors:
         self.known.pop(old, None)
         self._lost.pop(old, None)
         self.draining.pop(old, None)
-        self._departed.add(old)  # not asked for HELLO again: it must not take the name back
+        self._depart(old)  # not asked for HELLO again: it must not take the name back
         self._unroute_all(old)
         reason = f"its supervisor was replaced (node {node} registered again)"
         for slot in core.registry.owned_by(old):

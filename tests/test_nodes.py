@@ -420,3 +420,19 @@ def test_a_bad_min_per_host_is_refused_at_the_edge_and_in_a_hello():
                                                 "min_per_host": bad}],
                                   "slots": [{"slot": "svc/0", "service": "svc"}]})
     assert "svc" not in h.core.services and h.core.stats["bad_frames_backend"] == 3
+
+
+def test_departed_supervisors_are_remembered_up_to_a_bound(monkeypatch):
+    """Every restart of a node leaves one departed supervisor behind: the router keeps the
+    newest MAX_DEPARTED of them (told to stop, never asked for HELLO), not all forever."""
+    from router import supervisors
+
+    monkeypatch.setattr(supervisors, "MAX_DEPARTED", 3)
+    h = _two_nodes()
+    sups = [A] + [b"sup-a-%d" % i for i in range(5)]
+    for sup in sups[1:]:  # node a restarted five times
+        h.hello(workers=1, sup=sup, node="a")
+    table = h.core.supervisors
+    assert h.core.stats["supervisors_replaced"] == 5
+    assert [table.leaving(s) for s in sups] == [False, False, True, True, True, False]
+    assert not table.asks_hello(sups[4]) and table.asks_hello(A)
