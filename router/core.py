@@ -87,6 +87,12 @@ them) are decoded at most once per this many seconds; sooner ones are refused un
 client sending them back to back would otherwise fill the router's memory with the
 backlog. The Python clients ping at most once per ``TIMINGS.ping_interval`` (1 s)."""
 LARGE_META_CLIENTS = 4096  # connections whose last large meta is remembered (cleared when full)
+LARGE_META_RATE = 4.0
+"""Metas over LARGE_META decoded per second from all connections together (and as many at
+once): the per-connection interval does not bound many connections each sending one (150
+of them held every client about 2.7 s). Past it they are refused undecoded, as
+``meta-too-often``: at most about 80 ms a second of decoding, and four clients pinging
+with over 7,000 requests outstanding each are never refused."""
 
 
 class RouterCore:
@@ -108,6 +114,7 @@ class RouterCore:
         self.instance = f"{os.getpid()}-{time.time_ns()}"  # changes when the router restarts
         self._meta_cache = protocol.MetaCache(max_bytes=config.max_meta_bytes)
         self._large_metas: dict[bytes, float] = {}  # client -> when its last large meta came
+        self._large_budget = (LARGE_META_RATE, self.clock())  # (metas left, as of when)
         self.started = clock()
         # Set when a client's message made this process allocate a lot at once (a huge frame
         # count, an oversized meta): the loop then gives the freed memory back.
@@ -256,7 +263,8 @@ class RouterCore:
 
     def _check_large_meta(self, client: bytes, req_id: int, meta_frame: bytes) -> None:
         """Raises FrameError ``meta-too-often`` for a meta over LARGE_META that comes within
-        LARGE_META_INTERVAL of the connection's last one. The checks before it in the order
+        LARGE_META_INTERVAL of the connection's last one, or past LARGE_META_RATE from all
+        connections together. The checks before it in the order
         of protocol.md 9.1 (head, size) come first, as decode makes them."""
         if len(meta_frame) > self.config.max_meta_bytes:
             return  # decode refuses it: meta-too-large
@@ -266,6 +274,14 @@ class RouterCore:
             raise FrameError("meta-too-often", f"a meta over {LARGE_META} bytes is decoded at "
                              f"most once per {LARGE_META_INTERVAL:g}s per connection; this one "
                              f"came {now - last:.3f}s after the last", req_id)
+        left, then = self._large_budget
+        left = min(LARGE_META_RATE, left + (now - then) * LARGE_META_RATE)
+        if left < 1:
+            self._large_budget = (left, now)
+            raise FrameError("meta-too-often", f"the router decodes at most "
+                             f"{LARGE_META_RATE:g} metas over {LARGE_META} bytes a second, from "
+                             "all connections together; try again in a second", req_id)
+        self._large_budget = (left - 1, now)
         if len(self._large_metas) >= LARGE_META_CLIENTS:
             self._large_metas.clear()
         self._large_metas[client] = now

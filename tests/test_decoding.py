@@ -236,3 +236,29 @@ def test_large_backend_metas_are_decoded_only_for_peers_that_registered(monkeypa
     assert len([n for n in decoded if n > LARGE_META]) == 4
     assert h.core.stats["bad_frames_backend"] == 4
     assert h.core.stats["internal_errors"] == 0
+
+
+def test_large_metas_from_many_connections_are_bounded_router_wide():
+    """150 connections with one costly ping each held every client about 2.7 s, within
+    each connection's interval: the router decodes at most LARGE_META_RATE of them a second
+    from all connections together, and refuses the rest undecoded (meta-too-often)."""
+    from router.core import LARGE_META_RATE
+
+    h = Harness()
+    ping = protocol.pack_meta({"held": list(range(2**40, 2**40 + 20_000))})
+    rate = int(LARGE_META_RATE)
+
+    def send(client: bytes) -> str | None:
+        h.core.on_frontend([client, *protocol.encode(Kind.HEARTBEAT, 1, ping)])
+        [reply] = h.out.take()
+        return (reply.body or {}).get("code") if reply.kind is Kind.ERROR else None
+
+    codes = [send(b"c%d" % i) for i in range(3 * rate)]
+    assert codes == [None] * rate + ["meta-too-often"] * (2 * rate)
+    h.clock.advance(1 / LARGE_META_RATE)  # one more a 1/rate second later
+    assert [send(b"d%d" % i) for i in range(2)] == [None, "meta-too-often"]
+    h.clock.advance(10.0)  # the budget refills to rate at most
+    assert [send(b"e%d" % i) for i in range(rate + 1)] == [None] * rate + ["meta-too-often"]
+    # small metas are never limited
+    h.core.on_frontend([C, *protocol.encode(Kind.HEARTBEAT, 2, b"\x80")])
+    assert h.out.take()[0].kind is Kind.HEARTBEAT
