@@ -511,29 +511,40 @@ def test_a_gateway_killed_with_requests_in_flight_leaves_nothing_on_the_router(g
 
 def test_router_restart_under_load_answers_502_or_503_never_hangs(gw):
     """Last: it restarts the module's router. Every call ends with a status, none waits
-    past its timeout, and calls succeed again once the workers are back."""
-    results: list[int] = []
+    past its timeout, and calls succeed again once the workers are back, on each of the
+    gateway's router connections (one caller per loopback address, each on its own)."""
+    per_caller: list[list[int]] = [[] for _ in range(4)]
     stop = threading.Event()
 
-    def load() -> None:
-        with httpx.Client(base_url=gw.url, timeout=30) as h:
+    def load(results: list[int], source: str) -> None:
+        with httpx.Client(base_url=gw.url, timeout=30,
+                          transport=httpx.HTTPTransport(local_address=source)) as h:
             while not stop.is_set():
                 results.append(h.post("/v1/default/sleep?timeout=10",
                                       json={"seconds": 0.05}).status_code)
 
-    threads = [threading.Thread(target=load) for _ in range(4)]
+    threads = [threading.Thread(target=load, args=(r, f"127.0.0.{i + 1}"))
+               for i, r in enumerate(per_caller)]
     for t in threads:
         t.start()
     try:
-        _wait(lambda: len(results) > 20, what="load")
+        _wait(lambda: all(len(r) > 5 for r in per_caller), what="load")
+
+        def connections_used() -> int:
+            return sum(1 for line in gw.http.get("/metrics").text.splitlines()
+                       if line.startswith("workerpool_gateway_router_connection_in_flight{")
+                       and not line.endswith(" 0.0"))
+        _wait(lambda: connections_used() >= 2, what="callers on several connections")
         os.kill(gw.status()["router"]["pid"], signal.SIGKILL)
-        n = len(results)
-        _wait(lambda: len(results) > n + 5 and results[-1] == 200 and results[-2] == 200,
-              timeout=30, what="calls to succeed after the restart")
+        counts = [len(r) for r in per_caller]
+        _wait(lambda: all(len(r) > n + 2 and r[-1] == 200 and r[-2] == 200
+                          for r, n in zip(per_caller, counts, strict=True)),
+              timeout=30, what="every caller's calls to succeed after the restart")
     finally:
         stop.set()
         for t in threads:
             t.join(40)
     assert not any(t.is_alive() for t in threads)
-    assert set(results) <= {200, 502, 503}, sorted(set(results))
-    assert {502, 503} & set(results)  # the requests the old router held
+    results = {code for r in per_caller for code in r}
+    assert results <= {200, 502, 503}, sorted(results)
+    assert {502, 503} & results  # the requests the old router held

@@ -58,6 +58,8 @@ def test_the_gateways_own_errors_and_unknown_types():
     assert statuses.status_of({"type": "PayloadError", "code": "bad-body"})[0] == 400
     assert statuses.status_of({"type": "UnsupportedMediaType"})[0] == 415
     assert statuses.status_of({"type": "Unauthorized"})[0] == 401
+    assert statuses.status_of({"type": "TooManyRequests", "code": "caller-limit",
+                               "retry_after": 1.0}) == (429, [("retry-after", "1")])
     assert statuses.status_of({"type": "SomethingNewer"})[0] == 500
     assert statuses.status_of({})[0] == 500
 

@@ -82,11 +82,15 @@ def router_argv(router_config_json: str, service_defaults: dict | None = None,
     return argv if security_json is None else [*argv, security_json]
 
 
-def gateway_argv(router: str, listen: str, keys: tuple[str, str] | None = None) -> list[str]:
+def gateway_argv(router: str, listen: str, keys: tuple[str, str] | None = None,
+                 connections: int | None = None) -> list[str]:
     """Command line that starts an HTTP gateway for the router at ``router`` (its frontend),
-    with a client key pair's files when the router requires keys."""
+    with a client key pair's files when the router requires keys, and ``connections`` to
+    the router when given (else the gateway's default)."""
     argv = [sys.executable, "-m", "workerpool.cli", "gateway", "--router", router,
             "--listen", listen]
+    if connections is not None:
+        argv += ["--router-connections", str(connections)]
     return argv if keys is None else [*argv, "--key", keys[0], "--router-key", keys[1]]
 
 

@@ -294,6 +294,16 @@ def _pydantic_message(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _router_connections_option(f):
+    from workerpool.gateway.callers import DEFAULT_CONNECTIONS, MAX_CONNECTIONS, MIN_CONNECTIONS
+
+    return click.option(
+        "--router-connections", type=click.IntRange(MIN_CONNECTIONS, MAX_CONNECTIONS),
+        default=DEFAULT_CONNECTIONS, show_default=True,
+        help="The HTTP gateway's connections to the router; its callers are spread over "
+             "them, so the router's fairness between connections holds between callers.")(f)
+
+
 # -- up ----------------------------------------------------------------------------------------
 @main.command()
 @click.option("--frontend", default=None,
@@ -306,14 +316,15 @@ def _pydantic_message(exc: ValidationError) -> str:
 @click.option("--http", "http_listen", default=None, metavar="HOST:PORT",
               help="Also run the HTTP gateway (`workerpool gateway`) there, supervised with "
                    "the pool (:PORT or PORT: on 127.0.0.1). Default: off.")
+@_router_connections_option
 @_keys_option
 @_insecure_option
 @_log_format_option
 @_service_options
-def up(frontend, backend, drain_timeout, metrics, http_listen, keys_dir, insecure, log_format,
-       config_path, service, handler, workers, spares, devices, workers_per_device, policy,
-       min_per_host, max_inflight, prefetch, queue_capacity, capacity_policy, max_wait,
-       handler_options) -> None:
+def up(frontend, backend, drain_timeout, metrics, http_listen, router_connections, keys_dir,
+       insecure, log_format, config_path, service, handler, workers, spares, devices,
+       workers_per_device, policy, min_per_host, max_inflight, prefetch, queue_capacity,
+       capacity_policy, max_wait, handler_options) -> None:
     """Run a whole pool: a router and a supervised set of workers, in the foreground.
 
     Ctrl-C or SIGTERM drains: no new requests are admitted, in-flight ones finish, every
@@ -349,7 +360,8 @@ def up(frontend, backend, drain_timeout, metrics, http_listen, keys_dir, insecur
             raise click.UsageError(str(exc)) from None
         worker_keys = _peer_keys(sec, "worker")
     gateway = None if http_listen is None else gateway_argv(
-        cfg.router.frontend, http_listen, _peer_keys(sec, "client") if sec.keys else None)
+        cfg.router.frontend, http_listen, _peer_keys(sec, "client") if sec.keys else None,
+        router_connections)
     router_sec = SecurityConfig(keys=sec.keys, insecure=sec.insecure)
     tmpdir = None
     if cfg.router.backend is None:
@@ -446,12 +458,20 @@ def router_cmd(frontend, backend, config_path, policy, drain_timeout, metrics, k
 @click.option("--max-buffered", type=click.IntRange(1), default=64, show_default=True,
               help="Stream items a slow HTTP reader may fall behind before its stream ends "
                    "(stream-overrun) and is cancelled.")
+@_router_connections_option
+@click.option("--max-inflight-per-caller", type=click.IntRange(0), default=0,
+              show_default=True, help="Requests one caller may have in flight; one more "
+              "is 429 with Retry-After. 0: no cap but the router's per connection.")
+@click.option("--trust-forwarded", is_flag=True, default=False,
+              help="Without --tokens, a caller is the last X-Forwarded-For address (set "
+                   "by a proxy in front) rather than the peer's.")
 @click.option("--insecure", is_flag=True, default=False,
               help="Allow listening on a non-loopback address without --tokens.")
 @_peer_key_options
 @_log_format_option
 def gateway(router_addr, listen, tokens_path, tls_cert, tls_key, timeout, max_body_bytes,
-            max_buffered, insecure, keys_dir, key, router_key, log_format) -> None:
+            max_buffered, router_connections, max_inflight_per_caller, trust_forwarded,
+            insecure, keys_dir, key, router_key, log_format) -> None:
     """Serve HTTP (and the KServe v2 protocol) in front of a router, as one of its clients.
 
     POST /v1/SERVICE/METHOD calls a method; see docs/http.md. With --keys DIR it uses the
@@ -484,7 +504,9 @@ def gateway(router_addr, listen, tokens_path, tls_cert, tls_key, timeout, max_bo
     files = _peer_keys(_security(keys_dir, key, router_key), "client")
     settings = Settings(max_body_bytes=max_body_bytes, max_buffered=max_buffered,
                         tokens=os.path.abspath(tokens_path) if tokens_path else None,
-                        version=__version__)
+                        version=__version__, router_connections=router_connections,
+                        max_inflight_per_caller=max_inflight_per_caller,
+                        trust_forwarded=trust_forwarded)
     opts = ServeOptions(router=router_addr, listen=listen, keys=files, timeout=timeout,
                         tls_cert=tls_cert, tls_key=tls_key, settings=settings)
 

@@ -1,9 +1,9 @@
 """The HTTP gateway: `workerpool gateway`, a process that answers HTTP (and KServe v2) and
-talks to the router as one ordinary client.
+talks to the router as an ordinary client, over K connections its callers are spread on.
 
 ::
 
-    curl, browsers, tritonclient --HTTP--> gateway process --ZeroMQ (one DEALER)--> router
+    curl, browsers, tritonclient --HTTP--> gateway process --ZeroMQ (K DEALERs)--> router
 
 - ``app.py``: the ASGI application; routes and moving bytes.
 - ``statuses.py``: error type (and code) to HTTP status and headers, a table.
@@ -12,6 +12,7 @@ talks to the router as one ordinary client.
 - ``kserve.py``: the KServe v2 inference protocol in and out of plain values.
 - ``health.py``: readiness from the router's STATUS, and its cache.
 - ``tokens.py``: bearer tokens.
+- ``callers.py``: which router connection serves a caller; the per-caller cap.
 - ``metrics.py``: the gateway's own Prometheus metrics.
 - ``openapi.py``: ``/openapi.json``.
 - ``server.py``: binding, uvicorn, TLS; the only module that imports uvicorn.

@@ -8,16 +8,18 @@ the reply back out.
                               /health/*, /metrics, /openapi.json
                               /v2/...              -> KServe v2 (kserve.py)
     call_v1: headers, query -> request fields; body (<= max_body_bytes) -> bodies.decode
-             -> AsyncClient.submit / .stream   ------ one DEALER -----> router -> workers
+             -> the caller's connection (callers.py: token or address -> one of K)
+             -> AsyncClient.submit / .stream   ------ K DEALERs -----> router -> workers
              -> bodies.encode / sse events      <-----------------------
              the client disconnects -> the Future is cancelled -> CANCEL to the router
 
-One ``AsyncClient`` carries every request of the process: the router sees the gateway as
-one client connection (its limits, ``max_client_inflight`` and fairness, apply to the
-gateway as a whole), and the client reconnects after a router restart as any client does
-(requests in flight then fail with RouterRestartedError, 502). Decisions live in the
-modules beside this one (statuses, bodies, sse, kserve, health, tokens), tested with plain
-values; this one moves bytes.
+K ``AsyncClient`` objects (``router_connections``) carry the requests: the router's
+per-connection rules (turns in its queues, ``max_client_inflight``, the not-reading
+cut-off) then hold between HTTP callers, each caller on a connection of its own while
+there are no more busy callers than connections. Each client reconnects after a router
+restart as any client does (requests in flight then fail with RouterRestartedError, 502).
+Decisions live in the modules beside this one (statuses, bodies, sse, kserve, health,
+tokens, callers), tested with plain values; this one moves bytes.
 """
 
 from __future__ import annotations
@@ -35,11 +37,17 @@ from workerpool.config import MAX_PRIORITY, MAX_TIMEOUT, MIN_PRIORITY
 from workerpool.errors import WorkerPoolError
 from workerpool.gateway import bodies, health, kserve, sse
 from workerpool.gateway.bodies import BodyError
+from workerpool.gateway.callers import (
+    CALLER_RETRY_AFTER,
+    DEFAULT_CONNECTIONS,
+    Callers,
+    caller_key,
+)
 from workerpool.gateway.metrics import CONTENT_TYPE as METRICS_TYPE
 from workerpool.gateway.metrics import GatewayMetrics
 from workerpool.gateway.openapi import render as render_openapi
 from workerpool.gateway.statuses import error_json, error_map, status_of
-from workerpool.gateway.tokens import Tokens
+from workerpool.gateway.tokens import Tokens, bearer
 
 log = logging.getLogger("workerpool.gateway")
 
@@ -65,6 +73,9 @@ class Settings:
     status_max_age: float = health.DEFAULT_MAX_AGE
     tokens: str | None = None  # the token file; None: no token needed
     version: str = "0"
+    router_connections: int = DEFAULT_CONNECTIONS
+    max_inflight_per_caller: int = 0  # 0: no cap of the gateway's own
+    trust_forwarded: bool = False  # a caller is its X-Forwarded-For address
 
 
 class Disconnected(Exception):
@@ -72,14 +83,18 @@ class Disconnected(Exception):
 
 
 class Gateway:
-    """The ASGI application. ``make_client`` builds the one AsyncClient at startup (the
-    ASGI lifespan), in the server's event loop; it is closed at shutdown."""
+    """The ASGI application. ``make_client`` builds one AsyncClient; ``router_connections``
+    of them are made at startup (the ASGI lifespan), in the server's event loop, and all
+    are closed at shutdown. Raises ValueError for settings out of range."""
 
     def __init__(self, make_client: Callable[[], Any], settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
         self._make_client = make_client
-        self.client: Any = None
+        self.clients: list[Any] = []
+        self.callers = Callers(self.settings.router_connections,
+                               self.settings.max_inflight_per_caller)
         self.metrics = GatewayMetrics()
+        self.metrics.connection_in_flight = lambda: self.callers.in_flight
         self.tokens = Tokens(self.settings.tokens) if self.settings.tokens else None
         self.status_cache = health.StatusCache(self.settings.status_max_age)
         self._openapi = render_openapi(self.settings.version)
@@ -106,17 +121,29 @@ class Gateway:
             msg = await receive()
             if msg["type"] == "lifespan.startup":
                 try:
-                    self.client = self._make_client()
-                    self.metrics.overrun_count = lambda: self.client.streams_overrun
+                    for _ in range(self.settings.router_connections):
+                        self.clients.append(self._make_client())
                 except Exception as exc:
+                    await self.close_clients()
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                self.metrics.overrun_count = \
+                    lambda: sum(c.streams_overrun for c in self.clients)
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
-                if self.client is not None:
-                    await self.client.close()
+                await self.close_clients()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    @property
+    def client(self) -> Any:
+        """The connection that asks the router for STATUS (readiness, KServe pages)."""
+        return self.clients[0]
+
+    async def close_clients(self) -> None:
+        """Close every connection; what is still outstanding on them is cancelled."""
+        clients, self.clients = self.clients, []
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
@@ -154,9 +181,11 @@ class Gateway:
                 return "v1", await _error(send, _not_found(path))
             if method != "POST":
                 return "v1", await _error(send, _not_allowed(method, "POST"))
-            return await self.call_v1(scope, receive, send, service, name)
+            return await self.as_caller(scope, send, "v1", lambda client: self.call_v1(
+                scope, receive, send, service, name, client))
         if path.startswith("/v2/models/"):
-            return await self.v2_model(scope, receive, send, path[len("/v2/models/"):])
+            return await self.as_caller(scope, send, "v2", lambda client: self.v2_model(
+                scope, receive, send, path[len("/v2/models/"):], client))
         page = self._exact.get((method if method != "HEAD" else "GET", path))
         if page is None:
             if any(p == path for _, p in self._exact):
@@ -164,9 +193,32 @@ class Gateway:
             return "other", await _error(send, _not_found(path))
         return await page(send)
 
+    async def as_caller(self, scope: Scope, send: Send, endpoint: str,
+                        answer: Callable[[Any], Awaitable[tuple[str, int]]]) -> tuple[str, int]:
+        """``answer(client)`` on the request's caller's connection (callers.py), or 429
+        when the caller already holds ``max_inflight_per_caller`` requests."""
+        key = caller_key(bearer(_header(scope, b"authorization")) if self.tokens else None,
+                         (scope.get("client") or (None,))[0],
+                         _header(scope, b"x-forwarded-for"), self.settings.trust_forwarded)
+        conn = self.callers.acquire(key)
+        if conn is None:
+            self.metrics.caller_limited.inc()
+            cap = self.settings.max_inflight_per_caller
+            wire = error_map("TooManyRequests", f"this caller already has {cap} requests in "
+                             "flight (max-inflight-per-caller); send the next when one is "
+                             "answered", retryable=True, code="caller-limit",
+                             retry_after=CALLER_RETRY_AFTER)
+            if endpoint == "v2":
+                return endpoint, await _v2_error(send, 429, wire, status_of(wire)[1])
+            return endpoint, await _error(send, wire)
+        try:
+            return await answer(self.clients[conn])
+        finally:
+            self.callers.release(key)
+
     # -- /v1 --------------------------------------------------------------------------------
     async def call_v1(self, scope: Scope, receive: Receive, send: Send, service: str,
-                      method: str) -> tuple[str, int]:
+                      method: str, client: Any) -> tuple[str, int]:
         try:
             kind = bodies.media_type(_header(scope, b"content-type"))
             fields = request_fields(scope)
@@ -177,10 +229,10 @@ class Gateway:
         accept = _header(scope, b"accept")
         if sse.wants_events(accept):
             return "v1-stream", await self.stream_v1(receive, send, service, method,
-                                                     payload, fields)
+                                                     payload, fields, client)
         out = bodies.accepted(accept, kind)
         try:
-            fut = await self.client.submit(method, payload, service=service, **fields)
+            fut = await client.submit(method, payload, service=service, **fields)
             value = await _unless_gone(fut, receive)
             reply = bodies.encode(value, out)
         except WorkerPoolError as exc:
@@ -190,9 +242,9 @@ class Gateway:
         return "v1", await _reply(send, 200, reply, bodies.CONTENT_TYPES[out].encode())
 
     async def stream_v1(self, receive: Receive, send: Send, service: str, method: str,
-                        payload: Any, fields: dict) -> int:
+                        payload: Any, fields: dict, client: Any) -> int:
         """Events for a streaming method, until END, an error, or the client leaving."""
-        items = self.client.stream(method, payload, service=service,
+        items = client.stream(method, payload, service=service,
                                    max_buffered=self.settings.max_buffered, **fields)
         pump = asyncio.ensure_future(self._pump(items, send))
         watch = asyncio.ensure_future(_disconnected(receive))
@@ -294,7 +346,7 @@ class Gateway:
         return "v2", await _reply(send, 200 if ready else 400, b"{}")
 
     async def v2_model(self, scope: Scope, receive: Receive, send: Send,
-                       rest: str) -> tuple[str, int]:
+                       rest: str, client: Any) -> tuple[str, int]:
         """``NAME``, ``NAME/ready``, ``NAME/infer``, each also under ``/versions/V``."""
         parts = rest.split("/")
         if len(parts) >= 3 and parts[1] == "versions":
@@ -306,7 +358,7 @@ class Gateway:
         if action == "infer":
             if method != "POST":
                 return "v2", await _v2_error(send, 405, _not_allowed(method, "POST"))
-            return "v2-infer", await self.v2_infer(scope, receive, send, name)
+            return "v2-infer", await self.v2_infer(scope, receive, send, name, client)
         if method not in ("GET", "HEAD"):
             return "v2", await _v2_error(send, 405, _not_allowed(method, "GET"))
         try:
@@ -323,7 +375,7 @@ class Gateway:
         described = None
         if kserve.METADATA_METHOD in methods:
             try:
-                described = await self.client.call(kserve.METADATA_METHOD, None, service=name,
+                described = await client.call(kserve.METADATA_METHOD, None, service=name,
                                                    timeout=METADATA_TIMEOUT)
             except WorkerPoolError as exc:
                 return "v2", await _v2_error(send, status_of(exc.to_wire())[0], exc.to_wire())
@@ -332,7 +384,8 @@ class Gateway:
         return "v2", await _reply(send, 200, json.dumps(
             kserve.model_metadata(name, described), default=bodies.to_json).encode())
 
-    async def v2_infer(self, scope: Scope, receive: Receive, send: Send, name: str) -> int:
+    async def v2_infer(self, scope: Scope, receive: Receive, send: Send, name: str,
+                       client: Any) -> int:
         try:
             fields = request_fields(scope)
             body = await self.read_body(scope, receive)
@@ -342,7 +395,7 @@ class Gateway:
         if req.timeout is not None and fields.get("timeout") is None:
             fields["timeout"] = min(req.timeout, MAX_TIMEOUT)
         try:
-            fut = await self.client.submit(kserve.INFER_METHOD, req.inputs, service=name,
+            fut = await client.submit(kserve.INFER_METHOD, req.inputs, service=name,
                                            **fields)
             result = await _unless_gone(fut, receive)
             reply, header_length = kserve.infer_reply(name, req, result)

@@ -18,7 +18,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -41,8 +41,13 @@ class GatewayMetrics:
         self.disconnects = Counter("workerpool_gateway_client_disconnects", "HTTP clients "
                                    "that left before their reply; the request was cancelled "
                                    "at the router.", registry=r)
+        self.caller_limited = Counter("workerpool_gateway_caller_limited", "Requests "
+                                      "refused (429) because their caller was at "
+                                      "max-inflight-per-caller.", registry=r)
         r.register(_Overruns(self))
-        self.overrun_count: Callable[[], int] = lambda: 0  # the client's count, once it exists
+        self.overrun_count: Callable[[], int] = lambda: 0  # the clients' count, once they exist
+        # Requests on each router connection now, by its index (a fixed set: 0..K-1).
+        self.connection_in_flight: Callable[[], list[int]] = lambda: []
         self._children: dict[tuple[str, int], tuple] = {}
 
     def answered(self, endpoint: str, code: int, seconds: float) -> None:
@@ -60,8 +65,9 @@ class GatewayMetrics:
 
 
 class _Overruns:
-    """The client counts streams ended for overrun (it ends them, whether or not the
-    reader ever sees the error event); a scrape reads that count."""
+    """The clients count streams ended for overrun (they end them, whether or not the
+    reader ever sees the error event), and the callers' table each connection's requests;
+    a scrape reads those figures."""
 
     def __init__(self, metrics: GatewayMetrics) -> None:
         self._metrics = metrics
@@ -71,3 +77,9 @@ class _Overruns:
                                   "because their reader fell max_buffered items behind; each "
                                   "was cancelled at the router.",
                                   value=self._metrics.overrun_count())
+        family = GaugeMetricFamily("workerpool_gateway_router_connection_in_flight",
+                                   "Requests in flight on each of the gateway's router "
+                                   "connections.", labels=["connection"])
+        for i, n in enumerate(self._metrics.connection_in_flight()):
+            family.add_metric([str(i)], n)
+        yield family

@@ -50,7 +50,7 @@ def document(version: str) -> dict[str, Any]:
                     "content": {"application/json": {"schema": _ANY},
                                 "application/msgpack": {"schema": {}},
                                 "text/event-stream": {"schema": {"type": "string"}}}},
-            **_errors(400, 401, 404, 413, 415, 500, 502, 503, 504)},
+            **_errors(400, 401, 404, 413, 415, 429, 500, 502, 503, 504)},
     }
     return {
         "openapi": "3.1.0",
@@ -75,7 +75,7 @@ def document(version: str) -> dict[str, Any]:
                 "summary": "KServe v2 inference: JSON tensors, or the binary tensor "
                            "extension (Inference-Header-Content-Length).",
                 "responses": {"200": {"description": "The outputs."},
-                              **_errors(400, 401, 404, 413, 500, 502, 503, 504)}}},
+                              **_errors(400, 401, 404, 413, 429, 500, 502, 503, 504)}}},
         },
     }
 

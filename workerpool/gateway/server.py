@@ -1,13 +1,13 @@
-"""Running the gateway: the listening socket, uvicorn, TLS, and the one AsyncClient.
+"""Running the gateway: the listening socket, uvicorn, TLS, and the AsyncClients.
 
 ::
 
     workerpool gateway --router ADDR --listen HOST:PORT      (or `up --http`, as its child)
       -> bind HOST:PORT now (a taken port fails before anything starts)
       -> uvicorn.Server(Gateway app; httptools, uvloop; TLS from --tls-cert/--tls-key)
-           lifespan startup: AsyncClient(ADDR, keys) in uvicorn's loop
+           lifespan startup: K x AsyncClient(ADDR, keys) in uvicorn's loop (--router-connections)
            SIGTERM / SIGINT: stop accepting, finish what is in flight (shutdown_timeout),
-                             close the client (what is still outstanding is cancelled)
+                             close every client (what is still outstanding is cancelled)
 
 uvicorn (and httptools, uvloop) are the ``http`` extra; this module imports them only when
 a gateway starts, so no other command loads them.
@@ -84,10 +84,6 @@ def serve(opts: ServeOptions, on_ready=None) -> int:
     parent = os.environ.get("WORKERPOOL_PARENT_PID")
     die_with_parent(int(parent) if parent else None)  # `up` killed with -9: no orphan
     settings = opts.settings or Settings()
-    for path in (opts.tls_cert, opts.tls_key):
-        if path is not None and not os.access(path, os.R_OK):
-            raise GatewayError(f"cannot read {path}")
-    sock = bind(opts.listen)
     keys = opts.keys
 
     def make_client() -> AsyncClient:
@@ -95,7 +91,14 @@ def serve(opts: ServeOptions, on_ready=None) -> int:
             return AsyncClient(opts.router, timeout=opts.timeout)
         return AsyncClient(opts.router, timeout=opts.timeout, key=keys[0], router_key=keys[1])
 
-    app = Gateway(make_client, settings)
+    try:
+        app = Gateway(make_client, settings)
+    except ValueError as exc:
+        raise GatewayError(str(exc)) from None
+    for path in (opts.tls_cert, opts.tls_key):
+        if path is not None and not os.access(path, os.R_OK):
+            raise GatewayError(f"cannot read {path}")
+    sock = bind(opts.listen)
     config = uvicorn.Config(
         app, loop=_pick("uvloop", "asyncio"), http=_pick("httptools", "h11"), lifespan="on",
         log_config=None, access_log=False, server_header=False, backlog=BACKLOG,
@@ -108,7 +111,8 @@ def serve(opts: ServeOptions, on_ready=None) -> int:
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             if self.started:
-                log.info("gateway: %s://%s -> %s", scheme, where, opts.router)
+                log.info("gateway: %s://%s -> %s over %d connections", scheme, where,
+                         opts.router, settings.router_connections)
                 if on_ready is not None:
                     on_ready(f"{scheme}://{where}")
 

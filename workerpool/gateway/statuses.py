@@ -39,6 +39,7 @@ STATUS_BY_TYPE: dict[str, int] = {
     "Unauthorized": 401,
     "UnsupportedMediaType": 415,
     "NotAcceptable": 406,
+    "TooManyRequests": 429,
 }
 STATUS_BY_CODE: dict[tuple[str, str], int] = {
     ("ServiceUnavailableError", "unknown-service"): 404,
@@ -53,8 +54,8 @@ HIDDEN_KEYS = frozenset({"traceback"})
 def status_of(body: dict[str, Any]) -> tuple[int, list[tuple[str, str]]]:
     """The HTTP status and extra headers for the error ``body`` (an ERROR body's map).
 
-    ``BackpressureError`` with a ``retry_after`` gets ``Retry-After`` in whole seconds,
-    rounded up (at least 1), as HTTP has no fractions there."""
+    A 503 or 429 with a ``retry_after`` gets ``Retry-After`` in whole seconds, rounded up
+    (at least 1), as HTTP has no fractions there."""
     kind = str(body.get("type", ""))
     code = body.get("code")
     status = STATUS_BY_CODE.get((kind, code)) if isinstance(code, str) else None
@@ -62,7 +63,7 @@ def status_of(body: dict[str, Any]) -> tuple[int, list[tuple[str, str]]]:
         status = STATUS_BY_TYPE.get(kind, DEFAULT_STATUS)
     headers: list[tuple[str, str]] = []
     after = body.get("retry_after")
-    if status == 503 and isinstance(after, int | float) and not isinstance(after, bool) \
+    if status in (429, 503) and isinstance(after, int | float) and not isinstance(after, bool) \
             and math.isfinite(after):
         headers.append(("retry-after", str(max(1, math.ceil(after)))))
     return status, headers
