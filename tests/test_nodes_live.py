@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -213,3 +214,35 @@ def test_a_node_killed_and_started_again_under_its_name_serves_at_once(procs):
         assert "stale_ready" not in counters and "stale_slot_events" not in counters
         assert c.call("echo", 5) == 5
     assert "respawning" not in new.log.read_text()  # no death of the new one's worker
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare(1): each supervisor runs as pid 1 of a "
+                    "PID namespace of its own, as in a container")
+def test_two_supervisors_of_one_host_name_and_pid_are_two_nodes(procs):
+    """Two containers with the host's network (and so its host name) each run `workerpool
+    worker` as pid 1, without --node. Their default node names must still differ: were
+    both HOSTNAME-1, the second would take the first's slots over and stop it."""
+    cfg = procs.config(FAST)
+    front, back = procs.tcp(), procs.tcp()
+    router = procs.spawn(["router", "--config", cfg, "--frontend", front, "--backend", back],
+                         front, None)
+    wrap = ["unshare", "--pid", "--fork", "--kill-child"]
+    args = ["worker", "--router", back, "--config", cfg, "--workers", "1"]
+    a = procs.spawn(args, router.address, "workerpool worker ready", wrap=wrap)
+    b = procs.spawn(args, router.address, "workerpool worker ready", wrap=wrap)
+    st = router.wait_for(lambda s: len(s["nodes"]) == 2 and len(s["workers"]) == 2
+                         and all(w["state"] == "ready" for w in s["workers"]),
+                         what="two nodes of one worker each")
+    names = sorted(n["node"] for n in st["nodes"])
+    assert names[0] != names[1]
+    host = socket.gethostname()
+    assert all(n["pid"] == 1 and n["node"].startswith(f"{host}-1-") for n in st["nodes"])
+    assert "supervisors_replaced" not in st["router"]["counters"]
+    with Client(front, timeout=20) as c:
+        calls = [c.submit("sleep", {"seconds": 0.05}) for _ in range(8)]
+        assert [f.result(timeout=20) for f in calls] == [{"seconds": 0.05}] * 8
+    st = router.wait_for(lambda s: sum(w["completed"] for w in s["workers"]) == 8,
+                         what="8 requests completed")
+    assert all(w["completed"] > 0 for w in st["workers"])  # both serve
+    assert a.popen.poll() is None and b.popen.poll() is None

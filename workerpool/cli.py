@@ -541,7 +541,7 @@ def _check_http_exposure(listen: str, tokens: str | None, insecure: bool) -> Non
               help="The router's backend address, e.g. tcp://10.0.0.5:5556.")
 @click.option("--node", default=None,
               help="Name for this supervisor in worker ids (SERVICE/NODE/N) "
-                   "[default: HOSTNAME-PID]; must be unique per router.")
+                   "[default: HOSTNAME-PID-XXXX, XXXX random]; must be unique per router.")
 @_peer_key_options
 @_log_format_option
 @_service_options
@@ -561,7 +561,10 @@ def worker(router_addr, node, keys_dir, key, router_key, log_format, config_path
          "max_wait": max_wait}, handler_options)
     _start_logging(log_format, cfg, "supervisor")
     worker_keys = _peer_keys(_security(keys_dir, key, router_key, base=cfg.security), "worker")
-    node = node or f"{socket.gethostname()}-{os.getpid()}"
+    # The random part: containers sharing the host's network share its name, and each may
+    # run this as pid 1. Two supervisors of one name are one node: the second would take
+    # the first's slots over.
+    node = node or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
     sup = Supervisor(cfg.services, router_addr, cfg.supervisor,
                      drain_timeout=cfg.router.drain_timeout, node=node,
                      max_message_bytes=cfg.router.max_message_bytes,
