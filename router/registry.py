@@ -92,10 +92,16 @@ class WorkerRegistry:
             raise ValueError(f"capacity {capacity} < 1")
         if ident in self.conns:
             return  # the same process registering twice (it was asked to): nothing changes
-        if core.supervisors.leaving(self.owner(slot_id)):
+        slot = self.slots.get(slot_id)
+        owner = self.owner(slot_id)
+        started_by = str(meta["supervisor"]).encode() if "supervisor" in meta else owner
+        if core.supervisors.leaving(started_by):
             core.to_backend(ident, Kind.SHUTDOWN)  # its supervisor is leaving or left
             return
-        slot = self.slots.get(slot_id)
+        if owner is not None and started_by != owner:
+            # A new supervisor's worker, ahead of the HELLO that takes the slot over (the
+            # two sockets race): what the old owner said is no verdict on it.
+            slot = None
         match vouching.verdict(slot, incarnation, pid):
             case vouching.Verdict.STALE:
                 core.stats["stale_ready"] += 1

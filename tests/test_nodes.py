@@ -256,6 +256,60 @@ def test_the_replaced_supervisor_cannot_take_anything_back():
     assert [n["supervisor"] for n in h.core.status()["nodes"]] == [A2.decode(), "sup-b"]
 
 
+def _ready_from(h: Harness, sup: bytes, incarnation: int) -> bytes:
+    """default/a/0's READY from a worker that supervisor ``sup`` started (READY
+    ``supervisor``), without the vouch that Harness.ready sends first."""
+    ident = f"default/a/0#{sup.decode()}#{incarnation}".encode()
+    h.backend(ident, Kind.READY, {"slot": "default/a/0", "incarnation": incarnation,
+                                  "service": "default", "capacity": 1,
+                                  "pid": 1000 + incarnation, "methods": ["echo"],
+                                  "supervisor": sup.decode()})
+    return ident
+
+
+@pytest.mark.parametrize("old_state", ["connected", "lost", "leaving"])
+def test_a_restarted_nodes_worker_may_register_before_its_supervisors_hello(old_state):
+    """The new supervisor's worker and the new supervisor talk on two sockets: its READY
+    (incarnation 1, naming its supervisor) may come while the slot is still the old one's,
+    at incarnation 3. It waits for its own supervisor's word instead of being refused as
+    stale (or stopped because the old supervisor is leaving), and registers once that
+    comes."""
+    h = _two_nodes()
+    h.ready("default/a/0", incarnation=3)
+    if old_state == "lost":
+        _beat(h, 4, B)
+    elif old_state == "leaving":
+        h.backend(A, Kind.DRAIN, {"scope": "supervisor"})
+    h.out.take()
+    new = _ready_from(h, A2, 1)
+    assert h.out.to(new) == [] and "stale_ready" not in h.core.stats
+    h.hello(workers=1, sup=A2, node="a", host="box")
+    h.slot_event("default/a/0", "started", incarnation=1, sup=A2, pid=1001)
+    slot = h.core.registry.slots["default/a/0"]
+    assert (slot.owner, slot.incarnation, slot.conn.identity) == (A2, 1, new)
+    assert slot.state is WorkerState.READY and "stale_ready" not in h.core.stats
+    h.request(CLIENT, 1)
+    assert len(h.dispatched_to(new)) == 1
+
+
+def test_a_ready_naming_a_supervisor_that_left_is_told_to_stop():
+    """After the takeover, a late worker of the replaced supervisor that names it is
+    stopped, as before; one that names another supervisor waits for that one's word and
+    is forgotten when it never comes, taking nothing."""
+    h = _two_nodes()
+    h.ready("default/a/0", incarnation=3)
+    h.hello(workers=1, sup=A2, node="a", host="box")
+    new = h.ready("default/a/0", incarnation=1)
+    h.out.take()
+    late = _ready_from(h, A, 4)
+    assert [s.kind for s in h.out.to(late)] == [Kind.SHUTDOWN]
+    stranger = _ready_from(h, b"sup-nobody", 9)
+    _beat(h, TIMINGS.vouch_wait + 1, A2, B)
+    assert h.out.to(stranger) == [] and h.core.stats["unvouched_ready"] == 1
+    slot = h.core.registry.slots["default/a/0"]
+    assert (slot.owner, slot.incarnation, slot.conn.identity) == (A2, 1, new)
+
+
 def test_a_restarted_node_with_fewer_slots_keeps_the_queue_and_drops_the_rest():
     """Its queued requests are not failed in the moment between the old slots leaving and
     the new ones coming: they wait for the new workers. A slot the new one does not run

@@ -117,7 +117,8 @@ class Supervisor:
         self._timers: list[tuple[float, str]] = []  # (when, slot) respawns
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.IDENTITY, routing_id())
+        self._identity = routing_id()
+        self._sock.setsockopt(zmq.IDENTITY, self._identity)
         self._sock.setsockopt(zmq.LINGER, 1000)
         curve.secure_client(self._sock, creds)
         self._stopping = False
@@ -500,6 +501,7 @@ class Supervisor:
             slot=w.slot, service=w.service.name, incarnation=incarnation,
             handler=w.service.handler, device=w.device, backend=self.backend,
             capacity=w.service.max_inflight, options=w.service.options, parent_pid=os.getpid(),
+            supervisor=self._identity.decode(),
             max_message_bytes=self.max_message_bytes or RouterConfig().max_message_bytes,
             heartbeat_interval=self.heartbeat_interval,
             key=self.keys[0] if self.keys else None,

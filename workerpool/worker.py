@@ -85,6 +85,7 @@ class WorkerSpec(BaseModel):
     capacity: int | None = None  # the service's max_inflight; None: see Worker._capacity
     options: dict[str, Any] = {}
     parent_pid: int | None = None
+    supervisor: str | None = None  # the routing id of the supervisor that started it
     max_message_bytes: int = 256 * 2**20  # the router drops bigger messages: refuse them here
     heartbeat_interval: float = 1.0  # seconds between heartbeats from the heartbeat thread
     key: str | None = None  # path of this worker's .key_secret (CURVE); None: no keys
@@ -282,6 +283,7 @@ class Worker:
             "device": device_label(s.device),
             "service": s.service,
             "capacity": self.declared,  # what this process can hold; a new router caps it anew
+            **({"supervisor": s.supervisor} if s.supervisor is not None else {}),
             "methods": sorted(self._methods),
             "batched": {name: {"max_batch_size": spec.max_batch_size,
                                "max_delay_ms": spec.max_delay_ms,
