@@ -384,6 +384,12 @@ class RouterCore:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             self.stats["bad_frames_backend"] += 1
             self.warn("bad-backend", "bad %s from %r: %r", kind.name, ident, exc)
+            if kind is Kind.HELLO and not self.supervisors.connected(ident):
+                # Unanswered, it would say HELLO again at every ping, and whoever runs it
+                # would never learn why its workers get nothing.
+                self.stats["hellos_refused"] += 1
+                self.to_backend(ident, Kind.DRAINED,
+                                {"reason": f"HELLO refused: {exc}"[:300], "refused": True})
 
     def _known(self, ident: bytes) -> bool:
         """Whether a backend peer registered: a worker (or its heartbeat socket) or a

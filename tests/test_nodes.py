@@ -96,6 +96,17 @@ def test_a_leaving_node_says_so():
     assert {n["node"]: n["state"] for n in h.core.status()["nodes"]}["a"] == "leaving"
 
 
+@pytest.mark.parametrize("node", ["", "x" * 256])
+def test_workerpool_worker_refuses_a_node_name_the_router_would(node):
+    from click.testing import CliRunner
+
+    from workerpool.cli import main
+
+    out = CliRunner().invoke(main, ["worker", "--router", "tcp://127.0.0.1:1", "--node", node])
+    assert out.exit_code == 2
+    assert f"'--node': must be 1 to 255 characters, not {len(node)}" in out.output
+
+
 @pytest.mark.parametrize("node", ["", 7, "x" * 256, ["a"]])
 def test_a_hello_with_a_bad_node_name_registers_nothing(node):
     h = Harness()
@@ -103,6 +114,21 @@ def test_a_hello_with_a_bad_node_name_registers_nothing(node):
                               "slots": [{"slot": "svc/0", "service": "svc"}]})
     assert h.core.supervisors.known == {} and h.core.registry.slots == {}
     assert h.core.stats["bad_frames_backend"] == 1
+    # Told why, once, so that it stops instead of saying HELLO again at every ping.
+    (drained,) = h.out.to(A)
+    assert drained.kind is Kind.DRAINED and drained.meta["refused"] is True
+    assert drained.meta["reason"].startswith("HELLO refused: ") and "node name" in \
+        drained.meta["reason"]
+    assert h.core.stats["hellos_refused"] == 1
+
+
+def test_a_bad_hello_from_a_connected_supervisor_changes_nothing_and_stops_nothing():
+    h = _two_nodes()
+    h.out.take()
+    h.backend(A, Kind.HELLO, {"node": "a", "services": [{"name": "default", "workers": -1}],
+                              "slots": []})
+    assert h.out.to(A) == [] and "hellos_refused" not in h.core.stats
+    assert h.core.stats["bad_frames_backend"] == 1 and h.core.supervisors.connected(A)
 
 
 def test_a_hello_from_a_supervisor_taken_back_again_changes_nothing():

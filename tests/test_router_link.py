@@ -160,3 +160,15 @@ def test_a_replaced_supervisor_stops_without_a_drain_of_its_own(standin_supervis
     assert "stopping (router drained: replaced: another supervisor registered as node 'a')" \
         in caplog.text
     assert _from_supervisor(router, 0.5) == []
+
+
+def test_a_refused_supervisor_says_why_and_exits_with_status_1(standin_supervisor, caplog):
+    """The router refused its HELLO: it logs the router's reason as an error, stops
+    without a DRAIN of its own, and its exit status says it failed."""
+    sup, router, ident = standin_supervisor
+    transport.send(router, [ident, *protocol.encode(
+        Kind.DRAINED, 0, {"reason": "HELLO refused: bad node name 'x'", "refused": True})])
+    _drain(sup, lambda: sup._stopping)
+    assert sup._drained and sup.exit_code == 1
+    assert "the router refused this supervisor: HELLO refused: bad node name 'x'" in caplog.text
+    assert _from_supervisor(router, 0.5) == []

@@ -536,10 +536,19 @@ def _check_http_exposure(listen: str, tokens: str | None, insecure: bool) -> Non
 
 
 # -- worker -------------------------------------------------------------------------------------
+MAX_NODE_NAME = 255  # what the router takes in a HELLO (protocol.md 8.4)
+
+
+def _node_name(value: str | None) -> str | None:
+    if value is not None and not 0 < len(value) <= MAX_NODE_NAME:
+        raise click.BadParameter(f"must be 1 to {MAX_NODE_NAME} characters, not {len(value)}")
+    return value
+
+
 @main.command()
 @click.option("--router", "router_addr", required=True,
               help="The router's backend address, e.g. tcp://10.0.0.5:5556.")
-@click.option("--node", default=None,
+@click.option("--node", default=None, callback=lambda ctx, param, value: _node_name(value),
               help="Name for this supervisor in worker ids (SERVICE/NODE/N) "
                    "[default: HOSTNAME-PID-XXXX, XXXX random]; must be unique per router.")
 @_peer_key_options

@@ -321,10 +321,14 @@ class Supervisor:
                         send_signal(w.proc, signal.SIGTERM)
         elif msg.kind is Kind.DRAINED:
             self._drained = True
+            reason = msg.meta.get("reason")
+            reason = reason[:300] if isinstance(reason, str) else None
+            if msg.meta.get("refused") is True and not self._stopping:
+                log.error("the router refused this supervisor: %s", reason,
+                          extra={"event": "hello-refused", "reason": reason})
+                self.exit_code = 1
             if not self._stopping:  # the router is shutting down, or replaced us: we stop
-                reason = msg.meta.get("reason")
-                self.stop(f"router drained: {reason[:300]}" if isinstance(reason, str)
-                          else "router drained")
+                self.stop(f"router drained: {reason}" if reason else "router drained")
 
     def _on_admin(self, meta: dict) -> None:
         try:
