@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 
 from workerpool import batched
@@ -450,3 +451,12 @@ class HttpModel(Faulty):
 def _each(fn, nested):
     """``fn`` of every element of lists nested to any depth, in the same nesting."""
     return [_each(fn, v) for v in nested] if isinstance(nested, list) else fn(nested)
+
+
+class Orphans(Faulty):
+    """``orphan`` leaves a process behind: a shell that starts ``sleep`` in the background
+    and exits, so that the ``sleep`` is handed to the PID namespace's first process."""
+
+    def orphan(self, payload):
+        subprocess.run(["sh", "-c", f"sleep {float(payload)} & exit 0"], check=True)
+        return True

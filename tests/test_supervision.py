@@ -4,7 +4,10 @@ supervisors, and leaving one supervisor without stopping the router."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -188,3 +191,69 @@ def test_the_supervisor_drops_unknown_and_malformed_router_messages(standin_supe
     assert "ignored ADMIN with unknown op 'reboot'" in caplog.text
     assert caplog.text.count("dropped malformed ADMIN from router") == 2
     assert not sup._stopping and sup.workers == {}
+
+
+def test_reap_orphans_reaps_the_others_and_leaves_ours_with_their_status():
+    """Two exited children: one not ours (an orphan a PID 1 inherited) is reaped, one of
+    ours is left for its Popen, which still reads its exit status."""
+    from workerpool.children import reap_orphans
+
+    other = subprocess.Popen([sys.executable, "-c", "pass"])
+    ours = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    for p in (other, ours):  # both exited, not reaped: zombies
+        deadline = time.monotonic() + 10
+        while os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    reaped = reap_orphans({ours.pid})
+    assert ours.wait(5) == 3  # its status was not taken
+    reaped += reap_orphans({ours.pid})  # the search stops at one of ours: past it now
+    assert reaped == 1
+    with pytest.raises(ChildProcessError):
+        os.waitid(os.P_PID, other.pid, os.WEXITED | os.WNOHANG)
+    assert reap_orphans(set()) == 0  # nothing left
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare(1): the supervisor runs as pid 1 of a "
+                    "PID namespace of its own, as in a container")
+def test_a_supervisor_that_is_pid_1_reaps_the_orphans_its_workers_leave(procs):
+    """`workerpool worker` as a container's first process: a handler's subprocess leaves
+    a process behind, which the kernel hands to pid 1 when its parent exits. The
+    supervisor reaps it when it exits, and its own workers' deaths still read right."""
+    front, back = procs.tcp(), procs.tcp()
+    router = procs.spawn(["router", "--frontend", front, "--backend", back], front, None)
+    sup = procs.spawn(["worker", "--router", back, "--workers", "1", "--handler",
+                       "tests.handlers:Orphans"], router.address, "workerpool worker ready",
+                      wrap=["unshare", "--pid", "--fork", "--kill-child"])
+    (pid1,) = _children(sup.popen.pid)  # the supervisor, pid 1 inside
+    with Client(front, timeout=20) as c:
+        assert all(c.call("orphan", 0.1) for _ in range(5))
+        deadline = time.monotonic() + 15
+        while True:  # the sleeps end within 0.1 s; the supervisor looks once a second
+            states = [_state(p) for p in _children(pid1)]
+            if states.count("Z") == 0 and len(states) == 1:  # only its worker
+                break
+            assert time.monotonic() < deadline, f"children of pid 1: {states}"
+            time.sleep(0.1)
+        with pytest.raises(WorkerCrashedError):
+            c.call("exit", {"code": 3})
+    st = router.wait_for(lambda s: s["workers"][0]["restarts"] == 1
+                         and s["workers"][0]["state"] == "ready", what="respawned")
+    assert "exited with code 3" in st["workers"][0]["last_error"]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return "gone"

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 
 from workerpool._proc import EXIT_POISONED, signal_name
 from workerpool.config import TIMINGS
@@ -43,6 +44,31 @@ def start_worker(spec: WorkerSpec) -> tuple[subprocess.Popen, int]:
     # A fresh interpreter, never a fork: nothing (least of all CUDA state) is inherited.
     proc = subprocess.Popen([sys.executable, "-m", "workerpool.worker"], env=env)
     return proc, os.pidfd_open(proc.pid)
+
+
+def reap_orphans(ours: Collection[int]) -> int:
+    """Reap the exited children that are not ``ours``; return how many.
+
+    Only a PID 1 needs this (``workerpool`` as a container's first process): the kernel
+    makes it the parent of every orphan in its PID namespace, a handler's subprocesses'
+    children included, and an orphan it does not reap stays a zombie. Our own children are
+    left to their ``Popen``, which needs their exit status: each exited child is looked at
+    first without being reaped (``WNOWAIT``), and the search stops at one of ours (it is
+    reaped by the loop soon, and the search gets past it next time).
+    """
+    reaped = 0
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # no children at all
+            return reaped
+        if info is None or info.si_pid in ours:
+            return reaped
+        try:
+            os.waitid(os.P_PID, info.si_pid, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            pass
+        reaped += 1
 
 
 def is_stopped(pid: int) -> bool:

@@ -39,6 +39,7 @@ from workerpool.children import (
     HelperProcess,
     describe_exit,
     is_stopped,
+    reap_orphans,
     send_signal,
     start_worker,
     wait_all,
@@ -246,6 +247,14 @@ class Supervisor:
         self._next_beat = now + self.heartbeat_interval
         self._send(Kind.HEARTBEAT, self._link.ping(now))
         self._kill_stopped_children(now)
+        if os.getpid() == 1:
+            reap_orphans(self._own_pids())
+
+    def _own_pids(self) -> set[int]:
+        """The processes this supervisor started and reaps itself (children.reap_orphans)."""
+        procs = [w.proc for w in self.workers.values()]
+        procs += [h.proc for h in (self._router, self._gateway) if h is not None]
+        return {p.pid for p in procs if p is not None}
 
     def _sweep_segments(self, now: float) -> None:
         """Unlink segments of processes that died without unlinking them: clients killed
