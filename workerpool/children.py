@@ -109,14 +109,20 @@ def router_argv(router_config_json: str, service_defaults: dict | None = None,
 
 
 def gateway_argv(router: str, listen: str, keys: tuple[str, str] | None = None,
-                 connections: int | None = None) -> list[str]:
+                 connections: int | None = None, config: str | None = None,
+                 insecure: bool = False) -> list[str]:
     """Command line that starts an HTTP gateway for the router at ``router`` (its frontend),
-    with a client key pair's files when the router requires keys, and ``connections`` to
-    the router when given (else the gateway's default)."""
+    with a client key pair's files when the router requires keys, ``connections`` to the
+    router when given, and the rest from ``config``'s [gateway] section (else the
+    gateway's defaults)."""
     argv = [sys.executable, "-m", "workerpool.cli", "gateway", "--router", router,
             "--listen", listen]
     if connections is not None:
         argv += ["--router-connections", str(connections)]
+    if config is not None:
+        argv += ["--config", config]
+    if insecure:
+        argv.append("--insecure")
     return argv if keys is None else [*argv, "--key", keys[0], "--router-key", keys[1]]
 
 

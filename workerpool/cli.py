@@ -23,7 +23,11 @@ from workerpool.cells import NODE_HEADERS, cell, error_line, ms, node_cells, per
 from workerpool.config import (
     DEFAULT_BACKEND,
     DEFAULT_FRONTEND,
+    GATEWAY_DEFAULT_CONNECTIONS,
+    GATEWAY_MAX_CONNECTIONS,
+    GATEWAY_MIN_CONNECTIONS,
     POLICIES,
+    GatewayConfig,
     PoolConfig,
     SecurityConfig,
     ServiceConfig,
@@ -235,11 +239,11 @@ def _check_metrics(address: str | None) -> None:
         raise click.ClickException(str(exc)) from None
 
 
-def _check_http(listen: str, insecure: bool | None) -> None:
+def _check_http(listen: str, gw: GatewayConfig) -> None:
     """``up --http``: the gateway's address is checked (and free) before anything starts."""
     from workerpool.gateway import GatewayError, check_installed
 
-    _check_http_exposure(listen, None, bool(insecure))
+    _check_http_exposure(listen, gw.tokens, gw.insecure)
     try:
         check_installed()
         from workerpool.gateway.server import probe
@@ -295,13 +299,35 @@ def _pydantic_message(exc: ValidationError) -> str:
 
 
 def _router_connections_option(f):
-    from workerpool.gateway.callers import DEFAULT_CONNECTIONS, MAX_CONNECTIONS, MIN_CONNECTIONS
-
     return click.option(
-        "--router-connections", type=click.IntRange(MIN_CONNECTIONS, MAX_CONNECTIONS),
-        default=DEFAULT_CONNECTIONS, show_default=True,
+        "--router-connections",
+        type=click.IntRange(GATEWAY_MIN_CONNECTIONS, GATEWAY_MAX_CONNECTIONS), default=None,
         help="The HTTP gateway's connections to the router; its callers are spread over "
-             "them, so the router's fairness between connections holds between callers.")(f)
+             "them, so the router's fairness between connections holds between callers "
+             f"[default: [gateway] router_connections, {GATEWAY_DEFAULT_CONNECTIONS}].")(f)
+
+
+def _gateway_config(config: PoolConfig, flags: dict[str, Any]) -> GatewayConfig:
+    """[gateway] from the config file with the flags that were given over it, its files as
+    absolute paths (the gateway may run elsewhere in the tree); its token file read once
+    now, so that a bad one stops the command before anything starts."""
+    from workerpool.gateway.tokens import TokenFileError, Tokens
+
+    fields = config.gateway.model_dump()
+    fields.update({k: v for k, v in flags.items() if v is not None and v is not False})
+    for name in ("tokens", "tls_cert", "tls_key"):
+        if fields[name] is not None:
+            fields[name] = os.path.abspath(os.path.expanduser(fields[name]))
+    try:
+        gw = GatewayConfig.model_validate(fields)
+    except ValidationError as exc:
+        raise click.UsageError(_pydantic_message(exc)) from None
+    if gw.tokens is not None:
+        try:
+            Tokens(gw.tokens)
+        except TokenFileError as exc:
+            raise click.UsageError(str(exc)) from None
+    return gw
 
 
 # -- up ----------------------------------------------------------------------------------------
@@ -315,7 +341,8 @@ def _router_connections_option(f):
 @_metrics_option
 @click.option("--http", "http_listen", default=None, metavar="HOST:PORT",
               help="Also run the HTTP gateway (`workerpool gateway`) there, supervised with "
-                   "the pool (:PORT or PORT: on 127.0.0.1). Default: off.")
+                   "the pool (:PORT or PORT: on 127.0.0.1); the config's [gateway] section "
+                   "sets the rest. Default: [gateway] listen, else off.")
 @_router_connections_option
 @_keys_option
 @_insecure_option
@@ -347,8 +374,10 @@ def up(frontend, backend, drain_timeout, metrics, http_listen, router_connection
     _check_binds(cfg.router.frontend, cfg.router.backend, sec)
     # The router child binds it; a taken port is said here, before any process starts.
     _check_metrics(cfg.router.metrics)
+    http_listen = http_listen or cfg.gateway.listen
     if http_listen is not None:
-        _check_http(http_listen, insecure)
+        _check_http(http_listen, _gateway_config(
+            cfg, {"router_connections": router_connections, "insecure": insecure}))
     # The router reads the directory; the supervisor and its workers use the worker pair.
     worker_keys = None
     if sec.keys:
@@ -361,7 +390,8 @@ def up(frontend, backend, drain_timeout, metrics, http_listen, router_connection
         worker_keys = _peer_keys(sec, "worker")
     gateway = None if http_listen is None else gateway_argv(
         cfg.router.frontend, http_listen, _peer_keys(sec, "client") if sec.keys else None,
-        router_connections)
+        router_connections, os.path.abspath(config_path) if config_path else None,
+        insecure=bool(insecure))
     router_sec = SecurityConfig(keys=sec.keys, insecure=sec.insecure)
     tmpdir = None
     if cfg.router.backend is None:
@@ -440,38 +470,42 @@ def router_cmd(frontend, backend, config_path, policy, drain_timeout, metrics, k
 
 # -- gateway ------------------------------------------------------------------------------------
 @main.command()
-@click.option("--router", "router_addr", default=DEFAULT_FRONTEND, show_default=True,
-              help="The router's client (frontend) address.")
-@click.option("--listen", default="127.0.0.1:8000", show_default=True, metavar="HOST:PORT",
-              help="Where to serve HTTP (:PORT or PORT: on 127.0.0.1).")
-@click.option("--tokens", "tokens_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--router", "router_addr", default=None,
+              help=f"The router's client (frontend) address [default: [router] frontend, "
+                   f"{DEFAULT_FRONTEND}].")
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              help="Where to serve HTTP (:PORT or PORT: on 127.0.0.1) [default: [gateway] "
+                   "listen, 127.0.0.1:8000].")
+@click.option("--tokens", "tokens", type=click.Path(dir_okay=False), default=None,
               help="File of allowed bearer tokens, one per line; without one, 401. Read "
                    "again when it changes.")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
               help="PEM certificate (chain): serve HTTPS. Needs --tls-key.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), default=None,
               help="PEM private key of --tls-cert.")
-@click.option("--timeout", type=click.FloatRange(0, 86400, min_open=True), default=300.0,
-              show_default=True, help="Seconds a request may take when it gives no ?timeout=.")
-@click.option("--max-body-bytes", type=click.IntRange(1), default=64 * 2**20,
-              show_default=True, help="Larger request bodies are refused with 413.")
-@click.option("--max-buffered", type=click.IntRange(1), default=64, show_default=True,
+@click.option("--timeout", type=click.FloatRange(0, 86400, min_open=True), default=None,
+              help="Seconds a request may take when it gives no ?timeout= [default: 300].")
+@click.option("--max-body-bytes", type=click.IntRange(1), default=None,
+              help="Larger request bodies are refused with 413 [default: 64 MiB].")
+@click.option("--max-buffered", type=click.IntRange(1), default=None,
               help="Stream items a slow HTTP reader may fall behind before its stream ends "
-                   "(stream-overrun) and is cancelled.")
+                   "(stream-overrun) and is cancelled [default: 64].")
 @_router_connections_option
-@click.option("--max-inflight-per-caller", type=click.IntRange(0), default=0,
-              show_default=True, help="Requests one caller may have in flight; one more "
-              "is 429 with Retry-After. 0: no cap but the router's per connection.")
+@click.option("--max-inflight-per-caller", type=click.IntRange(0), default=None,
+              help="Requests one caller may have in flight; one more is 429 with "
+              "Retry-After. 0: no cap but the router's per connection [default: 0].")
 @click.option("--trust-forwarded", is_flag=True, default=False,
               help="Without --tokens, a caller is the last X-Forwarded-For address (set "
                    "by a proxy in front) rather than the peer's.")
 @click.option("--insecure", is_flag=True, default=False,
               help="Allow listening on a non-loopback address without --tokens.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="TOML config: its [gateway] section, its [router] frontend "
+              "and its [security] keys; the flags win over it.")
 @_peer_key_options
 @_log_format_option
-def gateway(router_addr, listen, tokens_path, tls_cert, tls_key, timeout, max_body_bytes,
-            max_buffered, router_connections, max_inflight_per_caller, trust_forwarded,
-            insecure, keys_dir, key, router_key, log_format) -> None:
+def gateway(router_addr, listen, config_path, keys_dir, key, router_key, log_format,
+            **flags) -> None:
     """Serve HTTP (and the KServe v2 protocol) in front of a router, as one of its clients.
 
     POST /v1/SERVICE/METHOD calls a method; see docs/http.md. With --keys DIR it uses the
@@ -486,29 +520,25 @@ def gateway(router_addr, listen, tokens_path, tls_cert, tls_key, timeout, max_bo
         raise click.ClickException(str(exc)) from None
     from workerpool.gateway.app import Settings
     from workerpool.gateway.server import ServeOptions, serve
-    from workerpool.gateway.tokens import TokenFileError, Tokens
 
-    _start_logging(log_format, PoolConfig(), "gateway")
+    cfg = _build_config(config_path, None, {}, {})
+    _start_logging(log_format, cfg, "gateway")
+    router_addr = router_addr or cfg.router.frontend
     try:
         check_endpoint(router_addr)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--router'") from None
-    if (tls_cert is None) != (tls_key is None):
-        raise click.UsageError("--tls-cert and --tls-key go together")
-    _check_http_exposure(listen, tokens_path, insecure)
-    if tokens_path is not None:
-        try:
-            Tokens(tokens_path)
-        except TokenFileError as exc:
-            raise click.UsageError(str(exc)) from None
-    files = _peer_keys(_security(keys_dir, key, router_key), "client")
-    settings = Settings(max_body_bytes=max_body_bytes, max_buffered=max_buffered,
-                        tokens=os.path.abspath(tokens_path) if tokens_path else None,
-                        version=__version__, router_connections=router_connections,
-                        max_inflight_per_caller=max_inflight_per_caller,
-                        trust_forwarded=trust_forwarded)
-    opts = ServeOptions(router=router_addr, listen=listen, keys=files, timeout=timeout,
-                        tls_cert=tls_cert, tls_key=tls_key, settings=settings)
+    gw = _gateway_config(cfg, flags)
+    listen = listen or gw.listen or "127.0.0.1:8000"
+    _check_http_exposure(listen, gw.tokens, gw.insecure)
+    files = _peer_keys(_security(keys_dir, key, router_key, base=cfg.security), "client")
+    settings = Settings(max_body_bytes=gw.max_body_bytes, max_buffered=gw.max_buffered,
+                        tokens=gw.tokens, version=__version__,
+                        router_connections=gw.router_connections,
+                        max_inflight_per_caller=gw.max_inflight_per_caller,
+                        trust_forwarded=gw.trust_forwarded)
+    opts = ServeOptions(router=router_addr, listen=listen, keys=files, timeout=gw.timeout,
+                        tls_cert=gw.tls_cert, tls_key=gw.tls_key, settings=settings)
 
     def ready(url: str) -> None:
         click.echo(f"workerpool gateway ready: {url} -> {router_addr}")

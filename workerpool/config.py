@@ -401,6 +401,48 @@ class SecurityConfig(_Model):
         return peer_files(keys=self.keys, role=role) if self.keys else None
 
 
+GATEWAY_MIN_CONNECTIONS = 1
+GATEWAY_MAX_CONNECTIONS = 64  # each is an AsyncClient, with its ZeroMQ context and I/O thread
+GATEWAY_DEFAULT_CONNECTIONS = 8
+
+
+class GatewayConfig(_Model):
+    """The HTTP gateway (docs/http.md): `workerpool gateway --config`, and the one `up`
+    runs with ``--http`` or ``listen``. The gateway's flags win over these."""
+
+    listen: str | None = Field(
+        None, description="HOST:PORT to serve HTTP on. For `up`: also run the gateway "
+        "there (as --http does); unset, no gateway. For `workerpool gateway`: unset, "
+        "127.0.0.1:8000.")
+    tokens: str | None = Field(
+        None, description="File of allowed bearer tokens, one per line; without one, 401.")
+    tls_cert: str | None = Field(None, description="PEM certificate (chain): serve HTTPS.")
+    tls_key: str | None = Field(None, description="PEM private key of tls_cert.")
+    timeout: float = Field(300.0, gt=0, le=86400,
+                           description="Seconds a request may take when it gives no ?timeout=.")
+    max_body_bytes: int = Field(64 * 2**20, ge=1,
+                                description="Larger request bodies are refused with 413.")
+    max_buffered: int = Field(
+        64, ge=1, description="Stream items a slow HTTP reader may fall behind before its "
+        "stream ends (stream-overrun).")
+    router_connections: int = Field(
+        GATEWAY_DEFAULT_CONNECTIONS, ge=GATEWAY_MIN_CONNECTIONS, le=GATEWAY_MAX_CONNECTIONS,
+        description="Connections to the router; callers are spread over them.")
+    max_inflight_per_caller: int = Field(
+        0, ge=0, description="Requests one caller may have in flight (then 429); 0: no cap "
+        "but the router's per connection.")
+    trust_forwarded: bool = Field(
+        False, description="Without tokens, a caller is the last X-Forwarded-For address.")
+    insecure: bool = Field(
+        False, description="Allow a non-loopback listen address without tokens.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> GatewayConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
+
+
 class LoggingConfig(_Model):
     """How every process of the command logs to stderr (workerpool/logs.py)."""
 
@@ -416,6 +458,7 @@ class PoolConfig(_Model):
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
     services: list[ServiceConfig] = Field(default_factory=lambda: [ServiceConfig()])
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")

@@ -33,16 +33,16 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from workerpool.config import MAX_PRIORITY, MAX_TIMEOUT, MIN_PRIORITY
+from workerpool.config import (
+    GATEWAY_DEFAULT_CONNECTIONS,
+    MAX_PRIORITY,
+    MAX_TIMEOUT,
+    MIN_PRIORITY,
+)
 from workerpool.errors import WorkerPoolError
 from workerpool.gateway import bodies, health, kserve, sse
 from workerpool.gateway.bodies import BodyError
-from workerpool.gateway.callers import (
-    CALLER_RETRY_AFTER,
-    DEFAULT_CONNECTIONS,
-    Callers,
-    caller_key,
-)
+from workerpool.gateway.callers import CALLER_RETRY_AFTER, Callers, caller_key
 from workerpool.gateway.metrics import CONTENT_TYPE as METRICS_TYPE
 from workerpool.gateway.metrics import GatewayMetrics
 from workerpool.gateway.openapi import render as render_openapi
@@ -73,7 +73,7 @@ class Settings:
     status_max_age: float = health.DEFAULT_MAX_AGE
     tokens: str | None = None  # the token file; None: no token needed
     version: str = "0"
-    router_connections: int = DEFAULT_CONNECTIONS
+    router_connections: int = GATEWAY_DEFAULT_CONNECTIONS
     max_inflight_per_caller: int = 0  # 0: no cap of the gateway's own
     trust_forwarded: bool = False  # a caller is its X-Forwarded-For address
 

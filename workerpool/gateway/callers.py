@@ -26,10 +26,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-MIN_CONNECTIONS = 1
-MAX_CONNECTIONS = 64
-"""Each connection is an ``AsyncClient``, with its ZeroMQ context and I/O thread."""
-DEFAULT_CONNECTIONS = 8
+from workerpool.config import GATEWAY_MAX_CONNECTIONS as MAX_CONNECTIONS
+from workerpool.config import GATEWAY_MIN_CONNECTIONS as MIN_CONNECTIONS
+
 CALLER_RETRY_AFTER = 1.0
 """Seconds a caller over ``max_inflight_per_caller`` is told to wait (``Retry-After``)."""
 
