@@ -257,3 +257,38 @@ def _state(pid: int) -> str:
             return f.read().rpartition(")")[2].split()[0]
     except FileNotFoundError:
         return "gone"
+
+
+def test_a_setup_failure_that_beats_the_connection_still_reaches_the_router(tmp_path):
+    """setup() fails at once, before the router is even listening (it is starting, or far
+    away): the GOODBYE with the traceback waits for the connection instead of being let
+    go with the process, so `last_error` shows why."""
+    import zmq
+
+    from ipc import protocol, transport
+    from ipc.protocol import Kind
+    from workerpool.children import start_worker
+    from workerpool.worker import WorkerSpec
+
+    address = f"ipc://{tmp_path}/backend"
+    spec = WorkerSpec(slot="default/0", service="default", incarnation=1,
+                      handler="tests.handlers:BadSetup", device="cpu", backend=address)
+    proc, pidfd = start_worker(spec)
+    os.close(pidfd)
+    ctx = zmq.Context()
+    try:
+        time.sleep(1.0)  # its setup() has failed by now: the router comes up only then
+        router = ctx.socket(zmq.ROUTER)
+        router.bind(address)
+        assert router.poll(10_000), "no GOODBYE came"
+        frames = transport.recv(router, buffers_from=2)
+        msg = protocol.decode(frames[1:])
+        assert msg.kind is Kind.GOODBYE and msg.meta["reason"] == "setup-failed"
+        assert "Traceback" in msg.meta["error"]
+        assert proc.wait(10) == 78
+        router.close(0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        ctx.term()

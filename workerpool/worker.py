@@ -69,6 +69,7 @@ log = logging.getLogger("workerpool.worker")
 
 SPEC_ENV = "WORKERPOOL_WORKER_SPEC"
 _RESERVED = frozenset({"setup", "teardown", "context"})
+SETUP_FAILED_LINGER_MS = 5000  # how long a setup() failure waits to reach the router
 
 
 class WorkerSpec(BaseModel):
@@ -179,7 +180,10 @@ class Worker:
             self._send(Kind.GOODBYE, 0, {"reason": GoodbyeReason.SETUP_FAILED,
                                          "error": tb[-4000:], "slot": self.spec.slot,
                                          "service": self.spec.service})
-            self._close()
+            # The traceback is what the operator will read (status `last_error`), and a
+            # setup() that fails at once may beat the connection to the router: worth
+            # waiting for, where a stopping worker's GOODBYE is not.
+            self._close(linger=SETUP_FAILED_LINGER_MS)
             return EXIT_SETUP_FAILED
         took = time.monotonic() - began
         self._log.info("set up in %.2fs: %s on %s, holding up to %d request(s)", took,
@@ -295,10 +299,10 @@ class Worker:
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self._stopping = True
 
-    def _close(self) -> None:
-        # A short linger: the GOODBYE is worth a moment, but a router that has already
-        # gone (it exits right after draining) must not hold this exit for long.
-        self._sock.close(linger=300)
+    def _close(self, linger: int = 300) -> None:
+        # A short linger by default: the GOODBYE is worth a moment, but a router that has
+        # already gone (it exits right after draining) must not hold this exit for long.
+        self._sock.close(linger=linger)
         self._ctx.term()
         if self._shm is not None:
             self._shm.close()
