@@ -23,7 +23,12 @@ def test_tokens_grow_even_within_one_millisecond():
 
 def test_a_pong_measures_its_round_trip_and_the_next_ping_carries_it():
     link = RouterLink()
-    assert set(link.ping(10.0)) == {"ping"}  # nothing measured yet
+    assert set(link.ping(9.0)) == {"ping"}  # nothing measured yet
+    # The first pong measures nothing: its ping may have left before the router was up
+    # (`up` starts both at once), and a late first answer would read as the link's.
+    assert link.pong({"pong": 9000, "router": "r1"}, 9.5) is Register.NO
+    assert link.rtt is None
+    assert set(link.ping(10.0)) == {"ping"}
     assert link.pong({"pong": 10000, "router": "r1"}, 10.004) is Register.NO
     assert link.rtt == pytest.approx(4.0) and link.srtt == pytest.approx(4.0)
     meta = link.ping(11.0)
@@ -37,13 +42,27 @@ def test_a_pong_measures_its_round_trip_and_the_next_ping_carries_it():
     assert link.rtt == pytest.approx(12.0)
 
 
-def test_only_the_last_pings_are_measured():
+def test_pings_that_waited_out_an_outage_measure_nothing():
+    """The link goes down after one good round trip: the pings queue, and when it heals
+    their pongs come together. None of them measured the link (the oldest waited the
+    whole outage; the others left with it unanswered), so the figures stay as they were
+    and the next ping, sent with nothing outstanding, measures again."""
     link = RouterLink()
-    tokens = [link.ping(float(t))["ping"] for t in range(TRACKED + 2)]
-    link.pong({"pong": tokens[0], "router": "r1"}, 100.0)  # waited out an outage
-    assert link.rtt is None
-    link.pong({"pong": tokens[-1], "router": "r1"}, TRACKED + 1.5)
-    assert link.rtt == pytest.approx(500.0)
+    link.pong({"pong": link.ping(0.0)["ping"], "router": "r1"}, 0.5)  # the first: heard
+    link.pong({"pong": link.ping(1.0)["ping"], "router": "r1"}, 1.002)
+    assert link.rtt == pytest.approx(2.0)
+    tokens = [link.ping(2.0 + t)["ping"] for t in range(TRACKED + 2)]
+    for token in tokens:
+        link.pong({"pong": token, "router": "r1"}, 30.0)
+    assert link.rtt == pytest.approx(2.0) and link.srtt == pytest.approx(2.0)
+    link.pong({"pong": link.ping(31.0)["ping"], "router": "r1"}, 31.003)
+    assert link.rtt == pytest.approx(3.0)
+    # A pong that comes after a newer ping left measures nothing either: it was slower
+    # than the ping interval, and which ping the link held is not known.
+    old, new = link.ping(32.0)["ping"], link.ping(33.0)["ping"]
+    link.pong({"pong": old, "router": "r1"}, 33.2)
+    link.pong({"pong": new, "router": "r1"}, 33.2)
+    assert link.rtt == pytest.approx(3.0)
 
 
 def test_a_lost_supervisor_registers_again_once_for_all_the_queued_pings():
@@ -124,10 +143,16 @@ def test_35_pongs_with_hello_to_old_pings_bring_one_hello(standin_supervisor, ca
     assert [m.kind for m in got] == [Kind.HELLO]
     assert caplog.text.count("registering again") == 1
     assert got[0].meta["pid"] and "node" not in got[0].meta  # `up`'s: no node name
-    # The next ping, sent after that HELLO, carries the round trip measured meanwhile.
+    # The queued pings measured nothing: each waited out the outage. The next ping, sent
+    # with none outstanding, measures the link, and the one after carries it.
     sup._beat(time.monotonic())
     (ping,) = _from_supervisor(router, 1.0)
-    assert ping.kind is Kind.HEARTBEAT and ping.meta["rtt"] >= 0 and ping.meta["srtt"] >= 0
+    assert ping.kind is Kind.HEARTBEAT and "rtt" not in ping.meta
+    _answers(router, ident, [{"pong": ping.meta["ping"], "router": "r1"}])
+    _drain(sup, lambda: sup._link.rtt is not None)
+    sup._beat(time.monotonic())
+    (ping,) = _from_supervisor(router, 1.0)
+    assert 0 <= ping.meta["rtt"] < 1000 and ping.meta["srtt"] == ping.meta["rtt"]
 
 
 def test_35_pongs_from_a_restarted_router_bring_one_hello(standin_supervisor, caplog):

@@ -10,9 +10,14 @@ The router answers every ping with a pong that echoes its token and names its in
 plus ``hello`` while it counts this supervisor as lost (docs/protocol.md 8.3). Two things
 follow from a pong:
 
-- **The round trip.** The token's send time is kept for the last ``TRACKED`` pings, so a
-  pong a little late still measures; the last and a smoothed round trip ride on the next
-  ping, for the router's STATUS ``nodes``.
+- **The round trip.** A pong measures the link only when nothing else could have held
+  its ping: the ping left while the link was known to be up (a pong had come, and no
+  earlier ping was still unanswered), and it is still the newest ping when its pong comes.
+  So the first ping (sent perhaps before the router was up) measures nothing, nor does any
+  ping that waited out an outage with others queued behind it: a smoothed figure fed one
+  such sample reads an outage for many seconds after it (500 ms at the start of every
+  ``up``, before). A link slower than the ping interval is not measured at all. The last
+  and a smoothed round trip ride on the next ping, for the router's STATUS ``nodes``.
 - **Whether to register again.** A link that was down queues pings; when it heals, the
   router answers each queued one, every pong saying ``hello`` (the router declared this
   supervisor lost meanwhile). Only a pong to a ping sent *after* the last HELLO may ask
@@ -30,8 +35,8 @@ import enum
 import math
 
 TRACKED = 4
-"""Pings whose send time is kept: a pong to an older one measures nothing (it waited
-out an outage, or the router was stalled; either way not the link's latency)."""
+"""Pings whose send time is kept (a pong to an older one measures nothing, and asks for
+HELLO by its token's age alone)."""
 
 SMOOTHING = 0.125
 """Weight of a new round trip in the smoothed one (TCP's SRTT gain, RFC 6298)."""
@@ -53,13 +58,14 @@ class RouterLink:
         self.rtt: float | None = None  # ms, the last round trip measured
         self.srtt: float | None = None  # ms, smoothed
         self._token = 0  # the last ping's token: the monotonic clock in ms, made to grow
-        self._sent: dict[int, float] = {}  # token -> send time, the last TRACKED pings
+        self._sent: dict[int, tuple[float, bool]] = {}  # token -> (send time, measurable)
+        self._heard = False  # a pong to a ping of ours has come
         self._hello_after: int | None = None  # the token current when HELLO last left
 
     def ping(self, now: float) -> dict:
         """The meta of the ping sent at ``now`` (monotonic seconds)."""
         self._token = max(int(now * 1000), self._token + 1)
-        self._sent[self._token] = now
+        self._sent[self._token] = (now, self._heard and not self._sent)
         if len(self._sent) > TRACKED:
             del self._sent[min(self._sent)]
         meta: dict = {"ping": self._token}
@@ -79,7 +85,9 @@ class RouterLink:
         known = type(token) is int
         sent = self._sent.pop(token, None) if known else None
         if sent is not None:
-            self._measure((now - sent) * 1000)
+            self._heard = True
+            if sent[1] and token == self._token:
+                self._measure((now - sent[0]) * 1000)
         if known and self._hello_after is not None and token <= self._hello_after:
             return Register.NO  # the HELLO sent since has answered it
         instance = meta.get("router")
