@@ -127,3 +127,39 @@ def test_the_dashboard_says_the_router_is_unreachable_then_resumes_by_itself(pro
     assert "router restarted" in browser.evaluate("document.getElementById('notice').textContent")
     browser.wait_for(f"{ROWS}.length === 1", what="the worker registered again")
     assert browser.exceptions == []
+
+
+NODE_ROWS = "[...document.querySelectorAll('#nodes tbody tr[data-node]')]"
+
+
+def _node_cell(node: str, column: str) -> str:
+    return (f"document.querySelector('#nodes tr[data-node=\"{node}\"] .col-{column}')"
+            "?.textContent")
+
+
+def test_the_dashboard_shows_each_node_and_one_that_is_lost(procs, browser):
+    """A router with two `workerpool worker` nodes: each has its row (host, workers of
+    slots, a round trip) and its workers name it; one killed with SIGKILL shows as lost."""
+    port = _free_port()
+    cfg = procs.config("[router]\nheartbeat_interval = 0.2\nheartbeat_liveness = 3\n")
+    front, back = procs.tcp(), procs.tcp()
+    router = procs.spawn(["router", "--config", cfg, "--frontend", front, "--backend", back,
+                          "--metrics", f"127.0.0.1:{port}"], front, None)
+    procs.node(router, back, "a", "--config", cfg, "--workers", "2")
+    b = procs.node(router, back, "b", "--config", cfg, "--workers", "1")
+    browser.open(f"http://127.0.0.1:{port}/")
+    browser.wait_for(f"{NODE_ROWS}.length === 2 && {_node_cell('a', 'rtt')} !== '-'",
+                     what="two node rows, a with a round trip")
+    host = socket.gethostname()
+    assert browser.evaluate(f"{NODE_ROWS}.map(r => r.dataset.node)") == ["a", "b"]
+    assert browser.evaluate(_node_cell("a", "host")) == host
+    assert browser.evaluate(_node_cell("a", "state")) == "connected"
+    browser.wait_for(f"{_node_cell('a', 'workers')} === '2/2'", what="a's 2 workers")
+    assert browser.evaluate(_node_cell("b", "workers")) == "1/1"
+    assert float(browser.evaluate(_node_cell("a", "rtt"))) >= 0
+    browser.wait_for(f"{ROWS}.length === 3", what="three worker rows")
+    assert browser.evaluate(_cell("default/b/0", "node")) == "b"
+    os.killpg(b.pgid, signal.SIGKILL)
+    browser.wait_for(f"{_node_cell('b', 'state')} === 'lost'", what="b lost")
+    assert browser.evaluate(_node_cell("a", "state")) == "connected"
+    assert browser.exceptions == []

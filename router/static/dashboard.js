@@ -79,6 +79,7 @@ function render() {
   renderRouter(status.router);
   renderServices(status.services, colors);
   renderWorkers(status.workers);
+  renderNodes(status.nodes || []);
   renderCharts(history, colors);
 }
 
@@ -137,7 +138,8 @@ function fig(label, value) {
 // what a status row puts in them.
 const COLUMNS = [
   ["col-id", (w) => w.id],
-  ["col-state", (w) => { const s = el("span", `state ${w.state}`); s.textContent = w.state; return s; }],
+  ["col-state", (w) => stateBadge(w.state)],
+  ["col-node", (w) => w.node ?? "-"],
   ["col-device", (w) => w.device],
   ["col-in-flight num", (w) => `${w.in_flight}/${w.capacity ?? "-"}${w.prefetch ? `+${w.prefetch}` : ""}`],
   ["col-completed num", (w) => w.completed],
@@ -149,27 +151,56 @@ const COLUMNS = [
 ];
 
 function renderWorkers(workers) {
-  const body = byId("workers").tBodies[0];
-  if (!workers.length) {
+  fillTable("workers", workers, COLUMNS, "worker", (w) => w.id, "no workers registered",
+    (tr, w) => { if (w.last_error) tr.lastChild.title = w.last_error; });
+}
+
+// The node table's columns, as `workerpool status` shows its NODE table.
+const NODE_COLUMNS = [
+  ["col-node", (n) => n.node],
+  ["col-host", (n) => n.host ?? "-"],
+  ["col-pid num", (n) => n.pid ?? "-"],
+  ["col-state", (n) => stateBadge(n.state)],
+  ["col-workers num", (n) => `${n.workers}/${n.slots}`],
+  ["col-seen num", (n) => duration(n.seen)],
+  ["col-rtt num", (n) => n.rtt_ms ?? "-"],
+  ["col-srtt num", (n) => n.rtt_smoothed_ms ?? "-"],
+];
+
+function renderNodes(nodes) {
+  fillTable("nodes", nodes, NODE_COLUMNS, "node", (n) => n.node, "no supervisor registered");
+}
+
+// Fills the table ``id`` with a row per item (its ``data-KEY`` from ``keyOf``) and a cell
+// per column, or one row saying ``empty``; ``decorate(tr, item)`` finishes a row.
+function fillTable(id, items, columns, key, keyOf, empty, decorate = () => {}) {
+  const body = byId(id).tBodies[0];
+  if (!items.length) {
     const td = el("td", "empty");
-    td.colSpan = COLUMNS.length;
-    td.textContent = "no workers registered";
+    td.colSpan = columns.length;
+    td.textContent = empty;
     const tr = el("tr");
     tr.append(td);
     body.replaceChildren(tr);
     return;
   }
-  body.replaceChildren(...workers.map((w) => {
+  body.replaceChildren(...items.map((item) => {
     const tr = el("tr");
-    tr.dataset.worker = w.id;
-    for (const [cls, value] of COLUMNS) {
+    tr.dataset[key] = keyOf(item);
+    for (const [cls, value] of columns) {
       const td = el("td", cls);
-      td.append(value(w));
+      td.append(value(item));
       tr.append(td);
     }
-    if (w.last_error) tr.lastChild.title = w.last_error;
+    decorate(tr, item);
     return tr;
   }));
+}
+
+function stateBadge(state) {
+  const s = el("span", `state ${state}`);
+  s.textContent = state;
+  return s;
 }
 
 function utilizationBar(u) {
