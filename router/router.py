@@ -18,7 +18,8 @@ With keys (``SecurityConfig.keys``) both sockets are CURVE servers: a ZAP thread
 (ipc.curve) lets only known keys complete a handshake, and each message's key is looked up
 again in the ``KeyStore`` as it is read, so its role reaches the core and a revoked key is
 refused on a connection that is already up. The store is read again on SIGHUP, and when
-its folders change (a stat every ``KEY_CHECK_INTERVAL``).
+its folders change (a stat every ``KEY_CHECK_INTERVAL``), on a thread of its own
+(``curve.KeyWatch``).
 """
 
 from __future__ import annotations
@@ -101,8 +102,7 @@ class Router:
         if security.keys:
             self.keys = curve.KeyStore(security.keys)
             self._auth = curve.start_authenticator(self._ctx, self.keys)
-        self._next_key_check = 0.0
-        self._reload_keys = False  # set by SIGHUP
+        self._key_watch = curve.KeyWatch(self.keys, KEY_CHECK_INTERVAL) if self.keys else None
         try:
             if config.metrics:  # first: a taken port fails before either socket is bound
                 self.listener = listener_module().Listener(config.metrics, self._wakeup.wake)
@@ -123,7 +123,6 @@ class Router:
         self.backend_address = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.core = RouterCore(config, service_defaults, _Sockets(self.frontend, self.backend),
                                time.monotonic, (self.frontend_address, self.backend_address))
-        self._wakeup = SignalWakeup()
         # A message's parts: routing id, head, a body frame, then its buffer frames.
         self._max_parts = 3 + config.max_buffer_frames
 
@@ -145,21 +144,9 @@ class Router:
         signal.signal(signal.SIGHUP, self._on_sighup)
 
     def _on_sighup(self, signum: int, frame: object) -> None:
-        """Read the keys again at once (the wake-up fd makes the poll return)."""
-        self._reload_keys = True
-
-    def check_keys(self, now: float) -> None:
-        """Read the key store again on SIGHUP, or when a stat shows its folders changed."""
-        if self.keys is None:
-            self._reload_keys = False
-            return
-        if not self._reload_keys and now < self._next_key_check:
-            return
-        self._next_key_check = now + KEY_CHECK_INTERVAL
-        forced, self._reload_keys = self._reload_keys, False
-        if (forced or self.keys.changed()) and self.keys.reload():
-            log.info("keys read again from %s: %d allowed", self.keys.directory,
-                     len(self.keys))
+        """Read the keys again at once."""
+        if self._key_watch is not None:
+            self._key_watch.now()
 
     def run(self) -> None:
         core = self.core
@@ -176,6 +163,8 @@ class Router:
         listener = self.listener
         if listener is not None:
             listener.start()
+        if self._key_watch is not None:
+            self._key_watch.start()
         # What exists now (modules, config, sockets) lives as long as the router: out of the
         # collector's sight, a full collection takes under 1 ms instead of up to 16 (measured
         # in a hostile flood, bench/fuzz.py), and a full collection stalls every client.
@@ -190,7 +179,6 @@ class Router:
                 polled = core.backend_read_at = time.monotonic()
                 if self._wakeup.fileno() in events:
                     self._wakeup.drain()
-                self.check_keys(time.monotonic())
                 busy = False
                 if self.backend in events:
                     busy |= self._drain_socket(self.backend, core.on_backend, self._max_parts,
@@ -226,6 +214,8 @@ class Router:
     def close(self) -> None:
         if self.listener is not None:
             self.listener.close()
+        if self._key_watch is not None:
+            self._key_watch.stop()
         self.frontend.close()
         self.backend.close()
         if self._auth is not None:

@@ -587,3 +587,23 @@ def test_batch_sizes_come_from_the_workers_cumulative_reports():
     assert (cum[1], cum[2], cum[4], cum[8], h.count, h.sum) == (1, 2, 2, 5, 5, 24)
     meter.batches("work", second, second)  # a beat that moved nothing adds nothing
     assert meter.method("work").batch_size.freeze().count == 5
+
+
+def test_a_scrape_wakes_the_loop_through_the_fd_the_loop_polls(tmp_path):
+    """The listener asks the loop for a snapshot by waking it. It once held the wake-up of
+    a pipe the loop did not poll, so each scrape waited for the loop's next timer (16 to
+    99 ms on an idle pool, against 2 ms since)."""
+    import socket
+
+    from router.router import Router
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    router = Router(RouterConfig(frontend=f"ipc://{tmp_path}/front",
+                                 backend=f"ipc://{tmp_path}/back",
+                                 metrics=f"127.0.0.1:{port}"))
+    try:
+        assert router.listener.snapshots._wake == router._wakeup.wake
+    finally:
+        router.close()

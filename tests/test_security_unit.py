@@ -158,6 +158,47 @@ def test_the_store_maps_keys_to_roles_and_notices_removal_and_moves(tmp_path):
     assert store.role(key[Role.WORKER]) is Role.WORKER
 
 
+def test_the_key_watch_reads_the_store_again_on_its_own_thread(tmp_path):
+    """A key added is allowed, and one removed refused, within the watch's interval, with
+    no call from the router's loop; ``now()`` reads at once (SIGHUP), however long the
+    interval; ``stop()`` ends the thread."""
+    import threading
+    import time
+
+    curve.init_keys(tmp_path)
+    store = curve.KeyStore(tmp_path)
+    watch = curve.KeyWatch(store, interval=0.05)
+    watch.start()
+
+    def eventually(predicate) -> None:
+        deadline = time.monotonic() + 10
+        while not predicate():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    try:
+        public, _ = curve.add_key(tmp_path, "client", "late")
+        new = curve.load_public(public)
+        eventually(lambda: store.role(new) is Role.CLIENT)
+        os.remove(public)
+        eventually(lambda: store.role(new) is None)
+    finally:
+        watch.stop()
+    assert not watch.is_alive()
+
+    slow = curve.KeyWatch(store, interval=3600)
+    slow.start()
+    try:
+        public, _ = curve.add_key(tmp_path, "admin", "asked")
+        asked = curve.load_public(public)
+        assert store.role(asked) is None
+        slow.now()
+        eventually(lambda: store.role(asked) is Role.ADMIN)
+    finally:
+        slow.stop()
+    assert "workerpool-keys" not in [t.name for t in threading.enumerate()]
+
+
 def test_a_peer_finds_its_files_from_a_directory_or_two_paths(tmp_path):
     curve.init_keys(tmp_path)
     own, router = curve.peer_files(keys=tmp_path, role="admin")
