@@ -33,6 +33,10 @@ POLICIES: tuple[str, ...] = ("round-robin", "least-loaded", "power-of-two")
 CapacityPolicy = Literal["queue", "reject"]
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 DEFAULT_BACKEND = "tcp://127.0.0.1:5556"  # `workerpool router`; `up` uses a private ipc socket
+# Defaults the router's peers need before (or without) a RouterConfig: one definition each.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
+DEFAULT_HEARTBEAT_INTERVAL = 1.0
+DEFAULT_DRAIN_TIMEOUT = 30.0
 MIN_PRIORITY, MAX_PRIORITY = 0, 1000  # request priorities: higher is served first
 MAX_TIMEOUT = 86400.0  # seconds; a longer request deadline is almost surely a unit mistake
 
@@ -267,7 +271,8 @@ class RouterConfig(_Model):
         None, description="Address workers and supervisors connect to (up picks a free one)."
     )
     max_message_bytes: int = Field(
-        256 * 2**20, ge=1024, description="Largest message accepted; bigger peers are dropped."
+        DEFAULT_MAX_MESSAGE_BYTES, ge=1024,
+        description="Largest message accepted; bigger peers are dropped."
     )
     max_meta_bytes: int = Field(
         655360, ge=1024, le=2**24, description="Largest meta frame a client may send; a larger "
@@ -313,11 +318,12 @@ class RouterConfig(_Model):
         "(max_unread_replies) has every request refused with BackpressureError code "
         "'not-reading', so it cannot keep workers busy for replies it never takes.")
     drain_timeout: float = Field(
-        30.0, ge=0, le=86400,
+        DEFAULT_DRAIN_TIMEOUT, ge=0, le=86400,
         description="On shutdown, how long in-flight requests may run before they are failed.",
     )
     heartbeat_interval: float = Field(
-        1.0, gt=0, le=60, description="Seconds between heartbeats from workers and supervisors."
+        DEFAULT_HEARTBEAT_INTERVAL, gt=0, le=60,
+        description="Seconds between heartbeats from workers and supervisors."
     )
     heartbeat_liveness: int = Field(
         3, ge=1, le=100, description="Heartbeats missed before a worker is killed as hung "

@@ -44,7 +44,15 @@ from workerpool.children import (
     start_worker,
     wait_all,
 )
-from workerpool.config import ROUTED_FIELDS, TIMINGS, RouterConfig, ServiceConfig, SupervisorConfig
+from workerpool.config import (
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ROUTED_FIELDS,
+    TIMINGS,
+    ServiceConfig,
+    SupervisorConfig,
+)
 from workerpool.devices import device_label, parse_devices
 from workerpool.inbox import messages
 from workerpool.link import Register, RouterLink
@@ -79,10 +87,10 @@ class Supervisor:
         config: SupervisorConfig | None = None,
         router_argv: list[str] | None = None,
         gateway_argv: list[str] | None = None,
-        drain_timeout: float = 30.0,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         node: str | None = None,
-        max_message_bytes: int | None = None,
-        heartbeat_interval: float = 1.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         keys: tuple[str, str] | None = None,
     ) -> None:
         self.config = config or SupervisorConfig()
@@ -515,7 +523,7 @@ class Supervisor:
             handler=w.service.handler, device=w.device, backend=self.backend,
             capacity=w.service.max_inflight, options=w.service.options, parent_pid=os.getpid(),
             supervisor=self._identity.decode(),
-            max_message_bytes=self.max_message_bytes or RouterConfig().max_message_bytes,
+            max_message_bytes=self.max_message_bytes,
             heartbeat_interval=self.heartbeat_interval,
             key=self.keys[0] if self.keys else None,
             router_key=self.keys[1] if self.keys else None,

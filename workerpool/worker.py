@@ -47,6 +47,7 @@ from workerpool._proc import EXIT_POISONED, EXIT_SETUP_FAILED, die_with_parent
 from workerpool.backlog import Backlog
 from workerpool.batching import BatchRunner, BatchSizeMeter, BatchSpec, batch_spec
 from workerpool.busy import BusyMeter
+from workerpool.config import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_MESSAGE_BYTES
 from workerpool.context import WorkerContext, WorkerStats
 from workerpool.devices import CPU, device_label
 from workerpool.errors import (
@@ -87,8 +88,8 @@ class WorkerSpec(BaseModel):
     options: dict[str, Any] = {}
     parent_pid: int | None = None
     supervisor: str | None = None  # the routing id of the supervisor that started it
-    max_message_bytes: int = 256 * 2**20  # the router drops bigger messages: refuse them here
-    heartbeat_interval: float = 1.0  # seconds between heartbeats from the heartbeat thread
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # the router drops bigger: refuse here
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL  # between its heartbeat thread's beats
     key: str | None = None  # path of this worker's .key_secret (CURVE); None: no keys
     router_key: str | None = None  # path of the router's public .key
 

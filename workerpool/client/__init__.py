@@ -27,9 +27,10 @@ numpy arrays and torch tensors anywhere in a payload or a reply travel as raw by
 client owns a ``SegmentPool`` for its requests and a ``SegmentMapper`` for the replies.
 """
 
-from workerpool.client._base import DEFAULT_MAX_MESSAGE_BYTES, is_local
+from workerpool.client._base import is_local
 from workerpool.client._replies import reply_meta
 from workerpool.client.aio import AsyncClient
 from workerpool.client.sync import Client
+from workerpool.config import DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "AsyncClient", "Client", "is_local", "reply_meta"]

@@ -41,8 +41,6 @@ from workerpool.errors import (
     from_wire,
 )
 
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20  # body plus every array's bytes, wherever they travel
-
 MAX_PING_IDS = 65536  # request ids one ping asks the router about
 _PONG_PREFIX = protocol.MAGIC + bytes([protocol.VERSION, Kind.HEARTBEAT])
 _BUNDLE_PREFIX = protocol.MAGIC + bytes([protocol.VERSION, Kind.BUNDLE])

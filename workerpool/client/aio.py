@@ -42,9 +42,9 @@ from ipc import curve, protocol, transport
 from ipc import shm as segments
 from ipc.lifecycle import AdminOp
 from ipc.protocol import Kind
-from workerpool.client._base import DEFAULT_MAX_MESSAGE_BYTES, HANDSHAKE_EVENTS, BaseClient
+from workerpool.client._base import HANDSHAKE_EVENTS, BaseClient
 from workerpool.client._replies import Pending
-from workerpool.config import DEFAULT_FRONTEND
+from workerpool.config import DEFAULT_FRONTEND, DEFAULT_MAX_MESSAGE_BYTES
 from workerpool.errors import BackpressureError, ClientClosedError
 
 #: Replies handled in one loop callback (a bundle's each); then the drain continues after the loop's other

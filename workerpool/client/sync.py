@@ -38,9 +38,9 @@ from ipc import curve, protocol, transport
 from ipc import shm as segments
 from ipc.lifecycle import AdminOp
 from ipc.protocol import Kind
-from workerpool.client._base import DEFAULT_MAX_MESSAGE_BYTES, HANDSHAKE_EVENTS, BaseClient
+from workerpool.client._base import HANDSHAKE_EVENTS, BaseClient
 from workerpool.client._replies import Pending, Replies
-from workerpool.config import DEFAULT_FRONTEND, TIMINGS
+from workerpool.config import DEFAULT_FRONTEND, DEFAULT_MAX_MESSAGE_BYTES, TIMINGS
 from workerpool.errors import ClientClosedError
 
 DIRECT_WAIT = 0.05
