@@ -26,32 +26,47 @@ S = WorkerState
 
 class BusySamples:
     """A worker's cumulative (busy, wall) seconds from its last heartbeats (workerpool.busy),
-    and the busy fraction they give: over the last ``WINDOW`` beats, and since it became
-    ready. A sample that is not two numbers, or goes back in time, is ignored."""
+    with the requests it had finished by then, and what they give: the busy fraction over
+    the last ``WINDOW`` beats and since it became ready, and its handler time per request.
+    A sample that is not two numbers, or goes back in time, is ignored."""
 
     WINDOW = 5  # beats: about 5 s at the default heartbeat_interval, steady but still live
 
-    __slots__ = ("_samples",)
+    __slots__ = ("_per_request", "_samples")
 
-    def __init__(self) -> None:
-        self._samples: deque[tuple[float, float]] = deque([(0.0, 0.0)], maxlen=self.WINDOW + 1)
+    def __init__(self, done: int = 0) -> None:
+        self._samples: deque[tuple[float, float, int]] = deque([(0.0, 0.0, done)],
+                                                               maxlen=self.WINDOW + 1)
+        self._per_request: float | None = None
 
-    def add(self, sample: object) -> None:
+    def add(self, sample: object, done: int = 0) -> None:
+        """One beat's ``busy`` field; ``done``: the requests the router has had final
+        replies for from this worker, as the beat arrives."""
         if not (isinstance(sample, list) and len(sample) == 2
                 and all(type(x) in (int, float) for x in sample)):
             return
         busy, wall = float(sample[0]), float(sample[1])
-        last_busy, last_wall = self._samples[-1]
+        last_busy, last_wall, _ = self._samples[-1]
         if wall > last_wall and last_busy <= busy <= wall + 1e-3:
-            self._samples.append((busy, wall))
+            self._samples.append((busy, wall, done))
+            (b0, _, d0) = self._samples[0]
+            if done > d0 and busy > b0:
+                self._per_request = (busy - b0) / (done - d0)
 
     def recent(self) -> float | None:
-        (b0, w0), (b1, w1) = self._samples[0], self._samples[-1]
+        (b0, w0, _), (b1, w1, _) = self._samples[0], self._samples[-1]
         return None if w1 <= w0 else round(min(1.0, (b1 - b0) / (w1 - w0)), 3)
 
     def since_start(self) -> float | None:
-        busy, wall = self._samples[-1]
+        busy, wall, _ = self._samples[-1]
         return None if wall <= 0 else round(min(1.0, busy / wall), 3)
+
+    def per_request(self) -> float | None:
+        """Seconds its handler ran per request finished, over the last window in which it
+        finished any: an idle spell keeps the figure from before it. None until requests
+        finished and the handler ran between two samples. A batch's time is shared among
+        its requests."""
+        return self._per_request
 
 
 class BatchSizes:
@@ -179,7 +194,8 @@ class Conn:
         self.declared = capacity  # what the worker said it can hold
         self.told = capacity  # the capacity the worker knows it has (see WorkerRegistry.tell_capacity)
         self.capacity = capacity  # what it runs at once: min(declared, service max_inflight)
-        self.limit = capacity  # what the router sends it: capacity plus the service's prefetch
+        # What the router sends it: capacity plus what it holds ahead (Service.size_ahead).
+        self.limit = capacity
         self.reclaiming: set[int] = set()  # requests asked back (RECLAIM), not answered yet
         self.sent = 0  # REQUESTs sent to it: each carries its number (Record.seq) for RECLAIM
         self.methods = methods
@@ -190,7 +206,7 @@ class Conn:
         self.busy_since = now  # when its current request started: last progress while busy
         self.kill_sent: float | None = None  # when the router asked for it to be killed
         self.memory: dict[str, int] = {}  # from its last heartbeat (workerpool.memory)
-        self.busy = BusySamples()  # from its heartbeats (workerpool.busy)
+        self.busy = BusySamples(slot.finished)  # from its heartbeats (workerpool.busy)
         self.batches = BatchSizes()  # from its heartbeats (workerpool.batching)
         # Set when a send to it failed: the time its requests are answered anyway if no
         # death notice came by then.
@@ -225,6 +241,11 @@ class Slot:
         self.lost: tuple[int, dict] | None = None
         self.death_logged = 0
         self.sort_key = _sort_key(slot_id)
+
+    @property
+    def finished(self) -> int:
+        """Requests its workers answered (completed or errored)."""
+        return self.completed + self.errored
 
     def transition(self, new: WorkerState) -> None:
         """Move to ``new``; raises IllegalTransition for a move the table forbids."""

@@ -54,7 +54,11 @@ class Liveness:
             conn = core.registry.conns.get(of)
             if conn is not None:
                 conn.last_beat = now
-                conn.busy.add(meta.get("busy"))
+                conn.busy.add(meta.get("busy"), conn.slot.finished)
+                svc = core.services.get(conn.slot.service)
+                if svc is not None and conn in svc.conns \
+                        and svc.size_ahead(conn, core.supervisors.round_trip(conn.slot.owner)):
+                    core.requests.pump(svc)  # its room grew: queued requests may go now
                 batches = meta.get("batches")
                 meter = core.services[conn.slot.service].meter \
                     if conn.slot.service in core.services else None

@@ -22,6 +22,23 @@ WINDOW = 1024  # recent requests the percentiles and the completion rate are com
 RATE_WINDOW = 5.0  # seconds of completions the completion rate looks back over
 FALLBACK_SERVICE_TIME = 0.01  # seconds per request assumed before any completed
 MIN_RETRY_AFTER, MAX_RETRY_AFTER = 0.001, 60.0
+NEAR = 0.002  # seconds: a round trip under this is a local or same-site path
+MAX_AHEAD = 64  # requests held ahead at most, as prefetch itself allows
+
+
+def ahead_for(prefetch: int, rtt: float | None, per_request: float | None) -> int:
+    """How many requests a worker is sent beyond those it runs: ``prefetch``, or, for a
+    worker whose round trip to the router (``rtt`` seconds) is longer than ``NEAR`` and
+    than the ``prefetch`` requests it would run meanwhile (``per_request`` seconds of
+    handler time each), as many as it runs in one round trip, at most ``MAX_AHEAD``.
+
+    The next request is sent when a reply arrives, so it reaches the worker a round trip
+    after the reply left: a worker that holds fewer than that round trip's worth sits idle
+    for the rest of it, every time. ``prefetch`` 0 turns holding ahead off, this too;
+    with no round trip or handler time known yet, ``prefetch`` stands."""
+    if prefetch <= 0 or rtt is None or per_request is None or rtt < NEAR:
+        return prefetch
+    return max(prefetch, min(MAX_AHEAD, math.ceil(rtt / max(per_request, 1e-6))))
 
 
 @dataclass(frozen=True)
@@ -73,10 +90,20 @@ class Service:
 
     def set_capacity(self, conn: Conn, declared: int) -> None:
         """What ``conn`` runs (its declared capacity, capped by ``max_inflight``) and what
-        it is sent (``limit``: that plus ``prefetch``, held ahead unstarted)."""
+        it is sent (``limit``: that plus ``prefetch``, held ahead unstarted, until
+        ``size_ahead`` sizes it for the worker's round trip)."""
         cap = self.settings.max_inflight
         conn.capacity = min(declared, cap) if cap else declared
         conn.limit = conn.capacity + self.settings.prefetch
+
+    def size_ahead(self, conn: Conn, rtt: float | None) -> bool:
+        """Resize what ``conn`` holds ahead for its round trip (``ahead_for``), from the
+        handler time per request its heartbeats show. True when its limit rose: queued
+        requests may go to it now."""
+        limit = conn.capacity + ahead_for(self.settings.prefetch, rtt, conn.busy.per_request())
+        rose = limit > conn.limit
+        conn.limit = limit
+        return rose
 
     # -- workers ---------------------------------------------------------------------------
     def add_conn(self, conn: Conn) -> None:

@@ -140,6 +140,12 @@ class Supervisors:
         if rtt is not None and srtt is not None:
             peer.rtt, peer.srtt = rtt, srtt
 
+    def round_trip(self, ident: bytes | None) -> float | None:
+        """The smoothed round trip in seconds that the supervisor ``ident`` last reported
+        (its workers' path to the router), or None."""
+        peer = None if ident is None else self.known.get(ident) or self._lost.get(ident)
+        return None if peer is None or peer.srtt is None else peer.srtt / 1000
+
     def placement(self, ident: bytes | None) -> tuple[str | None, str | None]:
         """(node, host) of the supervisor ``ident``, if it described itself and has not
         left."""
