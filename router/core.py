@@ -565,7 +565,8 @@ class RouterCore:
             return svc
         cfg = {**self._defaults, **(config or {})}
         # Re-validated with the same model the supervisor used: a bad HELLO is refused.
-        checked = ServiceConfig.model_validate({k: cfg[k] for k in ROUTED_FIELDS if k in cfg})
+        checked = ServiceConfig.model_validate({k: cfg[k] for k in ROUTED_FIELDS if k in cfg},
+                                               strict=True)
         settings = ServiceSettings(**{k: getattr(checked, k) for k in ROUTED_FIELDS})
         if svc is None:
             svc = self.services[name] = Service(name, settings)

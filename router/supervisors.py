@@ -170,8 +170,11 @@ class Supervisors:
         slots = [(str(s["slot"]), str(s["service"]), str(s.get("device", "?")), _running(s))
                  for s in meta.get("slots", ())]
         for s in services:  # all or nothing: check every service before applying any
+            # Strict: the wire's types as protocol.md states them, not what converts to
+            # them ("3", true or 2.0 for an int).
             ServiceConfig.model_validate(
-                {k: v for k, v in s.items() if k in ROUTED_FIELDS} | {"name": str(s["name"])})
+                {k: v for k, v in s.items() if k in ROUTED_FIELDS} | {"name": str(s["name"])},
+                strict=True)
             for key in ("workers", "spares"):
                 if key in s:
                     worker_count(s[key])

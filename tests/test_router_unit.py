@@ -312,6 +312,23 @@ def test_a_hello_with_bad_counts_registers_nothing():
     assert core.registry.slots == {} and core.stats["bad_frames_backend"] == 3
 
 
+@pytest.mark.parametrize("bad", [{"prefetch": "3"}, {"prefetch": True}, {"prefetch": 2.0},
+                                 {"max_inflight": "4"}, {"queue_capacity": 1.5},
+                                 {"idempotent": 1}, {"max_wait": "5"}, {"policy": 7}])
+def test_a_hello_whose_settings_only_convert_to_their_types_is_refused(bad):
+    """The routed settings are checked as protocol.md types them: a string, a boolean or
+    a float where an int belongs is refused, not read as one (pydantic's lax mode would)."""
+    h = Harness()
+    h.backend(b"sup", Kind.HELLO, {"services": [{"name": "svc", "workers": 1, **bad}],
+                                   "slots": [{"slot": "svc/0", "service": "svc"}]})
+    assert "svc" not in h.core.services and h.core.stats["bad_frames_backend"] == 1
+    h.backend(b"sup", Kind.HELLO, {"services": [{"name": "svc", "workers": 1, "max_wait": 5,
+                                                 "prefetch": 2}],
+                                   "slots": [{"slot": "svc/0", "service": "svc"}]})
+    settings = h.core.services["svc"].settings  # an int where a float belongs is one
+    assert (settings.max_wait, settings.prefetch) == (5.0, 2)
+
+
 def test_a_lost_supervisor_fails_its_workers_requests_and_is_taken_back():
     h = Harness(heartbeat_interval=1.0, heartbeat_liveness=3)
     h.hello(workers=1)
