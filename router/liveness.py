@@ -55,10 +55,6 @@ class Liveness:
             if conn is not None:
                 conn.last_beat = now
                 conn.busy.add(meta.get("busy"), conn.slot.finished)
-                svc = core.services.get(conn.slot.service)
-                if svc is not None and conn in svc.conns \
-                        and svc.size_ahead(conn, core.supervisors.round_trip(conn.slot.owner)):
-                    core.requests.pump(svc)  # its room grew: queued requests may go now
                 batches = meta.get("batches")
                 meter = core.services[conn.slot.service].meter \
                     if conn.slot.service in core.services else None
@@ -114,6 +110,12 @@ class Liveness:
                             "holding the GIL)")
             return
         svc = core.services.get(conn.slot.service)
+        if svc is not None and conn in svc.conns:
+            moved = svc.size_ahead(conn, core.supervisors.round_trip(conn.slot.owner), now)
+            if moved > 0:
+                core.requests.pump(svc)  # its room grew: queued requests may go now
+            elif moved < 0:
+                core.requests.shed_excess(conn)
         cap = svc.settings.exec_timeout if svc is not None else None
         if cap and conn.in_flight and now - conn.busy_since > cap:
             # The oldest is running, and so is every request of a batch (STARTED).

@@ -217,27 +217,42 @@ class RequestTable:
                 free += c.capacity - held
             asked += len(c.reclaiming)
         free -= asked
-        if free <= 0:
-            return
         for c in svc.conns:
+            if free <= 0:
+                return
             ahead = len(c.in_flight) - c.capacity - len(c.reclaiming)
-            if ahead <= 0:
+            if ahead > 0:
+                free -= self.reclaim(c, min(free, ahead))
+
+    def shed_excess(self, conn: Conn) -> None:
+        """``conn`` holds more than its limit now allows (its ahead count fell: it stalled,
+        or its round trip shrank): ask the excess back, newest first, whatever the other
+        workers are doing. What it gives back goes to the queue and on to a worker with
+        room."""
+        excess = len(conn.in_flight) - conn.limit - len(conn.reclaiming)
+        if excess > 0:
+            self.reclaim(conn, excess)
+
+    def reclaim(self, conn: Conn, most: int) -> int:
+        """Send RECLAIM for up to ``most`` of the requests ``conn`` holds ahead, newest
+        first (it would start them last), skipping any it said it started or was already
+        asked for. Returns how many were asked."""
+        asked = 0
+        for rid in reversed(conn.in_flight):
+            if asked >= most:
+                break
+            rec = conn.in_flight[rid]
+            if rid in conn.reclaiming or rid in conn.started or rec.phase is not Phase.RUNNING:
                 continue
-            for rid in reversed(c.in_flight):  # the newest: it would start last
-                rec = c.in_flight[rid]
-                if rid in c.reclaiming or rid in c.started or rec.phase is not Phase.RUNNING:
-                    continue
-                c.reclaiming.add(rid)
-                # To its heartbeat thread: the main thread is busy running a handler.
-                self.core.to_backend(c.identity + HEARTBEAT_SUFFIX, Kind.RECLAIM,
-                                     {"seq": rec.seq}, rid)
-                self.core.stats["reclaims_asked"] += 1
-                free -= 1
-                ahead -= 1
-                if free <= 0:
-                    return
-                if ahead <= 0:
-                    break
+            if len(conn.in_flight) - len(conn.reclaiming) <= conn.capacity:
+                break  # the rest it runs (or the oldest does): never ask for those
+            conn.reclaiming.add(rid)
+            # To its heartbeat thread: the main thread is busy running a handler.
+            self.core.to_backend(conn.identity + HEARTBEAT_SUFFIX, Kind.RECLAIM,
+                                 {"seq": rec.seq}, rid)
+            self.core.stats["reclaims_asked"] += 1
+            asked += 1
+        return asked
 
     def on_reclaimed(self, conn: Conn, rid: int, meta: dict) -> None:
         """A worker's answer to RECLAIM: ``returned``, it gave the request back unstarted

@@ -24,6 +24,7 @@ FALLBACK_SERVICE_TIME = 0.01  # seconds per request assumed before any completed
 MIN_RETRY_AFTER, MAX_RETRY_AFTER = 0.001, 60.0
 NEAR = 0.002  # seconds: a round trip under this is a local or same-site path
 MAX_AHEAD = 64  # requests held ahead at most, as prefetch itself allows
+STALL_FACTOR, STALL_MIN = 10, 0.05  # no reply for this many requests' time, and seconds
 
 
 def ahead_for(prefetch: int, rtt: float | None, per_request: float | None) -> int:
@@ -39,6 +40,16 @@ def ahead_for(prefetch: int, rtt: float | None, per_request: float | None) -> in
     if prefetch <= 0 or rtt is None or per_request is None or rtt < NEAR:
         return prefetch
     return max(prefetch, min(MAX_AHEAD, math.ceil(rtt / max(per_request, 1e-6))))
+
+
+def stalled(conn: Conn, now: float, per_request: float | None) -> bool:
+    """Whether ``conn`` has sent no final reply for far longer than its requests take
+    (``STALL_FACTOR`` of them, and at least ``STALL_MIN`` seconds) while holding some: a
+    long request runs, and what it holds ahead waits behind it. Sized for its round trip,
+    that would be many requests, so they are asked back (``size_ahead``)."""
+    if not conn.in_flight or per_request is None:
+        return False
+    return now - conn.busy_since > max(STALL_MIN, STALL_FACTOR * per_request)
 
 
 @dataclass(frozen=True)
@@ -96,14 +107,19 @@ class Service:
         conn.capacity = min(declared, cap) if cap else declared
         conn.limit = conn.capacity + self.settings.prefetch
 
-    def size_ahead(self, conn: Conn, rtt: float | None) -> bool:
+    def size_ahead(self, conn: Conn, rtt: float | None, now: float) -> int:
         """Resize what ``conn`` holds ahead for its round trip (``ahead_for``), from the
-        handler time per request its heartbeats show. True when its limit rose: queued
-        requests may go to it now."""
-        limit = conn.capacity + ahead_for(self.settings.prefetch, rtt, conn.busy.per_request())
-        rose = limit > conn.limit
+        handler time per request its heartbeats show; back to ``prefetch`` while it is
+        stalled (``stalled``). Returns how far its limit moved: up, queued requests may go
+        to it now; down, it may hold more than it should now."""
+        per_request = conn.busy.per_request()
+        ahead = ahead_for(self.settings.prefetch, rtt, per_request)
+        if ahead > self.settings.prefetch and stalled(conn, now, per_request):
+            ahead = self.settings.prefetch
+        limit = conn.capacity + ahead
+        moved = limit - conn.limit
         conn.limit = limit
-        return rose
+        return moved
 
     # -- workers ---------------------------------------------------------------------------
     def add_conn(self, conn: Conn) -> None:

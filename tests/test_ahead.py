@@ -11,8 +11,9 @@ import pytest
 from ipc.protocol import Kind
 from router.health import BusySamples
 from router.requests import Phase
-from router.service import MAX_AHEAD, ahead_for
+from router.service import MAX_AHEAD, STALL_MIN, ahead_for
 from tests.router_harness import Harness
+from workerpool.config import TIMINGS
 
 C = b"client-1"
 NEAR, FAR = b"sup-near", b"sup-far"
@@ -71,6 +72,7 @@ def _two_hosts(prefetch: int = 1, far_ms: float = 100.0) -> tuple[Harness, bytes
     assert not h.core.requests.records
     _beat(h, near, 0.05, 1.0)
     _beat(h, far, 0.05, 1.0)
+    h.tick(0.001)  # the router's first liveness check: each worker is sized there
     return h, near, far
 
 
@@ -100,7 +102,8 @@ def test_its_room_growing_sends_it_what_waits_in_the_queue():
     assert len(h.dispatched_to(far)) == 2  # no handler time yet: prefetch 1
     h.reply(far, h.dispatched_to(far)[0])
     _beat(h, far, 0.005, 1.0)  # 5 ms for the one answered
-    assert len(h.dispatched_to(far)) == 10  # at its heartbeat, not at the next request
+    h.tick(0.001)  # at the router's liveness check, not at the next request
+    assert len(h.dispatched_to(far)) == 10
     assert h.core.services["default"].queued == 0
 
 
@@ -148,3 +151,42 @@ def test_a_request_held_far_ahead_is_asked_back_for_an_idle_worker():
     asked = [s.req_id for s in h.out.to(far + b"#hb") if s.kind is Kind.RECLAIM]
     # One per free run slot of the idle worker, the newest first: it would start last.
     assert asked == [h.dispatched_to(far)[-1]]
+
+
+def _reclaims(h: Harness, ident: bytes) -> list[int]:
+    return [s.req_id for s in h.out.to(ident + b"#hb") if s.kind is Kind.RECLAIM]
+
+
+def test_a_stalled_far_worker_gives_back_what_it_holds_ahead_and_is_sized_again_after():
+    """A request that runs far longer than the worker's usual (a 2 s one among 5 ms ones)
+    would hold the 20 behind it: once no reply came for 10 requests' time (at least
+    STALL_MIN), the worker falls back to prefetch and the rest is asked back, to run
+    elsewhere. When it answers again it is sized for its round trip again."""
+    h, near, far = _two_hosts()
+    first_far, first_near = len(h.dispatched_to(far)), len(h.dispatched_to(near))
+    for rid in range(1, 31):
+        h.request(C, rid)
+    held = h.dispatched_to(far)[first_far:]
+    assert len(held) == 21
+    h.tick(STALL_MIN / 2)
+    assert _reclaims(h, far) == []  # not stalled yet
+    h.tick(TIMINGS.liveness_tick)
+    assert _row(h, "default/far/0")["prefetch"] == 1
+    asked = _reclaims(h, far)
+    assert asked == held[:1:-1]  # the newest 19: it keeps one running, one ahead
+    for rid in asked:
+        h.backend(far + b"#hb", Kind.RECLAIM, {"returned": True}, req_id=rid)
+    # Back in the queue at their places, ahead of the 7 that never left it; the near worker
+    # runs them as it frees up, each once.
+    for _ in range(19):
+        rid = next(r for r in h.dispatched_to(near)[first_near:]
+                   if r in h.core.requests.records)
+        h.reply(near, rid)
+    assert set(asked) <= set(h.dispatched_to(near))
+    assert not set(asked) & set(h.dispatched_to(far)[first_far + 21:])
+    h.reply(far, held[0])  # the long one ends
+    h.clock.advance(TIMINGS.liveness_tick)
+    h.reply(far, held[1])  # and it answers as often as before
+    h.tick()
+    assert _row(h, "default/far/0")["prefetch"] == 20  # sized for its round trip again
+    assert len(h.dispatched_to(far)) > first_far + 21  # and sent what waits
