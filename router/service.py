@@ -22,22 +22,23 @@ WINDOW = 1024  # recent requests the percentiles and the completion rate are com
 RATE_WINDOW = 5.0  # seconds of completions the completion rate looks back over
 FALLBACK_SERVICE_TIME = 0.01  # seconds per request assumed before any completed
 MIN_RETRY_AFTER, MAX_RETRY_AFTER = 0.001, 60.0
-NEAR = 0.002  # seconds: a round trip under this is a local or same-site path
 MAX_AHEAD = 64  # requests held ahead at most, as prefetch itself allows
 STALL_FACTOR, STALL_MIN = 10, 0.05  # no reply for this many requests' time, and seconds
 
 
 def ahead_for(prefetch: int, rtt: float | None, per_request: float | None) -> int:
     """How many requests a worker is sent beyond those it runs: ``prefetch``, or, for a
-    worker whose round trip to the router (``rtt`` seconds) is longer than ``NEAR`` and
-    than the ``prefetch`` requests it would run meanwhile (``per_request`` seconds of
-    handler time each), as many as it runs in one round trip, at most ``MAX_AHEAD``.
+    worker whose round trip to the router (``rtt`` seconds) is longer than the
+    ``prefetch`` requests it would run meanwhile (``per_request`` seconds of handler time
+    each), as many as it runs in one round trip, at most ``MAX_AHEAD``.
 
     The next request is sent when a reply arrives, so it reaches the worker a round trip
     after the reply left: a worker that holds fewer than that round trip's worth sits idle
-    for the rest of it, every time. ``prefetch`` 0 turns holding ahead off, this too;
-    with no round trip or handler time known yet, ``prefetch`` stands."""
-    if prefetch <= 0 or rtt is None or per_request is None or rtt < NEAR:
+    for the rest of it, every time. That is a worker on a far host, and also one next to
+    the router whose requests take less than the router's own turn-around (under a
+    millisecond). ``prefetch`` 0 turns holding ahead off, this too; with no round trip or
+    handler time known yet, ``prefetch`` stands."""
+    if prefetch <= 0 or rtt is None or per_request is None:
         return prefetch
     return max(prefetch, min(MAX_AHEAD, math.ceil(rtt / max(per_request, 1e-6))))
 

@@ -22,7 +22,8 @@ NEAR, FAR = b"sup-near", b"sup-far"
 @pytest.mark.parametrize(("prefetch", "rtt", "per_request", "ahead"), [
     (1, None, 0.005, 1),  # no round trip reported yet
     (1, 0.1, None, 1),  # no handler time yet
-    (1, 0.0005, 0.00001, 1),  # a local path: prefetch covers it, however quick the handler
+    (1, 0.0005, 0.001, 1),  # next to the router, 1 ms a request: prefetch covers it
+    (1, 0.0005, 0.00002, 25),  # next to the router, 20 µs a request: 25 in one round trip
     (1, 0.1, 0.005, 20),  # 100 ms away, 5 ms a request: 20 run in one round trip
     (1, 0.1, 0.2, 1),  # the handler outlasts the round trip: one ahead is enough
     (3, 0.01, 0.005, 3),  # prefetch already covers it
