@@ -20,6 +20,9 @@ Systems (2 worker processes each):
 - ``wp64f`` and ``wp64a``: the ``max_inflight=64`` pool driven by a bare ``submit`` loop,
   like the executor: ``Client.submit`` from a thread, ``AsyncClient.submit`` from a
   coroutine (``--outstanding 64 --systems wp64f,wp64a`` compares the two clients).
+- ``wp1f``: the pool with the defaults (``max_inflight`` 1, ``prefetch`` 1) and the same
+  bare ``Client.submit`` loop. Give it ``--warmup 4``: what each worker holds ahead is
+  sized from its node's round trip and its handler time, known a few seconds after start.
 
 ``--payload-size N`` sends N random bytes instead of ``{"i": n}`` (not to the broker,
 whose protocol is one msgpack map); bench/large_payload.py runs the large sizes.
@@ -70,12 +73,14 @@ WP1 = "workerpool (max_inflight=1)"
 WP64 = "workerpool (max_inflight=64)"
 WP64NP = "workerpool (max_inflight=64), numpy array payload"
 WP64F = "workerpool (max_inflight=64), Client.submit loop"
+WP1F = "workerpool (defaults), Client.submit loop"
 WP64A = "workerpool (max_inflight=64), AsyncClient.submit loop"
 WPCALL = "workerpool (defaults), Client.call from one thread"
 DIRECT = "zmq echo (no broker)"
 BROKER = "zmq broker (baseline)"
 PPE = "ProcessPoolExecutor(2)"
-SYSTEMS = {"wp1": WP1, "wp64": WP64, "wp64f": WP64F, "wp64a": WP64A, "wpcall": WPCALL,
+SYSTEMS = {"wp1": WP1, "wp1f": WP1F, "wp64": WP64, "wp64f": WP64F, "wp64a": WP64A,
+           "wpcall": WPCALL,
            "wp64np": WP64NP, "direct": DIRECT,
            "broker": BROKER, "ppe": PPE}
 
@@ -399,14 +404,18 @@ def run_broker(args: argparse.Namespace, workdir: str) -> Result:
     return res
 
 
-def run_workerpool_futures(args: argparse.Namespace, workdir: str) -> Result:
-    """The same pool as ``wp64``, driven like ProcessPoolExecutor: the closed loop of
-    ``drive_futures`` over a bare ``Client.submit`` (no per-request timeout, no loadtest
-    bookkeeping), so the two differ only in what is behind ``submit``."""
-    with _pool.pool(workdir, "wp64f", workers=WORKERS, flags=["--max-inflight", "64"]) as (
-            _, frontend, argv), Client(frontend) as client:
+def run_workerpool_futures(args: argparse.Namespace, workdir: str,
+                           max_inflight: int | None = 64) -> Result:
+    """The same pool as ``wp64`` (or, ``max_inflight`` None, one with the defaults),
+    driven like ProcessPoolExecutor: the closed loop of ``drive_futures`` over a bare
+    ``Client.submit`` (no per-request timeout, no loadtest bookkeeping), so the two differ
+    only in what is behind ``submit``."""
+    system, flags = (WP1F, []) if max_inflight is None else \
+        (WP64F, ["--max-inflight", str(max_inflight)])
+    with _pool.pool(workdir, "wp64f" if max_inflight else "wp1f", workers=WORKERS,
+                    flags=flags) as (_, frontend, argv), Client(frontend) as client:
         body = random_payload(args.payload_size) if args.payload_size else None
-        res = drive_futures(WP64F, lambda p: client.submit("echo", p),
+        res = drive_futures(system, lambda p: client.submit("echo", p),
                             (lambda i: body) if body is not None else (lambda i: {"i": i}),
                             args.outstanding, args.warmup, args.duration)
     res.notes["command"] = _pool.command_line(argv)
@@ -474,6 +483,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, str], Result]] = {
     "wp64": lambda a, d: run_workerpool(64, a, d),
     "wp64np": lambda a, d: run_workerpool(64, a, d, kind="numpy"),
     "wp64f": run_workerpool_futures,
+    "wp1f": lambda a, d: run_workerpool_futures(a, d, max_inflight=None),
     "wp64a": run_workerpool_async,
     "wpcall": run_workerpool_call,
     "direct": run_direct,

@@ -425,13 +425,16 @@ def test_a_worker_learns_when_the_router_caps_it_below_what_it_declared(procs):
     assert {w["id"]: w["capacity"] for w in st["workers"]} == {"default/a/0": 2,
                                                                "default/b/0": 2}
     told = "[default/b/0] the router caps this worker at 2 request(s) (it declared 16)"
+    warned = ("@batched method 'work' has max_batch_size=8 but this worker holds at most "
+              "max_inflight=2")
+    # One line per method, written one after the other: wait for the one asked about,
+    # not only the first (reading between the two was a flaky failure).
     deadline = time.monotonic() + 20
-    while told not in b.log.read_text() and time.monotonic() < deadline:
+    while not (told in (log := b.log.read_text()) and warned in log) \
+            and time.monotonic() < deadline:
         time.sleep(0.05)
-    log = b.log.read_text()
     assert told in log
-    assert "@batched method 'work' has max_batch_size=8 but this worker holds at most " \
-           "max_inflight=2" in log
+    assert warned in log
     with Client(router.address, timeout=20) as c:
         futs = [c.submit("work", {"i": i}) for i in range(8)]
         assert sorted(f.result()["i"] for f in futs) == list(range(8))

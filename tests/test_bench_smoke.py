@@ -15,7 +15,7 @@ from tests import netns
 from tests.conftest import ROOT, _env
 
 CASES = {
-    "throughput": ["--systems", "wp64a,direct", "--duration", "0.5", "--warmup", "0.2", "--json"],
+    "throughput": ["--systems", "wp64a,wp1f,direct", "--duration", "0.5", "--warmup", "0.2", "--json"],
     "large_payload": ["--systems", "wp64", "--sizes", "65536", "--duration", "0.5",
                       "--warmup", "0.2", "--json"],
     "tensors": ["--sizes", "1", "--reps", "2", "--warmup", "1", "--json"],
