@@ -78,8 +78,11 @@ def serve(opts: ServeOptions, on_ready=None) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit status. Raises GatewayError."""
     check_installed()
     import uvicorn
+    from uvicorn.config import HTTP_PROTOCOLS
+    from uvicorn.importer import import_from_string
 
     from workerpool.client import AsyncClient
+    from workerpool.gateway.coalesce import coalescing
 
     parent = os.environ.get("WORKERPOOL_PARENT_PID")
     die_with_parent(int(parent) if parent else None)  # `up` killed with -9: no orphan
@@ -99,8 +102,9 @@ def serve(opts: ServeOptions, on_ready=None) -> int:
         if path is not None and not os.access(path, os.R_OK):
             raise GatewayError(f"cannot read {path}")
     sock = bind(opts.listen)
+    protocol = import_from_string(HTTP_PROTOCOLS[_pick("httptools", "h11")])
     config = uvicorn.Config(
-        app, loop=_pick("uvloop", "asyncio"), http=_pick("httptools", "h11"), lifespan="on",
+        app, loop=_pick("uvloop", "asyncio"), http=coalescing(protocol), lifespan="on",
         log_config=None, access_log=False, server_header=False, backlog=BACKLOG,
         ssl_certfile=opts.tls_cert, ssl_keyfile=opts.tls_key,
         timeout_graceful_shutdown=SHUTDOWN_TIMEOUT)
