@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from workerpool.gateway.coalesce import CoalescingTransport, coalescing
+from workerpool.gateway.coalesce import JOIN_LIMIT, CoalescingTransport, coalescing
 
 
 class Recording:
@@ -104,4 +104,15 @@ def test_the_rest_is_the_real_transports_and_the_protocol_gets_the_wrapper():
         p.connection_made(t)
         assert isinstance(p.transport, CoalescingTransport)
         assert type(p).__name__ == "CoalescingProtocol"
+    _run(body)
+
+
+def test_a_large_body_is_not_copied_to_join_it():
+    async def body():
+        t = Recording()
+        c = CoalescingTransport(t, asyncio.get_running_loop())
+        big = b"x" * JOIN_LIMIT
+        c.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        c.write(big)
+        assert t.writes == [b"HTTP/1.1 200 OK\r\n\r\n", big]  # two writes, at once
     _run(body)

@@ -17,6 +17,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+JOIN_LIMIT = 65536
+"""Bytes joined into one write at most: joining copies, and past this a copy costs more
+than the second write it saves (a large tensor reply goes as head, then body)."""
+
 
 class CoalescingTransport:
     """Wraps a transport: a ``write`` is held until the next, and the two are sent as one;
@@ -48,10 +52,17 @@ class CoalescingTransport:
         """Hand what was written to the real transport now, as one write."""
         if not self._pending:
             return
-        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
-        self._pending.clear()
-        if not self._transport.is_closing():
-            self._transport.write(data)
+        pending = self._pending
+        self._pending = []
+        if self._transport.is_closing():
+            return
+        if len(pending) == 1:
+            self._transport.write(pending[0])
+        elif sum(map(len, pending)) <= JOIN_LIMIT:
+            self._transport.write(b"".join(pending))
+        else:
+            for data in pending:
+                self._transport.write(data)
 
     def close(self) -> None:
         self.flush()
