@@ -39,10 +39,15 @@ def _run(body) -> None:
     asyncio.run(body())
 
 
+def _pair() -> tuple[Recording, CoalescingTransport]:
+    """A recording transport and its wrapper, in the running loop."""
+    t = Recording()
+    return t, CoalescingTransport(t, asyncio.get_running_loop())
+
+
 def test_a_head_and_its_body_leave_as_one_write_at_once():
     async def body():
-        t = Recording()
-        c = CoalescingTransport(t, asyncio.get_running_loop())
+        t, c = _pair()
         c.write(b"HTTP/1.1 200 OK\r\n\r\n")
         assert t.writes == []  # held: its body normally follows in the same turn
         c.write(b"{}")
@@ -55,8 +60,7 @@ def test_a_head_and_its_body_leave_as_one_write_at_once():
 def test_a_write_nothing_follows_is_sent_at_the_end_of_the_turn():
     """A stream's head, or one event of it: it does not wait for more."""
     async def body():
-        t = Recording()
-        c = CoalescingTransport(t, asyncio.get_running_loop())
+        t, c = _pair()
         c.write(b"event: item\n\n")
         c.write(b"")  # nothing: not a write
         assert t.writes == [] and c.get_write_buffer_size() == 7 + 13
@@ -72,8 +76,7 @@ def test_a_write_nothing_follows_is_sent_at_the_end_of_the_turn():
 
 def test_close_and_write_eof_send_what_is_held_first():
     async def body():
-        t = Recording()
-        c = CoalescingTransport(t, asyncio.get_running_loop())
+        t, c = _pair()
         c.write(b"last")
         c.write_eof()
         assert t.writes == [b"last"] and t.eof
@@ -88,8 +91,7 @@ def test_close_and_write_eof_send_what_is_held_first():
 
 def test_the_rest_is_the_real_transports_and_the_protocol_gets_the_wrapper():
     async def body():
-        t = Recording()
-        c = CoalescingTransport(t, asyncio.get_running_loop())
+        t, c = _pair()
         assert c.get_extra_info("peername") == ("127.0.0.1", 1)
         assert c.is_closing() is False
 
@@ -109,8 +111,7 @@ def test_the_rest_is_the_real_transports_and_the_protocol_gets_the_wrapper():
 
 def test_a_large_body_is_not_copied_to_join_it():
     async def body():
-        t = Recording()
-        c = CoalescingTransport(t, asyncio.get_running_loop())
+        t, c = _pair()
         big = b"x" * JOIN_LIMIT
         c.write(b"HTTP/1.1 200 OK\r\n\r\n")
         c.write(big)
