@@ -15,6 +15,12 @@ stdout once every worker has registered)::
 
     python bench/baseline_broker.py broker --frontend ipc:///tmp/x/front --workers 2
 
+or as libzmq's own proxy (``zmq.proxy_steerable``: the forwarding loop runs in C, no Python
+per message) in front of the same echo workers, the floor any broker of ZeroMQ messages
+between Python processes can reach on the machine::
+
+    python bench/baseline_broker.py proxy --frontend tcp://127.0.0.1:5555 --workers 2
+
 or as one echo worker (the broker does this itself)::
 
     python bench/baseline_broker.py worker --backend ipc:///tmp/x/back
@@ -31,6 +37,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 import msgpack
 import zmq
@@ -62,6 +70,35 @@ def worker(backend: str) -> int:
         ctx.term()
 
 
+def _spawn_workers(backend: str, nworkers: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker",
+                              "--backend", backend]) for _ in range(nworkers)]
+
+
+def _stop_workers(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(3)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+class _Stop:
+    """Set by SIGTERM or SIGINT."""
+
+    def __init__(self) -> None:
+        self.now = False
+        signal.signal(signal.SIGTERM, self._set)
+        signal.signal(signal.SIGINT, self._set)
+
+    def _set(self, *_: object) -> None:
+        self.now = True
+
+
 def broker(frontend: str, nworkers: int) -> int:
     ctx = zmq.Context()
     front = _socket(ctx, zmq.ROUTER)
@@ -71,25 +108,16 @@ def broker(frontend: str, nworkers: int) -> int:
     back.bind(backend)
     front.bind(frontend)
     procs: list[subprocess.Popen] = []
-    stopping = False
-
-    def on_signal(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = _Stop()
     try:
-        for _ in range(nworkers):
-            procs.append(subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "worker", "--backend", backend]))
+        procs = _spawn_workers(backend, nworkers)
         workers: list[bytes] = []
         inflight: dict[tuple[bytes, int], bytes] = {}
         rr = 0
         unpackb = msgpack.unpackb
         poller = zmq.Poller()
         poller.register(back, zmq.POLLIN)
-        while not stopping:
+        while not stop.now:
             try:
                 events = dict(poller.poll(200))
             except zmq.ZMQError:  # EINTR from a signal
@@ -120,38 +148,80 @@ def broker(frontend: str, nworkers: int) -> int:
                     inflight[(client, unpackb(body)["i"])] = w
                     back.send_multipart([w, client, body])
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(3)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        _stop_workers(procs)
         front.close(0)
         back.close(0)
         ctx.term()
-        try:
-            os.unlink(f"{tmpdir}/back")
-        except OSError:
-            pass
-        os.rmdir(tmpdir)
+        _remove(tmpdir)
     return 0
+
+
+def proxy(frontend: str, nworkers: int) -> int:
+    """libzmq's proxy between a ROUTER for clients and a DEALER for the echo workers: the
+    DEALER deals requests round-robin, the ROUTER routes each reply by the client's id,
+    which the worker sends back with it. No bookkeeping at all, and none of it in Python."""
+    ctx = zmq.Context()
+    front = _socket(ctx, zmq.ROUTER)
+    back = _socket(ctx, zmq.DEALER)
+    control = ctx.socket(zmq.PAIR)
+    control.bind("inproc://control")
+    tmpdir = tempfile.mkdtemp(prefix="baseline-proxy-")
+    backend = f"ipc://{tmpdir}/back"
+    back.bind(backend)
+    front.bind(frontend)
+    procs: list[subprocess.Popen] = []
+    stop = _Stop()
+    thread = None
+    try:
+        procs = _spawn_workers(backend, nworkers)
+        ready = 0
+        while ready < nworkers and not stop.now:  # each worker's READY, before any request
+            if back.poll(200):
+                ready += back.recv() == READY
+        if stop.now:
+            return 0
+        steer = ctx.socket(zmq.PAIR)
+        steer.connect("inproc://control")
+        thread = threading.Thread(target=zmq.proxy_steerable, args=(front, back, None, steer))
+        thread.start()
+        print(f"baseline ready: {nworkers} workers at {frontend} (libzmq proxy)", flush=True)
+        while not stop.now:
+            time.sleep(0.2)  # a signal cuts it short
+    finally:
+        if thread is not None:
+            control.send(b"TERMINATE")
+            thread.join()
+            steer.close(0)
+        _stop_workers(procs)
+        control.close(0)
+        front.close(0)
+        back.close(0)
+        ctx.term()
+        _remove(tmpdir)
+    return 0
+
+
+def _remove(tmpdir: str) -> None:
+    try:
+        os.unlink(f"{tmpdir}/back")
+    except OSError:
+        pass
+    os.rmdir(tmpdir)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="role", required=True)
-    b = sub.add_parser("broker")
-    b.add_argument("--frontend", required=True)
-    b.add_argument("--workers", type=int, default=2)
+    for role in ("broker", "proxy"):
+        b = sub.add_parser(role)
+        b.add_argument("--frontend", required=True)
+        b.add_argument("--workers", type=int, default=2)
     w = sub.add_parser("worker")
     w.add_argument("--backend", required=True)
     args = ap.parse_args(argv)
     if args.role == "worker":
         return worker(args.backend)
-    return broker(args.frontend, args.workers)
+    return (proxy if args.role == "proxy" else broker)(args.frontend, args.workers)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,14 @@ workers each.
     mosec:       HTTP/1.1 keep-alive client --tcp 127.0.0.1--> Rust front --> 2 Python workers
     LitServe:    HTTP/1.1 keep-alive client --tcp 127.0.0.1--> 2 uvicorn processes
                  --multiprocessing queues--> 2 Python workers
+    zmqproxy:    raw DEALER --tcp 127.0.0.1--> libzmq's proxy (C) --> 2 Python echo workers
+
+``zmqproxy`` is the floor, not a peer: ``bench/baseline_broker.py proxy``, libzmq's own
+forwarding loop with no Python per message in front of echo workers that send each message
+back unchanged, driven by one raw DEALER socket (bench/throughput.py ``drive_dealer``). What
+it reaches is the most any design reaches that puts a broker process between Python
+clients and Python workers over ZeroMQ, as workerpool does; it runs in ``plain`` mode only
+(it cannot batch) and its ratio to the best peer is printed beside workerpool's.
 
 Each system runs in two modes, each started fresh in its own process group (always stopped
 as a whole, on errors and Ctrl-C too):
@@ -120,13 +128,17 @@ HTTP_PEERS = {
     "litserve": HttpPeer("litserve", "0.2.19", os.path.join(BENCH, "litserve_server.py"),
                          "litserve ready", "/predict"),
 }
-SYSTEMS = ("workerpool", *HTTP_PEERS)
+FLOOR = "zmqproxy"
+SYSTEMS = ("workerpool", *HTTP_PEERS, FLOOR)
 DRIVERS = {"workerpool": ("one", "many", "many_async"),
-           **{peer: ("one", "many") for peer in HTTP_PEERS}}
+           **{peer: ("one", "many") for peer in HTTP_PEERS}, FLOOR: ("one", "many")}
+MODES_OF = {FLOOR: ("plain",)}  # a proxy of single messages has nothing to batch
 
 
 def driver_label(system: str, driver: str, outstanding: int) -> str:
     """How a leg's driver reads in the table."""
+    if system == FLOOR:
+        return f"{1 if driver == 'one' else outstanding} outstanding, raw DEALER"
     if driver == "one":
         return "1 outstanding, " + ("Client.call" if system == "workerpool" else "HTTP")
     how = {"many": "Client.submit" if system == "workerpool" else f"HTTP, {outstanding} conns",
@@ -384,6 +396,10 @@ RUNNERS: dict[tuple[str, str], Callable[[str, Any, argparse.Namespace], tp.Resul
     ("workerpool", "many_async"): workerpool_many_async,
     **{(peer, "one"): http_one for peer in HTTP_PEERS},
     **{(peer, "many"): http_many for peer in HTTP_PEERS},
+    (FLOOR, "one"): lambda label, frontend, args: tp.drive_dealer(
+        label, [frontend], 1, args.warmup, args.duration, 0),
+    (FLOOR, "many"): lambda label, frontend, args: tp.drive_dealer(
+        label, [frontend], args.outstanding, args.warmup, args.duration, 0),
 }
 
 
@@ -414,6 +430,13 @@ def serve(system: str, mode: str, workdir: str) -> Iterator[tuple[Any, list[str]
                         frontend=f"tcp://127.0.0.1:{port}") as (_, frontend, argv):
             yield frontend, argv
         return
+    if system == FLOOR:
+        frontend = f"tcp://127.0.0.1:{_pool.free_tcp_port()}"
+        argv = [sys.executable, tp.BROKER_SCRIPT, "proxy", "--frontend", frontend,
+                "--workers", str(WORKERS)]
+        with _pool.process_group(argv, "baseline ready", workdir, FLOOR):
+            yield frontend, argv
+        return
     with http_peer(system, mode, workdir) as (address, argv, _):
         yield address, argv
 
@@ -426,7 +449,7 @@ def run_rounds(systems: list[str], args: argparse.Namespace, workdir: str
     commands: dict[str, str] = {}
     for r in range(args.rounds):
         for system in (systems if r % 2 == 0 else systems[::-1]):
-            for mode in MODES:
+            for mode in MODES_OF.get(system, MODES):
                 with serve(system, mode, workdir) as (where, argv):
                     commands[f"{system} {mode}"] = _pool.command_line(argv)
                     for driver in DRIVERS[system]:
@@ -463,7 +486,8 @@ def summarize(results: dict[tuple[str, str, str], list[tp.Result]], outstanding:
 
 def ratios(rows: list[dict[str, Any]], outstanding: int) -> list[dict[str, Any]]:
     """workerpool over the best HTTP peer for each mode and driver (the most req/s; the
-    lowest p50), and AsyncClient over Client."""
+    lowest p50), the floor over that peer and workerpool over the floor where the floor
+    ran, and AsyncClient over Client."""
     at = {(r["system"], r["mode"], r["driver"]): r for r in rows}
     out = []
     for mode in MODES:
@@ -481,6 +505,14 @@ def ratios(rows: list[dict[str, Any]], outstanding: int) -> list[dict[str, Any]]
             out.append(tp.goal_ratio(
                 mode, f"{n} outstanding: workerpool {what} / {best['system']} req/s",
                 wp["req_per_s"] / best["req_per_s"], ">=" if goal else None, goal))
+            floor = at.get((FLOOR, mode, vs))
+            if floor and floor["completed"] and driver != "many_async":
+                out.append(tp.goal_ratio(
+                    mode, f"{n} outstanding: floor (libzmq proxy) / {best['system']} req/s",
+                    floor["req_per_s"] / best["req_per_s"]))
+                out.append(tp.goal_ratio(
+                    mode, f"{n} outstanding: workerpool {what} / floor req/s",
+                    wp["req_per_s"] / floor["req_per_s"]))
             if driver == "one" and wp["completed"]:
                 fastest = min(rivals, key=lambda r: r["p50_ms"])
                 out.append(tp.goal_ratio(

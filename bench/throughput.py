@@ -16,6 +16,9 @@ Systems (2 worker processes each):
   every message back unchanged; one DEALER connected to both. One ZeroMQ hop, nothing else.
 - ``zmq broker (baseline)``: bench/baseline_broker.py, a minimal ROUTER/ROUTER broker with
   2 echo workers (two hops, a little bookkeeping).
+- ``zmq proxy in C (floor)``: the same script's ``proxy``, libzmq's own proxy loop (no
+  Python per message) in front of the same 2 workers: what any broker between Python
+  processes over ZeroMQ pays, with nothing of its own.
 - ``ProcessPoolExecutor(2)``: ``submit(noop, payload)``.
 - ``wp64f`` and ``wp64a``: the ``max_inflight=64`` pool driven by a bare ``submit`` loop,
   like the executor: ``Client.submit`` from a thread, ``AsyncClient.submit`` from a
@@ -78,11 +81,12 @@ WP64A = "workerpool (max_inflight=64), AsyncClient.submit loop"
 WPCALL = "workerpool (defaults), Client.call from one thread"
 DIRECT = "zmq echo (no broker)"
 BROKER = "zmq broker (baseline)"
+PROXY = "zmq proxy in C (floor)"
 PPE = "ProcessPoolExecutor(2)"
 SYSTEMS = {"wp1": WP1, "wp1f": WP1F, "wp64": WP64, "wp64f": WP64F, "wp64a": WP64A,
            "wpcall": WPCALL,
            "wp64np": WP64NP, "direct": DIRECT,
-           "broker": BROKER, "ppe": PPE}
+           "broker": BROKER, "proxy": PROXY, "ppe": PPE}
 
 # The goals of the throughput issue, compared with every workerpool variant.
 GOAL_VS_BROKER_RPS = 0.7  # workerpool req/s >= 0.7x the broker's
@@ -390,16 +394,18 @@ def run_direct(args: argparse.Namespace, workdir: str) -> Result:
     return res
 
 
-def run_broker(args: argparse.Namespace, workdir: str) -> Result:
+def run_broker(args: argparse.Namespace, workdir: str, role: str = "broker") -> Result:
+    """bench/baseline_broker.py as ``role``: the Python broker, or libzmq's ``proxy``."""
     if args.payload_size:
         raise BenchError("the broker baseline speaks {'i': n} maps only: leave it out of "
                          "--payload-size runs (--systems wp64,direct,ppe)")
     sockdir = tempfile.mkdtemp(prefix="broker-", dir=workdir)
     frontend = f"ipc://{sockdir}/front"
-    argv = [sys.executable, BROKER_SCRIPT, "broker", "--frontend", frontend,
+    argv = [sys.executable, BROKER_SCRIPT, role, "--frontend", frontend,
             "--workers", str(WORKERS)]
-    with _pool.process_group(argv, "baseline ready", workdir, "baseline-broker"):
-        res = drive_dealer(BROKER, [frontend], args.outstanding, args.warmup, args.duration, 0)
+    system = PROXY if role == "proxy" else BROKER
+    with _pool.process_group(argv, "baseline ready", workdir, f"baseline-{role}"):
+        res = drive_dealer(system, [frontend], args.outstanding, args.warmup, args.duration, 0)
     res.notes["command"] = _pool.command_line(argv)
     return res
 
@@ -488,6 +494,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, str], Result]] = {
     "wpcall": run_workerpool_call,
     "direct": run_direct,
     "broker": run_broker,
+    "proxy": lambda a, d: run_broker(a, d, role="proxy"),
     "ppe": run_ppe,
 }
 
@@ -498,6 +505,7 @@ def ratios(results: dict[str, Result]) -> list[dict[str, Any]]:
     throughput issue set one)."""
     out = []
     direct, broker, ppe = results.get(DIRECT), results.get(BROKER), results.get(PPE)
+    proxy = results.get(PROXY)
     for name, r in results.items():
         if not name.startswith("workerpool"):
             continue
@@ -511,6 +519,10 @@ def ratios(results: dict[str, Result]) -> list[dict[str, Any]]:
         if broker and broker.p50_ms and r.completed:
             out.append(goal_ratio(name, "p50 vs broker", r.p50_ms / broker.p50_ms, "<=",
                                   GOAL_VS_BROKER_P50))
+        if proxy and proxy.req_per_s:
+            out.append(goal_ratio(name, "req/s vs C proxy", r.req_per_s / proxy.req_per_s))
+        if proxy and proxy.p50_ms and r.completed:
+            out.append(goal_ratio(name, "p50 vs C proxy", r.p50_ms / proxy.p50_ms))
         if ppe and ppe.req_per_s:
             out.append(goal_ratio(name, "req/s vs ProcessPoolExecutor",
                                   r.req_per_s / ppe.req_per_s, ">=", GOAL_VS_PPE_RPS))
@@ -615,14 +627,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="send this many random bytes instead of {'i': n} (default 0)")
     ap.add_argument("--systems", default=None,
                     help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all; "
-                         f"without broker when --payload-size is set)")
+                         f"without broker and proxy when --payload-size is set)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = ap.parse_args(argv)
     if args.duration <= 0 or args.warmup < 0 or args.outstanding < 1 or args.payload_size < 0:
         ap.error("--duration must be > 0, --warmup >= 0, --outstanding >= 1, --payload-size >= 0")
     # The numpy leg needs --payload-size (bench/large_payload.py runs it by default).
     default = [k for k in SYSTEMS if k not in ("wp64np", "wpcall")
-               and not (args.payload_size and k == "broker")]
+               and not (args.payload_size and k in ("broker", "proxy"))]
     chosen = parse_systems(ap, args.systems) if args.systems else default
 
     results, code = _pool.measure(lambda wd: run_systems(chosen, args, args.json, wd),

@@ -15,7 +15,7 @@ from tests import netns
 from tests.conftest import ROOT, _env
 
 CASES = {
-    "throughput": ["--systems", "wp64a,wp1f,direct", "--duration", "0.5", "--warmup", "0.2", "--json"],
+    "throughput": ["--systems", "wp64a,wp1f,direct,proxy", "--duration", "0.5", "--warmup", "0.2", "--json"],
     "large_payload": ["--systems", "wp64", "--sizes", "65536", "--duration", "0.5",
                       "--warmup", "0.2", "--json"],
     "tensors": ["--sizes", "1", "--reps", "2", "--warmup", "1", "--json"],
@@ -31,8 +31,9 @@ CASES = {
     "fuzz": ["--duration", "0.5", "--warmup", "0.2", "--flooders", "1", "--json"],
     "curve": ["--rounds", "1", "--duration", "0.3", "--warmup", "0.1", "--outstanding", "16",
               "--json"],
-    # mosec is a benchmark-only dependency (not installed in CI): workerpool's legs only.
-    "peers": ["--systems", "workerpool", "--rounds", "1", "--duration", "0.2", "--warmup",
+    # mosec is a benchmark-only dependency (not installed in CI): workerpool's legs and the
+    # floor (libzmq's proxy) only.
+    "peers": ["--systems", "workerpool,zmqproxy", "--rounds", "1", "--duration", "0.2", "--warmup",
               "0.1", "--outstanding", "16", "--json"],
     # wrk drives it (bin/system-packages); without wrk the script says so and skips it.
     "http_gateway": ["--systems", "gateway", "--rounds", "1", "--duration", "1", "--warmup",
@@ -50,7 +51,12 @@ def test_bench_script_runs(script):
     out = subprocess.run([sys.executable, f"bench/{script}.py", *CASES[script]], cwd=ROOT,
                          env=_env(), capture_output=True, text=True, timeout=110)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout)  # a JSON object with figures in it
+    figures = json.loads(out.stdout)
+    assert figures  # a JSON object with figures in it
+    if script == "peers":  # the floor served both its legs, every reply checked
+        floor = [r for r in figures["results"] if r["system"] == "zmqproxy"]
+        assert [r["driver"] for r in floor] == ["one", "many"]
+        assert all(r["completed"] > 0 and r["errors"] == 0 for r in floor)
 
 
 @pytest.mark.parametrize("peer", ["mosec", "litserve"])
