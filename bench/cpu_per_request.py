@@ -1,11 +1,12 @@
 """CPU per request, by process: where a request's cost goes, and a figure far steadier
 than req/s on a shared 2-core machine.
 
-A pool of 2 Echo workers (``max_inflight`` 64) is driven by a bare ``Client.submit`` loop
-that keeps ``--outstanding`` requests in flight for ``--duration`` seconds. Before and
-after, the CPU time (user + system) of every thread of every process is read from
-``/proc/<pid>/task/*/stat``: the router, the workers, the supervisor (``up``) and this
-client process. Each is divided by the requests completed in between.
+A pool of 2 Echo workers (``max_inflight`` 64, or ``--max-inflight``: 1 is the default,
+then give it ``--warmup 2`` so each worker's requests held ahead are sized) is driven by
+a bare ``Client.submit`` loop that keeps ``--outstanding`` requests in flight for
+``--duration`` seconds. Before and after, the CPU time (user + system) of every thread
+of every process is read from ``/proc/<pid>/task/*/stat``: the router, the workers, the
+supervisor (``up``) and this client process. Each is divided by the requests completed in between.
 
 ``--repo`` runs another checkout of workerpool (its pool and its client) with this same
 driver, so two trees are compared side by side: run both in turn, alternating, with
@@ -32,6 +33,8 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--duration", type=float, default=5.0, help="seconds measured (default 5)")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds before (default 1)")
     ap.add_argument("--outstanding", type=int, default=256, help="requests in flight (256)")
+    ap.add_argument("--max-inflight", type=int, default=64,
+                    help="the pool's max_inflight (64; 1 is the default)")
     ap.add_argument("--repo", default=None, help="the workerpool checkout to run (default: this)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return ap.parse_args()
@@ -75,7 +78,7 @@ def main() -> int:
     frontend = f"ipc://{sock}/front"
     proc = subprocess.Popen(
         [sys.executable, "-m", "workerpool.cli", "up", "--frontend", frontend, "--handler",
-         "workerpool.handlers:Echo", "--workers", "2", "--max-inflight", "64"],
+         "workerpool.handlers:Echo", "--workers", "2", "--max-inflight", str(ARGS.max_inflight)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         start_new_session=True)
     try:

@@ -26,6 +26,7 @@ CASES = {
                  "--json"],
     "chaos": ["--seconds", "2", "--rate", "50", "--json"],
     "cpu_per_request": ["--duration", "0.5", "--warmup", "0.2", "--json"],
+    "startup": ["--seconds", "1", "--outstanding", "16", "--json"],
     "idle_gap": ["--sleep-ms", "1", "--duration", "0.3", "--warmup", "0.1", "--outstanding",
                  "8", "--json"],
     "fuzz": ["--duration", "0.5", "--warmup", "0.2", "--flooders", "1", "--json"],

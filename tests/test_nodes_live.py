@@ -39,6 +39,23 @@ def _per_node(st: dict) -> dict[str, int]:
     return counts
 
 
+def test_a_node_reports_its_round_trip_at_once_not_two_beats_after_it_starts(procs):
+    """With 30 s between beats, the beats alone would bring the router the round trip a
+    minute after the node started (the first ping measures nothing, the second measures,
+    the third carries it): what each worker holds ahead is sized from it. The supervisor
+    pings out of turn after first contact and after the first measurement instead."""
+    cfg = procs.config("[router]\nheartbeat_interval = 30\nheartbeat_liveness = 3\n")
+    front, back = procs.tcp(), procs.tcp()
+    router = procs.spawn(["router", "--config", cfg, "--frontend", front, "--backend", back],
+                         front, None)
+    procs.node(router, back, "a", "--config", cfg, "--workers", "1")
+    st = router.wait_for(lambda s: len(s["nodes"]) == 1
+                         and s["nodes"][0]["rtt_smoothed_ms"] is not None,
+                         what="the node's round trip, long before its second beat")
+    (node,) = st["nodes"]
+    assert 0 <= node["rtt_ms"] < 1000 and node["rtt_smoothed_ms"] == node["rtt_ms"]
+
+
 def test_nodes_in_status_and_metrics_and_a_scale_that_keeps_min_per_host(procs):
     pytest.importorskip("prometheus_client",
                         reason="prometheus-client is not installed (the 'metrics' extra)")

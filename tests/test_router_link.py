@@ -42,6 +42,35 @@ def test_a_pong_measures_its_round_trip_and_the_next_ping_carries_it():
     assert link.rtt == pytest.approx(12.0)
 
 
+def test_the_round_trip_is_measured_and_carried_out_of_turn_after_first_contact():
+    """Two pings out of turn, so the router has the round trip a few round trips after
+    the link is up instead of two beats later: one right after the first pong (it
+    measures), one right after the first measurement (it carries it). Then none."""
+    link = RouterLink()
+    assert not link.probe()  # nothing heard yet: the beats go on
+    first = link.ping(0.0)["ping"]
+    assert not link.probe()  # the first is unanswered
+    link.pong({"pong": first, "router": "r1"}, 0.3)  # late: the router was starting
+    assert link.rtt is None and link.probe()
+    link.pong({"pong": link.ping(0.3)["ping"], "router": "r1"}, 0.3005)
+    assert link.rtt == pytest.approx(0.5) and link.probe()
+    assert link.ping(0.301)["rtt"] == pytest.approx(0.5)  # carried
+    assert not link.probe()
+    link.pong({"pong": link.ping(1.0)["ping"], "router": "r1"}, 1.001)
+    assert not link.probe()  # later round trips ride on the beats
+
+
+def test_no_ping_out_of_turn_while_one_is_unanswered():
+    """After first contact the next beat's ping is already out (the link went quiet):
+    no probe until its pong comes, and then it measured, so only the carrying one."""
+    link = RouterLink()
+    link.pong({"pong": link.ping(0.0)["ping"], "router": "r1"}, 0.1)
+    token = link.ping(1.0)["ping"]  # a beat before the probe went (or instead of it)
+    assert not link.probe()
+    link.pong({"pong": token, "router": "r1"}, 1.002)
+    assert link.rtt == pytest.approx(2.0) and link.probe()
+
+
 def test_pings_that_waited_out_an_outage_measure_nothing():
     """The link goes down after one good round trip: the pings queue, and when it heals
     their pongs come together. None of them measured the link (the oldest waited the
@@ -140,19 +169,22 @@ def test_35_pongs_with_hello_to_old_pings_bring_one_hello(standin_supervisor, ca
     time.sleep(0.1)
     sup._drain_socket()
     got = _from_supervisor(router, 0.5)
-    assert [m.kind for m in got] == [Kind.HELLO]
+    # One HELLO; and, nothing measured yet with every ping answered, a ping out of turn.
+    assert [m.kind for m in got] == [Kind.HELLO, Kind.HEARTBEAT]
     assert caplog.text.count("registering again") == 1
     assert got[0].meta["pid"] and "node" not in got[0].meta  # `up`'s: no node name
-    # The queued pings measured nothing: each waited out the outage. The next ping, sent
-    # with none outstanding, measures the link, and the one after carries it.
-    sup._beat(time.monotonic())
-    (ping,) = _from_supervisor(router, 1.0)
-    assert ping.kind is Kind.HEARTBEAT and "rtt" not in ping.meta
-    _answers(router, ident, [{"pong": ping.meta["ping"], "router": "r1"}])
+    # The queued pings measured nothing: each waited out the outage. The one out of turn,
+    # sent with none outstanding, measures the link, and the next, also out of turn,
+    # carries it; after that the beats alone.
+    probe = got[1]
+    assert "rtt" not in probe.meta
+    _answers(router, ident, [{"pong": probe.meta["ping"], "router": "r1"}])
     _drain(sup, lambda: sup._link.rtt is not None)
-    sup._beat(time.monotonic())
     (ping,) = _from_supervisor(router, 1.0)
     assert 0 <= ping.meta["rtt"] < 1000 and ping.meta["srtt"] == ping.meta["rtt"]
+    _answers(router, ident, [{"pong": ping.meta["ping"], "router": "r1"}])
+    _drain(sup, lambda: not sup._link._sent)
+    assert _from_supervisor(router, 0.3) == []
 
 
 def test_35_pongs_from_a_restarted_router_bring_one_hello(standin_supervisor, caplog):
@@ -169,7 +201,9 @@ def test_35_pongs_from_a_restarted_router_bring_one_hello(standin_supervisor, ca
     _drain(sup, lambda: "router restarted" in caplog.text)
     time.sleep(0.1)
     sup._drain_socket()
-    assert [m.kind for m in _from_supervisor(router, 0.5)] == [Kind.HELLO]
+    # One HELLO, and a ping out of turn: every pong came after a newer ping left, so
+    # nothing is measured yet.
+    assert [m.kind for m in _from_supervisor(router, 0.5)] == [Kind.HELLO, Kind.HEARTBEAT]
     assert caplog.text.count("registering again") == 1 and sup._link.instance == "new"
 
 

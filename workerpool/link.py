@@ -18,6 +18,13 @@ follow from a pong:
   such sample reads an outage for many seconds after it (500 ms at the start of every
   ``up``, before). A link slower than the ping interval is not measured at all. The last
   and a smoothed round trip ride on the next ping, for the router's STATUS ``nodes``.
+- **When to ping out of turn.** Left to the beats, the round trip would reach the router
+  two beats after start (the first ping measures nothing, the second does, the third
+  carries it), and the router sizes what each worker holds ahead from it (protocol.md
+  7.1). So right after the first pong, with nothing outstanding and nothing measured, the
+  supervisor pings again at once, and right after the first measurement once more to carry
+  it: the router has it a few round trips after first contact. Only then; later round
+  trips ride on the beats.
 - **Whether to register again.** A link that was down queues pings; when it heals, the
   router answers each queued one, every pong saying ``hello`` (the router declared this
   supervisor lost meanwhile). Only a pong to a ping sent *after* the last HELLO may ask
@@ -61,6 +68,7 @@ class RouterLink:
         self._sent: dict[int, tuple[float, bool]] = {}  # token -> (send time, measurable)
         self._heard = False  # a pong to a ping of ours has come
         self._hello_after: int | None = None  # the token current when HELLO last left
+        self._reported = False  # a ping has carried a measured round trip
 
     def ping(self, now: float) -> dict:
         """The meta of the ping sent at ``now`` (monotonic seconds)."""
@@ -72,7 +80,16 @@ class RouterLink:
         if self.rtt is not None:
             meta["rtt"] = round(self.rtt, 3)
             meta["srtt"] = round(self.srtt, 3)
+            self._reported = True
         return meta
+
+    def probe(self) -> bool:
+        """Whether to ping now instead of at the next beat (asked after each pong): after
+        first contact, while no round trip is measured and no ping is unanswered (that
+        ping measures); after the first measurement, until a ping has carried it."""
+        if self._reported:
+            return False
+        return self.rtt is not None or (self._heard and not self._sent)
 
     def hello_sent(self) -> None:
         """A HELLO left now: pongs to the pings sent before it ask for nothing more."""

@@ -336,6 +336,8 @@ class Supervisor:
                 for w in self.workers.values():
                     if w.life.retiring and w.life.running:
                         send_signal(w.proc, signal.SIGTERM)
+            if self._link.probe():  # the round trip known now, not two beats from now
+                self._send(Kind.HEARTBEAT, self._link.ping(time.monotonic()))
         elif msg.kind is Kind.DRAINED:
             self._drained = True
             reason = msg.meta.get("reason")
