@@ -55,6 +55,7 @@ def _carry_out(core: RouterCore, meta: dict) -> dict:
         # No new work from now on; what it holds finishes, then it is told to stop
         # (Liveness.stop_drained_workers), and its supervisor will not respawn it.
         slot.transition(WorkerState.DRAINING)
+        core.liveness.draining_started()
         core.scaling.unroute(slot.conn)
     if op == AdminOp.RESTART and slot.conn is not None:
         slot.restart_pending = True  # its GOODBYE means "coming back", not "gone"

@@ -150,6 +150,10 @@ class ClientLimits:
             if not owed:
                 self.owed.pop(client, None)
 
+    def due(self, now: float) -> bool:
+        """Whether ``pay_owed`` or ``expire`` has work: an error owed, a cut-off over."""
+        return bool(self.owed) or bool(self._expiry and self._expiry[0][0] <= now)
+
     def expire(self, now: float) -> None:
         """Cut-offs that are over: those clients may send again."""
         expiry = self._expiry

@@ -126,6 +126,9 @@ class RouterCore:
         self._drained = False
         self._exit_at: float | None = None
         self._deaths_asked: float | None = None  # see deaths_due
+        # The next periodic pass of tick (liveness, ahead sizing, shedding lines): between
+        # passes, a turn's tick only looks at what may be due sooner (_wanted).
+        self._periodic_at = float("-inf")
         self.requests = RequestTable(self)
         self.registry = WorkerRegistry(self)
         self.liveness = Liveness(self)
@@ -460,9 +463,19 @@ class RouterCore:
         """Everything that happens with time: call after each poll. Death notices due must
         be preceded by one more read of the backend (``deaths_due``): those that came due
         after the last ``deaths_due`` wait for the next pass (a caller that never asks,
-        such as a test, has every notice due by now applied). Its sends are one batch."""
+        such as a test, has every notice due by now applied). Its sends are one batch.
+
+        The loop turns once or twice a request, and most turns nothing here is due: a full
+        pass runs every ``liveness_tick`` and whenever ``_wanted`` says something may be
+        due sooner, so a turn with nothing due costs a few attribute reads, whatever the
+        number of workers."""
+        now = self.clock()
+        if now < self._periodic_at and not self._wanted(now):
+            self._deaths_asked = None
+            return
+        if now >= self._periodic_at:
+            self._periodic_at = now + TIMINGS.liveness_tick
         with self.outgoing.batch():  # what it sends to one peer goes as one message
-            now = self.clock()
             deaths_by = now if self._deaths_asked is None else self._deaths_asked
             self._deaths_asked = None
             self._guarded(self.admission.check_grace, now)
@@ -492,10 +505,23 @@ class RouterCore:
         self._deaths_asked = now = self.clock()
         return self.registry.deaths_due(now)
 
+    def _wanted(self, now: float) -> bool:
+        """Whether a step of ``tick`` may have work before its next periodic pass: a
+        request's deadline or max_wait, a client's cut-off over or an error owed to it, a
+        death notice or an unreachable worker pending, READYs waiting for their supervisor,
+        registration grace over, a draining worker, a drain. The steps that only run on
+        the period (liveness, sizing, shedding lines) are not asked."""
+        due = self.requests.timers.next_due()
+        grace = self.admission.grace_until
+        return ((due is not None and due <= now) or self.clients.due(now)
+                or self.registry.pending() or self.liveness.draining_workers
+                or (grace is not None and now >= grace)
+                or self.draining or self.supervisors.draining)
+
     def next_wakeup(self) -> float:
         """Seconds until ``tick`` has something to do at the latest."""
         now = self.clock()
-        t = TIMINGS.liveness_tick
+        t = min(TIMINGS.liveness_tick, self._periodic_at - now)
         due = self.requests.timers.next_due()
         if due is not None:
             t = min(t, due - now)

@@ -32,6 +32,7 @@ class Liveness:
         self.core = core
         self._unknown_beats: dict[bytes, float] = {}  # heartbeats from unregistered workers
         self._next_check = 0.0
+        self.draining_workers = False  # a worker may be DRAINING: see draining_started
 
     @property
     def limit(self) -> float:
@@ -150,12 +151,23 @@ class Liveness:
             core.registry.declare_dead(conn, f"was declared dead: {reason}", f"hung: {reason}",
                                        "hung")
 
+    def draining_started(self) -> None:
+        """A worker was set DRAINING (admin drain, scale down): looked at every tick from
+        now until none is left."""
+        self.draining_workers = True
+
     def stop_drained_workers(self) -> None:
         """A draining worker that holds nothing any more is told to stop."""
+        if not self.draining_workers:
+            return
         core = self.core
+        draining = False
         for conn in list(core.registry.conns.values()):
-            if conn.slot.state is WorkerState.DRAINING and not conn.in_flight \
-                    and conn.kill_sent is None:
+            if conn.slot.state is not WorkerState.DRAINING:
+                continue
+            draining = True
+            if not conn.in_flight and conn.kill_sent is None:
                 conn.kill_sent = core.clock()  # asked once; kill_grace bounds the wait
                 conn.slot.leave_reason = "drained"
                 core.to_backend(conn.identity, Kind.SHUTDOWN)
+        self.draining_workers = draining

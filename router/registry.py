@@ -46,6 +46,8 @@ class WorkerRegistry:
         # (when due, slot, incarnation, how, death_fields(...) of the notice)
         self._deaths: list[tuple[float, Slot, int, str, dict]] = []
         self.waiting = vouching.Waiting()  # READYs not vouched for yet
+        # Workers whose socket is gone and whose death notice has not come (quarantine).
+        self._unreachable: dict[bytes, Conn] = {}
 
     # -- lookups -------------------------------------------------------------------------------
     def slot(self, slot_id: str, service: str, device: str) -> Slot:
@@ -237,6 +239,8 @@ class WorkerRegistry:
         slot = conn.slot
         self.conns.pop(conn.identity, None)
         conn.unreachable_until = None
+        if self._unreachable.get(conn.identity) is conn:
+            del self._unreachable[conn.identity]
         if slot.conn is conn:
             slot.conn = None
         # Before its requests are requeued: a spare promoted now takes them at once.
@@ -310,13 +314,20 @@ class WorkerRegistry:
         self.core.scaling.unroute(conn)
         if conn.unreachable_until is None:
             conn.unreachable_until = self.core.clock() + TIMINGS.unreachable_grace
+            self._unreachable[conn.identity] = conn
 
     def any_unreachable(self) -> bool:
-        return any(c.unreachable_until is not None for c in self.conns.values())
+        return bool(self._unreachable)
+
+    def pending(self) -> bool:
+        """Death notices, unreachable workers or READYs waiting: tick looks every turn."""
+        return bool(self._deaths or self._unreachable or self.waiting)
 
     def check_unreachable(self, now: float) -> None:
-        for conn in list(self.conns.values()):
-            if conn.unreachable_until is not None and conn.unreachable_until <= now:
+        for ident, conn in list(self._unreachable.items()):
+            if self.conns.get(ident) is not conn:  # replaced meanwhile: not ours to judge
+                del self._unreachable[ident]
+            elif conn.unreachable_until is not None and conn.unreachable_until <= now:
                 why = "disconnected (no death notice from its supervisor)"
                 self.declare_dead(conn, why, why, "disconnected")
 

@@ -112,6 +112,7 @@ class Scaling:
             slot.retiring = True
             if slot.conn is not None and slot.state is not WorkerState.DRAINING:
                 slot.transition(WorkerState.DRAINING)  # finishes what it holds, then stops
+                core.liveness.draining_started()
                 svc.remove_conn(slot.conn)
         self.rebalance(svc)
         for owner, (count, slots) in plan.items():
