@@ -70,6 +70,19 @@ def worker(backend: str) -> int:
         ctx.term()
 
 
+def _bound(ctx: zmq.Context, frontend: str, back_kind: int
+           ) -> tuple[zmq.Socket, zmq.Socket, str, str]:
+    """A ROUTER bound at ``frontend`` for clients, and a ``back_kind`` socket bound at a
+    fresh ipc address for the workers: (front, back, its folder, its address)."""
+    front = _socket(ctx, zmq.ROUTER)
+    back = _socket(ctx, back_kind)
+    tmpdir = tempfile.mkdtemp(prefix="baseline-broker-")
+    backend = f"ipc://{tmpdir}/back"
+    back.bind(backend)
+    front.bind(frontend)
+    return front, back, tmpdir, backend
+
+
 def _spawn_workers(backend: str, nworkers: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker",
                               "--backend", backend]) for _ in range(nworkers)]
@@ -101,12 +114,7 @@ class _Stop:
 
 def broker(frontend: str, nworkers: int) -> int:
     ctx = zmq.Context()
-    front = _socket(ctx, zmq.ROUTER)
-    back = _socket(ctx, zmq.ROUTER)
-    tmpdir = tempfile.mkdtemp(prefix="baseline-broker-")
-    backend = f"ipc://{tmpdir}/back"
-    back.bind(backend)
-    front.bind(frontend)
+    front, back, tmpdir, backend = _bound(ctx, frontend, zmq.ROUTER)
     procs: list[subprocess.Popen] = []
     stop = _Stop()
     try:
@@ -161,14 +169,9 @@ def proxy(frontend: str, nworkers: int) -> int:
     DEALER deals requests round-robin, the ROUTER routes each reply by the client's id,
     which the worker sends back with it. No bookkeeping at all, and none of it in Python."""
     ctx = zmq.Context()
-    front = _socket(ctx, zmq.ROUTER)
-    back = _socket(ctx, zmq.DEALER)
+    front, back, tmpdir, backend = _bound(ctx, frontend, zmq.DEALER)
     control = ctx.socket(zmq.PAIR)
     control.bind("inproc://control")
-    tmpdir = tempfile.mkdtemp(prefix="baseline-proxy-")
-    backend = f"ipc://{tmpdir}/back"
-    back.bind(backend)
-    front.bind(frontend)
     procs: list[subprocess.Popen] = []
     stop = _Stop()
     thread = None
