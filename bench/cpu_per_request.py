@@ -1,9 +1,8 @@
 """CPU per request, by process: where a request's cost goes, and a figure far steadier
 than req/s on a shared 2-core machine.
 
-A pool of 2 Echo workers (``max_inflight`` 64, or ``--max-inflight``: 1 is the default,
-then give it ``--warmup 2`` so each worker's requests held ahead are sized) is driven by
-a bare ``Client.submit`` loop that keeps ``--outstanding`` requests in flight for
+A pool of 2 Echo workers (``max_inflight`` 64, or ``--max-inflight``: 1 is the default)
+is driven by a bare ``Client.submit`` loop that keeps ``--outstanding`` requests in flight for
 ``--duration`` seconds. Before and after, the CPU time (user + system) of every thread
 of every process is read from ``/proc/<pid>/task/*/stat``: the router, the workers, the
 supervisor (``up``) and this client process. Each is divided by the requests completed in between.

@@ -24,9 +24,9 @@ Systems (2 worker processes each):
   like the executor: ``Client.submit`` from a thread, ``AsyncClient.submit`` from a
   coroutine (``--outstanding 64 --systems wp64f,wp64a`` compares the two clients).
 - ``wp1f``: the pool with the defaults (``max_inflight`` 1, ``prefetch`` 1) and the same
-  bare ``Client.submit`` loop. Give it ``--warmup 2``: what each worker holds ahead is
-  sized from its node's round trip and its handler time, the latter known with each
-  worker's first heartbeat (1 s apart by default) after it finished requests.
+  bare ``Client.submit`` loop. What each worker holds ahead is sized from its node's
+  round trip and its handler time, both known a moment after the load starts
+  (bench/startup.py shows a new pool's first seconds).
 
 ``--payload-size N`` sends N random bytes instead of ``{"i": n}`` (not to the broker,
 whose protocol is one msgpack map); bench/large_payload.py runs the large sizes.

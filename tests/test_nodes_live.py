@@ -56,6 +56,25 @@ def test_a_node_reports_its_round_trip_at_once_not_two_beats_after_it_starts(pro
     assert 0 <= node["rtt_ms"] < 1000 and node["rtt_smoothed_ms"] == node["rtt_ms"]
 
 
+def test_quick_workers_are_sized_after_their_first_requests_not_their_second_beat(procs):
+    """What a worker holds ahead is sized from its node's round trip and its handler time
+    per request (protocol.md 7.1). With 30 s between beats both would come a beat or two
+    into the load; the supervisor pings out of turn after first contact, and a worker
+    beats out of turn just after its first request ends."""
+    cfg = procs.config("[router]\nheartbeat_interval = 30\nheartbeat_liveness = 3\n")
+    front, back = procs.tcp(), procs.tcp()
+    router = procs.spawn(["router", "--config", cfg, "--frontend", front, "--backend", back],
+                         front, None)
+    procs.node(router, back, "a", "--config", cfg, "--workers", "1")
+    router.wait_for(lambda s: len(s["workers"]) == 1 and s["workers"][0]["state"] == "ready",
+                    what="the worker ready")
+    with Client(front) as c:
+        assert [c.call("echo", i, timeout=10) for i in range(20)] == list(range(20))
+    st = router.wait_for(lambda s: s["workers"][0]["prefetch"] > 1,
+                         what="the quick worker held more than prefetch ahead")
+    assert st["workers"][0]["prefetch"] <= 64
+
+
 def test_nodes_in_status_and_metrics_and_a_scale_that_keeps_min_per_host(procs):
     pytest.importorskip("prometheus_client",
                         reason="prometheus-client is not installed (the 'metrics' extra)")

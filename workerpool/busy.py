@@ -31,6 +31,10 @@ class BusyMeter:
         if since is not None:
             self._state = (busy + self._clock() - since, None)
 
+    def finished_any(self) -> bool:
+        """Whether a handler call has ended: its time is counted."""
+        return self._state[0] > 0
+
     def sample(self) -> tuple[float, float]:
         """(busy seconds, wall seconds) since ``started``, a run in progress included."""
         busy, since = self._state

@@ -71,6 +71,10 @@ log = logging.getLogger("workerpool.worker")
 SPEC_ENV = "WORKERPOOL_WORKER_SPEC"
 _RESERVED = frozenset({"setup", "teardown", "context"})
 SETUP_FAILED_LINGER_MS = 5000  # how long a setup() failure waits to reach the router
+FIRST_WORK_BEAT = 0.05
+"""Seconds after its first handler call ended that a worker beats once out of turn: the router
+sizes what it holds ahead from its handler time per request (protocol.md 7.1), which
+otherwise would wait for the next beat, up to ``heartbeat_interval`` into the load."""
 
 
 class WorkerSpec(BaseModel):
@@ -597,6 +601,9 @@ class _Heartbeat(threading.Thread):
     process that is stopped (SIGSTOP), or stuck in native code holding the GIL, goes
     silent, and the router has it killed. Hung-but-beating handlers are bounded by the
     service's ``exec_timeout`` instead.
+
+    Once, ``FIRST_WORK_BEAT`` after its first handler call ended, it beats out of turn;
+    until then it looks at the busy meter that often (no message).
     """
 
     def __init__(self, ctx: zmq.Context, spec: WorkerSpec, busy: BusyMeter,
@@ -625,6 +632,7 @@ class _Heartbeat(threading.Thread):
         interval = self._spec.heartbeat_interval
         try:
             n = 0
+            worked = False  # a handler call has ended (the out-of-turn beat is due or sent)
             while not self._halt.is_set():
                 n += 1
                 meta["mem"] = memory_use()
@@ -638,10 +646,14 @@ class _Heartbeat(threading.Thread):
                 meta.pop("batches", None)
                 next_beat = time.monotonic() + interval
                 while not self._halt.is_set():
-                    wait = next_beat - time.monotonic()
+                    now = time.monotonic()
+                    if not worked and self._busy.finished_any():
+                        worked = True  # a handler call ended: beat soon with its time
+                        next_beat = min(next_beat, now + FIRST_WORK_BEAT)
+                    wait = next_beat - now
                     if wait <= 0:
                         break
-                    if poller.poll(wait * 1000):
+                    if poller.poll((wait if worked else min(wait, FIRST_WORK_BEAT)) * 1000):
                         self._read(sock)
         finally:
             sock.close(0)
