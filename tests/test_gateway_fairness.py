@@ -94,7 +94,7 @@ prefetch = 0
 
 @pytest.fixture(scope="module")
 def pool():
-    pytest.importorskip("uvicorn", reason="the gateway needs the http extra")
+    pytest.importorskip("httptools", reason="the gateway needs the http extra")
     procs = Processes()
     try:
         yield procs, procs.pool_from_config(TOML)

@@ -27,7 +27,7 @@ from ipc import codec
 from tests.conftest import Proc, Processes
 from workerpool import Client
 
-pytest.importorskip("uvicorn", reason="the gateway needs the http extra")
+pytest.importorskip("httptools", reason="the gateway needs the http extra")
 
 TOML = """
 [[services]]

@@ -14,7 +14,7 @@ import pytest
 
 from workerpool._proc import process_alive
 
-pytest.importorskip("uvicorn", reason="the gateway needs the http extra")
+pytest.importorskip("httptools", reason="the gateway needs the http extra")
 
 
 def _gateway_pid(up_pid: int) -> int | None:

@@ -20,15 +20,16 @@ def test_router_loads_neither_client_nor_asyncio():
     loaded = _modules_after("import router.router")
     assert "workerpool.client" not in loaded
     assert "asyncio" not in loaded
-    assert not {"workerpool.gateway", "uvicorn"} & loaded
+    assert not {"workerpool.gateway", "httptools"} & loaded
 
 
 def test_the_http_server_loads_only_when_a_gateway_starts():
     """The CLI and the gateway's modules load no HTTP server: gateway/server.py imports
-    uvicorn when it serves (the live tests), and checking the extra imports nothing."""
+    the HTTP protocol (httptools) and uvloop when it serves (the live tests), and checking
+    the extra imports nothing."""
     loaded = _modules_after("import workerpool.cli, workerpool.gateway.server as s; "
                             "s.check_installed()")
-    assert not {"uvicorn", "httptools", "uvloop"} & loaded
+    assert not {"uvicorn", "httptools", "uvloop", "workerpool.gateway.http11"} & loaded
 
 
 def test_the_router_loads_the_metrics_listener_only_with_metrics():

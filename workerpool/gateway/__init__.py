@@ -15,7 +15,8 @@ talks to the router as an ordinary client, over K connections its callers are sp
 - ``callers.py``: which router connection serves a caller; the per-caller cap.
 - ``metrics.py``: the gateway's own Prometheus metrics.
 - ``openapi.py``: ``/openapi.json``.
-- ``server.py``: binding, uvicorn, TLS; the only module that imports uvicorn.
+- ``http11.py``: HTTP/1.1 connections (httptools) running the app; one write per response.
+- ``server.py``: binding, the event loop (uvloop), TLS, stopping on a signal.
 
 docs/http.md is the reference.
 """
@@ -27,11 +28,11 @@ class GatewayError(RuntimeError):
 
 
 def check_installed() -> None:
-    """Raise GatewayError, saying what to install, without the ``http`` extra (uvicorn,
+    """Raise GatewayError, saying what to install, without the ``http`` extra (httptools,
     prometheus-client); imports neither for good when they are there."""
     import importlib.util
 
-    missing = [m for m in ("uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("httptools", "prometheus_client") if importlib.util.find_spec(m) is None]
     if missing:
         raise GatewayError(f"the HTTP gateway needs {' and '.join(missing)}: pip install "
                            "'workerpool[http]'")

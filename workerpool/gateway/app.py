@@ -3,7 +3,7 @@ the reply back out.
 
 ::
 
-    HTTP client --> uvicorn (httptools, uvloop) --> Gateway.__call__(scope, receive, send)
+    HTTP client --> http11.py (httptools, uvloop) --> Gateway.__call__(scope, receive, send)
                       routes: /v1/SERVICE/METHOD   -> call_v1 (JSON | msgpack | events)
                               /health/*, /metrics, /openapi.json
                               /v2/...              -> KServe v2 (kserve.py)
@@ -12,6 +12,7 @@ the reply back out.
              -> AsyncClient.submit / .stream   ------ K DEALERs -----> router -> workers
              -> bodies.encode / sse events      <-----------------------
              the client disconnects -> the Future is cancelled -> CANCEL to the router
+               (the server's ``workerpool.connection`` extension says so at once)
 
 K ``AsyncClient`` objects (``router_connections``) carry the requests: the router's
 per-connection rules (turns in its queues, ``max_client_inflight``, the not-reading
@@ -60,6 +61,8 @@ STATUS_TIMEOUT = 2.0
 """Seconds a readiness probe waits for the router's STATUS before it says not ready."""
 METADATA_TIMEOUT = 10.0
 """Seconds ``GET /v2/models/NAME`` waits for the handler's ``metadata`` method."""
+CONNECTION = "workerpool.connection"
+"""The scope extension through which the server says the client left (http11.py)."""
 OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"})
 """Probes answer without a token: an orchestrator's health checks carry none."""
 
@@ -83,9 +86,9 @@ class Disconnected(Exception):
 
 
 class Gateway:
-    """The ASGI application. ``make_client`` builds one AsyncClient; ``router_connections``
-    of them are made at startup (the ASGI lifespan), in the server's event loop, and all
-    are closed at shutdown. Raises ValueError for settings out of range."""
+    """The ASGI application. ``make_client`` builds one AsyncClient; ``start`` makes
+    ``router_connections`` of them in the server's event loop, and ``close_clients``
+    closes them at shutdown. Raises ValueError for settings out of range."""
 
     def __init__(self, make_client: Callable[[], Any], settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
@@ -110,30 +113,19 @@ class Gateway:
 
     # -- ASGI -------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
+        if scope["type"] == "http":
             await self.http(scope, receive, send)
-        elif kind == "lifespan":
-            await self.lifespan(receive, send)
 
-    async def lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            msg = await receive()
-            if msg["type"] == "lifespan.startup":
-                try:
-                    for _ in range(self.settings.router_connections):
-                        self.clients.append(self._make_client())
-                except Exception as exc:
-                    await self.close_clients()
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
-                self.metrics.overrun_count = \
-                    lambda: sum(c.streams_overrun for c in self.clients)
-                await send({"type": "lifespan.startup.complete"})
-            elif msg["type"] == "lifespan.shutdown":
-                await self.close_clients()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    async def start(self) -> None:
+        """Open the ``router_connections`` clients, in the server's event loop; raises
+        what a client raises (closing those opened)."""
+        try:
+            for _ in range(self.settings.router_connections):
+                self.clients.append(self._make_client())
+        except Exception:
+            await self.close_clients()
+            raise
+        self.metrics.overrun_count = lambda: sum(c.streams_overrun for c in self.clients)
 
     @property
     def client(self) -> Any:
@@ -228,12 +220,12 @@ class Gateway:
             return "v1", await _error(send, exc.error)
         accept = _header(scope, b"accept")
         if sse.wants_events(accept):
-            return "v1-stream", await self.stream_v1(receive, send, service, method,
+            return "v1-stream", await self.stream_v1(scope, send, service, method,
                                                      payload, fields, client)
         out = bodies.accepted(accept, kind)
         try:
             fut = await client.submit(method, payload, service=service, **fields)
-            value = await _unless_gone(fut, receive)
+            value = await _unless_gone(fut, scope)
             reply = bodies.encode(value, out)
         except WorkerPoolError as exc:
             return "v1", await _error(send, exc.to_wire())
@@ -241,22 +233,21 @@ class Gateway:
             return "v1", await _error(send, exc.error)
         return "v1", await _reply(send, 200, reply, bodies.CONTENT_TYPES[out].encode())
 
-    async def stream_v1(self, receive: Receive, send: Send, service: str, method: str,
+    async def stream_v1(self, scope: Scope, send: Send, service: str, method: str,
                         payload: Any, fields: dict, client: Any) -> int:
         """Events for a streaming method, until END, an error, or the client leaving."""
         items = client.stream(method, payload, service=service,
-                                   max_buffered=self.settings.max_buffered, **fields)
+                              max_buffered=self.settings.max_buffered, **fields)
         pump = asyncio.ensure_future(self._pump(items, send))
-        watch = asyncio.ensure_future(_disconnected(receive))
-        watch.add_done_callback(lambda _: pump.cancel())
+        exchange = scope["extensions"][CONNECTION]
+        exchange.when_gone(pump.cancel)
         try:
             return await pump
         except asyncio.CancelledError:
-            if watch.done() and not watch.cancelled():
+            if exchange.gone:
                 raise Disconnected from None  # the stream was closed: CANCEL went out
             raise
         finally:
-            watch.cancel()
             await items.aclose()
 
     async def _pump(self, items: Any, send: Send) -> int:
@@ -397,7 +388,7 @@ class Gateway:
         try:
             fut = await client.submit(kserve.INFER_METHOD, req.inputs, service=name,
                                            **fields)
-            result = await _unless_gone(fut, receive)
+            result = await _unless_gone(fut, scope)
             reply, header_length = kserve.infer_reply(name, req, result)
         except WorkerPoolError as exc:
             wire = exc.to_wire()
@@ -492,26 +483,16 @@ async def _v2_error(send: Send, status: int, wire: dict,
                         headers=[(k.encode(), v.encode()) for k, v in extra or ()])
 
 
-async def _disconnected(receive: Receive) -> None:
-    """Returns once the HTTP client has gone (its body was read already)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_gone(fut: asyncio.Future, receive: Receive) -> Any:
+async def _unless_gone(fut: asyncio.Future, scope: Scope) -> Any:
     """``fut``'s result; if the HTTP client leaves first, ``fut`` is cancelled (a CANCEL
     goes to the router) and Disconnected is raised."""
     if fut.done():
         return fut.result()
-    watch = asyncio.ensure_future(_disconnected(receive))
-    cancel = lambda _: fut.cancel()  # noqa: E731
-    watch.add_done_callback(cancel)
+    exchange = scope["extensions"][CONNECTION]
+    exchange.when_gone(fut.cancel)
     try:
         return await fut
     except asyncio.CancelledError:
-        if watch.done() and not watch.cancelled():
+        if exchange.gone:
             raise Disconnected from None
         raise
-    finally:
-        watch.remove_done_callback(cancel)
-        watch.cancel()

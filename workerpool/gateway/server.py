@@ -1,23 +1,27 @@
-"""Running the gateway: the listening socket, uvicorn, TLS, and the AsyncClients.
+"""Running the gateway: the listening socket, the event loop, TLS, and the AsyncClients.
 
 ::
 
     workerpool gateway --router ADDR --listen HOST:PORT      (or `up --http`, as its child)
       -> bind HOST:PORT now (a taken port fails before anything starts)
-      -> uvicorn.Server(Gateway app; httptools, uvloop; TLS from --tls-cert/--tls-key)
-           lifespan startup: K x AsyncClient(ADDR, keys) in uvicorn's loop (--router-connections)
-           SIGTERM / SIGINT: stop accepting, finish what is in flight (shutdown_timeout),
-                             close every client (what is still outstanding is cancelled)
+      -> uvloop: K x AsyncClient(ADDR, keys) (--router-connections)
+                 HttpServer(Gateway app) on the socket; TLS from --tls-cert/--tls-key
+      SIGTERM / SIGINT: stop accepting, finish what is in flight (SHUTDOWN_TIMEOUT),
+                        close every client (what is still outstanding is cancelled)
 
-uvicorn (and httptools, uvloop) are the ``http`` extra; this module imports them only when
-a gateway starts, so no other command loads them.
+httptools and uvloop are the ``http`` extra; this module imports them only when a gateway
+starts, so no other command loads them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import logging
 import os
+import signal
 import socket
+import ssl
 from dataclasses import dataclass
 
 from workerpool._proc import die_with_parent
@@ -77,12 +81,7 @@ def probe(listen: str) -> None:
 def serve(opts: ServeOptions, on_ready=None) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit status. Raises GatewayError."""
     check_installed()
-    import uvicorn
-    from uvicorn.config import HTTP_PROTOCOLS
-    from uvicorn.importer import import_from_string
-
     from workerpool.client import AsyncClient
-    from workerpool.gateway.coalesce import coalescing
 
     parent = os.environ.get("WORKERPOOL_PARENT_PID")
     die_with_parent(int(parent) if parent else None)  # `up` killed with -9: no orphan
@@ -98,34 +97,58 @@ def serve(opts: ServeOptions, on_ready=None) -> int:
         app = Gateway(make_client, settings)
     except ValueError as exc:
         raise GatewayError(str(exc)) from None
-    for path in (opts.tls_cert, opts.tls_key):
-        if path is not None and not os.access(path, os.R_OK):
-            raise GatewayError(f"cannot read {path}")
+    tls = _tls(opts.tls_cert, opts.tls_key)
     sock = bind(opts.listen)
-    protocol = import_from_string(HTTP_PROTOCOLS[_pick("httptools", "h11")])
-    config = uvicorn.Config(
-        app, loop=_pick("uvloop", "asyncio"), http=coalescing(protocol), lifespan="on",
-        log_config=None, access_log=False, server_header=False, backlog=BACKLOG,
-        ssl_certfile=opts.tls_cert, ssl_keyfile=opts.tls_key,
-        timeout_graceful_shutdown=SHUTDOWN_TIMEOUT)
-    scheme = "https" if opts.tls_cert else "http"
-    where = format_http_address(*sock.getsockname()[:2])
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets=None) -> None:
-            await super().startup(sockets)
-            if self.started:
-                log.info("gateway: %s://%s -> %s over %d connections", scheme, where,
-                         opts.router, settings.router_connections)
-                if on_ready is not None:
-                    on_ready(f"{scheme}://{where}")
-
-    server = Server(config)
     try:
-        server.run(sockets=[sock])
+        run = importlib.import_module(_pick("uvloop", "asyncio")).run  # the same call
+        return run(_serve(app, sock, tls, opts, on_ready))
     finally:
         sock.close()
-    return 0 if server.started else 1
+
+
+async def _serve(app: Gateway, sock: socket.socket, tls: ssl.SSLContext | None,
+                 opts: ServeOptions, on_ready) -> int:
+    from workerpool.gateway.http11 import HttpServer
+
+    try:
+        await app.start()
+    except Exception as exc:
+        log.error("gateway: cannot connect to the router %s: %s", opts.router, exc)
+        return 1
+    server = HttpServer(app, scheme="https" if tls else "http")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await server.start(sock, ssl=tls, backlog=BACKLOG)
+        where = format_http_address(*sock.getsockname()[:2])
+        log.info("gateway: %s://%s -> %s over %d connections", server.scheme, where,
+                 opts.router, app.settings.router_connections)
+        if on_ready is not None:
+            on_ready(f"{server.scheme}://{where}")
+        await stop.wait()
+        log.info("gateway: stopping; answers in flight get %.0f s", SHUTDOWN_TIMEOUT)
+        await server.stop(SHUTDOWN_TIMEOUT)
+    finally:
+        await app.close_clients()
+    return 0
+
+
+def _tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The server's TLS context from PEM files (the certificate may be a chain), or None
+    without a certificate. Raises GatewayError for a file that cannot be read or used."""
+    if cert is None:
+        return None
+    for path in (cert, key):
+        if path is not None and not os.access(path, os.R_OK):
+            raise GatewayError(f"cannot read {path}")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise GatewayError(f"cannot use {cert} and {key} for TLS: {exc}") from None
+    return context
 
 
 def _pick(module: str, fallback: str) -> str:

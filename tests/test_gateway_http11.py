@@ -1,0 +1,334 @@
+"""The gateway's HTTP/1.1 server (workerpool/gateway/http11.py), on its own: a small ASGI
+app on a loopback socket, driven with raw bytes so every framing rule is seen as sent."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+pytest.importorskip("httptools", reason="the gateway needs the http extra")
+
+from workerpool.gateway import http11
+from workerpool.gateway.http11 import HttpServer
+
+
+class App:
+    """Echoes the body; ``/slow`` answers after ``delay``; ``/stream`` sends chunks without
+    a length; ``/early`` answers 413 without reading the body; ``/wait`` waits for the
+    client to leave; ``/boom`` raises."""
+
+    def __init__(self) -> None:
+        self.gone: list[str] = []
+        self.received: list[dict] = []
+        self.delay = 0.2
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope["path"]
+        if path == "/boom":
+            raise RuntimeError("a bug")
+        if path == "/early":
+            await _reply(send, 413, b"too large")
+            return
+        if path == "/wait":
+            exchange = scope["extensions"]["workerpool.connection"]
+            left = asyncio.get_running_loop().create_future()
+            exchange.when_gone(lambda: left.set_result(None))
+            await left
+            self.gone.append(path)
+            self.received.append(await receive())
+            return
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        if path == "/slow":
+            await asyncio.sleep(self.delay)
+        if path == "/stream":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            for part in (b"one", b"two"):
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await _reply(send, 200, path.encode() + b":" + body)
+
+
+async def _reply(send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def serve(test, keep_alive: float = http11.KEEP_ALIVE):
+    """Run ``await test(server, port, app)`` with a server on a free loopback port."""
+
+    async def main() -> None:
+        app = App()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        server = HttpServer(app, keep_alive=keep_alive)
+        await server.start(sock)
+        try:
+            await test(server, sock.getsockname()[1], app)
+        finally:
+            await server.stop(1.0)
+            sock.close()
+
+    asyncio.run(main())
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict, bytes]:
+    """One response: status, headers (lower-case names), body (by length or chunks)."""
+    line = await asyncio.wait_for(reader.readline(), 5)
+    assert line, "the connection closed before a response"
+    status = int(line.split()[1])
+    headers = {}
+    while (line := await reader.readline()) != b"\r\n":
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        return status, headers, await reader.readexactly(int(headers["content-length"]))
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while size := int((await reader.readline()).strip(), 16):
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+        await reader.readexactly(2)
+        return status, headers, body
+    return status, headers, await reader.read()  # delimited by the close
+
+
+def post(path: str, body: bytes = b"", extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+            .encode() + body)
+
+
+async def closed(reader: asyncio.StreamReader) -> bool:
+    return await asyncio.wait_for(reader.read(), 5) == b""
+
+
+def test_keep_alive_answers_each_request_on_one_connection():
+    async def test(server, port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for i in range(3):
+            writer.write(post("/echo", b"x%d" % i))
+            status, headers, body = await read_response(reader)
+            assert (status, body) == (200, b"/echo:x%d" % i)
+            assert "date" in headers and "connection" not in headers
+        writer.close()
+
+    serve(test)
+
+
+def test_pipelined_requests_are_answered_in_order():
+    async def test(server, port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/slow", b"a") + post("/echo", b"b") + post("/slow", b"c"))
+        got = [(await read_response(reader))[2] for _ in range(3)]
+        assert got == [b"/slow:a", b"/echo:b", b"/slow:c"]
+        writer.close()
+
+    serve(test)
+
+
+def test_expect_100_continue_is_answered_when_the_app_reads_the_body():
+    async def test(server, port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        assert await asyncio.wait_for(reader.readline(), 5) == b"HTTP/1.1 100 Continue\r\n"
+        assert await reader.readline() == b"\r\n"
+        writer.write(b"body")
+        assert (await read_response(reader))[::2] == (200, b"/echo:body")
+        writer.close()
+
+    serve(test)
+
+
+def test_an_answer_before_a_held_body_closes_the_connection():
+    """Answered without 100 Continue, the client may never send the body: nothing after
+    it on the connection could be framed, so the gateway closes it."""
+    async def test(server, port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /early HTTP/1.1\r\nHost: t\r\nContent-Length: 99999\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        status, headers, body = await read_response(reader)
+        assert (status, headers["connection"], body) == (413, "close", b"too large")
+        assert await closed(reader)
+
+    serve(test)
+
+
+def test_an_answer_before_a_sent_body_keeps_the_connection_and_drops_the_body():
+    async def test(server, port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/early", b"z" * 300000) + post("/echo", b"next"))
+        assert (await read_response(reader))[0] == 413
+        assert (await read_response(reader))[::2] == (200, b"/echo:next")
+        writer.close()
+
+    serve(test)
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"NOT HTTP AT ALL\r\n\r\n", 400),
+    (b"POST /echo HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
+    (b"POST /echo HTTP/1.1\r\nUpgrade: h2c\r\nConnection: Upgrade\r\nContent-Length: 2"
+     b"\r\n\r\nhi", 400),
+    (b"GET /echo HTTP/1.1\r\n" + b"X-Big: " + b"a" * (http11.MAX_HEAD_BYTES + 1) + b"\r\n\r\n",
+     431),
+    (b"GET /echo HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i
+                                          for i in range(http11.MAX_HEADERS + 1)) + b"\r\n",
+     431),
+])
+def test_an_unreadable_request_is_answered_with_a_json_error_and_closed(request_bytes, status):
+    async def test(server, port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request_bytes)
+        got, headers, body = await read_response(reader)
+        assert (got, headers["connection"]) == (status, "close")
+        assert body.startswith(b'{"error":{"type":"ProtocolError"')
+        assert await closed(reader)
+
+    serve(test)
+
+
+def test_an_upgrade_is_answered_in_http_1_1_and_the_connection_closed():
+    async def test(server, port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /echo HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\n\r\n\x81\x05frame")
+        status, headers, body = await read_response(reader)
+        assert (status, headers["connection"], body) == (200, "close", b"/echo:")
+        assert await closed(reader)
+
+    serve(test)
+
+
+def test_a_bad_request_behind_one_in_flight_is_refused_after_its_answer():
+    async def test(server, port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/slow", b"a") + b"GARBAGE\r\n\r\n")
+        assert (await read_response(reader))[::2] == (200, b"/slow:a")
+        assert (await read_response(reader))[0] == 400
+        assert await closed(reader)
+
+    serve(test)
+
+
+def test_chunked_request_bodies_are_joined():
+    async def test(server, port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"3\r\nabc\r\n")
+        await asyncio.sleep(0.05)
+        writer.write(b"2\r\nde\r\n0\r\n\r\n")
+        assert (await read_response(reader))[::2] == (200, b"/echo:abcde")
+        writer.close()
+
+    serve(test)
+
+
+def test_a_response_without_a_length_is_chunked_and_head_gets_no_body():
+    async def test(server, port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/stream"))
+        status, headers, body = await read_response(reader)
+        assert (headers["transfer-encoding"], body) == ("chunked", b"onetwo")
+        writer.write(b"HEAD /echo HTTP/1.1\r\nHost: t\r\n\r\n")
+        status, headers, _ = await reader.readuntil(b"\r\n\r\n"), None, None
+        assert b"content-length: 6" in status  # "/echo:" as a GET would have it
+        writer.write(post("/echo", b"after"))  # nothing of HEAD's body is on the wire
+        assert (await read_response(reader))[::2] == (200, b"/echo:after")
+        writer.close()
+
+    serve(test)
+
+
+def test_http_1_0_is_answered_and_closed_and_a_stream_is_ended_by_the_close():
+    async def test(server, port, app):
+        for path, want in ((b"/echo", b"/echo:"), (b"/stream", b"onetwo")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST " + path + b" HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+            status, headers, body = await read_response(reader)
+            assert (status, headers["connection"], body) == (200, "close", want)
+            assert "transfer-encoding" not in headers
+            writer.close()
+
+    serve(test)
+
+
+def test_a_client_that_leaves_is_told_to_the_app_at_once():
+    async def test(server, port, app):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/wait"))
+        await asyncio.sleep(0.1)
+        writer.close()
+        for _ in range(100):
+            if app.gone:
+                break
+            await asyncio.sleep(0.02)
+        assert app.gone == ["/wait"]
+        assert app.received == [{"type": "http.disconnect"}]
+        assert not server.tasks
+
+    serve(test)
+
+
+def test_an_app_that_fails_answers_500_and_closes():
+    async def test(server, port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/boom"))
+        status, headers, body = await read_response(reader)
+        assert (status, headers["connection"], body) == (500, "close", b"Internal Server Error")
+        assert await closed(reader)
+
+    serve(test)
+
+
+def test_idle_connections_are_closed_after_the_keep_alive_time(monkeypatch):
+    monkeypatch.setattr(http11, "SWEEP", 0.05)
+
+    async def test(server, port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/echo"))
+        await read_response(reader)
+        assert await closed(reader)
+        assert not server.connections
+
+    serve(test, keep_alive=0.2)
+
+
+def test_stop_finishes_answers_in_flight_and_closes_every_connection():
+    async def test(server, port, app):
+        busy_r, busy_w = await asyncio.open_connection("127.0.0.1", port)
+        idle_r, idle_w = await asyncio.open_connection("127.0.0.1", port)
+        idle_w.write(post("/echo"))
+        await read_response(idle_r)
+        busy_w.write(post("/slow", b"last"))
+        await asyncio.sleep(0.05)
+        await server.stop(5.0)
+        status, headers, body = await read_response(busy_r)
+        assert (status, headers["connection"], body) == (200, "close", b"/slow:last")
+        assert await closed(busy_r) and await closed(idle_r)
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+
+    serve(test)
+
+
+def test_stop_cancels_what_outlives_its_grace():
+    async def test(server, port, app):
+        app.delay = 30
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/slow"))
+        await asyncio.sleep(0.05)
+        await server.stop(0.2)
+        assert await closed(reader)
+        assert not server.tasks
+
+    serve(test)
