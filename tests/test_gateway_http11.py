@@ -209,12 +209,42 @@ def test_an_upgrade_is_answered_in_http_1_1_and_the_connection_closed():
     serve(test)
 
 
-def test_a_bad_request_behind_one_in_flight_is_refused_after_its_answer():
+def test_a_bad_request_is_refused_after_the_answers_to_those_before_it():
     async def test(server, port, app):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(post("/slow", b"a") + b"GARBAGE\r\n\r\n")
+        writer.write(post("/slow", b"a") + post("/echo", b"b") + b"GARBAGE\r\n\r\n")
         assert (await read_response(reader))[::2] == (200, b"/slow:a")
+        assert (await read_response(reader))[::2] == (200, b"/echo:b")
         assert (await read_response(reader))[0] == 400
+        assert await closed(reader)
+
+    serve(test)
+
+
+def test_an_upgrade_behind_one_in_flight_is_answered_after_it_then_closed():
+    async def test(server, port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/slow", b"a") + b"GET /echo HTTP/1.1\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\n\r\n\x81\x05frame")
+        assert (await read_response(reader))[::2] == (200, b"/slow:a")
+        status, headers, body = await read_response(reader)
+        assert (status, headers["connection"], body) == (200, "close", b"/echo:")
+        assert await closed(reader)
+
+    serve(test)
+
+
+def test_a_deep_pipeline_is_answered_up_to_its_limit_then_refused():
+    async def test(server, port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        n = http11.MAX_PIPELINE + 1  # answered: the one in flight and MAX_PIPELINE behind
+        writer.write(post("/slow", b"first") + post("/echo", b"x") * (n + 50))
+        assert (await read_response(reader))[2] == b"/slow:first"
+        for _ in range(n - 1):
+            assert (await read_response(reader))[2] == b"/echo:x"
+        status, headers, body = await read_response(reader)
+        assert (status, headers["connection"]) == (400, "close")
+        assert b"pipelined" in body
         assert await closed(reader)
 
     serve(test)

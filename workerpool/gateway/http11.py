@@ -45,6 +45,9 @@ MAX_HEAD_BYTES = 65536
 bytes never make the gateway hold more than this before a request runs."""
 MAX_HEADERS = 128
 """Header lines one request may have (431 past it)."""
+MAX_PIPELINE = 64
+"""Requests read ahead of the one being answered on a connection (400 past it): one read
+of many tiny pipelined requests cannot make the gateway hold thousands."""
 BODY_HIGH_WATER = 262144
 """Request-body bytes held for the app before the connection stops reading."""
 JOIN_LIMIT = 65536
@@ -71,6 +74,11 @@ STATUS_LINES = {status.value: _status_line(status.value) for status in HTTPStatu
 
 class _HeadTooLarge(Exception):
     """Raised in a parser callback: the request's head is over the limits."""
+
+
+class _PipelineFull(Exception):
+    """Raised in a parser callback: ``MAX_PIPELINE`` requests already wait on the
+    connection."""
 
 
 class _UpgradeWithBody(Exception):
@@ -274,7 +282,8 @@ class HttpConnection(asyncio.Protocol):
         self.read_paused = False
         self.write_paused: asyncio.Future | None = None
         self.last_active = time.monotonic()
-        self.refused: tuple[int, str] | None = None  # an error owed after the current answer
+        self.done_reading = False  # after an unreadable request or an upgrade
+        self.refused: tuple[int, str] | None = None  # an error owed after the answers due
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
@@ -298,8 +307,8 @@ class HttpConnection(asyncio.Protocol):
         self.resume_writing()
 
     def data_received(self, data: bytes) -> None:
-        if self.refused is not None:
-            return  # nothing after an unreadable request is read
+        if self.done_reading:
+            return  # nothing after an unreadable request (or an upgrade) is read
         self.last_active = time.monotonic()
         try:
             self.parser.feed_data(data)
@@ -307,6 +316,9 @@ class HttpConnection(asyncio.Protocol):
             if isinstance(exc.__context__, _HeadTooLarge):
                 self.refuse(431, f"a request head is over {MAX_HEAD_BYTES} bytes or "
                                  f"{MAX_HEADERS} header lines")
+            elif isinstance(exc.__context__, _PipelineFull):
+                self.refuse(400, f"more than {MAX_PIPELINE} requests pipelined on one "
+                                 "connection")
             elif isinstance(exc.__context__, _UpgradeWithBody):
                 self.refuse(400, "a request that asks for another protocol (Upgrade) "
                                  "cannot have a body here")
@@ -333,7 +345,7 @@ class HttpConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.read_paused and not self.pipeline and self.refused is None and (
+        if self.read_paused and not self.pipeline and not self.done_reading and (
                 self.reading is None or self.reading.buffered <= BODY_HIGH_WATER):
             self.read_paused = False
             self.transport.resume_reading()
@@ -363,6 +375,8 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
+        if len(self.pipeline) >= MAX_PIPELINE:
+            raise _PipelineFull
         if parser.should_upgrade() and any(
                 (name == b"content-length" and value != b"0") or name == b"transfer-encoding"
                 for name, value in self._headers):
@@ -407,29 +421,31 @@ class HttpConnection(asyncio.Protocol):
         if not exchange.keep_alive or self.transport.is_closing():
             self.pipeline.clear()
             self.transport.close()
-        elif self.refused is not None:
-            self._write_refusal()
         elif self.pipeline:
             self._start(self.pipeline.popleft())
             self.resume_reading()
+        elif self.refused is not None:
+            self._write_refusal()
         else:
             self.resume_reading()
 
     def refuse(self, status: int, message: str) -> None:
-        """A request that cannot be read: answer ``status`` and close, after the answer
-        in progress (if any), since nothing after it on this connection can be trusted."""
-        if self.refused is not None:
+        """A request that cannot be read: answer those read before it, in order, then
+        ``status``, and close: nothing after it on this connection can be framed."""
+        if self.done_reading:
             return
+        self.done_reading = True
         self.refused = (status, message)
-        self.pipeline.clear()
         self.pause_reading()
         reading, self.reading = self.reading, None
-        if reading is not None and reading is self.current:
+        if reading is self.current and reading is not None:
             reading.lose()  # its own body is unreadable: the refusal is its answer
             if reading.started:
                 self.transport.close()
                 return
             self.current = None
+        elif reading is not None:
+            self.pipeline.pop()  # queued, its body unreadable: never to be answered
         if self.current is None:
             self._write_refusal()
 
@@ -437,14 +453,14 @@ class HttpConnection(asyncio.Protocol):
         """The request just read asked for another protocol (WebSocket, h2c). It is
         answered in HTTP/1.1, as a server that ignores ``Upgrade`` may; what follows it
         is in a protocol not served here, so nothing more is read and the connection
-        closes after the answer."""
-        self.refused = self.refused or (400, "")  # nothing more is read
-        self.pipeline.clear()
+        closes after its answer."""
+        self.done_reading = True
         self.pause_reading()
-        if self.current is None:
+        last = self.pipeline[-1] if self.pipeline else self.current
+        if last is None:
             self.transport.close()
         else:
-            self.current.keep_alive = False
+            last.keep_alive = False
 
     def _write_refusal(self) -> None:
         status, message = self.refused
