@@ -61,6 +61,8 @@ STATUS_TIMEOUT = 2.0
 """Seconds a readiness probe waits for the router's STATUS before it says not ready."""
 METADATA_TIMEOUT = 10.0
 """Seconds ``GET /v2/models/NAME`` waits for the handler's ``metadata`` method."""
+HEADERS = "workerpool.headers"
+"""The scope key under which the request's headers are kept as a dict."""
 CONNECTION = "workerpool.connection"
 """The scope extension through which the server says the client left (http11.py)."""
 OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"})
@@ -98,6 +100,8 @@ class Gateway:
                                self.settings.max_inflight_per_caller)
         self.metrics = GatewayMetrics()
         self.metrics.connection_in_flight = lambda: self.callers.in_flight
+        self.answering = 0  # HTTP requests being answered now (a gauge reads it)
+        self.metrics.in_flight.set_function(lambda: self.answering)
         self.tokens = Tokens(self.settings.tokens) if self.settings.tokens else None
         self.status_cache = health.StatusCache(self.settings.status_max_age)
         self._openapi = render_openapi(self.settings.version)
@@ -140,7 +144,7 @@ class Gateway:
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
         metrics = self.metrics
-        metrics.in_flight.inc()
+        self.answering += 1
         endpoint, status = "other", 500
         try:
             endpoint, status = await self.route(scope, receive, send)
@@ -155,7 +159,7 @@ class Gateway:
             except Exception:
                 pass  # the reply had begun: the server ends the connection
         finally:
-            metrics.in_flight.dec()
+            self.answering -= 1
             metrics.answered(endpoint, status, time.monotonic() - started)
 
     async def route(self, scope: Scope, receive: Receive, send: Send) -> tuple[str, int]:
@@ -443,10 +447,12 @@ def parse_timeout(text: str) -> float:
 
 # -- small helpers ------------------------------------------------------------------------------
 def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
+    """The request's header ``name`` (lower case; the last if it repeats), or None."""
+    headers = scope.get(HEADERS)
+    if headers is None:  # a dict once per request: a request asks for several
+        headers = scope[HEADERS] = dict(scope["headers"])
+    value = headers.get(name)
+    return None if value is None else value.decode("latin-1")
 
 
 def _not_found(path: str) -> dict:

@@ -85,7 +85,7 @@ class Callers:
         held = self._held.get(key)
         if held is None:
             k = len(self.in_flight)
-            conn = min(range(k), key=lambda i: (self.callers[i], self.in_flight[i], i))
+            conn = min(zip(self.callers, self.in_flight, range(k), strict=True))[2]
             held = self._held[key] = _Held(conn, 0)
             self.callers[conn] += 1
         elif self.max_inflight and held.requests >= self.max_inflight:
