@@ -111,6 +111,18 @@ async def closed(reader: asyncio.StreamReader) -> bool:
     return await asyncio.wait_for(reader.read(), 5) == b""
 
 
+async def answered_then_closed(port: int, data: bytes) -> tuple[int, dict, bytes]:
+    """Send ``data`` on a new connection: its one response, once the server has closed
+    the connection after it (asserted)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    response = await read_response(reader)
+    assert response[1]["connection"] == "close"
+    assert await closed(reader)
+    writer.close()
+    return response
+
+
 def test_keep_alive_answers_each_request_on_one_connection():
     async def test(server, port, app):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -135,30 +147,43 @@ def test_pipelined_requests_are_answered_in_order():
     serve(test)
 
 
-def test_expect_100_continue_is_answered_when_the_app_reads_the_body():
+@pytest.mark.parametrize("head, interim, rest, body", [
+    # The client holds its body until the app asks for it.
+    (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n"
+     b"\r\n", b"HTTP/1.1 100 Continue\r\n\r\n", b"body", b"/echo:body"),
+    # Chunks in two reads, joined.
+    (b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+     b"", b"2\r\nde\r\n0\r\n\r\n", b"/echo:abcde"),
+], ids=["100-continue", "chunked"])
+def test_a_body_that_comes_after_its_head(head, interim, rest, body):
     async def test(server, port, app):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n"
-                     b"Expect: 100-continue\r\n\r\n")
-        assert await asyncio.wait_for(reader.readline(), 5) == b"HTTP/1.1 100 Continue\r\n"
-        assert await reader.readline() == b"\r\n"
-        writer.write(b"body")
-        assert (await read_response(reader))[::2] == (200, b"/echo:body")
+        writer.write(head)
+        if interim:
+            assert await asyncio.wait_for(reader.readexactly(len(interim)), 5) == interim
+        else:
+            await asyncio.sleep(0.05)
+        writer.write(rest)
+        assert (await read_response(reader))[::2] == (200, body)
         writer.close()
 
     serve(test)
 
 
-def test_an_answer_before_a_held_body_closes_the_connection():
-    """Answered without 100 Continue, the client may never send the body: nothing after
-    it on the connection could be framed, so the gateway closes it."""
+@pytest.mark.parametrize("request_bytes, status, body", [
+    # Answered without 100 Continue, the client may never send the body: nothing after it
+    # on the connection could be framed.
+    (b"POST /early HTTP/1.1\r\nHost: t\r\nContent-Length: 99999\r\n"
+     b"Expect: 100-continue\r\n\r\n", 413, b"too large"),
+    # Another protocol asked for: answered in HTTP/1.1; what follows is not read.
+    (b"GET /echo HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+     b"\r\n\x81\x05frame", 200, b"/echo:"),
+    # The application failed before answering.
+    (post("/boom"), 500, b"Internal Server Error"),
+], ids=["held-body", "upgrade", "app-failed"])
+def test_answers_after_which_the_connection_closes(request_bytes, status, body):
     async def test(server, port, app):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /early HTTP/1.1\r\nHost: t\r\nContent-Length: 99999\r\n"
-                     b"Expect: 100-continue\r\n\r\n")
-        status, headers, body = await read_response(reader)
-        assert (status, headers["connection"], body) == (413, "close", b"too large")
-        assert await closed(reader)
+        assert (await answered_then_closed(port, request_bytes))[::2] == (status, body)
 
     serve(test)
 
@@ -187,24 +212,9 @@ def test_an_answer_before_a_sent_body_keeps_the_connection_and_drops_the_body():
 ])
 def test_an_unreadable_request_is_answered_with_a_json_error_and_closed(request_bytes, status):
     async def test(server, port, app):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(request_bytes)
-        got, headers, body = await read_response(reader)
-        assert (got, headers["connection"]) == (status, "close")
+        got, _, body = await answered_then_closed(port, request_bytes)
+        assert got == status
         assert body.startswith(b'{"error":{"type":"ProtocolError"')
-        assert await closed(reader)
-
-    serve(test)
-
-
-def test_an_upgrade_is_answered_in_http_1_1_and_the_connection_closed():
-    async def test(server, port, app):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /echo HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\n\r\n\x81\x05frame")
-        status, headers, body = await read_response(reader)
-        assert (status, headers["connection"], body) == (200, "close", b"/echo:")
-        assert await closed(reader)
 
     serve(test)
 
@@ -250,28 +260,15 @@ def test_a_deep_pipeline_is_answered_up_to_its_limit_then_refused():
     serve(test)
 
 
-def test_chunked_request_bodies_are_joined():
-    async def test(server, port, app):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"3\r\nabc\r\n")
-        await asyncio.sleep(0.05)
-        writer.write(b"2\r\nde\r\n0\r\n\r\n")
-        assert (await read_response(reader))[::2] == (200, b"/echo:abcde")
-        writer.close()
-
-    serve(test)
-
-
 def test_a_response_without_a_length_is_chunked_and_head_gets_no_body():
     async def test(server, port, app):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(post("/stream"))
-        status, headers, body = await read_response(reader)
+        _, headers, body = await read_response(reader)
         assert (headers["transfer-encoding"], body) == ("chunked", b"onetwo")
         writer.write(b"HEAD /echo HTTP/1.1\r\nHost: t\r\n\r\n")
-        status, headers, _ = await reader.readuntil(b"\r\n\r\n"), None, None
-        assert b"content-length: 6" in status  # "/echo:" as a GET would have it
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b"content-length: 6" in head  # "/echo:" as a GET would have it
         writer.write(post("/echo", b"after"))  # nothing of HEAD's body is on the wire
         assert (await read_response(reader))[::2] == (200, b"/echo:after")
         writer.close()
@@ -282,12 +279,10 @@ def test_a_response_without_a_length_is_chunked_and_head_gets_no_body():
 def test_http_1_0_is_answered_and_closed_and_a_stream_is_ended_by_the_close():
     async def test(server, port, app):
         for path, want in ((b"/echo", b"/echo:"), (b"/stream", b"onetwo")):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"POST " + path + b" HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
-            status, headers, body = await read_response(reader)
-            assert (status, headers["connection"], body) == (200, "close", want)
+            status, headers, body = await answered_then_closed(
+                port, b"POST " + path + b" HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+            assert (status, body) == (200, want)
             assert "transfer-encoding" not in headers
-            writer.close()
 
     serve(test)
 
@@ -305,17 +300,6 @@ def test_a_client_that_leaves_is_told_to_the_app_at_once():
         assert app.gone == ["/wait"]
         assert app.received == [{"type": "http.disconnect"}]
         assert not server.tasks
-
-    serve(test)
-
-
-def test_an_app_that_fails_answers_500_and_closes():
-    async def test(server, port, app):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(post("/boom"))
-        status, headers, body = await read_response(reader)
-        assert (status, headers["connection"], body) == (500, "close", b"Internal Server Error")
-        assert await closed(reader)
 
     serve(test)
 
