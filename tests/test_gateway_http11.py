@@ -62,7 +62,8 @@ async def _reply(send, status: int, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def serve(test, keep_alive: float = http11.KEEP_ALIVE):
+def serve(test, keep_alive: float = http11.KEEP_ALIVE,
+          body_timeout: float = http11.BODY_TIMEOUT):
     """Run ``await test(server, port, app)`` with a server on a free loopback port."""
 
     async def main() -> None:
@@ -70,7 +71,7 @@ def serve(test, keep_alive: float = http11.KEEP_ALIVE):
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(16)
-        server = HttpServer(app, keep_alive=keep_alive)
+        server = HttpServer(app, keep_alive=keep_alive, body_timeout=body_timeout)
         await server.start(sock)
         try:
             await test(server, sock.getsockname()[1], app)
@@ -109,6 +110,14 @@ def post(path: str, body: bytes = b"", extra: str = "") -> bytes:
 
 async def closed(reader: asyncio.StreamReader) -> bool:
     return await asyncio.wait_for(reader.read(), 5) == b""
+
+
+async def until(condition, seconds: float = 2.0) -> None:
+    """Wait for ``condition()`` to hold, checking every 20 ms, for up to ``seconds``."""
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
 
 
 async def answered_then_closed(port: int, data: bytes) -> tuple[int, dict, bytes]:
@@ -293,10 +302,7 @@ def test_a_client_that_leaves_is_told_to_the_app_at_once():
         writer.write(post("/wait"))
         await asyncio.sleep(0.1)
         writer.close()
-        for _ in range(100):
-            if app.gone:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: app.gone)
         assert app.gone == ["/wait"]
         assert app.received == [{"type": "http.disconnect"}]
         assert not server.tasks
@@ -315,6 +321,20 @@ def test_idle_connections_are_closed_after_the_keep_alive_time(monkeypatch):
         assert not server.connections
 
     serve(test, keep_alive=0.2)
+
+
+def test_a_body_that_stops_arriving_closes_its_connection_and_the_app_sees_it(monkeypatch):
+    monkeypatch.setattr(http11, "SWEEP", 0.05)
+
+    async def test(server, port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /wait HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+        assert await closed(reader)
+        await until(lambda: app.gone)
+        assert app.gone == ["/wait"]
+        assert not server.connections
+
+    serve(test, body_timeout=0.3)
 
 
 def test_stop_finishes_answers_in_flight_and_closes_every_connection():

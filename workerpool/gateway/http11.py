@@ -9,7 +9,8 @@ response.
       app's send(): the status line and headers are held and leave with the first body part
                     as one write (a body over JOIN_LIMIT goes as a second write, not copied)
       response complete: the next pipelined request starts, or the connection waits
-                         (keep-alive; closed after KEEP_ALIVE idle seconds)
+                         (keep-alive; closed after KEEP_ALIVE idle seconds, or
+                         BODY_TIMEOUT seconds into a body that stopped arriving)
       connection lost: the app's callbacks for that exchange run (it cancels the request
                        at the router); receive() then says http.disconnect
 
@@ -55,6 +56,9 @@ JOIN_LIMIT = 65536
 than the second write it saves (a large tensor reply goes as head, then body)."""
 KEEP_ALIVE = 5.0
 """Seconds an idle keep-alive connection is kept."""
+BODY_TIMEOUT = 30.0
+"""Seconds a request's body may stop arriving before its connection is closed (the app
+then sees the client leave): a client cannot hold a request open by never finishing it."""
 SWEEP = 1.0
 """Seconds between looks for idle connections (and updates of the Date header)."""
 ASGI = {"version": "3.0", "spec_version": "2.3"}
@@ -484,10 +488,11 @@ class HttpServer:
     header, and a stop that lets answers in flight finish."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], *, scheme: str = "http",
-                 keep_alive: float = KEEP_ALIVE) -> None:
+                 keep_alive: float = KEEP_ALIVE, body_timeout: float = BODY_TIMEOUT) -> None:
         self.app = app
         self.scheme = scheme
         self.keep_alive = keep_alive
+        self.body_timeout = body_timeout
         self.connections: set[HttpConnection] = set()
         self.tasks: set[asyncio.Task] = set()
         self.closing = False
@@ -511,9 +516,16 @@ class HttpServer:
         while True:
             await asyncio.sleep(SWEEP)
             self._update_date()
-            cutoff = time.monotonic() - self.keep_alive
+            now = time.monotonic()
+            idle, stalled = now - self.keep_alive, now - self.body_timeout
             for conn in list(self.connections):
-                if conn.current is None and not conn.pipeline and conn.last_active < cutoff:
+                if conn.current is None and not conn.pipeline:
+                    if conn.last_active < idle:
+                        conn.transport.close()
+                elif conn.reading is not None and not conn.read_paused \
+                        and conn.last_active < stalled:  # paused: the app is behind, not it
+                    log.info("gateway: closing a connection whose request body stalled "
+                             "for %.0f s", self.body_timeout)
                     conn.transport.close()
 
     async def stop(self, timeout: float) -> None:
