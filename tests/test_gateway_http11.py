@@ -335,6 +335,25 @@ def test_a_client_that_leaves_is_told_to_the_app_at_once():
     serve(test)
 
 
+def test_an_interrupt_inside_the_parser_is_not_taken_for_a_bad_request(monkeypatch):
+    """A KeyboardInterrupt (or SystemExit) raised while a request is parsed stops the
+    server as it would anywhere else; it is not answered as the client's 400."""
+    async def test(server, port, app):
+        def interrupted(self, url):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(http11.HttpConnection, "on_url", interrupted)
+        conn = http11.HttpConnection(server)
+        writes: list[bytes] = []
+        conn.transport = type("T", (), {"write": writes.append, "is_closing": lambda s: False,
+                                        "pause_reading": lambda s: None})()
+        with pytest.raises(KeyboardInterrupt):
+            conn.data_received(post("/echo"))
+        assert writes == [] and conn.refused is None
+
+    serve(test)
+
+
 def test_idle_connections_are_closed_after_the_keep_alive_time(monkeypatch):
     monkeypatch.setattr(http11, "SWEEP", 0.05)
 

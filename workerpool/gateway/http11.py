@@ -322,13 +322,16 @@ class HttpConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _HeadTooLarge):
+            cause = exc.__context__
+            if cause is not None and not isinstance(cause, Exception):
+                raise cause from None  # KeyboardInterrupt, SystemExit: not the client's doing
+            if isinstance(cause, _HeadTooLarge):
                 self.refuse(431, f"a request head is over {MAX_HEAD_BYTES} bytes or "
                                  f"{MAX_HEADERS} header lines")
-            elif isinstance(exc.__context__, _PipelineFull):
+            elif isinstance(cause, _PipelineFull):
                 self.refuse(400, f"more than {MAX_PIPELINE} requests pipelined on one "
                                  "connection")
-            elif isinstance(exc.__context__, _UpgradeWithBody):
+            elif isinstance(cause, _UpgradeWithBody):
                 self.refuse(400, "a request that asks for another protocol (Upgrade) "
                                  "cannot have a body here")
             else:
