@@ -4,11 +4,13 @@ side by side in one run.
 
 For each handler time (``--sleep-ms``, default 1 and 5) and each prefetch setting: a pool
 of ``--workers`` (2) workers with the default ``max_inflight`` (1) whose handler sleeps
-that long, driven by a ``Client.submit`` loop keeping ``--outstanding`` (64) requests in
-flight for ``--duration`` seconds after a warm-up. Two figures per run:
+that long (``--method sleep``, a device-bound handler: it lets go of the GIL, as CUDA
+work does) or computes in Python holding the GIL (``--method spin``), driven by a
+``Client.submit`` loop keeping ``--outstanding`` (64) requests in flight for
+``--duration`` seconds after a warm-up. Two figures per run:
 
 - ``busy`` (the issue's measure): requests/s x the handler's own measured service time
-  (the mean of ``time.sleep(s)`` timed in this process) / workers;
+  (the mean of one call of the handler's method, timed in this process) / workers;
 - ``utilization``: the mean of the workers' own ``utilization`` from ``status`` at the end
   (the share of the last ~5 s their handler ran).
 
@@ -16,6 +18,7 @@ Usage::
 
     .venv/bin/python bench/idle_gap.py --duration 10
     .venv/bin/python bench/idle_gap.py --duration 10 --json
+    .venv/bin/python bench/idle_gap.py --duration 10 --method spin
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from _pool import REPO, BenchError, measure, pool
 
 sys.path.insert(0, REPO)
 from workerpool import Client
+from workerpool.handlers import Echo
 
 
 def _parse() -> argparse.Namespace:
@@ -41,20 +45,25 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds before (2)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--outstanding", type=int, default=64)
-    ap.add_argument("--sleep-ms", type=float, nargs="+", default=[1.0, 5.0])
+    ap.add_argument("--sleep-ms", type=float, nargs="+", default=[1.0, 5.0],
+                    help="the handler's time per request, ms (1 5)")
+    ap.add_argument("--method", choices=("sleep", "spin"), default="sleep",
+                    help="sleep: lets go of the GIL; spin: holds it (sleep)")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     return ap.parse_args()
 
 
-def service_time(seconds: float, n: int = 400) -> float:
-    """What ``time.sleep(seconds)`` really takes here: the handler's own service time."""
+def service_time(method: str, seconds: float, n: int = 400) -> float:
+    """What one call of the handler's ``method`` really takes here: its own service time."""
+    fn = getattr(Echo(), method)
+    payload = {"seconds": seconds}
     t0 = time.perf_counter()
     for _ in range(n):
-        time.sleep(seconds)
+        fn(payload)
     return (time.perf_counter() - t0) / n
 
 
-def drive(address: str, payload: dict, outstanding: int, warmup: float,
+def drive(address: str, method: str, payload: dict, outstanding: int, warmup: float,
           duration: float) -> int:
     """Requests completed in ``duration`` seconds after ``warmup``, ``outstanding`` kept
     in flight by a closed loop. Raises BenchError if any failed: a failed request costs
@@ -85,7 +94,7 @@ def drive(address: str, payload: dict, outstanding: int, warmup: float,
             if not counting and now >= start_at:
                 counting = True
             slots.acquire()
-            c.submit("sleep", payload).add_done_callback(finished)
+            c.submit(method, payload).add_done_callback(finished)
         counting = False
         for _ in range(outstanding):
             slots.acquire()
@@ -97,17 +106,17 @@ def drive(address: str, payload: dict, outstanding: int, warmup: float,
 def run(args: argparse.Namespace, workdir: str) -> list[dict]:
     rows = []
     for ms in args.sleep_ms:
-        st = service_time(ms / 1000)
+        st = service_time(args.method, ms / 1000)
         for prefetch in (0, 1):
             with pool(workdir, f"p{prefetch}-{ms:g}", workers=args.workers,
                       flags=["--prefetch", str(prefetch)]) as (_, address, _argv):
-                n = drive(address, {"seconds": ms / 1000}, args.outstanding, args.warmup,
-                          args.duration)
+                n = drive(address, args.method, {"seconds": ms / 1000}, args.outstanding,
+                          args.warmup, args.duration)
                 with Client(address) as c:
                     workers = c.status()["workers"]
             rps = n / args.duration
             util = [w["utilization"] for w in workers if w["utilization"] is not None]
-            rows.append({"sleep_ms": ms, "prefetch": prefetch, "req_s": round(rps, 1),
+            rows.append({"method": args.method, "sleep_ms": ms, "prefetch": prefetch, "req_s": round(rps, 1),
                          "service_time_ms": round(st * 1000, 3),
                          "busy": round(rps * st / args.workers, 3),
                          "utilization": round(sum(util) / len(util), 3) if util else None})
@@ -124,7 +133,7 @@ def main() -> int:
                           "duration_s": args.duration, "rows": rows}, indent=2))
         return 0
     print(f"{args.workers} workers, max_inflight 1, {args.outstanding} outstanding, "
-          f"{args.duration:g}s measured")
+          f"{args.duration:g}s measured, handler method {args.method!r}")
     print(f"{'handler':>8} {'prefetch':>8} {'req/s':>9} {'busy':>6} {'utilization':>11}")
     for r in rows:
         print(f"{r['sleep_ms']:>6g}ms {r['prefetch']:>8} {r['req_s']:>9,.1f} {r['busy']:>6.3f} "

@@ -10,6 +10,7 @@ frames) — on the router's hot path that is most of a request's budget.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 
 import zmq
 from zmq.backend import Socket as _CSocket
@@ -114,6 +115,20 @@ def _drop_rest(sock: zmq.Socket, flags: int, parts: list, frame: zmq.Frame) -> T
         frame = _recv(sock, flags, False, False)
         out.dropped += 1
     return out
+
+
+def drain(sock: zmq.Socket, handle: Callable[[list], object]) -> bool:
+    """Receive every message waiting, without blocking, and pass each to ``handle`` as
+    ``recv`` returns it; True if there was any."""
+    took = False
+    while readable(sock):  # asked first: see readable()
+        try:
+            frames = recv(sock, NOBLOCK)
+        except zmq.Again:
+            break
+        handle(frames)
+        took = True
+    return took
 
 
 def readable(sock: zmq.Socket) -> bool:

@@ -304,6 +304,17 @@ class Batches(Faulty):
             time.sleep(0.005)
         return "opened"
 
+    def received(self, payload):
+        """Touches the file ``{"started": p}``, then waits until this worker has received
+        ``{"n": n}`` requests (at most 20 s), and returns the count it saw: whether the worker
+        takes requests in while a handler runs."""
+        open(payload["started"], "w").close()
+        stats = self.context.stats
+        deadline = time.monotonic() + 20
+        while stats.received < payload["n"] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return stats.received
+
     def batch_log(self, payload=None):
         """Every batch run so far, as the list of its items' ``i``."""
         return self.batches

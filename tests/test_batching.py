@@ -453,14 +453,17 @@ def test_a_worker_takes_its_cap_from_the_router_and_ignores_bad_ones(tmp_path, c
         for bad in ({"capacity": "2"}, {"capacity": 0}, {"capacity": -3}, {"capacity": True},
                     {"capacity": 2.0}, {"capacity": None}, {}):
             w._on_message(protocol.encode(Kind.READY, 0, bad))
+            w._take_control()
         assert w.capacity == 16 and caplog.text == ""
         w._on_message(protocol.encode(Kind.READY, 0, {"capacity": 4}))
+        w._take_control()
         assert w.capacity == 4
         told = [r.getMessage() for r in caplog.records]
         assert told[0] == ("[default/0] the router caps this worker at 4 request(s) (it "
                            "declared 16): the service's max_inflight")
         assert "max_batch_size=8 but this worker holds at most max_inflight=4" in told[1]
         w._on_message(protocol.encode(Kind.READY, 0, {"capacity": 100}))  # above: declared
+        w._take_control()
         assert w.capacity == 16
         assert w._ready_meta()["capacity"] == 16  # a new router hears what it can hold
     finally:

@@ -5,6 +5,7 @@ pair, ``inbox.messages``, and the heartbeat thread and the supervisor taking bun
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import msgpack
@@ -15,7 +16,7 @@ from ipc import protocol, transport
 from ipc.protocol import BUNDLE_MAX, FrameError, Kind
 from workerpool.backlog import Backlog
 from workerpool.batching import BatchSizeMeter
-from workerpool.busy import BusyMeter
+from workerpool.busy import BusyMeter, CpuShare
 from workerpool.errors import HandlerError
 from workerpool.holding import HandlerTimes, HoldLimits, ReplyHold
 from workerpool.inbox import messages
@@ -219,7 +220,9 @@ def test_the_heartbeat_thread_answers_a_bundle_of_reclaims_with_one(standin_rout
                       device="cpu", backend=address, heartbeat_interval=0.05)
     backlog = Backlog()
     backlog.put(protocol.Message(Kind.REQUEST, 7, {"method": "echo"}))  # seq 1: waiting
-    heart = _Heartbeat(ctx, spec, BusyMeter(), BatchSizeMeter({}), backlog)
+    busy = BusyMeter()
+    heart = _Heartbeat(ctx, spec, busy, BatchSizeMeter({}), backlog,
+                       CpuShare(busy, threading.get_ident()))
     heart.start()
 
     def next_from_worker() -> list[protocol.Message]:
@@ -282,7 +285,9 @@ def test_a_cancel_takes_a_request_out_of_a_group_before_it_starts(tmp_path):
     try:
         w._group[5] = protocol.Message(Kind.REQUEST, 5, {"method": "echo"})
         assert w._outstanding() == 1
-        w._on_message(protocol.encode(Kind.CANCEL, 5))
+        w._on_message(protocol.encode(Kind.CANCEL, 5))  # on the wire thread: left to main
+        assert w._group and not w.stats.cancelled
+        w._take_control()  # the main thread's next turn
         assert not w._group and w.stats.cancelled == 1
         (reply,) = [protocol.decode([h]) for h in w.replies.held]
         assert reply.kind is Kind.ERROR and reply.req_id == 5

@@ -74,6 +74,12 @@ class FakeRouter:
                     got.setdefault(m.req_id, []).append(m)
         return got
 
+    def __enter__(self) -> FakeRouter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -84,11 +90,8 @@ class FakeRouter:
 
 @pytest.fixture
 def router(tmp_path):
-    r = FakeRouter(tmp_path)
-    try:
+    with FakeRouter(tmp_path) as r:
         yield r
-    finally:
-        r.close()
 
 
 def request(rid: int, method: str, payload) -> bytes:

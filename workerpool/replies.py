@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import msgpack
@@ -44,18 +45,24 @@ class Replies:
     def __init__(self, sock: zmq.Socket, slot: str, max_message_bytes: int,
                  pool: shm.SegmentPool | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._sock = sock
         self.slot = slot
         self._limit = max_message_bytes
         self._pool = pool  # lends shared memory to replies for clients on this host
         # Every reply carries the worker's slot so errors and results name who produced them.
         self._meta = protocol.pack_meta({"worker": slot})
-        self._unsent: list[zmq.MessageTracker] = []  # zero-copy frames ZeroMQ still reads
+        self._put: Callable[..., list] = partial(transport.send, sock)  # (frames, track=)
+        self._unsent: list = []  # zero-copy frames ZeroMQ still reads: each has wait(timeout)
         self._log = slot_logger(logging.getLogger("workerpool.worker"), slot)
         self._clock = clock
         self.held: list[bytes] = []  # one-frame final replies not sent yet, oldest first
         self.held_bytes = 0
         self.held_since = 0.0  # when the oldest of them was held (clock)
+
+    def send_through(self, put: Callable[..., list]) -> None:
+        """Hand every message from now on to ``put(frames, track=...)`` instead of the
+        socket (the worker's socket thread, workerpool/wire.py); it returns what
+        ``wait_unsent`` waits on for the zero-copy frames."""
+        self._put = put
 
     def send(self, kind: Kind, req_id: int, meta: dict | bytes | None = None,
              body: bytes = b"", buffers: list | tuple = ()) -> None:
@@ -70,9 +77,9 @@ class Replies:
         held = self.held
         self.held = []
         self.held_bytes = 0
-        sock = self._sock
+        put = self._put
         for message in protocol.pack(held):
-            transport.send(sock, [message])
+            put([message])
 
     def _final(self, frames: list) -> None:
         """A final reply: held when it is one frame, else sent now."""
@@ -84,14 +91,14 @@ class Replies:
         self.held.append(frames[0])
         self.held_bytes += len(frames[0])
 
-    def _send_now(self, frames: list, track: bool = False) -> list[zmq.MessageTracker]:
+    def _send_now(self, frames: list, track: bool = False) -> list:
         if self.held:
             if len(frames) == 1:  # it travels in the same bundle, after them
                 self.held.append(frames[0])
                 self.flush()
                 return []
             self.flush()
-        return transport.send(self._sock, frames, track=track)
+        return self._put(frames, track=track)
 
     def value(self, kind: Kind, req_id: int, value: Any, shm_ok: bool = False) -> None:
         """RESULT or PARTIAL carrying ``value``; raises UnencodableResult (nothing sent)."""
@@ -118,10 +125,14 @@ class Replies:
         self._final(protocol.encode(Kind.END, req_id, self._meta))
 
     def error(self, req_id: int, err: WorkerPoolError) -> None:
+        self._final(self.error_frames(req_id, err))
+
+    def error_frames(self, req_id: int, err: WorkerPoolError) -> list:
+        """The ERROR reply answering ``req_id`` with ``err``, built but not sent: it reads
+        nothing that changes, so any thread may call it."""
         err.worker = self.slot
-        self._final(protocol.encode(Kind.ERROR, req_id, self._meta,
-                                    msgpack.packb(err.to_wire(), use_bin_type=True,
-                                                  default=str)))
+        return protocol.encode(Kind.ERROR, req_id, self._meta,
+                               msgpack.packb(err.to_wire(), use_bin_type=True, default=str))
 
     def wait_unsent(self) -> None:
         """Block until ZeroMQ has finished reading the zero-copy frames sent so far, so a

@@ -14,7 +14,9 @@ worker holds, up to its ``max_batch_size`` (``BatchRunner``, workerpool/batching
 replies are built and sent by ``Replies`` (workerpool/replies.py). A worker ahead of its
 work runs the quick requests waiting as a group and sends their replies as one BUNDLE
 (``ReplyHold``, workerpool/holding.py; docs/protocol.md 7.1); the router's bundles are
-taken apart by ``inbox.messages``. A handler's exception is a
+taken apart by ``inbox.messages``. While requests come back to back, the socket is lent
+to a thread of its own (``Wire``, workerpool/wire.py), so the reply of one and the next
+one's arrival are moved while the handler runs. A handler's exception is a
 domain error: it is answered as ``HandlerError`` and the worker keeps serving. If
 ``setup()`` fails the worker reports why and exits with ``EXIT_SETUP_FAILED`` so the
 supervisor does not respawn it in a loop.
@@ -31,8 +33,9 @@ import sys
 import threading
 import time
 import traceback
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from functools import partial
 from itertools import chain
 from typing import Any
 
@@ -46,7 +49,7 @@ from workerpool import faults
 from workerpool._proc import EXIT_POISONED, EXIT_SETUP_FAILED, die_with_parent
 from workerpool.backlog import Backlog
 from workerpool.batching import BatchRunner, BatchSizeMeter, BatchSpec, batch_spec
-from workerpool.busy import BusyMeter
+from workerpool.busy import BusyMeter, CpuShare
 from workerpool.config import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_MESSAGE_BYTES
 from workerpool.context import WorkerContext, WorkerStats
 from workerpool.devices import CPU, device_label
@@ -65,12 +68,17 @@ from workerpool.inbox import messages
 from workerpool.logs import setup_logging, slot_logger
 from workerpool.memory import memory_use
 from workerpool.replies import Replies, UnencodableResult
+from workerpool.wire import Wire
 
 log = logging.getLogger("workerpool.worker")
 
 SPEC_ENV = "WORKERPOOL_WORKER_SPEC"
 _RESERVED = frozenset({"setup", "teardown", "context"})
 SETUP_FAILED_LINGER_MS = 5000  # how long a setup() failure waits to reach the router
+KEEP_LENT = 0.005
+"""Seconds a worker out of work leaves its socket lent to the wire thread: taking it back
+and lending it again costs two thread wake-ups each way, so a pause between bursts of work
+keeps it (workerpool/wire.py)."""
 FIRST_WORK_BEAT = 0.05
 """Seconds after its first handler call ended that a worker beats once out of turn: the router
 sizes what it holds ahead from its handler time per request (protocol.md 7.1), which
@@ -154,7 +162,12 @@ class Worker:
         self.backlog = Backlog()  # received, not run; shared with the heartbeat thread
         self._batches = BatchRunner(self)  # the requests of @batched methods, as batches form
         self._running = 0  # 1 while a request of a plain method runs
-        self._poller = zmq.Poller()
+        self._poller = zmq.Poller()  # the socket, while the main thread holds it
+        self._wire: Wire | None = None  # the thread the socket is lent to, once ready
+        self._waited = True  # no request started since this thread last waited for one
+        # Calls the wire thread leaves to the main thread, which owns the state they touch
+        # (CANCEL, a capacity, an error owed): made at each turn, before a request starts.
+        self._control: deque[Callable[[], None]] = deque()
         self._current: int | None = None  # request id running now (not batched)
         self._hold = ReplyHold()  # which quick requests run as a group, replies held
         self._group: OrderedDict[int, protocol.Message] = OrderedDict()  # started, not run
@@ -199,10 +212,15 @@ class Worker:
                               "incarnation": self.spec.incarnation,
                               "capacity": self.capacity})
         self._send(Kind.READY, 0, self._ready_meta())
+        self._wire = Wire(self._sock, self._on_wire)
+        self.replies.send_through(self._wire.send)
+        self._wire.start()
         self.busy = BusyMeter()  # its wall time counts from here: setup() is not idle time
+        self.cpu = CpuShare(self.busy, threading.get_ident())  # this thread runs the handler
         self.sizes = BatchSizeMeter({name: spec.max_batch_size
                                      for name, spec in self._batched.items()})
-        self._heart = _Heartbeat(self._ctx, self.spec, self.busy, self.sizes, self.backlog)
+        self._heart = _Heartbeat(self._ctx, self.spec, self.busy, self.sizes, self.backlog,
+                                 self.cpu)
         self._heart.start()
         stopped = False
         try:
@@ -307,6 +325,8 @@ class Worker:
     def _close(self, linger: int = 300) -> None:
         # A short linger by default: the GOODBYE is worth a moment, but a router that has
         # already gone (it exits right after draining) must not hold this exit for long.
+        if self._wire is not None:
+            self._wire.stop()  # what it still holds is sent; the socket is ours again
         self._sock.close(linger=linger)
         self._ctx.term()
         if self._shm is not None:
@@ -314,31 +334,38 @@ class Worker:
 
     # -- the loop --------------------------------------------------------------------------
     def _serve(self) -> None:
-        """Take every waiting message into the backlog, run the oldest request, repeat.
+        """Take in what waits on the socket, run the oldest request, repeat.
 
-        Reading the socket dry before each request is what lets a CANCEL overtake the
-        request it names. Whatever was received is answered before the worker stops.
-        Final replies are held only while the rest of a group of quick requests runs
-        (``_next``), and are sent before the loop waits on its socket.
+        Taking everything in (and doing what the wire thread left to this one) before
+        each request starts is what lets a CANCEL overtake the request it names. The
+        socket is lent to the wire thread while requests come back to back, and taken
+        back when the loop runs out of work. Whatever was received is answered before the
+        worker stops. Final replies are held only while the rest of a group of quick
+        requests runs (``_next``), and are sent before the loop waits for work.
         """
-        poller = self._poller
-        poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._sock, zmq.POLLIN)
         backlog = self.backlog
         group = self._group
+        wire = self._wire
         while not self._stopping or backlog or group:
             if self._heart is not None and self._heart.register_again.is_set():
                 self._register_again()
             self._trim_shm()
+            self._catch_up()
             if not backlog and not group:
-                self.replies.flush()  # nothing to start: what is held would wait for the socket
-                if not poller.poll(200):
-                    continue
-            # With work waiting this runs once per request and mostly finds nothing.
-            if not (backlog or group) or transport.readable(self._sock):
-                self._read_socket()
+                self.replies.flush()  # nothing to start: what is held would wait
+                self._await(200)
+                continue
             msg = self._next()
             if msg is None:
                 continue
+            if not self._waited and not wire.lent and not self.cpu.computes:
+                # Back to back: the next request will be waiting too, and the socket work
+                # can be done while this one runs instead of after it.
+                wire.lend()
+            elif wire.lent and self.cpu.computes:
+                wire.reclaim()
+            self._waited = False
             arrived = self._batches.arrived.pop(msg.req_id, None)
             method = msg.meta.get("method")
             spec = self._batched.get(method) if isinstance(method, str) else None
@@ -414,32 +441,60 @@ class Worker:
         return not self._stopping and self._outstanding() < self.capacity
 
     def receive(self, wait_ms: int) -> None:
-        """Wait up to ``wait_ms`` for messages, then take in all that arrived. Nothing is
-        held while it waits."""
+        """Wait up to ``wait_ms`` for messages, then take in all that arrived, and do what
+        the wire thread left to this one. Nothing is held while it waits."""
         if wait_ms > 0:
             self.replies.flush()
-            if not self._poller.poll(wait_ms):
+            self._await(wait_ms)
+        self._catch_up()
+
+    def _await(self, wait_ms: int) -> None:
+        """Out of work: wait up to ``wait_ms`` for a message. A lent socket stays lent for
+        ``KEEP_LENT`` of that, since work often comes back as soon, and is then taken
+        back."""
+        self._waited = True
+        wire = self._wire
+        if wire.lent:
+            if wire.await_message(min(wait_ms / 1000, KEEP_LENT), self._has_work):
                 return
-        self._read_socket()
+            wire.reclaim()
+            if self._has_work():
+                return  # taken in before it gave the socket back
+        if self._poller.poll(wait_ms):
+            self._read_socket()
+
+    def _has_work(self) -> bool:
+        return bool(self.backlog or self._control or self._stopping)
+
+    def _catch_up(self) -> None:
+        """Take in what waits on the socket, if it is not lent, then do what the wire
+        thread left to this one: which lets a CANCEL overtake the request it names."""
+        if not self._wire.lent and transport.readable(self._sock):
+            self._read_socket()
+        if self._control:
+            self._take_control()
+
+    def _take_control(self) -> None:
+        control = self._control
+        while control:
+            control.popleft()()
 
     def _read_socket(self) -> None:
-        sock = self._sock
-        # Asked first: a NOBLOCK recv on an empty socket costs a zmq.Again, and this runs
-        # once per request.
-        while transport.readable(sock):
-            try:
-                frames = transport.recv(sock, transport.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                inner = messages(frames)
-            except FrameError as exc:
-                # The router is trusted and builds bundles with protocol.pack: a bad one is
-                # its bug. None of it is acted on (2.6), and its id is a count: no answer.
-                self._log.warning("dropped malformed bundle from the router: %s", exc)
-                continue
-            for message in inner:
-                self._on_message(message)
+        transport.drain(self._sock, self._on_wire)
+
+    # -- on whichever thread holds the socket ---------------------------------------------------
+    def _on_wire(self, frames: list) -> None:
+        """One message from the router: a REQUEST goes in the backlog, a ping is answered
+        at once, and what touches the main thread's state is left to it (``_catch_up``)."""
+        try:
+            inner = messages(frames)
+        except FrameError as exc:
+            # The router is trusted and builds bundles with protocol.pack: a bad one is
+            # its bug. None of it is acted on (2.6), and its id is a count: no answer.
+            self._log.warning("dropped malformed bundle from the router: %s", exc)
+            return
+        for message in inner:
+            self._on_message(message)
 
     def _on_message(self, frames: list) -> None:
         try:
@@ -448,7 +503,8 @@ class Worker:
             # Only the router talks to us; a bad frame means a bug, not an attack. Say so.
             self._log.warning("dropped malformed frame: %s", exc)
             if exc.req_id is not None:
-                self.replies.error(exc.req_id, ProtocolError(str(exc), code=exc.code))
+                self._control.append(partial(self.replies.error, exc.req_id,
+                                             ProtocolError(str(exc), code=exc.code)))
             return
         if msg.kind is Kind.REQUEST:
             if not self.backlog.put(msg):
@@ -458,13 +514,31 @@ class Worker:
             self.stats.received += 1
             self.stats.max_outstanding = max(self.stats.max_outstanding, self._outstanding())
         elif msg.kind is Kind.CANCEL:
-            self._on_cancel(msg.req_id)
+            self._on_cancel_here(msg.req_id)
         elif msg.kind is Kind.SHUTDOWN:
             self._stopping = True
         elif msg.kind is Kind.HEARTBEAT and "ping" in msg.meta:
-            self._send(Kind.HEARTBEAT, msg.req_id, {"pong": msg.meta["ping"]})
+            # Straight from the thread that read it: it is not ordered with replies.
+            self._wire.send(protocol.encode(Kind.HEARTBEAT, msg.req_id,
+                                            {"pong": msg.meta["ping"]}))
         elif msg.kind is Kind.READY:
-            self._on_capacity(msg.meta)
+            self._control.append(partial(self._on_capacity, msg.meta))
+
+    def _on_cancel_here(self, req_id: int) -> None:
+        """A CANCEL, on the thread that read it. A request still in the backlog is answered
+        from there, while a handler may be running: the router frees its place at once.
+        Whether it or the main thread takes the request out is the backlog lock's to
+        decide."""
+        if self.backlog.pop(req_id) is None:
+            self._control.append(partial(self._on_cancel, req_id))
+            return
+        self._batches.arrived.pop(req_id, None)
+        self._control.append(self._count_cancelled)  # counted by one thread only
+        self._wire.send(self.replies.error_frames(
+            req_id, RequestCancelledError("cancelled before it started")))
+
+    def _count_cancelled(self) -> None:
+        self.stats.cancelled += 1
 
     def _on_cancel(self, req_id: int) -> None:
         """The router gave up on a request (timeout, client cancel). Not started: skip it.
@@ -509,7 +583,7 @@ class Worker:
                 for item in self._timed(result):
                     replies.value(Kind.PARTIAL, msg.req_id, item, shm_ok)
                     replies.wait_unsent()
-                    self._read_socket()  # a CANCEL for this stream may be waiting
+                    self._catch_up()  # a CANCEL for this stream may be waiting
                     if self._cancel_current:
                         result.close()
                         self.stats.cancelled += 1
@@ -583,6 +657,7 @@ class Worker:
         # close() alone returns at once; term() waits (up to the linger) until the replies
         # above are on the wire (and for every socket: the heartbeat's first). No CUDA.
         self._heart.stop()
+        self._wire.stop()
         self._sock.close(linger=2000)
         self._ctx.term()
         os._exit(EXIT_POISONED)
@@ -607,13 +682,14 @@ class _Heartbeat(threading.Thread):
     """
 
     def __init__(self, ctx: zmq.Context, spec: WorkerSpec, busy: BusyMeter,
-                 sizes: BatchSizeMeter, backlog: Backlog) -> None:
+                 sizes: BatchSizeMeter, backlog: Backlog, cpu: CpuShare) -> None:
         super().__init__(name="workerpool-heartbeat", daemon=True)
         self._ctx = ctx
         self._spec = spec
         self._busy = busy
         self._sizes = sizes
         self._backlog = backlog
+        self._cpu = cpu  # judged at each beat: whether the socket may be lent
         self._keys = spec.curve_keys()  # read here: a bad file fails the worker at start
         self._halt = threading.Event()
         self._wake_r, self._wake_w = os.pipe()  # stop() wakes the poll at once
@@ -637,6 +713,7 @@ class _Heartbeat(threading.Thread):
                 n += 1
                 meta["mem"] = memory_use()
                 meta["busy"] = list(self._busy.sample())
+                self._cpu.look()
                 # Only the methods whose batches moved: most beats carry none.
                 batches = self._sizes.report()
                 if batches:

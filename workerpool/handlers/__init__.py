@@ -53,6 +53,14 @@ class Echo(Handler):
         time.sleep(float(payload.get("seconds", 0)))
         return payload
 
+    def spin(self, payload: dict) -> Any:
+        """Computes in Python, holding the GIL, for ``{"seconds": s}``, then returns its
+        payload: a handler that keeps the CPU busy where ``sleep`` lets it go."""
+        end = time.perf_counter() + float(payload.get("seconds", 0))
+        while time.perf_counter() < end:
+            pass
+        return payload
+
     def whoami(self, payload: Any = None) -> dict:
         """The worker's view of itself: slot, pid, device and the CUDA_VISIBLE_DEVICES it saw."""
         ctx = self.context
