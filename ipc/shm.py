@@ -71,7 +71,9 @@ def _pid_namespace() -> int:
         return 0
 
 
-_PIDNS = _pid_namespace()
+PIDNS = _pid_namespace()
+"""This process's pid namespace: a pid in a name (a segment's, a pool's socket folder) is
+compared with running processes only within the namespace that wrote it."""
 _host_id: str | bool | None = False  # False: not computed yet
 
 
@@ -117,7 +119,7 @@ def owned_segments(pid: int | None = None) -> list[str]:
     out = []
     for name in names:
         m = NAME_RE.fullmatch(name)
-        if m and int(m.group(1)) == _PIDNS and (pid is None or int(m.group(2)) == pid):
+        if m and int(m.group(1)) == PIDNS and (pid is None or int(m.group(2)) == pid):
             out.append(name)
     return out
 
@@ -343,7 +345,7 @@ class SegmentPool:
                 self._drop(seg)
         if self._bytes + size > self.max_bytes:
             return None
-        name = f"wp-{_PIDNS}-{self._pid}-{secrets.token_hex(8)}"
+        name = f"wp-{PIDNS}-{self._pid}-{secrets.token_hex(8)}"
         path = _path(name)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

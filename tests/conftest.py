@@ -150,15 +150,16 @@ class Processes:
         return str(path)
 
     def spawn(self, args: list[str], address: str, ready_prefix: str | None,
-              wrap: list[str] = (), module: str = "workerpool.cli") -> Proc:
+              wrap: list[str] = (), module: str = "workerpool.cli",
+              env: dict[str, str] | None = None) -> Proc:
         """``python -m module args`` in a new process group, after the command prefix
-        ``wrap`` (``ip netns exec NS``: on another test host); once ``ready_prefix`` is on
-        its stdout, if given."""
+        ``wrap`` (``ip netns exec NS``: on another test host), with ``env`` added to its
+        environment; once ``ready_prefix`` is on its stdout, if given."""
         log = self.dir / f"proc{len(self.procs)}.log"
         popen = subprocess.Popen(
             [*wrap, sys.executable, "-m", module, *args],
             stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,  # noqa: SIM115
-            start_new_session=True, env=_env(), cwd=ROOT)
+            start_new_session=True, env={**_env(), **(env or {})}, cwd=ROOT)
         proc = Proc(popen, address, log)
         self.procs.append(proc)
         if ready_prefix:
@@ -166,12 +167,13 @@ class Processes:
         return proc
 
     def pool(self, *args: str, workers: int | None = 4,
-             handler: str = "workerpool.handlers:Faulty", wait: bool = True) -> Proc:
+             handler: str = "workerpool.handlers:Faulty", wait: bool = True,
+             env: dict[str, str] | None = None) -> Proc:
         """``workerpool up`` with ``args``; ``workers=None`` leaves --workers out."""
         address = self.ipc(f"front{len(self.procs)}")
         count = [] if workers is None else ["--workers", str(workers)]
         return self.spawn(["up", "--frontend", address, "--handler", handler, *count, *args],
-                          address, "workerpool ready" if wait else None)
+                          address, "workerpool ready" if wait else None, env=env)
 
     def pool_from_config(self, toml: str, *args: str) -> Proc:
         """``workerpool up --config`` with ``toml`` as the file (services, or settings no flag

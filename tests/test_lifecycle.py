@@ -82,6 +82,27 @@ def test_kill_9_of_the_supervisor_leaves_no_workers(procs):
     assert not _alive(router_pid), "the router outlived its supervisor"
 
 
+def test_the_socket_folder_of_a_supervisor_killed_with_9_is_removed_by_the_next(procs):
+    # Both pools make their private backend folder in the test's own temporary directory.
+    tmp = procs.dir / "tmp"
+    tmp.mkdir()
+    env = {"TMPDIR": str(tmp)}
+    first = procs.pool(workers=1, env=env)
+    (left,) = list(tmp.iterdir())
+    assert (left / "backend").exists()
+    os.kill(first.popen.pid, signal.SIGKILL)
+    first.popen.wait(5)
+    assert left.exists()  # a SIGKILL takes no way out
+
+    second = procs.pool(workers=1, env=env)
+    (own,) = list(tmp.iterdir())
+    assert own != left, "the dead pool's folder was not removed"
+    with Client(second.address, timeout=10) as c:
+        assert c.call("echo", 1) == 1
+    assert second.stop(signal.SIGTERM, 30) == 0
+    assert list(tmp.iterdir()) == []  # a clean exit removes its own
+
+
 def _alive(pid: int) -> bool:
     if not process_alive(pid):
         return False

@@ -679,8 +679,8 @@ def test_sweep_unlinks_only_segments_of_dead_owners():
 
     child = subprocess.Popen([_sys.executable, "-c", "pass"])
     child.wait()  # a pid that no longer runs (reuse within this test is not a concern)
-    dead = f"wp-{shm._PIDNS}-{child.pid}-{'a' * 16}"
-    mine = f"wp-{shm._PIDNS}-{os.getpid()}-{'b' * 16}"
+    dead = f"wp-{shm.PIDNS}-{child.pid}-{'a' * 16}"
+    mine = f"wp-{shm.PIDNS}-{os.getpid()}-{'b' * 16}"
     for name in (dead, mine):
         with open(f"/dev/shm/{name}", "wb") as f:
             f.write(b"\0" * 64)

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import tomllib
 from typing import Any, get_args
 
@@ -357,9 +355,9 @@ def up(frontend, backend, drain_timeout, metrics, http_listen, router_connection
     Ctrl-C or SIGTERM drains: no new requests are admitted, in-flight ones finish, every
     process stops, and the exit status is 0.
     """
+    from workerpool import rundir
     from workerpool.children import gateway_argv, router_argv
     from workerpool.supervisor import Supervisor
-
     cfg = _build_config(
         config_path, service,
         {"frontend": frontend, "backend": backend, "drain_timeout": drain_timeout,
@@ -396,7 +394,7 @@ def up(frontend, backend, drain_timeout, metrics, http_listen, router_connection
     tmpdir = None
     if cfg.router.backend is None:
         # A private ipc socket: pools side by side on one host never collide.
-        tmpdir = tempfile.mkdtemp(prefix="workerpool-")
+        tmpdir = rundir.make()
         cfg.router.backend = f"ipc://{tmpdir}/backend"
     total = sum(s.workers for s in cfg.services)
     sup = Supervisor(cfg.services, cfg.router.backend, cfg.supervisor,
@@ -418,7 +416,7 @@ def up(frontend, backend, drain_timeout, metrics, http_listen, router_connection
         code = sup.run()
     finally:
         if tmpdir:
-            shutil.rmtree(tmpdir, ignore_errors=True)
+            rundir.remove(tmpdir)
     sys.exit(code)
 
 
