@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 
 from workerpool import batched
@@ -471,3 +472,17 @@ class Orphans(Faulty):
     def orphan(self, payload):
         subprocess.run(["sh", "-c", f"sleep {float(payload)} & exit 0"], check=True)
         return True
+
+
+class WireFails(Faulty):
+    """``break_wire`` makes the worker's socket thread fail the next time it reads (a bug
+    in it, simulated), and returns this worker's pid."""
+
+    def break_wire(self, payload=None):
+        (thread,) = [t for t in threading.enumerate() if t.name == "workerpool-wire"]
+
+        def fail():
+            raise RuntimeError("injected failure of the socket thread")
+
+        thread._read = fail
+        return os.getpid()

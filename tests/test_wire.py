@@ -16,7 +16,7 @@ import zmq
 from ipc import protocol, transport
 from ipc.protocol import FINAL_REPLY_KINDS, Kind
 from tests.test_bundle_worker_live import FakeRouter, request, value
-from workerpool import wire
+from workerpool import Client, WorkerCrashedError, wire
 from workerpool.wire import Sent, Wire
 
 
@@ -225,6 +225,32 @@ def test_cancels_racing_their_requests_get_one_final_reply_each(router):
     kinds = {(m.kind, value(m) if m.kind is Kind.RESULT else value(m)["type"])
              for v in finals.values() for m in v}
     assert kinds <= {(Kind.RESULT, i) for i in ids} | {(Kind.ERROR, "RequestCancelledError")}
+
+
+def test_a_worker_whose_socket_thread_fails_is_replaced_and_every_request_answered(procs):
+    pool = procs.pool(workers=1, handler="tests.handlers:WireFails")
+    with Client(pool.address, timeout=30) as c:
+        pid = c.call("break_wire")
+        # Back to back: the socket is lent, the thread fails on its first read; the replies
+        # handed to it leave when the worker takes the socket back, and the next lend
+        # ends the worker, which its supervisor replaces.
+        futures = [c.submit("echo", i) for i in range(200)]
+        outcomes = []
+        for i, fut in enumerate(futures):
+            try:
+                assert fut.result(30) == i
+                outcomes.append("ok")
+            except WorkerCrashedError:
+                outcomes.append("crashed")  # it was running when the worker ended
+        assert outcomes.count("crashed") <= 1
+        me = c.call("whoami")
+        assert me["pid"] != pid and me["slot"] == "default/0"
+        assert c.call("echo", "after") == "after"
+        (w,) = pool.status()["workers"]
+        assert w["restarts"] == 1 and w["state"] in ("ready", "busy")
+    log = pool.log.read_text()
+    assert "the worker's socket thread failed" in log  # logged by the thread
+    assert "the worker's socket thread has stopped" in log  # the next lend ended the worker
 
 
 def test_an_error_reply_is_built_the_same_by_either_thread():
