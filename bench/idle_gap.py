@@ -4,8 +4,10 @@ side by side in one run.
 
 For each handler time (``--sleep-ms``, default 1 and 5) and each prefetch setting: a pool
 of ``--workers`` (2) workers with the default ``max_inflight`` (1) whose handler sleeps
-that long (``--method sleep``, a device-bound handler: it lets go of the GIL, as CUDA
-work does) or computes in Python holding the GIL (``--method spin``), driven by a
+that long (``--method sleep``: it lets go of the GIL and the CPU, as a GPU handler does
+when CUDA blocks while it waits), keeps a CPU busy in C without the GIL (``--method
+spin_released``: CUDA's default wait, which spins), or computes in Python holding the GIL
+(``--method spin``), driven by a
 ``Client.submit`` loop keeping ``--outstanding`` (64) requests in flight for
 ``--duration`` seconds after a warm-up. Two figures per run:
 
@@ -19,6 +21,10 @@ Usage::
     .venv/bin/python bench/idle_gap.py --duration 10
     .venv/bin/python bench/idle_gap.py --duration 10 --json
     .venv/bin/python bench/idle_gap.py --duration 10 --method spin
+    .venv/bin/python bench/idle_gap.py --duration 10 --method spin_released --workers 1
+
+A spinning handler keeps a CPU busy: on a 2-core machine, two of them leave the router
+and the client none, so ``spin_released`` is measured there with one worker.
 """
 
 from __future__ import annotations
@@ -47,8 +53,9 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--outstanding", type=int, default=64)
     ap.add_argument("--sleep-ms", type=float, nargs="+", default=[1.0, 5.0],
                     help="the handler's time per request, ms (1 5)")
-    ap.add_argument("--method", choices=("sleep", "spin"), default="sleep",
-                    help="sleep: lets go of the GIL; spin: holds it (sleep)")
+    ap.add_argument("--method", choices=("sleep", "spin", "spin_released"), default="sleep",
+                    help="sleep: lets go of the GIL and the CPU; spin: holds both; "
+                         "spin_released: keeps the CPU, lets go of the GIL (sleep)")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     return ap.parse_args()
 

@@ -316,6 +316,11 @@ class Batches(Faulty):
             time.sleep(0.005)
         return stats.received
 
+    def lent(self, payload=None):
+        """Whether this worker's socket is lent to its wire thread while this call runs."""
+        (wire,) = [t for t in threading.enumerate() if t.name == "workerpool-wire"]
+        return wire.lent
+
     def batch_log(self, payload=None):
         """Every batch run so far, as the list of its items' ``i``."""
         return self.batches

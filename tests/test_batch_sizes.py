@@ -5,7 +5,6 @@ shown by status; and the histogram a Prometheus exporter makes of them."""
 from __future__ import annotations
 
 import math
-import threading
 
 import pytest
 from hypothesis import given, settings
@@ -17,7 +16,7 @@ from router.health import BatchSizes, batch_histogram
 from tests.router_harness import Harness
 from workerpool.backlog import Backlog
 from workerpool.batching import BatchSizeMeter, size_edges
-from workerpool.busy import BusyMeter, CpuShare
+from workerpool.busy import BusyMeter
 from workerpool.worker import WorkerSpec, _Heartbeat
 
 
@@ -72,7 +71,7 @@ def test_heartbeats_carry_the_figures_once_and_all_again_when_asked_to_register(
                       device="cpu", backend=address, heartbeat_interval=0.02)
     sizes = BatchSizeMeter({"work": 8})
     busy = BusyMeter()
-    heart = _Heartbeat(ctx, spec, busy, sizes, Backlog(), CpuShare(busy, threading.get_ident()))
+    heart = _Heartbeat(ctx, spec, busy, sizes, Backlog())
     heart.start()
 
     def beat() -> tuple[bytes, dict]:

@@ -5,7 +5,6 @@ pair, ``inbox.messages``, and the heartbeat thread and the supervisor taking bun
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import msgpack
@@ -16,7 +15,7 @@ from ipc import protocol, transport
 from ipc.protocol import BUNDLE_MAX, FrameError, Kind
 from workerpool.backlog import Backlog
 from workerpool.batching import BatchSizeMeter
-from workerpool.busy import BusyMeter, CpuShare
+from workerpool.busy import BusyMeter
 from workerpool.errors import HandlerError
 from workerpool.holding import HandlerTimes, HoldLimits, ReplyHold
 from workerpool.inbox import messages
@@ -221,8 +220,7 @@ def test_the_heartbeat_thread_answers_a_bundle_of_reclaims_with_one(standin_rout
     backlog = Backlog()
     backlog.put(protocol.Message(Kind.REQUEST, 7, {"method": "echo"}))  # seq 1: waiting
     busy = BusyMeter()
-    heart = _Heartbeat(ctx, spec, busy, BatchSizeMeter({}), backlog,
-                       CpuShare(busy, threading.get_ident()))
+    heart = _Heartbeat(ctx, spec, busy, BatchSizeMeter({}), backlog)
     heart.start()
 
     def next_from_worker() -> list[protocol.Message]:

@@ -5,6 +5,7 @@ are taken in, pings answered and held requests cancelled while a handler runs.""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 import time
@@ -163,7 +164,7 @@ def _wait_for(path: str) -> None:
 
 def test_the_next_request_is_taken_in_while_a_handler_runs_back_to_back(router, tmp_path):
     started = str(tmp_path / "started")
-    # The second runs right after the first, with no wait: the socket is lent while it runs.
+    # The second was in the worker as the first ended: the socket is lent while it runs.
     router.send([request(1, "echo", 1), request(2, "received", {"n": 3, "started": started})])
     _wait_for(started)  # running: anything sent now arrives during the handler call
     router.send([request(3, "echo", "next")])
@@ -227,6 +228,20 @@ def test_cancels_racing_their_requests_get_one_final_reply_each(router):
     assert kinds <= {(Kind.RESULT, i) for i in ids} | {(Kind.ERROR, "RequestCancelledError")}
 
 
+def test_the_socket_is_lent_while_work_comes_back_to_back_and_taken_back_after(router):
+    # Back to back: the second was held ahead as the first ended, and runs lent.
+    router.send([request(1, "echo", 1), request(2, "lent", None)])
+    assert value(router.finals([1, 2])[2][0]) is True
+    # Then one at a time, after pauses: the worker takes it back (workerpool/lending.py
+    # says when; test_lending.py holds it to that).
+    seen = []
+    for i in range(3, 6):
+        time.sleep(0.02)
+        router.send([request(i, "lent", None)])
+        seen.append(value(router.finals([i])[i][0]))
+    assert seen == [False] * 3
+
+
 def test_a_worker_whose_socket_thread_fails_is_replaced_and_every_request_answered(procs):
     pool = procs.pool(workers=1, handler="tests.handlers:WireFails")
     with Client(pool.address, timeout=30) as c:
@@ -267,28 +282,39 @@ def test_an_error_reply_is_built_the_same_by_either_thread():
 
 
 # -- whether the handler computes (workerpool/busy.py) ------------------------------------------
-def test_a_handler_that_computes_is_told_from_one_that_waits():
-    from workerpool.busy import BusyMeter, CpuShare
-
-    busy = BusyMeter()
-    share = CpuShare(busy, threading.get_ident(), least_busy=0.05)
-    share.look()
-    busy.begin()
-    time.sleep(0.1)  # waits: a device, I/O
-    busy.end()
-    share.look()
-    assert not share.computes
-    busy.begin()
-    end = time.perf_counter() + 0.1
+def _in_python(seconds: float) -> None:
+    end = time.perf_counter() + seconds
     while time.perf_counter() < end:  # computes, holding the GIL
         pass
-    busy.end()
-    share.look()
-    assert share.computes
-    share.look()  # no handler time since: too little to judge, the judgement stays
-    assert share.computes
-    busy.begin()
-    time.sleep(0.1)
-    busy.end()
-    share.look()
-    assert not share.computes
+
+
+def _in_c(seconds: float) -> None:
+    buf = bytes(16384)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:  # keeps a CPU busy without the GIL (CUDA's spin)
+        hashlib.md5(buf)
+
+
+@pytest.mark.parametrize(("work", "late"), [
+    (time.sleep, False),  # waits: a device's blocking sync, I/O
+    (_in_c, False),
+    (_in_python, True),
+])
+def test_a_wake_up_is_late_only_while_the_handler_holds_the_gil(pair, work, late):
+    pair.wire.start()
+    pair.wire.lend()
+    for i in range(3):  # the same every time
+        _until(lambda: pair.wire._asleep)
+        pair.wire.send([b"reply %d" % i])  # wakes the thread, then the handler runs
+        work(0.03)
+        assert pair.recv() == [b"reply %d" % i]
+        assert pair.wire.late is late
+    pair.wire.lend()  # lent anew: looked at anew
+    assert pair.wire.late is False
+
+
+def test_the_time_a_thread_waits_for_a_cpu_is_read_without_the_gil():
+    with wire.RunQueue() as queue:
+        first = queue.waited()
+        time.sleep(0.01)
+        assert queue.waited() >= first >= 0.0

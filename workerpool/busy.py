@@ -42,35 +42,3 @@ class BusyMeter:
         if since is not None:
             busy += now - since
         return busy, now - self.started
-
-
-class CpuShare:
-    """Whether the handler computes on the CPU rather than waits (on a device, on I/O): the
-    main thread's CPU time against the handler's running time between two looks.
-
-    The worker lends its socket to a thread of its own only while the handler waits
-    (workerpool/wire.py): a handler that computes in Python holds the GIL, and the other
-    thread would then send each reply only when the interpreter next switches threads.
-    Read from the heartbeat thread, so it costs the request path nothing.
-    """
-
-    def __init__(self, busy: BusyMeter, thread_id: int, threshold: float = 0.5,
-                 least_busy: float = 0.05) -> None:
-        self._clock = time.pthread_getcpuclockid(thread_id)
-        self._busy = busy
-        self._threshold = threshold
-        self._least = least_busy  # handler seconds between looks needed to judge
-        self._last: tuple[float, float] | None = None
-        self.computes = False  # until judged: a GPU handler waits
-
-    def look(self) -> None:
-        cpu = time.clock_gettime(self._clock)
-        busy = self._busy.sample()[0]
-        if self._last is None:
-            self._last = (cpu, busy)
-            return
-        ran = busy - self._last[1]
-        if ran < self._least:
-            return  # too little handler time to tell: keep the last judgement and its base
-        self.computes = cpu - self._last[0] > self._threshold * ran
-        self._last = (cpu, busy)

@@ -17,6 +17,14 @@ would pay on every request for nothing: so the main thread keeps the socket whil
 nothing waiting, lends it (``lend``) when it starts a request with another waiting, and
 takes it back (``reclaim``) when it runs out of work.
 
+Nor is the socket worth lending while the handler holds the GIL (computes in Python):
+this thread then sends each reply only when the interpreter next switches threads, a
+switch interval (5 ms) late. Whether it does shows in the one place it costs: how long
+this thread, woken to send, waited to run. ``late`` says a wake-up waited half a switch
+interval or more, its wait for a CPU aside. A handler that waits on a device lets go of
+the GIL, and so does one that keeps a CPU busy in C (CUDA's default synchronize spins):
+neither makes a wake-up late, where the handler's CPU time could not tell them apart.
+
 ZeroMQ sockets are not thread-safe: exactly one thread uses the socket at a time. The
 handover is under one lock, whose release and acquisition are the full memory barrier
 ZeroMQ asks for when a socket changes threads; the wire thread sends what it was handed
@@ -25,9 +33,12 @@ before it gives the socket back, so messages leave in the order they were handed
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -38,6 +49,7 @@ from ipc import transport
 log = logging.getLogger("workerpool.worker")
 
 POLL_MS = 1000  # a lent socket's poll also wakes on the pipe; this only bounds a lost wake-up
+LATE = 0.2  # of the switch interval (1 ms): a wake-up this late waited for the GIL
 
 
 class Sent:
@@ -70,6 +82,8 @@ class Wire(threading.Thread):
         self.lent = False  # the socket is this thread's (set and cleared by the main thread)
         self._active = False  # this thread is using it (set and cleared by this thread)
         self._asleep = False  # in poll with nothing to send: a send must wake it
+        self._woken_at = 0.0  # when a send last woke it (perf_counter), until it looks
+        self.late = False  # a wake-up since the last lend waited for the GIL
         self._halt = False
         self._arrived = threading.Event()  # set after the thread takes messages in
 
@@ -86,6 +100,7 @@ class Wire(threading.Thread):
         # append it missed always finds the flag set. The GIL orders these steps.
         if self._asleep:
             self._asleep = False
+            self._woken_at = time.perf_counter()
             os.write(self._wake_w, b"x")
         return [sent] if sent is not None else []
 
@@ -100,6 +115,7 @@ class Wire(threading.Thread):
         if not self.is_alive():  # its failure was logged; the worker exits, and is replaced
             raise RuntimeError("the worker's socket thread has stopped")
         with self._cond:
+            self.late = False
             self.lent = True
             self._cond.notify()
 
@@ -156,20 +172,27 @@ class Wire(threading.Thread):
 
     def _serve(self, poller: zmq.Poller) -> None:
         """Move bytes until the socket is taken back."""
-        while self.lent:
-            self._flush()
-            self._read()
-            self._asleep = True
-            if self._out or not self.lent:
+        long_wait = LATE * sys.getswitchinterval()
+        with RunQueue() as queue:
+            while self.lent:
+                self._flush()
+                self._read()
+                self._asleep = True
+                if self._out or not self.lent:
+                    self._asleep = False
+                    continue
+                queued = queue.waited()
+                events = dict(poller.poll(POLL_MS))
                 self._asleep = False
-                continue
-            events = dict(poller.poll(POLL_MS))
-            self._asleep = False
-            if self._wake_r in events:
-                try:
-                    os.read(self._wake_r, 4096)
-                except BlockingIOError:
-                    pass
+                woken_at, self._woken_at = self._woken_at, 0.0
+                if woken_at and (time.perf_counter() - woken_at
+                                 - (queue.waited() - queued)) >= long_wait:
+                    self.late = True
+                if self._wake_r in events:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
 
     def _flush(self) -> None:
         out = self._out
@@ -184,3 +207,31 @@ class Wire(threading.Thread):
     def _read(self) -> None:
         if transport.drain(self._sock, self._on_message):
             self._arrived.set()
+
+
+class RunQueue:
+    """This thread's time spent waiting for a CPU, from Linux's ``schedstat``, read without
+    letting go of the GIL (ctypes.PyDLL): a read taken after a wait for the GIL does not
+    wait for it again. Zero where Linux does not keep the figure."""
+
+    _libc = ctypes.PyDLL(None) if sys.platform.startswith("linux") else None
+
+    def __enter__(self) -> RunQueue:
+        self._buf = ctypes.create_string_buffer(128)
+        try:
+            self._fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:
+            self._fd = -1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+
+    def waited(self) -> float:
+        """Seconds this thread has been ready to run and not running, since it started."""
+        if self._fd < 0 or self._libc is None:
+            return 0.0
+        n = self._libc.pread(self._fd, self._buf, 127, ctypes.c_long(0))
+        fields = self._buf.raw[:max(n, 0)].split()
+        return int(fields[1]) / 1e9 if len(fields) >= 2 else 0.0

@@ -49,7 +49,7 @@ from workerpool import faults
 from workerpool._proc import EXIT_POISONED, EXIT_SETUP_FAILED, die_with_parent
 from workerpool.backlog import Backlog
 from workerpool.batching import BatchRunner, BatchSizeMeter, BatchSpec, batch_spec
-from workerpool.busy import BusyMeter, CpuShare
+from workerpool.busy import BusyMeter
 from workerpool.config import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_MESSAGE_BYTES
 from workerpool.context import WorkerContext, WorkerStats
 from workerpool.devices import CPU, device_label
@@ -65,6 +65,7 @@ from workerpool.errors import (
 from workerpool.faults import Fate
 from workerpool.holding import ReplyHold
 from workerpool.inbox import messages
+from workerpool.lending import Lending
 from workerpool.logs import setup_logging, slot_logger
 from workerpool.memory import memory_use
 from workerpool.replies import Replies, UnencodableResult
@@ -75,10 +76,6 @@ log = logging.getLogger("workerpool.worker")
 SPEC_ENV = "WORKERPOOL_WORKER_SPEC"
 _RESERVED = frozenset({"setup", "teardown", "context"})
 SETUP_FAILED_LINGER_MS = 5000  # how long a setup() failure waits to reach the router
-KEEP_LENT = 0.005
-"""Seconds a worker out of work leaves its socket lent to the wire thread: taking it back
-and lending it again costs two thread wake-ups each way, so a pause between bursts of work
-keeps it (workerpool/wire.py)."""
 FIRST_WORK_BEAT = 0.05
 """Seconds after its first handler call ended that a worker beats once out of turn: the router
 sizes what it holds ahead from its handler time per request (protocol.md 7.1), which
@@ -164,7 +161,8 @@ class Worker:
         self._running = 0  # 1 while a request of a plain method runs
         self._poller = zmq.Poller()  # the socket, while the main thread holds it
         self._wire: Wire | None = None  # the thread the socket is lent to, once ready
-        self._waited = True  # no request started since this thread last waited for one
+        self._lending = Lending()  # when the socket is lent to the wire thread
+        self._ahead = False  # the next request was here as the last handler call ended
         # Calls the wire thread leaves to the main thread, which owns the state they touch
         # (CANCEL, a capacity, an error owed): made at each turn, before a request starts.
         self._control: deque[Callable[[], None]] = deque()
@@ -216,11 +214,9 @@ class Worker:
         self.replies.send_through(self._wire.send)
         self._wire.start()
         self.busy = BusyMeter()  # its wall time counts from here: setup() is not idle time
-        self.cpu = CpuShare(self.busy, threading.get_ident())  # this thread runs the handler
         self.sizes = BatchSizeMeter({name: spec.max_batch_size
                                      for name, spec in self._batched.items()})
-        self._heart = _Heartbeat(self._ctx, self.spec, self.busy, self.sizes, self.backlog,
-                                 self.cpu)
+        self._heart = _Heartbeat(self._ctx, self.spec, self.busy, self.sizes, self.backlog)
         self._heart.start()
         stopped = False
         try:
@@ -359,13 +355,11 @@ class Worker:
             msg = self._next()
             if msg is None:
                 continue
-            if not self._waited and not wire.lent and not self.cpu.computes:
-                # Back to back: the next request will be waiting too, and the socket work
-                # can be done while this one runs instead of after it.
+            lend = self._lending.starting(self._ahead, wire.lent, wire.late, time.monotonic())
+            if lend:  # back to back: the socket's work is done while this one runs
                 wire.lend()
-            elif wire.lent and self.cpu.computes:
+            elif lend is False:  # the handler holds the GIL: that work would wait for it
                 wire.reclaim()
-            self._waited = False
             arrived = self._batches.arrived.pop(msg.req_id, None)
             method = msg.meta.get("method")
             spec = self._batched.get(method) if isinstance(method, str) else None
@@ -381,6 +375,9 @@ class Worker:
                 self._current = None
                 self._running = 0
                 self.stats.running = 0
+            # Held ahead: the next request was here as this one ended (work back to back).
+            self._ahead = bool(backlog or group) or (not wire.lent
+                                                      and transport.readable(self._sock))
             if spec is None and method in self._methods:
                 self._hold.times.record(method, time.monotonic() - began)
             if not group:  # a lone request, or a group's last: its replies leave now
@@ -449,13 +446,12 @@ class Worker:
         self._catch_up()
 
     def _await(self, wait_ms: int) -> None:
-        """Out of work: wait up to ``wait_ms`` for a message. A lent socket stays lent for
-        ``KEEP_LENT`` of that, since work often comes back as soon, and is then taken
-        back."""
-        self._waited = True
+        """Out of work: wait up to ``wait_ms`` for a message. A lent socket stays lent while
+        ``Lending`` says, since work often comes back as soon, and is then taken back."""
         wire = self._wire
+        keep = self._lending.waiting(wire.lent, time.monotonic())
         if wire.lent:
-            if wire.await_message(min(wait_ms / 1000, KEEP_LENT), self._has_work):
+            if keep and wire.await_message(min(wait_ms / 1000, keep), self._has_work):
                 return
             wire.reclaim()
             if self._has_work():
@@ -682,14 +678,13 @@ class _Heartbeat(threading.Thread):
     """
 
     def __init__(self, ctx: zmq.Context, spec: WorkerSpec, busy: BusyMeter,
-                 sizes: BatchSizeMeter, backlog: Backlog, cpu: CpuShare) -> None:
+                 sizes: BatchSizeMeter, backlog: Backlog) -> None:
         super().__init__(name="workerpool-heartbeat", daemon=True)
         self._ctx = ctx
         self._spec = spec
         self._busy = busy
         self._sizes = sizes
         self._backlog = backlog
-        self._cpu = cpu  # judged at each beat: whether the socket may be lent
         self._keys = spec.curve_keys()  # read here: a bad file fails the worker at start
         self._halt = threading.Event()
         self._wake_r, self._wake_w = os.pipe()  # stop() wakes the poll at once
@@ -713,7 +708,6 @@ class _Heartbeat(threading.Thread):
                 n += 1
                 meta["mem"] = memory_use()
                 meta["busy"] = list(self._busy.sample())
-                self._cpu.look()
                 # Only the methods whose batches moved: most beats carry none.
                 batches = self._sizes.report()
                 if batches:

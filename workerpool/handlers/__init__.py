@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from typing import Any
 
 from workerpool.batching import batched
 from workerpool.context import WorkerContext
+
+_SPIN_BUFFER = bytes(16384)  # hashed in about 20-40 µs: the spin's granularity
 
 
 class Handler:
@@ -59,6 +62,15 @@ class Echo(Handler):
         end = time.perf_counter() + float(payload.get("seconds", 0))
         while time.perf_counter() < end:
             pass
+        return payload
+
+    def spin_released(self, payload: dict) -> Any:
+        """Keeps a CPU busy in C with the GIL released, for ``{"seconds": s}``, then returns
+        its payload: a handler waiting on a GPU as CUDA's default synchronize does (it
+        spins), seen from the CPU."""
+        end = time.perf_counter() + float(payload.get("seconds", 0))
+        while time.perf_counter() < end:
+            hashlib.md5(_SPIN_BUFFER)  # hashlib lets go of the GIL for more than 2 KiB
         return payload
 
     def whoami(self, payload: Any = None) -> dict:
