@@ -63,8 +63,32 @@ async def _reply(send, status: int, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class Whole:
+    """A ``Whole`` handler for paths under ``/w``: answers ``whole:BODY`` after
+    ``delay`` seconds from a timer's callback; ``/w/never`` is never answered (its client
+    leaving is recorded), ``/w/boom`` raises."""
+
+    def __init__(self) -> None:
+        self.delay = 0.01
+        self.calls: list[str] = []
+        self.gone: list[str] = []
+
+    def wants_whole(self, scope) -> bool:
+        return scope["path"].startswith("/w")
+
+    def answer_whole(self, exchange, body: bytes) -> None:
+        path = exchange.scope["path"]
+        self.calls.append(path)
+        if path == "/w/boom":
+            raise RuntimeError("a bug")
+        exchange.when_gone(lambda: self.gone.append(path))
+        if path != "/w/never":
+            asyncio.get_running_loop().call_later(self.delay, lambda: exchange.respond(
+                200, [(b"content-length", b"%d" % (len(body) + 6))], b"whole:" + body))
+
+
 def serve(test, keep_alive: float = http11.KEEP_ALIVE,
-          body_timeout: float = http11.BODY_TIMEOUT):
+          body_timeout: float = http11.BODY_TIMEOUT, whole: Whole | None = None):
     """Run ``await test(server, port, app)`` with a server on a free loopback port."""
 
     async def main() -> None:
@@ -72,7 +96,7 @@ def serve(test, keep_alive: float = http11.KEEP_ALIVE,
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(16)
-        server = HttpServer(app, keep_alive=keep_alive, body_timeout=body_timeout)
+        server = HttpServer(app, whole=whole, keep_alive=keep_alive, body_timeout=body_timeout)
         await server.start(sock)
         try:
             await test(server, sock.getsockname()[1], app)
@@ -146,28 +170,39 @@ def test_keep_alive_answers_each_request_on_one_connection():
     serve(test)
 
 
-def test_a_request_leaves_no_reference_cycle_behind():
-    """What a request allocates is freed when it ends, not by the garbage collector:
-    cycles per request made collections, and their pauses, part of every tail latency."""
-    async def test(server, port, app):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def collected_after(port: int, request: bytes, times: int = 200) -> int:
+    """Objects the garbage collector finds after ``request`` was answered ``times``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
 
-        async def one() -> None:
-            writer.write(post("/echo", b"x"))
-            await read_response(reader)
+    async def one() -> None:
+        writer.write(request)
+        await read_response(reader)
 
-        await one()
-        gc.collect()
-        gc.disable()
-        try:
-            for _ in range(200):
-                await one()
-            assert gc.collect() < 50  # 9 a request (1,800) when the scope and its exchange held each other
-        finally:
-            gc.enable()
+    await one()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(times):
+            await one()
+        return gc.collect()
+    finally:
+        gc.enable()
         writer.close()
 
-    serve(test)
+
+@pytest.mark.parametrize("path", ["/echo", "/w"])
+def test_a_request_leaves_no_reference_cycle_behind(path):
+    """What a request allocates is freed when it ends, not by the garbage collector:
+    cycles per request made collections, and their pauses, part of every tail latency.
+    ``/w`` is answered whole, from a callback."""
+    whole = Whole()
+    whole.delay = 0
+
+    async def test(server, port, app):
+        # 9 a request (1,800) when the scope and its exchange held each other
+        assert await collected_after(port, post(path, b"x")) < 50
+
+    serve(test, whole=whole)
 
 
 def test_pipelined_requests_are_answered_in_order():
@@ -410,3 +445,185 @@ def test_stop_cancels_what_outlives_its_grace():
         assert not server.tasks
 
     serve(test)
+
+
+# -- requests answered whole, from callbacks (the Whole handler) ------------------------------------
+def test_a_small_request_goes_whole_and_any_other_to_the_app():
+    """Whole: a body of known length up to WHOLE_MAX_BYTES. A larger one, one in chunks,
+    or one whose client waits for 100 Continue is read as it comes, by the app."""
+    whole = Whole()
+
+    async def test(server, port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/w", b"small"))
+        assert (await read_response(reader))[::2] == (200, b"whole:small")
+        writer.write(post("/echo", b"x"))  # not wanted by the handler
+        assert (await read_response(reader))[::2] == (200, b"/echo:x")
+        big = b"b" * (http11.WHOLE_MAX_BYTES + 1)
+        writer.write(post("/w", big))
+        assert (await read_response(reader))[::2] == (200, b"/w:" + big)
+        writer.write(b"POST /w HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"3\r\nabc\r\n0\r\n\r\n")
+        assert (await read_response(reader))[::2] == (200, b"/w:abc")
+        writer.write(post("/w", b"cont", "Expect: 100-continue\r\n"))  # sent at once all
+        assert (await read_response(reader))[::2] == (200, b"/w:cont")  # the same
+        writer.write(post("/w", b"again"))  # the same connection, whole again
+        assert (await read_response(reader))[::2] == (200, b"whole:again")
+        assert whole.calls == ["/w", "/w"] and server.whole_open == 0
+        writer.close()
+
+    serve(test, whole=whole)
+
+
+def test_whole_and_app_answers_pipelined_go_out_in_request_order():
+    """A request read while another is answered waits its turn as the app's (the Whole
+    handler gets only a request it can answer at once)."""
+    whole = Whole()
+    whole.delay = 0.1
+
+    async def test(server, port, app):
+        app.delay = 0.05
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/w", b"1") + post("/slow", b"2") + post("/w", b"3"))
+        bodies = [(await read_response(reader))[2] for _ in range(3)]
+        assert bodies == [b"whole:1", b"/slow:2", b"/w:3"]
+        writer.close()
+
+    serve(test, whole=whole)
+
+
+def test_a_client_leaving_a_whole_request_is_told_at_once():
+    whole = Whole()
+
+    async def test(server, port, app):
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/w/never", b"x"))
+        await until(lambda: whole.calls)
+        assert server.whole_open == 1
+        writer.close()
+        await until(lambda: whole.gone)
+        assert whole.gone == ["/w/never"] and server.whole_open == 0
+
+    serve(test, whole=whole)
+
+
+def test_a_whole_handler_that_raises_costs_its_request_a_500_and_the_connection():
+    whole = Whole()
+
+    async def test(server, port, app):
+        status, _, body = await answered_then_closed(port, post("/w/boom", b"x"))
+        assert (status, body) == (500, b"Internal Server Error")
+        assert server.whole_open == 0
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/w", b"next"))
+        assert (await read_response(reader))[2] == b"whole:next"
+        writer.close()
+
+    serve(test, whole=whole)
+
+
+def test_a_connection_whose_writes_are_paused_gets_no_whole_request():
+    """respond() does not wait for a slow reader; so while a connection's writes are
+    paused its requests go to the app, whose send() waits: at most one whole response
+    is ever held past the transport's limit."""
+    whole = Whole()
+
+    async def test(server, port, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/w", b"1"))
+        await read_response(reader)
+        (conn,) = server.connections
+        conn.pause_writing()
+        writer.write(post("/w", b"2"))
+        await asyncio.sleep(0.1)
+        assert whole.calls == ["/w"]  # the second went to the app, which waits
+        conn.resume_writing()
+        assert (await read_response(reader))[2] == b"/w:2"
+        writer.close()
+
+    serve(test, whole=whole)
+
+
+def test_stop_waits_for_whole_answers_then_closes_what_outlives_its_grace():
+    whole = Whole()
+    whole.delay = 0.3
+
+    async def test(server, port, app):
+        r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+        r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+        w1.write(post("/w", b"last"))
+        w2.write(post("/w/never", b"x"))
+        await until(lambda: len(whole.calls) == 2)
+        stopping = asyncio.ensure_future(server.stop(1.0))
+        status, headers, body = await read_response(r1)
+        assert (status, headers["connection"], body) == (200, "close", b"whole:last")
+        assert not stopping.done()  # /w/never still has its grace
+        await stopping
+        assert await closed(r2) and whole.gone == ["/w/never"] and server.whole_open == 0
+
+    serve(test, whole=whole)
+
+
+# -- the gateway's /v1 calls answered whole, against a stand-in router connection ------------------
+class StandIn:
+    """An AsyncClient's ``submit_nowait``: each call's Future is kept for the test to
+    settle; ``broken`` makes the next call raise (a bug in the gateway's path)."""
+
+    streams_overrun = 0
+
+    def __init__(self) -> None:
+        self.futures: list[asyncio.Future] = []
+        self.broken = False
+
+    def submit_nowait(self, method, payload, **fields) -> asyncio.Future:
+        if self.broken:
+            raise RuntimeError("a bug")
+        fut = asyncio.get_running_loop().create_future()
+        self.futures.append(fut)
+        return fut
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_bug_on_the_whole_path_costs_its_call_a_500_not_the_gateway():
+    from workerpool.gateway.app import Gateway, Settings
+
+    async def main() -> None:
+        stand_in = StandIn()
+        gateway = Gateway(lambda: stand_in, Settings(router_connections=1))
+        await gateway.start()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        server = HttpServer(gateway, whole=gateway)
+        await server.start(sock)
+        try:
+            reader, writer = await asyncio.open_connection(*sock.getsockname())
+            writer.write(post("/v1/default/echo", b"1"))
+            await until(lambda: stand_in.futures)
+            stand_in.futures[0].set_result({"ok": 1})
+            assert (await read_response(reader))[::2] == (200, b'{"ok":1}')
+            writer.write(post("/v1/default/echo", b"2"))
+            await until(lambda: len(stand_in.futures) == 2)
+            stand_in.futures[1].cancel()  # not by the client leaving: a bug
+            status, _, body = await read_response(reader)
+            assert status == 500 and b"the gateway failed" in body
+            stand_in.broken = True
+            writer.write(post("/v1/default/echo", b"3"))
+            status, _, body = await read_response(reader)
+            assert status == 500 and b"the gateway failed" in body
+            stand_in.broken = False
+            writer.write(post("/v1/default/echo", b"4"))  # the same connection serves on
+            await until(lambda: len(stand_in.futures) == 3)
+            stand_in.futures[2].set_result(4)
+            assert (await read_response(reader))[::2] == (200, b"4")
+            assert gateway.answering == 0 and gateway.callers.in_flight == [0]
+            text = gateway.metrics.render().decode()
+            assert 'workerpool_gateway_requests_total{code="500",endpoint="v1"} 2.0' in text
+            writer.close()
+        finally:
+            await server.stop(1.0)
+            sock.close()
+
+    asyncio.run(main())

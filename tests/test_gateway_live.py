@@ -179,6 +179,43 @@ def test_bad_requests_are_400_413_415_404_405(gw):
     assert gw.http.post("/v1/default/echo", json=1).status_code == 200  # still serving
 
 
+def test_a_call_is_answered_alike_read_whole_or_in_chunks(gw):
+    """A body of known length up to 256 KiB is answered from callbacks (no task), one
+    sent in chunks by the ASGI path: the same status, headers and body either way."""
+    packed, _ = codec.Encoder(inline_max=1 << 30).encode({"a": np.arange(3.0)})
+    cases = [("/v1/default/echo", b'{"x": [1, 2]}', {}),
+             ("/v1/default/echo", packed, {"content-type": "application/msgpack"}),
+             ("/v1/default/echo", packed, {"content-type": "application/msgpack",
+                                           "accept": "application/json"}),
+             ("/v1/default/echo", b"", {}),
+             ("/v1/default/echo", b"{bad", {}),
+             ("/v1/default/echo?timeout=x", b"1", {}),
+             ("/v1/default/echo", b"1", {"x-priority": "5000"}),
+             ("/v1/default/echo", b"<x/>", {"content-type": "text/xml"}),
+             ("/v1/nope/echo", b"1", {}),
+             ("/v1/default/nope", b"1", {}),
+             ("/v1/default", b"1", {}),
+             ("/v1/default/raise_error", b'{"message": "no"}', {}),
+             ("/v1/default/sleep?timeout=0.1", b'{"seconds": 0.5}', {})]
+    for url, body, headers in cases:
+        whole = gw.http.post(url, content=body, headers=headers)
+        chunked = gw.http.post(url, content=iter([body[:1], body[1:]]), headers=headers)
+        assert whole.status_code == chunked.status_code, url
+        for name in ("content-type", "retry-after", "allow"):
+            assert whole.headers.get(name) == chunked.headers.get(name), (url, name)
+        if whole.status_code == 200:
+            assert whole.content == chunked.content, url
+        else:  # a router's message may name the moment (a time waited, workers seen)
+            errors = [r.json()["error"] for r in (whole, chunked)]
+            for err in errors:
+                err.pop("message")
+                err.pop("worker", None)  # and which of the two workers ran it
+            assert errors[0] == errors[1], url
+    assert whole.status_code == 504
+    text = gw.http.get("/metrics").text
+    assert 'workerpool_gateway_requests_total{code="504",endpoint="v1"} 2.0' in text
+
+
 def test_unknown_service_and_method_are_404_saying_which(gw):
     r = gw.http.post("/v1/nope/echo", json=1)
     assert r.status_code == 404
@@ -226,6 +263,7 @@ def test_health_metrics_openapi(gw):
     services = r.json()["services"]
     assert services["default"]["workers"] == 2 and services["dead"]["workers"] == 0
     assert set(services["tight"]) == {"workers", "in_flight", "queued"}
+    assert gw.http.post("/v1/default/echo", json=1).status_code == 200
     text = gw.http.get("/metrics").text
     assert 'workerpool_gateway_requests_total{code="200",endpoint="v1"}' in text
     doc = gw.http.get("/openapi.json").json()

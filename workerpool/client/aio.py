@@ -142,6 +142,14 @@ class AsyncClient(BaseClient):
                      idempotent: bool | None = None) -> asyncio.Future:
         """Send a request; return an asyncio Future for its result (a list for a streaming
         method). Cancelling the Future cancels the request."""
+        return self.submit_nowait(method, payload, service=service, priority=priority,
+                                  timeout=timeout, idempotent=idempotent)
+
+    def submit_nowait(self, method: str, payload: Any = None, *, service: str | None = None,
+                      priority: int = 0, timeout: float | None = None,
+                      idempotent: bool | None = None) -> asyncio.Future:
+        """``submit`` for code running in the client's event loop without a coroutine of
+        its own (a callback): the request is sent now and its Future returned."""
         fut = _RequestFuture(self, self._start())
         rid, frames, entry = self._new_request(fut, None, method, payload, service, priority,
                                                timeout, idempotent)

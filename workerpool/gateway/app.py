@@ -3,16 +3,25 @@ the reply back out.
 
 ::
 
-    HTTP client --> http11.py (httptools, uvloop) --> Gateway.__call__(scope, receive, send)
+    HTTP client --> http11.py (httptools, uvloop)
+      POST /v1/..., not events, body <= 256 KiB --> Gateway.answer_whole(exchange, body)
+      any other request                         --> Gateway.__call__(scope, receive, send)
                       routes: /v1/SERVICE/METHOD   -> call_v1 (JSON | msgpack | events)
                               /health/*, /metrics, /openapi.json
                               /v2/...              -> KServe v2 (kserve.py)
-    call_v1: headers, query -> request fields; body (<= max_body_bytes) -> bodies.decode
+    a /v1 call: headers, query -> request fields; body (<= max_body_bytes) -> bodies.decode
              -> the caller's connection (callers.py: token or address -> one of K)
-             -> AsyncClient.submit / .stream   ------ K DEALERs -----> router -> workers
-             -> bodies.encode / sse events      <-----------------------
+             -> AsyncClient.submit_nowait / .stream  ---- K DEALERs ----> router -> workers
+             -> v1_result (bodies.encode) / sse events <--------------------
              the client disconnects -> the Future is cancelled -> CANCEL to the router
-               (the server's ``workerpool.connection`` extension says so at once)
+               (the server's ``workerpool.connection`` extension, or the Whole exchange
+               itself, says so at once)
+
+Most requests are quick unary /v1 calls. ``answer_whole`` answers those from the Future's
+callback, without the task and coroutine chain an ASGI request costs (a third of the
+gateway's CPU on a no-op call, docs/benchmarks.md); the same checks and the same
+builders of replies (``Reply``) serve both paths, so a request is answered alike either
+way, whichever path its size sends it down.
 
 K ``AsyncClient`` objects (``router_connections``) carry the requests: the router's
 per-connection rules (turns in its queues, ``max_client_inflight``, the not-reading
@@ -26,12 +35,13 @@ tokens, callers), tested with plain values; this one moves bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
 from workerpool.config import (
@@ -57,6 +67,7 @@ Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
 JSON_TYPE = b"application/json"
+CONTENT_TYPES = {kind: name.encode() for kind, name in bodies.CONTENT_TYPES.items()}
 STATUS_TIMEOUT = 2.0
 """Seconds a readiness probe waits for the router's STATUS before it says not ready."""
 METADATA_TIMEOUT = 10.0
@@ -85,6 +96,21 @@ class Settings:
 
 class Disconnected(Exception):
     """The HTTP client went away before its reply."""
+
+
+class Reply(NamedTuple):
+    """A whole response: the ASGI path sends it as two messages, a Whole request in one
+    write."""
+
+    status: int
+    body: bytes
+    content_type: bytes = JSON_TYPE
+    headers: tuple | list = ()
+
+    def head(self) -> list[tuple[bytes, bytes]]:
+        """Its header lines, Content-Type and Content-Length first."""
+        return [(b"content-type", self.content_type),
+                (b"content-length", b"%d" % len(self.body)), *self.headers]
 
 
 class Gateway:
@@ -154,8 +180,7 @@ class Gateway:
         except Exception:  # a bug costs this request, never the server
             log.exception("gateway: %s %s failed", scope["method"], scope["path"][:200])
             try:
-                await _reply(send, 500, error_json(error_map(
-                    "WorkerPoolError", "the gateway failed on this request (see its log)")))
+                await _send(send, _failed())
             except Exception:
                 pass  # the reply had begun: the server ends the connection
         finally:
@@ -165,18 +190,14 @@ class Gateway:
     async def route(self, scope: Scope, receive: Receive, send: Send) -> tuple[str, int]:
         """Answer one request; returns (endpoint label, status)."""
         path, method = scope["path"], scope["method"]
-        if self.tokens is not None and path not in OPEN_PATHS:
-            auth = _header(scope, b"authorization")
-            if not self.tokens.allows(auth, time.monotonic()):
-                why = "no bearer token" if auth is None else "this token is not allowed"
-                return "auth", await _error(send, error_map("Unauthorized", why),
-                                            [(b"www-authenticate", b'Bearer realm="workerpool"')])
+        refused = self.refused(scope)
+        if refused is not None:
+            return "auth", await _send(send, refused)
         if path.startswith("/v1/"):
-            service, sep, name = path[4:].partition("/")
-            if not service or not sep or not name or "/" in name:
-                return "v1", await _error(send, _not_found(path))
-            if method != "POST":
-                return "v1", await _error(send, _not_allowed(method, "POST"))
+            target = v1_target(path, method)
+            if isinstance(target, Reply):
+                return "v1", await _send(send, target)
+            service, name = target
             return await self.as_caller(scope, send, "v1", lambda client: self.call_v1(
                 scope, receive, send, service, name, client))
         if path.startswith("/v2/models/"):
@@ -193,17 +214,10 @@ class Gateway:
                         answer: Callable[[Any], Awaitable[tuple[str, int]]]) -> tuple[str, int]:
         """``answer(client)`` on the request's caller's connection (callers.py), or 429
         when the caller already holds ``max_inflight_per_caller`` requests."""
-        key = caller_key(bearer(_header(scope, b"authorization")) if self.tokens else None,
-                         (scope.get("client") or (None,))[0],
-                         _header(scope, b"x-forwarded-for"), self.settings.trust_forwarded)
+        key = self.caller_of(scope)
         conn = self.callers.acquire(key)
         if conn is None:
-            self.metrics.caller_limited.inc()
-            cap = self.settings.max_inflight_per_caller
-            wire = error_map("TooManyRequests", f"this caller already has {cap} requests in "
-                             "flight (max-inflight-per-caller); send the next when one is "
-                             "answered", retryable=True, code="caller-limit",
-                             retry_after=CALLER_RETRY_AFTER)
+            wire = self.limited()
             if endpoint == "v2":
                 return endpoint, await _v2_error(send, 429, wire, status_of(wire)[1])
             return endpoint, await _error(send, wire)
@@ -212,14 +226,40 @@ class Gateway:
         finally:
             self.callers.release(key)
 
+    # -- what every call is checked for ------------------------------------------------------
+    def refused(self, scope: Scope) -> Reply | None:
+        """The 401 for a request without an allowed token, when tokens are on (probes
+        need none); None when it may go on."""
+        if self.tokens is None or scope["path"] in OPEN_PATHS:
+            return None
+        auth = _header(scope, b"authorization")
+        if self.tokens.allows(auth, time.monotonic()):
+            return None
+        why = "no bearer token" if auth is None else "this token is not allowed"
+        return error_reply(error_map("Unauthorized", why),
+                           [(b"www-authenticate", b'Bearer realm="workerpool"')])
+
+    def caller_of(self, scope: Scope) -> str:
+        """Who the request is from (callers.py)."""
+        return caller_key(bearer(_header(scope, b"authorization")) if self.tokens else None,
+                          (scope.get("client") or (None,))[0],
+                          _header(scope, b"x-forwarded-for"), self.settings.trust_forwarded)
+
+    def limited(self) -> dict:
+        """The error for a caller already at ``max_inflight_per_caller`` (429), counted."""
+        self.metrics.caller_limited.inc()
+        cap = self.settings.max_inflight_per_caller
+        return error_map("TooManyRequests", f"this caller already has {cap} requests in "
+                         "flight (max-inflight-per-caller); send the next when one is "
+                         "answered", retryable=True, code="caller-limit",
+                         retry_after=CALLER_RETRY_AFTER)
+
     # -- /v1 --------------------------------------------------------------------------------
     async def call_v1(self, scope: Scope, receive: Receive, send: Send, service: str,
                       method: str, client: Any) -> tuple[str, int]:
         try:
-            kind = bodies.media_type(_header(scope, b"content-type"))
-            fields = request_fields(scope)
-            body = await self.read_body(scope, receive)
-            payload = bodies.decode(body, kind)
+            kind, fields = v1_head(scope)  # before the body: a 415 or 400 need not read it
+            payload = bodies.decode(await self.read_body(scope, receive), kind)
         except BodyError as exc:
             return "v1", await _error(send, exc.error)
         accept = _header(scope, b"accept")
@@ -228,14 +268,87 @@ class Gateway:
                                                      payload, fields, client)
         out = bodies.accepted(accept, kind)
         try:
-            fut = await client.submit(method, payload, service=service, **fields)
-            value = await _unless_gone(fut, scope)
-            reply = bodies.encode(value, out)
+            fut = client.submit_nowait(method, payload, service=service, **fields)
         except WorkerPoolError as exc:
             return "v1", await _error(send, exc.to_wire())
-        except BodyError as exc:
-            return "v1", await _error(send, exc.error)
-        return "v1", await _reply(send, 200, reply, bodies.CONTENT_TYPES[out].encode())
+        with contextlib.suppress(WorkerPoolError):  # its outcome is the reply's
+            await _unless_gone(fut, scope)
+        return "v1", await _send(send, v1_result(fut, out))
+
+    # -- /v1 unary calls from callbacks (http11.Whole) -------------------------------------------
+    def wants_whole(self, scope: Scope) -> bool:
+        """POST /v1/..., unless it asks for events: answered by ``answer_whole``."""
+        return scope["method"] == "POST" and scope["path"].startswith("/v1/") and \
+            not sse.wants_events(_header(scope, b"accept"))
+
+    def answer_whole(self, exchange: Any, body: bytes) -> None:
+        """Answer a /v1 call whose whole body is read: at once when it is refused, else
+        from its Future's callback. The checks, fields and replies are ``call_v1``'s."""
+        started = time.monotonic()
+        self.answering += 1
+        try:
+            refused = self._begin_whole(exchange, body, started)
+        except Exception:
+            log.exception("gateway: POST %s failed", exchange.scope["path"][:200])
+            refused = ("v1", _failed())
+        if refused is not None:
+            self._end_whole(exchange, started, *refused)
+
+    def _begin_whole(self, exchange: Any, body: bytes,
+                     started: float) -> tuple[str, Reply] | None:
+        """Send the call; None once its callback is set, else (endpoint, refusal)."""
+        scope = exchange.scope
+        refused = self.refused(scope)
+        if refused is not None:
+            return "auth", refused
+        target = v1_target(scope["path"], "POST")
+        if isinstance(target, Reply):
+            return "v1", target
+        key = self.caller_of(scope)
+        conn = self.callers.acquire(key)
+        if conn is None:
+            return "v1", error_reply(self.limited())
+        try:
+            kind, fields = v1_head(scope)
+            payload = bodies.decode(body, kind)
+            out = bodies.accepted(_header(scope, b"accept"), kind)
+            fut = self.clients[conn].submit_nowait(target[1], payload, service=target[0],
+                                                   **fields)
+        except BaseException as exc:
+            self.callers.release(key)
+            if isinstance(exc, BodyError):
+                return "v1", error_reply(exc.error)
+            if isinstance(exc, WorkerPoolError):
+                return "v1", error_reply(exc.to_wire())
+            raise
+
+        def done(fut: asyncio.Future) -> None:
+            self.callers.release(key)
+            try:
+                reply = v1_result(fut, out)
+            except BaseException:  # a bug; or cancelled by other than the client leaving
+                if not exchange.gone:
+                    log.exception("gateway: POST %s failed", scope["path"][:200])
+                reply = _failed()
+            self._end_whole(exchange, started, "v1", reply)
+
+        fut.add_done_callback(done)
+        exchange.when_gone(fut.cancel)  # a CANCEL to the router; done() then counts 499
+        return None
+
+    def _end_whole(self, exchange: Any, started: float, endpoint: str, reply: Reply) -> None:
+        self.answering -= 1
+        if exchange.gone:
+            self.metrics.disconnects.inc()
+            status = 499
+        else:
+            status = reply.status
+            try:
+                exchange.respond(status, reply.head(), reply.body)
+            except Exception:  # a bug costs this request, never the server
+                log.exception("gateway: answering POST %s failed", exchange.scope["path"][:200])
+                exchange.abandon()
+        self.metrics.answered(endpoint, status, time.monotonic() - started)
 
     async def stream_v1(self, scope: Scope, send: Send, service: str, method: str,
                         payload: Any, fields: dict, client: Any) -> int:
@@ -405,6 +518,33 @@ class Gateway:
                             [(kserve.HEADER_LENGTH.encode(), str(header_length).encode())])
 
 
+# -- /v1 requests and replies ---------------------------------------------------------------------
+def v1_target(path: str, method: str) -> tuple[str, str] | Reply:
+    """(service, method) that ``/v1/SERVICE/METHOD`` names, or the 404 or 405 reply."""
+    service, sep, name = path[4:].partition("/")
+    if not service or not sep or not name or "/" in name:
+        return error_reply(_not_found(path))
+    if method != "POST":
+        return error_reply(_not_allowed(method, "POST"))
+    return service, name
+
+
+def v1_head(scope: Scope) -> tuple[str, dict[str, Any]]:
+    """The body's encoding and the request's fields, from its head; raises BodyError."""
+    return bodies.media_type(_header(scope, b"content-type")), request_fields(scope)
+
+
+def v1_result(fut: asyncio.Future, out: str) -> Reply:
+    """The reply to a /v1 call whose Future is done: its result in the ``out`` encoding,
+    or its error. Raises CancelledError for a cancelled Future."""
+    try:
+        return Reply(200, bodies.encode(fut.result(), out), CONTENT_TYPES[out])
+    except WorkerPoolError as exc:
+        return error_reply(exc.to_wire())
+    except BodyError as exc:
+        return error_reply(exc.error)
+
+
 # -- request fields ---------------------------------------------------------------------------
 def request_fields(scope: Scope) -> dict[str, Any]:
     """``timeout`` (the query's), ``priority`` (X-Priority) and ``idempotent``
@@ -464,22 +604,33 @@ def _not_allowed(method: str, allowed: str) -> dict:
                      allow=allowed)
 
 
-async def _reply(send: Send, status: int, body: bytes, ctype: bytes = JSON_TYPE,
-                 headers: list | None = None) -> int:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", ctype),
-                            (b"content-length", str(len(body)).encode()), *(headers or ())]})
-    await send({"type": "http.response.body", "body": body})
-    return status
-
-
-async def _error(send: Send, wire: dict, headers: list | None = None) -> int:
+def error_reply(wire: dict, headers: list | tuple = ()) -> Reply:
     """A /v1-style error reply: the table's status and headers, ``{"error": {...}}``."""
     status, extra = status_of(wire)
     out = [(k.encode(), v.encode()) for k, v in extra]
     if "allow" in wire:
         out.append((b"allow", str(wire["allow"]).encode()))
-    return await _reply(send, status, error_json(wire), headers=[*out, *(headers or ())])
+    return Reply(status, error_json(wire), JSON_TYPE, [*out, *headers])
+
+
+def _failed() -> Reply:
+    return error_reply(error_map("WorkerPoolError",
+                                 "the gateway failed on this request (see its log)"))
+
+
+async def _send(send: Send, reply: Reply) -> int:
+    await send({"type": "http.response.start", "status": reply.status, "headers": reply.head()})
+    await send({"type": "http.response.body", "body": reply.body})
+    return reply.status
+
+
+async def _reply(send: Send, status: int, body: bytes, ctype: bytes = JSON_TYPE,
+                 headers: list | None = None) -> int:
+    return await _send(send, Reply(status, body, ctype, headers or ()))
+
+
+async def _error(send: Send, wire: dict, headers: list | None = None) -> int:
+    return await _send(send, error_reply(wire, headers or ()))
 
 
 async def _v2_error(send: Send, status: int, wire: dict,

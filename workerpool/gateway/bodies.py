@@ -116,12 +116,15 @@ def to_json(value: Any) -> Any:
     raise TypeError(f"a {type(value).__name__} has no JSON form")
 
 
+_to_json = json.JSONEncoder(default=to_json, separators=(",", ":"), ensure_ascii=False).encode
+"""One encoder for every reply: ``json.dumps`` with these options builds a new one a call."""
+
+
 def encode(value: Any, kind: str) -> bytes:
     """``value`` as a reply body; raises BodyError (500) when it cannot be written so."""
     try:
         if kind == JSON:
-            return json.dumps(value, default=to_json, separators=(",", ":"),
-                              ensure_ascii=False).encode()
+            return _to_json(value).encode()
         return _inline.encode(value)[0]
     except (TypeError, ValueError, RecursionError, codec.PayloadError) as exc:
         raise BodyError(error_map("HandlerError", f"the result cannot be written as "

@@ -4,7 +4,10 @@ response.
 ::
 
     bytes --data_received--> httptools parser --callbacks--> Exchange (its scope, its body)
-      head complete: the app runs on it as a task, or it waits behind the one being answered
+      head complete: a request the Whole handler wants (small, its length known) waits for
+                     its body, then the handler answers it from callbacks (no task);
+                     any other: the app runs on it as a task,
+                     or it waits behind the one being answered
                      (pipelining: answers go out in request order; reading pauses meanwhile)
       app's send(): the status line and headers are held and leave with the first body part
                     as one write (a body over JOIN_LIMIT goes as a second write, not copied)
@@ -21,6 +24,13 @@ tells the app at once when its client leaves, without a task per request that wa
 is what cut most of the gateway's own CPU per request: uvicorn's per-request scope,
 cycle object, flow-control and event objects and two writes cost about five times a
 bare httptools protocol's handling of the same request.
+
+A task and a coroutine chain per request still cost the gateway about a third of its CPU
+on a quick call (docs/benchmarks.md). So the server also takes an optional ``Whole``
+handler: a request it wants, whose body is at most ``WHOLE_MAX_BYTES`` with a known length,
+is given to it whole once read, and answered with ``Exchange.respond`` from whatever
+callback has the answer. What such a request holds is bounded as the ASGI path's is: it
+is never more than one unpaused read's worth of body.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 import httptools
@@ -51,6 +61,9 @@ MAX_PIPELINE = 64
 of many tiny pipelined requests cannot make the gateway hold thousands."""
 BODY_HIGH_WATER = 262144
 """Request-body bytes held for the app before the connection stops reading."""
+WHOLE_MAX_BYTES = BODY_HIGH_WATER
+"""The largest declared body a ``Whole`` handler is given whole; a larger one, or one
+sent in chunks, goes to the ASGI app, which reads it as it comes."""
 JOIN_LIMIT = 65536
 """Body bytes joined to the response head into one write; past this the copy costs more
 than the second write it saves (a large tensor reply goes as head, then body)."""
@@ -76,6 +89,18 @@ def _status_line(code: int) -> bytes:
 STATUS_LINES = {status.value: _status_line(status.value) for status in HTTPStatus}
 
 
+class Whole(Protocol):
+    """Answers some requests from their whole body, without a task each."""
+
+    def wants_whole(self, scope: dict) -> bool:
+        """Whether to answer the request of ``scope`` (its head read, no body yet)."""
+
+    def answer_whole(self, exchange: Exchange, body: bytes) -> None:
+        """Answer ``exchange`` (its ``scope``, its whole ``body``): now or from a later
+        callback, by ``exchange.respond`` once; ``exchange.when_gone`` says if the
+        client leaves first. An exception raised here ends the connection after a 500."""
+
+
 class _HeadTooLarge(Exception):
     """Raised in a parser callback: the request's head is over the limits."""
 
@@ -96,7 +121,7 @@ class Exchange:
 
     __slots__ = ("_on_gone", "body", "buffered", "chunked", "complete", "conn",
                  "continue_wanted", "ended", "gone", "head", "head_only", "keep_alive",
-                 "more_body", "scope", "started", "version_1_0", "waiter")
+                 "more_body", "scope", "started", "version_1_0", "waiter", "whole")
 
     def __init__(self, conn: HttpConnection, scope: dict, keep_alive: bool,
                  continue_wanted: bool) -> None:
@@ -116,6 +141,7 @@ class Exchange:
         self.started = False
         self.complete = False
         self.gone = False  # the client left before the response was complete
+        self.whole = False  # answered by the server's Whole handler, not the ASGI app
         self._on_gone: list[Callable[[], Any]] = []
 
     # -- the extension -----------------------------------------------------------------------
@@ -132,6 +158,8 @@ class Exchange:
         if self.gone or self.complete:
             return
         self.gone = True
+        if self.whole:
+            self.conn.server.whole_done()
         self._wake()
         callbacks, self._on_gone = self._on_gone, []
         for callback in callbacks:
@@ -197,8 +225,23 @@ class Exchange:
             return
         if kind != "http.response.body" or self.complete:
             raise RuntimeError(f"unexpected {kind} after the response")
-        body = message.get("body", b"")
-        more = message.get("more_body", False)
+        self._write(message.get("body", b""), message.get("more_body", False))
+
+    def respond(self, status: int, headers: Any, body: bytes) -> None:
+        """The whole response, in one write: how a ``Whole`` handler answers. Nothing is
+        written once the client has left. It does not wait for a client that reads
+        slowly: no request is handed to the Whole handler while the connection's writes
+        are paused, so the transport holds at most one such response past its limit."""
+        if self.gone:
+            return
+        if self.started:
+            raise RuntimeError("respond() after the response began")
+        self.started = True
+        self.head = self._head(status, headers)
+        self._write(body, False)
+
+    def _write(self, body: bytes, more: bool) -> None:
+        conn = self.conn
         if self.head_only:
             body = b""
         elif self.chunked:
@@ -218,6 +261,8 @@ class Exchange:
             self.complete = True
             self._on_gone = []
             self._wake()
+            if self.whole:
+                conn.server.whole_done()
             conn.answered(self)
 
     def _head(self, status: int, headers: Any) -> bytes:
@@ -256,21 +301,24 @@ class Exchange:
         except Exception:
             log.exception("gateway: the application failed on %s %s", scope["method"],
                           scope["path"][:200])
-            self._abandon()
+            self.abandon()
         else:
             if not self.complete and not self.gone:
                 log.error("gateway: the application returned without completing its "
                           "response to %s %s", scope["method"], scope["path"][:200])
-                self._abandon()
+                self.abandon()
 
-    def _abandon(self) -> None:
-        """No whole response will come: a 500 if nothing was sent yet, then close."""
+    def abandon(self) -> None:
+        """No whole response will come (the app failed): a 500 if nothing was sent yet,
+        then close."""
         if self.gone:
             return
         if not self.started:
             self.conn.transport.write(STATUS_LINES[500] + b"content-type: text/plain\r\n"
                                       b"content-length: 21\r\nconnection: close\r\n\r\n"
                                       b"Internal Server Error")
+        if self.whole and not self.complete:
+            self.conn.server.whole_done()
         self.complete = True
         self.conn.transport.close()
 
@@ -297,6 +345,8 @@ class HttpConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._continue = False
+        self._length: int | None = None  # the request's Content-Length
+        self._chunked = False  # Transfer-Encoding named
 
     # -- transport events -------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -368,6 +418,8 @@ class HttpConnection(asyncio.Protocol):
         self._headers = []
         self._head_bytes = 0
         self._continue = False
+        self._length = None
+        self._chunked = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -381,7 +433,11 @@ class HttpConnection(asyncio.Protocol):
             raise _HeadTooLarge
         name = name.lower()
         value = value.rstrip(b" \t")
-        if name == b"expect" and value.lower() == b"100-continue":
+        if name == b"content-length":
+            self._length = int(value) if value.isdigit() else None
+        elif name == b"transfer-encoding":
+            self._chunked = True
+        elif name == b"expect" and value.lower() == b"100-continue":
             self._continue = True
         self._headers.append((name, value))
 
@@ -404,9 +460,16 @@ class HttpConnection(asyncio.Protocol):
                  "root_path": "", "headers": self._headers, "client": self.client,
                  "server": self.sockname, "extensions": {}}
         exchange = Exchange(self, scope, parser.should_keep_alive(), self._continue)
-        scope["extensions"]["workerpool.connection"] = exchange
         self.reading = exchange
-        if self.current is None:
+        whole = self.server.whole
+        if self.current is None and whole is not None and self.write_paused is None \
+                and not self._continue \
+                and not self._chunked and (self._length or 0) <= WHOLE_MAX_BYTES \
+                and whole.wants_whole(scope):
+            exchange.whole = True  # answered when its body is in: on_message_complete
+            self.current = exchange
+            self.server.whole_open += 1
+        elif self.current is None:
             self._start(exchange)
         else:  # pipelined: answered after the one before it
             self.pipeline.append(exchange)
@@ -417,11 +480,22 @@ class HttpConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         exchange, self.reading = self.reading, None
-        exchange.end_body()
+        if not exchange.whole:
+            exchange.end_body()
+        elif not exchange.gone:
+            chunks, exchange.body, exchange.buffered = exchange.body, [], 0
+            try:
+                self.server.whole.answer_whole(
+                    exchange, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            except Exception:
+                log.exception("gateway: answering %s %s failed", exchange.scope["method"],
+                              exchange.scope["path"][:200])
+                exchange.abandon()
 
     # -- answers ----------------------------------------------------------------------------
     def _start(self, exchange: Exchange) -> None:
         self.current = exchange
+        exchange.scope["extensions"]["workerpool.connection"] = exchange
         task = self.loop.create_task(exchange.run(self.server.app))
         self.server.tasks.add(task)
         task.add_done_callback(self.server.tasks.discard)
@@ -495,9 +569,13 @@ class HttpServer:
     """Serves ``app`` on a listening socket: the connections, the idle sweep and the Date
     header, and a stop that lets answers in flight finish."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], *, scheme: str = "http",
-                 keep_alive: float = KEEP_ALIVE, body_timeout: float = BODY_TIMEOUT) -> None:
+    def __init__(self, app: Callable[..., Awaitable[None]], *, whole: Whole | None = None,
+                 scheme: str = "http", keep_alive: float = KEEP_ALIVE,
+                 body_timeout: float = BODY_TIMEOUT) -> None:
         self.app = app
+        self.whole = whole
+        self.whole_open = 0  # Whole-handled requests not yet answered (nor their client gone)
+        self._whole_drained: asyncio.Future | None = None  # stop() waits on it
         self.scheme = scheme
         self.keep_alive = keep_alive
         self.body_timeout = body_timeout
@@ -516,6 +594,13 @@ class HttpServer:
         self._server = await self.loop.create_server(
             lambda: HttpConnection(self), sock=sock, ssl=ssl, backlog=backlog)
         self._sweeper = self.loop.create_task(self._sweep())
+
+    def whole_done(self) -> None:
+        """A Whole-handled request was answered, or its client left."""
+        self.whole_open -= 1
+        waiter = self._whole_drained
+        if not self.whole_open and waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _update_date(self) -> None:
         self.date = b"date: %b\r\n" % formatdate(usegmt=True).encode("ascii")
@@ -544,8 +629,12 @@ class HttpServer:
             self._server.close()
         for conn in list(self.connections):
             conn.shut()
-        if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=timeout)
+        waiting = set(self.tasks)
+        if self.whole_open:
+            self._whole_drained = self.loop.create_future()
+            waiting.add(self._whole_drained)
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout)
         for task in list(self.tasks):
             task.cancel()
         for conn in list(self.connections):

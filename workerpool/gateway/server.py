@@ -115,7 +115,7 @@ async def _serve(app: Gateway, sock: socket.socket, tls: ssl.SSLContext | None,
     except Exception as exc:
         log.error("gateway: cannot connect to the router %s: %s", opts.router, exc)
         return 1
-    server = HttpServer(app, scheme="https" if tls else "http")
+    server = HttpServer(app, whole=app, scheme="https" if tls else "http")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
