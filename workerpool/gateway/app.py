@@ -18,8 +18,8 @@ the reply back out.
                itself, says so at once)
 
 Most requests are quick unary /v1 calls. ``answer_whole`` answers those from the Future's
-callback, without the task and coroutine chain an ASGI request costs (a third of the
-gateway's CPU on a no-op call, docs/benchmarks.md); the same checks and the same
+callback, without the task and coroutine chain an ASGI request costs (about a tenth of
+the gateway's CPU on a no-op call, docs/benchmarks.md); the same checks and the same
 builders of replies (``Reply``) serve both paths, so a request is answered alike either
 way, whichever path its size sends it down.
 

@@ -25,7 +25,7 @@ is what cut most of the gateway's own CPU per request: uvicorn's per-request sco
 cycle object, flow-control and event objects and two writes cost about five times a
 bare httptools protocol's handling of the same request.
 
-A task and a coroutine chain per request still cost the gateway about a third of its CPU
+A task and a coroutine chain per request still cost the gateway about a tenth of its CPU
 on a quick call (docs/benchmarks.md). So the server also takes an optional ``Whole``
 handler: a request it wants, whose body is at most ``WHOLE_MAX_BYTES`` with a known length,
 is given to it whole once read, and answered with ``Exchange.respond`` from whatever
