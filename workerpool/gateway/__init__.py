@@ -5,7 +5,8 @@ talks to the router as an ordinary client, over K connections its callers are sp
 
     curl, browsers, tritonclient --HTTP--> gateway process --ZeroMQ (K DEALERs)--> router
 
-- ``app.py``: the ASGI application; routes and moving bytes.
+- ``app.py``: the ASGI application, and quick /v1 calls answered whole from callbacks;
+  routes and moving bytes.
 - ``statuses.py``: error type (and code) to HTTP status and headers, a table.
 - ``bodies.py``: JSON and msgpack bodies, the size limit.
 - ``sse.py``: server-sent events for streaming methods.
@@ -15,7 +16,8 @@ talks to the router as an ordinary client, over K connections its callers are sp
 - ``callers.py``: which router connection serves a caller; the per-caller cap.
 - ``metrics.py``: the gateway's own Prometheus metrics.
 - ``openapi.py``: ``/openapi.json``.
-- ``http11.py``: HTTP/1.1 connections (httptools) running the app; one write per response.
+- ``http11.py``: HTTP/1.1 connections (httptools) running the app, or handing a small
+  request whole to a handler; one write per response.
 - ``server.py``: binding, the event loop (uvloop), TLS, stopping on a signal.
 
 docs/http.md is the reference.
