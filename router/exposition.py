@@ -14,7 +14,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from ipc.lifecycle import WorkerState
-from router.metrics import HistogramValues, Snapshot
+from router.metrics import Snapshot
+from workerpool.histogram import HistogramValues
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 GPU_MEMORY_KEY = "gpu_reserved"  # of a heartbeat's memory map: what the allocator holds

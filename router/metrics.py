@@ -35,6 +35,7 @@ import msgpack
 
 from ipc.errors import WIRE_TYPES
 from workerpool._proc import EXIT_POISONED
+from workerpool.histogram import Histogram, HistogramValues
 
 if TYPE_CHECKING:
     from router.core import RouterCore
@@ -74,47 +75,6 @@ def listener_module() -> ModuleType:
         raise ListenerError(f"--metrics needs prometheus-client ({exc}): pip install "
                             "'workerpool[metrics]'") from None
     return listener
-
-
-class Histogram:
-    """Counts per bucket (``bounds`` are the upper bounds, plus +Inf) and their sum."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        # bisect_left: a value equal to a bound belongs to it (Prometheus' ``le``).
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-    def freeze(self) -> HistogramValues:
-        return HistogramValues(self.bounds, tuple(self.counts), self.sum)
-
-
-@dataclass(frozen=True)
-class HistogramValues:
-    """A histogram as the snapshot holds it: counts per bucket, not cumulative; the last
-    one counts the values above every bound."""
-
-    bounds: tuple[float, ...]
-    counts: tuple[int, ...]
-    sum: float
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def cumulative(self) -> list[tuple[float, int]]:
-        """``(le, values <= le)`` for each bound, then ``(inf, count)``."""
-        out, total = [], 0
-        for le, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            total += n
-            out.append((le, total))
-        return out
 
 
 class MethodMeter:

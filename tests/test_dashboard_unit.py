@@ -21,7 +21,8 @@ from router.history import (
     quantile,
     rate,
 )
-from router.metrics import SECONDS_BUCKETS, HistogramValues, ServiceFigures, Snapshot
+from router.metrics import SECONDS_BUCKETS, ServiceFigures, Snapshot
+from workerpool.histogram import HistogramValues
 
 pytest.importorskip("prometheus_client",
                     reason="prometheus-client is not installed (the 'metrics' extra)")

@@ -314,3 +314,30 @@ def test_tokens(tmp_path):
             Tokens(str(path))
     with pytest.raises(TokenFileError):
         Tokens(str(tmp_path / "missing"))
+
+
+def test_the_gateways_request_metrics_render_as_prometheus_reads_them():
+    """Counted in plain Python on the request path, rendered at a scrape: the same names,
+    labels and buckets as prometheus_client's own Counter and Histogram would show."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from workerpool.gateway.metrics import SECONDS_BUCKETS, GatewayMetrics
+
+    m = GatewayMetrics()
+    for endpoint, code, seconds in (("v1", 200, 0.0004), ("v1", 200, 0.001), ("v1", 504, 3.0),
+                                    ("health", 200, 0.0001), ("v1", 200, 500.0)):
+        m.answered(endpoint, code, seconds)
+    families = {f.name: f for f in text_string_to_metric_families(m.render().decode())}
+    totals = {(s.labels["endpoint"], s.labels["code"]): s.value
+              for s in families["workerpool_gateway_requests"].samples}
+    assert totals == {("v1", "200"): 3, ("v1", "504"): 1, ("health", "200"): 1}
+    v1 = [s for s in families["workerpool_gateway_request_duration_seconds"].samples
+          if s.labels["endpoint"] == "v1"]
+    buckets = {s.labels["le"]: s.value for s in v1 if s.name.endswith("_bucket")}
+    assert len(buckets) == len(SECONDS_BUCKETS) + 1
+    # A value on a bound counts in that bucket; 500 s is above every bound.
+    assert (buckets["0.0005"], buckets["0.001"], buckets["2.5"], buckets["5.0"],
+            buckets["120.0"], buckets["+Inf"]) == (1, 2, 2, 3, 3, 4)
+    count = next(s.value for s in v1 if s.name.endswith("_count"))
+    total = next(s.value for s in v1 if s.name.endswith("_sum"))
+    assert count == 4 and total == pytest.approx(503.0014)

@@ -17,8 +17,6 @@ from ipc.protocol import Kind
 from router.metrics import (
     LAG_BUCKETS,
     SECONDS_BUCKETS,
-    Histogram,
-    HistogramValues,
     LoopMeter,
     ServiceFigures,
     ServiceMeter,
@@ -29,6 +27,7 @@ from router.metrics import (
 )
 from tests.router_harness import Harness
 from workerpool.config import RouterConfig, parse_http_address
+from workerpool.histogram import Histogram, HistogramValues
 
 prometheus_client = pytest.importorskip(
     "prometheus_client", reason="prometheus-client is not installed (the 'metrics' extra)")
