@@ -535,7 +535,7 @@ def test_a_connection_whose_writes_are_paused_gets_no_whole_request():
         (conn,) = server.connections
         conn.pause_writing()
         writer.write(post("/w", b"2"))
-        await asyncio.sleep(0.1)
+        await until(lambda: conn.current is not None, 10)
         assert whole.calls == ["/w"]  # the second went to the app, which waits
         conn.resume_writing()
         assert (await read_response(reader))[2] == b"/w:2"
@@ -554,7 +554,7 @@ def test_stop_waits_for_whole_answers_then_closes_what_outlives_its_grace():
         w1.write(post("/w", b"last"))
         w2.write(post("/w/never", b"x"))
         await until(lambda: len(whole.calls) == 2)
-        stopping = asyncio.ensure_future(server.stop(1.0))
+        stopping = asyncio.ensure_future(server.stop(2.0))
         status, headers, body = await read_response(r1)
         assert (status, headers["connection"], body) == (200, "close", b"whole:last")
         assert not stopping.done()  # /w/never still has its grace
