@@ -295,6 +295,12 @@ def _in_c(seconds: float) -> None:
         hashlib.md5(buf)
 
 
+# Alone: with another process on the CPUs, the kernel may run the woken thread while the
+# handler's thread is still in the write that woke it (the GIL let go), or stop the handler's
+# thread in the instant it holds the GIL between two C calls. Either makes that one wake-up
+# say the other thing, and each says so rightly: the worker judges a lending by all of its
+# wake-ups (workerpool/lending.py), this test by each.
+@pytest.mark.alone
 @pytest.mark.parametrize(("work", "late"), [
     (time.sleep, False),  # waits: a device's blocking sync, I/O
     (_in_c, False),
