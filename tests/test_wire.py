@@ -295,12 +295,7 @@ def _in_c(seconds: float) -> None:
         hashlib.md5(buf)
 
 
-# Alone: with another process on the CPUs, the kernel may run the woken thread while the
-# handler's thread is still in the write that woke it (the GIL let go), or stop the handler's
-# thread in the instant it holds the GIL between two C calls. Either makes that one wake-up
-# say the other thing, and each says so rightly: the worker judges a lending by all of its
-# wake-ups (workerpool/lending.py), this test by each.
-@pytest.mark.alone
+@pytest.mark.alone  # counts wake-ups that other processes on the CPUs can flip (below)
 @pytest.mark.parametrize(("work", "late"), [
     (time.sleep, False),  # waits: a device's blocking sync, I/O
     (_in_c, False),
@@ -308,15 +303,25 @@ def _in_c(seconds: float) -> None:
 ])
 def test_a_wake_up_is_late_only_while_the_handler_holds_the_gil(pair, work, late):
     pair.wire.start()
-    pair.wire.lend()
-    for i in range(3):  # the same every time
+    seen = []
+    for i in range(20):
+        pair.wire.lend()  # lent anew: looked at anew
+        assert pair.wire.late is False
         _until(lambda: pair.wire._asleep)
         pair.wire.send([b"reply %d" % i])  # wakes the thread, then the handler runs
         work(0.03)
         assert pair.recv() == [b"reply %d" % i]
-        assert pair.wire.late is late
-    pair.wire.lend()  # lent anew: looked at anew
-    assert pair.wire.late is False
+        seen.append(pair.wire.late)
+    # On quiet CPUs every wake-up says the same: 20 late, or none. With other processes on
+    # them, the kernel may run the woken thread while the handler's thread is still in the
+    # write that woke it (the GIL let go), or stop the handler's thread in the instant it
+    # holds the GIL between two C calls. That wake-up then rightly says the other thing; the
+    # worker judges a lending by all of its wake-ups (workerpool/lending.py). With both CPUs
+    # taken by two other processes, 9-16 of 20 were late here computing in Python, 0-1 not.
+    if late:
+        assert sum(seen) >= 5, seen
+    else:
+        assert sum(seen) <= 2, seen
 
 
 def test_the_time_a_thread_waits_for_a_cpu_is_read_without_the_gil():
