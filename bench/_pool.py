@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -33,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from workerpool._proc import process_alive
+from workerpool._proc import die_with_parent, process_alive
 
 T = TypeVar("T")
 
@@ -119,8 +120,11 @@ def process_group(argv: list[str], ready_prefix: str, workdir: str, name: str,
     out_path = os.path.join(workdir, f"{name}.stdout")
     err_path = os.path.join(workdir, f"{name}.stderr")
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        # Killed with the bench, which a test's timeout SIGKILLs: in a session of its own,
+        # nothing else would end it (its router and workers end with it in turn).
         proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=REPO,
-                                env=env or child_env(), start_new_session=True)
+                                env=env or child_env(), start_new_session=True,
+                                preexec_fn=functools.partial(die_with_parent, os.getpid()))
     try:
         deadline = time.monotonic() + READY_TIMEOUT
         while True:

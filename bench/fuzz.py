@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench._pool import BenchError, measure, nearest_rank, pool  # noqa: E402
 from workerpool import Client  # noqa: E402
+from workerpool._proc import die_with_parent  # noqa: E402
 
 CONFIG = "[router]\nmax_message_bytes = 67108864\n"
 
@@ -93,13 +94,15 @@ def _pings(count: int) -> list:
 
 
 def _flood(frontend: str, backend: str, index: int, count: int, counts, ready, go, stop,
-           rate: float, nice: int, pings: bool) -> None:
+           rate: float, nice: int, pings: bool, parent: int) -> None:
     """One flooder process. It draws ``count`` messages (``_draw``) and sets ``ready``; once
     ``go`` is set it sends them, over again if it runs out, until ``stop`` is set: at most
     ``rate`` messages a second (0: as fast as it can), at scheduling priority ``nice``;
     client pings instead if ``pings``. Drawing first
     keeps hypothesis's own work, most of a flooder's CPU, out of the measured phases.
-    ``counts[0]``/``[1]``: messages sent to the frontend/backend."""
+    ``counts[0]``/``[1]``: messages sent to the frontend/backend. It dies with ``parent``,
+    the bench: in a session of its own, nothing else would end it."""
+    die_with_parent(parent)
     _own_session(nice)
     from tests import test_fuzz as tf
 
@@ -193,7 +196,7 @@ def _phases(frontend: str, args: argparse.Namespace) -> dict:
         count = int(args.rate * (args.warmup + args.duration + 10)) if args.rate else 50_000
         flooders = [mp.Process(target=_flood, daemon=True,
                                args=(frontend, backend, k, count, counts[k], ready[k], go,
-                                     stop, args.rate, args.nice, args.pings))
+                                     stop, args.rate, args.nice, args.pings, os.getpid()))
                     for k in range(args.flooders)]
         for p in flooders:
             p.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,60 @@ def test_bench_script_runs(script):
         floor = [r for r in figures["results"] if r["system"] == "zmqproxy"]
         assert [r["driver"] for r in floor] == ["one", "many"]
         assert all(r["completed"] > 0 and r["errors"] == 0 for r in floor)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc (Linux)")
+def test_a_bench_killed_mid_run_leaves_nothing_running(tmp_path):
+    """A test's timeout SIGKILLs the bench script alone; the pool and flooders it started,
+    each in a session of its own, must end with it (PR_SET_PDEATHSIG)."""
+    env = _env()
+    env["TMPDIR"] = str(tmp_path)  # its folders, which no one removes after a SIGKILL
+    bench = subprocess.Popen([sys.executable, "bench/fuzz.py", "--duration", "30", "--warmup",
+                              "0.2", "--flooders", "1", "--json"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(started := _tree(bench.pid)) < 6:  # up, router, 2 workers, tracker, flooder
+            assert bench.poll() is None and time.monotonic() < deadline, started
+            time.sleep(0.1)
+    finally:
+        bench.kill()
+        bench.wait()
+    deadline = time.monotonic() + 10
+    while left := [p for p in started if _alive(p)]:
+        assert time.monotonic() < deadline, f"outlived the bench: {left}"
+        time.sleep(0.1)
+
+
+def _tree(pid: int) -> set[int]:
+    """Every process below ``pid``, from /proc/PID/task/TID/children."""
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        for task in _listdir(f"/proc/{p}/task"):
+            try:
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    kids = {int(k) for k in f.read().split()}
+            except OSError:
+                continue
+            todo.extend(kids - found)
+            found |= kids
+    return found
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize("peer", ["mosec", "litserve"])
