@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -75,26 +76,33 @@ def test_bench_script_runs(script):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc (Linux)")
-def test_a_bench_killed_mid_run_leaves_nothing_running(tmp_path):
+def test_a_bench_killed_mid_run_leaves_nothing_running():
     """A test's timeout SIGKILLs the bench script alone; the pool and flooders it started,
     each in a session of its own, must end with it (PR_SET_PDEATHSIG)."""
-    env = _env()
-    env["TMPDIR"] = str(tmp_path)  # its folders, which no one removes after a SIGKILL
-    bench = subprocess.Popen([sys.executable, "bench/fuzz.py", "--duration", "30", "--warmup",
-                              "0.2", "--flooders", "1", "--json"], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while len(started := _tree(bench.pid)) < 6:  # up, router, 2 workers, tracker, flooder
-            assert bench.poll() is None and time.monotonic() < deadline, started
+    # Its folders, which no one removes after a SIGKILL, go in one of the test's own: short,
+    # as the pool's ipc:// paths must be (pytest's tmp_path can be too long for them).
+    with tempfile.TemporaryDirectory(prefix="wpk-", dir="/tmp") as tmp:
+        env = _env()
+        env["TMPDIR"] = tmp
+        with open(os.path.join(tmp, "stderr"), "w+") as err:
+            bench = subprocess.Popen([sys.executable, "bench/fuzz.py", "--duration", "30",
+                                      "--warmup", "0.2", "--flooders", "1", "--json"],
+                                     cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+            try:
+                deadline = time.monotonic() + 60
+                # up, its router and 2 workers; the flooder and multiprocessing's tracker
+                while len(started := _tree(bench.pid)) < 6:
+                    err.seek(0)
+                    assert bench.poll() is None, err.read()[-3000:]
+                    assert time.monotonic() < deadline, started
+                    time.sleep(0.1)
+            finally:
+                bench.kill()
+                bench.wait()
+        deadline = time.monotonic() + 10
+        while left := [p for p in started if _alive(p)]:
+            assert time.monotonic() < deadline, f"outlived the bench: {left}"
             time.sleep(0.1)
-    finally:
-        bench.kill()
-        bench.wait()
-    deadline = time.monotonic() + 10
-    while left := [p for p in started if _alive(p)]:
-        assert time.monotonic() < deadline, f"outlived the bench: {left}"
-        time.sleep(0.1)
 
 
 def _tree(pid: int) -> set[int]:
